@@ -1,0 +1,260 @@
+"""The guest bundle: kernel, initramfs and read-only guest root, built from Debian packages.
+
+A bundle is identified by a hash of everything that goes into it (package checksums,
+agent and init sources, module list), so a changed agent gives a new bundle id and
+boxes record which bundle they booted. Built once under ``$BOXVM_HOME/guest/<id>``.
+"""
+
+from __future__ import annotations
+
+import compileall
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from boxvm.errors import ImageError
+from boxvm.guest import debs
+from boxvm.paths import Home
+
+BUILD_FORMAT = 1
+KERNEL_META = "linux-image-cloud-amd64"
+# The guest root: a shell toolbox and the agent's Python. Libraries that only optional
+# stdlib modules need (readline, sqlite, ...) are left out on purpose.
+GUEST_PACKAGES = [
+    "busybox-static",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libssl3",
+    "libffi8",
+    "libbz2-1.0",
+    "liblzma5",
+]
+BOOT_MODULES = ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"]
+# Stdlib parts the agent never needs: skipping them keeps the guest root small.
+_SKIP = re.compile(
+    r"(usr/share/(doc|man|locale|lintian|info)/|usr/lib/python3\.11/(test|idlelib|tkinter|ensurepip|"
+    r"lib2to3|pydoc_data|turtledemo|distutils)/|usr/lib/x86_64-linux-gnu/gconv/)"
+)
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    id: str
+    path: Path
+    kernel_version: str
+
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.path / "initramfs.cpio"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / "rootfs.ext4"
+
+
+def _sources() -> dict[str, bytes]:
+    pkg = resources.files("boxvm.guest")
+    names = ["agent.py", "protocol.py", "initramfs-init.sh", "guest-init.sh"]
+    return {name: pkg.joinpath(name).read_bytes() for name in names}
+
+
+def plan() -> tuple[str, list[debs.Deb]]:
+    """Resolve the exact packages and compute the bundle id they (and our sources) give."""
+    kernel_pkg = next(d for d in debs.depends_of(KERNEL_META) if d.startswith("linux-image-"))
+    wanted = debs.resolve([kernel_pkg, *GUEST_PACKAGES])
+    h = hashlib.sha256(f"boxvm-guest-{BUILD_FORMAT}".encode())
+    for deb in wanted:
+        h.update(f"{deb.filename}:{deb.sha256}\n".encode())
+    for name, data in sorted(_sources().items()):
+        h.update(name.encode() + hashlib.sha256(data).digest())
+    h.update(",".join(BOOT_MODULES).encode())
+    return h.hexdigest()[:16], wanted
+
+
+def find(home: Home) -> Bundle | None:
+    """The newest complete bundle under ``home`` without asking apt (works offline)."""
+    best = None
+    if home.guest.is_dir():
+        for entry in home.guest.iterdir():
+            meta = entry / "bundle.json"
+            if meta.is_file() and (best is None or meta.stat().st_mtime > best[0]):
+                best = (meta.stat().st_mtime, entry)
+    if best is None:
+        return None
+    info = json.loads((best[1] / "bundle.json").read_text())
+    return Bundle(info["id"], best[1], info["kernel_version"])
+
+
+def ensure(home: Home, progress: Progress = lambda _msg: None) -> Bundle:
+    """Return the current bundle, building it first if it is missing."""
+    home.ensure()
+    bundle_id, wanted = plan()
+    path = home.guest / bundle_id
+    if (path / "bundle.json").is_file():
+        info = json.loads((path / "bundle.json").read_text())
+        return Bundle(bundle_id, path, info["kernel_version"])
+    kernel = next(d for d in wanted if d.package.startswith("linux-image-"))
+    progress(f"downloading {len(wanted)} Debian packages for the guest")
+    files = debs.fetch(wanted, home.cache / "debs")
+    with home.staging("guest-") as work:
+        progress("extracting the kernel and modules")
+        kernel_version = _kernel(files[kernel.package], work)
+        progress("building the initramfs")
+        _initramfs(files["busybox-static"], work)
+        progress("building the guest root filesystem")
+        _rootfs([files[d.package] for d in wanted if d is not kernel], work)
+        (work / "bundle.json").write_text(
+            json.dumps(
+                {"id": bundle_id, "kernel_version": kernel_version, "packages": [d.filename for d in wanted]},
+                indent=2,
+            )
+        )
+        shutil.rmtree(work / "stage", ignore_errors=True)
+        try:
+            work.rename(path)
+        except OSError:
+            if not (path / "bundle.json").is_file():  # not a concurrent builder's success
+                raise
+    progress(f"guest bundle {bundle_id} ready")
+    return Bundle(bundle_id, path, kernel_version)
+
+
+def _kernel(deb: Path, work: Path) -> str:
+    stage = work / "stage" / "kernel"
+    debs.extract(deb, stage, re.compile(r"(boot/vmlinuz-|lib/modules/.*/kernel/(drivers|net|lib)/)"))
+    vmlinuz = next((stage / "boot").glob("vmlinuz-*"))
+    version = vmlinuz.name.removeprefix("vmlinuz-")
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
+    modules = {p.stem: p for p in (stage / "lib/modules" / version).rglob("*.ko")}
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        name = name.replace("-", "_")
+        if name in order:
+            return
+        path = modules.get(name) or modules.get(name.replace("_", "-"))
+        if path is None:
+            raise ImageError(f"kernel {version} has no module {name}")
+        for dep in _module_depends(path):
+            visit(dep)
+        order.append(name)
+
+    for name in BOOT_MODULES:
+        visit(name)
+    mod_dir = work / "stage" / "initramfs" / "modules"
+    mod_dir.mkdir(parents=True)
+    for name in order:
+        src = modules.get(name) or modules[name.replace("_", "-")]
+        shutil.copyfile(src, mod_dir / f"{name}.ko")
+    (mod_dir / "order").write_text("\n".join(order) + "\n")
+    return version
+
+
+def _module_depends(path: Path) -> list[str]:
+    """Read ``depends=`` from a module's .modinfo strings (the kernel package has no modules.dep)."""
+    data = path.read_bytes()
+    m = re.search(rb"\x00depends=([^\x00]*)\x00", data)
+    return [d.decode() for d in m.group(1).split(b",") if d] if m else []
+
+
+def _initramfs(busybox_deb: Path, work: Path) -> None:
+    root = work / "stage" / "initramfs"
+    debs.extract(busybox_deb, work / "stage" / "bb", re.compile(r"bin/busybox$"))
+    (root / "bin").mkdir(parents=True)
+    shutil.copyfile(work / "stage" / "bb" / "bin" / "busybox", root / "bin" / "busybox")
+    (root / "bin" / "busybox").chmod(0o755)
+    (root / "init").write_bytes(_sources()["initramfs-init.sh"])
+    (root / "init").chmod(0o755)
+    with (work / "initramfs.cpio").open("wb") as out:
+        _write_cpio(root, out)
+
+
+def _write_cpio(root: Path, out) -> None:  # noqa: ANN001
+    """Write ``root`` as an uncompressed newc cpio archive, all files owned by root.
+
+    Hand-written because the format is 30 lines and the ``cpio`` tool would record the
+    building user's ownership; uncompressed because unpacking gzip costs seconds under TCG.
+    """
+    ino = 1
+
+    def entry(name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
+        nonlocal ino
+        encoded = name.encode() + b"\0"
+        fields = [ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        header = b"070701" + b"".join(b"%08X" % f for f in fields)
+        out.write(header + encoded + b"\0" * (-(110 + len(encoded)) % 4))
+        out.write(data + b"\0" * (-len(data) % 4))
+        ino += 1
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        if rel != ".":
+            entry(rel, 0o040755, nlink=2)
+        for fname in sorted(filenames):
+            path = Path(dirpath) / fname
+            name = os.path.normpath(os.path.join(rel, fname))
+            entry(name, 0o100000 | (path.stat().st_mode & 0o7777), path.read_bytes())
+    entry("TRAILER!!!", 0)
+
+
+def _rootfs(packages: list[Path], work: Path) -> None:
+    root = work / "stage" / "rootfs"
+    root.mkdir(parents=True)
+    for deb in packages:
+        for member, tar in debs.members(deb):
+            if not _SKIP.match(member.name.lstrip("./")):
+                tar.extract(member, root, filter="fully_trusted")
+    applets = subprocess.run(
+        [str(root / "bin" / "busybox"), "--list-full"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    for applet in applets:
+        link = root / applet
+        if not os.path.lexists(link):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to("/bin/busybox")
+    for d in ("proc", "sys", "dev", "run", "tmp", "c", "root", "etc"):
+        (root / d).mkdir(exist_ok=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (root / "etc" / "group").write_text("root:x:0:\ntty:x:5:\n")
+    opt = root / "opt" / "boxvm"
+    opt.mkdir(parents=True)
+    sources = _sources()
+    (opt / "agent.py").write_bytes(sources["agent.py"])
+    (opt / "protocol.py").write_bytes(sources["protocol.py"])
+    (root / "sbin" / "boxvm-init").write_bytes(sources["guest-init.sh"])
+    (root / "sbin" / "boxvm-init").chmod(0o755)
+    # Debian ships no bytecode; without it the agent's first imports take ~9 s under TCG.
+    # Hashes instead of mtimes keep the .pyc valid whatever the guest's clock says.
+    ok = compileall.compile_dir(
+        root / "usr/lib/python3.11",
+        quiet=2,
+        workers=0,
+        ddir="/usr/lib/python3.11",
+        invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    ok &= compileall.compile_dir(
+        opt, quiet=2, ddir="/opt/boxvm", invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
+    )
+    if not ok:
+        raise ImageError("byte-compiling the guest's Python failed")
+    from boxvm.images.ext4 import make_ext4
+
+    make_ext4(root, work / "rootfs.ext4", label="boxvm-guest", extra_mib=64)

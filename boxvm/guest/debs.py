@@ -1,0 +1,113 @@
+"""Debian packages as build input: resolve, download (verified), and read their files.
+
+apt does the resolving and fetching; we only ask it for URIs and checksums so that
+downloads are cached by file name and verified by us, and we read package contents
+straight from ``dpkg-deb --fsys-tarfile`` so nothing needs root or a chroot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from boxvm.errors import ImageError
+
+
+@dataclass(frozen=True)
+class Deb:
+    package: str
+    filename: str
+    sha256: str
+
+
+def resolve(packages: list[str]) -> list[Deb]:
+    """Ask apt which files the current candidates of ``packages`` are (no download)."""
+    proc = subprocess.run(
+        ["apt-get", "download", "--print-uris", *packages], capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise ImageError(
+            f"apt could not resolve {' '.join(packages)}: {proc.stderr.strip()} "
+            "(run `apt-get update` once, as root)"
+        )
+    debs = []
+    for line in proc.stdout.splitlines():
+        m = re.match(r"'[^']+' (\S+) \d+ SHA256:([0-9a-f]{64})", line)
+        if m:
+            debs.append(Deb(m.group(1).split("_", 1)[0], m.group(1), m.group(2)))
+    if len(debs) != len(packages):
+        raise ImageError(f"apt resolved {len(debs)} of {len(packages)} packages: {proc.stdout}")
+    return debs
+
+
+def depends_of(package: str) -> list[str]:
+    """Direct ``Depends`` of a package (used to pin the kernel behind its meta package)."""
+    out = subprocess.run(["apt-cache", "depends", package], capture_output=True, text=True, check=True)
+    return [ln.split(":", 1)[1].strip() for ln in out.stdout.splitlines() if ln.strip().startswith("Depends:")]
+
+
+def fetch(debs: list[Deb], cache: Path) -> dict[str, Path]:
+    """Download what is not cached yet; verify every file's SHA-256. Returns package -> path."""
+    cache.mkdir(parents=True, exist_ok=True)
+    missing = [d for d in debs if not _valid(cache / d.filename, d.sha256)]
+    if missing:
+        work = cache / ".partial"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir()
+        proc = subprocess.run(
+            ["apt-get", "download", *[d.package for d in missing]],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise ImageError(f"apt-get download failed: {proc.stderr.strip()}")
+        for deb in missing:
+            got = work / deb.filename
+            if not _valid(got, deb.sha256):
+                raise ImageError(f"{deb.filename}: checksum mismatch after download")
+            got.rename(cache / deb.filename)
+        shutil.rmtree(work, ignore_errors=True)
+    return {d.package: cache / d.filename for d in debs}
+
+
+def _valid(path: Path, sha256: str) -> bool:
+    if not path.exists():
+        return False
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest() == sha256
+
+
+def members(deb: Path) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+    """Stream a package's data archive: yields each member with the open tar to read it."""
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        try:
+            for member in tar:
+                yield member, tar
+        except GeneratorExit:  # the caller stopped early: dpkg-deb's broken pipe is expected
+            proc.kill()
+            proc.wait()
+            raise
+    proc.stdout.close()
+    if proc.wait() != 0:
+        raise ImageError(f"dpkg-deb could not read {deb.name}")
+
+
+def extract(deb: Path, dest: Path, keep: re.Pattern[str] | None = None) -> None:
+    """Unpack a (trusted, checksum-verified) Debian package's files under ``dest``."""
+    for member, tar in members(deb):
+        if keep is not None and not keep.match(member.name.lstrip("./")):
+            continue
+        tar.extract(member, dest, filter="fully_trusted")
