@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Home:
         """A temporary directory under ``tmp/`` that is removed unless renamed away."""
         import shutil
 
-        path = Path(tempfile.mkdtemp(prefix=prefix, dir=self.tmp))
+        # The pid in the name lets start-up recovery tell live work from a crashed one's.
+        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp))
         try:
             yield path
         finally:

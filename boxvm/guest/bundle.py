@@ -7,21 +7,20 @@ boxes record which bundle they booted. Built once under ``$BOXVM_HOME/guest/<id>
 
 from __future__ import annotations
 
-import compileall
 import hashlib
 import json
 import os
 import re
 import shutil
-import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from boxvm.errors import ImageError
 from boxvm.guest import debs
+from boxvm.images.ext4 import make_ext4
 from boxvm.paths import Home
+from boxvm.progress import Progress, silent
 
 BUILD_FORMAT = 1
 KERNEL_META = "linux-image-cloud-amd64"
@@ -41,13 +40,7 @@ GUEST_PACKAGES = [
     "liblzma5",
 ]
 BOOT_MODULES = ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"]
-# Stdlib parts the agent never needs: skipping them keeps the guest root small.
-_SKIP = re.compile(
-    r"(usr/share/(doc|man|locale|lintian|info)/|usr/lib/python3\.11/(test|idlelib|tkinter|ensurepip|"
-    r"lib2to3|pydoc_data|turtledemo|distutils)/|usr/lib/x86_64-linux-gnu/gconv/)"
-)
 
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -102,7 +95,7 @@ def find(home: Home) -> Bundle | None:
     return Bundle(info["id"], best[1], info["kernel_version"])
 
 
-def ensure(home: Home, progress: Progress = lambda _msg: None) -> Bundle:
+def ensure(home: Home, progress: Progress = silent) -> Bundle:
     """Return the current bundle, building it first if it is missing."""
     home.ensure()
     bundle_id, wanted = plan()
@@ -186,7 +179,7 @@ def _initramfs(busybox_deb: Path, work: Path) -> None:
         _write_cpio(root, out)
 
 
-def _write_cpio(root: Path, out) -> None:  # noqa: ANN001
+def _write_cpio(root: Path, out) -> None:
     """Write ``root`` as an uncompressed newc cpio archive, all files owned by root.
 
     Hand-written because the format is 30 lines and the ``cpio`` tool would record the
@@ -217,19 +210,7 @@ def _write_cpio(root: Path, out) -> None:  # noqa: ANN001
 
 def _rootfs(packages: list[Path], work: Path) -> None:
     root = work / "stage" / "rootfs"
-    root.mkdir(parents=True)
-    for deb in packages:
-        for member, tar in debs.members(deb):
-            if not _SKIP.match(member.name.lstrip("./")):
-                tar.extract(member, root, filter="fully_trusted")
-    applets = subprocess.run(
-        [str(root / "bin" / "busybox"), "--list-full"], capture_output=True, text=True, check=True
-    ).stdout.split()
-    for applet in applets:
-        link = root / applet
-        if not os.path.lexists(link):
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to("/bin/busybox")
+    debs.unpack_tree(packages, root)
     for d in ("proc", "sys", "dev", "run", "tmp", "c", "root", "etc"):
         (root / d).mkdir(exist_ok=True)
     (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
@@ -239,22 +220,7 @@ def _rootfs(packages: list[Path], work: Path) -> None:
     sources = _sources()
     (opt / "agent.py").write_bytes(sources["agent.py"])
     (opt / "protocol.py").write_bytes(sources["protocol.py"])
+    debs.precompile(opt, "/opt/boxvm")
     (root / "sbin" / "boxvm-init").write_bytes(sources["guest-init.sh"])
     (root / "sbin" / "boxvm-init").chmod(0o755)
-    # Debian ships no bytecode; without it the agent's first imports take ~9 s under TCG.
-    # Hashes instead of mtimes keep the .pyc valid whatever the guest's clock says.
-    ok = compileall.compile_dir(
-        root / "usr/lib/python3.11",
-        quiet=2,
-        workers=0,
-        ddir="/usr/lib/python3.11",
-        invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH,
-    )
-    ok &= compileall.compile_dir(
-        opt, quiet=2, ddir="/opt/boxvm", invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
-    )
-    if not ok:
-        raise ImageError("byte-compiling the guest's Python failed")
-    from boxvm.images.ext4 import make_ext4
-
     make_ext4(root, work / "rootfs.ext4", label="boxvm-guest", extra_mib=64)

@@ -1,0 +1,445 @@
+"""The local backend: boxes on this host, under the runtime home.
+
+Metadata lives in the store; each running box has a detached supervisor (see
+``engine/supervisor.py``). This process keeps no state a second process would need:
+it reads the store, checks that the supervisor it names is really alive, and talks
+to it over the box's control socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from boxvm.backends.base import Backend, ProcessChannel
+from boxvm.engine import accel as accel_mod
+from boxvm.engine import qemu
+from boxvm.engine.client import Channel, Connection
+from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
+from boxvm.guest import bundle as bundle_mod
+from boxvm.images import ImageStore
+from boxvm.options import BoxInfo, BoxOptions, check_name
+from boxvm.paths import Home
+from boxvm.progress import Progress, silent
+from boxvm.status import BoxStatus, require
+from boxvm.store import BoxRecord, Store
+from boxvm.tarstream import receive_tree, send_tree
+
+log = logging.getLogger("boxvm")
+ProcessChannel.register(Channel)
+
+READY_TIMEOUT = 180.0  # TCG boots in seconds, but a loaded CI machine can be slow
+
+
+class LocalBackend(Backend):
+    def __init__(self, home: Home, progress: Progress = silent) -> None:
+        self.home = home
+        home.ensure()
+        self.store = Store(home.db)
+        self.images = ImageStore(home, self.store)
+        self.progress = progress
+        self._conns: dict[str, Connection] = {}
+        self._accel: accel_mod.Accel | None = None
+        self.recover()
+
+    # -- recovery ---------------------------------------------------------------------
+    def recover(self) -> None:
+        """Remove what crashed operations left: staging dirs of dead processes, box
+        directories with no record (a create that never committed)."""
+        for entry in self.home.tmp.iterdir():
+            pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        known = {rec.id for rec in self.store.list_boxes()}
+        for entry in self.home.boxes.iterdir():
+            if entry.name not in known:
+                log.info("removing orphaned box directory %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # -- records ----------------------------------------------------------------------
+    def _record(self, id_or_name: str) -> BoxRecord:
+        rec = self.store.get_box(id_or_name)
+        if rec is None:
+            raise NotFound(f"no box named or with id {id_or_name!r}: `boxvm ls` lists them")
+        return self._reconcile(rec)
+
+    def _reconcile(self, rec: BoxRecord) -> BoxRecord:
+        """A box whose supervisor is gone is not running, whatever the store says."""
+        if not rec.status.is_live:
+            return rec
+        alive = rec.supervisor_pid is not None and _pid_is(rec.supervisor_pid, rec.id)
+        if alive or (rec.supervisor_pid is None and rec.status == BoxStatus.STARTING and _recent(rec)):
+            return rec
+        if rec.qemu_pid is not None and _pid_is(rec.qemu_pid, rec.id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.qemu_pid, signal.SIGKILL)
+        reason = rec.error or "the box's supervisor process died; its VM was stopped"
+        self.store.transition(rec.id, BoxStatus.FAILED, {rec.status}, supervisor_pid=None, qemu_pid=None, error=reason)
+        for name in ("ctl.sock", "qmp.sock", "agent.sock"):
+            (self.home.box_dir(rec.id) / name).unlink(missing_ok=True)
+        return self.store.get_box(rec.id) or rec
+
+    def _info(self, rec: BoxRecord) -> BoxInfo:
+        opts = BoxOptions.from_dict(rec.options)
+        disk = self.home.box_dir(rec.id) / "disk.qcow2"
+        try:
+            used = disk.stat().st_blocks * 512
+        except OSError:
+            used = 0
+        return BoxInfo(
+            id=rec.id,
+            name=rec.name,
+            status=rec.status,
+            image=rec.image,
+            created_at=rec.created_at,
+            started_at=rec.started_at,
+            cpus=opts.cpus,
+            memory_mib=opts.memory_mib,
+            disk_size_bytes=opts.disk_size_gb << 30,
+            disk_bytes=used,
+            ports=list(opts.ports),
+            guest_bundle=rec.guest_bundle,
+            error=rec.error,
+            timings=dict(rec.timings),
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def create(self, options: BoxOptions, name: str | None) -> BoxInfo:
+        t0 = time.monotonic()
+        options.validate()
+        box_id = secrets.token_hex(16)
+        name = check_name(name) if name is not None else f"box-{box_id[:8]}"
+        if self.store.get_box(name) is not None:
+            raise AlreadyExists(f"a box named {name!r} already exists: choose another name or remove it")
+        image = await asyncio.to_thread(self.images.resolve, options.image, self.progress)
+        base = await asyncio.to_thread(self.images.base_disk, image, options.disk_size_gb, self.progress)
+        bundle = await asyncio.to_thread(self._bundle)
+        final = self.home.box_dir(box_id)
+        with self.home.staging("box-") as work:
+            # tmp/ and boxes/ sit at the same depth, so relative backing paths written
+            # here stay valid after the rename (and when the whole home is moved).
+            await _qemu_img_overlay(work / "disk.qcow2", os.path.relpath(base, final), "qcow2")
+            await _qemu_img_overlay(work / "guest-rootfs.qcow2", os.path.relpath(bundle.rootfs, final), "raw")
+            work.chmod(0o700)
+            work.rename(final)
+        rec = BoxRecord(
+            id=box_id,
+            name=name,
+            status=BoxStatus.CONFIGURED,
+            image=image.reference,
+            image_digest=image.digest,
+            options={**options.to_dict(), "image_config": image.runtime_config},
+            mac="52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3)),
+            guest_bundle=bundle.id,
+            timings={"create_ms": round((time.monotonic() - t0) * 1000, 2)},
+        )
+        try:
+            self.store.insert_box(rec)  # the commit point: before it, recovery removes the dir
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        return self._info(rec)
+
+    def _bundle(self) -> bundle_mod.Bundle:
+        found = bundle_mod.find(self.home)
+        return found if found is not None else bundle_mod.ensure(self.home, self.progress)
+
+    async def get(self, id_or_name: str) -> BoxInfo | None:
+        rec = self.store.get_box(id_or_name)
+        return self._info(self._reconcile(rec)) if rec else None
+
+    async def list(self) -> list[BoxInfo]:
+        return [self._info(self._reconcile(rec)) for rec in self.store.list_boxes()]
+
+    async def remove(self, box_id: str, force: bool) -> None:
+        rec = self._record(box_id)
+        if rec.status.is_live:
+            if not force:
+                require("remove", rec.name, rec.status)
+            await self._kill(rec)
+        elif rec.status.is_transient:
+            raise InvalidState(f"box {rec.name!r} is {rec.status.value}: wait for it to finish")
+        await self._drop_conn(rec.id)
+        self.store.delete_box(rec.id)  # the name is gone at once; files follow
+        shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
+
+    async def _kill(self, rec: BoxRecord) -> None:
+        """Force a running box down (used by remove --force)."""
+        self.store.update_box(rec.id, status=BoxStatus.STOPPING)
+        for pid in (rec.qemu_pid, rec.supervisor_pid):
+            if pid is not None and _pid_is(pid, rec.id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            p is not None and _pid_is(p, rec.id) for p in (rec.qemu_pid, rec.supervisor_pid)
+        ):
+            await asyncio.sleep(0.02)
+
+    def _accel_choice(self) -> accel_mod.Accel:
+        if self._accel is None:
+            self._accel = accel_mod.detect()
+            if self._accel.name == "tcg":
+                log.warning("boxvm: %s", self._accel.reason)
+        return self._accel
+
+    async def start(self, box_id: str) -> BoxInfo:
+        t0 = time.monotonic()
+        rec = self._record(box_id)
+        require("start", rec.name, rec.status)
+        # Boot the bundle the box was made with; if it was garbage-collected, the newest.
+        bundle = _bundle_by_id(self.home, rec.guest_bundle) or bundle_mod.find(self.home)
+        if bundle is None:
+            raise EngineError("the guest bundle is missing: run `boxvm setup`")
+        if bundle.id != rec.guest_bundle:
+            self.store.update_box(rec.id, guest_bundle=bundle.id)
+        if not self.store.transition(
+            rec.id, BoxStatus.STARTING, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None,
+            started_at=time.time(),
+        ):  # fmt: skip
+            raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
+        box_dir = self.home.box_dir(rec.id)
+        opts = BoxOptions.from_dict(rec.options)
+        spec = qemu.VmSpec(
+            box_dir=box_dir,
+            kernel=bundle.kernel,
+            initramfs=bundle.initramfs,
+            disk=box_dir / "disk.qcow2",
+            guest_disk=box_dir / "guest-rootfs.qcow2",
+            cpus=opts.cpus,
+            memory_mib=opts.memory_mib,
+            network=opts.network,
+            ports=opts.ports,
+            mac=rec.mac,
+            hostname=rec.name,
+        )
+        try:
+            argv = qemu.argv(spec, self._accel_choice())
+            for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
+                (box_dir / name).unlink(missing_ok=True)
+            (box_dir / "vm.json").write_text(json.dumps({"box_id": rec.id, "argv": argv, "db": str(self.home.db)}))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "boxvm.engine.supervisor", str(box_dir),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+            if await proc.wait() != 0:
+                raise EngineError(f"the supervisor of box {rec.name!r} failed to start; see {box_dir}/supervisor.log")
+            conn = await self._conn(rec.id, rec.name)
+            await conn.request("wait_ready", timeout=READY_TIMEOUT)
+        except BaseException as exc:
+            await self._abort_start(rec, exc)
+            raise
+        self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
+        return self._info(self._record(rec.id))
+
+    async def _abort_start(self, rec: BoxRecord, exc: BaseException) -> None:
+        fresh = self.store.get_box(rec.id) or rec
+        await self._kill(fresh)
+        await self._drop_conn(rec.id)
+        tail = _tail(self.home.box_dir(rec.id) / "console.log")
+        message = f"box {rec.name!r} failed to start: {exc}" + (f"\nconsole:\n{tail}" if tail else "")
+        self.store.update_box(rec.id, status=BoxStatus.FAILED, supervisor_pid=None, qemu_pid=None, error=message)
+        if isinstance(exc, EngineError):
+            exc.message = message
+            exc.args = (message,)
+
+    async def stop(self, box_id: str, timeout: float) -> BoxInfo:
+        t0 = time.monotonic()
+        rec = self._record(box_id)
+        require("stop", rec.name, rec.status)
+        if not self.store.transition(rec.id, BoxStatus.STOPPING, {rec.status}):
+            raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
+        try:
+            conn = await self._conn(rec.id, rec.name)
+            await conn.request("stop", timeout=timeout)
+        except EngineError:
+            await self._kill(rec)
+            self.store.update_box(rec.id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None)
+        await self._drop_conn(rec.id)
+        deadline = time.monotonic() + 10  # the supervisor exits right after QEMU
+        while rec.supervisor_pid and _pid_is(rec.supervisor_pid, rec.id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.store.add_timing(rec.id, stop_ms=(time.monotonic() - t0) * 1000)
+        return self._info(self._record(rec.id))
+
+    async def _qmp_toggle(self, box_id: str, op: str, command: str, to: BoxStatus) -> BoxInfo:
+        rec = self._record(box_id)
+        require(op, rec.name, rec.status)
+        conn = await self._conn(rec.id, rec.name)
+        await conn.request("qmp", command=command)
+        self.store.transition(rec.id, to, {rec.status})
+        return self._info(self._record(rec.id))
+
+    async def pause(self, box_id: str) -> BoxInfo:
+        return await self._qmp_toggle(box_id, "pause", "stop", BoxStatus.PAUSED)
+
+    async def resume(self, box_id: str) -> BoxInfo:
+        return await self._qmp_toggle(box_id, "resume", "cont", BoxStatus.RUNNING)
+
+    # -- inside the box ---------------------------------------------------------------
+    async def _conn(self, box_id: str, label: str) -> Connection:
+        conn = self._conns.get(box_id)
+        if conn is None or conn.closed:
+            conn = await Connection.open(self.home.box_dir(box_id) / "ctl.sock", label)
+            self._conns[box_id] = conn
+        return conn
+
+    async def _drop_conn(self, box_id: str) -> None:
+        conn = self._conns.pop(box_id, None)
+        if conn is not None:
+            await conn.close()
+
+    async def _running(self, box_id: str, op: str) -> tuple[BoxRecord, Connection]:
+        rec = self._record(box_id)
+        require(op, rec.name, rec.status)
+        return rec, await self._conn(rec.id, rec.name)
+
+    async def spawn(
+        self,
+        box_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+        tty: bool,
+        size: tuple[int, int] | None,
+    ) -> ProcessChannel:
+        if isinstance(argv, str | bytes) or not argv or not all(isinstance(a, str) for a in argv):
+            raise InvalidArgument("argv must be a non-empty list of strings, e.g. ['sh', '-c', 'echo hi']")
+        if any("\0" in a for a in argv):
+            raise InvalidArgument("argv must not contain NUL bytes")
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgument(f"timeout must be positive, not {timeout}")
+        rec, conn = await self._running(box_id, "exec")
+        opts = rec.options
+        image_cfg = opts.get("image_config") or {}
+        merged: dict[str, str] = {}
+        for item in image_cfg.get("Env") or []:
+            key, _, value = item.partition("=")
+            merged[key] = value
+        merged.update(opts.get("env") or {})
+        merged.update(env or {})
+        for key, value in merged.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidArgument(f"bad environment variable {key!r}")
+        request = {
+            "op": "exec",
+            "argv": list(argv),
+            "env": merged,
+            "cwd": cwd or opts.get("workdir") or image_cfg.get("WorkingDir") or "/",
+            "user": user or opts.get("user") or image_cfg.get("User") or "root",
+            "timeout": timeout,
+            "tty": tty,
+        }
+        if size is not None:
+            request["rows"], request["cols"] = size
+        return conn.open_channel(request)
+
+    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
+        if not box_path.startswith("/"):
+            raise InvalidArgument(f"box path {box_path!r} must be absolute")
+        if not os.path.lexists(host_path):
+            raise NotFound(f"{host_path} does not exist on the host")
+        _rec, conn = await self._running(box_id, "copy")
+        chan = conn.open_channel({"op": "put", "path": box_path})
+        await send_tree(host_path, chan.write)
+        chan.close_stdin()
+        await _finish_copy(chan, box_path)
+
+    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
+        if not box_path.startswith("/"):
+            raise InvalidArgument(f"box path {box_path!r} must be absolute")
+        _rec, conn = await self._running(box_id, "copy")
+        chan = conn.open_channel({"op": "get", "path": box_path})
+        chan.close_stdin()
+        stderr = asyncio.create_task(chan.stderr.read())
+        await receive_tree(chan.stdout, host_path)
+        result = await chan.wait()
+        if result.get("exit_code"):
+            raise NotFound(f"cannot copy {box_path} out of the box: {(await stderr).decode().strip()}")
+
+    async def logs(self, box_id: str) -> str:
+        rec = self._record(box_id)
+        path = self.home.box_dir(rec.id) / "console.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    async def close(self) -> None:
+        for box_id in list(self._conns):
+            await self._drop_conn(box_id)
+        self.store.close()
+
+
+async def _finish_copy(chan: Channel, box_path: str) -> None:
+    stderr = await chan.stderr.read()
+    result = await chan.wait()
+    if result.get("exit_code"):
+        raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
+
+
+async def _qemu_img_overlay(path: Path, backing: str, backing_fmt: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, str(path),
+        cwd=str(path.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    _out, err = await proc.communicate()
+    if proc.returncode != 0:
+        text = err.decode().strip()
+        if "No space left" in text:
+            raise StorageError(f"no space left on the device holding {path.parent}: free some space")
+        raise StorageError(f"could not create {path.name}: {text}")
+
+
+def _bundle_by_id(home: Home, bundle_id: str | None) -> bundle_mod.Bundle | None:
+    if not bundle_id:
+        return None
+    path = home.guest / bundle_id
+    if not (path / "bundle.json").is_file():
+        return None
+    info = json.loads((path / "bundle.json").read_text())
+    return bundle_mod.Bundle(bundle_id, path, info["kernel_version"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pid_is(pid: int, box_id: str) -> bool:
+    """True if ``pid`` lives and belongs to this box (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return box_id.encode() in cmdline and state != "Z"
+
+
+def _recent(rec: BoxRecord) -> bool:
+    return rec.started_at is not None and time.time() - rec.started_at < 60
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,1 @@
+"""QEMU engine: one supervised QEMU process per running box, driven over QMP."""

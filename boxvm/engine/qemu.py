@@ -1,0 +1,75 @@
+"""The QEMU command line for a box: ``microvm``, direct kernel boot, virtio-mmio devices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from boxvm.engine.accel import Accel
+from boxvm.errors import EngineError
+
+# Under TCG the kernel cannot calibrate the TSC against the PIT and stalls without this.
+TCG_TSC_KHZ = 2_000_000
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    box_dir: Path
+    kernel: Path
+    initramfs: Path
+    disk: Path
+    guest_disk: Path
+    cpus: int
+    memory_mib: int
+    network: str
+    ports: list[tuple[int, int]]
+    mac: str
+    hostname: str
+
+
+def qemu_binary() -> str:
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise EngineError("qemu-system-x86_64 is not installed: run the README's set-up command")
+    return path
+
+
+def argv(spec: VmSpec, accel: Accel) -> list[str]:
+    d = spec.box_dir
+    cmdline = ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3"]
+    if accel.name == "tcg":
+        cmdline.append(f"tsc_early_khz={TCG_TSC_KHZ}")
+    cmdline += [f"boxvm.hostname={spec.hostname}", f"boxvm.net={spec.network}"]
+    args = [
+        qemu_binary(),
+        "-name", f"boxvm-{d.name}",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-accel", accel.name,
+        "-cpu", "host" if accel.name == "kvm" else "max",
+        "-smp", str(spec.cpus),
+        "-m", str(spec.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initramfs),
+        "-append", " ".join(cmdline),
+        "-serial", f"file:{d / 'console.log'}",
+        "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
+        "-device", "virtio-serial-device",
+        "-chardev", f"socket,id=agent,path={d / 'agent.sock'},server=on,wait=off",
+        "-device", "virtserialport,chardev=agent,name=boxvm.agent",
+    ]  # fmt: skip
+    # Node names are stable handles for live disk operations (blockdev-snapshot-sync).
+    for node, path, serial in (("guest", spec.guest_disk, "boxvm-guest"), ("data", spec.disk, "boxvm-data")):
+        blockdev = {
+            "driver": "qcow2",
+            "node-name": node,
+            "discard": "unmap",
+            "file": {"driver": "file", "filename": str(path), "node-name": f"{node}-file"},
+        }
+        args += ["-blockdev", json.dumps(blockdev), "-device", f"virtio-blk-device,drive={node},serial={serial}"]
+    if spec.network == "nat":
+        fwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in spec.ports)
+        args += ["-netdev", f"user,id=net0{fwd}", "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
+    return args

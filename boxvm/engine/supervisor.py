@@ -1,0 +1,294 @@
+"""Per-box supervisor: QEMU's parent, sole owner of its QMP and agent channels.
+
+A QEMU chardev takes one client, yet the library in any process, the CLI and the
+server all need the box at once. The supervisor (started detached, so boxes outlive
+whoever started them) multiplexes them all over ``ctl.sock``: it renumbers each client's
+channels onto the one agent port, answers its own operations (``wait_ready``,
+``stop``, ``qmp``, ...), records status changes in the store the moment they happen,
+and removes the sockets when QEMU exits.
+
+Run as ``python -m boxvm.engine.supervisor BOX_DIR``; ``BOX_DIR/vm.json`` says what to run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from boxvm.errors import EngineError
+from boxvm.guest import protocol as P
+from boxvm.status import BoxStatus
+from boxvm.store import Store
+
+log = logging.getLogger("boxvm.supervisor")
+
+
+class Client:
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.to_global: dict[int, int] = {}
+
+
+class Supervisor:
+    def __init__(self, box_dir: Path) -> None:
+        self.dir = box_dir
+        cfg = json.loads((box_dir / "vm.json").read_text())
+        self.box_id: str = cfg["box_id"]
+        self.argv: list[str] = cfg["argv"]
+        self.store = Store(Path(cfg["db"]))
+        self.routes: dict[int, tuple[Client | asyncio.Future[dict[str, Any]], int]] = {}
+        self.next_gid = 1
+        self.ready = asyncio.get_running_loop().create_future()
+        self.exited = asyncio.Event()
+        self.stop_requested = False
+        self.qmp = QMPClient(f"boxvm-{self.box_id[:12]}")
+        self.agent_writer: asyncio.StreamWriter | None = None
+        self.qemu: asyncio.subprocess.Process | None = None
+        self.t0 = time.monotonic()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    # -- start-up ---------------------------------------------------------------------
+    async def run(self, notify_fd: int) -> None:
+        server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
+        os.chmod(self.dir / "ctl.sock", 0o600)
+        self.store.update_box(self.box_id, supervisor_pid=os.getpid())
+        os.write(notify_fd, b"ok")
+        os.close(notify_fd)
+        console = open(self.dir / "qemu.log", "ab")  # noqa: SIM115  lives as long as QEMU
+        try:
+            self.qemu = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=console,
+                stderr=console,
+                preexec_fn=_die_with_parent,
+            )
+        except OSError as exc:
+            self.finish_failed(f"QEMU could not be started: {exc}")
+            return
+        self.store.update_box(self.box_id, qemu_pid=self.qemu.pid)
+        watcher = asyncio.create_task(self.watch_qemu())
+        try:
+            await self.connect()
+        except Exception as exc:
+            log.error("could not connect to QEMU: %s", exc)
+            if self.qemu.returncode is None:
+                self.qemu.kill()
+        await watcher
+        server.close()
+        for name in ("ctl.sock", "qmp.sock", "agent.sock"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / name).unlink()
+
+    async def connect(self) -> None:
+        # QEMU creates its sockets a moment after it starts: poll for them.
+        deadline = time.monotonic() + 30
+        while not (self.dir / "qmp.sock").exists() or not (self.dir / "agent.sock").exists():
+            if time.monotonic() > deadline or self.exited.is_set():
+                raise EngineError("QEMU did not create its sockets")
+            await asyncio.sleep(0.01)
+        await self.qmp.connect(str(self.dir / "qmp.sock"))
+        reader, self.agent_writer = await asyncio.open_unix_connection(str(self.dir / "agent.sock"))
+        self.tasks = [asyncio.create_task(self.drain_events()), asyncio.create_task(self.read_agent(reader))]
+
+    async def drain_events(self) -> None:
+        # qemu.qmp queues every event for its default listener: consume them so a
+        # long-lived supervisor does not grow without bound.
+        async for event in self.qmp.events:
+            log.debug("qmp event %s", event.get("event"))
+
+    async def watch_qemu(self) -> None:
+        assert self.qemu is not None
+        code = await self.qemu.wait()
+        # Record the outcome before anyone waiting on `exited` is told, so a caller of
+        # stop() always reads the final status.
+        if self.stop_requested:
+            self.store.update_box(
+                self.box_id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None, error=None
+            )
+        else:
+            self.finish_failed(self.exit_reason(code))
+        self.exited.set()
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(self.exit_reason(code)))
+        for target, _cid in list(self.routes.values()):
+            if isinstance(target, asyncio.Future) and not target.done():
+                target.set_result({"error": {"type": "EngineError", "message": "the VM exited"}})
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+
+    def exit_reason(self, code: int) -> str:
+        how = f"signal {-code}" if code < 0 else f"exit code {code}"
+        return f"QEMU exited unexpectedly ({how}); see `boxvm logs {self.box_id[:12]}`"
+
+    def finish_failed(self, reason: str) -> None:
+        self.store.update_box(self.box_id, status=BoxStatus.FAILED, supervisor_pid=None, qemu_pid=None, error=reason)
+
+    # -- agent side -------------------------------------------------------------------
+    async def read_agent(self, reader: asyncio.StreamReader) -> None:
+        decoder = P.Decoder()
+        while data := await reader.read(1 << 20):
+            for gid, ftype, payload in decoder.feed(data):
+                if ftype == P.HELLO:
+                    self.on_hello(json.loads(payload))
+                    continue
+                route = self.routes.get(gid)
+                if route is None:
+                    continue
+                target, cid = route
+                if ftype == P.RESULT:
+                    del self.routes[gid]
+                if isinstance(target, asyncio.Future):
+                    if ftype == P.RESULT and not target.done():
+                        target.set_result(json.loads(payload))
+                else:
+                    if ftype == P.RESULT:
+                        target.to_global.pop(cid, None)
+                    if not target.writer.is_closing():
+                        target.writer.write(P.HEADER.pack(len(payload), cid, ftype) + payload)
+
+    def on_hello(self, hello: dict[str, Any]) -> None:
+        boot_ms = (time.monotonic() - self.t0) * 1000
+        if self.ready.done():
+            log.warning("agent restarted")
+            return
+        self.store.transition(
+            self.box_id, BoxStatus.RUNNING, {BoxStatus.STARTING}, started_at=time.time(), error=None
+        )
+        self.store.add_timing(self.box_id, boot_ms=boot_ms, guest_uptime_ms=hello.get("uptime", 0) * 1000)
+        self.ready.set_result(boot_ms)
+
+    def send_agent(self, frame: bytes) -> None:
+        if self.agent_writer is not None and not self.agent_writer.is_closing():
+            self.agent_writer.write(frame)
+
+    async def agent_request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
+        gid = self.next_gid
+        self.next_gid += 1
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.routes[gid] = (fut, gid)
+        self.send_agent(P.pack_json(gid, P.OPEN, req))
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self.routes.pop(gid, None)
+
+    # -- client side ------------------------------------------------------------------
+    async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = Client(writer)
+        decoder = P.Decoder()
+        try:
+            while data := await reader.read(1 << 20):
+                for cid, ftype, payload in decoder.feed(data):
+                    if ftype == P.OPEN:
+                        req = json.loads(payload)
+                        handler = getattr(self, f"op_{req.get('op')}", None)
+                        if handler is not None:
+                            task = asyncio.create_task(self.answer(client, cid, handler, req))
+                            self.tasks.append(task)
+                            task.add_done_callback(self.tasks.remove)
+                            continue
+                        gid = self.next_gid
+                        self.next_gid += 1
+                        client.to_global[cid] = gid
+                        self.routes[gid] = (client, cid)
+                        self.send_agent(P.HEADER.pack(len(payload), gid, ftype) + payload)
+                    elif cid in client.to_global:
+                        gid = client.to_global[cid]
+                        self.send_agent(P.HEADER.pack(len(payload), gid, ftype) + payload)
+                if self.agent_writer is not None:
+                    await self.agent_writer.drain()
+        except (ConnectionError, ValueError) as exc:
+            log.debug("client dropped: %s", exc)
+        except asyncio.CancelledError:  # the supervisor is shutting down
+            pass
+        finally:
+            for gid in client.to_global.values():  # abandoned channels: the agent kills them
+                self.routes.pop(gid, None)
+                self.send_agent(P.pack(gid, P.CLOSE))
+            writer.close()
+
+    async def answer(self, client: Client, cid: int, handler: Any, req: dict[str, Any]) -> None:
+        try:
+            result = await handler(req)
+        except Exception as exc:
+            result = {"error": {"type": "EngineError", "message": f"{type(exc).__name__}: {exc}"}}
+        with contextlib.suppress(ConnectionError):
+            client.writer.write(P.pack_json(cid, P.RESULT, result))
+
+    async def op_wait_ready(self, req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            boot_ms = await asyncio.wait_for(asyncio.shield(self.ready), req.get("timeout", 120))
+        except TimeoutError:
+            return {"error": {"type": "EngineError", "message": "the guest agent did not start in time"}}
+        except RuntimeError as exc:
+            return {"error": {"type": "EngineError", "message": str(exc)}}
+        return {"ok": True, "boot_ms": boot_ms}
+
+    async def op_stop(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Clean shutdown: the agent syncs and unmounts, then QEMU quits; force after timeout."""
+        self.stop_requested = True
+        timeout = float(req.get("timeout", 10))
+        if self.ready.done() and not self.ready.exception() and not self.exited.is_set():
+            with contextlib.suppress(Exception):
+                await self.agent_request({"op": "shutdown"}, timeout)
+        if not self.exited.is_set():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.qmp.execute("quit"), 5)
+        try:
+            await asyncio.wait_for(self.exited.wait(), 10)
+        except TimeoutError:
+            if self.qemu is not None and self.qemu.returncode is None:
+                self.qemu.kill()
+            await self.exited.wait()
+        return {"ok": True}
+
+    async def op_qmp(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"return": await self.qmp.execute(req["command"], req.get("arguments"))}
+
+    async def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return {"ready": self.ready.done(), "qemu_pid": self.qemu.pid if self.qemu else None}
+
+
+def _die_with_parent() -> None:
+    """QEMU gets SIGKILL if the supervisor dies, so no VM ever runs unsupervised."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def main() -> None:
+    box_dir = Path(sys.argv[1])
+    logging.basicConfig(
+        filename=box_dir / "supervisor.log",
+        level=logging.DEBUG if os.environ.get("BOXVM_DEBUG") else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
+    # Daemonize: the parent returns to the launcher once the control socket listens.
+    notify_r, notify_w = os.pipe()
+    if os.fork() > 0:
+        os.close(notify_w)
+        ok = os.read(notify_r, 2) == b"ok"
+        os._exit(0 if ok else 1)
+    os.close(notify_r)
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    async def run() -> None:
+        await Supervisor(box_dir).run(notify_w)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Public value types: what users pass in (options) and get back (info, results)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from boxvm.errors import InvalidArgument
+from boxvm.status import BoxStatus
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_name(name: str, what: str = "box") -> str:
+    """Names: 1..128 chars of ``[A-Za-z0-9._-]``, not starting with ``.``, ``-`` or ``_``."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid {what} name {name!r}: use 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass
+class BoxOptions:
+    image: str | None = None  # None: the embedded default image
+    cpus: int = 1
+    memory_mib: int = 512
+    disk_size_gb: int = 4
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    network: str = "nat"
+    ports: list[tuple[int, int]] = field(default_factory=list)
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+
+    def validate(self) -> BoxOptions:
+        if not 1 <= self.cpus <= 64:
+            raise InvalidArgument(f"cpus must be between 1 and 64, not {self.cpus}")
+        if not 128 <= self.memory_mib <= 65536:
+            raise InvalidArgument(f"memory_mib must be between 128 and 65536, not {self.memory_mib}")
+        if not 1 <= self.disk_size_gb <= 2048:
+            raise InvalidArgument(f"disk_size_gb must be between 1 and 2048, not {self.disk_size_gb}")
+        if self.network not in ("nat", "none"):
+            raise InvalidArgument(f"network must be 'nat' or 'none', not {self.network!r}")
+        if self.ports and self.network == "none":
+            raise InvalidArgument("ports need network='nat'")
+        ports = []
+        for pair in self.ports:
+            try:
+                host, guest = (int(p) for p in pair)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"ports entries are (host_port, guest_port) pairs, not {pair!r}") from exc
+            if not (0 < host < 65536 and 0 < guest < 65536):
+                raise InvalidArgument(f"port numbers must be 1..65535, not {pair!r}")
+            ports.append((host, guest))
+        self.ports = ports
+        for key, value in self.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in str(value):
+                raise InvalidArgument(f"bad environment variable {key!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BoxOptions:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["ports"] = [tuple(p) for p in known.get("ports", [])]
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class BoxInfo:
+    id: str
+    name: str
+    status: BoxStatus
+    image: str
+    created_at: float
+    started_at: float | None
+    cpus: int
+    memory_mib: int
+    disk_size_bytes: int
+    disk_bytes: int  # bytes the box's own disk layer holds on the host
+    ports: list[tuple[int, int]]
+    guest_bundle: str | None
+    error: str | None
+    timings: dict[str, float]  # milliseconds of the last create/start/stop, boot, ...
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False

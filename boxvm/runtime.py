@@ -1,0 +1,199 @@
+"""The public async API: ``Runtime`` (the box collection), ``Box`` and ``Process``.
+
+Both hold a backend and never ask which one: the same code drives boxes on this host
+or, through a remote backend, on a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal as _signal
+from pathlib import Path
+from types import TracebackType
+
+from boxvm.backends.base import Backend, ProcessChannel
+from boxvm.options import BoxInfo, BoxOptions, ExecResult
+from boxvm.paths import Home
+from boxvm.status import BoxStatus
+
+
+class Process:
+    """A process started with :meth:`Box.spawn`.
+
+    ``stdout``/``stderr`` are async iterators of bytes as the process produces them.
+    Unread output is held back in the guest (at most a 1 MiB window per process), so
+    a process whose output nobody reads blocks, exactly as it would on a pipe.
+    """
+
+    def __init__(self, channel: ProcessChannel) -> None:
+        self._chan = channel
+        self.stdout = channel.stdout
+        self.stderr = channel.stderr
+        self.exit_code: int | None = None
+        self.timed_out = False
+
+    async def write(self, data: bytes) -> None:
+        await self._chan.write(data)
+
+    def close_stdin(self) -> None:
+        self._chan.close_stdin()
+
+    async def wait(self) -> int:
+        result = await self._chan.wait()
+        self.exit_code = int(result["exit_code"])  # type: ignore[call-overload]
+        self.timed_out = bool(result.get("timed_out"))
+        return self.exit_code
+
+    def signal(self, signum: int) -> None:
+        self._chan.signal(signum)
+
+    def kill(self) -> None:
+        self._chan.signal(_signal.SIGKILL)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._chan.resize(rows, cols)
+
+
+class Box:
+    def __init__(self, backend: Backend, info: BoxInfo) -> None:
+        self._backend = backend
+        self.id = info.id
+        self.name = info.name
+        self._last = info
+
+    def __repr__(self) -> str:
+        return f"<Box {self.name} {self.id[:12]} {self._last.status.value}>"
+
+    async def info(self) -> BoxInfo:
+        info = await self._backend.get(self.id)
+        if info is None:
+            from boxvm.errors import NotFound
+
+            raise NotFound(f"box {self.name!r} was removed")
+        self._last = info
+        return info
+
+    @property
+    def status(self) -> BoxStatus:
+        """The status last seen by this handle (``await box.info()`` refreshes it)."""
+        return self._last.status
+
+    async def start(self) -> BoxInfo:
+        self._last = await self._backend.start(self.id)
+        return self._last
+
+    async def stop(self, timeout: float = 10.0) -> BoxInfo:
+        self._last = await self._backend.stop(self.id, timeout)
+        return self._last
+
+    async def pause(self) -> BoxInfo:
+        self._last = await self._backend.pause(self.id)
+        return self._last
+
+    async def resume(self) -> BoxInfo:
+        self._last = await self._backend.resume(self.id)
+        return self._last
+
+    async def spawn(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+        tty: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> Process:
+        """Start a process; stream its output. Raises InvalidState unless the box runs."""
+        chan = await self._backend.spawn(
+            self.id, argv, env=env, cwd=cwd, user=user, timeout=timeout, tty=tty, size=size
+        )
+        return Process(chan)
+
+    async def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        """Run a process to completion and collect its output.
+
+        A missing command gives exit code 127 (126 if not executable), like a shell.
+        On ``timeout`` the process group is killed and ``timed_out`` is set.
+        """
+        proc = await self.spawn(argv, env=env, cwd=cwd, user=user, timeout=timeout)
+
+        async def feed() -> None:
+            if stdin:
+                await proc.write(stdin)
+            proc.close_stdin()
+
+        async def collect(stream: object) -> bytes:
+            return b"".join([chunk async for chunk in stream])  # type: ignore[attr-defined]
+
+        _fed, out, err = await asyncio.gather(feed(), collect(proc.stdout), collect(proc.stderr))
+        code = await proc.wait()
+        return ExecResult(code, out, err, proc.timed_out)
+
+    async def copy_in(self, host_path: str | Path, box_path: str) -> None:
+        """Copy a host file or tree into the box (into ``box_path`` if it is a directory)."""
+        await self._backend.copy_in(self.id, Path(host_path), box_path)
+
+    async def copy_out(self, box_path: str, host_path: str | Path) -> None:
+        """Copy a box file or tree to the host (into ``host_path`` if it is a directory)."""
+        await self._backend.copy_out(self.id, box_path, Path(host_path))
+
+    async def logs(self) -> str:
+        """The guest's console output of the current or last run."""
+        return await self._backend.logs(self.id)
+
+
+class Runtime:
+    """The boxes of one home (local) or one server (remote)."""
+
+    def __init__(self, home: str | Path | None = None, *, backend: Backend | None = None) -> None:
+        if backend is None:
+            from boxvm.backends.local import LocalBackend
+
+            backend = LocalBackend(Home.default(home))
+        self._backend = backend
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def create(self, options: BoxOptions | None = None, name: str | None = None) -> Box:
+        """Create a box (its disk too, so every state operation works before a start)."""
+        return Box(self._backend, await self._backend.create(options or BoxOptions(), name))
+
+    async def get(self, id_or_name: str) -> Box | None:
+        info = await self._backend.get(id_or_name)
+        return Box(self._backend, info) if info else None
+
+    async def list(self) -> list[BoxInfo]:
+        return await self._backend.list()
+
+    async def remove(self, id_or_name: str, force: bool = False) -> None:
+        """Remove a box and its files. A running box needs ``force=True``."""
+        info = await self._backend.get(id_or_name)
+        if info is None:
+            from boxvm.errors import NotFound
+
+            raise NotFound(f"no box named or with id {id_or_name!r}")
+        await self._backend.remove(info.id, force)
+
+    async def close(self) -> None:
+        await self._backend.close()

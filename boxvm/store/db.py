@@ -1,0 +1,213 @@
+"""Boxes and images in SQLite (WAL, foreign keys), with forward-only schema migrations.
+
+Every process (library, CLI, supervisors, server) opens its own connection; status
+changes are compare-and-set updates so two processes can never both win a transition.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from boxvm.errors import AlreadyExists, StorageError
+from boxvm.status import BoxStatus
+
+# Each entry upgrades the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE boxes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        image TEXT NOT NULL,
+        image_digest TEXT,
+        options TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        supervisor_pid INTEGER,
+        qemu_pid INTEGER,
+        guest_bundle TEXT,
+        mac TEXT NOT NULL,
+        error TEXT
+    );
+    CREATE TABLE images (
+        digest TEXT PRIMARY KEY,
+        reference TEXT NOT NULL,
+        config TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    # v2: per-box operation timings, exposed through BoxInfo.
+    "ALTER TABLE boxes ADD COLUMN timings TEXT NOT NULL DEFAULT '{}';",
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class BoxRecord:
+    id: str
+    name: str
+    status: BoxStatus
+    image: str
+    options: dict[str, Any]
+    mac: str
+    created_at: float = field(default_factory=time.time)
+    image_digest: str | None = None
+    started_at: float | None = None
+    supervisor_pid: int | None = None
+    qemu_pid: int | None = None
+    guest_bundle: str | None = None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class ImageRecord:
+    digest: str
+    reference: str
+    config: dict[str, Any]
+    size_bytes: int
+    created_at: float = field(default_factory=time.time)
+
+
+_JSON_COLUMNS = {"options", "timings", "config"}
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the boxvm database {path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"the database {self.path} has schema version {version} but this boxvm understands "
+                    f"up to {SCHEMA_VERSION}: upgrade boxvm (the database was left untouched)"
+                )
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+    # -- boxes ------------------------------------------------------------------------
+    def insert_box(self, rec: BoxRecord) -> None:
+        values = _encode(rec.__dict__)
+        cols = ", ".join(values)
+        marks = ", ".join(f":{k}" for k in values)
+        try:
+            self._db.execute(f"INSERT INTO boxes ({cols}) VALUES ({marks})", values)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
+
+    def get_box(self, id_or_name: str) -> BoxRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM boxes WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
+            (id_or_name, id_or_name, id_or_name),
+        ).fetchone()
+        if row is None and len(id_or_name) >= 6:  # unique id prefix, as docker allows
+            rows = self._db.execute("SELECT * FROM boxes WHERE id LIKE ? || '%'", (id_or_name,)).fetchall()
+            row = rows[0] if len(rows) == 1 else None
+        return _box(row) if row else None
+
+    def list_boxes(self) -> list[BoxRecord]:
+        return [_box(r) for r in self._db.execute("SELECT * FROM boxes ORDER BY created_at")]
+
+    def update_box(self, box_id: str, **fields: Any) -> None:
+        values = _encode(fields)
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id", {**values, "_id": box_id})
+
+    def transition(
+        self, box_id: str, to: BoxStatus, allowed_from: frozenset[BoxStatus] | set[BoxStatus], **fields: Any
+    ) -> bool:
+        """Compare-and-set the status: True only if the box was in ``allowed_from``."""
+        values = _encode({"status": to, **fields})
+        sets = ", ".join(f"{k} = :{k}" for k in values)
+        marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
+        params = {**values, "_id": box_id, **{f"_from{i}": s.value for i, s in enumerate(allowed_from)}}
+        cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks})", params)
+        return cur.rowcount == 1
+
+    def add_timing(self, box_id: str, **timings_ms: float) -> None:
+        rec = self.get_box(box_id)
+        if rec is not None:
+            self.update_box(box_id, timings={**rec.timings, **{k: round(v, 2) for k, v in timings_ms.items()}})
+
+    def delete_box(self, box_id: str) -> None:
+        self._db.execute("DELETE FROM boxes WHERE id = ?", (box_id,))
+
+    # -- images -----------------------------------------------------------------------
+    def put_image(self, rec: ImageRecord) -> None:
+        values = _encode(rec.__dict__)
+        cols = ", ".join(values)
+        marks = ", ".join(f":{k}" for k in values)
+        self._db.execute(f"INSERT OR REPLACE INTO images ({cols}) VALUES ({marks})", values)
+
+    def get_image(self, digest: str) -> ImageRecord | None:
+        row = self._db.execute("SELECT * FROM images WHERE digest = ?", (digest,)).fetchone()
+        return _image(row) if row else None
+
+    def list_images(self) -> list[ImageRecord]:
+        return [_image(r) for r in self._db.execute("SELECT * FROM images ORDER BY created_at")]
+
+
+def _encode(fields: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in fields.items():
+        if key in _JSON_COLUMNS:
+            value = json.dumps(value)
+        elif isinstance(value, BoxStatus):
+            value = value.value
+        out[key] = value
+    return out
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    data = dict(row)
+    for key in _JSON_COLUMNS & data.keys():
+        data[key] = json.loads(data[key])
+    return data
+
+
+def _box(row: sqlite3.Row) -> BoxRecord:
+    data = _decode(row)
+    data["status"] = BoxStatus(data["status"])
+    return BoxRecord(**data)
+
+
+def _image(row: sqlite3.Row) -> ImageRecord:
+    return ImageRecord(**_decode(row))
