@@ -1,0 +1,421 @@
+"""The ``boxvm`` command line: a thin layer over the async Runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+import boxvm
+from boxvm.errors import BoxvmError, InvalidArgument, NotFound
+from boxvm.paths import Home
+
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def progress_printer() -> Callable[[str], None]:
+    """Long first-run work: a live status line on a terminal, plain lines otherwise."""
+    if err.is_terminal:
+        status = err.status("")
+        status.start()
+
+        def show(message: str) -> None:
+            status.update(message)
+            if message.endswith("ready") or "ready in" in message:
+                err.log(message)
+
+        show.stop = status.stop  # type: ignore[attr-defined]
+        return show
+    return lambda message: print(f"boxvm: {message}", file=sys.stderr, flush=True)
+
+
+def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..., None]:
+    """Run a command coroutine with a Runtime; errors become one clear line and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        async def main() -> int | None:
+            from boxvm.backends.local import LocalBackend
+
+            show = progress_printer()
+            backend = LocalBackend(Home.default(), progress=show)
+            try:
+                async with boxvm.Runtime(backend=backend) as rt:
+                    return await fn(rt, *args, **kwargs)
+            finally:
+                getattr(show, "stop", lambda: None)()
+
+        try:
+            code = asyncio.run(main())
+        except BoxvmError as exc:
+            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+        sys.exit(code or 0)
+
+    return wrapper
+
+
+async def must_get(rt: boxvm.Runtime, ref: str) -> boxvm.Box:
+    box = await rt.get(ref)
+    if box is None:
+        raise NotFound(f"no box named or with id {ref!r}: `boxvm ls` lists them")
+    return box
+
+
+def parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            value = os.environ.get(key, "")
+        env[key] = value
+    return env
+
+
+def parse_ports(items: tuple[str, ...]) -> list[tuple[int, int]]:
+    ports = []
+    for item in items:
+        host, sep, guest = item.partition(":")
+        if not sep or not host.isdigit() or not guest.isdigit():
+            raise InvalidArgument(f"port {item!r}: use HOST:GUEST, e.g. 8080:80")
+        ports.append((int(host), int(guest)))
+    return ports
+
+
+def info_dict(info: boxvm.BoxInfo) -> dict[str, Any]:
+    data = dataclasses.asdict(info)
+    data["status"] = info.status.value
+    return data
+
+
+box_options = [
+    click.option("--name", help="Box name (default: box-<id>)."),
+    click.option("--image", help="OCI layout directory or archive (default: the built-in image)."),
+    click.option("--cpus", type=int, default=1, show_default=True),
+    click.option("--memory", "memory_mib", type=int, default=512, show_default=True, help="MiB of RAM."),
+    click.option("--disk", "disk_size_gb", type=int, default=4, show_default=True, help="GiB of disk."),
+    click.option("-e", "--env", multiple=True, help="KEY=VALUE for every exec in the box."),
+    click.option("-p", "--publish", multiple=True, help="HOST:GUEST TCP port forwarding (on 127.0.0.1)."),
+    click.option("--network", type=click.Choice(["nat", "none"]), default="nat", show_default=True),
+    click.option("-w", "--workdir"),
+    click.option("-u", "--user"),
+]
+
+
+def with_box_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(box_options):
+        fn = option(fn)
+    return fn
+
+
+def make_options(kw: dict[str, Any]) -> boxvm.BoxOptions:
+    return boxvm.BoxOptions(
+        image=kw["image"],
+        cpus=kw["cpus"],
+        memory_mib=kw["memory_mib"],
+        disk_size_gb=kw["disk_size_gb"],
+        env=parse_env(kw["env"]),
+        ports=parse_ports(kw["publish"]),
+        network=kw["network"],
+        workdir=kw["workdir"],
+        user=kw["user"],
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(boxvm.__version__)
+def cli() -> None:
+    """boxvm: micro-VM sandboxes with first-class state."""
+
+
+@cli.command()
+@click.option("--refresh", is_flag=True, help="Rebuild if Debian has newer packages.")
+def setup(refresh: bool) -> None:
+    """Build the guest bundle and the default image (once; needs apt package lists)."""
+    from boxvm.guest import bundle
+    from boxvm.images.default import ensure_default
+
+    home = Home.default()
+    show = progress_printer()
+    try:
+        b = bundle.ensure(home, show)
+        layout = ensure_default(home, show, refresh=refresh)
+    except BoxvmError as exc:
+        err.print(f"[red]error[/red]: {exc.message}")
+        sys.exit(1)
+    finally:
+        getattr(show, "stop", lambda: None)()
+    out.print(f"guest bundle {b.id} (kernel {b.kernel_version}); default image at {layout}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Check QEMU, acceleration, the guest bundle and the home directory."""
+    import shutil
+    import subprocess
+
+    from boxvm.engine.accel import detect
+    from boxvm.guest import bundle
+
+    home = Home.default()
+    checks: list[tuple[str, bool, str]] = []
+    qemu = shutil.which("qemu-system-x86_64")
+    version = ""
+    if qemu:
+        version = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    checks.append(("qemu", bool(qemu), version or "qemu-system-x86_64 not found: run the set-up command"))
+    for tool in ("qemu-img", "mke2fs", "fakeroot", "dpkg-deb"):
+        checks.append((tool, bool(shutil.which(tool)), shutil.which(tool) or "missing"))
+    acc = detect()
+    checks.append(("acceleration", True, f"{acc.name}: {acc.reason}"))
+    found = bundle.find(home)
+    checks.append(
+        ("guest bundle", found is not None, f"{found.id} ({found.kernel_version})" if found else "run `boxvm setup`")
+    )
+    writable = os.access(home.root if home.root.exists() else home.root.parent, os.W_OK)
+    checks.append(("home", writable, str(home.root)))
+    if as_json:
+        print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in checks], indent=2))
+    else:
+        for name, ok, detail in checks:
+            mark = "[green]ok[/green]" if ok else "[red]FAIL[/red]"
+            out.print(f"{mark:>22}  {name:<13} {detail}", highlight=False)
+    sys.exit(0 if all(ok for _n, ok, _d in checks) else 1)
+
+
+@cli.command()
+@with_box_options
+@run_async
+async def create(rt: boxvm.Runtime, **kw: Any) -> None:
+    """Create a box (not started)."""
+    box = await rt.create(make_options(kw), name=kw["name"])
+    out.print(box.id)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@with_box_options
+@click.option("--rm", is_flag=True, help="Remove the box when the command ends.")
+@click.option("-i", "--interactive", is_flag=True)
+@click.option("-t", "--tty", is_flag=True)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@run_async
+async def run(rt: boxvm.Runtime, command: tuple[str, ...], rm: bool, interactive: bool, tty: bool, **kw: Any) -> int:
+    """Create and start a box; run COMMAND in it if given (else leave it running)."""
+    box = await rt.create(make_options(kw), name=kw["name"])
+    try:
+        await box.start()
+        if not command:
+            out.print(box.id)
+            return 0
+        return await stream_exec(box, list(command), {}, None, None, interactive, tty)
+    finally:
+        if rm:
+            await rt.remove(box.id, force=True)
+
+
+@cli.command()
+@click.argument("box")
+@run_async
+async def start(rt: boxvm.Runtime, box: str) -> None:
+    """Start a box."""
+    b = await must_get(rt, box)
+    info = await b.start()
+    err.print(f"started {info.name} in {info.timings.get('start_ms', 0) / 1000:.1f} s", highlight=False)
+
+
+@cli.command()
+@click.argument("box")
+@click.option("-t", "--timeout", type=float, default=10.0, show_default=True)
+@run_async
+async def stop(rt: boxvm.Runtime, box: str, timeout: float) -> None:
+    """Stop a box cleanly (the guest syncs and unmounts first)."""
+    await (await must_get(rt, box)).stop(timeout)
+
+
+@cli.command()
+@click.argument("box")
+@run_async
+async def pause(rt: boxvm.Runtime, box: str) -> None:
+    """Pause a running box (memory kept)."""
+    await (await must_get(rt, box)).pause()
+
+
+@cli.command()
+@click.argument("box")
+@run_async
+async def resume(rt: boxvm.Runtime, box: str) -> None:
+    """Resume a paused box."""
+    await (await must_get(rt, box)).resume()
+
+
+async def stream_exec(
+    box: boxvm.Box,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str | None,
+    user: str | None,
+    interactive: bool,
+    tty: bool,
+) -> int:
+    """Run argv with the terminal attached: output streamed, stdin forwarded, signals passed on."""
+    size = None
+    if tty:
+        cols, rows = os.get_terminal_size() if sys.stdin.isatty() else (80, 24)
+        size = (rows, cols)
+    proc = await box.spawn(argv, env=env, cwd=cwd, user=user, tty=tty, size=size)
+    loop = asyncio.get_running_loop()
+
+    async def pump(stream: Any, sink: Any) -> None:
+        async for chunk in stream:
+            sink.write(chunk)
+            sink.flush()
+
+    async def feed() -> None:
+        if not interactive:
+            proc.close_stdin()
+            return
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while data := await reader.read(65536):
+            await proc.write(data)
+        proc.close_stdin()
+
+    old_tty = None
+    if tty and sys.stdin.isatty():
+        import termios
+        import tty as ttymod
+
+        old_tty = termios.tcgetattr(sys.stdin.fileno())
+        ttymod.setraw(sys.stdin.fileno())
+        loop.add_signal_handler(
+            signal.SIGWINCH, lambda: proc.resize(*reversed(os.get_terminal_size()))  # type: ignore[arg-type]
+        )
+    else:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, proc.signal, sig)
+    feeder = asyncio.create_task(feed())
+    try:
+        await asyncio.gather(pump(proc.stdout, sys.stdout.buffer), pump(proc.stderr, sys.stderr.buffer))
+        code = await proc.wait()
+    finally:
+        feeder.cancel()
+        if old_tty is not None:
+            import termios
+
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, old_tty)
+    return code
+
+
+@cli.command(name="exec", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin.")
+@click.option("-t", "--tty", is_flag=True, help="Allocate a terminal.")
+@click.option("-e", "--env", multiple=True)
+@click.option("-w", "--workdir")
+@click.option("-u", "--user")
+@click.argument("box")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@run_async
+async def exec_(
+    rt: boxvm.Runtime,
+    box: str,
+    command: tuple[str, ...],
+    interactive: bool,
+    tty: bool,
+    env: tuple[str, ...],
+    workdir: str | None,
+    user: str | None,
+) -> int:
+    """Run COMMAND in a running box; exits with its exit code."""
+    b = await must_get(rt, box)
+    return await stream_exec(b, list(command), parse_env(env), workdir, user, interactive, tty)
+
+
+@cli.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def ls(rt: boxvm.Runtime, as_json: bool) -> None:
+    """List boxes."""
+    boxes = await rt.list()
+    if as_json:
+        print(json.dumps([info_dict(i) for i in boxes], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "NAME", "STATUS", "IMAGE", "CREATED", "PORTS"):
+        table.add_column(col)
+    for i in boxes:
+        age = time.time() - i.created_at
+        created = f"{int(age // 60)} min ago" if age < 3600 else time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at))
+        ports = ", ".join(f"127.0.0.1:{h}->{g}" for h, g in i.ports)
+        table.add_row(i.id[:12], i.name, i.status.value, i.image, created, ports)
+    out.print(table)
+
+
+cli.add_command(ls, name="ps")
+
+
+@cli.command()
+@click.argument("box")
+@run_async
+async def inspect(rt: boxvm.Runtime, box: str) -> None:
+    """Show everything about a box as JSON."""
+    print(json.dumps(info_dict(await (await must_get(rt, box)).info()), indent=2))
+
+
+@cli.command()
+@click.argument("boxes", nargs=-1, required=True)
+@click.option("-f", "--force", is_flag=True, help="Stop it first if it is running.")
+@run_async
+async def rm(rt: boxvm.Runtime, boxes: tuple[str, ...], force: bool) -> None:
+    """Remove boxes and their files."""
+    for ref in boxes:
+        await rt.remove(ref, force=force)
+        out.print(ref)
+
+
+@cli.command()
+@click.argument("box")
+@click.option("-n", "--tail", type=int, default=0, help="Only the last N lines.")
+@run_async
+async def logs(rt: boxvm.Runtime, box: str, tail: int) -> None:
+    """Print the box's console log."""
+    text = await (await must_get(rt, box)).logs()
+    lines = text.splitlines()
+    print("\n".join(lines[-tail:] if tail else lines))
+
+
+@cli.command()
+@click.argument("src")
+@click.argument("dest")
+@run_async
+async def cp(rt: boxvm.Runtime, src: str, dest: str) -> None:
+    """Copy files: `boxvm cp ./dir BOX:/path` or `boxvm cp BOX:/path ./dir`."""
+    src_box, _, src_path = src.partition(":") if ":" in src and not src.startswith(("/", ".")) else ("", "", src)
+    dst_box, _, dst_path = dest.partition(":") if ":" in dest and not dest.startswith(("/", ".")) else ("", "", dest)
+    if bool(src_box) == bool(dst_box):
+        raise InvalidArgument("exactly one of SRC and DEST must be BOX:/path")
+    if src_box:
+        await (await must_get(rt, src_box)).copy_out(src_path, Path(dst_path))
+    else:
+        await (await must_get(rt, dst_box)).copy_in(Path(src_path), dst_path)
+
+
+def main() -> None:
+    with contextlib.suppress(BrokenPipeError):
+        cli()
