@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -366,10 +367,16 @@ class LocalBackend(Backend):
         chan = conn.open_channel({"op": "get", "path": box_path})
         chan.close_stdin()
         stderr = asyncio.create_task(chan.stderr.read())
-        await receive_tree(chan.stdout, host_path)
+        try:
+            await receive_tree(chan.stdout, host_path)
+            failure = None
+        except tarfile.TarError as exc:
+            failure = exc
         result = await chan.wait()
         if result.get("exit_code"):
             raise NotFound(f"cannot copy {box_path} out of the box: {(await stderr).decode().strip()}")
+        if failure is not None:
+            raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {failure}")
 
     async def logs(self, box_id: str) -> str:
         rec = self._record(box_id)

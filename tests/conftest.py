@@ -1,0 +1,79 @@
+"""Shared fixtures. Every VM test boots real QEMU guests (TCG here): nothing is mocked.
+
+The test home (``$BOXVM_TEST_HOME``, default ``.test-home`` in the repository) keeps
+the guest bundle and default image between runs; the controlling process prepares it
+once and clears boxes left over from an interrupted run before any worker starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+import boxvm
+from boxvm.paths import Home
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = Path(os.environ.get("BOXVM_TEST_HOME", REPO / ".test-home")).absolute()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ["BOXVM_HOME"] = str(TEST_HOME)
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller has prepared the home
+    from boxvm.backends.local import LocalBackend
+    from boxvm.guest import bundle
+    from boxvm.images.default import ensure_default
+
+    home = Home.default(TEST_HOME)
+    bundle.ensure(home, print)
+    ensure_default(home, print)
+
+    async def clear() -> None:
+        backend = LocalBackend(home)
+        for info in await backend.list():
+            await backend.remove(info.id, force=True)
+        await backend.close()
+
+    asyncio.run(clear())
+
+
+@pytest.fixture(scope="session")
+def home() -> Home:
+    return Home.default(TEST_HOME)
+
+
+@pytest.fixture(scope="session")
+def worker(request: pytest.FixtureRequest) -> str:
+    return getattr(request.config, "workerinput", {}).get("workerid", "main")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def rt(home: Home) -> AsyncIterator[boxvm.Runtime]:
+    runtime = boxvm.Runtime(home.root)
+    yield runtime
+    await runtime.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def shared_box(rt: boxvm.Runtime, worker: str) -> AsyncIterator[boxvm.Box]:
+    """One running box per worker for tests that only read or write their own paths."""
+    box = await rt.create(name=f"shared-{worker}")
+    await box.start()
+    yield box
+    await rt.remove(box.id, force=True)
+
+
+@pytest_asyncio.fixture
+async def fresh_box(rt: boxvm.Runtime, request: pytest.FixtureRequest) -> AsyncIterator[boxvm.Box]:
+    """A new, not yet started box, removed (forcibly) after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name)[:60] + "-" + os.urandom(2).hex()
+    box = await rt.create(name=name)
+    yield box
+    if await rt.get(box.id) is not None:
+        await rt.remove(box.id, force=True)
