@@ -12,7 +12,7 @@ test: setup
 	.venv/bin/python -m pytest -n 2 --dist loadgroup -ra --durations=15
 
 bench: setup
-	.venv/bin/python -m bench.run
+	.venv/bin/python -m bench
 
 lint:
 	.venv/bin/ruff check boxvm tests bench

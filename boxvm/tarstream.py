@@ -65,14 +65,46 @@ class _Source:
         return data
 
 
-def _box_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
-    """The stdlib ``data`` filter's safety (no escaping paths or links) but keep modes:
-    a copy out of a box should keep permissions, minus setuid/setgid from an untrusted guest."""
-    mode = member.mode
-    safe = tarfile.data_filter(member, dest)
-    if mode is not None and (member.isreg() or member.isdir()):
-        safe = safe.replace(mode=mode & ~(stat.S_ISUID | stat.S_ISGID), deep=False)
-    return safe
+def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | str) -> None:
+    """Extract a member exactly as recorded (owners, modes, devices): only for members the
+    caller has already validated. Works on Python 3.11.2 (Debian's), which has no filters."""
+    if hasattr(tarfile, "fully_trusted_filter"):
+        tar.extract(member, dest, filter="fully_trusted")
+    else:
+        tar.extract(member, dest)
+
+
+def check_member(member: tarfile.TarInfo, dest: Path) -> tarfile.TarInfo:
+    """Refuse members of an untrusted tar that would land outside ``dest``: absolute or
+    ``..`` paths, writes through symlinks, links pointing out, devices. Modes are kept
+    minus setuid/setgid. (The stdlib's ``data`` filter would also change modes, and
+    Debian's Python 3.11.2 does not have it.)"""
+    root = os.path.realpath(dest)
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == root or real.startswith(root + os.sep)
+
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ValueError(f"{name!r} escapes the destination")
+    target = os.path.join(root, name)
+    # A symlink member replaces whatever is there; anything else is opened (or chmod-ed)
+    # through an existing link, so its resolved path must stay inside too.
+    if not inside(os.path.dirname(target)) or (not member.issym() and not inside(target)):
+        raise ValueError(f"{name!r} would be written through a link outside the destination")
+    if member.issym():
+        if member.linkname.startswith("/") or not inside(os.path.join(os.path.dirname(target), member.linkname)):
+            raise ValueError(f"symlink {name!r} -> {member.linkname!r} points outside the destination")
+    elif member.islnk():
+        if member.linkname.startswith("/") or not inside(os.path.join(root, member.linkname)):
+            raise ValueError(f"hard link {name!r} -> {member.linkname!r} points outside the destination")
+    elif not (member.isreg() or member.isdir()):
+        raise ValueError(f"{name!r} is a device or special file")
+    member.mode = (member.mode or 0) & ~(stat.S_ISUID | stat.S_ISGID)
+    member.uid, member.gid = os.getuid(), os.getgid()  # files copied out belong to the caller
+    member.uname = member.gname = ""
+    return member
 
 
 async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
@@ -90,7 +122,7 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
                 if not into_dir:
                     _head, sep, rest = member.name.partition("/")
                     member.name = host_path.name + sep + rest
-                tar.extract(member, dest_dir, filter=_box_filter)
+                extract_as_recorded(tar, check_member(member, dest_dir), dest_dir)
         while source.read(_CHUNK):  # drain the tar's zero padding so the producer finishes
             pass
 

@@ -35,9 +35,13 @@ async def test_stdin_is_delivered(shared_box: boxvm.Box) -> None:
 
 
 async def test_env_cwd_and_user(shared_box: boxvm.Box) -> None:
-    r = await shared_box.exec(["sh", "-c", "echo $GREETING; pwd; id -u; echo $HOME"], env={"GREETING": "hej"}, cwd="/tmp")
+    r = await shared_box.exec(
+        ["sh", "-c", "echo $GREETING; pwd; id -u; echo $HOME"], env={"GREETING": "hej"}, cwd="/tmp"
+    )
     assert r.stdout.decode().split() == ["hej", "/tmp", "0", "/root"]
-    r = await shared_box.exec(["sh", "-c", "id -u; id -g; echo $HOME; touch /home/user/mine; ls -n /home/user/mine"], user="user")
+    r = await shared_box.exec(
+        ["sh", "-c", "id -u; id -g; echo $HOME; touch /home/user/mine; ls -n /home/user/mine"], user="user"
+    )
     lines = r.stdout.decode().split("\n")
     assert lines[:3] == ["1000", "1000", "/home/user"]
     assert lines[3].split()[2:4] == ["1000", "1000"]
@@ -51,7 +55,11 @@ async def test_env_cwd_and_user(shared_box: boxvm.Box) -> None:
 
 async def test_image_defaults_apply(shared_box: boxvm.Box) -> None:
     r = await shared_box.exec(["sh", "-c", "pwd; echo $LANG; echo $PATH"])
-    assert r.stdout.decode().split() == ["/root", "C.UTF-8", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    assert r.stdout.decode().split() == [
+        "/root",
+        "C.UTF-8",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ]
 
 
 async def test_output_streams_before_the_command_ends(shared_box: boxvm.Box) -> None:
@@ -74,7 +82,9 @@ async def test_timeout_kills_the_process_group(shared_box: boxvm.Box) -> None:
 
 
 async def test_signal_and_kill(shared_box: boxvm.Box) -> None:
-    proc = await shared_box.spawn(["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done"])
+    proc = await shared_box.spawn(
+        ["sh", "-c", "trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 0.1; done"]
+    )
     first = await proc.stdout.__anext__()
     assert first == b"ready\n"
     import signal
@@ -134,8 +144,20 @@ async def test_copy_tree_in_and_out_keeps_modes(shared_box: boxvm.Box, tmp_path:
     await shared_box.exec(["rm", "-rf", "/root/copied"])
     await shared_box.exec(["mkdir", "/root/copied"])
     await shared_box.copy_in(src, "/root/copied")
-    r = await shared_box.exec(["sh", "-c", "cd /root/copied/tree && ./run.sh && stat -c '%a %n' run.sh sub/secret sub/deeper && readlink link"])
-    assert r.stdout.decode().split("\n")[:5] == ["run", "755 run.sh", "600 sub/secret", "750 sub/deeper", "sub/deeper/note"]
+    r = await shared_box.exec(
+        [
+            "sh",
+            "-c",
+            "cd /root/copied/tree && ./run.sh && stat -c '%a %n' run.sh sub/secret sub/deeper && readlink link",
+        ]
+    )
+    assert r.stdout.decode().split("\n")[:5] == [
+        "run",
+        "755 run.sh",
+        "600 sub/secret",
+        "750 sub/deeper",
+        "sub/deeper/note",
+    ]
     back = tmp_path / "back"
     await shared_box.copy_out("/root/copied/tree", back)
     for rel in ("run.sh", "sub/secret", "sub/deeper/note"):

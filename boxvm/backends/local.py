@@ -140,7 +140,7 @@ class LocalBackend(Backend):
             image=image.reference,
             image_digest=image.digest,
             options={**options.to_dict(), "image_config": image.runtime_config},
-            mac="52:54:00:%02x:%02x:%02x" % tuple(secrets.token_bytes(3)),
+            mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*tuple(secrets.token_bytes(3))),
             guest_bundle=bundle.id,
             timings={"create_ms": round((time.monotonic() - t0) * 1000, 2)},
         )

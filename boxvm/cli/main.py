@@ -305,7 +305,8 @@ async def stream_exec(
         old_tty = termios.tcgetattr(sys.stdin.fileno())
         ttymod.setraw(sys.stdin.fileno())
         loop.add_signal_handler(
-            signal.SIGWINCH, lambda: proc.resize(*reversed(os.get_terminal_size()))  # type: ignore[arg-type]
+            signal.SIGWINCH,
+            lambda: proc.resize(*reversed(os.get_terminal_size())),  # type: ignore[arg-type]
         )
     else:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -361,7 +362,9 @@ async def ls(rt: boxvm.Runtime, as_json: bool) -> None:
         table.add_column(col)
     for i in boxes:
         age = time.time() - i.created_at
-        created = f"{int(age // 60)} min ago" if age < 3600 else time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at))
+        created = (
+            f"{int(age // 60)} min ago" if age < 3600 else time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at))
+        )
         ports = ", ".join(f"127.0.0.1:{h}->{g}" for h, g in i.ports)
         table.add_row(i.id[:12], i.name, i.status.value, i.image, created, ports)
     out.print(table)

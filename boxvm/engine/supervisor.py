@@ -113,9 +113,7 @@ class Supervisor:
         # Record the outcome before anyone waiting on `exited` is told, so a caller of
         # stop() always reads the final status.
         if self.stop_requested:
-            self.store.update_box(
-                self.box_id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None, error=None
-            )
+            self.store.update_box(self.box_id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None, error=None)
         else:
             self.finish_failed(self.exit_reason(code))
         self.exited.set()
@@ -162,9 +160,7 @@ class Supervisor:
         if self.ready.done():
             log.warning("agent restarted")
             return
-        self.store.transition(
-            self.box_id, BoxStatus.RUNNING, {BoxStatus.STARTING}, started_at=time.time(), error=None
-        )
+        self.store.transition(self.box_id, BoxStatus.RUNNING, {BoxStatus.STARTING}, started_at=time.time(), error=None)
         self.store.add_timing(self.box_id, boot_ms=boot_ms, guest_uptime_ms=hello.get("uptime", 0) * 1000)
         self.ready.set_result(boot_ms)
 

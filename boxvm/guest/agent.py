@@ -9,6 +9,7 @@ imported inside the forked child that needs it.
 Runs inside the guest with the guest's Python 3.11 and its stdlib only.
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -199,9 +200,8 @@ class Agent:
 
     def spawn(self, cid, req, builtin):
         argv = req.get("argv") or []
-        if builtin is None:
-            if not argv or not all(isinstance(a, str) and "\0" not in a for a in argv):
-                raise UserError("InvalidArgument", "argv must be a non-empty list of strings without NUL")
+        if builtin is None and (not argv or not all(isinstance(a, str) and "\0" not in a for a in argv)):
+            raise UserError("InvalidArgument", "argv must be a non-empty list of strings without NUL")
         uid, gid, groups, home, name = resolve_user(req.get("user"))
         env = {"PATH": DEFAULT_PATH, "HOME": home, "USER": name, "HOSTNAME": os.uname().nodename}
         env.update(req.get("env") or {})
@@ -251,10 +251,8 @@ class Agent:
 
     def kill(self, chan, sig):
         if chan.pid is not None and chan.status is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(chan.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def shutdown(self):
         for chan in list(self.channels.values()):
@@ -495,7 +493,7 @@ def _builtin(op, path):
     with os.fdopen(0, "rb") as src, tarfile.open(fileobj=src, mode="r|") as tar:
         for member in tar:
             if rename is not None:
-                head, sep, rest = member.name.partition("/")
+                _head, sep, rest = member.name.partition("/")
                 member.name = rename + sep + rest
             tar.extract(member, dest_dir)  # the guest's 3.11.2 predates filters; chroot confines it
 

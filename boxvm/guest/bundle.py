@@ -42,7 +42,6 @@ GUEST_PACKAGES = [
 BOOT_MODULES = ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"]
 
 
-
 @dataclass(frozen=True)
 class Bundle:
     id: str
@@ -176,10 +175,10 @@ def _initramfs(busybox_deb: Path, work: Path) -> None:
     (root / "init").write_bytes(_sources()["initramfs-init.sh"])
     (root / "init").chmod(0o755)
     with (work / "initramfs.cpio").open("wb") as out:
-        _write_cpio(root, out)
+        write_cpio(root, out)
 
 
-def _write_cpio(root: Path, out) -> None:
+def write_cpio(root: Path, out) -> None:
     """Write ``root`` as an uncompressed newc cpio archive, all files owned by root.
 
     Hand-written because the format is 30 lines and the ``cpio`` tool would record the

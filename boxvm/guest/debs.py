@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boxvm.errors import ImageError
+from boxvm.tarstream import extract_as_recorded
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,7 @@ def resolve(packages: list[str]) -> list[Deb]:
     )
     if proc.returncode != 0:
         raise ImageError(
-            f"apt could not resolve {' '.join(packages)}: {proc.stderr.strip()} "
-            "(run `apt-get update` once, as root)"
+            f"apt could not resolve {' '.join(packages)}: {proc.stderr.strip()} (run `apt-get update` once, as root)"
         )
     debs = []
     for line in proc.stdout.splitlines():
@@ -111,7 +111,7 @@ def extract(deb: Path, dest: Path, keep: re.Pattern[str] | None = None) -> None:
     for member, tar in members(deb):
         if keep is not None and not keep.match(member.name.lstrip("./")):
             continue
-        tar.extract(member, dest, filter="fully_trusted")
+        extract_as_recorded(tar, member, dest)
 
 
 # Documentation, locales and stdlib parts no box or agent needs.
@@ -132,7 +132,7 @@ def unpack_tree(packages: list[Path], dest: Path) -> None:
     for deb in packages:
         for member, tar in members(deb):
             if not _SKIP.match(member.name.lstrip("./")):
-                tar.extract(member, dest, filter="fully_trusted")
+                extract_as_recorded(tar, member, dest)
     busybox = dest / "bin" / "busybox"
     if busybox.exists():
         applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True)

@@ -96,8 +96,6 @@ class ImageStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(qcow, 0o444)
             os.replace(qcow, target)
-        self.store.put_image(
-            ImageRecord(image.digest, image.reference, image.config, target.stat().st_size)
-        )
+        self.store.put_image(ImageRecord(image.digest, image.reference, image.config, target.stat().st_size))
         progress(f"image disk ready in {time.monotonic() - t0:.1f} s")
         return target

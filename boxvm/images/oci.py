@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from boxvm.errors import ImageError
+from boxvm.tarstream import check_member, extract_as_recorded
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MANIFEST_TYPES = {
@@ -54,8 +55,9 @@ def read_layout(path: Path, work: Path) -> Image:
         layout.mkdir()
         try:
             with tarfile.open(path) as tar:
-                tar.extractall(layout, filter="data")
-        except (tarfile.TarError, OSError) as exc:
+                for member in tar:
+                    extract_as_recorded(tar, check_member(member, layout), layout)
+        except (tarfile.TarError, OSError, ValueError) as exc:
             raise ImageError(f"{path} is not a readable OCI archive: {exc}") from exc
     elif path.is_dir():
         layout = path
@@ -201,7 +203,7 @@ def _apply_layer(tar: tarfile.TarFile, dest: Path) -> None:
             os.link(source, target, follow_symlinks=False)
         else:
             member.name = rel
-            tar.extract(member, dest, filter="fully_trusted")
+            extract_as_recorded(tar, member, dest)
         added.add(rel)
 
 

@@ -1,0 +1,150 @@
+"""``make bench``: medians for the box lifecycle, with a baseline measured in the same run.
+
+Baseline: a bare ``qemu-system-x86_64`` with the same machine type, kernel and
+acceleration booting a minimal initramfs whose init prints a marker and powers off,
+i.e. the floor any VM runtime on this host pays before its own code runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import boxvm
+from boxvm.engine import accel as accel_mod
+from boxvm.engine import qemu
+from boxvm.guest import bundle
+from boxvm.images.default import ensure_default
+from boxvm.paths import Home
+
+REPO = Path(__file__).resolve().parent.parent
+MARKER = b"BOXVM-BASELINE-INIT"
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def bare_boot_to_init(b: bundle.Bundle, work: Path, acc: accel_mod.Accel) -> float:
+    """Seconds from QEMU spawn to the first line the initramfs's init prints."""
+    root = work / "baseline-initramfs"
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "init").write_text(f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}\n/bin/busybox reboot -f\n")
+    (root / "init").chmod(0o755)
+    src = b.path / "initramfs.cpio"
+    if not (root / "bin" / "busybox").exists():
+        # reuse the busybox of the real initramfs so both boots load the same binary
+        import shutil
+
+        shutil.copy(_busybox_from(src, work), root / "bin" / "busybox")
+    cpio = work / "baseline.cpio"
+    with cpio.open("wb") as out:
+        bundle.write_cpio(root, out)
+    cmdline = "console=ttyS0 reboot=t panic=-1 quiet loglevel=3"
+    if acc.name == "tcg":
+        cmdline += f" tsc_early_khz={qemu.TCG_TSC_KHZ}"
+    argv = [
+        qemu.qemu_binary(), "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", acc.name,
+        "-cpu", "host" if acc.name == "kvm" else "max", "-m", "512", "-nodefaults", "-no-user-config",
+        "-display", "none", "-no-reboot", "-kernel", str(b.kernel), "-initrd", str(cpio),
+        "-append", cmdline, "-serial", "stdio",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    seen = b""
+    while MARKER not in seen:
+        chunk = proc.stdout.read1(4096)
+        if not chunk:
+            raise RuntimeError("baseline guest exited before init ran")
+        seen += chunk
+    elapsed = time.perf_counter() - t0
+    proc.wait(timeout=30)
+    return elapsed
+
+
+def _busybox_from(cpio: Path, work: Path) -> Path:
+    """Pull bin/busybox out of our newc initramfs (the format write_cpio produces)."""
+    data = cpio.read_bytes()
+    pos = 0
+    while pos < len(data):
+        fields = [int(data[pos + 6 + 8 * i : pos + 14 + 8 * i], 16) for i in range(13)]
+        size, namesize = fields[6], fields[11]
+        name_end = pos + 110 + namesize
+        name = data[pos + 110 : name_end - 1].decode()
+        body = name_end + (-(110 + namesize) % 4)
+        if name == "bin/busybox":
+            out = work / "busybox"
+            out.write_bytes(data[body : body + size])
+            return out
+        pos = body + size + (-size % 4)
+    raise RuntimeError("no bin/busybox in the initramfs")
+
+
+async def lifecycle(home: Home, runs: int, exec_runs: int) -> dict[str, list[float]]:
+    results: dict[str, list[float]] = {"cold_start": [], "create": [], "start": [], "first_exec": [], "stop": []}
+    results["warm_exec"] = []
+    async with boxvm.Runtime(home.root) as rt:
+        for i in range(runs):
+            name = f"bench-{i}"
+            if await rt.get(name):
+                await rt.remove(name, force=True)
+            t0 = time.perf_counter()
+            box = await rt.create(name=name)
+            t1 = time.perf_counter()
+            await box.start()
+            t2 = time.perf_counter()
+            r = await box.exec(["echo", "hi"])
+            t3 = time.perf_counter()
+            assert r.stdout == b"hi\n"
+            results["create"].append(ms(t1 - t0))
+            results["start"].append(ms(t2 - t1))
+            results["first_exec"].append(ms(t3 - t2))
+            results["cold_start"].append(ms(t3 - t0))
+            if i == 0:
+                for _ in range(exec_runs):
+                    t = time.perf_counter()
+                    await box.exec(["true"])
+                    results["warm_exec"].append(ms(time.perf_counter() - t))
+            t = time.perf_counter()
+            await box.stop()
+            results["stop"].append(ms(time.perf_counter() - t))
+            await rt.remove(box.id)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--exec-runs", type=int, default=50)
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
+    args = parser.parse_args()
+    home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
+    b = bundle.ensure(home, print)
+    ensure_default(home, print)
+    acc = accel_mod.detect()
+    work = home.tmp / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    baseline = [ms(bare_boot_to_init(b, work, acc)) for _ in range(args.runs)]
+    results = asyncio.run(lifecycle(home, args.runs, args.exec_runs))
+    results["bare_qemu_boot_to_init"] = baseline
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
+    print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")
+    for key, values in results.items():
+        print(f"{key:<28}{med[key]:>12.1f}{min(values):>10.1f}{max(values):>10.1f}")
+    ratio = med["cold_start"] / med["bare_qemu_boot_to_init"]
+    print(f"\ncold start / bare QEMU boot-to-init: {ratio:.2f}x  (our boot work beyond the kernel's floor)")
+    args.json.write_text(json.dumps({"accel": acc.name, "medians_ms": med, "ratio_cold_start_vs_bare": ratio,
+                                     "samples_ms": results}, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The `boxvm` command line, run as a user would (a subprocess per command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from boxvm.paths import Home
+
+
+def boxvm(home: Home, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "BOXVM_HOME": str(home.root)}
+    return subprocess.run(
+        [sys.executable, "-c", "from boxvm.cli.main import main; main()", *args],
+        capture_output=True, env=env, input=input, timeout=300,
+    )  # fmt: skip
+
+
+def test_doctor(home: Home) -> None:
+    r = boxvm(home, "doctor", "--json")
+    checks = {c["check"]: c for c in json.loads(r.stdout)}
+    assert r.returncode == 0, r.stdout
+    assert checks["acceleration"]["detail"].startswith(("tcg", "kvm"))
+    assert checks["guest bundle"]["ok"]
+
+
+def test_run_rm_propagates_exit_code_and_output(home: Home) -> None:
+    r = boxvm(
+        home, "run", "--rm", "--name", "cli-run", "-e", "WHO=cli", "--", "sh", "-c", "echo $WHO; echo oops >&2; exit 5"
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (5, b"cli\n", b"oops\n")
+    assert b"cli-run" not in boxvm(home, "ls").stdout
+
+
+def test_box_commands_end_to_end(home: Home, tmp_path: Path) -> None:
+    name = "cli-e2e"
+    assert boxvm(home, "create", "--name", name).returncode == 0
+    try:
+        assert boxvm(home, "start", name).returncode == 0
+        listed = {b["name"]: b for b in json.loads(boxvm(home, "ls", "--json").stdout)}
+        assert listed[name]["status"] == "running"
+        r = boxvm(home, "exec", "-i", name, "sh", "-c", "cat > /root/in; wc -c < /root/in", input=b"12345")
+        assert r.returncode == 0 and r.stdout.strip() == b"5"
+        r = boxvm(home, "exec", "-t", name, "tty")
+        assert r.stdout.startswith(b"/dev/pts/")
+        assert boxvm(home, "exec", name, "false").returncode == 1
+        (tmp_path / "d").mkdir()
+        (tmp_path / "d" / "f").write_text("file\n")
+        assert boxvm(home, "cp", str(tmp_path / "d"), f"{name}:/root/").returncode == 0
+        assert boxvm(home, "cp", f"{name}:/root/d/f", str(tmp_path / "back")).returncode == 0
+        assert (tmp_path / "back").read_text() == "file\n"
+        info = json.loads(boxvm(home, "inspect", name).stdout)
+        assert info["name"] == name and info["timings"]["boot_ms"] > 0
+        assert b"starting agent" in boxvm(home, "logs", name).stdout
+        r = boxvm(home, "rm", name)
+        assert r.returncode == 1 and b"InvalidState" in r.stderr and b"force" in r.stderr
+        assert boxvm(home, "stop", name).returncode == 0
+        r = boxvm(home, "exec", name, "true")
+        assert r.returncode == 1 and b"start it first" in r.stderr
+    finally:
+        boxvm(home, "rm", "-f", name)
+    r = boxvm(home, "inspect", name)
+    assert r.returncode == 1 and b"NotFound" in r.stderr
+
+
+@pytest.mark.parametrize("args", [["start", "nope"], ["create", "--name", "bad/name"], ["run", "-p", "x:1", "true"]])
+def test_errors_are_one_clear_line(home: Home, args: list[str]) -> None:
+    r = boxvm(home, *args)
+    assert r.returncode == 1
+    assert r.stderr.decode().startswith("error (") and r.stderr.count(b"\n") == 1

@@ -1,0 +1,159 @@
+"""Local OCI images: layer merge rules, refusal of unsafe layers, and booting a merged image."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import boxvm
+from boxvm.errors import ImageError
+from boxvm.images import oci
+from boxvm.images.default import ensure_default
+from boxvm.paths import Home
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes | None = None, **attrs: object) -> None:
+    info = tarfile.TarInfo(name)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    if data is not None:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    else:
+        tar.addfile(info)
+
+
+def _layer(build: object, compress: bool = False) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        build(tar)  # type: ignore[operator]
+    data = buf.getvalue()
+    return gzip.compress(data) if compress else data
+
+
+def build_layout(dest: Path, layers: list[bytes], config: dict[str, object]) -> Path:
+    """An OCI layout with several layers (the layer blobs given as bytes)."""
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    descs = [
+        put(layer, "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if layer[:2] == b"\x1f\x8b" else ""))
+        for layer in layers
+    ]
+    cfg = put(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": cfg, "layers": descs}
+    man = put(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man]}))
+    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return dest
+
+
+def _unpack(tmp_path: Path, layers: list[bytes]) -> Path:
+    layout = build_layout(tmp_path / "layout", layers, {"config": {}})
+    root = tmp_path / "root"
+    oci.unpack(oci.read_layout(layout, tmp_path), root)
+    return root
+
+
+def test_whiteouts_opaque_dirs_and_hardlinks(tmp_path: Path) -> None:
+    def lower(tar: tarfile.TarFile) -> None:
+        _member(tar, "keep", b"k")
+        _member(tar, "gone", b"g")
+        _member(tar, "dir", type=tarfile.DIRTYPE, mode=0o755)
+        _member(tar, "dir/old", b"o")
+
+    def upper(tar: tarfile.TarFile) -> None:
+        _member(tar, ".wh.gone")
+        _member(tar, "dir/new", b"n")
+        _member(tar, "dir/.wh..wh..opq")
+        _member(tar, "dir/hard", type=tarfile.LNKTYPE, linkname="dir/new")
+        _member(tar, "suid", b"#!/bin/sh\n", mode=0o4755)
+
+    root = _unpack(tmp_path, [_layer(lower), _layer(upper, compress=True)])
+    assert sorted(p.name for p in root.iterdir()) == ["dir", "keep", "suid"]
+    assert sorted(p.name for p in (root / "dir").iterdir()) == ["hard", "new"]
+    assert (root / "dir" / "hard").stat().st_ino == (root / "dir" / "new").stat().st_ino
+    assert (root / "suid").stat().st_mode & 0o7777 == 0o4755
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda t: _member(t, "/abs", b"x"), "escapes"),
+        (lambda t: _member(t, "a/../../x", b"x"), "escapes"),
+        (lambda t: (_member(t, "link", type=tarfile.SYMTYPE, linkname="/tmp"), _member(t, "link/f", b"x")), "symlink"),
+        (lambda t: _member(t, "h", type=tarfile.LNKTYPE, linkname="../outside"), "escapes"),
+        (lambda t: (_member(t, "file", b"x"), _member(t, "file/child", b"y")), "as a directory"),
+    ],
+)
+def test_unsafe_layers_are_refused(tmp_path: Path, build: object, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        _unpack(tmp_path, [_layer(build)])
+    assert not (tmp_path / "x").exists() and not Path("/tmp/f").exists()
+
+
+def test_corrupt_blob_is_refused(tmp_path: Path) -> None:
+    layout = build_layout(tmp_path / "layout", [_layer(lambda t: _member(t, "a", b"a"))], {"config": {}})
+    blob = next(p for p in (layout / "blobs" / "sha256").iterdir() if p.stat().st_size > 1000)
+    blob.write_bytes(blob.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(ImageError, match="does not match its digest"):
+        oci.unpack(oci.read_layout(layout, tmp_path), tmp_path / "root")
+
+
+@pytest.mark.asyncio
+async def test_multi_layer_archive_boots_with_merged_fs_and_config(
+    rt: boxvm.Runtime, home: Home, tmp_path: Path
+) -> None:
+    base = oci.read_layout(ensure_default(home), tmp_path)
+    base_layer = (base.layout / "blobs" / "sha256" / base.layers[0].digest.split(":")[1]).read_bytes()
+
+    def second(tar: tarfile.TarFile) -> None:
+        _member(tar, "etc/motd", b"v2\n", mode=0o644)
+        _member(tar, "opt/data", type=tarfile.DIRTYPE, mode=0o755)
+        _member(tar, "opt/data/a", b"a\n")
+        _member(tar, "opt/data/b", b"b\n")
+        _member(tar, "usr/local/bin/hello", b"#!/bin/sh\necho hello\n", mode=0o4755)
+        _member(tar, "home/user/own", b"mine\n", uid=1000, gid=1000, mode=0o600)
+        _member(tar, "opt/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666)
+
+    def third(tar: tarfile.TarFile) -> None:
+        _member(tar, "opt/data/.wh..wh..opq")
+        _member(tar, "opt/data/c", b"c\n")
+        _member(tar, "opt/data/c-link", type=tarfile.LNKTYPE, linkname="opt/data/c")
+        _member(tar, "etc/.wh.motd")
+
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/usr/local/bin:/usr/bin:/bin", "FROM_IMAGE=yes"], "WorkingDir": "/opt/data"},
+    }
+    layout = build_layout(tmp_path / "layout", [base_layer, _layer(second, compress=True), _layer(third)], config)
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(layout, arcname=".")
+    box = await rt.create(boxvm.BoxOptions(image=str(archive)), name="t-oci-archive")
+    try:
+        await box.start()
+        script = (
+            "pwd; echo $FROM_IMAGE; ls /opt/data | tr '\\n' ' '; echo; test -e /etc/motd && echo motd || echo no-motd; "
+            "stat -c '%a %u' /usr/local/bin/hello /home/user/own; stat -c '%t:%T' /opt/null; hello; "
+            "stat -c %h /opt/data/c"
+        )
+        r = await box.exec(["sh", "-c", script])
+        assert r.exit_code == 0, r.stderr
+        assert r.stdout.decode().splitlines() == [
+            "/opt/data", "yes", "c c-link ", "no-motd", "4755 0", "600 1000", "1:3", "hello", "2",
+        ]  # fmt: skip
+    finally:
+        await rt.remove(box.id, force=True)
