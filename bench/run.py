@@ -32,21 +32,22 @@ def ms(seconds: float) -> float:
     return round(seconds * 1000, 1)
 
 
-def bare_boot_to_init(b: bundle.Bundle, work: Path, acc: accel_mod.Accel) -> float:
-    """Seconds from QEMU spawn to the first line the initramfs's init prints."""
+def baseline_initramfs(b: bundle.Bundle, work: Path) -> Path:
+    """An initramfs with the real one's busybox and an init that only prints a marker."""
     root = work / "baseline-initramfs"
-    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "bin").mkdir(parents=True)
     (root / "init").write_text(f"#!/bin/busybox sh\n/bin/busybox echo {MARKER.decode()}\n/bin/busybox reboot -f\n")
     (root / "init").chmod(0o755)
-    src = b.path / "initramfs.cpio"
-    if not (root / "bin" / "busybox").exists():
-        # reuse the busybox of the real initramfs so both boots load the same binary
-        import shutil
-
-        shutil.copy(_busybox_from(src, work), root / "bin" / "busybox")
+    (root / "bin" / "busybox").write_bytes(_busybox_from(b.initramfs))
+    (root / "bin" / "busybox").chmod(0o755)
     cpio = work / "baseline.cpio"
     with cpio.open("wb") as out:
         bundle.write_cpio(root, out)
+    return cpio
+
+
+def bare_boot_to_init(b: bundle.Bundle, cpio: Path, acc: accel_mod.Accel) -> float:
+    """Seconds from QEMU spawn to the first line the initramfs's init prints."""
     cmdline = "console=ttyS0 reboot=t panic=-1 quiet loglevel=3"
     if acc.name == "tcg":
         cmdline += f" tsc_early_khz={qemu.TCG_TSC_KHZ}"
@@ -70,7 +71,7 @@ def bare_boot_to_init(b: bundle.Bundle, work: Path, acc: accel_mod.Accel) -> flo
     return elapsed
 
 
-def _busybox_from(cpio: Path, work: Path) -> Path:
+def _busybox_from(cpio: Path) -> bytes:
     """Pull bin/busybox out of our newc initramfs (the format write_cpio produces)."""
     data = cpio.read_bytes()
     pos = 0
@@ -81,9 +82,7 @@ def _busybox_from(cpio: Path, work: Path) -> Path:
         name = data[pos + 110 : name_end - 1].decode()
         body = name_end + (-(110 + namesize) % 4)
         if name == "bin/busybox":
-            out = work / "busybox"
-            out.write_bytes(data[body : body + size])
-            return out
+            return data[body : body + size]
         pos = body + size + (-size % 4)
     raise RuntimeError("no bin/busybox in the initramfs")
 
@@ -130,9 +129,9 @@ def main() -> None:
     b = bundle.ensure(home, print)
     ensure_default(home, print)
     acc = accel_mod.detect()
-    work = home.tmp / "bench"
-    work.mkdir(parents=True, exist_ok=True)
-    baseline = [ms(bare_boot_to_init(b, work, acc)) for _ in range(args.runs)]
+    with home.staging("bench-") as work:
+        cpio = baseline_initramfs(b, work)
+        baseline = [ms(bare_boot_to_init(b, cpio, acc)) for _ in range(args.runs)]
     results = asyncio.run(lifecycle(home, args.runs, args.exec_runs))
     results["bare_qemu_boot_to_init"] = baseline
     med = {k: statistics.median(v) for k, v in results.items()}
