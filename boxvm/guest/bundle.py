@@ -24,21 +24,8 @@ from boxvm.progress import Progress, silent
 
 BUILD_FORMAT = 1
 KERNEL_META = "linux-image-cloud-amd64"
-# The guest root: a shell toolbox and the agent's Python. Libraries that only optional
-# stdlib modules need (readline, sqlite, ...) are left out on purpose.
-GUEST_PACKAGES = [
-    "busybox-static",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "libc6",
-    "zlib1g",
-    "libexpat1",
-    "libssl3",
-    "libffi8",
-    "libbz2-1.0",
-    "liblzma5",
-]
+# The guest root: a shell toolbox and the agent's Python.
+GUEST_PACKAGES = ["busybox-static", *debs.PYTHON_PACKAGES]
 BOOT_MODULES = ["virtio_mmio", "virtio_blk", "virtio_console", "virtio_net"]
 
 

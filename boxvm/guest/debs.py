@@ -20,6 +20,21 @@ from pathlib import Path
 from boxvm.errors import ImageError
 from boxvm.tarstream import extract_as_recorded
 
+# Debian's Python 3.11 and the shared libraries its stdlib needs; libraries that only
+# optional modules load (readline, sqlite, ...) are left out on purpose.
+PYTHON_PACKAGES = [
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libssl3",
+    "libffi8",
+    "libbz2-1.0",
+    "liblzma5",
+]
+
 
 @dataclass(frozen=True)
 class Deb:

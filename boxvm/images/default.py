@@ -16,21 +16,7 @@ from boxvm.progress import Progress, silent
 
 DEFAULT_REF = "boxvm/default"
 FORMAT = 1
-PACKAGES = [
-    "busybox-static",
-    "bash",
-    "libtinfo6",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "libc6",
-    "zlib1g",
-    "libexpat1",
-    "libssl3",
-    "libffi8",
-    "libbz2-1.0",
-    "liblzma5",
-]
+PACKAGES = ["busybox-static", "bash", "libtinfo6", *debs.PYTHON_PACKAGES]
 CONFIG = {
     "architecture": "amd64",
     "os": "linux",
