@@ -15,8 +15,8 @@ from boxvm.errors import (
     StorageError,
     Unauthorized,
 )
-from boxvm.options import BoxInfo, BoxOptions, ExecResult
-from boxvm.runtime import Box, Process, Runtime
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExecResult, SnapshotInfo, SnapshotOptions
+from boxvm.runtime import Box, Process, Runtime, SnapshotHandle
 from boxvm.status import BoxStatus
 
 __version__ = "0.1.0"
@@ -28,6 +28,8 @@ __all__ = [
     "BoxOptions",
     "BoxStatus",
     "BoxvmError",
+    "CloneOptions",
+    "DiskUsage",
     "EngineError",
     "ExecResult",
     "ImageError",
@@ -37,6 +39,9 @@ __all__ = [
     "Process",
     "QuiesceError",
     "Runtime",
+    "SnapshotHandle",
+    "SnapshotInfo",
+    "SnapshotOptions",
     "StorageError",
     "Unauthorized",
 ]

@@ -10,6 +10,7 @@ from boxvm.errors import InvalidArgument
 from boxvm.status import BoxStatus
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SNAPSHOT_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
 
 
 def check_name(name: str, what: str = "box") -> str:
@@ -20,6 +21,62 @@ def check_name(name: str, what: str = "box") -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_snapshot_name(name: str) -> str:
+    """Snapshot names: 1..128 chars of ``[A-Za-z0-9._-]``, not starting with ``.``."""
+    if not isinstance(name, str) or not SNAPSHOT_NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid snapshot name {name!r}: use 1-128 characters of letters, digits, '.', '_' or '-', "
+            "not starting with '.'"
+        )
+    return name
+
+
+@dataclass
+class SnapshotOptions:
+    quiesce: bool = True  # freeze the guest filesystem around a running-box capture
+    quiesce_timeout_secs: float = 30
+    stop_on_quiesce_fail: bool = True  # False: continue crash-consistent and say so
+    memory: bool = False  # RAM + device state (not supported yet)
+
+    def validate(self) -> SnapshotOptions:
+        if self.memory:
+            raise InvalidArgument("memory snapshots are not supported yet: use memory=False")
+        if not 0 < self.quiesce_timeout_secs <= 3600:
+            raise InvalidArgument("quiesce_timeout_secs must be between 0 and 3600")
+        return self
+
+
+@dataclass
+class CloneOptions:
+    cow: bool = True  # False: an independent, flattened full copy
+    start_after_clone: bool = False
+    from_snapshot: str | None = None  # clone this snapshot instead of the current state
+    snapshot: SnapshotOptions = field(default_factory=SnapshotOptions)  # capture of a running source
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    name: str
+    box_id: str
+    created_at: float
+    size_bytes: int  # bytes this snapshot's own layer holds
+    container_disk_bytes: int  # allocated bytes of the whole container-disk chain it needs
+    guest_disk_bytes: int  # guest root state captured (0: the guest root is not part of snapshots)
+    consistency: str  # "frozen", "crash" or "stopped"
+    has_memory: bool
+    timings: dict[str, float]  # capture_ms, and pause_ms: the guest-visible write pause
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """Bytes on the host per box and snapshot: owned alone, and shared with others."""
+
+    boxes: dict[str, tuple[int, int]]  # box name -> (owned, shared)
+    snapshots: dict[str, tuple[int, int]]  # "box/snapshot" -> (owned, shared)
+    layers_bytes: int  # everything in the layer store
 
 
 @dataclass

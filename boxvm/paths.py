@@ -54,13 +54,17 @@ class Home:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.root.chmod(0o700)
 
+    def staging_dir(self, prefix: str) -> Path:
+        """A new directory under ``tmp/``; the pid in its name lets start-up recovery
+        tell live work from a crashed process's leftovers."""
+        return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp))
+
     @contextmanager
     def staging(self, prefix: str) -> Iterator[Path]:
-        """A temporary directory under ``tmp/`` that is removed unless renamed away."""
+        """A staging directory that is removed unless renamed away."""
         import shutil
 
-        # The pid in the name lets start-up recovery tell live work from a crashed one's.
-        path = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=self.tmp))
+        path = self.staging_dir(prefix)
         try:
             yield path
         finally:

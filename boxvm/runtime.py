@@ -12,7 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from boxvm.backends.base import Backend, ProcessChannel
-from boxvm.options import BoxInfo, BoxOptions, ExecResult
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 
@@ -54,12 +54,41 @@ class Process:
         self._chan.resize(rows, cols)
 
 
+class SnapshotHandle:
+    """``box.snapshot``: the box's snapshots by name."""
+
+    def __init__(self, box: Box) -> None:
+        self._box = box
+
+    async def create(self, name: str, options: SnapshotOptions | None = None) -> SnapshotInfo:
+        """Capture the box's disk now. A running box keeps running: the capture is
+        point-in-time and the guest pauses writes only for the freeze window."""
+        return await self._box._backend.snapshot_create(self._box.id, name, options or SnapshotOptions())
+
+    async def list(self) -> list[SnapshotInfo]:
+        return await self._box._backend.snapshot_list(self._box.id)
+
+    async def get(self, name: str) -> SnapshotInfo | None:
+        return await self._box._backend.snapshot_get(self._box.id, name)
+
+    async def restore(self, name: str) -> BoxInfo:
+        """Return the (stopped) box's disk to the snapshot; changes since are dropped."""
+        info = await self._box._backend.snapshot_restore(self._box.id, name)
+        self._box._last = info
+        return info
+
+    async def remove(self, name: str) -> None:
+        """The name goes at once; the space returns when nothing else uses the layer."""
+        await self._box._backend.snapshot_remove(self._box.id, name)
+
+
 class Box:
     def __init__(self, backend: Backend, info: BoxInfo) -> None:
         self._backend = backend
         self.id = info.id
         self.name = info.name
         self._last = info
+        self.snapshot = SnapshotHandle(self)
 
     def __repr__(self) -> str:
         return f"<Box {self.name} {self.id[:12]} {self._last.status.value}>"
@@ -152,6 +181,23 @@ class Box:
         """The guest's console output of the current or last run."""
         return await self._backend.logs(self.id)
 
+    async def clone(self, name: str | None = None, options: CloneOptions | None = None) -> Box:
+        """A copy-on-write fork of the box (running or not) or, with ``from_snapshot``,
+        of one of its snapshots. The clone has its own id, name, MAC and machine id."""
+        infos = await self._backend.clone(self.id, [name], options or CloneOptions())
+        return Box(self._backend, infos[0])
+
+    async def clone_many(
+        self, count: int, options: CloneOptions | None = None, names: list[str] | None = None
+    ) -> list[Box]:
+        """``count`` clones sharing one capture of the source."""
+        if names is not None and len(names) != count:
+            from boxvm.errors import InvalidArgument
+
+            raise InvalidArgument(f"got {len(names)} names for {count} clones")
+        infos = await self._backend.clone(self.id, list(names) if names else [None] * count, options or CloneOptions())
+        return [Box(self._backend, info) for info in infos]
+
 
 class Runtime:
     """The boxes of one home (local) or one server (remote)."""
@@ -194,6 +240,10 @@ class Runtime:
 
             raise NotFound(f"no box named or with id {id_or_name!r}")
         await self._backend.remove(info.id, force)
+
+    async def disk_usage(self) -> DiskUsage:
+        """Host bytes per box and snapshot: held alone, and shared through common layers."""
+        return await self._backend.disk_usage()
 
     async def close(self) -> None:
         await self._backend.close()

@@ -19,7 +19,7 @@ from typing import Any
 from boxvm import runtime as aio
 from boxvm.options import BoxInfo, BoxOptions, ExecResult
 
-__all__ = ["Box", "BoxInfo", "BoxOptions", "ExecResult", "Process", "Runtime"]
+__all__ = ["Box", "BoxInfo", "BoxOptions", "ExecResult", "Process", "Runtime", "SnapshotHandle"]
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -74,9 +74,15 @@ class Process(_Mirror):
         self.stderr = _StreamIter(proc.stderr)
 
 
+class SnapshotHandle(_Mirror):
+    def __init__(self, handle: aio.SnapshotHandle) -> None:
+        self._async = handle
+
+
 class Box(_Mirror):
     def __init__(self, box: aio.Box) -> None:
         self._async = box
+        self.snapshot = SnapshotHandle(box.snapshot)
 
 
 class Runtime(_Mirror):
@@ -93,7 +99,12 @@ class Runtime(_Mirror):
         self.close()
 
 
-_TWINS: dict[type, type] = {aio.Runtime: Runtime, aio.Box: Box, aio.Process: Process}
+_TWINS: dict[type, type] = {
+    aio.Runtime: Runtime,
+    aio.Box: Box,
+    aio.Process: Process,
+    aio.SnapshotHandle: SnapshotHandle,
+}
 
 
 def _wrap(value: Any) -> Any:

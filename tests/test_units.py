@@ -67,7 +67,7 @@ def test_store_migrates_an_older_schema_forward(tmp_path: Path) -> None:
     path = tmp_path / "boxvm.db"
     _v1_database(path)
     store = Store(path)
-    assert store.schema_version == SCHEMA_VERSION == 2
+    assert store.schema_version == SCHEMA_VERSION == 3
     rec = store.get_box("old")
     assert rec is not None and rec.status == BoxStatus.STOPPED and rec.timings == {}
     store.add_timing("abc123", start_ms=12.5)
@@ -99,7 +99,12 @@ def test_store_transition_is_compare_and_set(tmp_path: Path) -> None:
 
 
 def test_every_public_async_method_has_a_blocking_twin() -> None:
-    pairs = [(boxvm.Runtime, boxvm.sync.Runtime), (boxvm.Box, boxvm.sync.Box), (boxvm.Process, boxvm.sync.Process)]
+    pairs = [
+        (boxvm.Runtime, boxvm.sync.Runtime),
+        (boxvm.Box, boxvm.sync.Box),
+        (boxvm.Process, boxvm.sync.Process),
+        (boxvm.SnapshotHandle, boxvm.sync.SnapshotHandle),
+    ]
     for async_cls, sync_cls in pairs:
         for name, method in inspect.getmembers(async_cls, inspect.iscoroutinefunction):
             if name.startswith("_"):
@@ -123,7 +128,7 @@ def _spec(tmp_path: Path, **kw: object) -> qemu.VmSpec:
     base = dict(
         box_dir=tmp_path, kernel=tmp_path / "k", initramfs=tmp_path / "i", disk=tmp_path / "d",
         guest_disk=tmp_path / "g", cpus=2, memory_mib=256, network="nat", ports=[(8080, 80)],
-        mac="52:54:00:aa:bb:cc", hostname="box1",
+        mac="52:54:00:aa:bb:cc", hostname="box1", machine_id="ab" * 16,
     )  # fmt: skip
     base.update(kw)
     return qemu.VmSpec(**base)  # type: ignore[arg-type]

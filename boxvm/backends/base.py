@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from boxvm.options import BoxInfo, BoxOptions
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, SnapshotInfo, SnapshotOptions
 
 
 class ProcessChannel(ABC):
@@ -79,6 +79,27 @@ class Backend(ABC):
 
     @abstractmethod
     async def logs(self, box_id: str) -> str: ...
+
+    @abstractmethod
+    async def snapshot_create(self, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo: ...
+
+    @abstractmethod
+    async def snapshot_list(self, box_id: str) -> list[SnapshotInfo]: ...
+
+    @abstractmethod
+    async def snapshot_get(self, box_id: str, name: str) -> SnapshotInfo | None: ...
+
+    @abstractmethod
+    async def snapshot_restore(self, box_id: str, name: str) -> BoxInfo: ...
+
+    @abstractmethod
+    async def snapshot_remove(self, box_id: str, name: str) -> None: ...
+
+    @abstractmethod
+    async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]: ...
+
+    @abstractmethod
+    async def disk_usage(self) -> DiskUsage: ...
 
     @abstractmethod
     async def close(self) -> None: ...

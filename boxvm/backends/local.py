@@ -22,7 +22,10 @@ import tarfile
 import time
 from pathlib import Path
 
+from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
+from boxvm.backends.state import StateOps
+from boxvm.disks.layers import LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import qemu
 from boxvm.engine.client import Channel, Connection
@@ -42,12 +45,13 @@ ProcessChannel.register(Channel)
 READY_TIMEOUT = 180.0  # TCG boots in seconds, but a loaded CI machine can be slow
 
 
-class LocalBackend(Backend):
+class LocalBackend(StateOps, Backend):
     def __init__(self, home: Home, progress: Progress = silent) -> None:
         self.home = home
         home.ensure()
         self.store = Store(home.db)
         self.images = ImageStore(home, self.store)
+        self.layers = LayerStore(home)
         self.progress = progress
         self._conns: dict[str, Connection] = {}
         self._accel: accel_mod.Accel | None = None
@@ -61,11 +65,24 @@ class LocalBackend(Backend):
             pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
             if pid.isdigit() and not _pid_alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
-        known = {rec.id for rec in self.store.list_boxes()}
+        records = self.store.list_boxes()
+        known = {rec.id for rec in records}
         for entry in self.home.boxes.iterdir():
             if entry.name not in known:
                 log.info("removing orphaned box directory %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
+        for rec in records:
+            self._finish_crashed_operation(rec)
+        self._gc()
+
+    def _finish_crashed_operation(self, rec: BoxRecord) -> BoxRecord:
+        """A state operation whose process died: roll its disk change forward, release the box."""
+        if rec.operation is None or (rec.operation_pid is not None and _pid_alive(rec.operation_pid)):
+            return rec
+        log.warning("finishing the interrupted %s of box %s", rec.operation.value, rec.name)
+        self.layers.commit(self.home.box_dir(rec.id))
+        self.store.end_operation(rec.id)
+        return self.store.get_box(rec.id) or rec
 
     # -- records ----------------------------------------------------------------------
     def _record(self, id_or_name: str) -> BoxRecord:
@@ -76,6 +93,7 @@ class LocalBackend(Backend):
 
     def _reconcile(self, rec: BoxRecord) -> BoxRecord:
         """A box whose supervisor is gone is not running, whatever the store says."""
+        rec = self._finish_crashed_operation(rec)
         if not rec.status.is_live:
             return rec
         alive = rec.supervisor_pid is not None and _pid_is(rec.supervisor_pid, rec.id)
@@ -100,7 +118,7 @@ class LocalBackend(Backend):
         return BoxInfo(
             id=rec.id,
             name=rec.name,
-            status=rec.status,
+            status=rec.shown_status,
             image=rec.image,
             created_at=rec.created_at,
             started_at=rec.started_at,
@@ -144,6 +162,7 @@ class LocalBackend(Backend):
             guest_bundle=bundle.id,
             timings={"create_ms": round((time.monotonic() - t0) * 1000, 2)},
         )
+        faults.point("create:renamed")
         try:
             self.store.insert_box(rec)  # the commit point: before it, recovery removes the dir
         except BaseException:
@@ -164,6 +183,7 @@ class LocalBackend(Backend):
 
     async def remove(self, box_id: str, force: bool) -> None:
         rec = self._record(box_id)
+        _no_operation(rec)
         if rec.status.is_live:
             if not force:
                 require("remove", rec.name, rec.status)
@@ -172,7 +192,9 @@ class LocalBackend(Backend):
             raise InvalidState(f"box {rec.name!r} is {rec.status.value}: wait for it to finish")
         await self._drop_conn(rec.id)
         self.store.delete_box(rec.id)  # the name is gone at once; files follow
+        faults.point("remove:row-deleted")
         shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
+        await asyncio.to_thread(self._gc)  # layers only this box (and its snapshots) used
 
     async def _kill(self, rec: BoxRecord) -> None:
         """Force a running box down (used by remove --force)."""
@@ -197,6 +219,7 @@ class LocalBackend(Backend):
     async def start(self, box_id: str) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
+        _no_operation(rec)
         require("start", rec.name, rec.status)
         # Boot the bundle the box was made with; if it was garbage-collected, the newest.
         bundle = _bundle_by_id(self.home, rec.guest_bundle) or bundle_mod.find(self.home)
@@ -223,12 +246,15 @@ class LocalBackend(Backend):
             ports=opts.ports,
             mac=rec.mac,
             hostname=rec.name,
+            machine_id=rec.id,
         )
         try:
             argv = qemu.argv(spec, self._accel_choice())
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
                 (box_dir / name).unlink(missing_ok=True)
-            (box_dir / "vm.json").write_text(json.dumps({"box_id": rec.id, "argv": argv, "db": str(self.home.db)}))
+            (box_dir / "vm.json").write_text(
+                json.dumps({"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)})
+            )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "boxvm.engine.supervisor", str(box_dir),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -258,6 +284,7 @@ class LocalBackend(Backend):
     async def stop(self, box_id: str, timeout: float) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
+        _no_operation(rec)
         require("stop", rec.name, rec.status)
         if not self.store.transition(rec.id, BoxStatus.STOPPING, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
@@ -276,6 +303,7 @@ class LocalBackend(Backend):
 
     async def _qmp_toggle(self, box_id: str, op: str, command: str, to: BoxStatus) -> BoxInfo:
         rec = self._record(box_id)
+        _no_operation(rec)
         require(op, rec.name, rec.status)
         conn = await self._conn(rec.id, rec.name)
         await conn.request("qmp", command=command)
@@ -417,6 +445,11 @@ def _bundle_by_id(home: Home, bundle_id: str | None) -> bundle_mod.Bundle | None
         return None
     info = json.loads((path / "bundle.json").read_text())
     return bundle_mod.Bundle(bundle_id, path, info["kernel_version"])
+
+
+def _no_operation(rec: BoxRecord) -> None:
+    if rec.operation is not None:
+        raise InvalidState(f"box {rec.name!r} is {rec.operation.value} right now: wait for that to finish")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -27,6 +27,7 @@ class VmSpec:
     ports: list[tuple[int, int]]
     mac: str
     hostname: str
+    machine_id: str  # 32 hex digits, like /etc/machine-id; the box id
 
 
 def qemu_binary() -> str:
@@ -41,7 +42,7 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
     cmdline = ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3"]
     if accel.name == "tcg":
         cmdline.append(f"tsc_early_khz={TCG_TSC_KHZ}")
-    cmdline += [f"boxvm.hostname={spec.hostname}", f"boxvm.net={spec.network}"]
+    cmdline += [f"boxvm.hostname={spec.hostname}", f"boxvm.net={spec.network}", f"boxvm.machine_id={spec.machine_id}"]
     args = [
         qemu_binary(),
         "-name", f"boxvm-{d.name}",

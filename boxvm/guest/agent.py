@@ -185,13 +185,16 @@ class Agent:
             self.result(cid, ok=True)
         elif op in ("freeze", "thaw"):
             fd = os.open(ROOT, os.O_RDONLY)
+            started = time.monotonic()
             try:
                 fcntl.ioctl(fd, FIFREEZE if op == "freeze" else FITHAW, 0)
             except OSError as exc:
                 raise UserError("QuiesceError", f"{op} of the container filesystem failed: {exc}") from exc
             finally:
                 os.close(fd)
-            self.result(cid, ok=True)
+            # The guest's own clock: writers block from the start of the freeze to the
+            # end of the thaw, which is the pause the box sees.
+            self.result(cid, ok=True, started=started, at=time.monotonic())
         elif op == "shutdown":
             self.shutdown()
             self.result(cid, ok=True)

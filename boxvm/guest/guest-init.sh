@@ -23,6 +23,7 @@ mount --rbind /dev /c/dev
 # The box's identity files live on tmpfs and are bind-mounted, as Docker does, so
 # they never become part of the box's disk state.
 echo "$(arg hostname)" > /run/hostname
+echo "$(arg machine_id)" > /run/machine-id
 printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost\n' "$(arg hostname)" > /run/hosts
 : > /run/resolv.conf
 if [ "$(arg net)" = nat ]; then
@@ -31,7 +32,7 @@ if [ "$(arg net)" = nat ]; then
     ip route add default via 10.0.2.2
     echo "nameserver 10.0.2.3" > /run/resolv.conf
 fi
-for f in hostname hosts resolv.conf; do
+for f in hostname hosts resolv.conf machine-id; do
     [ -L /c/etc/$f ] && continue
     [ -e /c/etc/$f ] || : > /c/etc/$f
     mount --bind /run/$f /c/etc/$f

@@ -44,6 +44,23 @@ MIGRATIONS: list[str] = [
     """,
     # v2: per-box operation timings, exposed through BoxInfo.
     "ALTER TABLE boxes ADD COLUMN timings TEXT NOT NULL DEFAULT '{}';",
+    # v3: snapshots, and the state operation (snapshotting, cloning, ...) a box is in,
+    # with the pid that owns it so recovery can tell a live one from a crashed one.
+    """
+    ALTER TABLE boxes ADD COLUMN operation TEXT;
+    ALTER TABLE boxes ADD COLUMN operation_pid INTEGER;
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        box_id TEXT NOT NULL REFERENCES boxes(id) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        layer TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        consistency TEXT NOT NULL,
+        has_memory INTEGER NOT NULL DEFAULT 0,
+        timings TEXT NOT NULL DEFAULT '{}',
+        UNIQUE (box_id, name)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -63,6 +80,25 @@ class BoxRecord:
     qemu_pid: int | None = None
     guest_bundle: str | None = None
     error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    operation: BoxStatus | None = None
+    operation_pid: int | None = None
+
+    @property
+    def shown_status(self) -> BoxStatus:
+        """What users see: the state operation in progress, else the lifecycle status."""
+        return self.operation or self.status
+
+
+@dataclass
+class SnapshotRecord:
+    id: str
+    box_id: str
+    name: str
+    layer: str
+    consistency: str
+    created_at: float = field(default_factory=time.time)
+    has_memory: bool = False
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -122,14 +158,25 @@ class Store:
         return int(self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
 
     # -- boxes ------------------------------------------------------------------------
-    def insert_box(self, rec: BoxRecord) -> None:
-        values = _encode(rec.__dict__)
-        cols = ", ".join(values)
-        marks = ", ".join(f":{k}" for k in values)
+    def insert_boxes(self, recs: list[BoxRecord]) -> None:
+        """Insert boxes in one transaction: all of a batch appear, or none."""
+        self._db.execute("BEGIN IMMEDIATE")
         try:
-            self._db.execute(f"INSERT INTO boxes ({cols}) VALUES ({marks})", values)
-        except sqlite3.IntegrityError as exc:
-            raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
+            for rec in recs:
+                values = _encode(rec.__dict__)
+                cols = ", ".join(values)
+                marks = ", ".join(f":{k}" for k in values)
+                try:
+                    self._db.execute(f"INSERT INTO boxes ({cols}) VALUES ({marks})", values)
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def insert_box(self, rec: BoxRecord) -> None:
+        self.insert_boxes([rec])
 
     def get_box(self, id_or_name: str) -> BoxRecord | None:
         row = self._db.execute(
@@ -157,8 +204,50 @@ class Store:
         sets = ", ".join(f"{k} = :{k}" for k in values)
         marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
         params = {**values, "_id": box_id, **{f"_from{i}": s.value for i, s in enumerate(allowed_from)}}
-        cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks})", params)
+        cur = self._db.execute(
+            f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}) AND operation IS NULL", params
+        )
         return cur.rowcount == 1
+
+    def begin_operation(self, box_id: str, operation: BoxStatus, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
+        """Claim the box for a state operation: True only if none is running and the
+        lifecycle status allows it. Lifecycle transitions wait for the claim to end."""
+        marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
+        params = {"op": operation.value, "pid": pid, "_id": box_id}
+        params.update({f"_from{i}": s.value for i, s in enumerate(allowed_from)})
+        cur = self._db.execute(
+            "UPDATE boxes SET operation = :op, operation_pid = :pid "
+            f"WHERE id = :_id AND operation IS NULL AND status IN ({marks})",
+            params,
+        )
+        return cur.rowcount == 1
+
+    def end_operation(self, box_id: str) -> None:
+        self._db.execute("UPDATE boxes SET operation = NULL, operation_pid = NULL WHERE id = ?", (box_id,))
+
+    # -- snapshots --------------------------------------------------------------------
+    def insert_snapshot(self, rec: SnapshotRecord) -> None:
+        values = _encode(rec.__dict__)
+        cols = ", ".join(values)
+        marks = ", ".join(f":{k}" for k in values)
+        try:
+            self._db.execute(f"INSERT INTO snapshots ({cols}) VALUES ({marks})", values)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"the box already has a snapshot named {rec.name!r}") from exc
+
+    def get_snapshot(self, box_id: str, name: str) -> SnapshotRecord | None:
+        row = self._db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
+        return _snapshot(row) if row else None
+
+    def list_snapshots(self, box_id: str | None = None) -> list[SnapshotRecord]:
+        if box_id is None:
+            rows = self._db.execute("SELECT * FROM snapshots ORDER BY created_at")
+        else:
+            rows = self._db.execute("SELECT * FROM snapshots WHERE box_id = ? ORDER BY created_at", (box_id,))
+        return [_snapshot(r) for r in rows]
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self._db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
     def add_timing(self, box_id: str, **timings_ms: float) -> None:
         rec = self.get_box(box_id)
@@ -204,7 +293,14 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
 def _box(row: sqlite3.Row) -> BoxRecord:
     data = _decode(row)
     data["status"] = BoxStatus(data["status"])
+    data["operation"] = BoxStatus(data["operation"]) if data["operation"] else None
     return BoxRecord(**data)
+
+
+def _snapshot(row: sqlite3.Row) -> SnapshotRecord:
+    data = _decode(row)
+    data["has_memory"] = bool(data["has_memory"])
+    return SnapshotRecord(**data)
 
 
 def _image(row: sqlite3.Row) -> ImageRecord:

@@ -1,0 +1,264 @@
+"""Snapshot, restore and clone for the local backend, on the layer store.
+
+Each operation claims the box in the store first (``snapshotting``, ``restoring``,
+``cloning``), so a second state operation or a start/stop from any process fails at
+once with InvalidState. File changes follow the layer store's write-then-rename
+discipline and the metadata commit comes last; ``boxvm.faults`` names the points
+between steps that the fault-injection tests crash at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from boxvm import faults
+from boxvm.disks import qcow2
+from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from boxvm.options import (
+    BoxInfo,
+    CloneOptions,
+    DiskUsage,
+    SnapshotInfo,
+    SnapshotOptions,
+    check_name,
+    check_snapshot_name,
+)
+from boxvm.status import BoxStatus
+from boxvm.store import BoxRecord, SnapshotRecord
+
+if TYPE_CHECKING:
+    from boxvm.backends.local import LocalBackend
+
+AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
+CAPTURABLE = AT_REST | {BoxStatus.RUNNING, BoxStatus.PAUSED}
+VERBS = {BoxStatus.SNAPSHOTTING: "snapshot", BoxStatus.RESTORING: "restore", BoxStatus.CLONING: "clone"}
+
+
+class StateOps:
+    """Mixed into LocalBackend (it provides ``home``, ``store``, ``layers`` and helpers)."""
+
+    @contextlib.asynccontextmanager
+    async def _claim(
+        self: LocalBackend, rec: BoxRecord, operation: BoxStatus, allowed: frozenset[BoxStatus], advice: str
+    ) -> AsyncIterator[None]:
+        if not self.store.begin_operation(rec.id, operation, allowed, os.getpid()):
+            now = self._record(rec.id)
+            if now.operation is not None:
+                raise InvalidState(
+                    f"cannot {VERBS[operation]} box {rec.name!r}: it is {now.operation.value} right now; "
+                    "wait for that to finish"
+                )
+            raise InvalidState(f"cannot {VERBS[operation]} box {rec.name!r} while it is {now.status.value}: {advice}")
+        try:
+            yield
+        finally:
+            self.store.end_operation(rec.id)
+
+    async def _capture(
+        self: LocalBackend, rec: BoxRecord, options: SnapshotOptions
+    ) -> tuple[str, str, dict[str, float]]:
+        """Make the box's current disk state an immutable layer; returns (layer, consistency, timings)."""
+        box_dir = self.home.box_dir(rec.id)
+        t0 = time.perf_counter()
+        if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+            layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
+            faults.point("capture:pending-written")
+            conn = await self._conn(rec.id, rec.name)
+            result = await conn.request(
+                "capture",
+                quiesce=options.quiesce,
+                quiesce_timeout=options.quiesce_timeout_secs,
+                stop_on_quiesce_fail=options.stop_on_quiesce_fail,
+            )
+            timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
+            consistency = result["consistency"]
+        else:
+            layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
+            faults.point("capture:pending-written")
+            await asyncio.to_thread(self.layers.commit, box_dir)
+            timings, consistency = {"pause_ms": 0.0}, "stopped"
+        timings["capture_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        faults.point("capture:committed")
+        return layer, consistency, timings
+
+    # -- snapshots --------------------------------------------------------------------
+    async def snapshot_create(self: LocalBackend, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
+        check_snapshot_name(name)
+        options.validate()
+        rec = self._record(box_id)
+        if self.store.get_snapshot(rec.id, name) is not None:
+            raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
+        async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture"):
+            layer, consistency, timings = await self._capture(rec, options)
+            snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, layer, consistency, timings=timings)
+            self.store.insert_snapshot(snap)
+        return self._snapshot_info(snap)
+
+    def _snapshot(self: LocalBackend, box_id: str, name: str) -> tuple[BoxRecord, SnapshotRecord]:
+        rec = self._record(box_id)
+        snap = self.store.get_snapshot(rec.id, name)
+        if snap is None:
+            raise NotFound(
+                f"box {rec.name!r} has no snapshot named {name!r}: `boxvm snapshot ls {rec.name}` lists them"
+            )
+        return rec, snap
+
+    def _snapshot_info(self: LocalBackend, snap: SnapshotRecord) -> SnapshotInfo:
+        path = self.layers.layer_path(snap.layer)
+        try:
+            chain = [p for p in qcow2.chain(path) if "layers" in p.parts or "images" in p.parts]
+        except (OSError, ValueError):
+            chain = []
+        return SnapshotInfo(
+            id=snap.id,
+            name=snap.name,
+            box_id=snap.box_id,
+            created_at=snap.created_at,
+            size_bytes=_allocated(path),
+            container_disk_bytes=sum(_allocated(p) for p in chain),
+            guest_disk_bytes=0,
+            consistency=snap.consistency,
+            has_memory=snap.has_memory,
+            timings=dict(snap.timings),
+        )
+
+    async def snapshot_list(self: LocalBackend, box_id: str) -> list[SnapshotInfo]:
+        rec = self._record(box_id)
+        return [self._snapshot_info(s) for s in self.store.list_snapshots(rec.id)]
+
+    async def snapshot_get(self: LocalBackend, box_id: str, name: str) -> SnapshotInfo | None:
+        rec = self._record(box_id)
+        snap = self.store.get_snapshot(rec.id, name)
+        return self._snapshot_info(snap) if snap else None
+
+    async def snapshot_restore(self: LocalBackend, box_id: str, name: str) -> BoxInfo:
+        rec, snap = self._snapshot(box_id, name)
+        t0 = time.perf_counter()
+        advice = "a disk-only snapshot restores a stopped box: stop it first"
+        async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
+            await asyncio.to_thread(self.layers.restore, self.home.box_dir(rec.id), snap.layer)
+            faults.point("restore:committed")
+        self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
+        await asyncio.to_thread(self._gc)
+        return self._info(self._record(rec.id))
+
+    async def snapshot_remove(self: LocalBackend, box_id: str, name: str) -> None:
+        _rec, snap = self._snapshot(box_id, name)
+        self.store.delete_snapshot(snap.id)  # the name is gone at once
+        faults.point("snapshot-remove:row-deleted")
+        await asyncio.to_thread(self._gc)
+
+    # -- clones -----------------------------------------------------------------------
+    async def clone(self: LocalBackend, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
+        """Clone a box (or one of its snapshots) ``len(names)`` times from one capture."""
+        if not names:
+            raise InvalidArgument("clone needs at least one name (or None for a generated one)")
+        rec = self._record(box_id)
+        ids = [secrets.token_hex(16) for _ in names]
+        final_names = [
+            check_name(n) if n is not None else f"{rec.name[:100]}-{i[:8]}" for n, i in zip(names, ids, strict=True)
+        ]
+        if len(set(final_names)) != len(final_names):
+            raise InvalidArgument("clone names must be distinct")
+        for n in final_names:
+            if self.store.get_box(n) is not None:
+                raise AlreadyExists(f"a box named {n!r} already exists: choose another name")
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        if options.from_snapshot is not None:
+            _rec, snap = self._snapshot(rec.id, options.from_snapshot)
+            layer = snap.layer
+            staged = await asyncio.to_thread(self._stage_clones, rec, layer, ids, options.cow)
+        else:
+            async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
+                layer, _consistency, timings = await self._capture(rec, options.snapshot.validate())
+                staged = await asyncio.to_thread(self._stage_clones, rec, layer, ids, options.cow)
+        faults.point("clone:staged")
+        try:
+            records = []
+            for box_id_new, name, work in zip(ids, final_names, staged, strict=True):
+                work.rename(self.home.box_dir(box_id_new))
+                records.append(self._clone_record(rec, box_id_new, name))
+            faults.point("clone:renamed")
+            self.store.insert_boxes(records)  # the commit point: all clones appear at once
+        except BaseException:
+            for box_id_new, work in zip(ids, staged, strict=False):
+                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(self.home.box_dir(box_id_new), ignore_errors=True)
+            raise
+        elapsed = (time.perf_counter() - t0) * 1000
+        for r in records:
+            self.store.add_timing(r.id, clone_ms=elapsed, **{k: v for k, v in timings.items() if k == "pause_ms"})
+        infos = [self._info(r) for r in records]
+        if options.start_after_clone:
+            infos = [await self.start(r.id) for r in records]
+        return infos
+
+    def _stage_clones(self: LocalBackend, src: BoxRecord, layer: str, ids: list[str], cow: bool) -> list[Path]:
+        """Write each clone's disks in a staging directory (invisible until renamed)."""
+        guest_backing = qcow2.read_header(self.home.box_dir(src.id) / GUEST_TOP)
+        staged = []
+        try:
+            for _ in ids:
+                work = self.home.staging_dir("clone-")
+                staged.append(work)
+                if cow:
+                    self.layers.new_top(work, layer)
+                else:
+                    qcow2.flatten(self.layers.layer_path(layer), work / TOP)
+                qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw")
+                work.chmod(0o700)
+        except BaseException:
+            for work in staged:
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        return staged
+
+    def _clone_record(self: LocalBackend, src: BoxRecord, box_id: str, name: str) -> BoxRecord:
+        return BoxRecord(
+            id=box_id,
+            name=name,
+            status=BoxStatus.STOPPED if src.status != BoxStatus.CONFIGURED else BoxStatus.CONFIGURED,
+            image=src.image,
+            image_digest=src.image_digest,
+            options=dict(src.options),
+            mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3)),
+            guest_bundle=src.guest_bundle,
+        )
+
+    # -- space ------------------------------------------------------------------------
+    def _gc(self: LocalBackend) -> list[str]:
+        return self.layers.gc(s.layer for s in self.store.list_snapshots())
+
+    async def disk_usage(self: LocalBackend) -> DiskUsage:
+        boxes = {rec.name: rec for rec in self.store.list_boxes()}
+        snaps = self.store.list_snapshots()
+        by_id = {rec.id: rec.name for rec in boxes.values()}
+        owners: dict[str, Path] = {f"box:{n}": self.home.box_dir(r.id) / TOP for n, r in boxes.items()}
+        owners.update(
+            {f"snap:{by_id.get(s.box_id, s.box_id)}/{s.name}": self.layers.layer_path(s.layer) for s in snaps}
+        )
+        usage = await asyncio.to_thread(self.layers.usage, owners, [s.layer for s in snaps])
+        total = sum(_allocated(p) for p in self.layers.root.glob("*/*.qcow2"))
+        total += sum(_allocated(self.home.box_dir(r.id) / TOP) for r in boxes.values())
+        return DiskUsage(
+            boxes={k[4:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("box:")},
+            snapshots={k[5:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("snap:")},
+            layers_bytes=total,
+        )
+
+
+def _allocated(path: Path) -> int:
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
