@@ -76,11 +76,14 @@ class LocalBackend(StateOps, Backend):
         self._gc()
 
     def _finish_crashed_operation(self, rec: BoxRecord) -> BoxRecord:
-        """A state operation whose process died: roll its disk change forward, release the box."""
+        """A state operation whose process died: release the box and, if it is at rest,
+        roll its disk change forward (always data-safe: a pending top is empty or holds
+        the newest writes). A running box's supervisor settles its own pending top."""
         if rec.operation is None or (rec.operation_pid is not None and _pid_alive(rec.operation_pid)):
             return rec
         log.warning("finishing the interrupted %s of box %s", rec.operation.value, rec.name)
-        self.layers.commit(self.home.box_dir(rec.id))
+        if not (rec.status.is_live and rec.supervisor_pid and _pid_is(rec.supervisor_pid, rec.id)):
+            self.layers.commit(self.home.box_dir(rec.id))
         self.store.end_operation(rec.id)
         return self.store.get_box(rec.id) or rec
 
@@ -233,6 +236,7 @@ class LocalBackend(StateOps, Backend):
         ):  # fmt: skip
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         box_dir = self.home.box_dir(rec.id)
+        await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
         opts = BoxOptions.from_dict(rec.options)
         spec = qemu.VmSpec(
             box_dir=box_dir,

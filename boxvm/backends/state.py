@@ -70,9 +70,10 @@ class StateOps:
         box_dir = self.home.box_dir(rec.id)
         t0 = time.perf_counter()
         if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+            conn = await self._conn(rec.id, rec.name)
+            await conn.request("settle")  # a pending top from a crashed capture
             layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
             faults.point("capture:pending-written")
-            conn = await self._conn(rec.id, rec.name)
             result = await conn.request(
                 "capture",
                 quiesce=options.quiesce,
@@ -82,6 +83,7 @@ class StateOps:
             timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
             consistency = result["consistency"]
         else:
+            await asyncio.to_thread(self.layers.commit, box_dir)  # roll a crashed one forward first
             layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
             faults.point("capture:pending-written")
             await asyncio.to_thread(self.layers.commit, box_dir)
@@ -145,6 +147,7 @@ class StateOps:
         t0 = time.perf_counter()
         advice = "a disk-only snapshot restores a stopped box: stop it first"
         async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
+            await asyncio.to_thread(self.layers.commit, self.home.box_dir(rec.id))  # a crashed one first
             await asyncio.to_thread(self.layers.restore, self.home.box_dir(rec.id), snap.layer)
             faults.point("restore:committed")
         self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.errors import StorageError
 from boxvm.paths import Home
@@ -82,8 +83,7 @@ class LayerStore:
         yet (the current top will become it). Nothing the box uses changes."""
         layer_id = secrets.token_hex(8)
         size = qcow2.read_header(box_dir / TOP).size
-        (box_dir / PENDING).unlink(missing_ok=True)
-        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))
+        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
         return layer_id
 
     def commit(self, box_dir: Path) -> None:
@@ -107,6 +107,7 @@ class LayerStore:
                     top.chmod(0o400)  # immutable from now on
                     os.rename(top, target)
                     _fsync_dir(target.parent)
+                    faults.point("commit:top-moved")
             os.rename(pending, top)
             _fsync_dir(box_dir)
 
@@ -119,8 +120,7 @@ class LayerStore:
     def restore(self, box_dir: Path, layer_id: str) -> None:
         """Give the box a fresh empty top over ``layer_id``; its later changes are dropped."""
         size = qcow2.read_header(self.layer_path(layer_id)).size
-        (box_dir / PENDING).unlink(missing_ok=True)
-        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))
+        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
         self.commit(box_dir)
 
     def new_top(self, box_dir: Path, layer_id: str) -> None:

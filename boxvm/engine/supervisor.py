@@ -48,7 +48,9 @@ class Supervisor:
         self.box_id: str = cfg["box_id"]
         self.layers = LayerStore(Home(Path(cfg["home"])))
         self.top_node = "data"  # the running container disk's top block node
+        self.top_is_pending = False  # switched to disk.new.qcow2 but not yet renamed
         self.node_serial = 0
+        self.capture_lock = asyncio.Lock()
         self.argv: list[str] = cfg["argv"]
         self.store = Store(Path(cfg["db"]))
         self.routes: dict[int, tuple[Client | asyncio.Future[dict[str, Any]], int]] = {}
@@ -264,6 +266,10 @@ class Supervisor:
         caller that dies mid-way can neither leave the guest frozen nor the disk
         switched without the files agreeing.
         """
+        async with self.capture_lock:
+            return await self._capture(req)
+
+    async def _capture(self, req: dict[str, Any]) -> dict[str, Any]:
         pending = str(self.dir / "disk.new.qcow2")
         timeout = float(req.get("quiesce_timeout", 30))
         status = await self.qmp.execute("query-status")
@@ -298,6 +304,7 @@ class Supervisor:
             action = {"type": "blockdev-snapshot", "data": {"node": self.top_node, "overlay": node}}
             await self.qmp.execute("transaction", {"actions": [action]})
             self.top_node = node
+            self.top_is_pending = True
             switch_ms = (time.monotonic() - t_switch) * 1000
         finally:
             thawed = await self.agent_request({"op": "thaw"}, 30) if freeze_sent else {}
@@ -305,7 +312,20 @@ class Supervisor:
         # frozen: measured by the guest; otherwise only QEMU's own I/O drain for the switch
         pause_ms = (thawed["at"] - frozen_at) * 1000 if consistency == "frozen" else switch_ms
         await asyncio.to_thread(self.layers.commit, self.dir)
+        self.top_is_pending = False
         return {"consistency": consistency, "pause_ms": pause_ms, "switch_ms": switch_ms, "host_window_ms": window_ms}
+
+    async def op_settle(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Resolve a pending top left by a client that died mid-capture: publish it if
+        the disk was switched to it, else drop it (it was never written)."""
+        async with self.capture_lock:
+            pending = self.dir / "disk.new.qcow2"
+            if self.top_is_pending:
+                await asyncio.to_thread(self.layers.commit, self.dir)
+                self.top_is_pending = False
+            elif pending.exists():
+                pending.unlink()
+        return {"ok": True}
 
     async def op_qmp(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"return": await self.qmp.execute(req["command"], req.get("arguments"))}

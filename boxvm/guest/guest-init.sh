@@ -15,7 +15,7 @@ ip link set lo up
 for b in /sys/block/vd*; do
     [ "$(cat $b/serial 2>/dev/null)" = boxvm-data ] && data=/dev/${b##*/}
 done
-mount -t ext4 -o noatime "$data" /c || { echo "boxvm: cannot mount the container disk"; poweroff -f; }
+mount -t ext4 -o noatime,noinit_itable "$data" /c || { echo "boxvm: cannot mount the container disk"; poweroff -f; }
 for d in proc sys dev tmp etc; do [ -d /c/$d ] || mkdir -p /c/$d; done
 mount -t proc proc /c/proc
 mount -t sysfs sys /c/sys
