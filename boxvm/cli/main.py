@@ -419,6 +419,143 @@ async def cp(rt: boxvm.Runtime, src: str, dest: str) -> None:
         await (await must_get(rt, dst_box)).copy_in(Path(src_path), dst_path)
 
 
+@cli.group()
+def snapshot() -> None:
+    """Snapshots of a box's disk: create, ls, inspect, restore, rm."""
+
+
+def snapshot_dict(info: boxvm.SnapshotInfo) -> dict[str, Any]:
+    return dataclasses.asdict(info)
+
+
+@snapshot.command(name="create")
+@click.argument("box")
+@click.argument("name")
+@click.option("--no-quiesce", is_flag=True, help="Do not freeze the guest filesystem (crash-consistent).")
+@click.option("--quiesce-timeout", type=float, default=30.0, show_default=True)
+@click.option("--allow-crash-consistent", is_flag=True, help="If the freeze fails, capture anyway.")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def snapshot_create(
+    rt: boxvm.Runtime,
+    box: str,
+    name: str,
+    no_quiesce: bool,
+    quiesce_timeout: float,
+    allow_crash_consistent: bool,
+    as_json: bool,
+) -> None:
+    """Snapshot BOX as NAME (running boxes keep running)."""
+    options = boxvm.SnapshotOptions(
+        quiesce=not no_quiesce, quiesce_timeout_secs=quiesce_timeout, stop_on_quiesce_fail=not allow_crash_consistent
+    )
+    info = await (await must_get(rt, box)).snapshot.create(name, options)
+    if as_json:
+        print(json.dumps(snapshot_dict(info), indent=2))
+    else:
+        pause = info.timings.get("pause_ms", 0)
+        out.print(f"{info.name} ({info.consistency}, guest pause {pause:.1f} ms)", highlight=False)
+
+
+@snapshot.command(name="ls")
+@click.argument("box")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def snapshot_ls(rt: boxvm.Runtime, box: str, as_json: bool) -> None:
+    """List BOX's snapshots."""
+    snaps = await (await must_get(rt, box)).snapshot.list()
+    if as_json:
+        print(json.dumps([snapshot_dict(s) for s in snaps], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "CREATED", "CONSISTENCY", "OWN SIZE", "DISK"):
+        table.add_column(col)
+    for s in snaps:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
+        table.add_row(s.name, created, s.consistency, _size(s.size_bytes), _size(s.container_disk_bytes))
+    out.print(table)
+
+
+@snapshot.command(name="inspect")
+@click.argument("box")
+@click.argument("name")
+@run_async
+async def snapshot_inspect(rt: boxvm.Runtime, box: str, name: str) -> None:
+    """Show one snapshot as JSON."""
+    info = await (await must_get(rt, box)).snapshot.get(name)
+    if info is None:
+        raise NotFound(f"box {box!r} has no snapshot named {name!r}")
+    print(json.dumps(snapshot_dict(info), indent=2))
+
+
+@snapshot.command(name="restore")
+@click.argument("box")
+@click.argument("name")
+@run_async
+async def snapshot_restore(rt: boxvm.Runtime, box: str, name: str) -> None:
+    """Return stopped BOX's disk to snapshot NAME."""
+    await (await must_get(rt, box)).snapshot.restore(name)
+
+
+@snapshot.command(name="rm")
+@click.argument("box")
+@click.argument("names", nargs=-1, required=True)
+@run_async
+async def snapshot_rm(rt: boxvm.Runtime, box: str, names: tuple[str, ...]) -> None:
+    """Remove snapshots (space returns once nothing else shares their layers)."""
+    b = await must_get(rt, box)
+    for name in names:
+        await b.snapshot.remove(name)
+
+
+@cli.command()
+@click.argument("box")
+@click.option("--name", "names", multiple=True, help="Name of a clone (repeat with --count).")
+@click.option("--count", type=int, default=1, show_default=True)
+@click.option("--from-snapshot", help="Clone this snapshot instead of the current state.")
+@click.option("--full", is_flag=True, help="An independent full copy instead of copy-on-write.")
+@click.option("--start", is_flag=True, help="Start the clones.")
+@run_async
+async def clone(
+    rt: boxvm.Runtime, box: str, names: tuple[str, ...], count: int, from_snapshot: str | None, full: bool, start: bool
+) -> None:
+    """Fork BOX (running or not) into COUNT new boxes sharing one capture."""
+    if names and len(names) != count and count != 1:
+        raise InvalidArgument("give --name once per clone, or not at all")
+    count = len(names) or count
+    options = boxvm.CloneOptions(cow=not full, start_after_clone=start, from_snapshot=from_snapshot)
+    clones = await (await must_get(rt, box)).clone_many(count, options, list(names) or None)
+    for c in clones:
+        out.print(f"{c.name} {c.id}", highlight=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def df(rt: boxvm.Runtime, as_json: bool) -> None:
+    """Disk space per box and snapshot: held alone and shared through common layers."""
+    usage = await rt.disk_usage()
+    if as_json:
+        print(json.dumps(dataclasses.asdict(usage), indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("KIND", "NAME", "OWN", "SHARED"):
+        table.add_column(col)
+    for kind, rows in (("box", usage.boxes), ("snapshot", usage.snapshots)):
+        for name, (own, shared) in sorted(rows.items()):
+            table.add_row(kind, name, _size(own), _size(shared))
+    out.print(table)
+    out.print(f"layer store total: {_size(usage.layers_bytes)}", highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
 def main() -> None:
     with contextlib.suppress(BrokenPipeError):
         cli()

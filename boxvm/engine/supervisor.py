@@ -283,14 +283,15 @@ class Supervisor:
         )
         consistency = "crash"
         t0 = time.monotonic()
-        freeze_sent = False
+        must_thaw = False
         frozen_at = 0.0
         try:
             if quiesce:
-                freeze_sent = True
                 try:
                     result = await self.agent_request({"op": "freeze"}, timeout)
+                    must_thaw = "error" not in result  # never thaw a freeze that is not ours
                 except TimeoutError:
+                    must_thaw = True  # it may still complete in the guest
                     result = {"error": {"message": f"the guest did not freeze within {timeout:g} s"}}
                 frozen_at = result.get("started", 0.0)
                 if "error" in result:
@@ -307,7 +308,7 @@ class Supervisor:
             self.top_is_pending = True
             switch_ms = (time.monotonic() - t_switch) * 1000
         finally:
-            thawed = await self.agent_request({"op": "thaw"}, 30) if freeze_sent else {}
+            thawed = await self.agent_request({"op": "thaw"}, 30) if must_thaw else {}
         window_ms = (time.monotonic() - t0) * 1000
         # frozen: measured by the guest; otherwise only QEMU's own I/O drain for the switch
         pause_ms = (thawed["at"] - frozen_at) * 1000 if consistency == "frozen" else switch_ms
