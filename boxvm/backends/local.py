@@ -24,7 +24,7 @@ from pathlib import Path
 
 from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
-from boxvm.backends.state import StateOps
+from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks.layers import LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import qemu
@@ -68,9 +68,13 @@ class LocalBackend(StateOps, Backend):
         records = self.store.list_boxes()
         known = {rec.id for rec in records}
         for entry in self.home.boxes.iterdir():
+            if _owner_alive(entry):
+                continue  # another process is about to commit this box
             if entry.name not in known:
                 log.info("removing orphaned box directory %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
+            else:
+                (entry / OWNER).unlink(missing_ok=True)
         for rec in records:
             self._finish_crashed_operation(rec)
         self._gc()
@@ -153,6 +157,7 @@ class LocalBackend(StateOps, Backend):
             await _qemu_img_overlay(work / "disk.qcow2", os.path.relpath(base, final), "qcow2")
             await _qemu_img_overlay(work / "guest-rootfs.qcow2", os.path.relpath(bundle.rootfs, final), "raw")
             work.chmod(0o700)
+            mark_owner(work)
             work.rename(final)
         rec = BoxRecord(
             id=box_id,
@@ -171,6 +176,7 @@ class LocalBackend(StateOps, Backend):
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
             raise
+        (final / OWNER).unlink(missing_ok=True)
         return self._info(rec)
 
     def _bundle(self) -> bundle_mod.Bundle:
@@ -294,6 +300,7 @@ class LocalBackend(StateOps, Backend):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
+            await conn.request("settle")  # no pending top from a crashed capture outlives the VM
             await conn.request("stop", timeout=timeout)
         except EngineError:
             await self._kill(rec)
@@ -449,6 +456,14 @@ def _bundle_by_id(home: Home, bundle_id: str | None) -> bundle_mod.Bundle | None
         return None
     info = json.loads((path / "bundle.json").read_text())
     return bundle_mod.Bundle(bundle_id, path, info["kernel_version"])
+
+
+def _owner_alive(directory: Path) -> bool:
+    try:
+        pid = int((directory / OWNER).read_text())
+    except (OSError, ValueError):
+        return False
+    return _pid_alive(pid)
 
 
 def _no_operation(rec: BoxRecord) -> None:

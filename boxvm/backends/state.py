@@ -38,9 +38,16 @@ from boxvm.store import BoxRecord, SnapshotRecord
 if TYPE_CHECKING:
     from boxvm.backends.local import LocalBackend
 
+OWNER = ".owner"
+
 AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
 CAPTURABLE = AT_REST | {BoxStatus.RUNNING, BoxStatus.PAUSED}
 VERBS = {BoxStatus.SNAPSHOTTING: "snapshot", BoxStatus.RESTORING: "restore", BoxStatus.CLONING: "clone"}
+
+
+def mark_owner(directory: Path) -> None:
+    """Claim a directory until its record is committed (recovery leaves it alone)."""
+    (directory / OWNER).write_text(str(os.getpid()))
 
 
 class StateOps:
@@ -193,6 +200,8 @@ class StateOps:
                 records.append(self._clone_record(rec, box_id_new, name))
             faults.point("clone:renamed")
             self.store.insert_boxes(records)  # the commit point: all clones appear at once
+            for r in records:
+                (self.home.box_dir(r.id) / OWNER).unlink(missing_ok=True)
         except BaseException:
             for box_id_new, work in zip(ids, staged, strict=False):
                 shutil.rmtree(work, ignore_errors=True)
@@ -220,6 +229,7 @@ class StateOps:
                     qcow2.flatten(self.layers.layer_path(layer), work / TOP)
                 qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw")
                 work.chmod(0o700)
+                mark_owner(work)
         except BaseException:
             for work in staged:
                 shutil.rmtree(work, ignore_errors=True)

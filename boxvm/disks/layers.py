@@ -121,6 +121,7 @@ class LayerStore:
         """Give the box a fresh empty top over ``layer_id``; its later changes are dropped."""
         size = qcow2.read_header(self.layer_path(layer_id)).size
         qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
+        faults.point("restore:pending-written")
         self.commit(box_dir)
 
     def new_top(self, box_dir: Path, layer_id: str) -> None:
