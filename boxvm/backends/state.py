@@ -1,5 +1,9 @@
 """Snapshot, restore and clone for the local backend, on the layer store.
 
+The layer-store steps are O(1) metadata writes of well under a millisecond, so they run
+inline: a thread hop would cost more than the work. Only what scales with data (a full
+copy for ``cow=False``) or with the number of layers (garbage collection) runs in a thread.
+
 Each operation claims the box in the store first (``snapshotting``, ``restoring``,
 ``cloning``), so a second state operation or a start/stop from any process fails at
 once with InvalidState. File changes follow the layer store's write-then-rename
@@ -79,7 +83,7 @@ class StateOps:
         if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
             conn = await self._conn(rec.id, rec.name)
             await conn.request("settle")  # a pending top from a crashed capture
-            layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
+            layer = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             result = await conn.request(
                 "capture",
@@ -90,10 +94,10 @@ class StateOps:
             timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
             consistency = result["consistency"]
         else:
-            await asyncio.to_thread(self.layers.commit, box_dir)  # roll a crashed one forward first
-            layer = await asyncio.to_thread(self.layers.prepare_capture, box_dir)
+            self.layers.commit(box_dir)  # roll a crashed one forward first
+            layer = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
-            await asyncio.to_thread(self.layers.commit, box_dir)
+            self.layers.commit(box_dir)
             timings, consistency = {"pause_ms": 0.0}, "stopped"
         timings["capture_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         faults.point("capture:committed")
@@ -154,8 +158,8 @@ class StateOps:
         t0 = time.perf_counter()
         advice = "a disk-only snapshot restores a stopped box: stop it first"
         async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
-            await asyncio.to_thread(self.layers.commit, self.home.box_dir(rec.id))  # a crashed one first
-            await asyncio.to_thread(self.layers.restore, self.home.box_dir(rec.id), snap.layer)
+            self.layers.commit(self.home.box_dir(rec.id))  # a crashed one first
+            self.layers.restore(self.home.box_dir(rec.id), snap.layer)
             faults.point("restore:committed")
         self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
         await asyncio.to_thread(self._gc)
@@ -187,17 +191,20 @@ class StateOps:
         if options.from_snapshot is not None:
             _rec, snap = self._snapshot(rec.id, options.from_snapshot)
             layer = snap.layer
-            staged = await asyncio.to_thread(self._stage_clones, rec, layer, ids, options.cow)
+            staged = await self._stage(rec, layer, ids, options.cow)
         else:
             async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
                 layer, _consistency, timings = await self._capture(rec, options.snapshot.validate())
-                staged = await asyncio.to_thread(self._stage_clones, rec, layer, ids, options.cow)
+                staged = await self._stage(rec, layer, ids, options.cow)
         faults.point("clone:staged")
         try:
             records = []
+            own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
+            if "pause_ms" in timings:
+                own_timings["pause_ms"] = timings["pause_ms"]
             for box_id_new, name, work in zip(ids, final_names, staged, strict=True):
                 work.rename(self.home.box_dir(box_id_new))
-                records.append(self._clone_record(rec, box_id_new, name))
+                records.append(self._clone_record(rec, box_id_new, name, own_timings))
             faults.point("clone:renamed")
             self.store.insert_boxes(records)  # the commit point: all clones appear at once
             for r in records:
@@ -207,13 +214,15 @@ class StateOps:
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.rmtree(self.home.box_dir(box_id_new), ignore_errors=True)
             raise
-        elapsed = (time.perf_counter() - t0) * 1000
-        for r in records:
-            self.store.add_timing(r.id, clone_ms=elapsed, **{k: v for k, v in timings.items() if k == "pause_ms"})
         infos = [self._info(r) for r in records]
         if options.start_after_clone:
             infos = [await self.start(r.id) for r in records]
         return infos
+
+    async def _stage(self: LocalBackend, src: BoxRecord, layer: str, ids: list[str], cow: bool) -> list[Path]:
+        if cow:
+            return self._stage_clones(src, layer, ids, cow)
+        return await asyncio.to_thread(self._stage_clones, src, layer, ids, cow)
 
     def _stage_clones(self: LocalBackend, src: BoxRecord, layer: str, ids: list[str], cow: bool) -> list[Path]:
         """Write each clone's disks in a staging directory (invisible until renamed)."""
@@ -236,7 +245,9 @@ class StateOps:
             raise
         return staged
 
-    def _clone_record(self: LocalBackend, src: BoxRecord, box_id: str, name: str) -> BoxRecord:
+    def _clone_record(
+        self: LocalBackend, src: BoxRecord, box_id: str, name: str, timings: dict[str, float]
+    ) -> BoxRecord:
         return BoxRecord(
             id=box_id,
             name=name,
@@ -246,6 +257,7 @@ class StateOps:
             options=dict(src.options),
             mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3)),
             guest_bundle=src.guest_bundle,
+            timings=dict(timings),
         )
 
     # -- space ------------------------------------------------------------------------
