@@ -141,6 +141,7 @@ class BoxInfo:
     memory_mib: int
     disk_size_bytes: int
     disk_bytes: int  # bytes the box's own disk layer holds on the host
+    chain_depth: int  # qcow2 files under the box's disk: its top, captured layers, the image base
     ports: list[tuple[int, int]]
     guest_bundle: str | None
     error: str | None

@@ -8,6 +8,7 @@ once and clears boxes left over from an interrupted run before any worker starts
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import boxvm
 from boxvm.paths import Home
 
 REPO = Path(__file__).resolve().parent.parent
+_LOCK = pytest.StashKey[object]()
 TEST_HOME = Path(os.environ.get("BOXVM_TEST_HOME", REPO / ".test-home")).absolute()
 
 
@@ -26,6 +28,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["BOXVM_HOME"] = str(TEST_HOME)
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller has prepared the home
+    # One session per test home: the clean-up below removes every box in it.
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    lock = open(TEST_HOME / ".session.lock", "w")  # noqa: SIM115  held for the whole session
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pytest.exit(f"another test session is using {TEST_HOME}; set BOXVM_TEST_HOME to run a second one", 2)
+    config.stash[_LOCK] = lock
     from boxvm.backends.local import LocalBackend
     from boxvm.guest import bundle
     from boxvm.images.default import ensure_default

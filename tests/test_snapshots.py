@@ -41,8 +41,10 @@ async def test_write_snapshot_write_restore(rt: boxvm.Runtime, fresh_box: boxvm.
     await fresh_box.start()
     await fresh_box.exec(["sh", "-c", "echo A > /root/a"])
     await fresh_box.stop()
+    depth = (await fresh_box.info()).chain_depth
     v1 = await fresh_box.snapshot.create("v1")
     assert v1.consistency == "stopped" and v1.size_bytes > 0 and not v1.has_memory
+    assert (await fresh_box.info()).chain_depth == depth + 1
     await fresh_box.start()
     await fresh_box.exec(["sh", "-c", "echo B > /root/b; echo A2 >> /root/a"])
     v2 = await fresh_box.snapshot.create("v2")  # while running

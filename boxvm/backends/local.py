@@ -25,6 +25,7 @@ from pathlib import Path
 from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
+from boxvm.disks import qcow2
 from boxvm.disks.layers import LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import qemu
@@ -120,8 +121,9 @@ class LocalBackend(StateOps, Backend):
         disk = self.home.box_dir(rec.id) / "disk.qcow2"
         try:
             used = disk.stat().st_blocks * 512
-        except OSError:
-            used = 0
+            depth = len(qcow2.chain(disk))
+        except (OSError, StorageError):
+            used, depth = 0, 0
         return BoxInfo(
             id=rec.id,
             name=rec.name,
@@ -133,6 +135,7 @@ class LocalBackend(StateOps, Backend):
             memory_mib=opts.memory_mib,
             disk_size_bytes=opts.disk_size_gb << 30,
             disk_bytes=used,
+            chain_depth=depth,
             ports=list(opts.ports),
             guest_bundle=rec.guest_bundle,
             error=rec.error,

@@ -163,11 +163,8 @@ class Store:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             for rec in recs:
-                values = _encode(rec.__dict__)
-                cols = ", ".join(values)
-                marks = ", ".join(f":{k}" for k in values)
                 try:
-                    self._db.execute(f"INSERT INTO boxes ({cols}) VALUES ({marks})", values)
+                    self._insert("boxes", rec)
                 except sqlite3.IntegrityError as exc:
                     raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
             self._db.execute("COMMIT")
@@ -227,11 +224,8 @@ class Store:
 
     # -- snapshots --------------------------------------------------------------------
     def insert_snapshot(self, rec: SnapshotRecord) -> None:
-        values = _encode(rec.__dict__)
-        cols = ", ".join(values)
-        marks = ", ".join(f":{k}" for k in values)
         try:
-            self._db.execute(f"INSERT INTO snapshots ({cols}) VALUES ({marks})", values)
+            self._insert("snapshots", rec)
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"the box already has a snapshot named {rec.name!r}") from exc
 
@@ -259,10 +253,14 @@ class Store:
 
     # -- images -----------------------------------------------------------------------
     def put_image(self, rec: ImageRecord) -> None:
+        self._insert("images", rec, replace=True)
+
+    def _insert(self, table: str, rec: object, replace: bool = False) -> None:
         values = _encode(rec.__dict__)
         cols = ", ".join(values)
         marks = ", ".join(f":{k}" for k in values)
-        self._db.execute(f"INSERT OR REPLACE INTO images ({cols}) VALUES ({marks})", values)
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        self._db.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", values)
 
     def get_image(self, digest: str) -> ImageRecord | None:
         row = self._db.execute("SELECT * FROM images WHERE digest = ?", (digest,)).fetchone()
