@@ -15,7 +15,16 @@ from boxvm.errors import (
     StorageError,
     Unauthorized,
 )
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExecResult, SnapshotInfo, SnapshotOptions
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExecResult,
+    ExportOptions,
+    SnapshotInfo,
+    SnapshotOptions,
+)
 from boxvm.runtime import Box, Process, Runtime, SnapshotHandle
 from boxvm.status import BoxStatus
 
@@ -32,6 +41,7 @@ __all__ = [
     "DiskUsage",
     "EngineError",
     "ExecResult",
+    "ExportOptions",
     "ImageError",
     "InvalidArgument",
     "InvalidState",

@@ -56,6 +56,18 @@ class CloneOptions:
     snapshot: SnapshotOptions = field(default_factory=SnapshotOptions)  # capture of a running source
 
 
+@dataclass
+class ExportOptions:
+    compress: bool = True  # zstd
+    compression_level: int = 3  # 1..22
+    include_metadata: bool = True  # box options in the manifest (never its env: it may hold secrets)
+
+    def validate(self) -> ExportOptions:
+        if not 1 <= self.compression_level <= 22:
+            raise InvalidArgument(f"compression_level must be 1..22, not {self.compression_level}")
+        return self
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     id: str

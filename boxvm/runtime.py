@@ -12,7 +12,16 @@ from pathlib import Path
 from types import TracebackType
 
 from boxvm.backends.base import Backend, ProcessChannel
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExecResult, SnapshotInfo, SnapshotOptions
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExecResult,
+    ExportOptions,
+    SnapshotInfo,
+    SnapshotOptions,
+)
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 
@@ -181,6 +190,12 @@ class Box:
         """The guest's console output of the current or last run."""
         return await self._backend.logs(self.id)
 
+    async def export(self, dest: str | Path, options: ExportOptions | None = None) -> Path:
+        """Write the box (running or not) to a verified ``.boxsnap`` archive at ``dest``
+        (a file, or a directory to hold ``<name>.boxsnap``). A running box pauses only for
+        the capture's freeze window, not for the copy. Never leaves a partial file."""
+        return await self._backend.export(self.id, Path(dest), options or ExportOptions())
+
     async def clone(self, name: str | None = None, options: CloneOptions | None = None) -> Box:
         """A copy-on-write fork of the box (running or not) or, with ``from_snapshot``,
         of one of its snapshots. The clone has its own id, name, MAC and machine id."""
@@ -240,6 +255,11 @@ class Runtime:
 
             raise NotFound(f"no box named or with id {id_or_name!r}")
         await self._backend.remove(info.id, force)
+
+    async def import_box(self, archive: str | Path, name: str | None = None, *, untrusted: bool = False) -> Box:
+        """Create a (stopped) box from an archive, verified completely before it appears.
+        ``untrusted`` drops host-specific options (ports) and clamps resources."""
+        return Box(self._backend, await self._backend.import_box(Path(archive), name, untrusted))
 
     async def disk_usage(self) -> DiskUsage:
         """Host bytes per box and snapshot: held alone, and shared through common layers."""

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, SnapshotInfo, SnapshotOptions
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExportOptions, SnapshotInfo, SnapshotOptions
 
 
 class ProcessChannel(ABC):
@@ -97,6 +97,12 @@ class Backend(ABC):
 
     @abstractmethod
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]: ...
+
+    @abstractmethod
+    async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path: ...
+
+    @abstractmethod
+    async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo: ...
 
     @abstractmethod
     async def disk_usage(self) -> DiskUsage: ...

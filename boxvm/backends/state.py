@@ -23,14 +23,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from boxvm import faults
+from boxvm import archive, faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
-from boxvm.errors import AlreadyExists, InvalidArgument, InvalidState, NotFound
+from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import (
+    NAME_RE,
     BoxInfo,
+    BoxOptions,
     CloneOptions,
     DiskUsage,
+    ExportOptions,
     SnapshotInfo,
     SnapshotOptions,
     check_name,
@@ -260,6 +263,94 @@ class StateOps:
             timings=dict(timings),
         )
 
+    # -- export / import --------------------------------------------------------------
+    async def export(self: LocalBackend, box_id: str, dest: Path, options: ExportOptions) -> Path:
+        """One pass over the box's disk at a point in time into a ``.boxsnap`` archive."""
+        options.validate()
+        rec = self._record(box_id)
+        dest = Path(dest).expanduser().absolute()
+        if dest.is_dir():
+            dest = dest / f"{rec.name}.boxsnap"
+        if not dest.parent.is_dir():
+            raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
+        if dest.exists():
+            raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+        t0 = time.perf_counter()
+        async with self._claim(rec, BoxStatus.EXPORTING, CAPTURABLE, "it has no disk state to export"):
+            box_dir = self.home.box_dir(rec.id)
+            if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+                layer, consistency, timings = await self._capture(rec, SnapshotOptions())
+                top = self.layers.layer_path(layer)
+            else:  # at rest, and the claim keeps it so: read its top directly, no capture
+                self.layers.commit(box_dir)
+                top, consistency, timings = box_dir / TOP, "stopped", {"pause_ms": 0.0}
+            metadata = {k: v for k, v in rec.options.items() if k != "env"} if options.include_metadata else None
+            manifest = {
+                "box_name": rec.name,
+                "image": rec.image,
+                "image_digest": rec.image_digest,
+                "guest_bundle": rec.guest_bundle,
+                "consistency": consistency,
+                **({"box_options": metadata} if metadata is not None else {}),
+            }
+            result = await asyncio.to_thread(
+                archive.write_archive,
+                top,
+                dest,
+                manifest,
+                compress=options.compress,
+                level=options.compression_level,
+            )
+        self.store.add_timing(rec.id, export_ms=(time.perf_counter() - t0) * 1000, **timings)
+        return result.path
+
+    async def import_box(self: LocalBackend, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
+        """Verify an archive completely, then create a new box from it; a failure leaves nothing."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise NotFound(f"archive {path} does not exist")
+        if name is not None:
+            check_name(name)
+            if self.store.get_box(name) is not None:
+                raise AlreadyExists(f"a box named {name!r} already exists: choose another name")
+        t0 = time.perf_counter()
+        box_id = secrets.token_hex(16)
+        work = self.home.staging_dir("import-")
+        try:
+            verified = await asyncio.to_thread(archive.read_archive, path, work, IMPORT_LIMIT)
+            manifest = verified.manifest
+            final_name = name or _free_name(self, str(manifest.get("box_name") or "imported"))
+            options = _imported_options(manifest, untrusted)
+            box_dir = work / "box"
+            box_dir.mkdir(mode=0o700)
+            os.rename(verified.disk, box_dir / TOP)
+            bundle = self._bundle()
+            rootfs_size = bundle.rootfs.stat().st_size
+            final = self.home.box_dir(box_id)
+            qcow2.write_overlay(box_dir / GUEST_TOP, rootfs_size, os.path.relpath(bundle.rootfs, final), "raw")
+            mark_owner(box_dir)
+            box_dir.rename(final)
+            rec = BoxRecord(
+                id=box_id,
+                name=final_name,
+                status=BoxStatus.STOPPED,
+                image=str(manifest.get("image") or "imported"),
+                image_digest=manifest.get("image_digest") if isinstance(manifest.get("image_digest"), str) else None,
+                options=options,
+                mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3)),
+                guest_bundle=bundle.id,
+                timings={"import_ms": round((time.perf_counter() - t0) * 1000, 2)},
+            )
+            try:
+                self.store.insert_box(rec)
+            except BaseException:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            (final / OWNER).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return self._info(rec)
+
     # -- space ------------------------------------------------------------------------
     def _gc(self: LocalBackend) -> list[str]:
         return self.layers.gc(s.layer for s in self.store.list_snapshots())
@@ -280,6 +371,39 @@ class StateOps:
             snapshots={k[5:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("snap:")},
             layers_bytes=total,
         )
+
+
+IMPORT_LIMIT = int(os.environ.get("BOXVM_IMPORT_LIMIT_BYTES", 256 << 30))
+
+
+def _free_name(backend: LocalBackend, wanted: str) -> str:
+    base = wanted if NAME_RE.match(wanted) else "imported"
+    name, n = base, 1
+    while backend.store.get_box(name) is not None:
+        n += 1
+        name = f"{base[:120]}-{n}"
+    return name
+
+
+def _imported_options(manifest: dict[str, object], untrusted: bool) -> dict[str, object]:
+    """Box options from a manifest, validated; host-specific ones dropped when untrusted."""
+    raw = manifest.get("box_options")
+    data = dict(raw) if isinstance(raw, dict) else {}
+    image_config = data.pop("image_config", None)
+    size = manifest["disk_virtual_size"]
+    data["disk_size_gb"] = max(1, -(-int(size) // (1 << 30)))  # type: ignore[call-overload]
+    data.pop("env", None)
+    if untrusted:
+        data.pop("ports", None)
+        data["cpus"] = min(int(data.get("cpus", 1) or 1), os.cpu_count() or 1)  # type: ignore[call-overload]
+        data["memory_mib"] = min(int(data.get("memory_mib", 512) or 512), 4096)  # type: ignore[call-overload]
+    try:
+        options = BoxOptions.from_dict(data).validate()
+    except (InvalidArgument, TypeError, ValueError) as exc:
+        raise ArchiveError(f"the archive's box options are invalid: {exc}") from exc
+    out = options.to_dict()
+    out["image_config"] = image_config if isinstance(image_config, dict) else {}
+    return out
 
 
 def _allocated(path: Path) -> int:

@@ -530,6 +530,31 @@ async def clone(
 
 
 @cli.command()
+@click.argument("box")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--no-compress", is_flag=True, help="Plain tar instead of zstd.")
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
+@click.option("--no-metadata", is_flag=True, help="Leave the box options out of the manifest.")
+@run_async
+async def export(rt: boxvm.Runtime, box: str, dest: Path, no_compress: bool, level: int, no_metadata: bool) -> None:
+    """Write BOX (running or not) to a verified .boxsnap archive (DEST: a file or a directory)."""
+    options = boxvm.ExportOptions(compress=not no_compress, compression_level=level, include_metadata=not no_metadata)
+    path = await (await must_get(rt, box)).export(dest, options)
+    out.print(str(path), highlight=False)
+
+
+@cli.command(name="import")
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("--name", help="Name of the new box (default: the archive's).")
+@click.option("--untrusted", is_flag=True, help="Ignore host-specific options (ports) and clamp resources.")
+@run_async
+async def import_(rt: boxvm.Runtime, archive: Path, name: str | None, untrusted: bool) -> None:
+    """Create a box from an archive, verified completely before the box appears."""
+    box = await rt.import_box(archive, name, untrusted=untrusted)
+    out.print(f"{box.name} {box.id}", highlight=False)
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def df(rt: boxvm.Runtime, as_json: bool) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,3 +180,151 @@ def flatten(top: Path, dest: Path) -> None:
         if "No space left" in msg:
             raise StorageError(f"no space left while copying the disk to {dest.parent}: free some space")
         raise StorageError(f"could not flatten {top.name}: {msg}")
+
+
+# -- reading a chain's allocation and streaming it flattened ------------------------
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+FLAG_COPIED = 1 << 63
+FLAG_COMPRESSED = 1 << 62
+FLAG_ZERO = 1
+INCOMPAT_EXTENDED_L2 = 1 << 4
+
+
+def allocation(path: Path) -> dict[int, int | None]:
+    """Guest cluster index -> host offset of the data in ``path`` (None: reads as zeros),
+    for the clusters this one image defines. Unlisted clusters fall through to the backing.
+
+    Every table offset is checked against the file size, so a hostile image cannot make
+    us read outside it. Compressed clusters and extended L2 entries are refused (boxvm
+    never writes them).
+    """
+    header = read_header(path)
+    if header.cluster_bits != CLUSTER_BITS:
+        raise ValueError(f"{path.name}: cluster size 2^{header.cluster_bits} is not supported")
+    if header.crypt_method or header.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTENDED_L2):
+        raise ValueError(f"{path.name}: encrypted, external-data or extended-L2 images are not supported")
+    file_size = path.stat().st_size
+    l2_entries = CLUSTER // 8
+    needed_l1 = -(-header.size // (CLUSTER * l2_entries))
+    if header.l1_size < needed_l1 or header.l1_table_offset % CLUSTER:
+        raise ValueError(f"{path.name}: L1 table too small or misaligned")
+    if header.l1_table_offset + header.l1_size * 8 > file_size:
+        raise ValueError(f"{path.name}: L1 table points past the end of the file")
+    out: dict[int, int | None] = {}
+    with path.open("rb") as f:
+        fd = f.fileno()
+        l1 = struct.unpack(f">{header.l1_size}Q", os.pread(fd, header.l1_size * 8, header.l1_table_offset))
+        for i, entry in enumerate(l1[:needed_l1]):
+            l2_offset = entry & L2_OFFSET_MASK
+            if not l2_offset:
+                continue
+            if l2_offset % CLUSTER or l2_offset + CLUSTER > file_size:
+                raise ValueError(f"{path.name}: an L2 table points outside the file")
+            l2 = struct.unpack(f">{l2_entries}Q", os.pread(fd, CLUSTER, l2_offset))
+            base = i * l2_entries
+            for j, e in enumerate(l2):
+                if not e:
+                    continue
+                if e & FLAG_COMPRESSED:
+                    raise ValueError(f"{path.name}: compressed clusters are not supported")
+                offset = e & L2_OFFSET_MASK
+                if e & FLAG_ZERO:
+                    out[base + j] = None
+                elif offset:
+                    if offset % CLUSTER or offset + CLUSTER > file_size:
+                        raise ValueError(f"{path.name}: a data cluster points outside the file")
+                    out[base + j] = offset
+    return out
+
+
+@dataclass(frozen=True)
+class FlatImage:
+    """A chain flattened into one standalone qcow2, laid out before any data is read."""
+
+    size: int  # bytes of the qcow2 file the stream produces
+    virtual_size: int
+    data_bytes: int  # allocated guest data carried
+    _runs: list[tuple[int, Path, int, int]]  # (guest index, file, host offset, clusters)
+    _head: bytes  # header, L1, refcount table and blocks, L2 tables
+
+    def chunks(self, max_chunk: int = 4 << 20) -> Iterator[bytes]:
+        """The file's bytes in order: metadata first, then data clusters by guest index."""
+        yield self._head
+        files: dict[Path, int] = {}
+        try:
+            for _idx, path, offset, count in self._runs:
+                fd = files.get(path)
+                if fd is None:
+                    fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                remaining, pos = count * CLUSTER, offset
+                while remaining:
+                    n = min(remaining, max_chunk)
+                    data = os.pread(fd, n, pos)
+                    if len(data) != n:
+                        raise StorageError(f"{path.name} is shorter than its tables say")
+                    yield data
+                    remaining -= n
+                    pos += n
+        finally:
+            for fd in files.values():
+                os.close(fd)
+
+
+def flatten_plan(top: Path) -> FlatImage:
+    """Plan the standalone image of ``top``'s whole chain from metadata alone."""
+    layers = chain(top)
+    virtual_size = read_header(layers[0]).size
+    merged: dict[int, tuple[Path, int | None]] = {}
+    for path in reversed(layers):  # base first, so upper layers override
+        for idx, offset in allocation(path).items():
+            merged[idx] = (path, offset)
+    data = sorted((idx, path, off) for idx, (path, off) in merged.items() if off is not None)
+    l2_entries = CLUSTER // 8
+    l1_size = max(1, -(-virtual_size // (CLUSTER * l2_entries)))
+    l1_clusters = -(-l1_size * 8 // CLUSTER)
+    l2_indices = sorted({idx // l2_entries for idx, _p, _o in data})
+    n_data, n_l2 = len(data), len(l2_indices)
+    rb_entries = CLUSTER // 2  # 16-bit refcounts
+    rb_count, rt_clusters = 1, 1
+    while True:  # the refcount structures count themselves
+        total = 1 + l1_clusters + rt_clusters + rb_count + n_l2 + n_data
+        need_rb = -(-total // rb_entries)
+        need_rt = -(-need_rb * 8 // CLUSTER)
+        if (need_rb, need_rt) == (rb_count, rt_clusters):
+            break
+        rb_count, rt_clusters = need_rb, need_rt
+    l1_off = CLUSTER
+    rt_off = l1_off + l1_clusters * CLUSTER
+    rb_off = rt_off + rt_clusters * CLUSTER
+    l2_off = rb_off + rb_count * CLUSTER
+    data_off = l2_off + n_l2 * CLUSTER
+    header = HEADER_V3.pack(
+        MAGIC, 3, 0, 0, CLUSTER_BITS, virtual_size, 0, l1_size, l1_off, rt_off, rt_clusters, 0, 0,
+        0, 0, 0, 4, HEADER_LENGTH,
+    )  # fmt: skip
+    head = bytearray(data_off)
+    head[: len(header)] = header
+    struct.pack_into(">II", head, HEADER_LENGTH, 0, 0)  # end of header extensions
+    l2_slot = {l1_idx: l2_off + k * CLUSTER for k, l1_idx in enumerate(l2_indices)}
+    for l1_idx, off in l2_slot.items():
+        struct.pack_into(">Q", head, l1_off + l1_idx * 8, off | FLAG_COPIED)
+    for k, (idx, _path, _off) in enumerate(data):
+        entry_at = l2_slot[idx // l2_entries] + (idx % l2_entries) * 8
+        struct.pack_into(">Q", head, entry_at, (data_off + k * CLUSTER) | FLAG_COPIED)
+    for b in range(rb_count):
+        struct.pack_into(">Q", head, rt_off + b * 8, rb_off + b * CLUSTER)
+    refcounts = struct.pack(f">{total}H", *([1] * total))
+    head[rb_off : rb_off + len(refcounts)] = refcounts
+    runs: list[tuple[int, Path, int, int]] = []
+    for idx, path, off in data:  # coalesce clusters adjacent in both guest and host order
+        if (
+            runs
+            and runs[-1][1] == path
+            and runs[-1][0] + runs[-1][3] == idx
+            and (runs[-1][2] + runs[-1][3] * CLUSTER == off)
+        ):
+            g, p, o, c = runs[-1]
+            runs[-1] = (g, p, o, c + 1)
+        else:
+            runs.append((idx, path, off, 1))
+    return FlatImage(data_off + n_data * CLUSTER, virtual_size, n_data * CLUSTER, runs, bytes(head))

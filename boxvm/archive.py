@@ -1,0 +1,275 @@
+"""The ``.boxsnap`` archive: writing it in one pass and reading it with full verification.
+
+Writing: the container disk's chain is flattened by ``qcow2.flatten_plan`` (layout from
+metadata, then data clusters in order), and those bytes go straight through SHA-256 into
+a tar member inside a zstd stream inside a temporary file: one pass, no intermediate
+copy. ``manifest.json`` comes last because it carries the checksum.
+
+Reading trusts nothing: members are limited in name, type, count and size while they
+stream (before the manifest is seen, since it comes last), checksums and sizes are
+compared with the manifest, and the disk must be a standalone qcow2 whose tables stay
+inside the file, judged by our reader and by ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from boxvm.disks import qcow2
+from boxvm.errors import ArchiveError, StorageError
+
+FORMAT = "boxvm-archive"
+VERSION = 1
+DISK = "disk.qcow2"
+GUEST_DISK = "guest-rootfs.qcow2"
+MEMORY = "memory.state"
+MANIFEST = "manifest.json"
+MEMBERS = {DISK, GUEST_DISK, MEMORY, MANIFEST}
+MANIFEST_LIMIT = 1 << 20
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+Progress = Callable[[int], None]  # bytes done so far
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+
+
+class _HashingReader:
+    """File-like view of a chunk iterator for ``tarfile.addfile``, hashing as it goes."""
+
+    def __init__(self, chunks: Iterator[bytes], progress: Progress | None) -> None:
+        self._chunks = chunks
+        self._buf = b""
+        self.sha256 = hashlib.sha256()
+        self.count = 0
+        self._progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        while len(self._buf) < n or n < 0:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._buf += chunk
+        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
+        self.sha256.update(data)
+        self.count += len(data)
+        if self._progress is not None:
+            self._progress(self.count)
+        return data
+
+
+def write_archive(
+    top: Path,
+    dest: Path,
+    manifest: dict[str, Any],
+    *,
+    compress: bool,
+    level: int,
+    progress: Progress | None = None,
+) -> ExportResult:
+    """Write ``top``'s flattened disk and the manifest to ``dest`` (never a partial file there)."""
+    plan = qcow2.flatten_plan(top)
+    partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("xb") as raw:
+            if compress:
+                import zstandard
+
+                cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+                out: IO[bytes] = cctx.stream_writer(raw, closefd=False)  # type: ignore[assignment]
+            else:
+                out = raw
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                reader = _HashingReader(plan.chunks(), progress)
+                tar.addfile(_info(DISK, plan.size), reader)  # type: ignore[arg-type]
+                if reader.count != plan.size:
+                    raise StorageError(f"the disk stream ended after {reader.count} of {plan.size} bytes")
+                full = {
+                    **manifest,
+                    "format": FORMAT,
+                    "version": VERSION,
+                    "container_disk_checksum": f"sha256:{reader.sha256.hexdigest()}",
+                    "guest_disk_checksum": "",
+                    "disk_virtual_size": plan.virtual_size,
+                    "disk_data_bytes": plan.data_bytes,
+                    "members": {DISK: plan.size},
+                    "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                }
+                body = json.dumps(full, indent=2, sort_keys=True).encode()
+                tar.addfile(_info(MANIFEST, len(body)), _BytesReader(body))  # type: ignore[arg-type]
+            if compress:
+                out.close()  # flushes the zstd frame; raw stays open (closefd=False)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.rename(partial, dest)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        if exc.errno == 28:
+            raise StorageError(f"no space left on the device of {dest.parent}: the archive was not written") from exc
+        raise StorageError(f"could not write {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return ExportResult(dest, full)
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def read(self, n: int = -1) -> bytes:
+        data, self._data = (self._data, b"") if n < 0 else (self._data[:n], self._data[n:])
+        return data
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mode = 0o600
+    info.mtime = int(datetime.datetime.now(datetime.UTC).timestamp())
+    return info
+
+
+@dataclass(frozen=True)
+class VerifiedArchive:
+    manifest: dict[str, Any]
+    disk: Path  # the verified standalone container disk, in the staging directory
+
+
+def _open_stream(raw: IO[bytes]) -> IO[bytes]:
+    magic = raw.read(4)
+    raw.seek(0)
+    if magic == ZSTD_MAGIC:
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+    return raw
+
+
+def read_archive(archive: Path, work: Path, max_disk_bytes: int, progress: Progress | None = None) -> VerifiedArchive:
+    """Stream ``archive`` into ``work`` and verify everything; raises ArchiveError."""
+    import zstandard
+
+    seen: dict[str, tuple[int, str]] = {}
+    manifest_bytes = b""
+    done = 0
+    try:
+        with archive.open("rb") as raw, tarfile.open(fileobj=_open_stream(raw), mode="r|") as tar:
+            for member in tar:
+                name = member.name
+                if name not in MEMBERS:
+                    raise ArchiveError(f"{archive.name}: unexpected member {name!r} (absolute, '..' or unknown)")
+                if name in seen or (name == MANIFEST and manifest_bytes):
+                    raise ArchiveError(f"{archive.name}: duplicate member {name!r}")
+                if not member.isreg():
+                    raise ArchiveError(f"{archive.name}: member {name!r} is a link, device or directory")
+                limit = MANIFEST_LIMIT if name == MANIFEST else max_disk_bytes
+                if member.size > limit:
+                    raise ArchiveError(
+                        f"{archive.name}: {name} declares {member.size} bytes, over the limit of {limit}"
+                    )
+                source = tar.extractfile(member)
+                if source is None:
+                    raise ArchiveError(f"{archive.name}: cannot read {name}")
+                if name == MANIFEST:
+                    manifest_bytes = source.read(MANIFEST_LIMIT + 1)
+                    seen[name] = (len(manifest_bytes), "")
+                    continue
+                h = hashlib.sha256()
+                count = 0
+                with (work / name).open("xb") as out:
+                    while chunk := source.read(1 << 20):
+                        count += len(chunk)
+                        if count > limit:
+                            raise ArchiveError(f"{archive.name}: {name} is larger than the limit of {limit}")
+                        h.update(chunk)
+                        out.write(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done)
+                    out.flush()
+                    os.fsync(out.fileno())
+                if count != member.size:
+                    raise ArchiveError(f"{archive.name}: {name} is truncated")
+                seen[name] = (count, f"sha256:{h.hexdigest()}")
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+        raise ArchiveError(f"{archive.name} is truncated or corrupt ({exc}); nothing was imported") from exc
+    except OSError as exc:
+        if exc.errno == 28:
+            raise StorageError("no space left while importing: free some space; nothing was imported") from exc
+        raise ArchiveError(f"{archive.name} could not be read: {exc}") from exc
+    manifest = _check_manifest(archive, manifest_bytes, seen)
+    disk = work / DISK
+    _check_disk(archive, disk, manifest)
+    return VerifiedArchive(manifest, disk)
+
+
+def _check_manifest(archive: Path, body: bytes, seen: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    if not body:
+        raise ArchiveError(f"{archive.name} has no manifest.json: it is not a boxvm archive")
+    try:
+        manifest = json.loads(body)
+    except ValueError as exc:
+        raise ArchiveError(f"{archive.name}: manifest.json is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArchiveError(f"{archive.name}: manifest.json is not a {FORMAT} manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArchiveError(f"{archive.name}: manifest version must be an integer")
+    if version > VERSION:
+        raise ArchiveError(
+            f"{archive.name} has archive version {version}; this boxvm reads up to {VERSION}: upgrade boxvm"
+        )
+    members = manifest.get("members")
+    checksum = manifest.get("container_disk_checksum")
+    if not isinstance(members, dict) or not isinstance(checksum, str):
+        raise ArchiveError(f"{archive.name}: manifest lacks members or container_disk_checksum")
+    if DISK not in seen:
+        raise ArchiveError(f"{archive.name} has no {DISK}")
+    for name in seen.keys() - {MANIFEST}:
+        if members.get(name) != seen[name][0]:
+            raise ArchiveError(
+                f"{archive.name}: {name} has {seen[name][0]} bytes, the manifest says {members.get(name)}"
+            )
+    if set(members) - set(seen):
+        raise ArchiveError(f"{archive.name}: members {sorted(set(members) - set(seen))} are missing")
+    if checksum != seen[DISK][1]:
+        raise ArchiveError(f"{archive.name}: {DISK} does not match its checksum (corrupt or altered)")
+    if not isinstance(manifest.get("disk_virtual_size"), int):
+        raise ArchiveError(f"{archive.name}: manifest lacks disk_virtual_size")
+    return manifest
+
+
+def _check_disk(archive: Path, disk: Path, manifest: dict[str, Any]) -> None:
+    try:
+        header = qcow2.read_header(disk)
+        if header.backing_file is not None:
+            raise ValueError(f"it references a backing file ({header.backing_file!r}), which could read host files")
+        if header.data_file is not None or header.incompatible_features & qcow2.INCOMPAT_DATA_FILE:
+            raise ValueError("it uses an external data file")
+        if header.refcount_table_offset + header.refcount_table_clusters * qcow2.CLUSTER > disk.stat().st_size:
+            raise ValueError("its refcount table points past the end of the file")
+        if header.size != manifest["disk_virtual_size"]:
+            raise ValueError("its virtual size differs from the manifest")
+        qcow2.allocation(disk)  # every table and data offset inside the file
+    except (ValueError, OSError) as exc:
+        raise ArchiveError(f"{archive.name}: {DISK} is unsafe or malformed: {exc}") from exc
+    check = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(disk)], capture_output=True, text=True)
+    if check.returncode != 0:
+        raise ArchiveError(
+            f"{archive.name}: qemu-img check rejects {DISK}: {check.stdout.strip() or check.stderr.strip()}"
+        )
