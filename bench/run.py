@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    parser.add_argument("--only", choices=["lifecycle", "state"], help="Run one group.")
+    parser.add_argument("--only", choices=["lifecycle", "state", "archive"], help="Run one group.")
     args = parser.parse_args()
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
     b = bundle.ensure(home, print)
@@ -141,6 +141,10 @@ def main() -> None:
         from bench.state import run_state
 
         results.update(asyncio.run(run_state(home, args.runs)))
+    if args.only in (None, "archive"):
+        from bench.archive import run_archive
+
+        results.update(asyncio.run(run_archive(home.root, max(3, args.runs // 2))))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
     print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")
@@ -155,6 +159,9 @@ def main() -> None:
         )
         ratios["snapshot_create_2g / snapshot_create_64m"] = med["snapshot_create_2g"] / med["snapshot_create_64m"]
         ratios["clone_2g / clone_64m"] = med["clone_2g"] / med["clone_64m"]
+    if "export_mb_s" in med:
+        ratios["export_mb_s / export_baseline_mb_s"] = med["export_mb_s"] / med["export_baseline_mb_s"]
+        ratios["import_mb_s / import_baseline_mb_s"] = med["import_mb_s"] / med["import_baseline_mb_s"]
     print()
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.3f}")
