@@ -19,7 +19,7 @@ import json
 import os
 import subprocess
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -46,30 +46,6 @@ class ExportResult:
     manifest: dict[str, Any]
 
 
-class _HashingReader:
-    """File-like view of a chunk iterator for ``tarfile.addfile``, hashing as it goes."""
-
-    def __init__(self, chunks: Iterator[bytes], progress: Progress | None) -> None:
-        self._chunks = chunks
-        self._buf = b""
-        self.sha256 = hashlib.sha256()
-        self.count = 0
-        self._progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        while len(self._buf) < n or n < 0:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._buf += chunk
-        data, self._buf = (self._buf, b"") if n < 0 else (self._buf[:n], self._buf[n:])
-        self.sha256.update(data)
-        self.count += len(data)
-        if self._progress is not None:
-            self._progress(self.count)
-        return data
-
-
 def write_archive(
     top: Path,
     dest: Path,
@@ -91,24 +67,35 @@ def write_archive(
                 out: IO[bytes] = cctx.stream_writer(raw, closefd=False)  # type: ignore[assignment]
             else:
                 out = raw
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                reader = _HashingReader(plan.chunks(), progress)
-                tar.addfile(_info(DISK, plan.size), reader)  # type: ignore[arg-type]
-                if reader.count != plan.size:
-                    raise StorageError(f"the disk stream ended after {reader.count} of {plan.size} bytes")
-                full = {
-                    **manifest,
-                    "format": FORMAT,
-                    "version": VERSION,
-                    "container_disk_checksum": f"sha256:{reader.sha256.hexdigest()}",
-                    "guest_disk_checksum": "",
-                    "disk_virtual_size": plan.virtual_size,
-                    "disk_data_bytes": plan.data_bytes,
-                    "members": {DISK: plan.size},
-                    "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                }
-                body = json.dumps(full, indent=2, sort_keys=True).encode()
-                tar.addfile(_info(MANIFEST, len(body)), _BytesReader(body))  # type: ignore[arg-type]
+            # Members are written by hand (header block, data, zero padding): tarfile's
+            # stream writer re-slices its buffer on every write, which made export 5x
+            # slower than hashing and compressing the same bytes.
+            out.write(_info(DISK, plan.size).tobuf(format=tarfile.PAX_FORMAT))
+            sha, count = hashlib.sha256(), 0
+            for chunk in plan.chunks():
+                sha.update(chunk)
+                out.write(chunk)
+                count += len(chunk)
+                if progress is not None:
+                    progress(count)
+            if count != plan.size:
+                raise StorageError(f"the disk stream ended after {count} of {plan.size} bytes")
+            out.write(b"\0" * (-count % tarfile.BLOCKSIZE))
+            full = {
+                **manifest,
+                "format": FORMAT,
+                "version": VERSION,
+                "container_disk_checksum": f"sha256:{sha.hexdigest()}",
+                "guest_disk_checksum": "",
+                "disk_virtual_size": plan.virtual_size,
+                "disk_data_bytes": plan.data_bytes,
+                "members": {DISK: plan.size},
+                "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
+            body = json.dumps(full, indent=2, sort_keys=True).encode()
+            out.write(_info(MANIFEST, len(body)).tobuf(format=tarfile.PAX_FORMAT))
+            out.write(body + b"\0" * (-len(body) % tarfile.BLOCKSIZE))
+            out.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
             if compress:
                 out.close()  # flushes the zstd frame; raw stays open (closefd=False)
             raw.flush()
@@ -123,15 +110,6 @@ def write_archive(
         partial.unlink(missing_ok=True)
         raise
     return ExportResult(dest, full)
-
-
-class _BytesReader:
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self, n: int = -1) -> bytes:
-        data, self._data = (self._data, b"") if n < 0 else (self._data[:n], self._data[n:])
-        return data
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
