@@ -151,7 +151,7 @@ def read_archive(archive: Path, work: Path, max_disk_bytes: int, progress: Progr
                     raise ArchiveError(f"{archive.name}: unexpected member {name!r} (absolute, '..' or unknown)")
                 if name in seen or (name == MANIFEST and manifest_bytes):
                     raise ArchiveError(f"{archive.name}: duplicate member {name!r}")
-                if not member.isreg():
+                if not member.isreg():  # (GNU sparse members count as regular: BoxLite writes them)
                     raise ArchiveError(f"{archive.name}: member {name!r} is a link, device or directory")
                 limit = MANIFEST_LIMIT if name == MANIFEST else max_disk_bytes
                 if member.size > limit:
@@ -198,12 +198,16 @@ def read_archive(archive: Path, work: Path, max_disk_bytes: int, progress: Progr
 
 def _check_manifest(archive: Path, body: bytes, seen: dict[str, tuple[int, str]]) -> dict[str, Any]:
     if not body:
-        raise ArchiveError(f"{archive.name} has no manifest.json: it is not a boxvm archive")
+        raise ArchiveError(f"{archive.name} has no manifest.json: it is not a boxvm or BoxLite archive")
     try:
         manifest = json.loads(body)
     except ValueError as exc:
         raise ArchiveError(f"{archive.name}: manifest.json is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict):
+        raise ArchiveError(f"{archive.name}: manifest.json is not a JSON object")
+    if "format" not in manifest and isinstance(manifest.get("image"), str):
+        return _boxlite_manifest(archive, manifest, seen)
+    if manifest.get("format") != FORMAT:
         raise ArchiveError(f"{archive.name}: manifest.json is not a {FORMAT} manifest")
     version = manifest.get("version")
     if not isinstance(version, int) or isinstance(version, bool):
@@ -232,6 +236,39 @@ def _check_manifest(archive: Path, body: bytes, seen: dict[str, tuple[int, str]]
     return manifest
 
 
+BOXLITE_VERSIONS = range(1, 6)
+
+
+def _boxlite_manifest(archive: Path, manifest: dict[str, Any], seen: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    """Normalise a BoxLite manifest (versions 1-5: no format field, checksums from v2,
+    box options from v3) into ours, verifying what it carries."""
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version not in BOXLITE_VERSIONS:
+        raise ArchiveError(f"{archive.name}: BoxLite archive version {version!r} is not supported (1-5 are)")
+    if DISK not in seen:
+        raise ArchiveError(f"{archive.name} has no {DISK}")
+    checksum = manifest.get("container_disk_checksum")
+    if version >= 2 and (not isinstance(checksum, str) or checksum != seen[DISK][1]):
+        raise ArchiveError(f"{archive.name}: {DISK} does not match its checksum (corrupt or altered)")
+    raw_options = manifest.get("box_options")
+    options: dict[str, Any] = {}
+    if isinstance(raw_options, dict):  # only what means the same here; the rest is BoxLite's own
+        for key in ("cpus", "memory_mib", "workdir", "user"):
+            if isinstance(raw_options.get(key), int | str) and not isinstance(raw_options.get(key), bool):
+                options[key] = raw_options[key]
+    name = manifest.get("box_name")
+    return {
+        "format": "boxlite-archive",
+        "version": version,
+        "box_name": name if isinstance(name, str) else None,
+        "image": manifest["image"],
+        "container_disk_checksum": checksum if version >= 2 else "",
+        "box_options": options,
+        "disk_virtual_size": None,  # taken from the verified disk
+        "members": {n: size for n, (size, _h) in seen.items() if n != MANIFEST},
+    }
+
+
 def _check_disk(archive: Path, disk: Path, manifest: dict[str, Any]) -> None:
     try:
         header = qcow2.read_header(disk)
@@ -241,7 +278,9 @@ def _check_disk(archive: Path, disk: Path, manifest: dict[str, Any]) -> None:
             raise ValueError("it uses an external data file")
         if header.refcount_table_offset + header.refcount_table_clusters * qcow2.CLUSTER > disk.stat().st_size:
             raise ValueError("its refcount table points past the end of the file")
-        if header.size != manifest["disk_virtual_size"]:
+        if manifest["disk_virtual_size"] is None:  # BoxLite manifests do not record it
+            manifest["disk_virtual_size"] = header.size
+        elif header.size != manifest["disk_virtual_size"]:
             raise ValueError("its virtual size differs from the manifest")
         qcow2.allocation(disk)  # every table and data offset inside the file
     except (ValueError, OSError) as exc:

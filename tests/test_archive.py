@@ -179,6 +179,10 @@ def case_huge_declared(tmp: Path) -> Path:
 
 CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bit flip in the disk": (case_bitflip, "checksum"),
+    "bit flip in the manifest": (
+        case_members(lambda t: [valid(t)[0], ("manifest.json", flip(valid(t)[1], 0))]),
+        "not valid JSON",
+    ),
     "truncated zstd 10%": (case_truncated(0.1, True), "truncated or corrupt"),
     "truncated zstd 60%": (case_truncated(0.6, True), "truncated or corrupt"),
     "truncated zstd 99%": (case_truncated(0.99, True), "truncated or corrupt"),
@@ -257,3 +261,50 @@ async def test_export_to_a_full_disk_leaves_no_partial_file(rt: boxvm.Runtime, t
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
         await rt.remove(box.id)
+
+
+async def test_boxlite_archives_import_and_boot(rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path) -> None:
+    """BoxLite writes the manifest first, has no format field, checksums from v2, options
+    from v3; its disk.qcow2 is a standalone qcow2 holding an ext4 root filesystem."""
+    await fresh_box.start()
+    await fresh_box.exec(["sh", "-c", "echo made-in-boxlite > /root/origin"])
+    await fresh_box.stop()
+    disk = tmp_path / "disk.qcow2"
+    top = rt.backend.home.box_dir(fresh_box.id) / "disk.qcow2"  # type: ignore[attr-defined]
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(top), str(disk)], check=True)
+    data = disk.read_bytes()
+    checksum = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def boxlite(version: int, compress: bool, **extra: object) -> Path:
+        manifest: dict[str, object] = {
+            "version": version,
+            "box_name": "from-boxlite",
+            "image": "alpine:latest",
+            "guest_disk_checksum": "",
+            "container_disk_checksum": checksum if version >= 2 else "",
+            "exported_at": "2026-01-01T00:00:00Z",
+        }
+        if version >= 3:
+            manifest["box_options"] = {"cpus": 1, "memory_mib": 256, "ports": [{"guest_port": 80}], "env": {}}
+        manifest.update(extra)
+        return build(
+            tmp_path / f"v{version}.boxlite",
+            [("manifest.json", json.dumps(manifest).encode()), ("disk.qcow2", data)],
+            compress,
+        )
+
+    imported = []
+    try:
+        for version, compress in ((3, True), (1, False), (5, True)):
+            imported.append(await rt.import_box(boxlite(version, compress), name=f"t-boxlite-v{version}"))
+        box = imported[0]
+        assert (await box.info()).memory_mib == 256
+        await box.start()
+        assert (await box.exec(["cat", "/root/origin"])).stdout == b"made-in-boxlite\n"
+        with pytest.raises(boxvm.ArchiveError, match="version 6 is not supported"):
+            await rt.import_box(boxlite(6, True), name="t-boxlite-v6")
+        with pytest.raises(boxvm.ArchiveError, match="checksum"):
+            await rt.import_box(boxlite(2, True, container_disk_checksum="sha256:" + "1" * 64), name="t-bl-bad")
+    finally:
+        for box in imported:
+            await rt.remove(box.id, force=True)

@@ -287,7 +287,8 @@ class StateOps:
             metadata = {k: v for k, v in rec.options.items() if k != "env"} if options.include_metadata else None
             manifest = {
                 "box_name": rec.name,
-                "image": rec.image,
+                # a local OCI image is recorded by its path: keep only its name (no host paths)
+                "image": Path(rec.image).name if rec.image.startswith("/") else rec.image,
                 "image_digest": rec.image_digest,
                 "guest_bundle": rec.guest_bundle,
                 "consistency": consistency,
