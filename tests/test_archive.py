@@ -180,7 +180,7 @@ def case_huge_declared(tmp: Path) -> Path:
 CORPUS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "bit flip in the disk": (case_bitflip, "checksum"),
     "bit flip in the manifest": (
-        case_members(lambda t: [valid(t)[0], ("manifest.json", flip(valid(t)[1], 0))]),
+        case_members(lambda t: [valid(t)[0], ("manifest.json", flip(valid(t)[1][1], 0))]),
         "not valid JSON",
     ),
     "truncated zstd 10%": (case_truncated(0.1, True), "truncated or corrupt"),
