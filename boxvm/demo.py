@@ -1,74 +1,106 @@
-"""The main job: the box lifecycle on the built-in image, with timings.
+"""The main job: the box lifecycle and every state operation on the built-in image, timed.
 
-``python -m boxvm.demo`` creates a box, runs commands, streams output, writes a file,
-stops and restarts the box and shows the file survived, then removes the box.
+``python -m boxvm.demo`` creates a box, runs and streams commands, stops and restarts it,
+then snapshots it while running, restores, clones (from the running box and, in a batch,
+from a snapshot), exports it to an archive and imports that as a new box. Every box it
+makes is removed at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+from pathlib import Path
 
 import boxvm
 
-DEMO_BOX = "boxvm-demo"
+PREFIX = "boxvm-demo"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def step(self, label: str, extra: str = "") -> None:
+        ms = (time.perf_counter() - self.t) * 1000
+        print(f"  {label:<44} {ms:9.1f} ms  {extra}")
+        self.t = time.perf_counter()
+
+
+async def read(box: boxvm.Box, path: str) -> str:
+    r = await box.exec(["sh", "-c", f"cat {path} 2>/dev/null || echo '(absent)'"])
+    return r.stdout.decode().strip().replace("\n", " | ")
 
 
 async def main() -> None:
-    timings: list[tuple[str, float]] = []
-
-    def step(label: str, t0: float) -> None:
-        ms = (time.perf_counter() - t0) * 1000
-        timings.append((label, ms))
-        print(f"  {label:<34} {ms:9.1f} ms")
-
     async with boxvm.Runtime() as rt:
-        if await rt.get(DEMO_BOX) is not None:  # left over from an interrupted run
-            await rt.remove(DEMO_BOX, force=True)
-        print("boxvm demo: a micro-VM on the built-in Debian image")
-        t = time.perf_counter()
-        box = await rt.create(boxvm.BoxOptions(), name=DEMO_BOX)
-        step("create", t)
+        for info in await rt.list():  # left over from an interrupted run
+            if info.name.startswith(PREFIX):
+                await rt.remove(info.id, force=True)
+        print("boxvm demo on the built-in Debian image\n\nlifecycle")
+        clock = Clock()
+        box = await rt.create(boxvm.BoxOptions(), name=PREFIX)
+        clock.step("create")
         try:
-            t = time.perf_counter()
             await box.start()
-            step("start (boot to agent ready)", t)
-
-            t = time.perf_counter()
+            clock.step("start (boot to agent ready)")
             r = await box.exec(["sh", "-c", "uname -sr; cat /etc/hostname; python3 -c 'print(6*7)'"])
-            step("first exec", t)
-            print("    " + r.stdout.decode().strip().replace("\n", "\n    "))
-
-            t = time.perf_counter()
+            clock.step("first exec", r.stdout.decode().strip().replace("\n", " | "))
             await box.exec(["true"])
-            step("warm exec round trip", t)
-
-            print("  streaming output as it is produced:")
+            clock.step("warm exec round trip")
             proc = await box.spawn(["sh", "-c", "for i in 1 2 3; do echo tick $i; sleep 0.3; done"])
-            t = time.perf_counter()
+            arrivals = []
             async for chunk in proc.stdout:
-                print(f"    +{(time.perf_counter() - t) * 1000:6.0f} ms  {chunk.decode().strip()}")
+                arrivals.append(f"{chunk.decode().strip()}@{(time.perf_counter() - clock.t) * 1000:.0f}ms")
             await proc.wait()
-
-            r = await box.exec(["sh", "-c", "echo 'hello from before the restart' > /root/note; sync"])
-            print(f"  wrote /root/note (exit {r.exit_code})")
-            t = time.perf_counter()
+            clock.step("streamed output", ", ".join(arrivals))
+            await box.exec(["sh", "-c", "echo 'written before the restart' > /root/note"])
             await box.stop()
-            step("stop (guest syncs and unmounts)", t)
-            t = time.perf_counter()
+            clock.step("stop (guest syncs and unmounts)")
             await box.start()
-            step("start again", t)
-            r = await box.exec(["cat", "/root/note"])
-            print(f"  /root/note after restart: {r.stdout.decode().strip()!r}")
-            if r.stdout != b"hello from before the restart\n":
-                raise SystemExit("the file did not survive the restart")
+            clock.step("start again", f"/root/note: {await read(box, '/root/note')}")
+
+            print("\nstate operations")
+            await box.exec(["sh", "-c", "echo v1 > /root/version"])
+            snap = await box.snapshot.create("v1")
+            clock.step("snapshot of the running box", f"guest pause {snap.timings['pause_ms']:.1f} ms")
+            await box.exec(["sh", "-c", "echo v2 > /root/version"])
+            twin = await box.clone(f"{PREFIX}-twin")
+            clock.step("clone of the running box", f"guest pause {(await twin.info()).timings['pause_ms']:.1f} ms")
+            await box.stop()
+            clock.step("stop")
+            await box.snapshot.restore("v1")
+            clock.step("restore v1 (stopped box)")
+            await box.start()
+            clock.step("start", f"/root/version: {await read(box, '/root/version')} (was v2 before restore)")
+            await twin.start()
+            clock.step("start the twin", f"/root/version: {await read(twin, '/root/version')}")
+            workers = await box.clone_many(
+                3, boxvm.CloneOptions(from_snapshot="v1"), names=[f"{PREFIX}-w{i}" for i in range(3)]
+            )
+            clock.step("3 clones from snapshot v1 in one call")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = await box.export(Path(tmp))
+                size = path.stat().st_size >> 20
+                clock.step("export of the running box (verified archive)", f"{path.name}, {size} MiB")
+                copy = await rt.import_box(path, name=f"{PREFIX}-imported")
+                clock.step("import (verified before the box exists)")
+            await copy.start()
+            clock.step("start the imported box", f"/root/note: {await read(copy, '/root/note')}")
+            usage = await rt.disk_usage()
+            print("\ndisk usage (owned / shared through common layers)")
+            for name, (own, shared) in sorted(usage.boxes.items()):
+                if name.startswith(PREFIX):
+                    print(f"  {name:<28} {own >> 10:>8} KiB own {shared >> 10:>8} KiB shared")
             info = await box.info()
-            print(f"  box {info.name} ({info.id[:12]}) {info.status.value}, disk layer {info.disk_bytes >> 10} KiB")
-            print(f"  recorded timings: {info.timings}")
+            print(f"\nrecorded timings of {info.name}: {info.timings}")
+            del workers
         finally:
-            t = time.perf_counter()
-            await rt.remove(box.id, force=True)
-            step("remove", t)
+            for info in await rt.list():
+                if info.name.startswith(PREFIX):
+                    await rt.remove(info.id, force=True)
+            clock.step("\nremove every demo box")
     print("demo finished")
 
 
