@@ -26,7 +26,7 @@ from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
-from boxvm.disks.layers import LayerStore
+from boxvm.disks.layers import GUEST_TOP, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import qemu
 from boxvm.engine.client import Channel, Connection
@@ -157,8 +157,9 @@ class LocalBackend(StateOps, Backend):
         with self.home.staging("box-") as work:
             # tmp/ and boxes/ sit at the same depth, so relative backing paths written
             # here stay valid after the rename (and when the whole home is moved).
-            await _qemu_img_overlay(work / "disk.qcow2", os.path.relpath(base, final), "qcow2")
-            await _qemu_img_overlay(work / "guest-rootfs.qcow2", os.path.relpath(bundle.rootfs, final), "raw")
+            qcow2.write_overlay(work / TOP, qcow2.read_header(base).size, os.path.relpath(base, final))
+            rootfs = bundle.rootfs
+            qcow2.write_overlay(work / GUEST_TOP, rootfs.stat().st_size, os.path.relpath(rootfs, final), "raw")
             work.chmod(0o700)
             mark_owner(work)
             work.rename(final)
@@ -169,7 +170,7 @@ class LocalBackend(StateOps, Backend):
             image=image.reference,
             image_digest=image.digest,
             options={**options.to_dict(), "image_config": image.runtime_config},
-            mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*tuple(secrets.token_bytes(3))),
+            mac=qemu.new_mac(),
             guest_bundle=bundle.id,
             timings={"create_ms": round((time.monotonic() - t0) * 1000, 2)},
         )
@@ -436,19 +437,6 @@ async def _finish_copy(chan: Channel, box_path: str) -> None:
     result = await chan.wait()
     if result.get("exit_code"):
         raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
-
-
-async def _qemu_img_overlay(path: Path, backing: str, backing_fmt: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_fmt, str(path),
-        cwd=str(path.parent), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    _out, err = await proc.communicate()
-    if proc.returncode != 0:
-        text = err.decode().strip()
-        if "No space left" in text:
-            raise StorageError(f"no space left on the device holding {path.parent}: free some space")
-        raise StorageError(f"could not create {path.name}: {text}")
 
 
 def _bundle_by_id(home: Home, bundle_id: str | None) -> bundle_mod.Bundle | None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from boxvm import archive, faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import (
     NAME_RE,
@@ -258,7 +259,7 @@ class StateOps:
             image=src.image,
             image_digest=src.image_digest,
             options=dict(src.options),
-            mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3)),
+            mac=qemu.new_mac(),
             guest_bundle=src.guest_bundle,
             timings=dict(timings),
         )
@@ -338,7 +339,7 @@ class StateOps:
                 image=str(manifest.get("image") or "imported"),
                 image_digest=manifest.get("image_digest") if isinstance(manifest.get("image_digest"), str) else None,
                 options=options,
-                mac="52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3)),
+                mac=qemu.new_mac(),
                 guest_bundle=bundle.id,
                 timings={"import_ms": round((time.perf_counter() - t0) * 1000, 2)},
             )

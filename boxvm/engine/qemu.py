@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ class VmSpec:
     mac: str
     hostname: str
     machine_id: str  # 32 hex digits, like /etc/machine-id; the box id
+
+
+def new_mac() -> str:
+    """A random MAC in QEMU's locally administered 52:54:00 range (each box has its own)."""
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*secrets.token_bytes(3))
 
 
 def qemu_binary() -> str:
