@@ -32,8 +32,8 @@ done
 
 stamp=.venv/.boxvm-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    "$PY" -m venv .venv
+if [ ! -x .venv/bin/boxvm ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    "$PY" -m venv --clear .venv  # --clear: also repairs a half-deleted venv
     .venv/bin/pip install -q --upgrade pip
     .venv/bin/pip install -q -e '.[dev]'
     echo "$want" > "$stamp"
