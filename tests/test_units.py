@@ -180,3 +180,11 @@ def test_untrusted_tar_keeps_modes_but_not_setuid(tmp_path: Path) -> None:
     member = tarfile.TarInfo("dir/tool")
     member.mode = 0o4755
     assert check_member(member, tmp_path).mode == 0o755
+
+
+def test_id_prefix_lookup_is_literal(tmp_path: Path) -> None:
+    """Unique hex id prefixes find a box; '_' or '%' are never wildcards."""
+    store = Store(tmp_path / "db")
+    store.insert_box(BoxRecord("abc123" + "0" * 26, "one", BoxStatus.STOPPED, "img", {}, "52:54:00:00:00:04"))
+    assert store.get_box("abc123").name == "one"  # type: ignore[union-attr]
+    assert store.get_box("abc_23") is None and store.get_box("abc%") is None and store.get_box("ab%123") is None

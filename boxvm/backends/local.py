@@ -26,7 +26,7 @@ from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP, LayerStore
+from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import qemu
 from boxvm.engine.client import Channel, Connection
@@ -118,12 +118,11 @@ class LocalBackend(StateOps, Backend):
 
     def _info(self, rec: BoxRecord) -> BoxInfo:
         opts = BoxOptions.from_dict(rec.options)
-        disk = self.home.box_dir(rec.id) / "disk.qcow2"
+        disk = self.home.box_dir(rec.id) / TOP
         try:
-            used = disk.stat().st_blocks * 512
             depth = len(qcow2.chain(disk))
         except (OSError, StorageError):
-            used, depth = 0, 0
+            depth = 0
         return BoxInfo(
             id=rec.id,
             name=rec.name,
@@ -134,7 +133,7 @@ class LocalBackend(StateOps, Backend):
             cpus=opts.cpus,
             memory_mib=opts.memory_mib,
             disk_size_bytes=opts.disk_size_gb << 30,
-            disk_bytes=used,
+            disk_bytes=qcow2.allocated_bytes(disk),
             chain_depth=depth,
             ports=list(opts.ports),
             guest_bundle=rec.guest_bundle,
@@ -201,8 +200,6 @@ class LocalBackend(StateOps, Backend):
             if not force:
                 require("remove", rec.name, rec.status)
             await self._kill(rec)
-        elif rec.status.is_transient:
-            raise InvalidState(f"box {rec.name!r} is {rec.status.value}: wait for it to finish")
         await self._drop_conn(rec.id)
         self.store.delete_box(rec.id)  # the name is gone at once; files follow
         faults.point("remove:row-deleted")
@@ -235,7 +232,7 @@ class LocalBackend(StateOps, Backend):
         _no_operation(rec)
         require("start", rec.name, rec.status)
         # Boot the bundle the box was made with; if it was garbage-collected, the newest.
-        bundle = _bundle_by_id(self.home, rec.guest_bundle) or bundle_mod.find(self.home)
+        bundle = bundle_mod.find(self.home, rec.guest_bundle)
         if bundle is None:
             raise EngineError("the guest bundle is missing: run `boxvm setup`")
         if bundle.id != rec.guest_bundle:
@@ -304,7 +301,8 @@ class LocalBackend(StateOps, Backend):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
-            await conn.request("settle")  # no pending top from a crashed capture outlives the VM
+            if (self.home.box_dir(rec.id) / PENDING).exists():  # none may outlive the VM
+                await conn.request("settle")
             await conn.request("stop", timeout=timeout)
         except EngineError:
             await self._kill(rec)
@@ -437,16 +435,6 @@ async def _finish_copy(chan: Channel, box_path: str) -> None:
     result = await chan.wait()
     if result.get("exit_code"):
         raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
-
-
-def _bundle_by_id(home: Home, bundle_id: str | None) -> bundle_mod.Bundle | None:
-    if not bundle_id:
-        return None
-    path = home.guest / bundle_id
-    if not (path / "bundle.json").is_file():
-        return None
-    info = json.loads((path / "bundle.json").read_text())
-    return bundle_mod.Bundle(bundle_id, path, info["kernel_version"])
 
 
 def _owner_alive(directory: Path) -> bool:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from boxvm import archive, faults
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.disks.layers import GUEST_TOP, PENDING, TOP
 from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import (
@@ -86,7 +86,8 @@ class StateOps:
         t0 = time.perf_counter()
         if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
             conn = await self._conn(rec.id, rec.name)
-            await conn.request("settle")  # a pending top from a crashed capture
+            if (box_dir / PENDING).exists():  # left by a crashed capture: the supervisor decides
+                await conn.request("settle")
             layer = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             result = await conn.request(
@@ -140,8 +141,8 @@ class StateOps:
             name=snap.name,
             box_id=snap.box_id,
             created_at=snap.created_at,
-            size_bytes=_allocated(path),
-            container_disk_bytes=sum(_allocated(p) for p in chain),
+            size_bytes=qcow2.allocated_bytes(path),
+            container_disk_bytes=sum(qcow2.allocated_bytes(p) for p in chain),
             guest_disk_bytes=0,
             consistency=snap.consistency,
             has_memory=snap.has_memory,
@@ -366,8 +367,8 @@ class StateOps:
             {f"snap:{by_id.get(s.box_id, s.box_id)}/{s.name}": self.layers.layer_path(s.layer) for s in snaps}
         )
         usage = await asyncio.to_thread(self.layers.usage, owners, [s.layer for s in snaps])
-        total = sum(_allocated(p) for p in self.layers.root.glob("*/*.qcow2"))
-        total += sum(_allocated(self.home.box_dir(r.id) / TOP) for r in boxes.values())
+        total = sum(qcow2.allocated_bytes(p) for p in self.layers.root.glob("*/*.qcow2"))
+        total += sum(qcow2.allocated_bytes(self.home.box_dir(r.id) / TOP) for r in boxes.values())
         return DiskUsage(
             boxes={k[4:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("box:")},
             snapshots={k[5:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("snap:")},
@@ -406,10 +407,3 @@ def _imported_options(manifest: dict[str, object], untrusted: bool) -> dict[str,
     out = options.to_dict()
     out["image_config"] = image_config if isinstance(image_config, dict) else {}
     return out
-
-
-def _allocated(path: Path) -> int:
-    try:
-        return path.stat().st_blocks * 512
-    except OSError:
-        return 0

@@ -165,8 +165,8 @@ class LayerStore:
         for name, top in owners.items():
             chain = self._chain_or_empty(top)
             files = set(_layer_files(chain))
-            owned = sum(_allocated(p) for p in files if holders[p] <= 1)
-            shared = sum(_allocated(p) for p in files if holders[p] > 1)
+            owned = sum(qcow2.allocated_bytes(p) for p in files if holders[p] <= 1)
+            shared = sum(qcow2.allocated_bytes(p) for p in files if holders[p] > 1)
             out[name] = Usage(owned, shared, len(chain))
         return out
 
@@ -180,13 +180,6 @@ class LayerStore:
 
 def _layer_files(chain: list[Path]) -> list[Path]:
     return [p for p in chain if p.name in (TOP, PENDING, LAYER_FILE)]
-
-
-def _allocated(path: Path) -> int:
-    try:
-        return path.stat().st_blocks * 512
-    except OSError:
-        return 0
 
 
 def _fsync_dir(path: Path) -> None:

@@ -144,6 +144,14 @@ def read_header(path: Path) -> Header:
     )  # fmt: skip
 
 
+def allocated_bytes(path: Path) -> int:
+    """Host bytes a (sparse) image file really occupies; 0 if it is gone."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def resolve_backing(path: Path, backing: str) -> Path:
     """Where a backing reference points: relative names are relative to the image's directory."""
     return Path(backing) if os.path.isabs(backing) else path.parent / backing

@@ -14,7 +14,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from boxvm.errors import BoxvmError, EngineError, from_dict
+from boxvm.errors import EngineError, from_dict
 from boxvm.guest import protocol as P
 
 
@@ -177,8 +177,6 @@ class Connection:
         chan = self.open_channel({"op": op, **args})
         try:
             return await chan.wait()
-        except BoxvmError:
-            raise
         except asyncio.CancelledError:
             self._send(P.pack(chan.cid, P.CLOSE))
             raise

@@ -67,18 +67,24 @@ def plan() -> tuple[str, list[debs.Deb]]:
     return h.hexdigest()[:16], wanted
 
 
-def find(home: Home) -> Bundle | None:
-    """The newest complete bundle under ``home`` without asking apt (works offline)."""
-    best = None
-    if home.guest.is_dir():
-        for entry in home.guest.iterdir():
-            meta = entry / "bundle.json"
-            if meta.is_file() and (best is None or meta.stat().st_mtime > best[0]):
-                best = (meta.stat().st_mtime, entry)
-    if best is None:
+def load(path: Path) -> Bundle | None:
+    """The complete bundle in ``path``, or None if there is none (or it is unfinished)."""
+    meta = path / "bundle.json"
+    if not meta.is_file():
         return None
-    info = json.loads((best[1] / "bundle.json").read_text())
-    return Bundle(info["id"], best[1], info["kernel_version"])
+    info = json.loads(meta.read_text())
+    return Bundle(info["id"], path, info["kernel_version"])
+
+
+def find(home: Home, bundle_id: str | None = None) -> Bundle | None:
+    """Bundle ``bundle_id`` if given and present, else the newest complete one; never asks
+    apt, so it works offline."""
+    if bundle_id and (wanted := load(home.guest / bundle_id)) is not None:
+        return wanted
+    complete = [p for p in home.guest.glob("*/bundle.json")] if home.guest.is_dir() else []
+    if not complete:
+        return None
+    return load(max(complete, key=lambda p: p.stat().st_mtime).parent)
 
 
 def ensure(home: Home, progress: Progress = silent) -> Bundle:
@@ -86,9 +92,8 @@ def ensure(home: Home, progress: Progress = silent) -> Bundle:
     home.ensure()
     bundle_id, wanted = plan()
     path = home.guest / bundle_id
-    if (path / "bundle.json").is_file():
-        info = json.loads((path / "bundle.json").read_text())
-        return Bundle(bundle_id, path, info["kernel_version"])
+    if (built := load(path)) is not None:
+        return built
     kernel = next(d for d in wanted if d.package.startswith("linux-image-"))
     progress(f"downloading {len(wanted)} Debian packages for the guest")
     files = debs.fetch(wanted, home.cache / "debs")

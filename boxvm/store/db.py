@@ -180,8 +180,11 @@ class Store:
             "SELECT * FROM boxes WHERE id = ? OR name = ? ORDER BY id = ? DESC LIMIT 1",
             (id_or_name, id_or_name, id_or_name),
         ).fetchone()
-        if row is None and len(id_or_name) >= 6:  # unique id prefix, as docker allows
-            rows = self._db.execute("SELECT * FROM boxes WHERE id LIKE ? || '%'", (id_or_name,)).fetchall()
+        if row is None and len(id_or_name) >= 6 and all(c in "0123456789abcdef" for c in id_or_name):
+            # a unique id prefix, as docker allows (compared literally: LIKE treats '_' as a wildcard)
+            rows = self._db.execute(
+                "SELECT * FROM boxes WHERE substr(id, 1, ?) = ?", (len(id_or_name), id_or_name)
+            ).fetchall()
             row = rows[0] if len(rows) == 1 else None
         return _box(row) if row else None
 
