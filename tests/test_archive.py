@@ -49,27 +49,48 @@ async def test_stopped_round_trip_twice(rt: boxvm.Runtime, fresh_box: boxvm.Box,
         await rt.remove(second.id, force=True)
 
 
-async def test_running_export_is_point_in_time(rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path) -> None:
+async def test_running_export_is_point_in_time(
+    rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, tmp_path: Path
+) -> None:
     await fresh_box.start()
     writer = await fresh_box.spawn(["sh", "-c", WRITER])
     await asyncio.sleep(1.5)
+    layers = home.root / "layers"
+    depth, owned = (await fresh_box.info()).chain_depth, set(layers.iterdir())
     before = len((await fresh_box.exec(["cat", "/root/counter"])).stdout.split())
     path = await fresh_box.export(tmp_path / "live.boxsnap", boxvm.ExportOptions(compress=False))
     after = len((await fresh_box.exec(["cat", "/root/counter"])).stdout.split())
     info = await fresh_box.info()
     assert info.status == boxvm.BoxStatus.RUNNING and info.timings["pause_ms"] < 1000
-    await asyncio.sleep(1)
+    # the capture was released: the chain is as long as before and no layer was left behind
+    assert info.chain_depth == depth and set(layers.iterdir()) == owned
+    # and again, around a snapshot (which does keep its layer), while the writer runs on
+    await fresh_box.snapshot.create("mid")
+    depth = (await fresh_box.info()).chain_depth
+    again = await fresh_box.export(tmp_path / "again.boxsnap")
+    assert (await fresh_box.info()).chain_depth == depth
     writer.kill()
     await writer.wait()
     source = [int(x) for x in (await fresh_box.exec(["cat", "/root/counter"])).stdout.split()]
+    assert source == list(range(1, len(source) + 1))
+    await fresh_box.stop()
+    top = home.box_dir(fresh_box.id) / "disk.qcow2"
+    subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
+    await fresh_box.start()  # the source's own disk, after two releases, holds every write
+    assert [int(x) for x in (await fresh_box.exec(["cat", "/root/counter"])).stdout.split()] == source
     imported = await rt.import_box(path, name=f"{fresh_box.name}-live")
+    second = await rt.import_box(again, name=f"{fresh_box.name}-again")
     try:
         await imported.start()
         got = [int(x) for x in (await imported.exec(["cat", "/root/counter"])).stdout.split()]
         assert got == list(range(1, len(got) + 1)) and before <= len(got) <= after < len(source)
         assert got == source[: len(got)]
+        await second.start()
+        later = [int(x) for x in (await second.exec(["cat", "/root/counter"])).stdout.split()]
+        assert len(got) < len(later) <= len(source) and later == source[: len(later)]
     finally:
         await rt.remove(imported.id, force=True)
+        await rt.remove(second.id, force=True)
 
 
 # -- the adversarial corpus (no VM needed: import refuses before any box exists) ---------

@@ -249,7 +249,7 @@ class LocalBackend(StateOps, Backend):
             box_dir=box_dir,
             kernel=bundle.kernel,
             initramfs=bundle.initramfs,
-            disk=box_dir / "disk.qcow2",
+            disk=self.layers.live_link(box_dir, 0),  # the supervisor links it to the top
             guest_disk=box_dir / "guest-rootfs.qcow2",
             cpus=opts.cpus,
             memory_mib=opts.memory_mib,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ from boxvm import archive, faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP
 from boxvm.engine import qemu
-from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, InvalidState, NotFound
+from boxvm.errors import AlreadyExists, ArchiveError, EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import (
     NAME_RE,
     BoxInfo,
@@ -47,10 +49,19 @@ if TYPE_CHECKING:
     from boxvm.backends.local import LocalBackend
 
 OWNER = ".owner"
+log = logging.getLogger("boxvm")
 
 AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
 CAPTURABLE = AT_REST | {BoxStatus.RUNNING, BoxStatus.PAUSED}
 VERBS = {BoxStatus.SNAPSHOTTING: "snapshot", BoxStatus.RESTORING: "restore", BoxStatus.CLONING: "clone"}
+
+
+@dataclass(frozen=True)
+class Capture:
+    layer: str
+    consistency: str
+    timings: dict[str, float]
+    node: str | None  # the running VM's block node for the layer (None: captured at rest)
 
 
 def mark_owner(directory: Path) -> None:
@@ -78,10 +89,8 @@ class StateOps:
         finally:
             self.store.end_operation(rec.id)
 
-    async def _capture(
-        self: LocalBackend, rec: BoxRecord, options: SnapshotOptions
-    ) -> tuple[str, str, dict[str, float]]:
-        """Make the box's current disk state an immutable layer; returns (layer, consistency, timings)."""
+    async def _capture(self: LocalBackend, rec: BoxRecord, options: SnapshotOptions) -> Capture:
+        """Make the box's current disk state an immutable layer."""
         box_dir = self.home.box_dir(rec.id)
         t0 = time.perf_counter()
         if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
@@ -97,16 +106,16 @@ class StateOps:
                 stop_on_quiesce_fail=options.stop_on_quiesce_fail,
             )
             timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
-            consistency = result["consistency"]
+            consistency, node = result["consistency"], result["node"]
         else:
             self.layers.commit(box_dir)  # roll a crashed one forward first
             layer = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             self.layers.commit(box_dir)
-            timings, consistency = {"pause_ms": 0.0}, "stopped"
+            timings, consistency, node = {"pause_ms": 0.0}, "stopped", None
         timings["capture_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         faults.point("capture:committed")
-        return layer, consistency, timings
+        return Capture(layer, consistency, timings, node)
 
     # -- snapshots --------------------------------------------------------------------
     async def snapshot_create(self: LocalBackend, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
@@ -116,8 +125,8 @@ class StateOps:
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
         async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture"):
-            layer, consistency, timings = await self._capture(rec, options)
-            snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, layer, consistency, timings=timings)
+            cap = await self._capture(rec, options)
+            snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
             self.store.insert_snapshot(snap)
         return self._snapshot_info(snap)
 
@@ -199,8 +208,9 @@ class StateOps:
             staged = await self._stage(rec, layer, ids, options.cow)
         else:
             async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
-                layer, _consistency, timings = await self._capture(rec, options.snapshot.validate())
-                staged = await self._stage(rec, layer, ids, options.cow)
+                cap = await self._capture(rec, options.snapshot.validate())
+                staged = await self._stage(rec, cap.layer, ids, options.cow)
+                timings = cap.timings
         faults.point("clone:staged")
         try:
             records = []
@@ -265,6 +275,17 @@ class StateOps:
             timings=dict(timings),
         )
 
+    async def _release(self: LocalBackend, rec: BoxRecord, node: str) -> None:
+        """Fold an export's capture back into the running box, so its chain is not lengthened
+        for good. Best effort: if the box stopped meanwhile, the layer simply stays."""
+        try:
+            conn = await self._conn(rec.id, rec.name)
+            await conn.request("release", node=node)
+        except EngineError as exc:
+            log.warning("box %s keeps its export capture as a layer: %s", rec.name, exc)
+            return
+        await asyncio.to_thread(self._gc)
+
     # -- export / import --------------------------------------------------------------
     async def export(self: LocalBackend, box_id: str, dest: Path, options: ExportOptions) -> Path:
         """One pass over the box's disk at a point in time into a ``.boxsnap`` archive."""
@@ -280,9 +301,10 @@ class StateOps:
         t0 = time.perf_counter()
         async with self._claim(rec, BoxStatus.EXPORTING, CAPTURABLE, "it has no disk state to export"):
             box_dir = self.home.box_dir(rec.id)
+            cap = None
             if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
-                layer, consistency, timings = await self._capture(rec, SnapshotOptions())
-                top = self.layers.layer_path(layer)
+                cap = await self._capture(rec, SnapshotOptions())
+                top, consistency, timings = self.layers.layer_path(cap.layer), cap.consistency, cap.timings
             else:  # at rest, and the claim keeps it so: read its top directly, no capture
                 self.layers.commit(box_dir)
                 top, consistency, timings = box_dir / TOP, "stopped", {"pause_ms": 0.0}
@@ -304,6 +326,10 @@ class StateOps:
                 compress=options.compress,
                 level=options.compression_level,
             )
+            if cap is not None and cap.node is not None:
+                t_release = time.perf_counter()
+                await self._release(rec, cap.node)
+                timings["release_ms"] = round((time.perf_counter() - t_release) * 1000, 2)
         self.store.add_timing(rec.id, export_ms=(time.perf_counter() - t0) * 1000, **timings)
         return result.path
 

@@ -20,6 +20,13 @@ holds writes made after the capture.
 Which layers are alive is read from the files themselves: everything on the backing
 chain of a box's top (or pending top), of a staged box, or of a snapshot. Garbage
 collection deletes the rest, under the same lock the renames take.
+
+A running QEMU never sees those names. It opens every top through a hard link of its
+own (``boxes/<box>/.live-<n>.qcow2``) that is never renamed or reused while it runs,
+because QEMU remembers a node by the name it opened and reopens by that name (block
+jobs do): after our renames, ``disk.qcow2`` would name a different file than the node
+QEMU opened under it. The links sit at the same depth as the tops, so relative backing
+references resolve the same through them; they are not roots for liveness or usage.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ TOP = "disk.qcow2"
 PENDING = "disk.new.qcow2"
 GUEST_TOP = "guest-rootfs.qcow2"
 LAYER_FILE = "layer.qcow2"
+LIVE_PREFIX = ".live-"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,16 @@ class LayerStore:
     def reference(layer_id: str) -> str:
         """The backing reference to a layer from any box (or staged box) directory."""
         return f"../../layers/{layer_id}/{LAYER_FILE}"
+
+    @staticmethod
+    def live_link(box_dir: Path, serial: int) -> Path:
+        """The name a running QEMU opens the ``serial``-th top of this run under."""
+        return box_dir / f"{LIVE_PREFIX}{serial}.qcow2"
+
+    @staticmethod
+    def clear_live_links(box_dir: Path) -> None:
+        for link in box_dir.glob(f"{LIVE_PREFIX}*.qcow2"):
+            link.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -134,7 +152,7 @@ class LayerStore:
         roots = [self.layer_path(layer) for layer in snapshot_layers]
         for parent in (self.home.boxes, self.home.tmp):
             if parent.is_dir():
-                roots += list(parent.glob("*/*.qcow2"))
+                roots += [p for p in parent.glob("*/*.qcow2") if not p.name.startswith(LIVE_PREFIX)]
         return roots
 
     def chains(self, snapshot_layers: Iterable[str]) -> dict[Path, list[Path]]:

@@ -25,7 +25,8 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from boxvm.disks.layers import LayerStore
+from boxvm.disks import qcow2
+from boxvm.disks.layers import PENDING, TOP, LayerStore
 from boxvm.errors import EngineError
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
@@ -50,6 +51,7 @@ class Supervisor:
         self.top_node = "data"  # the running container disk's top block node
         self.top_is_pending = False  # switched to disk.new.qcow2 but not yet renamed
         self.node_serial = 0
+        self.live: dict[str, Path] = {"data": self.layers.live_link(box_dir, 0)}  # node -> the link it opened
         self.capture_lock = asyncio.Lock()
         self.argv: list[str] = cfg["argv"]
         self.store = Store(Path(cfg["db"]))
@@ -71,6 +73,8 @@ class Supervisor:
         self.store.update_box(self.box_id, supervisor_pid=os.getpid())
         os.write(notify_fd, b"ok")
         os.close(notify_fd)
+        self.layers.clear_live_links(self.dir)  # a previous run's
+        os.link(self.dir / TOP, self.live["data"])
         console = open(self.dir / "qemu.log", "ab")  # noqa: SIM115  lives as long as QEMU
         try:
             self.qemu = await asyncio.create_subprocess_exec(
@@ -123,6 +127,7 @@ class Supervisor:
             self.store.update_box(self.box_id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None, error=None)
         else:
             self.finish_failed(self.exit_reason(code))
+        self.layers.clear_live_links(self.dir)
         self.exited.set()
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(self.exit_reason(code)))
@@ -270,17 +275,22 @@ class Supervisor:
             return await self._capture(req)
 
     async def _capture(self, req: dict[str, Any]) -> dict[str, Any]:
-        pending = str(self.dir / "disk.new.qcow2")
         timeout = float(req.get("quiesce_timeout", 30))
         status = await self.qmp.execute("query-status")
         quiesce = bool(req.get("quiesce", True)) and status.get("status") == "running"
         self.node_serial += 1
         node = f"data-{self.node_serial}"
-        file_node = {"driver": "file", "filename": pending}
-        await self.qmp.execute(
-            "blockdev-add",
-            {"driver": "qcow2", "node-name": node, "discard": "unmap", "file": file_node, "backing": None},
-        )
+        link = self.layers.live_link(self.dir, self.node_serial)
+        os.link(self.dir / PENDING, link)
+        file_node = {"driver": "file", "filename": str(link)}
+        try:
+            await self.qmp.execute(
+                "blockdev-add",
+                {"driver": "qcow2", "node-name": node, "discard": "unmap", "file": file_node, "backing": None},
+            )
+        except Exception:
+            link.unlink()
+            raise
         consistency = "crash"
         t0 = time.monotonic()
         must_thaw = False
@@ -297,6 +307,7 @@ class Supervisor:
                 if "error" in result:
                     if req.get("stop_on_quiesce_fail", True):
                         await self.qmp.execute("blockdev-del", {"node-name": node})
+                        link.unlink()
                         message = result["error"]["message"]
                         return {"error": {"type": "QuiesceError", "message": f"{message}; the box was left untouched"}}
                 else:
@@ -304,7 +315,8 @@ class Supervisor:
             t_switch = time.monotonic()
             action = {"type": "blockdev-snapshot", "data": {"node": self.top_node, "overlay": node}}
             await self.qmp.execute("transaction", {"actions": [action]})
-            self.top_node = node
+            captured, self.top_node = self.top_node, node
+            self.live[node] = link
             self.top_is_pending = True
             switch_ms = (time.monotonic() - t_switch) * 1000
         finally:
@@ -314,13 +326,54 @@ class Supervisor:
         pause_ms = (thawed["at"] - frozen_at) * 1000 if consistency == "frozen" else switch_ms
         await asyncio.to_thread(self.layers.commit, self.dir)
         self.top_is_pending = False
-        return {"consistency": consistency, "pause_ms": pause_ms, "switch_ms": switch_ms, "host_window_ms": window_ms}
+        return {
+            "consistency": consistency,
+            "pause_ms": pause_ms,
+            "switch_ms": switch_ms,
+            "host_window_ms": window_ms,
+            "node": captured,
+        }
+
+    async def op_release(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Fold a captured layer nobody keeps (an export's) back into the running top.
+
+        A ``block-stream`` job copies the layer's own clusters up into the top and then
+        points the top at the layer's backing, so the chain is as long as before the
+        capture. The guest keeps running; the top is consistent at every moment (its
+        backing changes only once the copy is complete), so a crash mid-way only leaves
+        the layer in place. A capture waits until the release is done.
+        """
+        async with self.capture_lock:
+            captured = req["node"]
+            graph = await self.qmp.execute("x-debug-query-block-graph")
+            names = {n["id"]: n["name"] for n in graph["nodes"]}
+            ids = {name: i for i, name in names.items()}
+            below = [e["child"] for e in graph["edges"] if e["parent"] == ids.get(captured) and e["name"] == "backing"]
+            if not below:
+                return {"error": {"type": "EngineError", "message": f"no captured layer {captured!r} to release"}}
+            backing = qcow2.read_header(self.live[captured]).backing_file
+            job = f"release-{captured}"
+            await self.qmp.execute(
+                "block-stream",
+                {"job-id": job, "device": self.top_node, "base-node": names[below[0]], "backing-file": backing,
+                 "auto-dismiss": False},
+            )  # fmt: skip
+            while True:
+                state = next(j for j in await self.qmp.execute("query-jobs") if j["id"] == job)
+                if state["status"] == "concluded":
+                    break
+                await asyncio.sleep(0.02)
+            await self.qmp.execute("job-dismiss", {"id": job})
+            if "error" in state:
+                return {"error": {"type": "EngineError", "message": f"releasing the capture failed: {state['error']}"}}
+            self.live.pop(captured).unlink(missing_ok=True)
+            return {"ok": True}
 
     async def op_settle(self, req: dict[str, Any]) -> dict[str, Any]:
         """Resolve a pending top left by a client that died mid-capture: publish it if
         the disk was switched to it, else drop it (it was never written)."""
         async with self.capture_lock:
-            pending = self.dir / "disk.new.qcow2"
+            pending = self.dir / PENDING
             if self.top_is_pending:
                 await asyncio.to_thread(self.layers.commit, self.dir)
                 self.top_is_pending = False
