@@ -8,6 +8,7 @@ one thread decompressing, hashing and writing (with fsync) the same disk member.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -96,12 +97,16 @@ async def run_archive(
             try:
                 await live.start()
                 writer = await live.spawn(["sh", "-c", "while true; do date >> /root/log; sleep 0.05; done"])
+                depth, last = (await live.info()).chain_depth, None
                 for i in range(runs):
                     dest = rt.backend.home.tmp / f"bench-live-{disk_gb}-{i}.boxsnap"  # type: ignore[attr-defined]
                     await live.export(dest)
-                    timings = (await live.info()).timings
-                    results[f"live_export_pause_{disk_gb}g"].append(timings["pause_ms"])
-                    results[f"live_export_release_ms_{disk_gb}g"].append(timings["release_ms"])
+                    results[f"live_export_pause_{disk_gb}g"].append((await live.info()).timings["pause_ms"])
+                    # the capture is released in the background; the next capture would wait for it
+                    while (info := await live.info()).chain_depth != depth or info.timings.get("release_ms") == last:
+                        await asyncio.sleep(0.01)
+                    last = info.timings["release_ms"]
+                    results[f"live_export_release_ms_{disk_gb}g"].append(last)
                     dest.unlink()
                 writer.kill()
                 await writer.wait()

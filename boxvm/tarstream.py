@@ -1,21 +1,21 @@
 """Directory trees as tar streams for copy in/out, with backpressure both ways.
 
 Tar is produced and consumed in a worker thread (the stdlib ``tarfile`` is blocking)
-that hands chunks to and from the event loop through a bounded queue, so copying a
-large tree never holds more than a few chunks in memory.
+that hands chunks to and from the event loop with backpressure (``boxvm.streams``),
+so copying a large tree never holds more than a few chunks in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import stat
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from boxvm.errors import InvalidArgument, NotFound
+from boxvm.streams import ThreadReader, pump
 
 _CHUNK = 256 << 10
 
@@ -43,26 +43,6 @@ async def send_tree(host_path: Path, send: Callable[[bytes], Awaitable[None]]) -
             tar.add(host_path, arcname=host_path.name or ".")
 
     await asyncio.to_thread(produce)
-
-
-class _Source:
-    """File-like object for tarfile's reader, fed chunk by chunk from the event loop."""
-
-    def __init__(self) -> None:
-        self.chunks: queue.Queue[bytes] = queue.Queue(maxsize=8)
-        self._buf = b""
-
-    def read(self, n: int = -1) -> bytes:
-        while not self._buf:
-            chunk = self.chunks.get()
-            if not chunk:
-                return b""
-            self._buf = chunk
-        if n < 0 or n >= len(self._buf):
-            data, self._buf = self._buf, b""
-        else:
-            data, self._buf = self._buf[:n], self._buf[n:]
-        return data
 
 
 def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | str) -> None:
@@ -114,7 +94,7 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
     dest_dir = host_path if into_dir else host_path.parent
     if not dest_dir.is_dir():
         raise InvalidArgument(f"{dest_dir} is not a directory on the host")
-    source = _Source()
+    source = ThreadReader(asyncio.get_running_loop())
 
     def consume() -> None:
         with tarfile.open(fileobj=source, mode="r|") as tar:  # type: ignore[call-overload]
@@ -126,20 +106,4 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
         while source.read(_CHUNK):  # drain the tar's zero padding so the producer finishes
             pass
 
-    worker = asyncio.create_task(asyncio.to_thread(consume))
-    try:
-        async for chunk in chunks:
-            while not worker.done():
-                try:
-                    source.chunks.put_nowait(chunk)
-                    break
-                except queue.Full:
-                    await asyncio.sleep(0.005)
-    finally:
-        while not worker.done():
-            try:
-                source.chunks.put_nowait(b"")
-                break
-            except queue.Full:
-                await asyncio.sleep(0.005)
-        await worker
+    await pump(chunks, source, asyncio.to_thread(consume))

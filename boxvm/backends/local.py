@@ -20,7 +20,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import NoReturn
 
 from boxvm import faults
 from boxvm.backends.base import Backend, ProcessChannel
@@ -391,33 +393,63 @@ class LocalBackend(StateOps, Backend):
         return conn.open_channel(request)
 
     async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
-        if not box_path.startswith("/"):
-            raise InvalidArgument(f"box path {box_path!r} must be absolute")
         if not os.path.lexists(host_path):
             raise NotFound(f"{host_path} does not exist on the host")
+        await self.put_tar(box_id, box_path, lambda send: send_tree(host_path, send))
+
+    async def put_tar(
+        self, box_id: str, box_path: str, produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+    ) -> None:
+        """Unpack a tar stream at ``box_path`` in the box; ``produce(send)`` sends its bytes."""
+        if not box_path.startswith("/"):
+            raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, "copy")
         chan = conn.open_channel({"op": "put", "path": box_path})
-        await send_tree(host_path, chan.write)
+        try:
+            await produce(chan.write)
+        except BaseException:
+            chan.signal(signal.SIGKILL)  # an input cut off mid-stream must not half-apply quietly
+            raise
         chan.close_stdin()
-        await _finish_copy(chan, box_path)
+        stderr = await chan.stderr.read()
+        result = await chan.wait()
+        if result.get("exit_code"):
+            raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
 
     async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
+        try:
+            await receive_tree(await self.get_tar(box_id, box_path), host_path)
+        except tarfile.TarError as exc:
+            raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {exc}") from exc
+
+    async def get_tar(self, box_id: str, box_path: str) -> AsyncIterator[bytes]:
+        """``box_path`` as a tar stream; a missing path fails here, before any byte."""
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, "copy")
         chan = conn.open_channel({"op": "get", "path": box_path})
         chan.close_stdin()
-        stderr = asyncio.create_task(chan.stderr.read())
-        try:
-            await receive_tree(chan.stdout, host_path)
-            failure = None
-        except tarfile.TarError as exc:
-            failure = exc
-        result = await chan.wait()
-        if result.get("exit_code"):
-            raise NotFound(f"cannot copy {box_path} out of the box: {(await stderr).decode().strip()}")
-        if failure is not None:
-            raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {failure}")
+        chunks = aiter(chan.stdout)
+        first = await anext(chunks, b"")
+
+        async def fail() -> NoReturn:
+            stderr = await chan.stderr.read()
+            result = await chan.wait()
+            if result.get("exit_code"):
+                raise NotFound(f"cannot copy {box_path} out of the box: {stderr.decode().strip()}")
+            raise EngineError(f"the box sent no data for {box_path}")
+
+        if not first:
+            await fail()
+
+        async def rest() -> AsyncIterator[bytes]:
+            yield first
+            async for chunk in chunks:
+                yield chunk
+            if (await chan.wait()).get("exit_code"):
+                await fail()
+
+        return rest()
 
     async def logs(self, box_id: str) -> str:
         rec = self._record(box_id)
@@ -428,13 +460,6 @@ class LocalBackend(StateOps, Backend):
         for box_id in list(self._conns):
             await self._drop_conn(box_id)
         self.store.close()
-
-
-async def _finish_copy(chan: Channel, box_path: str) -> None:
-    stderr = await chan.stderr.read()
-    result = await chan.wait()
-    if result.get("exit_code"):
-        raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
 
 
 def _owner_alive(directory: Path) -> bool:

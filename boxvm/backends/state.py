@@ -20,10 +20,10 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from boxvm import archive, faults
 from boxvm.disks import qcow2
@@ -276,19 +276,18 @@ class StateOps:
         )
 
     async def _release(self: LocalBackend, rec: BoxRecord, node: str) -> None:
-        """Fold an export's capture back into the running box, so its chain is not lengthened
-        for good. Best effort: if the box stopped meanwhile, the layer simply stays."""
+        """Have the supervisor fold an export's capture back into the running box (in the
+        background), so its chain is not lengthened for good. Best effort: if the box
+        stopped meanwhile, the layer simply stays in its chain."""
         try:
             conn = await self._conn(rec.id, rec.name)
             await conn.request("release", node=node)
         except EngineError as exc:
             log.warning("box %s keeps its export capture as a layer: %s", rec.name, exc)
-            return
-        await asyncio.to_thread(self._gc)
 
     # -- export / import --------------------------------------------------------------
     async def export(self: LocalBackend, box_id: str, dest: Path, options: ExportOptions) -> Path:
-        """One pass over the box's disk at a point in time into a ``.boxsnap`` archive."""
+        """One pass over the box's disk at a point in time into a ``.boxsnap`` file."""
         options.validate()
         rec = self._record(box_id)
         dest = Path(dest).expanduser().absolute()
@@ -298,6 +297,26 @@ class StateOps:
             raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
         if dest.exists():
             raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+
+        def write(top: Path, manifest: dict[str, object]) -> None:
+            archive.write_archive(top, dest, manifest, compress=options.compress, level=options.compression_level)
+
+        await self._export(rec, options, write)
+        return dest
+
+    async def export_stream(self: LocalBackend, box_id: str, options: ExportOptions, out: IO[bytes]) -> None:
+        """Export into a blocking byte sink (the REST server's response), in archive order."""
+        options.validate()
+        rec = self._record(box_id)
+
+        def write(top: Path, manifest: dict[str, object]) -> None:
+            archive.write_stream(top, out, manifest, compress=options.compress, level=options.compression_level)
+
+        await self._export(rec, options, write)
+
+    async def _export(
+        self: LocalBackend, rec: BoxRecord, options: ExportOptions, write: Callable[[Path, dict[str, object]], None]
+    ) -> None:
         t0 = time.perf_counter()
         async with self._claim(rec, BoxStatus.EXPORTING, CAPTURABLE, "it has no disk state to export"):
             box_dir = self.home.box_dir(rec.id)
@@ -318,26 +337,24 @@ class StateOps:
                 "consistency": consistency,
                 **({"box_options": metadata} if metadata is not None else {}),
             }
-            result = await asyncio.to_thread(
-                archive.write_archive,
-                top,
-                dest,
-                manifest,
-                compress=options.compress,
-                level=options.compression_level,
-            )
-            if cap is not None and cap.node is not None:
-                t_release = time.perf_counter()
-                await self._release(rec, cap.node)
-                timings["release_ms"] = round((time.perf_counter() - t_release) * 1000, 2)
+            try:
+                await asyncio.to_thread(write, top, manifest)
+            finally:
+                if cap is not None and cap.node is not None:
+                    await self._release(rec, cap.node)
         self.store.add_timing(rec.id, export_ms=(time.perf_counter() - t0) * 1000, **timings)
-        return result.path
 
     async def import_box(self: LocalBackend, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
         """Verify an archive completely, then create a new box from it; a failure leaves nothing."""
         path = Path(path).expanduser()
         if not path.is_file():
             raise NotFound(f"archive {path} does not exist")
+        return await self.import_stream(path, path.name, name, untrusted)
+
+    async def import_stream(
+        self: LocalBackend, source: Path | IO[bytes], label: str, name: str | None, untrusted: bool
+    ) -> BoxInfo:
+        """Import from a file or a blocking byte stream (an upload), read exactly once."""
         if name is not None:
             check_name(name)
             if self.store.get_box(name) is not None:
@@ -346,7 +363,7 @@ class StateOps:
         box_id = secrets.token_hex(16)
         work = self.home.staging_dir("import-")
         try:
-            verified = await asyncio.to_thread(archive.read_archive, path, work, IMPORT_LIMIT)
+            verified = await asyncio.to_thread(archive.read_archive, source, work, IMPORT_LIMIT, None, label)
             manifest = verified.manifest
             final_name = name or _free_name(self, str(manifest.get("box_name") or "imported"))
             options = _imported_options(manifest, untrusted)

@@ -1,0 +1,129 @@
+"""Byte streams between the event loop and a worker thread, with backpressure both ways.
+
+The stdlib ``tarfile`` and our archive code are blocking, while their bytes come from
+or go to async sources (a guest channel, an HTTP body, a WebSocket). These two bridges
+hand chunks across through a bounded ``asyncio.Queue``, so the side that is ahead
+waits and memory stays at a few chunks whatever the size of the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+_DEPTH = 8  # chunks in flight
+
+
+class StreamAborted(OSError):
+    """The other side of a bridge went away mid-stream."""
+
+
+class ThreadReader:
+    """A blocking, file-like reader for a worker thread, fed chunk by chunk from the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_DEPTH)
+        self._buf = b""
+        self._eof = False
+
+    async def feed(self, chunk: bytes) -> None:
+        if chunk:
+            await self._queue.put(chunk)
+
+    async def end(self) -> None:
+        await self._queue.put(b"")
+
+    def abort(self) -> None:
+        """(On the loop.) Make the reader's next read raise StreamAborted."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+        self._queue.put_nowait(None)
+
+    def _next(self) -> bool:
+        chunk = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop).result()
+        if chunk is None:
+            raise StreamAborted("the input stream was cut off")
+        if not chunk:
+            self._eof = True
+            return False
+        self._buf = chunk
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf and (self._eof or not self._next()):
+            return b""
+        if n < 0 or n >= len(self._buf):
+            data, self._buf = self._buf, b""
+        else:
+            data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def peek(self, n: int = 1) -> bytes:
+        while len(self._buf) < n and not self._eof:
+            rest = self._buf
+            if not self._next():
+                self._buf = rest
+                break
+            self._buf = rest + self._buf
+        return self._buf
+
+
+async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Awaitable[T]) -> T:
+    """Feed ``chunks`` to a worker thread reading ``reader`` and return its result. If the
+    worker stops early its outcome wins; if the input fails, the worker is aborted."""
+    task: asyncio.Future[T] = asyncio.ensure_future(worker)
+    try:
+        async for chunk in chunks:
+            put = asyncio.ensure_future(reader.feed(chunk))
+            await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                put.cancel()
+                return await task
+        put = asyncio.ensure_future(reader.end())
+        await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        reader.abort()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    return await task
+
+
+class ThreadWriter:
+    """A blocking, file-like writer for a worker thread, drained as an async iterator."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue(_DEPTH)
+        self._closed = False
+
+    def write(self, data: Any) -> int:
+        if self._closed:
+            raise StreamAborted("the reader of this stream went away")
+        asyncio.run_coroutine_threadsafe(self._queue.put(bytes(data)), self._loop).result()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        """(On the loop.) The consumer is gone: unblock the writer and fail its next write."""
+        self._closed = True
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+    async def chunks(self, producer: asyncio.Future[Any]) -> AsyncIterator[bytes]:
+        """What is written until ``producer`` (whatever drives the thread) is done; its
+        exception, if any, is raised after the bytes written before it."""
+        while True:
+            if self._queue.empty() and producer.done():
+                producer.result()
+                return
+            get = asyncio.ensure_future(self._queue.get())
+            await asyncio.wait({get, producer}, return_when=asyncio.FIRST_COMPLETED)
+            if get.done():
+                yield get.result()
+            else:
+                get.cancel()
