@@ -14,6 +14,7 @@ from boxvm.errors import (
     QuiesceError,
     StorageError,
     Unauthorized,
+    Unsupported,
 )
 from boxvm.options import (
     BoxInfo,
@@ -54,6 +55,7 @@ __all__ = [
     "SnapshotOptions",
     "StorageError",
     "Unauthorized",
+    "Unsupported",
 ]
 
 logging.getLogger("boxvm").addHandler(logging.NullHandler())

@@ -14,6 +14,7 @@ inside the file, judged by our reader and by ``qemu-img check``.
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -65,13 +66,18 @@ def write_archive(
         os.rename(partial, dest)
     except OSError as exc:
         partial.unlink(missing_ok=True)
-        if exc.errno == 28:
-            raise StorageError(f"no space left on the device of {dest.parent}: the archive was not written") from exc
-        raise StorageError(f"could not write {dest}: {exc.strerror or exc}") from exc
+        raise write_failed(exc, dest) from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     return ExportResult(dest, full)
+
+
+def write_failed(exc: OSError, dest: Path) -> StorageError:
+    """The error for an archive that could not be written (nothing is left at ``dest``)."""
+    if exc.errno == errno.ENOSPC:
+        return StorageError(f"no space left on the device of {dest.parent}: the archive was not written")
+    return StorageError(f"could not write {dest}: {exc.strerror or exc}")
 
 
 def write_stream(

@@ -10,7 +10,8 @@
      ├── ArchiveError      422  corrupt, unsupported or unsafe archive
      ├── EngineError       503  QEMU or the guest agent failed
      ├── StorageError      507  the host disk failed or is full
-     └── Unauthorized      401  REST token missing or wrong
+     ├── Unauthorized      401  REST token missing or wrong
+     └── Unsupported       501  the server lacks an API version or capability
 
 Every class has a stable ``code`` and ``http_status`` so a REST server can send
 ``{type, message, status}`` and a client can raise the very same class again.
@@ -80,6 +81,11 @@ class StorageError(BoxvmError):
 class Unauthorized(BoxvmError):
     code = "Unauthorized"
     http_status = 401
+
+
+class Unsupported(BoxvmError):
+    code = "Unsupported"
+    http_status = 501
 
 
 _BY_CODE = {cls.code: cls for cls in (BoxvmError, *BoxvmError.__subclasses__())}

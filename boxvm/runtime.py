@@ -224,6 +224,13 @@ class Runtime:
             backend = LocalBackend(Home.default(home))
         self._backend = backend
 
+    @classmethod
+    def remote(cls, url: str, token: str | None = None) -> Runtime:
+        """The boxes of a ``boxvm serve`` server: the same API, over HTTP."""
+        from boxvm.backends.remote import RemoteBackend
+
+        return cls(backend=RemoteBackend(url, token))
+
     @property
     def backend(self) -> Backend:
         return self._backend

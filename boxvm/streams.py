@@ -117,13 +117,17 @@ class ThreadWriter:
     async def chunks(self, producer: asyncio.Future[Any]) -> AsyncIterator[bytes]:
         """What is written until ``producer`` (whatever drives the thread) is done; its
         exception, if any, is raised after the bytes written before it."""
-        while True:
-            if self._queue.empty() and producer.done():
-                producer.result()
-                return
-            get = asyncio.ensure_future(self._queue.get())
-            await asyncio.wait({get, producer}, return_when=asyncio.FIRST_COMPLETED)
-            if get.done():
-                yield get.result()
-            else:
-                get.cancel()
+        try:
+            while True:
+                if self._queue.empty() and producer.done():
+                    producer.result()
+                    return
+                get = asyncio.ensure_future(self._queue.get())
+                await asyncio.wait({get, producer}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    yield get.result()
+                else:
+                    get.cancel()
+        finally:
+            if not producer.done():  # the consumer stopped early: let the writer fail
+                self.abort()

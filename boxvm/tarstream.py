@@ -15,34 +15,27 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from boxvm.errors import InvalidArgument, NotFound
-from boxvm.streams import ThreadReader, pump
+from boxvm.streams import ThreadReader, ThreadWriter, pump
 
 _CHUNK = 256 << 10
 
 
-class _Sink:
-    """File-like object for tarfile's writer: each write is awaited on the event loop."""
+def tree_chunks(host_path: Path) -> AsyncIterator[bytes]:
+    """``host_path`` (file or tree) as a tar stream whose top entry is its base name."""
+    if not os.path.lexists(host_path):
+        raise NotFound(f"{host_path} does not exist on the host")
+    writer = ThreadWriter(asyncio.get_running_loop())
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, send: Callable[[bytes], Awaitable[None]]) -> None:
-        self._loop = loop
-        self._send = send
+    def produce() -> None:
+        with tarfile.open(fileobj=writer, mode="w|", bufsize=_CHUNK) as tar:  # type: ignore[call-overload]
+            tar.add(host_path, arcname=host_path.name or ".")
 
-    def write(self, data: bytes) -> int:
-        asyncio.run_coroutine_threadsafe(self._send(bytes(data)), self._loop).result()
-        return len(data)
+    return writer.chunks(asyncio.ensure_future(asyncio.to_thread(produce)))
 
 
 async def send_tree(host_path: Path, send: Callable[[bytes], Awaitable[None]]) -> None:
-    """Stream ``host_path`` (file or tree) as a tar whose top entry is its base name."""
-    if not os.path.lexists(host_path):
-        raise NotFound(f"{host_path} does not exist on the host")
-    loop = asyncio.get_running_loop()
-
-    def produce() -> None:
-        with tarfile.open(fileobj=_Sink(loop, send), mode="w|", bufsize=_CHUNK) as tar:  # type: ignore[call-overload]
-            tar.add(host_path, arcname=host_path.name or ".")
-
-    await asyncio.to_thread(produce)
+    async for chunk in tree_chunks(host_path):
+        await send(chunk)
 
 
 def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | str) -> None:

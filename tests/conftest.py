@@ -10,13 +10,17 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-from collections.abc import AsyncIterator
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 import boxvm
+from boxvm.backends.local import LocalBackend
 from boxvm.paths import Home
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,9 +67,50 @@ def worker(request: pytest.FixtureRequest) -> str:
     return getattr(request.config, "workerinput", {}).get("workerid", "main")
 
 
+TOKEN = "test-" + os.urandom(8).hex()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``backends("local", "remote")`` run once per backend; others locally."""
+    if "backend_kind" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("backend_kind", marker.args if marker else ("local",), scope="session")
+
+
+@pytest.fixture(scope="session")
+def server(home: Home) -> Iterator[str]:
+    """A real ``boxvm serve`` (uvicorn) on a free loopback port, over the test home."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boxvm.cli.main", "--token", TOKEN, "serve", "--port", "0"],
+        env={**os.environ, "BOXVM_HOME": str(home.root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        pytest.fail(f"boxvm serve did not start: {line!r}")
+    yield line.split()[-1].removesuffix("/v1")
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def local(home: Home) -> LocalBackend:
+    """The test home seen directly, for checks behind the API (files, records)."""
+    return LocalBackend(home)
+
+
 @pytest_asyncio.fixture(scope="session")
-async def rt(home: Home) -> AsyncIterator[boxvm.Runtime]:
-    runtime = boxvm.Runtime(home.root)
+async def rt(home: Home, backend_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[boxvm.Runtime]:
+    if backend_kind == "remote":
+        runtime = boxvm.Runtime.remote(request.getfixturevalue("server"), token=TOKEN)
+    else:
+        runtime = boxvm.Runtime(home.root)
     yield runtime
     await runtime.close()
 
@@ -73,7 +118,7 @@ async def rt(home: Home) -> AsyncIterator[boxvm.Runtime]:
 @pytest_asyncio.fixture(scope="session")
 async def shared_box(rt: boxvm.Runtime, worker: str) -> AsyncIterator[boxvm.Box]:
     """One running box per worker for tests that only read or write their own paths."""
-    box = await rt.create(name=f"shared-{worker}")
+    box = await rt.create(name=f"shared-{worker}-{os.urandom(2).hex()}")
     await box.start()
     yield box
     await rt.remove(box.id, force=True)

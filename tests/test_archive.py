@@ -17,10 +17,11 @@ import pytest
 import zstandard
 
 import boxvm
+from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.paths import Home
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 WRITER = "i=0; while true; do i=$((i+1)); echo $i >> /root/counter; sync /root/counter; done"
 
 
@@ -295,14 +296,16 @@ async def test_export_to_a_full_disk_leaves_no_partial_file(rt: boxvm.Runtime, t
         await rt.remove(box.id)
 
 
-async def test_boxlite_archives_import_and_boot(rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path) -> None:
+async def test_boxlite_archives_import_and_boot(
+    rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path, local: LocalBackend
+) -> None:
     """BoxLite writes the manifest first, has no format field, checksums from v2, options
     from v3; its disk.qcow2 is a standalone qcow2 holding an ext4 root filesystem."""
     await fresh_box.start()
     await fresh_box.exec(["sh", "-c", "echo made-in-boxlite > /root/origin"])
     await fresh_box.stop()
     disk = tmp_path / "disk.qcow2"
-    top = rt.backend.home.box_dir(fresh_box.id) / "disk.qcow2"  # type: ignore[attr-defined]
+    top = local.home.box_dir(fresh_box.id) / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(top), str(disk)], check=True)
     data = disk.read_bytes()
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()

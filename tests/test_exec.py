@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 import boxvm
+from boxvm.backends.local import LocalBackend
 from tests.helpers import rss_mib
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 
 
 async def test_exit_code_stdout_stderr(shared_box: boxvm.Box) -> None:
@@ -115,8 +116,10 @@ async def test_tty_exec(shared_box: boxvm.Box) -> None:
     assert b"/dev/pts/" in out and b"33 101" in out
 
 
-async def test_huge_stdout_streams_in_bounded_memory(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
-    rec = rt.backend.store.get_box(shared_box.id)  # type: ignore[attr-defined]
+async def test_huge_stdout_streams_in_bounded_memory(
+    rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend
+) -> None:
+    rec = local.store.get_box(shared_box.id)
     before, sup_before = rss_mib(), rss_mib(rec.supervisor_pid)
     proc = await shared_box.spawn(["dd", "if=/dev/zero", "bs=1M", "count=100"])
     total, peak, sup_peak = 0, before, sup_before
@@ -173,9 +176,9 @@ async def test_copy_tree_in_and_out_keeps_modes(shared_box: boxvm.Box, tmp_path:
         await shared_box.copy_out("/root/does-not-exist", tmp_path / "x")
 
 
-async def test_freeze_blocks_writes_until_thaw(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
+async def test_freeze_blocks_writes_until_thaw(rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend) -> None:
     """The agent's FIFREEZE/FITHAW, which running-box snapshots build on."""
-    _rec, conn = await rt.backend._running(shared_box.id, "exec")  # type: ignore[attr-defined]
+    _rec, conn = await local._running(shared_box.id, "exec")
     await conn.request("freeze")
     try:
         with pytest.raises(boxvm.QuiesceError, match="freeze"):

@@ -13,12 +13,15 @@ import pytest
 
 import boxvm
 from boxvm import BoxStatus
+from boxvm.backends.local import LocalBackend
 from tests.helpers import pid_alive, processes_of
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 
 
-async def test_create_start_exec_stop_start_keeps_data(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_create_start_exec_stop_start_keeps_data(
+    rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
     assert (await fresh_box.info()).status == BoxStatus.CONFIGURED
     info = await fresh_box.start()
     assert info.status == BoxStatus.RUNNING
@@ -28,7 +31,7 @@ async def test_create_start_exec_stop_start_keeps_data(rt: boxvm.Runtime, fresh_
     stopped = await fresh_box.stop()
     assert stopped.status == BoxStatus.STOPPED
     assert "stop_ms" in stopped.timings
-    assert not (rt.backend.home.box_dir(fresh_box.id) / "ctl.sock").exists()  # type: ignore[attr-defined]
+    assert not (local.home.box_dir(fresh_box.id) / "ctl.sock").exists()
     await fresh_box.start()
     r = await fresh_box.exec(["cat", "/root/note"])
     assert r.stdout == b"hi\n"
@@ -37,10 +40,10 @@ async def test_create_start_exec_stop_start_keeps_data(rt: boxvm.Runtime, fresh_
     assert r.stdout.decode().split() == [fresh_box.name, "1"]
 
 
-async def test_remove_leaves_no_process_socket_or_file(rt: boxvm.Runtime) -> None:
+async def test_remove_leaves_no_process_socket_or_file(rt: boxvm.Runtime, local: LocalBackend) -> None:
     box = await rt.create(name="t-remove-clean")
     await box.start()
-    box_dir = rt.backend.home.box_dir(box.id)  # type: ignore[attr-defined]
+    box_dir = local.home.box_dir(box.id)
     assert (box_dir / "ctl.sock").exists() and processes_of(box.id)
     with pytest.raises(boxvm.InvalidState, match="stop it first or pass force=True"):
         await rt.remove(box.id)
@@ -54,9 +57,9 @@ async def test_remove_leaves_no_process_socket_or_file(rt: boxvm.Runtime) -> Non
     assert processes_of(box.id) == []
 
 
-async def test_qemu_killed_is_not_running_forever(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_qemu_killed_is_not_running_forever(rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend) -> None:
     await fresh_box.start()
-    rec = rt.backend.store.get_box(fresh_box.id)  # type: ignore[attr-defined]
+    rec = local.store.get_box(fresh_box.id)
     assert rec.qemu_pid and pid_alive(rec.qemu_pid)
     os.kill(rec.qemu_pid, signal.SIGKILL)
     for _ in range(100):
@@ -73,9 +76,11 @@ async def test_qemu_killed_is_not_running_forever(rt: boxvm.Runtime, fresh_box: 
     assert (await fresh_box.exec(["true"])).exit_code == 0
 
 
-async def test_supervisor_killed_stops_the_vm_and_marks_failed(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_supervisor_killed_stops_the_vm_and_marks_failed(
+    rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
     await fresh_box.start()
-    rec = rt.backend.store.get_box(fresh_box.id)  # type: ignore[attr-defined]
+    rec = local.store.get_box(fresh_box.id)
     os.kill(rec.supervisor_pid, signal.SIGKILL)
     for _ in range(100):  # QEMU dies with its parent (PDEATHSIG)
         if not pid_alive(rec.qemu_pid):
@@ -86,12 +91,14 @@ async def test_supervisor_killed_stops_the_vm_and_marks_failed(rt: boxvm.Runtime
     assert info.status == BoxStatus.FAILED and "supervisor" in (info.error or "")
 
 
-async def test_box_used_from_a_second_process(rt: boxvm.Runtime, shared_box: boxvm.Box, home: object) -> None:
+async def test_box_used_from_a_second_process(
+    rt: boxvm.Runtime, shared_box: boxvm.Box, home: object, local: LocalBackend
+) -> None:
     await shared_box.exec(["sh", "-c", "echo from-first > /tmp/handoff"])
     script = textwrap.dedent(
         f"""
         import boxvm.sync as bs
-        rt = bs.Runtime({str(rt.backend.home.root)!r})
+        rt = bs.Runtime({str(local.home.root)!r})
         box = rt.get({shared_box.name!r})
         print(box.info().status)
         r = box.exec(["sh", "-c", "cat /tmp/handoff; echo from-second > /tmp/handback"])

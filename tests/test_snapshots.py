@@ -12,19 +12,20 @@ import pytest
 
 import boxvm
 from boxvm import BoxStatus
+from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
 from tests.test_qcow2 import check
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 
 # Appends consecutive numbers, each made durable before the next: at any instant the
 # file is exactly 1..N, so a capture shows precisely what had been written before it.
 WRITER = "i=0; while true; do i=$((i+1)); echo $i >> /root/counter; sync /root/counter; done"
 
 
-def _layer_files(rt: boxvm.Runtime) -> list[Path]:
-    return sorted(rt.backend.layers.root.glob("*/*.qcow2"))  # type: ignore[attr-defined]
+def _layer_files(local: LocalBackend) -> list[Path]:
+    return sorted(local.layers.root.glob("*/*.qcow2"))  # type: ignore[attr-defined]
 
 
 def _sha(path: Path) -> str:
@@ -37,7 +38,7 @@ async def _lines(box: boxvm.Box, path: str = "/root/counter") -> list[int]:
     return [int(x) for x in r.stdout.split()]
 
 
-async def test_write_snapshot_write_restore(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_write_snapshot_write_restore(rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend) -> None:
     await fresh_box.start()
     await fresh_box.exec(["sh", "-c", "echo A > /root/a"])
     await fresh_box.stop()
@@ -60,11 +61,13 @@ async def test_write_snapshot_write_restore(rt: boxvm.Runtime, fresh_box: boxvm.
     assert [s.name for s in await fresh_box.snapshot.list()] == ["v1", "v2"]
     assert (await fresh_box.snapshot.get("v2")).consistency == "frozen"  # type: ignore[union-attr]
     assert await fresh_box.snapshot.get("nope") is None
-    for path in [*_layer_files(rt), rt.backend.home.box_dir(fresh_box.id) / TOP]:  # type: ignore[attr-defined]
+    for path in [*_layer_files(local), local.home.box_dir(fresh_box.id) / TOP]:
         check(path)
 
 
-async def test_running_snapshot_and_clone_are_point_in_time(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_running_snapshot_and_clone_are_point_in_time(
+    rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
     await fresh_box.start()
     writer = await fresh_box.spawn(["sh", "-c", WRITER])
     await asyncio.sleep(1.5)
@@ -73,7 +76,7 @@ async def test_running_snapshot_and_clone_are_point_in_time(rt: boxvm.Runtime, f
     clone = await fresh_box.clone(f"{fresh_box.name}-c")
     after = len(await _lines(fresh_box))
     assert snap.consistency == "frozen" and snap.timings["pause_ms"] > 0
-    layer = rt.backend.layers.layer_path(rt.backend.store.get_snapshot(fresh_box.id, "live").layer)  # type: ignore[attr-defined]
+    layer = local.layers.layer_path(local.store.get_snapshot(fresh_box.id, "live").layer)
     digest = _sha(layer)
     await asyncio.sleep(1.5)  # the source keeps writing...
     assert (await fresh_box.info()).status == BoxStatus.RUNNING
@@ -103,7 +106,9 @@ async def test_running_snapshot_and_clone_are_point_in_time(rt: boxvm.Runtime, f
     await rt.remove(clone.id, force=True)
 
 
-async def test_ten_clones_from_a_snapshot_boot_and_diverge(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+async def test_ten_clones_from_a_snapshot_boot_and_diverge(
+    rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
     await fresh_box.start()
     await fresh_box.exec(["sh", "-c", "echo base > /root/base"])
     await fresh_box.stop()
@@ -113,7 +118,7 @@ async def test_ten_clones_from_a_snapshot_boot_and_diverge(rt: boxvm.Runtime, fr
         assert len({c.id for c in clones}) == 10 and len({c.name for c in clones}) == 10
         infos = [await c.info() for c in clones]
         assert all(i.status == BoxStatus.STOPPED for i in infos)
-        macs = {rt.backend.store.get_box(c.id).mac for c in clones}  # type: ignore[attr-defined]
+        macs = {local.store.get_box(c.id).mac for c in clones}
         assert len(macs) == 10
         for group in (clones[:5], clones[5:]):  # five VMs at a time on two cores
             await asyncio.gather(*(c.start() for c in group))
@@ -127,7 +132,9 @@ async def test_ten_clones_from_a_snapshot_boot_and_diverge(rt: boxvm.Runtime, fr
             await rt.remove(c.id, force=True)
 
 
-async def test_removing_source_and_snapshot_keeps_clones_and_space_returns(rt: boxvm.Runtime) -> None:
+async def test_removing_source_and_snapshot_keeps_clones_and_space_returns(
+    rt: boxvm.Runtime, local: LocalBackend
+) -> None:
     src = await rt.create(name="t-share-src")
     await src.start()
     await src.exec(["sh", "-c", "dd if=/dev/urandom of=/root/blob bs=1M count=8 2>/dev/null; sha256sum /root/blob"])
@@ -140,7 +147,7 @@ async def test_removing_source_and_snapshot_keeps_clones_and_space_returns(rt: b
     usage = await rt.disk_usage()
     assert usage.boxes["t-share-a"][1] >= 8 << 20  # the blob is shared, not copied
     assert usage.boxes["t-share-full"][0] >= 8 << 20 and usage.boxes["t-share-full"][1] == 0
-    home = rt.backend.home  # type: ignore[attr-defined]
+    home = local.home
     shared = {p for c in (a, b) for p in qcow2.chain(home.box_dir(c.id) / TOP) if p.name == "layer.qcow2"}
     src_only = {p for p in qcow2.chain(home.box_dir(src.id) / TOP) if p.name == "layer.qcow2"} - shared
     assert shared
@@ -180,7 +187,9 @@ async def test_snapshot_name_rules(fresh_box: boxvm.Box) -> None:
         await fresh_box.snapshot.create("mem", boxvm.SnapshotOptions(memory=True))
 
 
-async def test_conflicting_state_operations_fail_at_once(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
+async def test_conflicting_state_operations_fail_at_once(
+    rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend
+) -> None:
     first, second = await asyncio.gather(
         shared_box.snapshot.create("race-1"), shared_box.snapshot.create("race-2"), return_exceptions=True
     )
@@ -189,7 +198,7 @@ async def test_conflicting_state_operations_fail_at_once(rt: boxvm.Runtime, shar
     error = first if isinstance(first, Exception) else second
     assert "snapshotting right now" in str(error)
     # a claim held by another live process blocks every state operation and start/stop
-    store = rt.backend.store  # type: ignore[attr-defined]
+    store = local.store
     assert store.begin_operation(shared_box.id, BoxStatus.CLONING, frozenset({BoxStatus.RUNNING}), pid=1)
     try:
         assert (await shared_box.info()).status == BoxStatus.CLONING
@@ -211,14 +220,14 @@ async def test_restore_of_a_running_box_needs_a_stop(shared_box: boxvm.Box) -> N
     await shared_box.snapshot.remove("r1")
 
 
-async def test_quiesce_failure(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
-    _rec, conn = await rt.backend._running(shared_box.id, "exec")  # type: ignore[attr-defined]
-    layers = len(_layer_files(rt))
+async def test_quiesce_failure(rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend) -> None:
+    _rec, conn = await local._running(shared_box.id, "exec")
+    layers = len(_layer_files(local))
     await conn.request("freeze")  # a second freeze fails: the capture's quiesce cannot succeed
     try:
         with pytest.raises(boxvm.QuiesceError, match="left untouched"):
             await shared_box.snapshot.create("q1")
-        assert await shared_box.snapshot.get("q1") is None and len(_layer_files(rt)) == layers
+        assert await shared_box.snapshot.get("q1") is None and len(_layer_files(local)) == layers
         snap = await shared_box.snapshot.create("q2", boxvm.SnapshotOptions(stop_on_quiesce_fail=False))
         assert snap.consistency == "crash"
     finally:
@@ -241,8 +250,8 @@ async def test_paused_box_snapshot(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> N
     await rt.remove(clone.id, force=True)
 
 
-async def test_qemu_img_agrees_on_every_layer(rt: boxvm.Runtime) -> None:
-    for path in _layer_files(rt):
+async def test_qemu_img_agrees_on_every_layer(rt: boxvm.Runtime, local: LocalBackend) -> None:
+    for path in _layer_files(local):
         check(path)
         info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
         assert info.returncode == 0

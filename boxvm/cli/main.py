@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 import boxvm
+from boxvm.backends.base import Backend
 from boxvm.errors import BoxvmError, InvalidArgument, NotFound
 from boxvm.paths import Home
 
@@ -52,7 +53,14 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
             from boxvm.backends.local import LocalBackend
 
             show = progress_printer()
-            backend = LocalBackend(Home.default(), progress=show)
+            remote = click.get_current_context().find_root().params.get("remote")
+            if remote:
+                from boxvm.backends.remote import RemoteBackend
+
+                token = click.get_current_context().find_root().params.get("token")
+                backend: Backend = RemoteBackend(remote, token)
+            else:
+                backend = LocalBackend(Home.default(), progress=show)
             try:
                 async with boxvm.Runtime(backend=backend) as rt:
                     return await fn(rt, *args, **kwargs)
@@ -140,8 +148,27 @@ def make_options(kw: dict[str, Any]) -> boxvm.BoxOptions:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(boxvm.__version__)
-def cli() -> None:
+@click.option("--remote", envvar="BOXVM_REMOTE", metavar="URL", help="Drive a `boxvm serve` server, not this host.")
+@click.option("--token", envvar="BOXVM_TOKEN", help="Bearer token for --remote (and for `serve`).")
+def cli(remote: str | None, token: str | None) -> None:
     """boxvm: micro-VM sandboxes with first-class state."""
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8100, show_default=True, type=int, help="Port (0: any free one, announced).")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int) -> None:
+    """Serve this host's boxes over REST (/v1). A token is required unless on loopback."""
+    from boxvm.server.run import serve as run_server
+
+    try:
+        run_server(host, port, ctx.find_root().params.get("token"), lambda line: print(line, flush=True))
+    except BoxvmError as exc:
+        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
 
 
 @cli.command()
@@ -584,3 +611,7 @@ def _size(n: int) -> str:
 def main() -> None:
     with contextlib.suppress(BrokenPipeError):
         cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -61,7 +61,21 @@ MIGRATIONS: list[str] = [
         UNIQUE (box_id, name)
     );
     """,
+    # v4: responses of REST requests made with an Idempotency-Key, so a retry replays
+    # the first outcome instead of making a second box or snapshot.
+    """
+    CREATE TABLE idempotency (
+        scope TEXT NOT NULL,
+        key TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    """,
 ]
+IDEMPOTENCY_TTL = 24 * 3600
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -253,6 +267,22 @@ class Store:
 
     def delete_box(self, box_id: str) -> None:
         self._db.execute("DELETE FROM boxes WHERE id = ?", (box_id,))
+
+    # -- idempotency ------------------------------------------------------------------
+    def get_response(self, scope: str, key: str) -> tuple[str, int, str] | None:
+        """(fingerprint, status, body) stored for a request key within a day."""
+        row = self._db.execute(
+            "SELECT fingerprint, status, body FROM idempotency WHERE scope = ? AND key = ? AND created_at > ?",
+            (scope, key, time.time() - IDEMPOTENCY_TTL),
+        ).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def put_response(self, scope: str, key: str, fingerprint: str, status: int, body: str) -> None:
+        self._db.execute("DELETE FROM idempotency WHERE created_at < ?", (time.time() - IDEMPOTENCY_TTL,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?, ?)",
+            (scope, key, fingerprint, status, body, time.time()),
+        )
 
     # -- images -----------------------------------------------------------------------
     def put_image(self, rec: ImageRecord) -> None:

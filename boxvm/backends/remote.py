@@ -1,0 +1,372 @@
+"""The remote backend: the same Backend contract over a boxvm REST server.
+
+Requests go through one ``httpx.AsyncClient``; error envelopes become the very
+exception classes the server raised. Calls that create something (create, clone,
+import, snapshot create) carry an ``Idempotency-Key`` and are retried on transport
+errors with the same key, so a lost response never makes a second box. Archives and
+file trees stream both ways; exec is a WebSocket (``boxvm.server.app`` documents the
+frames).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from boxvm import archive, wire
+from boxvm.backends.base import Backend, ProcessChannel
+from boxvm.errors import (
+    AlreadyExists,
+    BoxvmError,
+    EngineError,
+    InvalidArgument,
+    NotFound,
+    Unauthorized,
+    Unsupported,
+    from_dict,
+)
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExportOptions, SnapshotInfo, SnapshotOptions
+from boxvm.tarstream import receive_tree, tree_chunks
+
+API_VERSION = 1
+NEEDED = {"lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency"}
+RETRIES = 3
+_CHUNK = 1 << 20
+
+
+class RemoteProcess(ProcessChannel):
+    """A process on a server, over one WebSocket. Output waits in small bounded queues,
+    so a reader that falls behind slows the server (and the guest) instead of growing
+    memory, as a local process does."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._queues: dict[int, asyncio.Queue[bytes | None]] = {1: asyncio.Queue(16), 2: asyncio.Queue(16)}
+        self._result: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
+        self._send_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reader = asyncio.create_task(self._read())
+        self.stdout = self._drain(1)
+        self.stderr = self._drain(2)
+
+    async def _read(self) -> None:
+        try:
+            async for message in self._ws:
+                if isinstance(message, bytes):
+                    await self._queues[message[0]].put(message[1:])
+                    continue
+                control = json.loads(message)
+                if control.get("type") == "exit":
+                    self._result.set_result({k: v for k, v in control.items() if k != "type"})
+                elif control.get("type") == "error":
+                    self._result.set_exception(from_dict(control["error"]))
+        except ConnectionClosed:
+            pass
+        finally:
+            if not self._result.done():
+                self._result.set_exception(EngineError("the connection to the server closed before the process ended"))
+            for queue in self._queues.values():
+                await queue.put(None)
+
+    async def _drain(self, stream: int) -> AsyncIterator[bytes]:
+        while (chunk := await self._queues[stream].get()) is not None:
+            yield chunk
+
+    async def _send(self, message: bytes | str) -> None:
+        async with self._send_lock:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(message)
+
+    def _later(self, message: str) -> None:
+        task = asyncio.create_task(self._send(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def write(self, data: bytes) -> None:
+        await self._send(b"\x00" + data)
+
+    def close_stdin(self) -> None:
+        self._later(json.dumps({"type": "close_stdin"}))
+
+    def signal(self, signum: int) -> None:
+        self._later(json.dumps({"type": "signal", "signum": int(signum)}))
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._later(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    async def wait(self) -> dict[str, object]:
+        try:
+            return await asyncio.shield(self._result)
+        finally:
+            if self._result.done():
+                await self._ws.close()
+
+
+class RemoteBackend(Backend):
+    def __init__(self, url: str, token: str | None = None, *, timeout: float = 900.0) -> None:
+        self.url = url.rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise InvalidArgument(f"a server URL starts with http:// or https://, not {url!r}")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(
+            base_url=f"{self.url}/v1", headers=self._headers, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+        self._checked: dict[str, Any] | None = None
+
+    # -- plumbing -----------------------------------------------------------------------
+    async def server_config(self) -> dict[str, Any]:
+        """The server's version and capabilities (checked once, before any other call)."""
+        if self._checked is None:
+            config = await self._send("GET", "/config", check=False)
+            missing = NEEDED - set(config.get("capabilities", []))
+            if config.get("api") != API_VERSION or missing:
+                raise Unsupported(
+                    f"the server at {self.url} runs boxvm {config.get('version', '?')} with API "
+                    f"{config.get('api', '?')}; this client needs API {API_VERSION}"
+                    + (f" and {sorted(missing)}" if missing else "")
+                    + ": upgrade the server (or use a matching client)"
+                )
+            self._checked = config
+        return self._checked
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        params: dict[str, Any] | None = None,
+        content: Callable[[], AsyncIterator[bytes]] | None = None,
+        idempotent: bool = False,
+        check: bool = True,
+    ) -> Any:
+        if check:
+            await self.server_config()
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent else {}
+        attempts = RETRIES if idempotent or method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                response = await self._http.request(
+                    method,
+                    path,
+                    json=json_body,
+                    params=params,
+                    headers=headers,
+                    content=content() if content else None,
+                )
+                break
+            except httpx.TransportError as exc:
+                if attempt == attempts - 1:
+                    raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
+                await asyncio.sleep(0.2 * (attempt + 1))
+        _raise_for_error(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        if response.headers.get("content-type", "").startswith("application/json"):
+            return response.json()
+        return response.text
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def create(self, options: BoxOptions, name: str | None) -> BoxInfo:
+        body = {"options": dataclasses.asdict(options.validate()), "name": name}
+        return wire.box_info(await self._send("POST", "/boxes", json_body=body, idempotent=True))
+
+    async def get(self, id_or_name: str) -> BoxInfo | None:
+        try:
+            return wire.box_info(await self._send("GET", f"/boxes/{id_or_name}"))
+        except BoxvmError as exc:
+            if exc.code == "NotFound":
+                return None
+            raise
+
+    async def list(self) -> list[BoxInfo]:
+        return [wire.box_info(b) for b in await self._send("GET", "/boxes")]
+
+    async def remove(self, box_id: str, force: bool) -> None:
+        await self._send("DELETE", f"/boxes/{box_id}", params={"force": force})
+
+    async def start(self, box_id: str) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/start"))
+
+    async def stop(self, box_id: str, timeout: float) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/stop", json_body={"timeout": timeout}))
+
+    async def pause(self, box_id: str) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/pause"))
+
+    async def resume(self, box_id: str) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/resume"))
+
+    async def logs(self, box_id: str) -> str:
+        return str(await self._send("GET", f"/boxes/{box_id}/logs") or "")
+
+    # -- exec and files -----------------------------------------------------------------
+    async def spawn(
+        self,
+        box_id: str,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        user: str | None,
+        timeout: float | None,
+        tty: bool,
+        size: tuple[int, int] | None,
+    ) -> ProcessChannel:
+        await self.server_config()
+        url = "ws" + self.url[4:] + f"/v1/boxes/{box_id}/exec"
+        try:
+            ws = await connect(url, additional_headers=self._headers, max_size=None, open_timeout=30)
+        except InvalidStatus as exc:
+            if exc.response.status_code in (401, 403):
+                raise _unauthorized() from exc
+            raise EngineError(f"the server refused exec: HTTP {exc.response.status_code}") from exc
+        except OSError as exc:
+            raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
+        spec = {"argv": argv, "env": env, "cwd": cwd, "user": user, "timeout": timeout, "tty": tty, "size": size}
+        await ws.send(json.dumps(spec))
+        try:
+            first = json.loads(await ws.recv())
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code == 1008:
+                raise _unauthorized() from exc
+            raise EngineError(f"the server closed the exec connection: {exc}") from exc
+        if first.get("type") == "error":
+            await ws.close()
+            raise from_dict(first["error"])
+        return RemoteProcess(ws)
+
+    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
+        if not os.path.lexists(host_path):
+            raise NotFound(f"{host_path} does not exist on the host")
+        await self._send(
+            "PUT", f"/boxes/{box_id}/files", params={"path": box_path}, content=lambda: tree_chunks(host_path)
+        )
+
+    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
+        await self.server_config()
+        async with self._http.stream("GET", f"/boxes/{box_id}/files", params={"path": box_path}) as response:
+            await _raise_for_stream_error(response)
+            try:
+                await receive_tree(response.aiter_bytes(), host_path)
+            except httpx.HTTPError as exc:
+                raise EngineError(f"the server stopped sending {box_path}: {exc}") from exc
+
+    # -- state --------------------------------------------------------------------------
+    async def snapshot_create(self, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
+        body = {"name": name, "options": dataclasses.asdict(options)}
+        return wire.snapshot_info(
+            await self._send("POST", f"/boxes/{box_id}/snapshots", json_body=body, idempotent=True)
+        )
+
+    async def snapshot_list(self, box_id: str) -> list[SnapshotInfo]:
+        return [wire.snapshot_info(s) for s in await self._send("GET", f"/boxes/{box_id}/snapshots")]
+
+    async def snapshot_get(self, box_id: str, name: str) -> SnapshotInfo | None:
+        try:
+            return wire.snapshot_info(await self._send("GET", f"/boxes/{box_id}/snapshots/{name}"))
+        except BoxvmError as exc:
+            if exc.code == "NotFound" and "snapshot" in exc.message:
+                return None
+            raise
+
+    async def snapshot_restore(self, box_id: str, name: str) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/snapshots/{name}/restore"))
+
+    async def snapshot_remove(self, box_id: str, name: str) -> None:
+        await self._send("DELETE", f"/boxes/{box_id}/snapshots/{name}")
+
+    async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
+        body = {"names": names, "options": dataclasses.asdict(options)}
+        return [
+            wire.box_info(b)
+            for b in await self._send("POST", f"/boxes/{box_id}/clone", json_body=body, idempotent=True)
+        ]
+
+    async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path:
+        """Stream the server's archive into ``dest`` (a temporary name until complete)."""
+        options.validate()
+        info = await self.get(box_id)
+        if info is None:
+            raise NotFound(f"no box named or with id {box_id!r}")
+        dest = Path(dest).expanduser().absolute()
+        if dest.is_dir():
+            dest = dest / f"{info.name}.boxsnap"
+        if not dest.parent.is_dir():
+            raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
+        if dest.exists():
+            raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+        body = dataclasses.asdict(options)
+        try:
+            async with self._http.stream("POST", f"/boxes/{info.id}/export", json=body) as response:
+                await _raise_for_stream_error(response)
+                with partial.open("xb") as out:
+                    async for chunk in response.aiter_bytes(_CHUNK):
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+            os.rename(partial, dest)
+        except httpx.HTTPError as exc:
+            raise EngineError(f"the server stopped sending the archive of {info.name!r}: {exc}") from exc
+        except OSError as exc:
+            raise archive.write_failed(exc, dest) from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        return dest
+
+    async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
+        """Upload an archive; the server verifies it before the box appears (always as
+        untrusted: it cannot trust a client's host-specific options)."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise NotFound(f"archive {path} does not exist")
+        params = {"name": name} if name else None
+        return wire.box_info(
+            await self._send(
+                "POST", "/boxes/import", params=params, content=lambda: _file_chunks(path), idempotent=True
+            )
+        )
+
+    async def disk_usage(self) -> DiskUsage:
+        return wire.disk_usage(await self._send("GET", "/disk-usage"))
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _CHUNK):
+            yield chunk
+
+
+def _unauthorized() -> BoxvmError:
+    return Unauthorized("the server refused the token: pass the right one (token= or BOXVM_TOKEN)")
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        raise BoxvmError(f"HTTP {response.status_code} from the server: {response.text[:200]}") from None
+    raise from_dict(error)
+
+
+async def _raise_for_stream_error(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        await response.aread()
+        _raise_for_error(response)

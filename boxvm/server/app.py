@@ -1,0 +1,373 @@
+"""The REST API: every operation of the Python API under ``/v1``, over one LocalBackend.
+
+Results are the public dataclasses as JSON; errors are ``{"error": {type, message,
+status}}`` from the one error hierarchy, so the client raises the same classes again.
+Archives and file trees stream in both directions through bounded bridges
+(``boxvm.streams``): memory does not grow with their size. Exec is a WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import signal
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, WebSocket
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.websockets import WebSocketDisconnect
+
+import boxvm
+from boxvm.backends.local import LocalBackend
+from boxvm.errors import BoxvmError, InvalidArgument, NotFound, Unauthorized
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExportOptions,
+    SnapshotInfo,
+    SnapshotOptions,
+)
+from boxvm.streams import ThreadReader, ThreadWriter, pump
+
+API_VERSION = 1
+# What a client may rely on; it refuses a server that lacks one it needs.
+CAPABILITIES = ["lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency"]
+# Exec frames: binary frames start with the stream they belong to.
+STDIN, STDOUT, STDERR = b"\x00", b"\x01", b"\x02"
+Key = Annotated[str | None, Header(alias="Idempotency-Key")]
+bearer = HTTPBearer(auto_error=False, description="the token `boxvm serve` was started with")
+
+
+@dataclass
+class CreateRequest:
+    options: BoxOptions = field(default_factory=BoxOptions)
+    name: str | None = None
+
+
+@dataclass
+class StopRequest:
+    timeout: float = 10.0
+
+
+@dataclass
+class SnapshotRequest:
+    name: str
+    options: SnapshotOptions = field(default_factory=SnapshotOptions)
+
+
+@dataclass
+class CloneRequest:
+    names: list[str | None] = field(default_factory=lambda: [None])
+    options: CloneOptions = field(default_factory=CloneOptions)
+
+
+@dataclass
+class ServerConfig:
+    version: str
+    api: int
+    capabilities: list[str]
+
+
+class Idempotency:
+    """Replays the stored response of a request retried with the same ``Idempotency-Key``.
+
+    Requests with one key run one at a time (a retry that overtakes a slow first attempt
+    waits for it), and only successes are stored, so a failed attempt can be retried.
+    """
+
+    def __init__(self, backend: LocalBackend) -> None:
+        self.store = backend.store
+        self.locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # lock, requests using it
+
+    async def run(self, request: Request, key: str | None, what: Any, call: Any, status: int = 200) -> Response:
+        if key is None:
+            return JSONResponse(jsonable_encoder(await call()), status_code=status)
+        if not 0 < len(key) <= 200:
+            raise InvalidArgument("Idempotency-Key must be 1-200 characters")
+        scope = f"{request.method} {request.url.path}"
+        fingerprint = hashlib.sha256(json.dumps(jsonable_encoder(what), sort_keys=True).encode()).hexdigest()
+        lock, users = self.locks.get((scope, key), (asyncio.Lock(), 0))
+        self.locks[(scope, key)] = (lock, users + 1)
+        try:
+            async with lock:
+                stored = self.store.get_response(scope, key)
+                if stored is not None:
+                    if stored[0] != fingerprint:
+                        raise InvalidArgument(
+                            f"Idempotency-Key {key!r} was already used for a different request: use a new key"
+                        )
+                    return Response(
+                        stored[2], stored[1], media_type="application/json", headers={"Idempotent-Replayed": "true"}
+                    )
+                body = json.dumps(jsonable_encoder(await call()))
+                self.store.put_response(scope, key, fingerprint, status, body)
+                return Response(body, status, media_type="application/json")
+        finally:
+            lock, users = self.locks[(scope, key)]
+            if users == 1:
+                del self.locks[(scope, key)]
+            else:
+                self.locks[(scope, key)] = (lock, users - 1)
+
+
+def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
+    """The app for ``backend``; ``token`` None means no authentication (loopback only)."""
+    app = FastAPI(
+        title="boxvm",
+        version=boxvm.__version__,
+        summary="Micro-VM sandboxes with first-class state",
+        openapi_url="/v1/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    idempotency = Idempotency(backend)
+    expected = f"Bearer {token}".encode() if token else None
+
+    def authorized(header: str | None) -> bool:
+        return expected is None or (header is not None and hmac.compare_digest(header.encode(), expected))
+
+    def require_token(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
+        if not authorized(f"{creds.scheme} {creds.credentials}" if creds else None):
+            raise Unauthorized("a valid bearer token is required (Authorization: Bearer <token>)")
+
+    @app.exception_handler(BoxvmError)
+    async def boxvm_error(_request: Request, exc: BoxvmError) -> JSONResponse:
+        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        error = InvalidArgument(f"bad request: {where}: {first.get('msg', 'invalid')}")
+        return JSONResponse({"error": error.to_dict()}, status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = NotFound("no such API route") if exc.status_code == 404 else BoxvmError(str(exc.detail))
+        body = error.to_dict() | {"status": exc.status_code}
+        return JSONResponse({"error": body}, status_code=exc.status_code)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+
+    @v1.get("/config")
+    async def config() -> ServerConfig:
+        return ServerConfig(boxvm.__version__, API_VERSION, CAPABILITIES)
+
+    # -- boxes ----------------------------------------------------------------------
+    @v1.get("/boxes")
+    async def list_boxes() -> list[BoxInfo]:
+        return await backend.list()
+
+    @v1.post("/boxes", status_code=201, response_model=BoxInfo)
+    async def create(request: Request, body: CreateRequest, key: Key = None) -> Response:
+        return await idempotency.run(request, key, body, lambda: backend.create(body.options, body.name), 201)
+
+    @v1.get("/boxes/{box}")
+    async def get(box: str) -> BoxInfo:
+        info = await backend.get(box)
+        if info is None:
+            raise NotFound(f"no box named or with id {box!r}")
+        return info
+
+    @v1.delete("/boxes/{box}", status_code=204)
+    async def remove(box: str, force: bool = False) -> None:
+        await backend.remove(box, force)
+
+    @v1.post("/boxes/{box}/start")
+    async def start(box: str) -> BoxInfo:
+        return await backend.start(box)
+
+    @v1.post("/boxes/{box}/stop")
+    async def stop(box: str, body: StopRequest | None = None) -> BoxInfo:
+        return await backend.stop(box, (body or StopRequest()).timeout)
+
+    @v1.post("/boxes/{box}/pause")
+    async def pause(box: str) -> BoxInfo:
+        return await backend.pause(box)
+
+    @v1.post("/boxes/{box}/resume")
+    async def resume(box: str) -> BoxInfo:
+        return await backend.resume(box)
+
+    @v1.get("/boxes/{box}/logs", response_class=PlainTextResponse)
+    async def logs(box: str) -> str:
+        return await backend.logs(box)
+
+    # -- files ----------------------------------------------------------------------
+    @v1.put("/boxes/{box}/files", status_code=204)
+    async def put_files(box: str, request: Request, path: Annotated[str, Query()]) -> None:
+        """Unpack the tar stream in the request body at ``path`` in the box."""
+
+        async def produce(send: Any) -> None:
+            async for chunk in request.stream():
+                if chunk:
+                    await send(chunk)
+
+        await backend.put_tar(box, path, produce)
+
+    @v1.get("/boxes/{box}/files", response_class=StreamingResponse)
+    async def get_files(box: str, path: Annotated[str, Query()]) -> StreamingResponse:
+        """``path`` in the box as a tar stream."""
+        return StreamingResponse(await backend.get_tar(box, path), media_type="application/x-tar")
+
+    # -- snapshots ------------------------------------------------------------------
+    @v1.post("/boxes/{box}/snapshots", status_code=201, response_model=SnapshotInfo)
+    async def snapshot_create(box: str, request: Request, body: SnapshotRequest, key: Key = None) -> Response:
+        return await idempotency.run(
+            request, key, body, lambda: backend.snapshot_create(box, body.name, body.options), 201
+        )
+
+    @v1.get("/boxes/{box}/snapshots")
+    async def snapshot_list(box: str) -> list[SnapshotInfo]:
+        return await backend.snapshot_list(box)
+
+    @v1.get("/boxes/{box}/snapshots/{name}")
+    async def snapshot_get(box: str, name: str) -> SnapshotInfo:
+        snap = await backend.snapshot_get(box, name)
+        if snap is None:
+            raise NotFound(f"box {box!r} has no snapshot named {name!r}")
+        return snap
+
+    @v1.delete("/boxes/{box}/snapshots/{name}", status_code=204)
+    async def snapshot_remove(box: str, name: str) -> None:
+        await backend.snapshot_remove(box, name)
+
+    @v1.post("/boxes/{box}/snapshots/{name}/restore")
+    async def snapshot_restore(box: str, name: str) -> BoxInfo:
+        return await backend.snapshot_restore(box, name)
+
+    # -- clone, export, import ------------------------------------------------------
+    @v1.post("/boxes/{box}/clone", status_code=201, response_model=list[BoxInfo])
+    async def clone(box: str, request: Request, body: CloneRequest, key: Key = None) -> Response:
+        return await idempotency.run(request, key, body, lambda: backend.clone(box, body.names, body.options), 201)
+
+    @v1.post("/boxes/{box}/export", response_class=StreamingResponse)
+    async def export(box: str, body: ExportOptions | None = None) -> StreamingResponse:
+        """The archive, streamed while it is produced. Errors before its first byte are
+        JSON errors; a failure later cuts the stream short (the client sees it)."""
+        writer = ThreadWriter(asyncio.get_running_loop())
+        task = asyncio.ensure_future(backend.export_stream(box, body or ExportOptions(), writer))
+        chunks = writer.chunks(task)
+        first = await anext(chunks)
+
+        async def stream() -> Any:
+            try:
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+            finally:
+                if not task.done():  # the client went away: fail the export cleanly
+                    writer.abort()
+                    await asyncio.gather(task, return_exceptions=True)
+
+        return StreamingResponse(stream(), media_type="application/octet-stream")
+
+    @v1.post("/boxes/import", status_code=201, response_model=BoxInfo)
+    async def import_box(request: Request, name: str | None = None, key: Key = None) -> Response:
+        """Create a box from the archive in the request body. The upload is verified
+        completely before the box exists, and always imported as untrusted."""
+
+        async def run() -> BoxInfo:
+            reader = ThreadReader(asyncio.get_running_loop())
+            return await pump(request.stream(), reader, backend.import_stream(reader, "the upload", name, True))
+
+        return await idempotency.run(request, key, {"name": name}, run, 201)
+
+    @v1.get("/disk-usage")
+    async def disk_usage() -> DiskUsage:
+        return await backend.disk_usage()
+
+    app.include_router(v1)
+
+    # -- exec -----------------------------------------------------------------------
+    @app.websocket("/v1/boxes/{box}/exec")
+    async def exec_ws(ws: WebSocket, box: str) -> None:
+        """First text frame from the client: ``{argv, env, cwd, user, timeout, tty, size}``.
+        Then binary frames (first byte: 0 stdin, 1 stdout, 2 stderr) and JSON control
+        frames (client: close_stdin, signal, resize; server: started, exit, error)."""
+        if not authorized(ws.headers.get("authorization")):
+            await ws.close(code=1008, reason="a valid bearer token is required")
+            return
+        await ws.accept()
+        try:
+            spec = await ws.receive_json()
+            chan = await backend.spawn(
+                box,
+                [str(a) for a in spec["argv"]],
+                env=spec.get("env"),
+                cwd=spec.get("cwd"),
+                user=spec.get("user"),
+                timeout=spec.get("timeout"),
+                tty=bool(spec.get("tty")),
+                size=tuple(spec["size"]) if spec.get("size") else None,
+            )
+        except WebSocketDisconnect:
+            return
+        except (KeyError, TypeError, ValueError) as exc:
+            await _fail(ws, InvalidArgument(f"bad exec request: {exc}"))
+            return
+        except BoxvmError as exc:
+            await _fail(ws, exc)
+            return
+        await ws.send_json({"type": "started"})
+
+        async def forward(stream: Any, tag: bytes) -> None:
+            async for chunk in stream:
+                await ws.send_bytes(tag + chunk)
+
+        async def inbound() -> None:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                if message.get("bytes") is not None:
+                    await chan.write(message["bytes"][1:])
+                    continue
+                control = json.loads(message.get("text") or "{}")
+                if control.get("type") == "close_stdin":
+                    chan.close_stdin()
+                elif control.get("type") == "signal":
+                    chan.signal(int(control["signum"]))
+                elif control.get("type") == "resize":
+                    chan.resize(int(control["rows"]), int(control["cols"]))
+
+        outputs = asyncio.ensure_future(asyncio.gather(forward(chan.stdout, STDOUT), forward(chan.stderr, STDERR)))
+        reader = asyncio.ensure_future(inbound())
+        try:
+            await asyncio.wait({outputs, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if reader.done():  # the client left (or sent garbage) before the process ended
+                chan.signal(signal.SIGKILL)
+                return
+            try:
+                await outputs
+                result = await chan.wait()
+            except BoxvmError as exc:  # e.g. an unknown user, found by the guest
+                await _fail(ws, exc)
+                return
+            await ws.send_json({"type": "exit", **result})
+            await ws.close()
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            chan.signal(signal.SIGKILL)
+        finally:
+            for task in (outputs, reader):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    return app
+
+
+async def _fail(ws: WebSocket, exc: BoxvmError) -> None:
+    with contextlib.suppress(Exception):
+        await ws.send_json({"type": "error", "error": exc.to_dict()})
+        await ws.close()

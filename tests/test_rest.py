@@ -1,0 +1,234 @@
+"""The REST server itself: auth, error mapping, streams cut off, idempotency, version
+checks, many clients at once, and moving boxes between a host and a server. All against
+a real ``boxvm serve`` (uvicorn) on loopback; the behaviour tests of the other modules
+also run through it (``backends("local", "remote")``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+import boxvm
+from boxvm.backends.local import LocalBackend
+from boxvm.paths import Home
+from tests.conftest import REPO, TOKEN
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def remote(server: str) -> AsyncIterator[boxvm.Runtime]:
+    runtime = boxvm.Runtime.remote(server, token=TOKEN)
+    yield runtime
+    await runtime.close()
+
+
+async def test_token_is_required_everywhere(server: str) -> None:
+    async with httpx.AsyncClient(base_url=server) as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+            r = await http.get("/v1/boxes", headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "Unauthorized"
+        assert (await http.get("/v1/boxes", headers=AUTH)).status_code == 200
+    async with boxvm.Runtime.remote(server, token="wrong") as bad:
+        with pytest.raises(boxvm.Unauthorized):
+            await bad.list()
+
+
+async def test_exec_needs_the_token_too(server: str, remote: boxvm.Runtime, shared_box: boxvm.Box) -> None:
+    from boxvm.backends.remote import RemoteBackend
+
+    bad = RemoteBackend(server, "wrong")
+    bad._checked = {"api": 1}  # skip the (refused) config call: the WebSocket itself must refuse
+    with pytest.raises(boxvm.Unauthorized):
+        await bad.spawn(shared_box.id, ["true"], env=None, cwd=None, user=None, timeout=None, tty=False, size=None)
+    await bad.close()
+
+
+async def test_errors_map_to_status_codes_and_back(server: str, remote: boxvm.Runtime) -> None:
+    async with httpx.AsyncClient(base_url=server, headers=AUTH) as http:
+        r = await http.get("/v1/boxes/no-such-box")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "NotFound"
+        r = await http.post("/v1/boxes", content=b'{"name": ', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument"
+        r = await http.post("/v1/boxes", json={"options": {"cpus": "many"}})
+        assert r.status_code == 400 and "cpus" in r.json()["error"]["message"]
+        r = await http.post("/v1/boxes", json={"name": "../evil"})
+        assert r.status_code == 400
+        box = await remote.create(name="t-rest-states")
+        try:
+            r = await http.post(f"/v1/boxes/{box.id}/stop")
+            assert r.status_code == 409 and r.json()["error"]["type"] == "InvalidState"
+            r = await http.post("/v1/boxes", json={"name": "t-rest-states"})
+            assert r.status_code == 409 and r.json()["error"]["type"] == "AlreadyExists"
+        finally:
+            await remote.remove(box.id)
+    with pytest.raises(boxvm.NotFound):
+        await remote.remove("no-such-box")
+    assert await remote.get("no-such-box") is None
+
+
+async def test_openapi_document_is_served_and_committed(server: str) -> None:
+    async with httpx.AsyncClient(base_url=server, headers=AUTH) as http:
+        served = (await http.get("/v1/openapi.json")).json()
+    committed = json.loads((REPO / "docs" / "openapi.json").read_text())
+    assert served == committed, "regenerate it: python -m boxvm.server.openapi > docs/openapi.json"
+    assert "/v1/boxes/{box}/export" in served["paths"] and "/v1/boxes/import" in served["paths"]
+
+
+async def test_idempotency_key_makes_one_box(server: str, remote: boxvm.Runtime) -> None:
+    body = {"name": "t-idem", "options": {"memory_mib": 256}}
+    headers = {**AUTH, "Idempotency-Key": os.urandom(8).hex()}
+    async with httpx.AsyncClient(base_url=server, headers=headers) as http:
+        try:
+            first, second, third = await asyncio.gather(*(http.post("/v1/boxes", json=body) for _ in range(3)))
+            assert {r.status_code for r in (first, second, third)} == {201}
+            assert first.json()["id"] == second.json()["id"] == third.json()["id"]
+            assert [b.name for b in await remote.list()].count("t-idem") == 1
+            other = await http.post("/v1/boxes", json={"name": "t-idem-2"})  # same key, other request
+            assert other.status_code == 400 and "Idempotency-Key" in other.json()["error"]["message"]
+        finally:
+            await remote.remove("t-idem")
+
+
+async def test_client_refuses_an_older_server() -> None:
+    old = FastAPI()
+
+    @old.get("/v1/config")
+    async def config() -> dict[str, object]:
+        return {"version": "0.0.1", "api": 0, "capabilities": ["lifecycle"]}
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    uv = uvicorn.Server(uvicorn.Config(old, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
+    try:
+        while not uv.started:
+            await asyncio.sleep(0.01)
+        async with boxvm.Runtime.remote(f"http://127.0.0.1:{sock.getsockname()[1]}") as rt:
+            with pytest.raises(boxvm.Unsupported, match=r"0\.0\.1.*API 0.*upgrade the server"):
+                await rt.list()
+    finally:
+        uv.should_exit = True
+        await task
+
+
+def test_serve_refuses_a_public_address_without_a_token(home: Home) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "BOXVM_TOKEN"}
+    r = subprocess.run(
+        [sys.executable, "-m", "boxvm.cli.main", "serve", "--host", "0.0.0.0", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1 and "without a token" in r.stderr
+
+
+async def test_an_upload_cut_off_mid_stream_leaves_nothing(
+    server: str, remote: boxvm.Runtime, home: Home, tmp_path: Path
+) -> None:
+    box = await remote.create(name="t-rest-cut")
+    try:
+        archive = await box.export(tmp_path / "cut.boxsnap")
+    finally:
+        await remote.remove(box.id)
+    data = archive.read_bytes()
+    boxes_before, tmp_before = set(os.listdir(home.boxes)), set(os.listdir(home.tmp))
+    url = urlsplit(server)
+    _reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    writer.write(
+        b"POST /v1/boxes/import?name=t-rest-cut-imp HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data[: len(data) // 2]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    writer.close()
+    for _ in range(100):  # the server notices the disconnect and cleans up
+        await asyncio.sleep(0.1)
+        if set(os.listdir(home.tmp)) == tmp_before:
+            break
+    assert await remote.get("t-rest-cut-imp") is None
+    assert set(os.listdir(home.boxes)) == boxes_before and set(os.listdir(home.tmp)) == tmp_before
+    # and the whole archive, uploaded properly, imports
+    again = await remote.import_box(archive, name="t-rest-cut-imp")
+    await remote.remove(again.id)
+
+
+async def test_a_client_leaving_mid_export_releases_the_box(server: str, remote: boxvm.Runtime) -> None:
+    box = await remote.create(name="t-rest-export-gone")
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server, headers=AUTH) as http,
+            http.stream("POST", f"/v1/boxes/{box.id}/export", json={"compress": False}) as r,
+        ):
+            assert r.status_code == 200
+            async for _chunk in r.aiter_bytes():
+                break  # and hang up
+        for _ in range(100):
+            if (await box.info()).status == boxvm.BoxStatus.CONFIGURED:
+                break
+            await asyncio.sleep(0.1)
+        assert (await box.info()).status == boxvm.BoxStatus.CONFIGURED
+        await box.snapshot.create("after")  # no operation is stuck on it
+    finally:
+        await remote.remove(box.id)
+
+
+async def test_boxes_move_between_host_and_server(remote: boxvm.Runtime, local: LocalBackend, tmp_path: Path) -> None:
+    here = boxvm.Runtime(backend=local)
+    src = await here.create(name="t-move-local")
+    moved = back = None
+    try:
+        await src.start()
+        await src.exec(["sh", "-c", "mkdir -p /srv/app && echo from-host > /srv/app/note"])
+        archive = await src.export(tmp_path / "up.boxsnap")  # running: point in time
+        moved = await remote.import_box(archive, name="t-move-remote")
+        await moved.start()
+        assert (await moved.exec(["cat", "/srv/app/note"])).stdout == b"from-host\n"
+        await moved.exec(["sh", "-c", "echo from-server >> /srv/app/note"])
+        down = await moved.export(tmp_path / "down.boxsnap")  # streamed from the server
+        back = await here.import_box(down, name="t-move-back")
+        await back.start()
+        assert (await back.exec(["cat", "/srv/app/note"])).stdout == b"from-host\nfrom-server\n"
+    finally:
+        for box in (src, moved, back):
+            if box is not None:
+                await here.remove(box.id, force=True)
+
+
+async def test_twenty_clients_at_once(server: str, remote: boxvm.Runtime) -> None:
+    """20 clients, each with its own connection and box, exec and snapshot concurrently."""
+    base = await remote.create(boxvm.BoxOptions(memory_mib=256), name="t-many-base")
+    boxes = [base, *await base.clone_many(19)]
+    try:
+        for i in range(0, 20, 5):  # boot in waves: 2 cores of TCG
+            await asyncio.gather(*(b.start() for b in boxes[i : i + 5]))
+
+        async def client(n: int, box_id: str) -> None:
+            async with boxvm.Runtime.remote(server, token=TOKEN) as rt:
+                box = await rt.get(box_id)
+                assert box is not None
+                r = await box.exec(["sh", "-c", f"echo {n} > /root/n; cat /root/n"])
+                assert r.exit_code == 0 and r.stdout == f"{n}\n".encode()
+                snap = await box.snapshot.create(f"s{n}")
+                assert snap.consistency == "frozen"
+                r = await box.exec(["cat", "/root/n"], stdin=b"")
+                assert r.stdout == f"{n}\n".encode()
+                assert [s.name for s in await box.snapshot.list()] == [f"s{n}"]
+
+        await asyncio.gather(*(client(n, b.id) for n, b in enumerate(boxes)))
+    finally:
+        await asyncio.gather(*(remote.remove(b.id, force=True) for b in boxes))
