@@ -49,6 +49,14 @@ def make_data(raw: Path, size: int, random_mib: int, files_mib: int) -> None:
                 break
 
 
+def fill_disk(top: Path, work: Path, random_mib: int, files_mib: int) -> None:
+    """Write ``make_data`` into a (4 GiB) box disk, allocated as a guest would have."""
+    raw = work / "data.raw"
+    make_data(raw, 4 << 30, random_mib, files_mib)
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), str(top)], check=True)
+    raw.unlink()
+
+
 def baseline_export(top: Path) -> float:
     """Seconds for one thread to read the allocated data once, hash it and zstd it (level 3)."""
     plan = qcow2.flatten_plan(top)
@@ -116,11 +124,8 @@ async def run_archive(
         work = home.staging_dir("bench-archive-")
         box = await rt.create(boxvm.BoxOptions(disk_size_gb=4), name="bench-archive")
         try:
-            raw = work / "data.raw"
-            make_data(raw, 4 << 30, random_mib, files_mib)
             top = home.box_dir(box.id) / TOP
-            subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), str(top)], check=True)
-            raw.unlink()
+            fill_disk(top, work, random_mib, files_mib)
             data_mb = qcow2.flatten_plan(top).data_bytes / 1e6
             for i in range(runs):
                 dest = work / f"e{i}.boxsnap"

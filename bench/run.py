@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    parser.add_argument("--only", choices=["lifecycle", "state", "archive"], help="Run one group.")
+    parser.add_argument("--only", choices=["lifecycle", "state", "archive", "rest"], help="Run one group.")
     args = parser.parse_args()
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
     b = bundle.ensure(home, print)
@@ -145,6 +145,10 @@ def main() -> None:
         from bench.archive import run_archive
 
         results.update(asyncio.run(run_archive(home.root, max(3, args.runs // 2))))
+    if args.only in (None, "rest"):
+        from bench.rest import run_rest
+
+        results.update(asyncio.run(run_rest(home, max(3, args.runs // 2))))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
     print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")
@@ -162,6 +166,9 @@ def main() -> None:
     if "export_mb_s" in med:
         ratios["export_mb_s / export_baseline_mb_s"] = med["export_mb_s"] / med["export_baseline_mb_s"]
         ratios["import_mb_s / import_baseline_mb_s"] = med["import_mb_s"] / med["import_baseline_mb_s"]
+    if "export_rest" in med:
+        ratios["export_rest / export_local"] = med["export_rest"] / med["export_local"]
+        ratios["import_rest / import_local"] = med["import_rest"] / med["import_local"]
     print()
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.3f}")

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,14 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend_kind", marker.args if marker else ("local",), scope="session")
 
 
+@dataclass(frozen=True)
+class Server:
+    url: str
+    pid: int
+
+
 @pytest.fixture(scope="session")
-def server(home: Home) -> Iterator[str]:
+def server(home: Home) -> Iterator[Server]:
     """A real ``boxvm serve`` (uvicorn) on a free loopback port, over the test home."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "boxvm.cli.main", "--token", TOKEN, "serve", "--port", "0"],
@@ -91,7 +98,7 @@ def server(home: Home) -> Iterator[str]:
     if "serving" not in line:
         proc.kill()
         pytest.fail(f"boxvm serve did not start: {line!r}")
-    yield line.split()[-1].removesuffix("/v1")
+    yield Server(line.split()[-1].removesuffix("/v1"), proc.pid)
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(30)
@@ -108,7 +115,7 @@ def local(home: Home) -> LocalBackend:
 @pytest_asyncio.fixture(scope="session")
 async def rt(home: Home, backend_kind: str, request: pytest.FixtureRequest) -> AsyncIterator[boxvm.Runtime]:
     if backend_kind == "remote":
-        runtime = boxvm.Runtime.remote(request.getfixturevalue("server"), token=TOKEN)
+        runtime = boxvm.Runtime.remote(request.getfixturevalue("server").url, token=TOKEN)
     else:
         runtime = boxvm.Runtime(home.root)
     yield runtime
