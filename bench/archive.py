@@ -108,6 +108,7 @@ async def run_archive(
                 depth, last = (await live.info()).chain_depth, None
                 for i in range(runs):
                     dest = rt.backend.home.tmp / f"bench-live-{disk_gb}-{i}.boxsnap"  # type: ignore[attr-defined]
+                    dest.unlink(missing_ok=True)  # left by an interrupted run
                     await live.export(dest)
                     results[f"live_export_pause_{disk_gb}g"].append((await live.info()).timings["pause_ms"])
                     # the capture is released in the background; the next capture would wait for it

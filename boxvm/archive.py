@@ -61,7 +61,6 @@ def write_archive(
     try:
         with partial.open("xb") as raw:
             full = write_stream(top, raw, manifest, compress=compress, level=level, progress=progress)
-            raw.flush()
             os.fsync(raw.fileno())
         os.rename(partial, dest)
     except OSError as exc:
@@ -95,7 +94,10 @@ def write_stream(
     if compress:
         import zstandard
 
-        cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+        # Multithreaded, with 2 MiB jobs: the default job size made the compressor hold
+        # ~60 MB (measured) for no gain in speed here.
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=-1, job_size=2 << 20)
+        cctx = zstandard.ZstdCompressor(compression_params=params)
         out: IO[bytes] = cctx.stream_writer(raw, closefd=False)  # type: ignore[assignment]
     else:
         out = raw
@@ -130,6 +132,7 @@ def write_stream(
     out.write(b"\0" * (2 * tarfile.BLOCKSIZE))  # end of archive
     if compress:
         out.close()  # flushes the zstd frame; raw stays open (closefd=False)
+    raw.flush()
     return full
 
 

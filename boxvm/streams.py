@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _DEPTH = 8  # chunks in flight
+_BATCH = 1 << 20  # bytes per chunk handed across: per-chunk costs (HTTP framing, wakeups) stay small
 
 
 class StreamAborted(OSError):
@@ -75,15 +76,26 @@ async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Await
     """Feed ``chunks`` to a worker thread reading ``reader`` and return its result. If the
     worker stops early its outcome wins; if the input fails, the worker is aborted."""
     task: asyncio.Future[T] = asyncio.ensure_future(worker)
-    try:
-        async for chunk in chunks:
-            put = asyncio.ensure_future(reader.feed(chunk))
-            await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                put.cancel()
-                return await task
-        put = asyncio.ensure_future(reader.end())
+
+    async def hand_over(data: bytes) -> bool:
+        put = asyncio.ensure_future(reader.feed(data) if data else reader.end())
         await asyncio.wait({put, task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            put.cancel()
+            return False
+        return True
+
+    try:
+        batch = bytearray()  # network reads are small (~64 KiB): hand over ~1 MiB at a time
+        async for chunk in chunks:
+            batch += chunk
+            if len(batch) >= _BATCH:
+                if not await hand_over(bytes(batch)):
+                    return await task
+                batch.clear()
+        if batch and not await hand_over(bytes(batch)):
+            return await task
+        await hand_over(b"")
     except BaseException:
         reader.abort()
         await asyncio.gather(task, return_exceptions=True)
@@ -98,15 +110,21 @@ class ThreadWriter:
         self._loop = loop
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_DEPTH)
         self._closed = False
+        self._buf = bytearray()  # small writes (zstd emits ~128 KiB) are batched
 
     def write(self, data: Any) -> int:
         if self._closed:
             raise StreamAborted("the reader of this stream went away")
-        asyncio.run_coroutine_threadsafe(self._queue.put(bytes(data)), self._loop).result()
+        self._buf += data
+        if len(self._buf) >= _BATCH:
+            self.flush()
         return len(data)
 
     def flush(self) -> None:
-        pass
+        """Hand what is buffered to the loop (writers call it when they are done)."""
+        if self._buf:
+            data, self._buf = bytes(self._buf), bytearray()
+            asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
 
     def abort(self) -> None:
         """(On the loop.) The consumer is gone: unblock the writer and fail its next write."""

@@ -29,6 +29,7 @@ def tree_chunks(host_path: Path) -> AsyncIterator[bytes]:
     def produce() -> None:
         with tarfile.open(fileobj=writer, mode="w|", bufsize=_CHUNK) as tar:  # type: ignore[call-overload]
             tar.add(host_path, arcname=host_path.name or ".")
+        writer.flush()
 
     return writer.chunks(asyncio.ensure_future(asyncio.to_thread(produce)))
 
