@@ -23,10 +23,11 @@ from boxvm.options import (
     DiskUsage,
     ExecResult,
     ExportOptions,
+    ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
 )
-from boxvm.runtime import Box, Process, Runtime, SnapshotHandle
+from boxvm.runtime import Box, ImageHandle, Process, Runtime, SnapshotHandle
 from boxvm.status import BoxStatus
 
 __version__ = "0.1.0"
@@ -44,6 +45,8 @@ __all__ = [
     "ExecResult",
     "ExportOptions",
     "ImageError",
+    "ImageHandle",
+    "ImageInfo",
     "InvalidArgument",
     "InvalidState",
     "NotFound",

@@ -161,6 +161,15 @@ class BoxInfo:
 
 
 @dataclass(frozen=True)
+class ImageInfo:
+    reference: str  # the first name it was used by: normalised (docker.io/library/alpine:3.20) or a path
+    digest: str  # the linux/amd64 manifest's digest: the image's identity
+    size_bytes: int  # its blobs (compressed layers, config, manifest)
+    created_at: float  # when it entered this cache
+    references: list[str]  # every name it was used by (tags, digests, paths)
+
+
+@dataclass(frozen=True)
 class ExecResult:
     exit_code: int
     stdout: bytes

@@ -19,6 +19,7 @@ from boxvm.options import (
     DiskUsage,
     ExecResult,
     ExportOptions,
+    ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
 )
@@ -214,6 +215,28 @@ class Box:
         return [Box(self._backend, info) for info in infos]
 
 
+class ImageHandle:
+    """``Runtime.images``: the image cache shared by every box of the runtime."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    async def pull(
+        self, reference: str, *, username: str | None = None, password: str | None = None, insecure: bool = False
+    ) -> ImageInfo:
+        """Pull (or find cached) a registry image such as ``alpine:3.20``. Credentials
+        default to ``BOXVM_REGISTRY_USERNAME``/``_PASSWORD`` or the Docker config.json;
+        plain HTTP is used only for loopback registries or with ``insecure=True``."""
+        return await self._backend.image_pull(reference, username, password, insecure)
+
+    async def list(self) -> list[ImageInfo]:
+        return await self._backend.image_list()
+
+    async def remove(self, reference: str) -> None:
+        """Remove a cached image (refused while a box is built on it)."""
+        await self._backend.image_remove(reference)
+
+
 class Runtime:
     """The boxes of one home (local) or one server (remote)."""
 
@@ -223,6 +246,7 @@ class Runtime:
 
             backend = LocalBackend(Home.default(home))
         self._backend = backend
+        self.images = ImageHandle(backend)
 
     @classmethod
     def remote(cls, url: str, token: str | None = None) -> Runtime:

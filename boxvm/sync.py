@@ -19,7 +19,7 @@ from typing import Any
 from boxvm import runtime as aio
 from boxvm.options import BoxInfo, BoxOptions, ExecResult
 
-__all__ = ["Box", "BoxInfo", "BoxOptions", "ExecResult", "Process", "Runtime", "SnapshotHandle"]
+__all__ = ["Box", "BoxInfo", "BoxOptions", "ExecResult", "ImageHandle", "Process", "Runtime", "SnapshotHandle"]
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -85,12 +85,25 @@ class Box(_Mirror):
         self.snapshot = SnapshotHandle(box.snapshot)
 
 
+class ImageHandle(_Mirror):
+    def __init__(self, handle: aio.ImageHandle) -> None:
+        self._async = handle
+
+
 class Runtime(_Mirror):
-    def __init__(self, home: str | None = None) -> None:
+    def __init__(self, home: str | None = None, *, _runtime: aio.Runtime | None = None) -> None:
         async def make() -> aio.Runtime:
             return aio.Runtime(home)
 
-        self._async = _run(make())
+        self._async = _runtime or _run(make())
+        self.images = ImageHandle(self._async.images)
+
+    @classmethod
+    def remote(cls, url: str, token: str | None = None) -> Runtime:
+        async def make() -> aio.Runtime:
+            return aio.Runtime.remote(url, token)
+
+        return cls(_runtime=_run(make()))
 
     def __enter__(self) -> Runtime:
         return self
@@ -104,6 +117,7 @@ _TWINS: dict[type, type] = {
     aio.Box: Box,
     aio.Process: Process,
     aio.SnapshotHandle: SnapshotHandle,
+    aio.ImageHandle: ImageHandle,
 }
 
 

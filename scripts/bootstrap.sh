@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs fakeroot dpkg apt passwd make python3-venv)
+# docker-registry and skopeo: the registry tests and the pull benchmark baseline.
+APT_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs fakeroot dpkg apt passwd make python3-venv docker-registry skopeo)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+from boxvm.paths import Home
 
 
 def pid_alive(pid: int) -> bool:
@@ -33,3 +36,13 @@ def rss_mib(pid: int | str = "self") -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def leftovers(home: Home, pids: list[int]) -> list[Path]:
+    """Staging directories and uncommitted boxes of these processes (other tests' work in
+    the shared test home, from other workers, is not counted)."""
+    tags = [f"-{pid}-" for pid in pids]
+    staged = [p for p in home.tmp.iterdir() if any(t in p.name for t in tags)]
+    owners = [p / ".owner" for p in home.boxes.iterdir()]
+    owned = [o.parent for o in owners if o.is_file() and o.read_text() in {str(pid) for pid in pids}]
+    return staged + owned

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 import boxvm
+from boxvm.paths import Home
+from tests.helpers import leftovers
 
 pytestmark = pytest.mark.asyncio
 
@@ -53,8 +55,7 @@ async def test_bad_options(rt: boxvm.Runtime, options: boxvm.BoxOptions, message
         await rt.create(options)
 
 
-async def test_bad_image_paths(rt: boxvm.Runtime, home: object, tmp_path: Path) -> None:
-    boxes_before = sorted(p.name for p in rt.backend.home.boxes.iterdir())  # type: ignore[attr-defined]
+async def test_bad_image_paths(rt: boxvm.Runtime, home: Home, tmp_path: Path) -> None:
     with pytest.raises(boxvm.ImageError, match="not found"):
         await rt.create(boxvm.BoxOptions(image=str(tmp_path / "missing")))
     with pytest.raises(boxvm.ImageError, match="not an OCI image layout"):
@@ -63,12 +64,9 @@ async def test_bad_image_paths(rt: boxvm.Runtime, home: object, tmp_path: Path) 
     junk.write_bytes(b"this is not a tar file at all" * 100)
     with pytest.raises(boxvm.ImageError, match="not a readable OCI archive"):
         await rt.create(boxvm.BoxOptions(image=str(junk)))
-    with pytest.raises(boxvm.ImageError, match="registry pulls are not supported yet"):
-        await rt.create(boxvm.BoxOptions(image="alpine:3.20"))
-    assert sorted(p.name for p in rt.backend.home.boxes.iterdir()) == boxes_before  # type: ignore[attr-defined]
-    # staging names carry the pid; other workers may be creating boxes right now
-    mine = [p for p in rt.backend.home.tmp.iterdir() if f"-{os.getpid()}-" in p.name]  # type: ignore[attr-defined]
-    assert mine == []
+    with pytest.raises(boxvm.ImageError, match=r"cannot reach registry 127\.0\.0\.1:1"):
+        await rt.create(boxvm.BoxOptions(image="127.0.0.1:1/nobody/here:v1"))
+    assert leftovers(home, [os.getpid()]) == []
 
 
 async def test_exec_on_a_stopped_box(fresh_box: boxvm.Box) -> None:

@@ -24,6 +24,7 @@ import boxvm
 from boxvm.backends.local import LocalBackend
 from boxvm.paths import Home
 from tests.conftest import REPO, TOKEN, Server
+from tests.helpers import leftovers
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -146,15 +147,6 @@ async def test_an_upload_cut_off_mid_stream_leaves_nothing(
         await remote.remove(box.id)
     data = archive.read_bytes()
 
-    def server_leftovers() -> list[Path]:  # other workers' tests make boxes meanwhile: only the server's
-        staged = [p for p in home.tmp.iterdir() if f"-{server.pid}-" in p.name]
-        owned = [
-            p
-            for p in home.boxes.iterdir()
-            if (p / ".owner").is_file() and (p / ".owner").read_text() == str(server.pid)
-        ]
-        return staged + owned
-
     url = urlsplit(server.url)
     _reader, writer = await asyncio.open_connection(url.hostname, url.port)
     writer.write(
@@ -167,9 +159,9 @@ async def test_an_upload_cut_off_mid_stream_leaves_nothing(
     writer.close()
     for _ in range(100):  # the server notices the disconnect and cleans up
         await asyncio.sleep(0.1)
-        if not server_leftovers():
+        if not leftovers(home, [server.pid]):
             break
-    assert await remote.get("t-rest-cut-imp") is None and server_leftovers() == []
+    assert await remote.get("t-rest-cut-imp") is None and leftovers(home, [server.pid]) == []
     # and the whole archive, uploaded properly, imports
     again = await remote.import_box(archive, name="t-rest-cut-imp")
     await remote.remove(again.id)

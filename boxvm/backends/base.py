@@ -6,7 +6,16 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExportOptions, SnapshotInfo, SnapshotOptions
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExportOptions,
+    ImageInfo,
+    SnapshotInfo,
+    SnapshotOptions,
+)
 
 
 class ProcessChannel(ABC):
@@ -106,6 +115,17 @@ class Backend(ABC):
 
     @abstractmethod
     async def disk_usage(self) -> DiskUsage: ...
+
+    @abstractmethod
+    async def image_pull(
+        self, reference: str, username: str | None, password: str | None, insecure: bool
+    ) -> ImageInfo: ...
+
+    @abstractmethod
+    async def image_list(self) -> list[ImageInfo]: ...
+
+    @abstractmethod
+    async def image_remove(self, reference: str) -> None: ...
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -35,11 +35,12 @@ from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
-from boxvm.options import BoxInfo, BoxOptions, check_name
+from boxvm.images.registry import Credentials
+from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 from boxvm.status import BoxStatus, require
-from boxvm.store import BoxRecord, Store
+from boxvm.store import BoxRecord, ImageRecord, Store
 from boxvm.tarstream import receive_tree, send_tree
 
 log = logging.getLogger("boxvm")
@@ -450,6 +451,24 @@ class LocalBackend(StateOps, Backend):
                 await fail()
 
         return rest()
+
+    # -- images -----------------------------------------------------------------------
+    async def image_pull(self, reference: str, username: str | None, password: str | None, insecure: bool) -> ImageInfo:
+        creds = Credentials(username, password or "") if username else None
+        image = await asyncio.to_thread(self.images.resolve, reference, self.progress, creds, insecure)
+        return self._image_info(self.images.find(image.digest))
+
+    async def image_list(self) -> list[ImageInfo]:
+        return [self._image_info(r) for r in self.store.list_images()]
+
+    def _image_info(self, rec: ImageRecord) -> ImageInfo:
+        names = sorted(ref for ref, digest in self.store.image_refs().items() if digest == rec.digest)
+        return ImageInfo(rec.reference, rec.digest, rec.size_bytes, rec.created_at, names)
+
+    async def image_remove(self, reference: str) -> None:
+        digest = self.images.find(reference).digest
+        users = [b.name for b in self.store.list_boxes() if b.image_digest == digest]
+        await asyncio.to_thread(self.images.remove, reference, users)
 
     async def logs(self, box_id: str) -> str:
         rec = self._record(box_id)

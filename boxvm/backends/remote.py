@@ -36,11 +36,22 @@ from boxvm.errors import (
     Unsupported,
     from_dict,
 )
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ExportOptions, SnapshotInfo, SnapshotOptions
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExportOptions,
+    ImageInfo,
+    SnapshotInfo,
+    SnapshotOptions,
+)
 from boxvm.tarstream import receive_tree, tree_chunks
 
 API_VERSION = 1
-NEEDED = {"lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency"}
+NEEDED = {
+    "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
+}  # fmt: skip
 RETRIES = 3
 _CHUNK = 1 << 20
 
@@ -342,13 +353,23 @@ class RemoteBackend(Backend):
     async def disk_usage(self) -> DiskUsage:
         return wire.disk_usage(await self._send("GET", "/disk-usage"))
 
+    async def image_pull(self, reference: str, username: str | None, password: str | None, insecure: bool) -> ImageInfo:
+        body = {"reference": reference, "username": username, "password": password, "insecure": insecure}
+        return ImageInfo(**await self._send("POST", "/images/pull", json_body=body))
+
+    async def image_list(self) -> list[ImageInfo]:
+        return [ImageInfo(**i) for i in await self._send("GET", "/images")]
+
+    async def image_remove(self, reference: str) -> None:
+        await self._send("DELETE", "/images", params={"reference": reference})
+
     async def close(self) -> None:
         await self._http.aclose()
 
 
 async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
     with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, _CHUNK):
+        while chunk := await asyncio.to_thread(f.read, 4 * _CHUNK):
             yield chunk
 
 

@@ -600,6 +600,51 @@ async def df(rt: boxvm.Runtime, as_json: bool) -> None:
     out.print(f"layer store total: {_size(usage.layers_bytes)}", highlight=False)
 
 
+@cli.group()
+def image() -> None:
+    """Images from registries, cached by digest and shared by boxes."""
+
+
+@image.command(name="pull")
+@click.argument("reference")
+@click.option("--username", "-u", help="Registry user (default: BOXVM_REGISTRY_USERNAME or docker config.json).")
+@click.option("--password-stdin", is_flag=True, help="Read the registry password from stdin.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP to this (non-loopback) registry.")
+@run_async
+async def image_pull(
+    rt: boxvm.Runtime, reference: str, username: str | None, password_stdin: bool, insecure: bool
+) -> None:
+    """Pull REFERENCE (e.g. alpine:3.20, host:5000/team/app@sha256:...)."""
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    info = await rt.images.pull(reference, username=username, password=password, insecure=insecure)
+    print(f"{info.reference} {info.digest}")
+
+
+@image.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def image_ls(rt: boxvm.Runtime, as_json: bool) -> None:
+    """Cached images."""
+    images = await rt.images.list()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(i) for i in images], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("REFERENCE", "DIGEST", "SIZE"):
+        table.add_column(col)
+    for i in images:
+        table.add_row(i.reference, i.digest[:19], _size(i.size_bytes))
+    out.print(table)
+
+
+@image.command(name="rm")
+@click.argument("reference")
+@run_async
+async def image_rm(rt: boxvm.Runtime, reference: str) -> None:
+    """Remove a cached image (refused while a box uses it)."""
+    await rt.images.remove(reference)
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -1,14 +1,17 @@
 """Images: resolve a reference to a verified OCI image and turn it into a base disk.
 
 ``image=None`` is the embedded default image; a path is a local OCI layout directory
-or archive. Registry references are the seam for registry pulls (not yet supported).
+or archive; anything else is a registry reference, pulled into the cache
+(``boxvm.images.registry``) the first time it is used.
 Base disks are ext4 in qcow2, built once per (image digest, disk size) and shared by
 every box as the backing layer of its own overlay.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from boxvm.errors import ImageError
-from boxvm.images import oci
+from boxvm.errors import ImageError, InvalidState, NotFound
+from boxvm.images import oci, registry
 from boxvm.images.default import DEFAULT_REF, ensure_default
 from boxvm.images.ext4 import make_ext4
+from boxvm.images.reference import looks_like_reference
+from boxvm.images.reference import parse as parse_reference
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 from boxvm.store import ImageRecord, Store
@@ -43,17 +48,24 @@ class ImageStore:
         self.home = home
         self.store = store
 
-    def resolve(self, reference: str | None, progress: Progress = silent) -> ResolvedImage:
+    def resolve(
+        self,
+        reference: str | None,
+        progress: Progress = silent,
+        creds: registry.Credentials | None = None,
+        insecure: bool = False,
+    ) -> ResolvedImage:
+        """The image for ``reference``: the default, a local OCI layout or archive (a path),
+        or a registry reference, pulled into the cache unless it is there already."""
         if reference is None or reference == DEFAULT_REF:
             layout, ref = ensure_default(self.home, progress), DEFAULT_REF
-        else:
+        elif not looks_like_reference(reference) or Path(reference).expanduser().exists():
             path = Path(reference).expanduser()
-            if not (reference.startswith(("/", ".", "~")) or path.exists()):
-                raise ImageError(
-                    f"image {reference!r}: registry pulls are not supported yet; "
-                    "give a local OCI layout directory or archive, or omit image for the default"
-                )
             layout, ref = path.absolute(), str(path.absolute())
+        else:
+            parsed = parse_reference(reference)
+            layout, _size = registry.pull(parsed, self.home, creds, insecure, progress)
+            ref = str(parsed)
         with self.home.staging("image-") as work:
             image = oci.read_layout(layout, work)
             if image.layout != layout:  # an archive: keep its unpacked layout by digest
@@ -62,7 +74,44 @@ class ImageStore:
                     keep.parent.mkdir(parents=True, exist_ok=True)
                     image.layout.rename(keep)
                 image = oci.Image(image.digest, image.config, image.layers, keep)
+        if self.store.get_image(image.digest) is None:  # the first name it was used by stays its name
+            size = sum(p.stat().st_size for p in (image.layout / "blobs" / "sha256").iterdir())
+            self.store.put_image(ImageRecord(image.digest, ref, image.config, size))
+        self.store.add_image_ref(ref, image.digest)
         return ResolvedImage(ref, image.digest, image.config, image.layout)
+
+    def find(self, reference: str) -> ImageRecord:
+        """A cached image by reference (as given or normalised), digest or digest prefix."""
+        records = self.store.list_images()
+        refs = self.store.image_refs()
+        wanted = [reference]
+        if looks_like_reference(reference):
+            with contextlib.suppress(ImageError):
+                wanted.append(str(parse_reference(reference)))
+        for name in wanted:
+            digest = refs.get(name, name)
+            for rec in records:
+                if rec.digest == digest:
+                    return rec
+        hexpart = reference.removeprefix("sha256:")
+        matches = [r for r in records if len(hexpart) >= 6 and r.digest.split(":")[1].startswith(hexpart)]
+        if len(matches) == 1:
+            return matches[0]
+        raise NotFound(f"no cached image {reference!r}: `boxvm image ls` lists them")
+
+    def remove(self, reference: str, used_by: list[str]) -> ImageRecord:
+        """Forget an image: its base disks, its pulled layout and blobs no other image
+        shares. Refused while a box (``used_by``: their names) is built on it."""
+        rec = self.find(reference)
+        if used_by:
+            raise InvalidState(
+                f"image {rec.reference} is used by box(es) {', '.join(sorted(used_by))}: remove them first"
+            )
+        hexdigest = rec.digest.split(":")[1]
+        shutil.rmtree(self.home.images / hexdigest, ignore_errors=True)
+        registry.remove_layout(self.home, rec.digest)
+        self.store.delete_image(rec.digest)
+        return rec
 
     def base_disk(self, image: ResolvedImage, size_gb: int, progress: Progress = silent) -> Path:
         """The shared ext4 base disk for this image at this size, built on first use."""
@@ -96,6 +145,5 @@ class ImageStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(qcow, 0o444)
             os.replace(qcow, target)
-        self.store.put_image(ImageRecord(image.digest, image.reference, image.config, target.stat().st_size))
         progress(f"image disk ready in {time.monotonic() - t0:.1f} s")
         return target

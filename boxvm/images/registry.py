@@ -304,7 +304,8 @@ def pull(
     progress: Progress = silent,
 ) -> tuple[Path, int]:
     """Pull ``ref`` into the cache; returns its OCI layout directory and blob bytes."""
-    reg = Registry(ref, credentials_for(ref.registry, creds), insecure)
+    timeout = float(os.environ.get("BOXVM_REGISTRY_TIMEOUT", 30))  # seconds without progress
+    reg = Registry(ref, credentials_for(ref.registry, creds), insecure, timeout)
     cache = BlobCache(home)
     try:
         body, manifest = reg.manifest(ref.wanted, ref.digest)

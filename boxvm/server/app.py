@@ -34,6 +34,7 @@ from boxvm.options import (
     CloneOptions,
     DiskUsage,
     ExportOptions,
+    ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
 )
@@ -41,7 +42,9 @@ from boxvm.streams import ThreadReader, ThreadWriter, pump
 
 API_VERSION = 1
 # What a client may rely on; it refuses a server that lacks one it needs.
-CAPABILITIES = ["lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency"]
+CAPABILITIES = [
+    "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
+]  # fmt: skip
 # Exec frames: binary frames start with the stream they belong to.
 STDIN, STDOUT, STDERR = b"\x00", b"\x01", b"\x02"
 Key = Annotated[str | None, Header(alias="Idempotency-Key")]
@@ -69,6 +72,14 @@ class SnapshotRequest:
 class CloneRequest:
     names: list[str | None] = field(default_factory=lambda: [None])
     options: CloneOptions = field(default_factory=CloneOptions)
+
+
+@dataclass
+class PullRequest:
+    reference: str
+    username: str | None = None
+    password: str | None = None
+    insecure: bool = False
 
 
 @dataclass
@@ -282,6 +293,19 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
             return await pump(request.stream(), reader, backend.import_stream(reader, "the upload", name, True))
 
         return await idempotency.run(request, key, {"name": name}, run, 201)
+
+    # -- images -------------------------------------------------------------------
+    @v1.post("/images/pull")
+    async def image_pull(body: PullRequest) -> ImageInfo:
+        return await backend.image_pull(body.reference, body.username, body.password, body.insecure)
+
+    @v1.get("/images")
+    async def image_list() -> list[ImageInfo]:
+        return await backend.image_list()
+
+    @v1.delete("/images", status_code=204)
+    async def image_remove(reference: Annotated[str, Query()]) -> None:
+        await backend.image_remove(reference)
 
     @v1.get("/disk-usage")
     async def disk_usage() -> DiskUsage:

@@ -74,6 +74,14 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (scope, key)
     );
     """,
+    # v5: every name an image was used by (tags, digests, paths) -> its digest.
+    """
+    CREATE TABLE image_refs (
+        reference TEXT PRIMARY KEY,
+        digest TEXT NOT NULL REFERENCES images(digest) ON DELETE CASCADE
+    );
+    INSERT INTO image_refs SELECT reference, digest FROM images;
+    """,
 ]
 IDEMPOTENCY_TTL = 24 * 3600
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -298,6 +306,16 @@ class Store:
     def get_image(self, digest: str) -> ImageRecord | None:
         row = self._db.execute("SELECT * FROM images WHERE digest = ?", (digest,)).fetchone()
         return _image(row) if row else None
+
+    def add_image_ref(self, reference: str, digest: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO image_refs VALUES (?, ?)", (reference, digest))
+
+    def image_refs(self) -> dict[str, str]:
+        """reference -> digest"""
+        return dict(self._db.execute("SELECT reference, digest FROM image_refs ORDER BY reference").fetchall())
+
+    def delete_image(self, digest: str) -> None:
+        self._db.execute("DELETE FROM images WHERE digest = ?", (digest,))
 
     def list_images(self) -> list[ImageRecord]:
         return [_image(r) for r in self._db.execute("SELECT * FROM images ORDER BY created_at")]
