@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    parser.add_argument("--only", choices=["lifecycle", "state", "archive", "rest"], help="Run one group.")
+    parser.add_argument("--only", choices=["lifecycle", "state", "archive", "rest", "registry"], help="Run one group.")
     args = parser.parse_args()
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
     b = bundle.ensure(home, print)
@@ -149,6 +149,10 @@ def main() -> None:
         from bench.rest import run_rest
 
         results.update(asyncio.run(run_rest(home, max(3, args.runs // 2))))
+    if args.only in (None, "registry"):
+        from bench.registry import run_registry
+
+        results.update(asyncio.run(run_registry(args.runs)))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
     print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")
@@ -169,6 +173,9 @@ def main() -> None:
     if "export_rest" in med:
         ratios["export_rest / export_local"] = med["export_rest"] / med["export_local"]
         ratios["import_rest / import_local"] = med["import_rest"] / med["import_local"]
+    if "pull_cold" in med:
+        ratios["pull_cold / skopeo_copy_baseline"] = med["pull_cold"] / med["skopeo_copy_baseline"]
+        ratios["pull_cached / skopeo_copy_baseline"] = med["pull_cached"] / med["skopeo_copy_baseline"]
     print()
     for name, value in ratios.items():
         print(f"ratio {name}: {value:.3f}")

@@ -35,7 +35,6 @@ from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
-from boxvm.images.registry import Credentials
 from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -454,6 +453,8 @@ class LocalBackend(StateOps, Backend):
 
     # -- images -----------------------------------------------------------------------
     async def image_pull(self, reference: str, username: str | None, password: str | None, insecure: bool) -> ImageInfo:
+        from boxvm.images.registry import Credentials
+
         creds = Credentials(username, password or "") if username else None
         image = await asyncio.to_thread(self.images.resolve, reference, self.progress, creds, insecure)
         return self._image_info(self.images.find(image.digest))

@@ -17,10 +17,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boxvm.errors import ImageError, InvalidState, NotFound
-from boxvm.images import oci, registry
+from boxvm.images import oci
 from boxvm.images.default import DEFAULT_REF, ensure_default
 from boxvm.images.ext4 import make_ext4
 from boxvm.images.reference import looks_like_reference
@@ -28,6 +28,9 @@ from boxvm.images.reference import parse as parse_reference
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 from boxvm.store import ImageRecord, Store
+
+if TYPE_CHECKING:
+    from boxvm.images.registry import Credentials
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class ImageStore:
         self,
         reference: str | None,
         progress: Progress = silent,
-        creds: registry.Credentials | None = None,
+        creds: Credentials | None = None,
         insecure: bool = False,
     ) -> ResolvedImage:
         """The image for ``reference``: the default, a local OCI layout or archive (a path),
@@ -63,6 +66,8 @@ class ImageStore:
             path = Path(reference).expanduser()
             layout, ref = path.absolute(), str(path.absolute())
         else:
+            from boxvm.images import registry  # httpx only when pulling
+
             parsed = parse_reference(reference)
             layout, _size = registry.pull(parsed, self.home, creds, insecure, progress)
             ref = str(parsed)
@@ -109,6 +114,8 @@ class ImageStore:
             )
         hexdigest = rec.digest.split(":")[1]
         shutil.rmtree(self.home.images / hexdigest, ignore_errors=True)
+        from boxvm.images import registry
+
         registry.remove_layout(self.home, rec.digest)
         self.store.delete_image(rec.digest)
         return rec
