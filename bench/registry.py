@@ -28,9 +28,9 @@ async def run_registry(runs: int) -> dict[str, list[float]]:
         root = Path(tmp)
         server = RegistryServer(root / "registry").start()
         try:
-            # 4 layers of 25 MB: half random, half text, like real image layers
+            # 4 layers of 36 MB: 24 MB random (incompressible), 12 MB of text
             text = (Path("/usr/share/common-licenses/GPL-3").read_bytes() * 800)[: 12 << 20]
-            layers = [layer({f"l{i}/random": os.urandom(13 << 20), f"l{i}/text": text}) for i in range(4)]
+            layers = [layer({f"l{i}/random": os.urandom(24 << 20), f"l{i}/text": text}) for i in range(4)]
             with server.client() as http:
                 push_image(http, "bench/app", "v1", None, layers)
             size = sum(len(b) for b, _ in layers) / 1e6

@@ -158,6 +158,7 @@ class BoxInfo:
     guest_bundle: str | None
     error: str | None
     timings: dict[str, float]  # milliseconds of the last create/start/stop, boot, ...
+    command: list[str]  # the default command: entrypoint + cmd, from the options or the image
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,17 @@ class ImageInfo:
     size_bytes: int  # its blobs (compressed layers, config, manifest)
     created_at: float  # when it entered this cache
     references: list[str]  # every name it was used by (tags, digests, paths)
+
+
+def default_command(options: BoxOptions, image_config: dict[str, Any]) -> list[str]:
+    """Entrypoint + Cmd with Docker's rules: options override the image, and overriding the
+    entrypoint drops the image's Cmd."""
+    entrypoint = options.entrypoint if options.entrypoint is not None else image_config.get("Entrypoint") or []
+    if options.cmd is not None:
+        cmd = options.cmd
+    else:
+        cmd = [] if options.entrypoint is not None else image_config.get("Cmd") or []
+    return [str(a) for a in [*entrypoint, *cmd]]
 
 
 @dataclass(frozen=True)

@@ -152,6 +152,7 @@ def push_image(
     env: list[str] | None = None,
     workdir: str = "/",
     arch: str = "amd64",
+    cmd: list[str] | None = None,
 ) -> Pushed:
     """Push an image: ``base`` is (blob, diff id, media type) of a ready layer."""
     descs, diff_ids = [], []
@@ -166,7 +167,7 @@ def push_image(
         "architecture": arch,
         "os": "linux",
         "config": {"Env": env or ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "WorkingDir": workdir, "Cmd": ["sh"]},
+                   "WorkingDir": workdir, "Cmd": cmd or ["sh"]},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }  # fmt: skip
     cfg = json.dumps(config).encode()

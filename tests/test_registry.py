@@ -7,6 +7,8 @@ import asyncio
 import base64
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,18 +70,24 @@ def unique(name: str) -> str:
 
 @pytest.mark.backends("local", "remote")
 async def test_pull_boot_merged_filesystem_and_config(
-    rt: boxvm.Runtime, open_registry: RegistryServer, base_layer: tuple[bytes, str, str]
+    rt: boxvm.Runtime,
+    open_registry: RegistryServer,
+    base_layer: tuple[bytes, str, str],
+    home: Home,
+    backend_kind: str,
 ) -> None:
     repo, tag = unique("test/app"), unique("v1")
     with open_registry.client() as http:
-        pushed = push_image(http, repo, "v1", base_layer, app_layers(tag), env=ENV, workdir="/app")
+        pushed = push_image(
+            http, repo, "v1", base_layer, app_layers(tag), env=ENV, workdir="/app", cmd=["cat", "data.txt"]
+        )
         arm = push_image(http, repo, "arm", None, [layer({"arm": b"not for us\n"})], arch="arm64")
         index = push_index(http, repo, "multi", [(arm, "arm64"), (pushed, "amd64")])
     ref = f"{open_registry.host}/{repo}"
     box = await rt.create(boxvm.BoxOptions(image=f"{ref}:multi"), name=unique("t-pulled"))
     try:
         info = await box.info()
-        assert info.image == f"{ref}:multi"
+        assert info.image == f"{ref}:multi" and info.command == ["cat", "data.txt"]
         cached = {name: i for i in await rt.images.list() for name in i.references}
         assert cached[f"{ref}:multi"].digest == pushed.manifest_digest != index  # amd64 picked from the index
         await box.start()
@@ -99,6 +107,11 @@ async def test_pull_boot_merged_filesystem_and_config(
             await rt.images.remove(f"{ref}:multi")
     finally:
         await rt.remove(box.id, force=True)
+    if backend_kind == "local":  # `boxvm run` with no command runs the image's Cmd, in its WorkingDir
+        env = {**os.environ, "BOXVM_HOME": str(home.root)}
+        cli = [sys.executable, "-m", "boxvm.cli.main", "run", "--rm", "--image", f"{ref}:v1"]
+        r = subprocess.run(cli, env=env, capture_output=True, timeout=300)
+        assert r.returncode == 0 and r.stdout == f"app data {tag}\n".encode(), r.stderr
     await rt.images.remove(f"{ref}:multi")
     assert pushed.manifest_digest not in {i.digest for i in await rt.images.list()}
 

@@ -35,7 +35,7 @@ from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
-from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name
+from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name, default_command
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 from boxvm.status import BoxStatus, require
@@ -141,6 +141,7 @@ class LocalBackend(StateOps, Backend):
             guest_bundle=rec.guest_bundle,
             error=rec.error,
             timings=dict(rec.timings),
+            command=default_command(opts, rec.options.get("image_config") or {}),
         )
 
     # -- lifecycle --------------------------------------------------------------------

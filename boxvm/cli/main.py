@@ -114,7 +114,7 @@ def info_dict(info: boxvm.BoxInfo) -> dict[str, Any]:
 
 box_options = [
     click.option("--name", help="Box name (default: box-<id>)."),
-    click.option("--image", help="OCI layout directory or archive (default: the built-in image)."),
+    click.option("--image", help="Registry reference, OCI layout directory or archive (default: built-in)."),
     click.option("--cpus", type=int, default=1, show_default=True),
     click.option("--memory", "memory_mib", type=int, default=512, show_default=True, help="MiB of RAM."),
     click.option("--disk", "disk_size_gb", type=int, default=4, show_default=True, help="GiB of disk."),
@@ -239,19 +239,24 @@ async def create(rt: boxvm.Runtime, **kw: Any) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @with_box_options
 @click.option("--rm", is_flag=True, help="Remove the box when the command ends.")
+@click.option("-d", "--detach", is_flag=True, help="Leave the box running; run nothing.")
 @click.option("-i", "--interactive", is_flag=True)
 @click.option("-t", "--tty", is_flag=True)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @run_async
-async def run(rt: boxvm.Runtime, command: tuple[str, ...], rm: bool, interactive: bool, tty: bool, **kw: Any) -> int:
-    """Create and start a box; run COMMAND in it if given (else leave it running)."""
+async def run(
+    rt: boxvm.Runtime, command: tuple[str, ...], rm: bool, detach: bool, interactive: bool, tty: bool, **kw: Any
+) -> int:
+    """Create and start a box and run COMMAND in it, or the image's default command
+    (Entrypoint + Cmd); with --detach, leave it running instead."""
     box = await rt.create(make_options(kw), name=kw["name"])
     try:
-        await box.start()
-        if not command:
+        info = await box.start()
+        argv = list(command) or info.command
+        if detach or not argv:
             out.print(box.id)
             return 0
-        return await stream_exec(box, list(command), {}, None, None, interactive, tty)
+        return await stream_exec(box, argv, {}, None, None, interactive, tty)
     finally:
         if rm:
             await rt.remove(box.id, force=True)
