@@ -69,8 +69,9 @@ class ImageStore:
             from boxvm.images import registry  # httpx only when pulling
 
             parsed = parse_reference(reference)
-            layout, _size = registry.pull(parsed, self.home, creds, insecure, progress)
             ref = str(parsed)
+            cached = self._pulled_layout(ref) if parsed.digest else None  # a digest never moves: no request
+            layout = cached or registry.pull(parsed, self.home, creds, insecure, progress)[0]
         with self.home.staging("image-") as work:
             image = oci.read_layout(layout, work)
             if image.layout != layout:  # an archive: keep its unpacked layout by digest
@@ -84,6 +85,11 @@ class ImageStore:
             self.store.put_image(ImageRecord(image.digest, ref, image.config, size))
         self.store.add_image_ref(ref, image.digest)
         return ResolvedImage(ref, image.digest, image.config, image.layout)
+
+    def _pulled_layout(self, reference: str) -> Path | None:
+        digest = self.store.image_refs().get(reference)
+        layout = self.home.images / "layouts" / digest.split(":")[1] if digest else None
+        return layout if layout is not None and (layout / "index.json").exists() else None
 
     def find(self, reference: str) -> ImageRecord:
         """A cached image by reference (as given or normalised), digest or digest prefix."""
