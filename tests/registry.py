@@ -7,6 +7,8 @@ with Env/WorkingDir/Cmd, and multi-platform indexes.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import gzip
 import hashlib
 import io
@@ -35,6 +37,46 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class TokenIssuer:
+    """Signs registry bearer tokens (JWT, RS256, the certificate in ``x5c``) the way a
+    Docker token service does; the registry trusts its self-signed certificate."""
+
+    def __init__(self, root: Path, service: str = "boxvm-test-registry") -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.x509.oid import NameOID
+
+        self.service, self.issuer = service, "boxvm-test-issuer"
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "boxvm test token issuer")])
+        now = datetime.datetime.now(datetime.UTC)
+        self.cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(self.key, hashes.SHA256())
+        )  # fmt: skip
+        self.bundle = root / "token-ca.pem"
+        self.bundle.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+        self._der = self.cert.public_bytes(serialization.Encoding.DER)
+
+    def token(self, subject: str, access: list[dict[str, object]]) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        now = int(time.time())
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [base64.b64encode(self._der).decode()]}
+        claims = {"iss": self.issuer, "sub": subject, "aud": self.service, "iat": now, "nbf": now - 60,
+                  "exp": now + 600, "jti": os.urandom(8).hex(), "access": access}  # fmt: skip
+        signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+        signature = self.key.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
+        return f"{signing_input}.{b64(signature)}"
+
+
 @dataclass
 class RegistryServer:
     root: Path
@@ -42,6 +84,8 @@ class RegistryServer:
     password: str | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    token_realm: str | None = None  # bearer-token auth through this token service
+    issuer: TokenIssuer | None = None
 
     @property
     def host(self) -> str:
@@ -60,7 +104,10 @@ class RegistryServer:
             "storage": {"filesystem": {"rootdirectory": str(storage)}, "delete": {"enabled": True}},
             "http": {"addr": self.host},
         }
-        if self.user:
+        if self.issuer is not None:
+            token = {"realm": self.token_realm, "service": self.issuer.service, "issuer": self.issuer.issuer}
+            config["auth"] = {"token": {**token, "rootcertbundle": str(self.issuer.bundle)}}
+        elif self.user:
             htpasswd = self.root / "htpasswd"
             hashed = bcrypt.hashpw((self.password or "").encode(), bcrypt.gensalt(rounds=5)).decode()
             htpasswd.write_text(f"{self.user}:{hashed}\n")
@@ -85,7 +132,10 @@ class RegistryServer:
             self.proc.terminate()
             self.proc.wait(10)
 
-    def client(self) -> httpx.Client:
+    def client(self, repo: str = "") -> httpx.Client:
+        if self.issuer is not None:  # a push token for ``repo``, straight from the issuer
+            token = self.issuer.token("pusher", [{"type": "repository", "name": repo, "actions": ["pull", "push"]}])
+            return httpx.Client(base_url=f"http://{self.host}", headers={"Authorization": f"Bearer {token}"})
         auth = (self.user, self.password or "") if self.user else None
         return httpx.Client(base_url=f"http://{self.host}", auth=auth, timeout=60)
 

@@ -7,12 +7,17 @@ import asyncio
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 import boxvm
 from boxvm.images import oci
@@ -21,6 +26,7 @@ from boxvm.images.reference import parse
 from boxvm.paths import Home
 from tests.registry import (
     RegistryServer,
+    TokenIssuer,
     answer_again,
     layer,
     push_image,
@@ -43,6 +49,35 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
     server = RegistryServer(tmp_path_factory.mktemp("registry-auth"), "tester", "s3cret").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RegistryServer]:
+    """A registry with bearer-token auth, and a token service (uvicorn) that knows one user."""
+    root = tmp_path_factory.mktemp("registry-token")
+    issuer = TokenIssuer(root)
+    app = FastAPI()
+    good = "Basic " + base64.b64encode(b"tester:s3cret").decode()
+
+    @app.get("/token")
+    def token(request: Request, service: str, scope: str = "") -> JSONResponse:
+        if request.headers.get("authorization") != good or service != issuer.service:
+            return JSONResponse({"details": "access denied"}, status_code=401)
+        kind, name, actions = scope.split(":") if scope else ("", "", "")
+        access = [{"type": kind, "name": name, "actions": actions.split(",")}] if scope else []
+        return JSONResponse({"token": issuer.token("tester", access), "expires_in": 600})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    service = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=service.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    realm = f"http://127.0.0.1:{sock.getsockname()[1]}/token"
+    server = RegistryServer(root, token_realm=realm, issuer=issuer).start()
+    yield server
+    server.stop()
+    service.should_exit = True
+    thread.join(10)
 
 
 @pytest.fixture(scope="session")
@@ -143,6 +178,24 @@ async def test_credentials_from_options_env_and_docker_config(
     auth = base64.b64encode(b"tester:s3cret").decode()
     (tmp_path / "config.json").write_text(json.dumps({"auths": {auth_registry.host: {"auth": auth}}}))
     assert (await rt.images.pull(ref)).digest == pushed.manifest_digest
+    await rt.images.remove(ref)
+
+
+async def test_bearer_token_auth(
+    rt: boxvm.Runtime, token_registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Docker Hub's scheme: a 401 with a Bearer challenge, a token from the realm (basic
+    auth there), then the registry accepts the signed token for this repository's pull."""
+    repo = unique("token/app")
+    with token_registry.client(repo) as http:
+        pushed = push_image(http, repo, "v1", None, app_layers(unique("token")))
+    ref = f"{token_registry.host}/{repo}:v1"
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    with pytest.raises(boxvm.ImageError, match="needs credentials"):
+        await rt.images.pull(ref)
+    with pytest.raises(boxvm.ImageError, match="refused the credentials"):
+        await rt.images.pull(ref, username="tester", password="wrong")
+    assert (await rt.images.pull(ref, username="tester", password="s3cret")).digest == pushed.manifest_digest
     await rt.images.remove(ref)
 
 

@@ -129,12 +129,13 @@ class Registry:
         basic = None
         if self.creds is not None:
             basic = base64.b64encode(f"{self.creds.username}:{self.creds.password}".encode()).decode()
+        needs = ImageError(
+            f"registry {self.ref.registry} needs credentials: pass username/password, set "
+            "BOXVM_REGISTRY_USERNAME/BOXVM_REGISTRY_PASSWORD or log in with docker"
+        )
         if scheme.lower() == "basic":
             if basic is None:
-                raise ImageError(
-                    f"registry {self.ref.registry} needs credentials: pass username/password, set "
-                    "BOXVM_REGISTRY_USERNAME/BOXVM_REGISTRY_PASSWORD or log in with docker"
-                )
+                raise needs
             self.auth = f"Basic {basic}"
         elif scheme.lower() == "bearer" and "realm" in fields:
             query = {k: v for k, v in fields.items() if k in ("service", "scope")}
@@ -145,7 +146,7 @@ class Registry:
             except httpx.HTTPError as exc:
                 raise ImageError(f"cannot reach the token service of {self.ref.registry}: {exc}") from exc
             if answer.status_code in (401, 403):
-                raise ImageError(f"registry {self.ref.registry} refused the credentials")
+                raise needs if basic is None else ImageError(f"registry {self.ref.registry} refused the credentials")
             try:
                 body = answer.json()
                 self.auth = f"Bearer {body.get('token') or body['access_token']}"
