@@ -151,6 +151,16 @@ async def test_pull_boot_merged_filesystem_and_config(
     assert pushed.manifest_digest not in {i.digest for i in await rt.images.list()}
 
 
+async def refuses_then_accepts(rt: boxvm.Runtime, ref: str, digest: str) -> None:
+    """No credentials, wrong ones, right ones (tester / s3cret) given to the call."""
+    with pytest.raises(boxvm.ImageError, match="needs credentials"):
+        await rt.images.pull(ref)
+    with pytest.raises(boxvm.ImageError, match="refused the credentials"):
+        await rt.images.pull(ref, username="tester", password="wrong")
+    assert (await rt.images.pull(ref, username="tester", password="s3cret")).digest == digest
+    await rt.images.remove(ref)
+
+
 async def test_credentials_from_options_env_and_docker_config(
     rt: boxvm.Runtime,
     auth_registry: RegistryServer,
@@ -163,12 +173,7 @@ async def test_credentials_from_options_env_and_docker_config(
         pushed = push_image(http, repo, "v1", None, app_layers(unique("private")))
     ref = f"{auth_registry.host}/{repo}:v1"
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))  # no credentials anywhere yet
-    with pytest.raises(boxvm.ImageError, match="needs credentials"):
-        await rt.images.pull(ref)
-    with pytest.raises(boxvm.ImageError, match="refused the credentials"):
-        await rt.images.pull(ref, username="tester", password="wrong")
-    assert (await rt.images.pull(ref, username="tester", password="s3cret")).digest == pushed.manifest_digest
-    await rt.images.remove(ref)
+    await refuses_then_accepts(rt, ref, pushed.manifest_digest)
     monkeypatch.setenv("BOXVM_REGISTRY_USERNAME", "tester")
     monkeypatch.setenv("BOXVM_REGISTRY_PASSWORD", "s3cret")
     assert (await rt.images.pull(ref)).digest == pushed.manifest_digest
@@ -191,12 +196,7 @@ async def test_bearer_token_auth(
         pushed = push_image(http, repo, "v1", None, app_layers(unique("token")))
     ref = f"{token_registry.host}/{repo}:v1"
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
-    with pytest.raises(boxvm.ImageError, match="needs credentials"):
-        await rt.images.pull(ref)
-    with pytest.raises(boxvm.ImageError, match="refused the credentials"):
-        await rt.images.pull(ref, username="tester", password="wrong")
-    assert (await rt.images.pull(ref, username="tester", password="s3cret")).digest == pushed.manifest_digest
-    await rt.images.remove(ref)
+    await refuses_then_accepts(rt, ref, pushed.manifest_digest)
 
 
 @pytest.mark.backends("local", "remote")
