@@ -116,6 +116,20 @@ async def test_tty_exec(shared_box: boxvm.Box) -> None:
     assert b"/dev/pts/" in out and b"33 101" in out
 
 
+async def test_tty_resize_reaches_the_process(shared_box: boxvm.Box) -> None:
+    proc = await shared_box.spawn(["sh", "-c", "stty size; read x; stty size"], tty=True, size=(33, 101))
+    out = b""
+    async for chunk in proc.stdout:
+        out += chunk
+        if b"33 101" in out:
+            break
+    proc.resize(40, 120)
+    await proc.write(b"go\n")  # after the resize, in order
+    out += b"".join([c async for c in proc.stdout])
+    assert await proc.wait() == 0
+    assert out.index(b"33 101") < out.index(b"40 120")
+
+
 async def test_huge_stdout_streams_in_bounded_memory(
     rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend
 ) -> None:

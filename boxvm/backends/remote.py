@@ -105,6 +105,8 @@ class RemoteProcess(ProcessChannel):
         task.add_done_callback(self._tasks.discard)
 
     async def write(self, data: bytes) -> None:
+        if self._tasks:  # control frames sent before this write go first
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._send(b"\x00" + data)
 
     def close_stdin(self) -> None:
