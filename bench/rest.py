@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -22,6 +19,7 @@ from bench.archive import fill_disk
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
 from boxvm.paths import Home
+from tests.helpers import serving
 
 TOKEN = "bench-" + os.urandom(8).hex()
 
@@ -51,18 +49,10 @@ class RssWatch:
 
 
 async def run_rest(home: Home, runs: int) -> dict[str, list[float]]:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "boxvm.cli.main", "--token", TOKEN, "serve", "--port", "0"],
-        env={**os.environ, "BOXVM_HOME": str(home.root)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert server.stdout is not None
-    url = server.stdout.readline().split()[-1].removesuffix("/v1")
     results: dict[str, list[float]] = {
         k: [] for k in ("export_local", "export_rest", "import_local", "import_rest")
     } | {"server_rss_growth_export_mb": [], "server_rss_growth_import_mb": []}
-    try:
+    with serving(home, TOKEN) as (url, server_pid):
         async with boxvm.Runtime(home.root) as local, boxvm.Runtime.remote(url, token=TOKEN) as remote:
             box = await local.create(boxvm.BoxOptions(disk_size_gb=4), name="bench-rest")
             work = home.staging_dir("bench-rest-")
@@ -75,13 +65,13 @@ async def run_rest(home: Home, runs: int) -> dict[str, list[float]]:
                 for i in range(runs):
                     for kind, rt, b in (("local", local, box), ("rest", remote, rbox)):
                         dest = work / f"{kind}-{i}.boxsnap"
-                        async with RssWatch(server.pid) as watch:
+                        async with RssWatch(server_pid) as watch:
                             t = time.perf_counter()
                             await b.export(dest)
                             results[f"export_{kind}"].append(round((time.perf_counter() - t) * 1000, 1))
                         if kind == "rest":
                             results["server_rss_growth_export_mb"].append(round(watch.growth / 1e6, 1))
-                        async with RssWatch(server.pid) as watch:
+                        async with RssWatch(server_pid) as watch:
                             t = time.perf_counter()
                             imported = await rt.import_box(dest, name=f"bench-rest-{kind}-{i}")
                             results[f"import_{kind}"].append(round((time.perf_counter() - t) * 1000, 1))
@@ -92,7 +82,4 @@ async def run_rest(home: Home, runs: int) -> dict[str, list[float]]:
             finally:
                 await local.remove(box.id, force=True)
                 shutil.rmtree(work, ignore_errors=True)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(30)
     return results

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from boxvm.disks import qcow2
-from boxvm.errors import ArchiveError, StorageError
+from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageError
 
 FORMAT = "boxvm-archive"
 VERSION = 1
@@ -70,6 +70,19 @@ def write_archive(
         partial.unlink(missing_ok=True)
         raise
     return ExportResult(dest, full)
+
+
+def destination(dest: Path, box_name: str) -> Path:
+    """Where an export goes: ``dest``, or ``<box>.boxsnap`` inside it if it is a directory;
+    never over an existing file."""
+    dest = Path(dest).expanduser().absolute()
+    if dest.is_dir():
+        dest = dest / f"{box_name}.boxsnap"
+    if not dest.parent.is_dir():
+        raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
+    if dest.exists():
+        raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+    return dest
 
 
 def write_failed(exc: OSError, dest: Path) -> StorageError:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +20,7 @@ import pytest_asyncio
 import boxvm
 from boxvm.backends.local import LocalBackend
 from boxvm.paths import Home
+from tests.helpers import serving
 
 REPO = Path(__file__).resolve().parent.parent
 _LOCK = pytest.StashKey[object]()
@@ -87,23 +85,8 @@ class Server:
 @pytest.fixture(scope="session")
 def server(home: Home) -> Iterator[Server]:
     """A real ``boxvm serve`` (uvicorn) on a free loopback port, over the test home."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "boxvm.cli.main", "--token", TOKEN, "serve", "--port", "0"],
-        env={**os.environ, "BOXVM_HOME": str(home.root)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        pytest.fail(f"boxvm serve did not start: {line!r}")
-    yield Server(line.split()[-1].removesuffix("/v1"), proc.pid)
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with serving(home, TOKEN) as (url, pid):
+        yield Server(url, pid)
 
 
 @pytest.fixture(scope="session")

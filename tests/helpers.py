@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from boxvm.paths import Home
@@ -46,3 +51,26 @@ def leftovers(home: Home, pids: list[int]) -> list[Path]:
     owners = [p / ".owner" for p in home.boxes.iterdir()]
     owned = [o.parent for o in owners if o.is_file() and o.read_text() in {str(pid) for pid in pids}]
     return staged + owned
+
+
+@contextlib.contextmanager
+def serving(home: Home, token: str) -> Iterator[tuple[str, int]]:
+    """A real ``boxvm serve`` on a free loopback port over ``home``: (base URL, pid)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "boxvm.cli.main", "--token", token, "serve", "--port", "0"],
+        env={**os.environ, "BOXVM_HOME": str(home.root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    try:
+        if "serving" not in line:
+            raise RuntimeError(f"boxvm serve did not start: {line!r}")
+        yield line.split()[-1].removesuffix("/v1"), proc.pid
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

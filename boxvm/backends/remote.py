@@ -27,7 +27,6 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from boxvm import archive, wire
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.errors import (
-    AlreadyExists,
     BoxvmError,
     EngineError,
     InvalidArgument,
@@ -313,13 +312,7 @@ class RemoteBackend(Backend):
         info = await self.get(box_id)
         if info is None:
             raise NotFound(f"no box named or with id {box_id!r}")
-        dest = Path(dest).expanduser().absolute()
-        if dest.is_dir():
-            dest = dest / f"{info.name}.boxsnap"
-        if not dest.parent.is_dir():
-            raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
-        if dest.exists():
-            raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+        dest = archive.destination(dest, info.name)
         partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
         body = dataclasses.asdict(options)
         try:

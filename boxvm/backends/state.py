@@ -290,13 +290,7 @@ class StateOps:
         """One pass over the box's disk at a point in time into a ``.boxsnap`` file."""
         options.validate()
         rec = self._record(box_id)
-        dest = Path(dest).expanduser().absolute()
-        if dest.is_dir():
-            dest = dest / f"{rec.name}.boxsnap"
-        if not dest.parent.is_dir():
-            raise InvalidArgument(f"cannot export to {dest}: {dest.parent} is not a directory")
-        if dest.exists():
-            raise AlreadyExists(f"{dest} already exists: remove it or choose another destination")
+        dest = archive.destination(dest, rec.name)
 
         def write(top: Path, manifest: dict[str, object]) -> None:
             archive.write_archive(top, dest, manifest, compress=options.compress, level=options.compression_level)

@@ -71,7 +71,7 @@ class ImageStore:
             parsed = parse_reference(reference)
             ref = str(parsed)
             cached = self._pulled_layout(ref) if parsed.digest else None  # a digest never moves: no request
-            layout = cached or registry.pull(parsed, self.home, creds, insecure, progress)[0]
+            layout = cached or registry.pull(parsed, self.home, creds, insecure, progress)
         with self.home.staging("image-") as work:
             image = oci.read_layout(layout, work)
             if image.layout != layout:  # an archive: keep its unpacked layout by digest

@@ -303,8 +303,8 @@ def pull(
     creds: Credentials | None = None,
     insecure: bool = False,
     progress: Progress = silent,
-) -> tuple[Path, int]:
-    """Pull ``ref`` into the cache; returns its OCI layout directory and blob bytes."""
+) -> Path:
+    """Pull ``ref`` into the cache; returns its OCI layout directory."""
     timeout = float(os.environ.get("BOXVM_REGISTRY_TIMEOUT", 30))  # seconds without progress
     reg = Registry(ref, credentials_for(ref.registry, creds), insecure, timeout)
     cache = BlobCache(home)
@@ -320,7 +320,7 @@ def pull(
         layout = home.images / "layouts" / BlobCache._hex(digest)
         with cache.locked(digest):
             if (layout / "index.json").exists():
-                return layout, _layout_bytes(layout)
+                return layout
             descs = [manifest.get("config") or {}, *(manifest.get("layers") or [])]
             progress(f"pulling {ref} ({len(descs) - 1} layers)")
             with ThreadPoolExecutor(PARALLEL) as pool:
@@ -336,13 +336,9 @@ def pull(
                 (work / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
                 layout.parent.mkdir(parents=True, exist_ok=True)
                 work.rename(layout)
-            return layout, _layout_bytes(layout)
+            return layout
     finally:
         reg.close()
-
-
-def _layout_bytes(layout: Path) -> int:
-    return sum(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
 
 
 def remove_layout(home: Home, digest: str) -> None:
