@@ -18,15 +18,17 @@ import errno
 import hashlib
 import json
 import os
+import re
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from boxvm.disks import qcow2
 from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageError
+from boxvm.options import PATH_LIMIT, check_box_options
 
 FORMAT = "boxvm-archive"
 VERSION = 1
@@ -34,8 +36,10 @@ DISK = "disk.qcow2"
 GUEST_DISK = "guest-rootfs.qcow2"
 MEMORY = "memory.state"
 MANIFEST = "manifest.json"
-MEMBERS = {DISK, GUEST_DISK, MEMORY, MANIFEST}
+MEMBERS = {DISK, MANIFEST}
+UNUSED = {GUEST_DISK, MEMORY}  # names of the format this boxvm does not use: refused, never written
 MANIFEST_LIMIT = 1 << 20
+MAX_VIRTUAL = int(os.environ.get("BOXVM_IMPORT_MAX_VIRTUAL_BYTES", qcow2.MAX_VIRTUAL))
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Progress = Callable[[int], None]  # bytes done so far
@@ -163,6 +167,185 @@ class VerifiedArchive:
     disk: Path  # the verified standalone container disk, in the staging directory
 
 
+# -- a bounded tar reader --------------------------------------------------------------
+# Written by hand rather than with tarfile: tarfile reads pax, GNU long-name and sparse
+# headers whole into memory before any check (a 32 KB archive reached 2 GiB), and its
+# bounded use needs its private hooks. An archive needs little of tar: regular members,
+# pax or GNU long-name headers (bounded), and GNU old-style sparse members, which the
+# real BoxLite writes for its disk (their map is bounded in entries and holes).
+BLOCK = 512
+EXTENSION_LIMIT = 64 << 10  # bytes of one pax or GNU long-name header
+EXTENSION_HEADERS = 8  # extension headers in one archive
+SPARSE_ENTRIES = 1 << 12  # entries of one GNU sparse map (BoxLite's disks have a handful)
+SPARSE_HOLES_LIMIT = 1 << 30  # bytes of holes in one sparse member (hashed as zeros)
+_REGULAR = (b"0", b"\0", b"7")
+_OCTAL = re.compile(rb"[0-7]*")
+_PAX_RECORD = re.compile(rb"([1-9][0-9]{0,8}) ")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    regular: bool  # a regular file (or a GNU sparse one); anything else is refused by the caller
+    size: int  # bytes stored in the archive
+    real_size: int  # bytes of the file: larger than ``size`` when sparse
+    segments: tuple[tuple[int, int], ...]  # (offset, length) of the stored data in the file
+
+
+class TarReader:
+    """Members of a tar stream, each header bounded before it is read."""
+
+    def __init__(self, stream: IO[bytes], label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._left = 0  # unread data bytes of the current member
+        self._extensions = 0
+
+    def _corrupt(self, why: str) -> ArchiveError:
+        return ArchiveError(f"{self._label} is truncated or corrupt ({why}); nothing was imported")
+
+    def _read(self, n: int) -> bytes:
+        parts, want = [], n
+        while want:
+            got = self._stream.read(want)
+            if not got:
+                raise self._corrupt("unexpected end of data")
+            parts.append(got)
+            want -= len(got)
+        return b"".join(parts)
+
+    def _skip(self, n: int) -> None:
+        while n:
+            n -= len(self._read(min(n, 1 << 20)))
+
+    def data(self, count: int | None = None) -> Iterator[bytes]:
+        """The current member's next ``count`` stored bytes (all of them by default), in chunks."""
+        count = self._left if count is None else count
+        if count > self._left:
+            raise self._corrupt("a sparse map larger than its member")
+        while count:
+            chunk = self._read(min(count, 1 << 20))
+            self._left -= len(chunk)
+            count -= len(chunk)
+            yield chunk
+
+    def members(self) -> Iterator[Member]:
+        """Each member in turn; its data must be read with ``data`` before the next one."""
+        pax: dict[str, str] = {}
+        long_name: bytes | None = None
+        padding = 0
+        while True:
+            self._skip(self._left + padding)
+            self._left = padding = 0
+            block = self._read(BLOCK)
+            if block == bytes(BLOCK):
+                return  # end of archive
+            self._check_sum(block)
+            kind, size = block[156:157], self._number(block[124:136])
+            if kind in (b"x", b"g", b"L", b"K"):
+                self._extensions += 1
+                if size > EXTENSION_LIMIT or self._extensions > EXTENSION_HEADERS:
+                    raise ArchiveError(
+                        f"{self._label}: a tar extension header of {size} bytes (or more than "
+                        f"{EXTENSION_HEADERS} of them): over the limit of {EXTENSION_LIMIT} bytes"
+                    )
+                body = self._read(size + (-size % BLOCK))[:size]
+                if kind == b"x":
+                    pax = self._pax(body)
+                elif kind == b"g" and self._pax(body).keys() & {"path", "size"}:
+                    raise self._corrupt("a global pax header sets a path or size")
+                elif kind == b"L":
+                    long_name = body.split(b"\0", 1)[0]
+                continue
+            name = long_name if long_name is not None else self._name(block)
+            try:
+                text = pax["path"] if "path" in pax else name.decode()
+            except UnicodeDecodeError:
+                raise self._corrupt("a member name is not UTF-8") from None
+            if "size" in pax:
+                if not pax["size"].isascii() or not pax["size"].isdigit() or len(pax["size"]) > 20:
+                    raise self._corrupt("a bad pax size")
+                size = int(pax["size"])
+            pax, long_name = {}, None
+            real_size, segments = size, ((0, size),)
+            if kind == b"S":
+                real_size, segments = self._sparse(block, size)
+            self._left, padding = size, -size % BLOCK
+            yield Member(text, kind in _REGULAR or kind == b"S", size, real_size, segments)
+
+    def _check_sum(self, block: bytes) -> None:
+        field = block[148:156].strip(b" \0")
+        if not field or not _OCTAL.fullmatch(field):
+            raise self._corrupt("a tar header without a checksum")
+        if int(field, 8) != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise self._corrupt("a tar header checksum does not match")
+
+    def _number(self, field: bytes) -> int:
+        if field[:1] == b"\x80":  # GNU base-256 (sizes of 8 GiB and more)
+            return int.from_bytes(field[1:], "big")
+        digits = field.strip(b" \0")
+        if not _OCTAL.fullmatch(digits):
+            raise self._corrupt("a bad number in a tar header")
+        return int(digits or b"0", 8)
+
+    @staticmethod
+    def _name(block: bytes) -> bytes:
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\0":  # POSIX ustar: a prefix (GNU keeps other fields there)
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                return prefix + b"/" + name
+        return name
+
+    def _pax(self, body: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        pos = 0
+        while pos < len(body):
+            m = _PAX_RECORD.match(body, pos)
+            end = pos + int(m.group(1)) if m else 0
+            if not m or end > len(body) or body[end - 1 : end] != b"\n" or b"=" not in body[m.end() : end]:
+                raise self._corrupt("a malformed pax header")
+            key, value = body[m.end() : end - 1].split(b"=", 1)
+            try:
+                out[key.decode()] = value.decode()
+            except UnicodeDecodeError:
+                raise self._corrupt("a pax header is not UTF-8") from None
+            pos = end
+        if any(k.startswith("GNU.sparse.") for k in out):
+            raise ArchiveError(f"{self._label}: pax sparse members are not supported")
+        return out
+
+    def _sparse(self, block: bytes, size: int) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """A GNU old-style sparse map: four entries in the header, 21 per extension block."""
+        real_size = self._number(block[483:495])
+        entries = self._entries(block[386:482])
+        extended = block[482]
+        while extended:
+            if len(entries) > SPARSE_ENTRIES:
+                raise ArchiveError(f"{self._label}: a sparse map of more than {SPARSE_ENTRIES} entries")
+            ext = self._read(BLOCK)
+            entries += self._entries(ext[:504])
+            extended = ext[504]
+        pos = stored = 0
+        for offset, length in entries:
+            if offset < pos or offset + length > real_size:
+                raise self._corrupt("a sparse map out of order or past the end of its file")
+            pos, stored = offset + length, stored + length
+        if stored != size or len(entries) > SPARSE_ENTRIES:
+            raise self._corrupt("a sparse map that does not match its member")
+        if real_size - size > SPARSE_HOLES_LIMIT:
+            raise ArchiveError(f"{self._label}: a sparse member with over {SPARSE_HOLES_LIMIT} bytes of holes")
+        return real_size, tuple(entries)
+
+    def _entries(self, area: bytes) -> list[tuple[int, int]]:
+        out = []
+        for at in range(0, len(area), 24):
+            if area[at] == 0:
+                break
+            out.append((self._number(area[at : at + 12]), self._number(area[at + 12 : at + 24])))
+        return out
+
+
 def _open_stream(raw: Any) -> IO[bytes]:
     if raw.peek(4)[:4] == ZSTD_MAGIC:  # a buffered file or a ThreadReader: both can peek
         import zstandard
@@ -182,68 +365,106 @@ def read_archive(
         with archive.open("rb") as raw:
             return read_archive(raw, work, max_disk_bytes, progress, label or archive.name)
     label = label or "the archive"
-
     seen: dict[str, tuple[int, str]] = {}
     manifest_bytes = b""
-    done = 0
     try:
-        with tarfile.open(fileobj=_open_stream(archive), mode="r|") as tar:
-            for member in tar:
-                name = member.name
-                if name not in MEMBERS:
-                    raise ArchiveError(f"{label}: unexpected member {name!r} (absolute, '..' or unknown)")
-                if name in seen or (name == MANIFEST and manifest_bytes):
-                    raise ArchiveError(f"{label}: duplicate member {name!r}")
-                if not member.isreg():  # (GNU sparse members count as regular: BoxLite writes them)
-                    raise ArchiveError(f"{label}: member {name!r} is a link, device or directory")
-                limit = MANIFEST_LIMIT if name == MANIFEST else max_disk_bytes
-                if member.size > limit:
-                    raise ArchiveError(f"{label}: {name} declares {member.size} bytes, over the limit of {limit}")
-                source = tar.extractfile(member)
-                if source is None:
-                    raise ArchiveError(f"{label}: cannot read {name}")
-                if name == MANIFEST:
-                    manifest_bytes = source.read(MANIFEST_LIMIT + 1)
-                    seen[name] = (len(manifest_bytes), "")
-                    continue
-                h = hashlib.sha256()
-                count = 0
-                with (work / name).open("xb") as out:
-                    while chunk := source.read(1 << 20):
-                        count += len(chunk)
-                        if count > limit:
-                            raise ArchiveError(f"{label}: {name} is larger than the limit of {limit}")
-                        h.update(chunk)
-                        out.write(chunk)
-                        done += len(chunk)
-                        if progress is not None:
-                            progress(done)
-                    out.flush()
-                    os.fsync(out.fileno())
-                if count != member.size:
-                    raise ArchiveError(f"{label}: {name} is truncated")
-                seen[name] = (count, f"sha256:{h.hexdigest()}")
-    except ArchiveError:
-        raise
-    except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
+        tar = TarReader(_open_stream(archive), label)
+        for member in tar.members():
+            name = member.name
+            if name in UNUSED:
+                raise ArchiveError(
+                    f"{label}: member {name!r} (a guest root disk or memory state) is not supported by this boxvm; "
+                    "export the box again without it"
+                )
+            if name not in MEMBERS:
+                raise ArchiveError(f"{label}: unexpected member {name!r} (absolute, '..' or unknown)")
+            if name in seen:
+                raise ArchiveError(f"{label}: duplicate member {name!r}")
+            if not member.regular:
+                raise ArchiveError(f"{label}: member {name!r} is a link, device or directory")
+            limit = MANIFEST_LIMIT if name == MANIFEST else max_disk_bytes
+            if member.real_size > limit:
+                raise ArchiveError(f"{label}: {name} declares {member.real_size} bytes, over the limit of {limit}")
+            if name == MANIFEST:
+                manifest_bytes = b"".join(tar.data())
+                seen[name] = (len(manifest_bytes), "")
+            else:
+                seen[name] = _receive_disk(tar, member, work / name, label, progress)
+    except (zstandard.ZstdError, EOFError) as exc:
         raise ArchiveError(f"{label} is truncated or corrupt ({exc}); nothing was imported") from exc
     except OSError as exc:
-        if exc.errno == 28:
+        if exc.errno == errno.ENOSPC:
             raise StorageError("no space left while importing: free some space; nothing was imported") from exc
-        raise ArchiveError(f"{label} could not be read: {exc}") from exc
+        raise ArchiveError(f"{label} could not be read: {exc.strerror or exc}") from exc
     manifest = _check_manifest(label, manifest_bytes, seen)
     disk = work / DISK
     _check_disk(label, disk, manifest)
     return VerifiedArchive(manifest, disk)
 
 
+_ZEROS = bytes(1 << 20)
+
+
+def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progress: Progress | None) -> tuple[int, str]:
+    """Write the disk member (its sparse map's holes, and all-zero MiB, stay holes) and hash
+    it as its expanded bytes. Once the qcow2 header has arrived, a member larger than a
+    qcow2 of that virtual size can be is refused before the rest is read."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        pos, judged = 0, False
+        for offset, length in member.segments:
+            _hash_zeros(h, offset - pos)
+            pos = offset
+            for chunk in tar.data(length):
+                h.update(chunk)
+                if chunk != _ZEROS:
+                    os.pwrite(fd, chunk, pos)
+                pos += len(chunk)
+                if not judged and pos >= qcow2.CLUSTER:
+                    judged = True
+                    _judge_header(label, fd, member.real_size)
+                if progress is not None:
+                    progress(pos)
+        _hash_zeros(h, member.real_size - pos)
+        os.ftruncate(fd, member.real_size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return member.real_size, f"sha256:{h.hexdigest()}"
+
+
+def _hash_zeros(h: Any, count: int) -> None:
+    while count > 0:
+        n = min(count, len(_ZEROS))
+        h.update(memoryview(_ZEROS)[:n])
+        count -= n
+
+
+def _judge_header(label: str, fd: int, size: int) -> None:
+    """Refuse a disk member whose qcow2 header already shows it cannot be what it claims."""
+    head = os.pread(fd, qcow2.CLUSTER, 0)
+    if head[:4] != qcow2.MAGIC or len(head) < 72:
+        raise ArchiveError(f"{label}: {DISK} is not a qcow2 image")
+    virtual = int.from_bytes(head[24:32], "big")
+    if virtual > MAX_VIRTUAL:
+        raise ArchiveError(
+            f"{label}: {DISK} has a virtual size of {virtual} bytes, over the limit of {MAX_VIRTUAL} "
+            "(BOXVM_IMPORT_MAX_VIRTUAL_BYTES)"
+        )
+    if size > qcow2.max_file_size(virtual):
+        raise ArchiveError(f"{label}: {DISK} is {size} bytes, more than a qcow2 of {virtual} virtual bytes can hold")
+
+
 def _check_manifest(label: str, body: bytes, seen: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    """The manifest, every field checked for type and bounds, as a new dict of known fields
+    only: nothing from it is committed unless it passed here."""
     if not body:
         raise ArchiveError(f"{label} has no manifest.json: it is not a boxvm or BoxLite archive")
     try:
         manifest = json.loads(body)
-    except ValueError as exc:
-        raise ArchiveError(f"{label}: manifest.json is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ArchiveError(f"{label}: manifest.json is not valid JSON ({str(exc)[:200]})") from exc
     if not isinstance(manifest, dict):
         raise ArchiveError(f"{label}: manifest.json is not a JSON object")
     if "format" not in manifest and isinstance(manifest.get("image"), str):
@@ -251,7 +472,7 @@ def _check_manifest(label: str, body: bytes, seen: dict[str, tuple[int, str]]) -
     if manifest.get("format") != FORMAT:
         raise ArchiveError(f"{label}: manifest.json is not a {FORMAT} manifest")
     version = manifest.get("version")
-    if not isinstance(version, int) or isinstance(version, bool):
+    if not _is_int(version):
         raise ArchiveError(f"{label}: manifest version must be an integer")
     if version > VERSION:
         raise ArchiveError(f"{label} has archive version {version}; this boxvm reads up to {VERSION}: upgrade boxvm")
@@ -263,14 +484,53 @@ def _check_manifest(label: str, body: bytes, seen: dict[str, tuple[int, str]]) -
         raise ArchiveError(f"{label} has no {DISK}")
     for name in seen.keys() - {MANIFEST}:
         if members.get(name) != seen[name][0]:
-            raise ArchiveError(f"{label}: {name} has {seen[name][0]} bytes, the manifest says {members.get(name)}")
+            raise ArchiveError(
+                f"{label}: {name} has {seen[name][0]} bytes, the manifest says {members.get(name)!r:.64}"
+            )
     if set(members) - set(seen):
-        raise ArchiveError(f"{label}: members {sorted(set(members) - set(seen))} are missing")
+        raise ArchiveError(f"{label}: members {sorted(set(members) - set(seen))[:4]} are missing")
     if checksum != seen[DISK][1]:
         raise ArchiveError(f"{label}: {DISK} does not match its checksum (corrupt or altered)")
-    if not isinstance(manifest.get("disk_virtual_size"), int):
-        raise ArchiveError(f"{label}: manifest lacks disk_virtual_size")
-    return manifest
+    size = manifest.get("disk_virtual_size")
+    if not _is_int(size) or not 0 < size <= MAX_VIRTUAL:
+        raise ArchiveError(f"{label}: manifest lacks disk_virtual_size, or it is not 1..{MAX_VIRTUAL} bytes")
+    return {
+        **_common(label, manifest),
+        "format": FORMAT,
+        "version": version,
+        "container_disk_checksum": checksum,
+        "disk_virtual_size": size,
+        "members": {DISK: seen[DISK][0]},
+    }
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_BUNDLE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _common(label: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The fields both formats share, checked: names, image, digest, bundle, box options."""
+    name, image = manifest.get("box_name"), manifest.get("image")
+    digest, bundle = manifest.get("image_digest"), manifest.get("guest_bundle")
+    if name is not None and not (isinstance(name, str) and 0 < len(name) <= 256 and name.isprintable()):
+        raise ArchiveError(f"{label}: box_name must be a printable string of at most 256 characters")
+    if image is not None and not (isinstance(image, str) and 0 < len(image) <= PATH_LIMIT and image.isprintable()):
+        raise ArchiveError(f"{label}: image must be a printable string of at most {PATH_LIMIT} characters")
+    if digest is not None and not (isinstance(digest, str) and _DIGEST.fullmatch(digest)):
+        raise ArchiveError(f"{label}: image_digest must be 'sha256:' and 64 hex digits")
+    if bundle is not None and not (isinstance(bundle, str) and _BUNDLE.fullmatch(bundle)):
+        raise ArchiveError(f"{label}: guest_bundle must be 1-128 letters, digits, '.', '_' or '-'")
+    out: dict[str, Any] = {"box_name": name, "image": image, "image_digest": digest, "guest_bundle": bundle}
+    if manifest.get("box_options") is not None:
+        try:
+            out["box_options"] = check_box_options(manifest["box_options"])
+        except InvalidArgument as exc:
+            raise ArchiveError(f"{label}: the archive's box options are invalid: {exc.message}") from exc
+    return out
 
 
 BOXLITE_VERSIONS = range(1, 6)
@@ -280,48 +540,60 @@ def _boxlite_manifest(label: str, manifest: dict[str, Any], seen: dict[str, tupl
     """Normalise a BoxLite manifest (versions 1-5: no format field, checksums from v2,
     box options from v3) into ours, verifying what it carries."""
     version = manifest.get("version")
-    if not isinstance(version, int) or isinstance(version, bool) or version not in BOXLITE_VERSIONS:
-        raise ArchiveError(f"{label}: BoxLite archive version {version!r} is not supported (1-5 are)")
+    if not _is_int(version) or version not in BOXLITE_VERSIONS:
+        raise ArchiveError(f"{label}: BoxLite archive version {version!r:.32} is not supported (1-5 are)")
     if DISK not in seen:
         raise ArchiveError(f"{label} has no {DISK}")
     checksum = manifest.get("container_disk_checksum")
     if version >= 2 and (not isinstance(checksum, str) or checksum != seen[DISK][1]):
         raise ArchiveError(f"{label}: {DISK} does not match its checksum (corrupt or altered)")
-    raw_options = manifest.get("box_options")
+    raw = manifest.get("box_options")
+    if raw is not None and not isinstance(raw, dict):
+        raise ArchiveError(f"{label}: the archive's box options are invalid: not a JSON object")
     options: dict[str, Any] = {}
-    if isinstance(raw_options, dict):  # only what means the same here; the rest is BoxLite's own
-        for key in ("cpus", "memory_mib", "workdir", "user"):
-            if isinstance(raw_options.get(key), int | str) and not isinstance(raw_options.get(key), bool):
-                options[key] = raw_options[key]
-    name = manifest.get("box_name")
+    # only what means the same here; the rest is BoxLite's own
+    for theirs, ours in (("cpus", "cpus"), ("memory_mib", "memory_mib"), ("working_dir", "workdir"), ("user", "user")):
+        if raw and raw.get(theirs) is not None:
+            options[ours] = raw[theirs]
+    common = _common(label, {"box_name": manifest.get("box_name"), "image": manifest["image"], "box_options": options})
     return {
+        **common,
         "format": "boxlite-archive",
         "version": version,
-        "box_name": name if isinstance(name, str) else None,
-        "image": manifest["image"],
         "container_disk_checksum": checksum if version >= 2 else "",
-        "box_options": options,
         "disk_virtual_size": None,  # taken from the verified disk
-        "members": {n: size for n, (size, _h) in seen.items() if n != MANIFEST},
+        "members": {DISK: seen[DISK][0]},
     }
+
+
+QEMU_IMG_MEMORY = 1 << 30  # address space for qemu-img check of an untrusted image
+QEMU_IMG_TIMEOUT = 120  # seconds
 
 
 def _check_disk(label: str, disk: Path, manifest: dict[str, Any]) -> None:
     try:
         header = qcow2.read_header(disk)
         if header.backing_file is not None:
-            raise ValueError(f"it references a backing file ({header.backing_file!r}), which could read host files")
+            raise ValueError("it references a backing file, which could read host files")
         if header.data_file is not None or header.incompatible_features & qcow2.INCOMPAT_DATA_FILE:
             raise ValueError("it uses an external data file")
-        if header.refcount_table_offset + header.refcount_table_clusters * qcow2.CLUSTER > disk.stat().st_size:
-            raise ValueError("its refcount table points past the end of the file")
         if manifest["disk_virtual_size"] is None:  # BoxLite manifests do not record it
             manifest["disk_virtual_size"] = header.size
         elif header.size != manifest["disk_virtual_size"]:
             raise ValueError("its virtual size differs from the manifest")
-        qcow2.allocation(disk)  # every table and data offset inside the file
+        if header.size > MAX_VIRTUAL:
+            raise ValueError(f"its virtual size is over the limit of {MAX_VIRTUAL} bytes")
+        if header.refcount_table_offset + header.refcount_table_clusters * qcow2.CLUSTER > disk.stat().st_size:
+            raise ValueError("its refcount table points past the end of the file")
+        qcow2.check(disk, MAX_VIRTUAL)  # every table and data offset inside the file, none used twice
     except (ValueError, OSError) as exc:
         raise ArchiveError(f"{label}: {DISK} is unsafe or malformed: {exc}") from exc
-    check = subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2", str(disk)], capture_output=True, text=True)
+    # qemu-img, the reference reader, judges it too: under a memory and time limit
+    argv = ["prlimit", f"--as={QEMU_IMG_MEMORY}", "qemu-img", "check", "-q", "-f", "qcow2", str(disk)]
+    try:
+        check = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        raise ArchiveError(f"{label}: qemu-img check of {DISK} took over {QEMU_IMG_TIMEOUT} s") from exc
     if check.returncode != 0:
-        raise ArchiveError(f"{label}: qemu-img check rejects {DISK}: {check.stdout.strip() or check.stderr.strip()}")
+        why = (check.stdout.strip() or check.stderr.strip()).replace(str(disk), DISK)[:500]
+        raise ArchiveError(f"{label}: qemu-img check rejects {DISK}: {why}")

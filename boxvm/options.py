@@ -106,6 +106,8 @@ class BoxOptions:
     cmd: list[str] | None = None
 
     def validate(self) -> BoxOptions:
+        """Types and bounds of every field: options also come from archives and REST callers."""
+        self.check_types()
         if not 1 <= self.cpus <= 64:
             raise InvalidArgument(f"cpus must be between 1 and 64, not {self.cpus}")
         if not 128 <= self.memory_mib <= 65536:
@@ -113,22 +115,44 @@ class BoxOptions:
         if not 1 <= self.disk_size_gb <= 2048:
             raise InvalidArgument(f"disk_size_gb must be between 1 and 2048, not {self.disk_size_gb}")
         if self.network not in ("nat", "none"):
-            raise InvalidArgument(f"network must be 'nat' or 'none', not {self.network!r}")
+            raise InvalidArgument(f"network must be 'nat' or 'none', not {self.network!r:.64}")
         if self.ports and self.network == "none":
             raise InvalidArgument("ports need network='nat'")
+        for host, guest in self.ports:
+            if not (0 < host < 65536 and 0 < guest < 65536):
+                raise InvalidArgument(f"port numbers must be 1..65535, not {(host, guest)!r}")
+        for key, value in self.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidArgument(f"bad environment variable {key!r:.64}")
+        return self
+
+    def check_types(self) -> BoxOptions:
+        """Every field of the right type and every string and list bounded (not the ranges
+        ``validate`` checks: an untrusted import clamps resources before validating)."""
+        for key in ("cpus", "memory_mib", "disk_size_gb"):
+            value = getattr(self, key)
+            if not _is_int(value):
+                raise InvalidArgument(f"{key} must be an integer, not {value!r:.64}")
+        for key in ("image", "workdir", "user"):
+            if getattr(self, key) is not None:
+                _string(getattr(self, key), key, PATH_LIMIT)
+        _string(self.network, "network", 16)
+        if not isinstance(self.ports, list | tuple) or len(self.ports) > LIST_LIMIT:
+            raise InvalidArgument(f"ports must be a list of at most {LIST_LIMIT} (host_port, guest_port) pairs")
         ports = []
         for pair in self.ports:
-            try:
-                host, guest = (int(p) for p in pair)
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgument(f"ports entries are (host_port, guest_port) pairs, not {pair!r}") from exc
-            if not (0 < host < 65536 and 0 < guest < 65536):
-                raise InvalidArgument(f"port numbers must be 1..65535, not {pair!r}")
-            ports.append((host, guest))
+            if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(_is_int(p) for p in pair):
+                raise InvalidArgument(f"ports entries are (host_port, guest_port) pairs, not {pair!r:.64}")
+            ports.append((pair[0], pair[1]))
         self.ports = ports
+        if not isinstance(self.env, dict) or len(self.env) > LIST_LIMIT:
+            raise InvalidArgument(f"env must be a mapping of at most {LIST_LIMIT} variables")
         for key, value in self.env.items():
-            if not key or "=" in key or "\0" in key or "\0" in str(value):
-                raise InvalidArgument(f"bad environment variable {key!r}")
+            _string(key, "an environment variable name")
+            _string(value, f"environment variable {key[:64]}")
+        for key in ("entrypoint", "cmd"):
+            if getattr(self, key) is not None:
+                setattr(self, key, _strings(getattr(self, key), key))
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,9 +160,70 @@ class BoxOptions:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BoxOptions:
+        """Options from stored or received JSON (not validated: call ``validate``)."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["ports"] = [tuple(p) for p in known.get("ports", [])]
+        ports = known.get("ports", [])
+        if isinstance(ports, list):
+            known["ports"] = [tuple(p) if isinstance(p, list | tuple) else p for p in ports]
         return cls(**known)
+
+
+STRING_LIMIT = 64 << 10  # characters of one string from an image config or an archive
+PATH_LIMIT = 4096  # characters of an image reference, working directory or user
+LIST_LIMIT = 4096  # entries of Env, Entrypoint, Cmd, env or ports
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _string(value: object, what: str, limit: int = STRING_LIMIT) -> str:
+    if not isinstance(value, str) or len(value) > limit or "\0" in value:
+        raise InvalidArgument(f"{what} must be a string of at most {limit} characters without NUL bytes")
+    return value
+
+
+def _strings(value: object, what: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > LIST_LIMIT:
+        raise InvalidArgument(f"{what} must be a list of at most {LIST_LIMIT} strings")
+    return [_string(v, f"each item of {what}") for v in value]
+
+
+def check_image_config(config: object) -> dict[str, Any]:
+    """The runtime part of an image config (from a registry, an OCI layout or an archive)
+    as boxvm uses it: Env, Entrypoint, Cmd (lists of strings), WorkingDir, User (strings),
+    each checked and bounded; other keys are dropped. Raises InvalidArgument."""
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise InvalidArgument("the image config must be a JSON object")
+    out: dict[str, Any] = {}
+    for key in ("Env", "Entrypoint", "Cmd"):
+        if config.get(key) is not None:
+            out[key] = _strings(config[key], f"image config {key}")
+    for key in ("WorkingDir", "User"):
+        if config.get(key) is not None:
+            out[key] = _string(config[key], f"image config {key}", PATH_LIMIT)
+    for item in out.get("Env", []):
+        if not item.partition("=")[0]:
+            raise InvalidArgument(f"image config Env entry {item[:64]!r} has no variable name")
+    return out
+
+
+def check_box_options(raw: object) -> dict[str, Any]:
+    """Box options from untrusted JSON (an archive's manifest): the known fields with their
+    types checked, and the image config; unknown fields are dropped. Ranges are left to
+    ``validate``, after an untrusted import has clamped resources to this host."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument("box options must be a JSON object")
+    data = {k: v for k, v in raw.items() if k in BoxOptions.__dataclass_fields__}
+    try:
+        options = BoxOptions.from_dict(data).check_types()
+    except TypeError as exc:
+        raise InvalidArgument(f"box options have a field of the wrong type ({exc})") from exc
+    out = options.to_dict()
+    out["image_config"] = check_image_config(raw.get("image_config"))
+    return out
 
 
 @dataclass(frozen=True)
@@ -173,12 +258,15 @@ class ImageInfo:
 def default_command(options: BoxOptions, image_config: dict[str, Any]) -> list[str]:
     """Entrypoint + Cmd with Docker's rules: options override the image, and overriding the
     entrypoint drops the image's Cmd."""
-    entrypoint = options.entrypoint if options.entrypoint is not None else image_config.get("Entrypoint") or []
-    if options.cmd is not None:
-        cmd = options.cmd
-    else:
-        cmd = [] if options.entrypoint is not None else image_config.get("Cmd") or []
-    return [str(a) for a in [*entrypoint, *cmd]]
+    try:
+        config = check_image_config(image_config)
+    except InvalidArgument:
+        config = {}  # a record written before image configs were checked: no default command
+    entry = options.entrypoint if isinstance(options.entrypoint, list) else None
+    own_cmd = options.cmd if isinstance(options.cmd, list) else None
+    entrypoint = entry if entry is not None else config.get("Entrypoint") or []
+    cmd = own_cmd if own_cmd is not None else [] if entry is not None else config.get("Cmd") or []
+    return [a for a in [*entrypoint, *cmd] if isinstance(a, str)]
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ table. The file is sparse: only the header and refcount entries are written.
 
 from __future__ import annotations
 
+import array
 import os
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,51 +200,129 @@ FLAG_ZERO = 1
 INCOMPAT_EXTENDED_L2 = 1 << 4
 
 
-def allocation(path: Path) -> dict[int, int | None]:
+MAX_VIRTUAL = 2 << 40  # the largest disk a box may have (BoxOptions: 2048 GiB)
+MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU's own limit on an L1 table (32 MiB)
+MAX_REFCOUNT_TABLE_CLUSTERS = (8 << 20) // CLUSTER  # QEMU's own limit on the refcount table (8 MiB)
+_ZERO_TABLE = bytes(CLUSTER)
+
+
+def max_file_size(virtual_size: int) -> int:
+    """The most bytes a qcow2 (64 KiB clusters) of ``virtual_size`` can need with no cluster
+    used twice: data, L2 tables and 64-bit refcount blocks for every guest cluster, the
+    largest L1 and refcount tables QEMU allows, the header, and 64 MiB of slack."""
+    clusters = -(-virtual_size // CLUSTER)
+    per_table = CLUSTER // 8
+    tables = -(-clusters // per_table)
+    fixed = 1 + MAX_L1_ENTRIES * 8 // CLUSTER + MAX_REFCOUNT_TABLE_CLUSTERS + 1024
+    return (clusters + 2 * tables + fixed) * CLUSTER
+
+
+def allocation(path: Path, max_virtual: int = MAX_VIRTUAL) -> dict[int, int | None]:
     """Guest cluster index -> host offset of the data in ``path`` (None: reads as zeros),
     for the clusters this one image defines. Unlisted clusters fall through to the backing.
 
     Every table offset is checked against the file size, so a hostile image cannot make
-    us read outside it. Compressed clusters and extended L2 entries are refused (boxvm
-    never writes them).
+    us read outside it, and no host cluster may serve twice (see ``check``). Compressed
+    clusters and extended L2 entries are refused (boxvm never writes them).
+    """
+    out: dict[int, int | None] = {}
+    _walk(path, max_virtual, out)
+    return out
+
+
+def check(path: Path, max_virtual: int = MAX_VIRTUAL) -> int:
+    """Validate ``path``'s tables like ``allocation`` without building its map (memory stays
+    at one byte per host cluster); returns the number of data clusters."""
+    return _walk(path, max_virtual, None)
+
+
+def _walk(path: Path, max_virtual: int, out: dict[int, int | None] | None) -> int:
+    """Walk the L1/L2 tables with every bound checked before anything is allocated.
+
+    A bytearray with one byte per host cluster records which clusters serve as header,
+    L1, refcount table/blocks, L2 tables and data: a cluster claimed twice is refused, so
+    the walk can never cost more than the file holds (every L1 entry pointing at the same
+    L2 table once made a 400-byte archive cost 2 GiB).
     """
     header = read_header(path)
+    name = path.name
     if header.cluster_bits != CLUSTER_BITS:
-        raise ValueError(f"{path.name}: cluster size 2^{header.cluster_bits} is not supported")
+        raise ValueError(f"{name}: cluster size 2^{header.cluster_bits} is not supported")
     if header.crypt_method or header.incompatible_features & (INCOMPAT_DATA_FILE | INCOMPAT_EXTENDED_L2):
-        raise ValueError(f"{path.name}: encrypted, external-data or extended-L2 images are not supported")
+        raise ValueError(f"{name}: encrypted, external-data or extended-L2 images are not supported")
+    if header.nb_snapshots:
+        raise ValueError(f"{name}: internal snapshots are not supported")
+    if not 0 < header.size <= max_virtual:
+        raise ValueError(f"{name}: virtual size {header.size} is outside 1..{max_virtual} bytes")
     file_size = path.stat().st_size
     l2_entries = CLUSTER // 8
     needed_l1 = -(-header.size // (CLUSTER * l2_entries))
-    if header.l1_size < needed_l1 or header.l1_table_offset % CLUSTER:
-        raise ValueError(f"{path.name}: L1 table too small or misaligned")
+    if not needed_l1 <= header.l1_size <= MAX_L1_ENTRIES or header.l1_table_offset % CLUSTER:
+        raise ValueError(f"{name}: L1 table too small, too large or misaligned")
     if header.l1_table_offset + header.l1_size * 8 > file_size:
-        raise ValueError(f"{path.name}: L1 table points past the end of the file")
-    out: dict[int, int | None] = {}
+        raise ValueError(f"{name}: L1 table points past the end of the file")
+    rt_offset, rt_clusters = header.refcount_table_offset, header.refcount_table_clusters
+    if rt_offset % CLUSTER or not 0 < rt_clusters <= MAX_REFCOUNT_TABLE_CLUSTERS:
+        raise ValueError(f"{name}: refcount table misaligned or of a bad size")
+    if rt_offset + rt_clusters * CLUSTER > file_size:
+        raise ValueError(f"{name}: refcount table points past the end of the file")
+    n_clusters = -(-file_size // CLUSTER)
+    used = bytearray(n_clusters)
+
+    def claim(first: int, count: int, what: str) -> None:
+        for c in range(first, first + count):
+            if used[c]:
+                raise ValueError(f"{name}: cluster {c} serves twice (as {what})")
+            used[c] = 1
+
+    claim(0, 1, "header")
+    claim(header.l1_table_offset // CLUSTER, -(-header.l1_size * 8 // CLUSTER), "L1 table")
+    claim(rt_offset // CLUSTER, rt_clusters, "refcount table")
+    data = 0
     with path.open("rb") as f:
         fd = f.fileno()
-        l1 = struct.unpack(f">{header.l1_size}Q", os.pread(fd, header.l1_size * 8, header.l1_table_offset))
-        for i, entry in enumerate(l1[:needed_l1]):
+        table = array.array("Q", os.pread(fd, rt_clusters * CLUSTER, rt_offset))
+        if sys.byteorder == "little":
+            table.byteswap()
+        for entry in table:
+            if entry:
+                if entry % CLUSTER or entry + CLUSTER > file_size:
+                    raise ValueError(f"{name}: a refcount block points outside the file")
+                claim(entry // CLUSTER, 1, "refcount block")
+        del table
+        l1 = struct.unpack(f">{needed_l1}Q", os.pread(fd, needed_l1 * 8, header.l1_table_offset))
+        for i, entry in enumerate(l1):
             l2_offset = entry & L2_OFFSET_MASK
             if not l2_offset:
                 continue
             if l2_offset % CLUSTER or l2_offset + CLUSTER > file_size:
-                raise ValueError(f"{path.name}: an L2 table points outside the file")
-            l2 = struct.unpack(f">{l2_entries}Q", os.pread(fd, CLUSTER, l2_offset))
+                raise ValueError(f"{name}: an L2 table points outside the file")
+            claim(l2_offset // CLUSTER, 1, "L2 table")
+            raw = os.pread(fd, CLUSTER, l2_offset)
+            if raw == _ZERO_TABLE:
+                continue
             base = i * l2_entries
-            for j, e in enumerate(l2):
+            for j, e in enumerate(struct.unpack(f">{l2_entries}Q", raw)):
                 if not e:
                     continue
                 if e & FLAG_COMPRESSED:
-                    raise ValueError(f"{path.name}: compressed clusters are not supported")
+                    raise ValueError(f"{name}: compressed clusters are not supported")
                 offset = e & L2_OFFSET_MASK
+                if offset:
+                    c = offset >> CLUSTER_BITS
+                    if offset & (CLUSTER - 1) or c >= n_clusters or offset + CLUSTER > file_size:
+                        raise ValueError(f"{name}: a data cluster points outside the file")
+                    if used[c]:
+                        raise ValueError(f"{name}: cluster {c} serves twice (as data)")
+                    used[c] = 1
                 if e & FLAG_ZERO:
-                    out[base + j] = None
+                    if out is not None:
+                        out[base + j] = None
                 elif offset:
-                    if offset % CLUSTER or offset + CLUSTER > file_size:
-                        raise ValueError(f"{path.name}: a data cluster points outside the file")
-                    out[base + j] = offset
-    return out
+                    data += 1
+                    if out is not None:
+                        out[base + j] = offset
+    return data
 
 
 @dataclass(frozen=True)
