@@ -249,11 +249,13 @@ class Runtime:
         self.images = ImageHandle(backend)
 
     @classmethod
-    def remote(cls, url: str, token: str | None = None) -> Runtime:
-        """The boxes of a ``boxvm serve`` server: the same API, over HTTP."""
+    def remote(cls, url: str, token: str | None = None, *, ca_bundle: str | Path | None = None) -> Runtime:
+        """The boxes of a ``boxvm serve`` server: the same API, over HTTP(S). ``token`` None
+        reads a loopback server's generated token from the home; ``ca_bundle`` (PEM; default
+        ``$BOXVM_CA_BUNDLE`` or the system's) verifies an https server."""
         from boxvm.backends.remote import RemoteBackend
 
-        return cls(backend=RemoteBackend(url, token))
+        return cls(backend=RemoteBackend(url, token, ca_bundle=ca_bundle))
 
     @property
     def backend(self) -> Backend:

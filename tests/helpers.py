@@ -54,11 +54,18 @@ def leftovers(home: Home, pids: list[int]) -> list[Path]:
 
 
 @contextlib.contextmanager
-def serving(home: Home, token: str) -> Iterator[tuple[str, int]]:
-    """A real ``boxvm serve`` on a free loopback port over ``home``: (base URL, pid)."""
+def serving(
+    home: Home, token: str | None, *args: str, port_range: str | None = "1024-65535"
+) -> Iterator[tuple[str, int]]:
+    """A real ``boxvm serve`` on a free loopback port over ``home``: (base URL, pid).
+    ``token`` None: none given (pass ``--no-token`` in ``args``, or the home's is used).
+    By default boxes may forward any unprivileged port (the tests pick free ones)."""
+    auth = ["--token", token] if token else []
+    ports = ["--port-range", port_range] if port_range else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "boxvm.cli.main", "--token", token, "serve", "--port", "0"],
-        env={**os.environ, "BOXVM_HOME": str(home.root)},
+        [sys.executable, "-m", "boxvm.cli.main", *auth, "serve", "--port", "0", *ports, *args],
+        # the tests' registries run on 127.0.0.1: REST callers may use them (see boxvm.images.registry)
+        env={"BOXVM_REST_REGISTRIES": "127.0.0.1", **os.environ, "BOXVM_HOME": str(home.root)},
         stdout=subprocess.PIPE,
         text=True,
     )

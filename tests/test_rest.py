@@ -128,7 +128,7 @@ async def test_client_refuses_an_older_server() -> None:
 def test_serve_refuses_a_public_address_without_a_token(home: Home) -> None:
     env = {k: v for k, v in os.environ.items() if k != "BOXVM_TOKEN"}
     r = subprocess.run(
-        [sys.executable, "-m", "boxvm.cli.main", "serve", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "boxvm.cli.main", "serve", "--no-token", "--host", "0.0.0.0", "--port", "0"],
         env=env,
         capture_output=True,
         text=True,

@@ -15,10 +15,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
@@ -45,6 +47,8 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
 )
+from boxvm.paths import Home
+from boxvm.server.local import is_loopback, read_token
 from boxvm.tarstream import receive_tree, tree_chunks
 
 API_VERSION = 1
@@ -126,13 +130,26 @@ class RemoteProcess(ProcessChannel):
 
 
 class RemoteBackend(Backend):
-    def __init__(self, url: str, token: str | None = None, *, timeout: float = 900.0) -> None:
+    """``token`` None: for a server on a loopback address, the token ``boxvm serve`` generated
+    in this user's home (``$BOXVM_HOME/server-token``), if there is one. An https server's
+    certificate is verified against ``ca_bundle`` (a PEM file), else ``$BOXVM_CA_BUNDLE``,
+    else the system's certificates (which ``$SSL_CERT_FILE`` replaces)."""
+
+    def __init__(
+        self, url: str, token: str | None = None, *, timeout: float = 900.0, ca_bundle: str | Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise InvalidArgument(f"a server URL starts with http:// or https://, not {url!r}")
+        if token is None and is_loopback(urlsplit(self.url).hostname or ""):
+            token = read_token(Home.default())
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._tls = _tls_context(ca_bundle or os.environ.get("BOXVM_CA_BUNDLE") or None)
         self._http = httpx.AsyncClient(
-            base_url=f"{self.url}/v1", headers=self._headers, timeout=httpx.Timeout(timeout, connect=10.0)
+            base_url=f"{self.url}/v1",
+            headers=self._headers,
+            timeout=httpx.Timeout(timeout, connect=10.0),
+            verify=self._tls,
         )
         self._checked: dict[str, Any] | None = None
 
@@ -239,8 +256,17 @@ class RemoteBackend(Backend):
         await self.server_config()
         url = "ws" + self.url[4:] + f"/v1/boxes/{box_id}/exec"
         try:
-            ws = await connect(url, additional_headers=self._headers, max_size=None, open_timeout=30)
+            ws = await connect(
+                url,
+                additional_headers=self._headers,
+                max_size=None,
+                open_timeout=30,
+                ssl=self._tls if url.startswith("wss:") else None,
+            )
         except InvalidStatus as exc:
+            if exc.response.status_code == 403:  # Host or Origin refused: the server says which
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    raise from_dict(json.loads(exc.response.body or b"")["error"]) from exc
             if exc.response.status_code in (401, 403):
                 raise _unauthorized() from exc
             raise EngineError(f"the server refused exec: HTTP {exc.response.status_code}") from exc
@@ -366,6 +392,14 @@ async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
     with path.open("rb") as f:
         while chunk := await asyncio.to_thread(f.read, 4 * _CHUNK):
             yield chunk
+
+
+def _tls_context(ca_bundle: str | Path | None) -> ssl.SSLContext:
+    """Certificate verification for https servers (hostname checked; never disabled)."""
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidArgument(f"cannot load the CA bundle {ca_bundle}: {exc}") from exc
 
 
 def _unauthorized() -> BoxvmError:

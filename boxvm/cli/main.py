@@ -57,8 +57,8 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
             if remote:
                 from boxvm.backends.remote import RemoteBackend
 
-                token = click.get_current_context().find_root().params.get("token")
-                backend: Backend = RemoteBackend(remote, token)
+                root = click.get_current_context().find_root().params
+                backend: Backend = RemoteBackend(remote, root.get("token"), ca_bundle=root.get("ca_bundle"))
             else:
                 backend = LocalBackend(Home.default(), progress=show)
             try:
@@ -149,21 +149,69 @@ def make_options(kw: dict[str, Any]) -> boxvm.BoxOptions:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(boxvm.__version__)
 @click.option("--remote", envvar="BOXVM_REMOTE", metavar="URL", help="Drive a `boxvm serve` server, not this host.")
-@click.option("--token", envvar="BOXVM_TOKEN", help="Bearer token for --remote (and for `serve`).")
-def cli(remote: str | None, token: str | None) -> None:
+@click.option(
+    "--token",
+    envvar="BOXVM_TOKEN",
+    help="Bearer token for --remote (and for `serve`). Default for a loopback --remote: the home's server-token.",
+)
+@click.option(
+    "--ca-bundle",
+    envvar="BOXVM_CA_BUNDLE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="CA certificates (PEM) to verify an https --remote with (default: the system's, or SSL_CERT_FILE).",
+)
+def cli(remote: str | None, token: str | None, ca_bundle: Path | None) -> None:
     """boxvm: micro-VM sandboxes with first-class state."""
 
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8100, show_default=True, type=int, help="Port (0: any free one, announced).")
+@click.option("--no-token", is_flag=True, help="No authentication (loopback only; browsers' requests refused).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False, path_type=Path), help="PEM certificate (chain).")
+@click.option("--tls-key", type=click.Path(dir_okay=False, path_type=Path), help="PEM private key.")
+@click.option(
+    "--allow-image-dir",
+    "image_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="A directory whose OCI layouts/archives clients may name as images (repeatable; default: none).",
+)
+@click.option(
+    "--port-range",
+    envvar="BOXVM_SERVE_PORT_RANGE",
+    metavar="LOW-HIGH",
+    help="Host ports clients may forward to their boxes (default: none).",
+)
 @click.pass_context
-def serve(ctx: click.Context, host: str, port: int) -> None:
-    """Serve this host's boxes over REST (/v1). A token is required unless on loopback."""
+def serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    no_token: bool,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    image_dirs: tuple[Path, ...],
+    port_range: str | None,
+) -> None:
+    """Serve this host's boxes over REST (/v1). The token is --token, BOXVM_TOKEN or one
+    generated in the home (server-token, 0600); --no-token only on loopback."""
+    from boxvm.server.guard import parse_port_range
+    from boxvm.server.run import ServeOptions
     from boxvm.server.run import serve as run_server
 
     try:
-        run_server(host, port, ctx.find_root().params.get("token"), lambda line: print(line, flush=True))
+        options = ServeOptions(
+            host=host,
+            port=port,
+            token=ctx.find_root().params.get("token") or None,
+            no_token=no_token,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            image_dirs=tuple(image_dirs),
+            port_range=parse_port_range(port_range) if port_range else None,
+        )
+        run_server(options, lambda line: print(line, flush=True))
     except BoxvmError as exc:
         err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
         sys.exit(1)
@@ -578,11 +626,14 @@ async def export(rt: boxvm.Runtime, box: str, dest: Path, no_compress: bool, lev
 @cli.command(name="import")
 @click.argument("archive", type=click.Path(path_type=Path))
 @click.option("--name", help="Name of the new box (default: the archive's).")
-@click.option("--untrusted", is_flag=True, help="Ignore host-specific options (ports) and clamp resources.")
+@click.option(
+    "--trusted", is_flag=True, help="Keep the archive's host-specific options (ports) and resources as they are."
+)
 @run_async
-async def import_(rt: boxvm.Runtime, archive: Path, name: str | None, untrusted: bool) -> None:
-    """Create a box from an archive, verified completely before the box appears."""
-    box = await rt.import_box(archive, name, untrusted=untrusted)
+async def import_(rt: boxvm.Runtime, archive: Path, name: str | None, trusted: bool) -> None:
+    """Create a box from an archive, verified completely before the box appears. Unless
+    --trusted, its ports are dropped and its CPUs and memory clamped to this host's."""
+    box = await rt.import_box(archive, name, untrusted=not trusted)
     out.print(f"{box.name} {box.id}", highlight=False)
 
 

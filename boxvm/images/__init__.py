@@ -15,16 +15,19 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from boxvm.errors import ImageError, InvalidState, NotFound
+from boxvm.disks.layers import fsync_dir
+from boxvm.errors import ImageError, InvalidArgument, InvalidState, NotFound
 from boxvm.images import oci
 from boxvm.images.default import DEFAULT_REF, ensure_default
 from boxvm.images.ext4 import make_ext4
 from boxvm.images.reference import looks_like_reference
 from boxvm.images.reference import parse as parse_reference
+from boxvm.options import check_image_config
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 from boxvm.store import ImageRecord, Store
@@ -42,14 +45,22 @@ class ResolvedImage:
 
     @property
     def runtime_config(self) -> dict[str, Any]:
-        """The image's ``config`` section (Env, Cmd, Entrypoint, WorkingDir, User)."""
-        return self.config.get("config") or {}
+        """The image's ``config`` section (Env, Cmd, Entrypoint, WorkingDir, User), checked
+        like an archive's (``check_image_config``) before any box record holds it."""
+        try:
+            return check_image_config(self.config.get("config"))
+        except InvalidArgument as exc:
+            raise ImageError(f"image {self.reference} has an invalid config: {exc.message}") from exc
 
 
 class ImageStore:
     def __init__(self, home: Home, store: Store) -> None:
         self.home = home
         self.store = store
+        # None: any host path names a local image (the local API). The REST server sets its
+        # allow-list check here: every image string that is a path then goes through it, and
+        # nothing else is looked up on the filesystem.
+        self.path_gate: Callable[[str], Path] | None = None
 
     def resolve(
         self,
@@ -62,7 +73,10 @@ class ImageStore:
         or a registry reference, pulled into the cache unless it is there already."""
         if reference is None or reference == DEFAULT_REF:
             layout, ref = ensure_default(self.home, progress), DEFAULT_REF
-        elif not looks_like_reference(reference) or Path(reference).expanduser().exists():
+        elif self.path_gate is not None and not looks_like_reference(reference):
+            layout = self.path_gate(reference)
+            ref = str(layout)
+        elif self.path_gate is None and (not looks_like_reference(reference) or Path(reference).expanduser().exists()):
             path = Path(reference).expanduser()
             layout, ref = path.absolute(), str(path.absolute())
         else:
@@ -157,6 +171,10 @@ class ImageStore:
             )
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(qcow, 0o444)
+            with open(qcow, "rb") as f:  # its bytes durable before the name that publishes them
+                os.fsync(f.fileno())
             os.replace(qcow, target)
+            fsync_dir(target.parent)
+            fsync_dir(target.parent.parent)
         progress(f"image disk ready in {time.monotonic() - t0:.1f} s")
         return target

@@ -13,8 +13,10 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, WebSocket
@@ -28,6 +30,7 @@ from starlette.websockets import WebSocketDisconnect
 import boxvm
 from boxvm.backends.local import LocalBackend
 from boxvm.errors import BoxvmError, InvalidArgument, NotFound, Unauthorized
+from boxvm.images.registry import for_remote_caller
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -38,6 +41,7 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
 )
+from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports, image_gate
 from boxvm.streams import ThreadReader, ThreadWriter, pump
 
 API_VERSION = 1
@@ -49,6 +53,7 @@ CAPABILITIES = [
 STDIN, STDOUT, STDERR = b"\x00", b"\x01", b"\x02"
 Key = Annotated[str | None, Header(alias="Idempotency-Key")]
 bearer = HTTPBearer(auto_error=False, description="the token `boxvm serve` was started with")
+log = logging.getLogger("boxvm.server")
 
 
 @dataclass
@@ -131,8 +136,17 @@ class Idempotency:
                 self.locks[(scope, key)] = (lock, users - 1)
 
 
-def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
-    """The app for ``backend``; ``token`` None means no authentication (loopback only)."""
+def create_app(
+    backend: LocalBackend,
+    token: str | None,
+    *,
+    image_dirs: tuple[Path, ...] = (),
+    port_range: tuple[int, int] | None = None,
+) -> FastAPI:
+    """The app for ``backend``; ``token`` None means no authentication (loopback only: then
+    only requests whose ``Host`` is a loopback name or address get through). Images are
+    registry references, or paths under ``image_dirs``; host ports only in ``port_range``
+    (``boxvm.server.guard``)."""
     app = FastAPI(
         title="boxvm",
         version=boxvm.__version__,
@@ -142,6 +156,9 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
         redoc_url=None,
     )
     idempotency = Idempotency(backend)
+    backend.images.path_gate = image_gate(image_dirs)
+    scrub = Scrubber(backend.home.root, image_dirs)
+    app.add_middleware(HostOriginGuard, check_host=token is None)
     expected = f"Bearer {token}".encode() if token else None
 
     def authorized(header: str | None) -> bool:
@@ -153,20 +170,27 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
 
     @app.exception_handler(BoxvmError)
     async def boxvm_error(_request: Request, exc: BoxvmError) -> JSONResponse:
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+        return JSONResponse({"error": scrub.error(exc)}, status_code=exc.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         error = InvalidArgument(f"bad request: {where}: {first.get('msg', 'invalid')}")
-        return JSONResponse({"error": error.to_dict()}, status_code=400)
+        return JSONResponse({"error": scrub.error(error)}, status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = NotFound("no such API route") if exc.status_code == 404 else BoxvmError(str(exc.detail))
-        body = error.to_dict() | {"status": exc.status_code}
+        body = scrub.error(error) | {"status": exc.status_code}
         return JSONResponse({"error": body}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        """A bug or an unexpected failure: the caller learns nothing of it, the log does."""
+        log.error("unexpected error in a REST request", exc_info=exc)
+        error = BoxvmError("internal server error: the server log has the details")
+        return JSONResponse({"error": error.to_dict()}, status_code=500)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 
@@ -181,7 +205,9 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
 
     @v1.post("/boxes", status_code=201, response_model=BoxInfo)
     async def create(request: Request, body: CreateRequest, key: Key = None) -> Response:
-        return await idempotency.run(request, key, body, lambda: backend.create(body.options, body.name), 201)
+        check_ports(body.options.validate().ports, port_range)
+        with for_remote_caller():  # an image it pulls gets none of the server's registry settings
+            return await idempotency.run(request, key, body, lambda: backend.create(body.options, body.name), 201)
 
     @v1.get("/boxes/{box}")
     async def get(box: str) -> BoxInfo:
@@ -297,7 +323,8 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
     # -- images -------------------------------------------------------------------
     @v1.post("/images/pull")
     async def image_pull(body: PullRequest) -> ImageInfo:
-        return await backend.image_pull(body.reference, body.username, body.password, body.insecure)
+        with for_remote_caller():  # the caller's credentials only; see boxvm.images.registry
+            return await backend.image_pull(body.reference, body.username, body.password, body.insecure)
 
     @v1.get("/images")
     async def image_list() -> list[ImageInfo]:
@@ -338,10 +365,10 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
         except WebSocketDisconnect:
             return
         except (KeyError, TypeError, ValueError) as exc:
-            await _fail(ws, InvalidArgument(f"bad exec request: {exc}"))
+            await _fail(ws, InvalidArgument(f"bad exec request: {exc}"), scrub)
             return
         except BoxvmError as exc:
-            await _fail(ws, exc)
+            await _fail(ws, exc, scrub)
             return
         await ws.send_json({"type": "started"})
 
@@ -376,7 +403,7 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
                 await outputs
                 result = await chan.wait()
             except BoxvmError as exc:  # e.g. an unknown user, found by the guest
-                await _fail(ws, exc)
+                await _fail(ws, exc, scrub)
                 return
             await ws.send_json({"type": "exit", **result})
             await ws.close()
@@ -391,7 +418,7 @@ def create_app(backend: LocalBackend, token: str | None) -> FastAPI:
     return app
 
 
-async def _fail(ws: WebSocket, exc: BoxvmError) -> None:
+async def _fail(ws: WebSocket, exc: BoxvmError, scrub: Scrubber) -> None:
     with contextlib.suppress(Exception):
-        await ws.send_json({"type": "error", "error": exc.to_dict()})
+        await ws.send_json({"type": "error", "error": scrub.error(exc)})
         await ws.close()

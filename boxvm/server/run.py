@@ -1,54 +1,96 @@
-"""Running the REST server: socket, authentication policy, uvicorn."""
+"""Running the REST server: socket, authentication policy, TLS, uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import socket
+import ssl
+import sys
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 from boxvm.errors import InvalidArgument
 from boxvm.paths import Home
+from boxvm.server.local import ensure_token, is_loopback, token_path
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+@dataclass(frozen=True)
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8100
+    token: str | None = None  # None: the home's generated token (``server-token``), unless no_token
+    no_token: bool = False  # no authentication at all: loopback only, and only loopback Host headers
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    image_dirs: tuple[Path, ...] = ()  # server directories whose OCI layouts/archives callers may name
+    port_range: tuple[int, int] | None = None  # host ports callers may forward; None: none
 
 
-def serve(host: str, port: int, token: str | None, announce: Callable[[str], None] = print) -> None:
+def _warn(message: str) -> None:
+    print(f"boxvm: WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> None:
     """Serve the local runtime's home until interrupted. Without a token only loopback
     addresses are allowed: anyone who reaches the port could otherwise run code."""
-    if not token and not is_loopback(host):
+    host = options.host
+    if options.no_token and options.token:
+        raise InvalidArgument("--no-token and a token (--token or BOXVM_TOKEN) contradict each other: choose one")
+    if options.no_token and not is_loopback(host):
         raise InvalidArgument(
-            f"refusing to serve on {host} without a token: pass --token (or set BOXVM_TOKEN), or bind to 127.0.0.1"
+            f"refusing to serve on {host} without a token: drop --no-token (a token is generated), or bind to 127.0.0.1"
+        )
+    if (options.tls_cert is None) != (options.tls_key is None):
+        raise InvalidArgument("TLS needs both --tls-cert and --tls-key")
+    if options.tls_cert is not None:
+        try:  # fail here with a clear message rather than inside uvicorn
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(options.tls_cert, options.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidArgument(f"cannot load the TLS certificate and key: {exc}") from exc
+    elif not is_loopback(host):
+        _warn(
+            f"serving on {host} WITHOUT TLS: the token, commands and files cross the network in clear text. "
+            "Pass --tls-cert and --tls-key, or bind to 127.0.0.1 and tunnel."
         )
     import uvicorn
 
     from boxvm.backends.local import LocalBackend
     from boxvm.server.app import create_app
 
+    home = Home.default()
+    token = None if options.no_token else options.token or ensure_token(home)
+    if not options.no_token and not options.token:
+        print(
+            f"boxvm: the token is in {token_path(home)} (local clients with the same BOXVM_HOME read it by themselves)",
+            file=sys.stderr,
+            flush=True,
+        )
+
     # Bound here (not by uvicorn) so that port 0 works and the real address is announced.
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        sock.bind((host, options.port))
     except OSError as exc:
-        raise InvalidArgument(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+        raise InvalidArgument(f"cannot listen on {host}:{options.port}: {exc.strerror}") from exc
     bound = sock.getsockname()[1]
+    scheme = "https" if options.tls_cert else "http"
 
     async def main() -> None:
-        backend = LocalBackend(Home.default())
+        backend = LocalBackend(home)
+        app = create_app(backend, token, image_dirs=options.image_dirs, port_range=options.port_range)
         config = uvicorn.Config(
-            create_app(backend, token or None), log_level="warning", ws="websockets-sansio", lifespan="off"
+            app,
+            log_level="warning",
+            ws="websockets-sansio",
+            lifespan="off",
+            ssl_certfile=options.tls_cert,
+            ssl_keyfile=options.tls_key,
         )
         server = uvicorn.Server(config)
-        announce(f"boxvm: serving http://{host}:{bound}/v1")
+        announce(f"boxvm: serving {scheme}://{f'[{host}]' if ':' in host else host}:{bound}/v1")
         try:
             await server.serve(sockets=[sock])
         finally:
