@@ -176,8 +176,10 @@ async def test_credentials_from_options_env_and_docker_config(
     await refuses_then_accepts(rt, ref, pushed.manifest_digest)
     monkeypatch.setenv("BOXVM_REGISTRY_USERNAME", "tester")
     monkeypatch.setenv("BOXVM_REGISTRY_PASSWORD", "s3cret")
+    monkeypatch.setenv("BOXVM_REGISTRY_HOST", auth_registry.host)  # env credentials are for this registry only
     assert (await rt.images.pull(ref)).digest == pushed.manifest_digest
     await rt.images.remove(ref)
+    monkeypatch.delenv("BOXVM_REGISTRY_HOST")
     monkeypatch.delenv("BOXVM_REGISTRY_USERNAME")
     monkeypatch.delenv("BOXVM_REGISTRY_PASSWORD")
     auth = base64.b64encode(b"tester:s3cret").decode()
@@ -196,6 +198,8 @@ async def test_bearer_token_auth(
         pushed = push_image(http, repo, "v1", None, app_layers(unique("token")))
     ref = f"{token_registry.host}/{repo}:v1"
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    # the token service is plain HTTP on another port: credentials go there only if it is marked insecure
+    monkeypatch.setenv("BOXVM_INSECURE_REGISTRIES", str(token_registry.token_realm).split("/")[2])
     await refuses_then_accepts(rt, ref, pushed.manifest_digest)
 
 

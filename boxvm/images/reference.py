@@ -16,6 +16,7 @@ from boxvm.errors import ImageError
 
 DEFAULT_REGISTRY = "docker.io"
 REGISTRY_API_HOST = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+DOCKER_HUB_NAMES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^\w[\w.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -41,6 +42,11 @@ class Reference:
         return host.strip("[]")
 
     @property
+    def key(self) -> str:
+        """The name credentials and settings for this registry are filed under."""
+        return registry_key(self.registry)
+
+    @property
     def wanted(self) -> str:
         """What to ask the registry for: the digest when pinned, else the tag."""
         return self.digest or self.tag or "latest"
@@ -52,6 +58,17 @@ class Reference:
         if self.digest:
             out += f"@{self.digest}"
         return out
+
+
+def registry_key(name: str) -> str:
+    """``name`` (a registry as written, a ``config.json`` key such as
+    ``https://index.docker.io/v1/``, an env setting) reduced to lowercase ``host[:port]``:
+    scheme and path dropped, Docker Hub's names all ``docker.io``. Settings match on
+    equality of keys only, so ``example.com`` never matches ``example.com.evil``."""
+    host = name.strip().lower()
+    host = host.split("://", 1)[1] if "://" in host else host
+    host = host.split("/", 1)[0]
+    return "docker.io" if host in DOCKER_HUB_NAMES else host
 
 
 def looks_like_reference(text: str) -> bool:
