@@ -225,7 +225,8 @@ class ImageHandle:
         self, reference: str, *, username: str | None = None, password: str | None = None, insecure: bool = False
     ) -> ImageInfo:
         """Pull (or find cached) a registry image such as ``alpine:3.20``. Credentials
-        default to ``BOXVM_REGISTRY_USERNAME``/``_PASSWORD`` or the Docker config.json;
+        default to ``BOXVM_REGISTRY_USERNAME``/``_PASSWORD`` if ``BOXVM_REGISTRY_HOST`` names the
+        registry, else its Docker config.json entry (over REST: only the caller's own);
         plain HTTP is used only for loopback registries or with ``insecure=True``."""
         return await self._backend.image_pull(reference, username, password, insecure)
 

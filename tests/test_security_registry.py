@@ -387,7 +387,7 @@ def gzip_bomb(fake: Fake, h: Handler) -> None:
     reply(
         h,
         200,
-        gzip.compress(b" " * (64 << 20), compresslevel=1),
+        gzip.compress(b" " * (16 << 20), compresslevel=1),
         {"Content-Encoding": "gzip", "Content-Type": OCI_MANIFEST},
     )
 

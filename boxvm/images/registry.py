@@ -172,13 +172,16 @@ class _PublicOnly(httpcore.NetworkBackend):
                 infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
             except OSError as exc:
                 raise httpcore.ConnectError(f"cannot resolve {name}") from exc
-            addresses = [str(info[4][0]) for info in infos]
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             if not addresses or not all(_public(a) for a in addresses):
                 raise ImageError(
                     f"{name}:{port} is a loopback, private or link-local address: over REST a registry there is "
                     "used only if the server's operator lists it in BOXVM_REST_REGISTRIES"
                 )
-            host = addresses[0]
+            for address in addresses[:-1]:  # each checked address in turn, as create_connection would
+                with contextlib.suppress(httpcore.ConnectError, httpcore.ConnectTimeout):
+                    return self.inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            host = addresses[-1]
         return self.inner.connect_tcp(host, port, timeout, local_address, socket_options)
 
     def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None) -> Any:
@@ -571,5 +574,7 @@ def pull(
 
 
 def remove_layout(home: Home, digest: str) -> None:
-    shutil.rmtree(home.images / "layouts" / BlobCache._hex(digest), ignore_errors=True)
-    BlobCache(home).prune()
+    cache = BlobCache(home)
+    with cache.locked(digest):  # not while a pull of the same image assembles or returns it
+        shutil.rmtree(home.images / "layouts" / BlobCache._hex(digest), ignore_errors=True)
+    cache.prune()
