@@ -30,7 +30,7 @@ from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import qemu
+from boxvm.engine import console, qemu
 from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
@@ -474,8 +474,7 @@ class LocalBackend(StateOps, Backend):
 
     async def logs(self, box_id: str) -> str:
         rec = self._record(box_id)
-        path = self.home.box_dir(rec.id) / "console.log"
-        return path.read_text(errors="replace") if path.exists() else ""
+        return console.tail(self.home.box_dir(rec.id) / "console.log")  # bounded: the guest wrote it
 
     async def close(self) -> None:
         for box_id in list(self._conns):

@@ -2,7 +2,8 @@
 
 One :class:`Connection` per box and process carries any number of concurrent channels.
 Output is credited back to the agent only as the consumer takes it, so a process whose
-output nobody reads blocks (as on a pipe) instead of growing memory here.
+output nobody reads blocks (as on a pipe) instead of growing memory here; the supervisor
+closes the channel of a guest that ignores that window (``agentlink``).
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ from boxvm.guest import protocol as P
 
 
 class Stream:
-    """Chunks of one output stream, with the credit returned to the agent on consumption."""
+    """Chunks of one output stream, with the credit returned to the agent on consumption.
+
+    Small frames are merged while unread, so the memory held is about the window's bytes
+    however finely the guest splits them.
+    """
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytearray] = deque()
         self._eof = False
         self._wake = asyncio.Event()
 
     def _push(self, data: bytes) -> None:
-        self._chunks.append(data)
+        if self._chunks and len(self._chunks[-1]) < P.CHUNK:
+            self._chunks[-1] += data
+        else:
+            self._chunks.append(bytearray(data))
         self._wake.set()
 
     def _close(self) -> None:
@@ -44,7 +52,7 @@ class Stream:
                 raise StopAsyncIteration
             self._wake.clear()
             await self._wake.wait()
-        data = self._chunks.popleft()
+        data = bytes(self._chunks.popleft())
         self._channel._credit(len(data))
         return data
 
@@ -75,7 +83,7 @@ class Channel:
             self.stderr._close()
             self._credit_wake.set()
             if not self.result.done():
-                self.result.set_result(json.loads(payload))
+                self.result.set_result(_result(payload))
 
     def _credit(self, amount: int) -> None:
         if not self.result.done():
@@ -113,6 +121,17 @@ class Channel:
         if "error" in result:
             raise from_dict(result["error"])
         return result
+
+
+def _result(payload: bytes) -> dict[str, Any]:
+    """A RESULT from the supervisor (which already checked the guest's): a JSON object."""
+    try:
+        result = json.loads(payload)
+    except (ValueError, RecursionError):
+        result = None
+    if isinstance(result, dict):
+        return result
+    return {"error": {"type": "EngineError", "message": "the box sent an unreadable result"}}
 
 
 class Connection:

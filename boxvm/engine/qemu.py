@@ -63,7 +63,7 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", " ".join(cmdline),
-        "-serial", f"file:{d / 'console.log'}",
+        "-serial", "stdio",  # the supervisor keeps it in a capped console.log (engine/console.py)
         "-qmp", f"unix:{d / 'qmp.sock'},server=on,wait=off",
         "-device", "virtio-serial-device",
         "-chardev", f"socket,id=agent,path={d / 'agent.sock'},server=on,wait=off",

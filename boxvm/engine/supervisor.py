@@ -3,9 +3,10 @@
 A QEMU chardev takes one client, yet the library in any process, the CLI and the
 server all need the box at once. The supervisor (started detached, so boxes outlive
 whoever started them) multiplexes them all over ``ctl.sock``: it renumbers each client's
-channels onto the one agent port, answers its own operations (``wait_ready``,
-``stop``, ``qmp``, ...), records status changes in the store the moment they happen,
-and removes the sockets when QEMU exits.
+channels onto the one agent port (``agentlink``, which also polices the guest), answers
+its own operations (``wait_ready``, ``stop``, ``qmp``, ...), records status changes in
+the store the moment they happen, keeps QEMU's serial output in a capped log
+(``console``), and removes the sockets when QEMU exits.
 
 Run as ``python -m boxvm.engine.supervisor BOX_DIR``; ``BOX_DIR/vm.json`` says what to run.
 """
@@ -27,6 +28,8 @@ from qemu.qmp import QMPClient
 
 from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore
+from boxvm.engine import console
+from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.errors import EngineError
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
@@ -34,12 +37,6 @@ from boxvm.status import BoxStatus
 from boxvm.store import Store
 
 log = logging.getLogger("boxvm.supervisor")
-
-
-class Client:
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.to_global: dict[int, int] = {}
 
 
 class Supervisor:
@@ -55,13 +52,11 @@ class Supervisor:
         self.capture_lock = asyncio.Lock()
         self.argv: list[str] = cfg["argv"]
         self.store = Store(Path(cfg["db"]))
-        self.routes: dict[int, tuple[Client | asyncio.Future[dict[str, Any]], int]] = {}
-        self.next_gid = 1
+        self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()
         self.exited = asyncio.Event()
         self.stop_requested = False
         self.qmp = QMPClient(f"boxvm-{self.box_id[:12]}")
-        self.agent_writer: asyncio.StreamWriter | None = None
         self.qemu: asyncio.subprocess.Process | None = None
         self.t0 = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
@@ -75,18 +70,22 @@ class Supervisor:
         os.close(notify_fd)
         self.layers.clear_live_links(self.dir)  # a previous run's
         os.link(self.dir / TOP, self.live["data"])
-        console = open(self.dir / "qemu.log", "ab")  # noqa: SIM115  lives as long as QEMU
         try:
+            # QEMU's stdout is the serial console (-serial stdio), its stderr its own messages.
             self.qemu = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=console,
-                stderr=console,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self.finish_failed(f"QEMU could not be started: {exc}")
             return
+        assert self.qemu.stdout is not None and self.qemu.stderr is not None
+        limit = console.log_limit()
+        for stream, name in ((self.qemu.stdout, "console.log"), (self.qemu.stderr, "qemu.log")):
+            self.tasks.append(asyncio.create_task(console.pump(stream, console.RotatingLog(self.dir / name, limit))))
         self.store.update_box(self.box_id, qemu_pid=self.qemu.pid)
         watcher = asyncio.create_task(self.watch_qemu())
         try:
@@ -109,8 +108,8 @@ class Supervisor:
                 raise EngineError("QEMU did not create its sockets")
             await asyncio.sleep(0.01)
         await self.qmp.connect(str(self.dir / "qmp.sock"))
-        reader, self.agent_writer = await asyncio.open_unix_connection(str(self.dir / "agent.sock"))
-        self.tasks = [asyncio.create_task(self.drain_events()), asyncio.create_task(self.read_agent(reader))]
+        reader, writer = await asyncio.open_unix_connection(str(self.dir / "agent.sock"))
+        self.tasks += [asyncio.create_task(self.drain_events()), *self.link.attach(reader, writer)]
 
     async def drain_events(self) -> None:
         # qemu.qmp queues every event for its default listener: consume them so a
@@ -131,9 +130,7 @@ class Supervisor:
         self.exited.set()
         if not self.ready.done():
             self.ready.set_exception(RuntimeError(self.exit_reason(code)))
-        for target, _cid in list(self.routes.values()):
-            if isinstance(target, asyncio.Future) and not target.done():
-                target.set_result({"error": {"type": "EngineError", "message": "the VM exited"}})
+        self.link.fail("the VM exited")
         with contextlib.suppress(Exception):
             await self.qmp.disconnect()
 
@@ -145,51 +142,25 @@ class Supervisor:
         self.store.update_box(self.box_id, status=BoxStatus.FAILED, supervisor_pid=None, qemu_pid=None, error=reason)
 
     # -- agent side -------------------------------------------------------------------
-    async def read_agent(self, reader: asyncio.StreamReader) -> None:
-        decoder = P.Decoder()
-        while data := await reader.read(1 << 20):
-            for gid, ftype, payload in decoder.feed(data):
-                if ftype == P.HELLO:
-                    self.on_hello(json.loads(payload))
-                    continue
-                route = self.routes.get(gid)
-                if route is None:
-                    continue
-                target, cid = route
-                if ftype == P.RESULT:
-                    del self.routes[gid]
-                if isinstance(target, asyncio.Future):
-                    if ftype == P.RESULT and not target.done():
-                        target.set_result(json.loads(payload))
-                else:
-                    if ftype == P.RESULT:
-                        target.to_global.pop(cid, None)
-                    if not target.writer.is_closing():
-                        target.writer.write(P.HEADER.pack(len(payload), cid, ftype) + payload)
-
     def on_hello(self, hello: dict[str, Any]) -> None:
         boot_ms = (time.monotonic() - self.t0) * 1000
         if self.ready.done():
-            log.warning("agent restarted")
             return
+        uptime = _seconds(hello.get("uptime")) or 0.0
         self.store.transition(self.box_id, BoxStatus.RUNNING, {BoxStatus.STARTING}, started_at=time.time(), error=None)
-        self.store.add_timing(self.box_id, boot_ms=boot_ms, guest_uptime_ms=hello.get("uptime", 0) * 1000)
+        self.store.add_timing(self.box_id, boot_ms=boot_ms, guest_uptime_ms=uptime * 1000)
         self.ready.set_result(boot_ms)
 
-    def send_agent(self, frame: bytes) -> None:
-        if self.agent_writer is not None and not self.agent_writer.is_closing():
-            self.agent_writer.write(frame)
+    def on_broken(self, message: str) -> None:
+        """The agent can no longer be talked to: the box keeps running (``stop`` works
+        through QMP) but says why its agent calls fail."""
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(message))
+        elif not self.exited.is_set():
+            self.store.update_box(self.box_id, error=message)
 
     async def agent_request(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:
-        gid = self.next_gid
-        self.next_gid += 1
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.routes[gid] = (fut, gid)
-        self.send_agent(P.pack_json(gid, P.OPEN, req))
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        finally:
-            self.routes.pop(gid, None)
+        return await self.link.request(req, timeout)
 
     # -- client side ------------------------------------------------------------------
     async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -198,32 +169,23 @@ class Supervisor:
         try:
             while data := await reader.read(1 << 20):
                 for cid, ftype, payload in decoder.feed(data):
-                    if ftype == P.OPEN:
-                        req = json.loads(payload)
-                        handler = getattr(self, f"op_{req.get('op')}", None)
-                        if handler is not None:
-                            task = asyncio.create_task(self.answer(client, cid, handler, req))
-                            self.tasks.append(task)
-                            task.add_done_callback(self.tasks.remove)
-                            continue
-                        gid = self.next_gid
-                        self.next_gid += 1
-                        client.to_global[cid] = gid
-                        self.routes[gid] = (client, cid)
-                        self.send_agent(P.HEADER.pack(len(payload), gid, ftype) + payload)
-                    elif cid in client.to_global:
-                        gid = client.to_global[cid]
-                        self.send_agent(P.HEADER.pack(len(payload), gid, ftype) + payload)
-                if self.agent_writer is not None:
-                    await self.agent_writer.drain()
-        except (ConnectionError, ValueError) as exc:
+                    if ftype != P.OPEN:
+                        self.link.from_client(client, cid, ftype, payload)
+                        continue
+                    req = json.loads(payload)
+                    handler = getattr(self, f"op_{req.get('op')}", None)
+                    if handler is None:
+                        self.link.open(client, cid, req, payload)
+                        continue
+                    task = asyncio.create_task(self.answer(client, cid, handler, req))
+                    self.tasks.append(task)
+                    task.add_done_callback(self.tasks.remove)
+        except (ConnectionError, ValueError, AttributeError) as exc:
             log.debug("client dropped: %s", exc)
         except asyncio.CancelledError:  # the supervisor is shutting down
             pass
         finally:
-            for gid in client.to_global.values():  # abandoned channels: the agent kills them
-                self.routes.pop(gid, None)
-                self.send_agent(P.pack(gid, P.CLOSE))
+            self.link.client_gone(client)
             writer.close()
 
     async def answer(self, client: Client, cid: int, handler: Any, req: dict[str, Any]) -> None:
@@ -232,7 +194,7 @@ class Supervisor:
         except Exception as exc:
             result = {"error": {"type": "EngineError", "message": f"{type(exc).__name__}: {exc}"}}
         with contextlib.suppress(ConnectionError):
-            client.writer.write(P.pack_json(cid, P.RESULT, result))
+            client.send(P.pack_json(cid, P.RESULT, result))
 
     async def op_wait_ready(self, req: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -303,8 +265,9 @@ class Supervisor:
                 except TimeoutError:
                     must_thaw = True  # it may still complete in the guest
                     result = {"error": {"message": f"the guest did not freeze within {timeout:g} s"}}
-                frozen_at = result.get("started", 0.0)
-                if "error" in result:
+                frozen_at = _seconds(result.get("started"))
+                if "error" in result or frozen_at is None:
+                    result.setdefault("error", {"message": "the guest agent sent a malformed freeze result"})
                     if req.get("stop_on_quiesce_fail", True):
                         await self.qmp.execute("blockdev-del", {"node-name": node})
                         link.unlink()
@@ -323,7 +286,9 @@ class Supervisor:
             thawed = await self.agent_request({"op": "thaw"}, 30) if must_thaw else {}
         window_ms = (time.monotonic() - t0) * 1000
         # frozen: measured by the guest; otherwise only QEMU's own I/O drain for the switch
-        pause_ms = (thawed["at"] - frozen_at) * 1000 if consistency == "frozen" else switch_ms
+        thawed_at = _seconds(thawed.get("at"))
+        frozen = consistency == "frozen" and thawed_at is not None and frozen_at is not None
+        pause_ms = (thawed_at - frozen_at) * 1000 if frozen else switch_ms  # type: ignore[operator]
         await asyncio.to_thread(self.layers.commit, self.dir)
         self.top_is_pending = False
         return {
@@ -404,6 +369,13 @@ class Supervisor:
 
     async def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
         return {"ready": self.ready.done(), "qemu_pid": self.qemu.pid if self.qemu else None}
+
+
+def _seconds(value: object) -> float | None:
+    """A time the guest reported, if it is a plain finite non-negative number."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e12:
+        return float(value)
+    return None
 
 
 def _die_with_parent() -> None:

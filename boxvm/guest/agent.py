@@ -110,6 +110,7 @@ class Channel:
         self.timed_out = False
         self.discard = False
         self.tty = False
+        self.leftover = bytearray()  # a hung-up pty's last output, sent as credit allows
 
 
 class Agent:
@@ -168,6 +169,7 @@ class Agent:
         elif ftype == P.CLOSE:
             chan.discard = True
             chan.credit = 1 << 62
+            chan.leftover.clear()
             self.kill(chan, signal.SIGKILL)
 
     def open(self, cid, req):
@@ -244,6 +246,8 @@ class Agent:
         self.channels[cid] = chan
         self.by_pid[pid] = chan
         if failure:  # exec itself failed: report like a shell would
+            failure = failure[: P.CHUNK]
+            chan.credit -= len(failure)  # the host counts every output byte against the window
             self.send(P.pack(cid, P.STDERR, failure))
 
     @staticmethod
@@ -385,13 +389,17 @@ class Agent:
                 continue
             if chan.tty and chan.outputs:
                 # The session leader is gone but background jobs may hold the pty open:
-                # send what the pty still holds, then close it like a terminal hang-up.
+                # keep what the pty still holds, then close it like a terminal hang-up.
                 for fd in list(chan.outputs):
-                    data = _read_all(fd) if not chan.discard else b""
-                    for i in range(0, len(data), P.CHUNK):
-                        self.send(P.pack(chan.cid, P.STDOUT, data[i : i + P.CHUNK]))
+                    if not chan.discard:
+                        chan.leftover += _read_all(fd)
                     self.close_output(chan, fd)
-            if chan.outputs:
+            while chan.leftover and chan.credit > 0:  # never past the host's window
+                data = bytes(chan.leftover[: min(P.CHUNK, chan.credit)])
+                del chan.leftover[: len(data)]
+                chan.credit -= len(data)
+                self.send(P.pack(chan.cid, P.STDOUT, data))
+            if chan.outputs or chan.leftover:
                 continue
             if chan.stdin_fd is not None:
                 os.close(chan.stdin_fd)

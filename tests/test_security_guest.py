@@ -1,0 +1,234 @@
+"""A compromised guest against the host: host memory, waits and the console log stay bounded.
+
+The hostile guest agent is a separate process speaking the framed protocol on the socket
+the supervisor connects to as the agent's port. Everything on the host is the real thing:
+``LocalBackend.start`` launches the real supervisor, which runs real QEMU (its vCPUs held
+with ``-S`` and its own agent port moved aside, so the only agent the host can reach is the
+hostile one) and serves the real client library behind the public ``Box`` API. The console
+test floods the serial port from inside a real booted guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+import boxvm
+from boxvm.engine import agentlink, console, qemu
+from boxvm.guest import protocol as P
+from boxvm.status import BoxStatus
+from tests.helpers import rss_mib
+
+pytestmark = pytest.mark.asyncio
+REPO = Path(__file__).resolve().parent.parent
+
+BAD_RESULTS = {
+    "unreadable": b"{not json",
+    "deep": b"[" * 100_000,  # json.loads recurses past the stack
+    "not-an-object": b"5",
+    "bad-exit-code": b'{"exit_code": "zero"}',
+    "bad-error": b'{"error": 5}',
+    "too-big": json.dumps({"exit_code": 0, "pad": "x" * (agentlink.MAX_JSON + 1)}).encode(),
+}
+
+
+# -- the hostile agent (runs in its own process) -----------------------------------------
+def hostile_agent_main() -> None:
+    asyncio.run(_hostile_agent(Path(sys.argv[1]), sys.argv[2]))
+
+
+async def _hostile_agent(box_dir: Path, hello: str) -> None:
+    # The backend clears the box's sockets and then writes vm.json: listen only after that.
+    while not (box_dir / "vm.json").exists():
+        await asyncio.sleep(0.01)
+    done = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await _speak(reader, writer, hello)
+        done.set()
+
+    async with await asyncio.start_unix_server(serve, path=str(box_dir / "agent.sock")):
+        await done.wait()
+
+
+async def _speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hello: str) -> None:
+    if hello == "malformed":
+        for bad in (b"{not json", b"[" * 100_000, b'"a string"', b"x" * P.MAX_PAYLOAD):
+            writer.write(P.pack(0, P.HELLO, bad))
+        writer.write(P.pack(0, 99, b"?") + P.pack(4242, P.STDOUT, b"stray") + P.pack(4242, P.RESULT, b"{}"))
+    writer.write(P.pack_json(0, P.HELLO, {"version": 1, "uptime": "soon" if hello == "malformed" else 0.5}))
+    decoder = P.Decoder()
+    tasks: set[asyncio.Task[None]] = set()
+    while data := await reader.read(1 << 20):
+        for gid, ftype, payload in decoder.feed(data):
+            if ftype == P.OPEN:
+                task = asyncio.create_task(_answer(writer, gid, json.loads(payload)))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+
+async def _answer(writer: asyncio.StreamWriter, gid: int, req: dict[str, object]) -> None:
+    if req.get("op") != "exec":
+        writer.write(P.pack_json(gid, P.RESULT, {"ok": True}))
+        return
+    what, *args = req["argv"]  # type: ignore[misc]
+    if what == "echo":
+        writer.write(P.pack(gid, P.STDOUT, args[0].encode()) + P.pack_json(gid, P.RESULT, {"exit_code": 0}))
+    elif what == "flood":  # output with no regard for credit
+        total, size = int(args[0]), int(args[1])
+        batch = P.pack(gid, P.STDOUT, b"x" * size) * max(1, (1 << 20) // (size + P.HEADER.size))
+        sent = 0
+        while sent < total:
+            writer.write(batch)
+            sent += len(batch) // (size + P.HEADER.size) * size
+            await writer.drain()
+        writer.write(P.pack_json(gid, P.RESULT, {"exit_code": 0}))
+    elif what == "oversized":
+        writer.write(P.HEADER.pack(P.MAX_PAYLOAD + 1, gid, P.STDOUT) + b"x" * 4096)
+    elif what == "result":
+        writer.write(P.pack(gid, P.RESULT, BAD_RESULTS[args[0]]))
+    elif what == "credit":  # credit for input the host never sent
+        writer.write(P.pack_credit(gid, 1 << 20))
+    # "silent": never answers
+    await writer.drain()
+
+
+# -- the host side -----------------------------------------------------------------------
+@contextlib.asynccontextmanager
+async def hostile_box(
+    rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch, hello: str = "plain"
+) -> AsyncIterator[tuple[boxvm.Box, int]]:
+    """A started box whose agent is the hostile one: (box, supervisor pid)."""
+    real_argv = qemu.argv
+
+    def argv(spec: qemu.VmSpec, accel: object) -> list[str]:
+        args = real_argv(spec, accel)  # type: ignore[arg-type]
+        port, unused = f"path={spec.box_dir / 'agent.sock'},", f"path={spec.box_dir / 'unused.sock'},"
+        moved = [a.replace(port, unused) for a in args]
+        assert moved != args
+        return [*moved, "-S"]
+
+    box = await rt.create(name=f"hostile-{os.urandom(3).hex()}")
+    box_dir = rt.backend.home.box_dir(box.id)  # type: ignore[attr-defined]
+    agent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "from tests.test_security_guest import hostile_agent_main; hostile_agent_main()",
+        str(box_dir), hello, cwd=REPO,
+    )  # fmt: skip
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(qemu, "argv", argv)
+            await asyncio.wait_for(box.start(), 60)
+        yield box, rt.backend.store.get_box(box.id).supervisor_pid  # type: ignore[attr-defined]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            agent.kill()
+        await agent.wait()
+        await rt.remove(box.id, force=True)
+
+
+async def _peak_rss(pids: list[int | str], stop: asyncio.Event) -> float:
+    """Peak summed RSS (MiB) of ``pids`` until ``stop`` is set."""
+    peak = 0.0
+    while not stop.is_set():
+        with contextlib.suppress(OSError, AssertionError):
+            peak = max(peak, sum(rss_mib(pid) for pid in pids))
+        await asyncio.sleep(0.02)
+    return peak
+
+
+async def test_credit_ignoring_flood_is_cut_off(
+    rt: boxvm.Runtime, shared_box: boxvm.Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with hostile_box(rt, monkeypatch) as (box, supervisor):
+        pids: list[int | str] = ["self", supervisor]
+        base = sum(rss_mib(pid) for pid in pids)
+        stop = asyncio.Event()
+        sampler = asyncio.create_task(_peak_rss(pids, stop))
+        t0 = time.monotonic()
+        # Nobody reads these outputs, so the host never returns credit: 512 MiB in 64 KiB
+        # frames, and a window and a bit in 1-byte frames (the window counts those too).
+        big = await box.spawn(["flood", str(512 << 20), str(64 << 10)])
+        tiny = await box.spawn(["flood", str(P.WINDOW + (P.WINDOW >> 2)), "1"])
+        # Meanwhile a real box is used as usual.
+        other = asyncio.create_task(shared_box.exec(["sh", "-c", "head -c 3000000 /dev/zero | wc -c"]))
+        for proc in (big, tiny):
+            with pytest.raises(boxvm.EngineError, match=r"broke the protocol.*flow-control window"):
+                await asyncio.wait_for(proc.wait(), 30)
+        # The hostile box's other channels still work once its flood is through.
+        assert (await asyncio.wait_for(box.exec(["echo", "still here"]), 60)).stdout == b"still here"
+        assert (await asyncio.wait_for(other, 60)).stdout == b"3000000\n"
+        elapsed = time.monotonic() - t0
+        stop.set()
+        growth = await sampler - base
+    assert growth < 100, f"host RSS grew {growth:.0f} MiB during a 512 MiB flood"
+    assert elapsed < 60
+
+
+async def test_oversized_frame_fails_pending_and_later_calls_fast(
+    rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with hostile_box(rt, monkeypatch) as (box, _supervisor):
+        pending = await box.spawn(["silent"])
+        await asyncio.sleep(0.2)  # its OPEN has reached the agent
+        t0 = time.monotonic()
+        with pytest.raises(boxvm.EngineError, match="broke the protocol"):
+            await asyncio.wait_for(box.exec(["oversized"]), 10)
+        with pytest.raises(boxvm.EngineError, match="broke the protocol"):
+            await asyncio.wait_for(pending.wait(), 5)
+        with pytest.raises(boxvm.EngineError, match="broke the protocol"):
+            await asyncio.wait_for(box.exec(["echo", "hello?"]), 5)
+        assert time.monotonic() - t0 < 5
+        info = await box.info()
+        assert info.status == BoxStatus.RUNNING and "broke the protocol" in (info.error or "")
+        # stop does not need the agent (QMP), and a restart would give a fresh connection
+        info = await asyncio.wait_for(box.stop(timeout=5), 30)
+        assert info.status == BoxStatus.STOPPED and info.error is None
+
+
+async def test_malformed_frames_fail_only_their_request(rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Unreadable, nested, non-object and oversized HELLOs, an unknown frame type and frames
+    # for a channel nobody opened come first: the box still starts on the valid HELLO.
+    async with hostile_box(rt, monkeypatch, hello="malformed") as (box, _supervisor):
+        assert (await box.info()).status == BoxStatus.RUNNING
+        for name in BAD_RESULTS:
+            with pytest.raises(boxvm.EngineError, match=r"guest agent sent (an unreadable|a malformed|a result with)"):
+                await asyncio.wait_for(box.exec(["result", name]), 10)
+        with pytest.raises(boxvm.EngineError, match="broke the protocol: it returned credit"):
+            await asyncio.wait_for(box.exec(["credit"]), 10)
+        assert (await asyncio.wait_for(box.exec(["echo", "fine"]), 10)).stdout == b"fine"
+
+
+async def test_silent_guest_is_given_up_on(rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with hostile_box(rt, monkeypatch) as (box, _supervisor):
+        t0 = time.monotonic()
+        with pytest.raises(boxvm.EngineError, match="did not report the end of the command"):
+            await asyncio.wait_for(box.exec(["silent"], timeout=1), 30)
+        elapsed = time.monotonic() - t0
+        assert 1 + agentlink.EXEC_GRACE - 1 < elapsed < 1 + agentlink.EXEC_GRACE + 5
+        assert (await asyncio.wait_for(box.exec(["echo", "next"]), 10)).stdout == b"next"
+
+
+async def test_console_log_is_capped(rt: boxvm.Runtime, fresh_box: boxvm.Box, monkeypatch: pytest.MonkeyPatch) -> None:
+    cap = 256 << 10
+    monkeypatch.setenv("BOXVM_CONSOLE_LOG_BYTES", str(cap))  # read by the supervisor at start
+    await fresh_box.start()
+    # A real guest writes 3 caps' worth straight to its serial port.
+    flood = "head -c 800000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo END > /dev/ttyS0"
+    assert (await fresh_box.exec(["sh", "-c", flood], timeout=120)).exit_code == 0
+    box_dir = rt.backend.home.box_dir(fresh_box.id)  # type: ignore[attr-defined]
+    log, rotated = box_dir / "console.log", box_dir / "console.log.1"
+    assert log.stat().st_size <= cap and rotated.stat().st_size == cap
+    text = await fresh_box.logs()
+    assert len(text) <= 2 * cap and text.rstrip().endswith("xEND")
+    assert "starting agent" not in text  # the boot messages were rotated out
+    assert len(console.tail(log, 1000)) == 1000  # readers take only the tail
+    assert (await fresh_box.exec(["echo", "ok"])).stdout == b"ok\n"
