@@ -33,7 +33,7 @@ def test_the_kept_archives_really_have_the_copied_flag_problem(tmp_path: Path) -
                     shutil.copyfileobj(tar.extractfile(member), out)  # type: ignore[arg-type]
     assert names == ["manifest.json", "disk.qcow2"]
     check = subprocess.run(["qemu-img", "check", str(tmp_path / "disk.qcow2")], capture_output=True, text=True)
-    assert check.returncode != 0 and "OFLAG_COPIED" in check.stdout
+    assert check.returncode != 0 and "ERROR OFLAG_COPIED" in check.stderr
 
 
 @pytest.mark.parametrize(

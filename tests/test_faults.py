@@ -11,11 +11,13 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 import boxvm
+from boxvm import archive
 from boxvm.disks.layers import PENDING, TOP
 from boxvm.paths import Home
 
@@ -158,3 +160,57 @@ async def test_crash_during_a_running_capture(rt: boxvm.Runtime, home: Home, tem
         await fresh.remove("f-live-capture", force=True)
         await fresh.close()
     await asyncio.sleep(0)
+
+
+EXPORT_FAULTS = ["export:disk-streamed", "export:written"]
+
+
+@pytest.mark.parametrize("fault", EXPORT_FAULTS)
+@pytest.mark.parametrize("running", [False, True], ids=["stopped", "running"])
+async def test_crash_during_export_leaves_nothing_at_the_destination(
+    rt: boxvm.Runtime, home: Home, template: boxvm.Box, tmp_path: Path, fault: str, running: bool
+) -> None:
+    """Killed mid-stream or with every byte written but not yet named: nothing appears at
+    the destination or next to it, the source is released and exports again."""
+    name = f"f-export-{fault.split(':')[1]}-{'run' if running else 'stop'}"
+    box = await template.clone(name)
+    if running:
+        await box.start()
+    dest = tmp_path / "out.boxsnap"
+    try:
+        crash(home, fault, f"rt.get({name!r}).export({str(dest)!r})")
+        fresh = await recovered(home)
+        try:
+            assert os.listdir(tmp_path) == []
+            again = await (await fresh.get(name)).export(dest)  # type: ignore[union-attr]
+            assert again == dest and os.listdir(tmp_path) == ["out.boxsnap"]
+            copy = await fresh.import_box(dest, name=f"{name}-copy")
+            await boots_with_data(fresh, copy.name)
+            await fresh.remove(copy.id)
+        finally:
+            await fresh.remove(name, force=True)
+            await fresh.close()
+    finally:
+        if await rt.get(name) is not None:
+            await rt.remove(name, force=True)
+
+
+async def test_export_never_replaces_a_file_created_meanwhile(
+    rt: boxvm.Runtime, template: boxvm.Box, tmp_path: Path
+) -> None:
+    """A file that appears at the destination while the archive is written is left alone."""
+    dest = tmp_path / "out.boxsnap"
+    real_write = archive.write_stream
+
+    def racing_write(*args: object, **kwargs: object) -> dict[str, object]:
+        dest.write_bytes(b"someone else's file")
+        return real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    archive.write_stream = racing_write  # type: ignore[assignment]
+    try:
+        with pytest.raises(boxvm.AlreadyExists):
+            await template.export(dest)
+    finally:
+        archive.write_stream = real_write
+    assert dest.read_bytes() == b"someone else's file" and os.listdir(tmp_path) == ["out.boxsnap"]
+    assert (await template.info()).status == boxvm.BoxStatus.STOPPED

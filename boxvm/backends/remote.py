@@ -26,7 +26,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from boxvm import archive, wire
+from boxvm import archive, publish, wire
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.errors import (
     BoxvmError,
@@ -333,29 +333,23 @@ class RemoteBackend(Backend):
         ]
 
     async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path:
-        """Stream the server's archive into ``dest`` (a temporary name until complete)."""
+        """Stream the server's archive into ``dest`` (unnamed until complete, never over a file)."""
         options.validate()
         info = await self.get(box_id)
         if info is None:
             raise NotFound(f"no box named or with id {box_id!r}")
         dest = archive.destination(dest, info.name)
-        partial = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
         body = dataclasses.asdict(options)
         try:
             async with self._http.stream("POST", f"/boxes/{info.id}/export", json=body) as response:
                 await _raise_for_stream_error(response)
-                with partial.open("xb") as out:
+                with publish.exclusive_file(dest) as out:
                     async for chunk in response.aiter_bytes(_CHUNK):
                         out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
-            os.rename(partial, dest)
         except httpx.HTTPError as exc:
             raise EngineError(f"the server stopped sending the archive of {info.name!r}: {exc}") from exc
         except OSError as exc:
             raise archive.write_failed(exc, dest) from exc
-        finally:
-            partial.unlink(missing_ok=True)
         return dest
 
     async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
