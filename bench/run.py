@@ -19,7 +19,7 @@ from pathlib import Path
 
 import boxvm
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import qemu
+from boxvm.engine import hostclock, qemu
 from boxvm.guest import bundle
 from boxvm.images.default import ensure_default
 from boxvm.paths import Home
@@ -50,7 +50,7 @@ def bare_boot_to_init(b: bundle.Bundle, cpio: Path, acc: accel_mod.Accel) -> flo
     """Seconds from QEMU spawn to the first line the initramfs's init prints."""
     cmdline = "console=ttyS0 reboot=t panic=-1 quiet loglevel=3"
     if acc.name == "tcg":
-        cmdline += f" tsc_early_khz={qemu.TCG_TSC_KHZ}"
+        cmdline += f" tsc_early_khz={hostclock.tsc_khz(None)}"
     argv = [
         qemu.qemu_binary(), "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-accel", acc.name,
         "-cpu", "host" if acc.name == "kvm" else "max", "-m", "512", "-nodefaults", "-no-user-config",

@@ -19,18 +19,19 @@ class BoxStatus(StrEnum):
     RESTORING = "restoring"
     CLONING = "cloning"
     EXPORTING = "exporting"
+    REMOVING = "removing"
 
     @property
     def is_live(self) -> bool:
         """A supervisor process (and so QEMU) is expected to exist."""
-        return self in _LIVE
+        return self in LIVE
 
     @property
     def is_transient(self) -> bool:
         return self in _TRANSIENT
 
 
-_LIVE = frozenset({BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING})
+LIVE = frozenset({BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING})
 _TRANSIENT = frozenset(
     {
         BoxStatus.STARTING,
@@ -39,6 +40,7 @@ _TRANSIENT = frozenset(
         BoxStatus.RESTORING,
         BoxStatus.CLONING,
         BoxStatus.EXPORTING,
+        BoxStatus.REMOVING,
     }
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -188,7 +189,7 @@ async def test_snapshot_name_rules(fresh_box: boxvm.Box) -> None:
 
 
 async def test_conflicting_state_operations_fail_at_once(
-    rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend
+    rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend, tmp_path: Path
 ) -> None:
     first, second = await asyncio.gather(
         shared_box.snapshot.create("race-1"), shared_box.snapshot.create("race-2"), return_exceptions=True
@@ -207,6 +208,9 @@ async def test_conflicting_state_operations_fail_at_once(
         with pytest.raises(boxvm.InvalidState, match="cloning right now"):
             await shared_box.stop()
         assert (await shared_box.exec(["true"])).exit_code == 0  # execs are not state operations
+        with pytest.raises(boxvm.InvalidState, match=r"cannot export .* cloning right now"):
+            await shared_box.export(tmp_path / "blocked.boxsnap")
+        assert not (tmp_path / "blocked.boxsnap").exists()
     finally:
         store.end_operation(shared_box.id)
     await shared_box.snapshot.remove("race-1") if await shared_box.snapshot.get("race-1") else None
@@ -250,8 +254,13 @@ async def test_paused_box_snapshot(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> N
     await rt.remove(clone.id, force=True)
 
 
-async def test_qemu_img_agrees_on_every_layer(rt: boxvm.Runtime, local: LocalBackend) -> None:
-    for path in _layer_files(local):
+async def test_qemu_img_agrees_on_every_layer(rt: boxvm.Runtime, fresh_box: boxvm.Box, local: LocalBackend) -> None:
+    await fresh_box.snapshot.create("one")  # at least this layer exists, whatever ran before
+    layer = local.layers.layer_path(local.store.get_snapshot(fresh_box.id, "one").layer)  # type: ignore[union-attr]
+    files = _layer_files(local)
+    assert layer in files
+    for path in files:
         check(path)
-        info = subprocess.run(["qemu-img", "info", str(path)], capture_output=True, text=True)
-        assert info.returncode == 0
+        info = subprocess.run(["qemu-img", "info", "--output=json", "--backing-chain", str(path)], capture_output=True)
+        assert info.returncode == 0, info.stderr
+        assert all(i["format"] == "qcow2" for i in json.loads(info.stdout)[:-1])  # the chain opens to its base

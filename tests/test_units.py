@@ -128,7 +128,7 @@ def _spec(tmp_path: Path, **kw: object) -> qemu.VmSpec:
     base = dict(
         box_dir=tmp_path, kernel=tmp_path / "k", initramfs=tmp_path / "i", disk=tmp_path / "d",
         guest_disk=tmp_path / "g", cpus=2, memory_mib=256, network="nat", ports=[(8080, 80)],
-        mac="52:54:00:aa:bb:cc", hostname="box1", machine_id="ab" * 16,
+        mac="52:54:00:aa:bb:cc", hostname="box1", machine_id="ab" * 16, tsc_khz=2_445_426,
     )  # fmt: skip
     base.update(kw)
     return qemu.VmSpec(**base)  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def _spec(tmp_path: Path, **kw: object) -> qemu.VmSpec:
 def test_qemu_command_line(tmp_path: Path) -> None:
     args = qemu.argv(_spec(tmp_path), accel.Accel("tcg", ""))
     cmdline = args[args.index("-append") + 1]
-    assert "tsc_early_khz=2000000" in cmdline and "boxvm.hostname=box1" in cmdline
+    assert "tsc_early_khz=2445426" in cmdline and "boxvm.hostname=box1" in cmdline
     assert args[args.index("-accel") + 1] == "tcg" and args[args.index("-smp") + 1] == "2"
     assert any("hostfwd=tcp:127.0.0.1:8080-:80" in a for a in args)
     kvm = qemu.argv(_spec(tmp_path, network="none", ports=[]), accel.Accel("kvm", ""))

@@ -24,13 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
 
-from boxvm import faults
+from boxvm import faults, publish
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import console, qemu
+from boxvm.engine import console, hostclock, qemu
 from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
@@ -38,7 +38,7 @@ from boxvm.images import ImageStore
 from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name, default_command
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
-from boxvm.status import BoxStatus, require
+from boxvm.status import ALLOWED, LIVE, BoxStatus, require
 from boxvm.store import BoxRecord, ImageRecord, Store
 from boxvm.tarstream import receive_tree, send_tree
 
@@ -64,6 +64,7 @@ class LocalBackend(StateOps, Backend):
     def recover(self) -> None:
         """Remove what crashed operations left: staging dirs of dead processes, box
         directories with no record (a create that never committed)."""
+        publish.recover(self.home.tmp, _pid_alive)  # before the loop below deletes its journal
         for entry in self.home.tmp.iterdir():
             pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
             if pid.isdigit() and not _pid_alive(int(pid)):
@@ -113,7 +114,10 @@ class LocalBackend(StateOps, Backend):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.qemu_pid, signal.SIGKILL)
         reason = rec.error or "the box's supervisor process died; its VM was stopped"
-        self.store.transition(rec.id, BoxStatus.FAILED, {rec.status}, supervisor_pid=None, qemu_pid=None, error=reason)
+        self.store.transition(
+            rec.id, BoxStatus.FAILED, {rec.status}, during_operation=True, supervisor_pid=None, qemu_pid=None,
+            error=reason,
+        )  # fmt: skip
         for name in ("ctl.sock", "qmp.sock", "agent.sock"):
             (self.home.box_dir(rec.id) / name).unlink(missing_ok=True)
         return self.store.get_box(rec.id) or rec
@@ -164,7 +168,7 @@ class LocalBackend(StateOps, Backend):
             qcow2.write_overlay(work / GUEST_TOP, rootfs.stat().st_size, os.path.relpath(rootfs, final), "raw")
             work.chmod(0o700)
             mark_owner(work)
-            work.rename(final)
+            self.layers.publish(work, final)
         rec = BoxRecord(
             id=box_id,
             name=name,
@@ -191,27 +195,44 @@ class LocalBackend(StateOps, Backend):
 
     async def get(self, id_or_name: str) -> BoxInfo | None:
         rec = self.store.get_box(id_or_name)
-        return self._info(self._reconcile(rec)) if rec else None
+        return self._listed(self._reconcile(rec)) if rec else None
 
     async def list(self) -> list[BoxInfo]:
-        return [self._info(self._reconcile(rec)) for rec in self.store.list_boxes()]
+        return [self._listed(self._reconcile(rec)) for rec in self.store.list_boxes()]
+
+    def _listed(self, rec: BoxRecord) -> BoxInfo:
+        """A box as listed (and got): one whose record cannot be shown is listed as failed,
+        with the reason, rather than making the list of every box fail (it can be removed)."""
+        try:
+            return self._info(rec)
+        except Exception as exc:  # any defect of one stored record
+            log.warning("box %s has an unreadable record: %r", rec.id, exc)
+            return BoxInfo(
+                id=rec.id, name=rec.name, status=BoxStatus.FAILED, image=str(rec.image), created_at=rec.created_at,
+                started_at=None, cpus=0, memory_mib=0, disk_size_bytes=0, disk_bytes=0, chain_depth=0, ports=[],
+                guest_bundle=None, error="the box's stored options are unreadable: remove the box", timings={},
+                command=[],
+            )  # fmt: skip
 
     async def remove(self, box_id: str, force: bool) -> None:
         rec = self._record(box_id)
-        _no_operation(rec)
-        if rec.status.is_live:
-            if not force:
-                require("remove", rec.name, rec.status)
-            await self._kill(rec)
-        await self._drop_conn(rec.id)
-        self.store.delete_box(rec.id)  # the name is gone at once; files follow
+        allowed, advice = ALLOWED["remove"]
+        # Claimed like a state operation, so none (nor a start or stop) runs on a box
+        # whose row and files are going away; a second remover gets InvalidState/NotFound.
+        async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice):
+            rec = self._record(rec.id)
+            if rec.status.is_live:
+                await self._kill(rec)
+            await self._drop_conn(rec.id)
+            self.store.delete_box(rec.id)  # the name is gone at once; files follow
         faults.point("remove:row-deleted")
         shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
         await asyncio.to_thread(self._gc)  # layers only this box (and its snapshots) used
 
     async def _kill(self, rec: BoxRecord) -> None:
-        """Force a running box down (used by remove --force)."""
-        self.store.update_box(rec.id, status=BoxStatus.STOPPING)
+        """Force a running box down (remove --force, a failed start or stop). If it is no
+        longer live, whoever moved it on owns it; the pids are checked before any kill."""
+        self.store.transition(rec.id, BoxStatus.STOPPING, LIVE, during_operation=True)
         for pid in (rec.qemu_pid, rec.supervisor_pid):
             if pid is not None and _pid_is(pid, rec.id):
                 with contextlib.suppress(ProcessLookupError):
@@ -248,6 +269,7 @@ class LocalBackend(StateOps, Backend):
         box_dir = self.home.box_dir(rec.id)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
         opts = BoxOptions.from_dict(rec.options)
+        accel = self._accel_choice()
         spec = qemu.VmSpec(
             box_dir=box_dir,
             kernel=bundle.kernel,
@@ -261,9 +283,10 @@ class LocalBackend(StateOps, Backend):
             mac=rec.mac,
             hostname=rec.name,
             machine_id=rec.id,
+            tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
         )
         try:
-            argv = qemu.argv(spec, self._accel_choice())
+            argv = qemu.argv(spec, accel)
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
                 (box_dir / name).unlink(missing_ok=True)
             (box_dir / "vm.json").write_text(
@@ -278,8 +301,11 @@ class LocalBackend(StateOps, Backend):
                 raise EngineError(f"the supervisor of box {rec.name!r} failed to start; see {box_dir}/supervisor.log")
             conn = await self._conn(rec.id, rec.name)
             await conn.request("wait_ready", timeout=READY_TIMEOUT)
+            await _set_guest_time(conn, rec.name)
         except BaseException as exc:
             await self._abort_start(rec, exc)
+            if isinstance(exc, Exception) and self.store.get_box(rec.id) is None:
+                raise NotFound(f"box {rec.name!r} was removed while it was starting") from exc
             raise
         self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
         return self._info(self._record(rec.id))
@@ -290,7 +316,12 @@ class LocalBackend(StateOps, Backend):
         await self._drop_conn(rec.id)
         tail = _tail(self.home.box_dir(rec.id) / "console.log")
         message = f"box {rec.name!r} failed to start: {exc}" + (f"\nconsole:\n{tail}" if tail else "")
-        self.store.update_box(rec.id, status=BoxStatus.FAILED, supervisor_pid=None, qemu_pid=None, error=message)
+        # FAILED -> FAILED too: the supervisor may have recorded QEMU's exit first; keep the
+        # console tail. A box stopped (or started again) meanwhile is left as it is.
+        self.store.transition(
+            rec.id, BoxStatus.FAILED, {BoxStatus.STOPPING, BoxStatus.FAILED}, during_operation=True,
+            supervisor_pid=None, qemu_pid=None, error=message,
+        )  # fmt: skip
         if isinstance(exc, EngineError):
             exc.message = message
             exc.args = (message,)
@@ -309,7 +340,10 @@ class LocalBackend(StateOps, Backend):
             await conn.request("stop", timeout=timeout)
         except EngineError:
             await self._kill(rec)
-            self.store.update_box(rec.id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None)
+            self.store.transition(
+                rec.id, BoxStatus.STOPPED, {BoxStatus.STOPPING}, during_operation=True, supervisor_pid=None,
+                qemu_pid=None,
+            )  # fmt: skip
         await self._drop_conn(rec.id)
         deadline = time.monotonic() + 10  # the supervisor exits right after QEMU
         while rec.supervisor_pid and _pid_is(rec.supervisor_pid, rec.id) and time.monotonic() < deadline:
@@ -317,20 +351,27 @@ class LocalBackend(StateOps, Backend):
         self.store.add_timing(rec.id, stop_ms=(time.monotonic() - t0) * 1000)
         return self._info(self._record(rec.id))
 
-    async def _qmp_toggle(self, box_id: str, op: str, command: str, to: BoxStatus) -> BoxInfo:
+    async def _qmp_toggle(self, box_id: str, op: str, command: str, undo: str, to: BoxStatus) -> BoxInfo:
         rec = self._record(box_id)
         _no_operation(rec)
         require(op, rec.name, rec.status)
         conn = await self._conn(rec.id, rec.name)
         await conn.request("qmp", command=command)
-        self.store.transition(rec.id, to, {rec.status})
+        if not self.store.transition(rec.id, to, {rec.status}):
+            now = self._record(rec.id)
+            if now.status != to:  # (the same toggle by another caller is a success)
+                if now.status == rec.status:  # a state operation claimed it meanwhile: undo ours
+                    await conn.request("qmp", command=undo)
+                raise InvalidState(
+                    f"cannot {op} box {rec.name!r}: it became {now.shown_status.value} meanwhile; try again"
+                )
         return self._info(self._record(rec.id))
 
     async def pause(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "pause", "stop", BoxStatus.PAUSED)
+        return await self._qmp_toggle(box_id, "pause", "stop", "cont", BoxStatus.PAUSED)
 
     async def resume(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "resume", "cont", BoxStatus.RUNNING)
+        return await self._qmp_toggle(box_id, "resume", "cont", "stop", BoxStatus.RUNNING)
 
     # -- inside the box ---------------------------------------------------------------
     async def _conn(self, box_id: str, label: str) -> Connection:
@@ -480,6 +521,26 @@ class LocalBackend(StateOps, Backend):
         for box_id in list(self._conns):
             await self._drop_conn(box_id)
         self.store.close()
+
+
+async def _set_guest_time(conn: Connection, label: str, probes: int = 3) -> None:
+    """Step the guest's wall clock to the host's (its RTC has whole seconds only, and it
+    has no NTP). As NTP does: the guest's offset is its reading minus the midpoint of the
+    host's clock around the tightest of a few round trips, so the error is at most half
+    that round trip, however slow one way is. An agent from an older bundle lacks the
+    request: warn only."""
+    try:
+        best: tuple[int, int] | None = None  # (round trip, offset) in ns
+        for _ in range(probes):
+            t0 = time.time_ns()
+            guest = int((await conn.request("clock"))["ns"])
+            t1 = time.time_ns()
+            if best is None or t1 - t0 < best[0]:
+                best = (t1 - t0, guest - (t0 + t1) // 2)
+        assert best is not None
+        await conn.request("clock", step_ns=-best[1])
+    except InvalidArgument as exc:
+        log.warning("box %s keeps its own clock: %s", label, exc)
 
 
 def _owner_alive(directory: Path) -> bool:

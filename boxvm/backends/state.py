@@ -53,7 +53,13 @@ log = logging.getLogger("boxvm")
 
 AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
 CAPTURABLE = AT_REST | {BoxStatus.RUNNING, BoxStatus.PAUSED}
-VERBS = {BoxStatus.SNAPSHOTTING: "snapshot", BoxStatus.RESTORING: "restore", BoxStatus.CLONING: "clone"}
+VERBS = {
+    BoxStatus.SNAPSHOTTING: "snapshot",
+    BoxStatus.RESTORING: "restore",
+    BoxStatus.CLONING: "clone",
+    BoxStatus.EXPORTING: "export",
+    BoxStatus.REMOVING: "remove",
+}
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,10 @@ class StateOps:
         advice = "a disk-only snapshot restores a stopped box: stop it first"
         async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
             self.layers.commit(self.home.box_dir(rec.id))  # a crashed one first
-            self.layers.restore(self.home.box_dir(rec.id), snap.layer)
+            try:
+                self.layers.restore(self.home.box_dir(rec.id), snap.layer)
+            except FileNotFoundError as exc:
+                raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile") from exc
             faults.point("restore:committed")
         self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
         await asyncio.to_thread(self._gc)
@@ -202,10 +211,16 @@ class StateOps:
                 raise AlreadyExists(f"a box named {n!r} already exists: choose another name")
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        gone = f"box {rec.name!r} (or its snapshot) was removed while it was being cloned"
         if options.from_snapshot is not None:
+            # No claim: a snapshot is immutable. If the box or snapshot is removed meanwhile,
+            # staging or publishing (which checks the chain under the layer lock) fails.
             _rec, snap = self._snapshot(rec.id, options.from_snapshot)
             layer = snap.layer
-            staged = await self._stage(rec, layer, ids, options.cow)
+            try:
+                staged = await self._stage(rec, layer, ids, options.cow)
+            except FileNotFoundError as exc:
+                raise NotFound(gone) from exc
         else:
             async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
                 cap = await self._capture(rec, options.snapshot.validate())
@@ -218,7 +233,10 @@ class StateOps:
             if "pause_ms" in timings:
                 own_timings["pause_ms"] = timings["pause_ms"]
             for box_id_new, name, work in zip(ids, final_names, staged, strict=True):
-                work.rename(self.home.box_dir(box_id_new))
+                try:
+                    self.layers.publish(work, self.home.box_dir(box_id_new))
+                except FileNotFoundError as exc:
+                    raise NotFound(gone) from exc
                 records.append(self._clone_record(rec, box_id_new, name, own_timings))
             faults.point("clone:renamed")
             self.store.insert_boxes(records)  # the commit point: all clones appear at once
@@ -293,7 +311,8 @@ class StateOps:
         dest = archive.destination(dest, rec.name)
 
         def write(top: Path, manifest: dict[str, object]) -> None:
-            archive.write_archive(top, dest, manifest, compress=options.compress, level=options.compression_level)
+            compress, level, journal = options.compress, options.compression_level, self.home.tmp
+            archive.write_archive(top, dest, manifest, compress=compress, level=level, journal_dir=journal)
 
         await self._export(rec, options, write)
         return dest
@@ -369,7 +388,7 @@ class StateOps:
             final = self.home.box_dir(box_id)
             qcow2.write_overlay(box_dir / GUEST_TOP, rootfs_size, os.path.relpath(bundle.rootfs, final), "raw")
             mark_owner(box_dir)
-            box_dir.rename(final)
+            self.layers.publish(box_dir, final)
             rec = BoxRecord(
                 id=box_id,
                 name=final_name,
@@ -404,7 +423,7 @@ class StateOps:
             {f"snap:{by_id.get(s.box_id, s.box_id)}/{s.name}": self.layers.layer_path(s.layer) for s in snaps}
         )
         usage = await asyncio.to_thread(self.layers.usage, owners, [s.layer for s in snaps])
-        total = sum(qcow2.allocated_bytes(p) for p in self.layers.root.glob("*/*.qcow2"))
+        total = sum(qcow2.allocated_bytes(p) for p in self.layers.layer_files())
         total += sum(qcow2.allocated_bytes(self.home.box_dir(r.id) / TOP) for r in boxes.values())
         return DiskUsage(
             boxes={k[4:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("box:")},

@@ -19,7 +19,11 @@ holds writes made after the capture.
 
 Which layers are alive is read from the files themselves: everything on the backing
 chain of a box's top (or pending top), of a staged box, or of a snapshot. Garbage
-collection deletes the rest, under the same lock the renames take.
+collection deletes the rest, under the same lock the renames take. It fails closed: a
+root that vanished (a box being removed) is no user, but one whose chain cannot be read
+(a top being written, a broken chain) makes it delete nothing. A staged box is renamed
+into ``boxes/`` under the lock only once its whole chain exists, so a layer collected
+while it was being staged fails that box's creation instead of leaving it dangling.
 
 A running QEMU never sees those names. It opens every top through a hard link of its
 own (``boxes/<box>/.live-<n>.qcow2``) that is never renamed or reused while it runs,
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import secrets
 import shutil
@@ -45,6 +50,8 @@ from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.errors import StorageError
 from boxvm.paths import Home
+
+log = logging.getLogger("boxvm")
 
 TOP = "disk.qcow2"
 PENDING = "disk.new.qcow2"
@@ -108,26 +115,30 @@ class LayerStore:
         """Roll a pending top forward into place (idempotent; used by every operation and
         by recovery). If the pending top's layer does not exist yet the current top
         becomes that layer (a capture); otherwise the current top is dropped (a restore)."""
-        pending = box_dir / PENDING
         with self.lock():
-            if not pending.exists():
-                return
-            header = qcow2.read_header(pending)
-            if header.backing_file is None:
-                raise StorageError(f"{pending} has no backing layer: remove it by hand")
-            target = Path(os.path.normpath(qcow2.resolve_backing(pending, header.backing_file)))
-            top = box_dir / TOP
-            if top.exists():
-                if target.exists():
-                    top.unlink()
-                else:
-                    target.parent.mkdir(exist_ok=True)
-                    top.chmod(0o400)  # immutable from now on
-                    os.rename(top, target)
-                    _fsync_dir(target.parent)
-                    faults.point("commit:top-moved")
-            os.rename(pending, top)
-            _fsync_dir(box_dir)
+            self._commit_locked(box_dir)
+
+    def _commit_locked(self, box_dir: Path) -> None:
+        pending = box_dir / PENDING
+        if not pending.exists():
+            return
+        header = qcow2.read_header(pending)
+        if header.backing_file is None:
+            raise StorageError(f"{pending} has no backing layer: remove it by hand")
+        target = Path(os.path.normpath(qcow2.resolve_backing(pending, header.backing_file)))
+        top = box_dir / TOP
+        if top.exists():
+            if target.exists():
+                top.unlink()
+            else:
+                target.parent.mkdir(exist_ok=True)
+                fsync_dir(self.root)  # the new layer directory's entry
+                top.chmod(0o400)  # immutable from now on
+                os.rename(top, target)
+                fsync_dir(target.parent)
+                faults.point("commit:top-moved")
+        os.rename(pending, top)
+        fsync_dir(box_dir)
 
     def capture(self, box_dir: Path) -> str:
         """Capture a box at rest: its top becomes an immutable layer, O(1) in disk size."""
@@ -136,26 +147,44 @@ class LayerStore:
         return layer_id
 
     def restore(self, box_dir: Path, layer_id: str) -> None:
-        """Give the box a fresh empty top over ``layer_id``; its later changes are dropped."""
-        size = qcow2.read_header(self.layer_path(layer_id)).size
-        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
-        faults.point("restore:pending-written")
-        self.commit(box_dir)
+        """Give the box a fresh empty top over ``layer_id``; its later changes are dropped.
+
+        Under the lock: were the layer collected between writing the pending top and
+        committing it, the commit would take the pending top for a capture's and make the
+        current top that layer. Raises FileNotFoundError if the layer is gone."""
+        with self.lock():
+            size = qcow2.read_header(self.layer_path(layer_id)).size
+            qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
+            faults.point("restore:pending-written")
+            self._commit_locked(box_dir)
 
     def new_top(self, box_dir: Path, layer_id: str) -> None:
         """A new box's (clone's) own top over a layer."""
         size = qcow2.read_header(self.layer_path(layer_id)).size
         qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id))
 
+    def publish(self, staged: Path, final: Path) -> None:
+        """Rename a staged box directory into ``boxes/``, durably, if its top's whole chain
+        still exists (FileNotFoundError otherwise: a layer was collected meanwhile)."""
+        with self.lock():
+            qcow2.chain(staged / TOP)  # raises if a file on it is missing
+            staged.rename(final)
+            fsync_dir(final.parent)
+
     # -- liveness ---------------------------------------------------------------------
-    def _roots(self, snapshot_layers: Iterable[str]) -> list[Path]:
-        roots = [self.layer_path(layer) for layer in snapshot_layers]
-        for parent in (self.home.boxes, self.home.tmp):
-            if parent.is_dir():
-                roots += [p for p in parent.glob("*/*.qcow2") if not p.name.startswith(LIVE_PREFIX)]
-        return roots
+    def _roots(self, snapshot_layers: Iterable[str]) -> Iterator[Path]:
+        """Snapshot layers, then the tops of staged boxes, then of boxes: staged boxes only
+        ever move from ``tmp/`` to ``boxes/``, so one moved while being read is met again
+        in ``boxes/``, which is listed after ``tmp/`` has been read."""
+        yield from (self.layer_path(layer) for layer in snapshot_layers)
+        for parent in (self.home.tmp, self.home.boxes):
+            for entry in _listdir(parent):
+                for name in _listdir(parent / entry):
+                    if name in (TOP, PENDING):  # (a guest top only ever backs onto a bundle)
+                        yield parent / entry / name
 
     def chains(self, snapshot_layers: Iterable[str]) -> dict[Path, list[Path]]:
+        """Best effort, for reports: roots that cannot be read are left out."""
         out = {}
         for root in self._roots(snapshot_layers):
             with contextlib.suppress(OSError, ValueError, StorageError):
@@ -163,17 +192,28 @@ class LayerStore:
         return out
 
     def gc(self, snapshot_layers: Iterable[str]) -> list[str]:
-        """Delete layers no box, staged box or snapshot reaches. Returns their ids."""
+        """Delete layers no box, staged box or snapshot reaches. Returns their ids; none
+        if any root's chain cannot be read (fail closed)."""
         removed = []
         with self.lock():
-            alive = {p for chain in self.chains(snapshot_layers).values() for p in chain}
-            for entry in self.root.iterdir():
-                if entry.name.startswith(".") or not entry.is_dir():
+            alive: set[Path] = set()
+            for root in self._roots(snapshot_layers):
+                try:
+                    alive.update(_reach(root))
+                except (OSError, ValueError, StorageError) as exc:
+                    log.warning("layer garbage collection skipped: cannot read the chain of %s: %s", root, exc)
+                    return []
+            for entry in _listdir(self.root):
+                if entry.startswith(".") or Path(os.path.normpath(self.root / entry / LAYER_FILE)) in alive:
                     continue
-                if Path(os.path.normpath(entry / LAYER_FILE)) not in alive:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    removed.append(entry.name)
+                shutil.rmtree(self.root / entry, ignore_errors=True)
+                removed.append(entry)
         return removed
+
+    def layer_files(self) -> list[Path]:
+        """Every layer file now (layers removed meanwhile are left out)."""
+        files = (self.root / entry / LAYER_FILE for entry in _listdir(self.root) if not entry.startswith("."))
+        return [p for p in files if p.exists()]
 
     def usage(self, owners: dict[str, Path], snapshot_layers: Iterable[str]) -> dict[str, Usage]:
         """Bytes each owner (a name -> its top file) holds alone and shares with others.
@@ -196,11 +236,36 @@ class LayerStore:
             return []
 
 
+def _listdir(path: Path) -> list[str]:
+    """Entries of a directory that may be removed meanwhile (then: none)."""
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _reach(root: Path) -> list[Path]:
+    """The files ``root`` keeps alive: none if it vanished. Raises if its chain cannot be
+    read (a root still being written, a missing backing file) rather than guess."""
+    try:
+        qcow2.read_header(root)  # unlike chain(), a root that is not (yet) a qcow2 is an error
+        return qcow2.chain(root)
+    except FileNotFoundError:
+        if not root.exists():
+            return []  # removed meanwhile: no longer a user
+        if root.name == PENDING:  # a capture's pending top names the layer its top will become
+            header = qcow2.read_header(root)
+            if header.backing_file and not qcow2.resolve_backing(root, header.backing_file).exists():
+                return [root]
+        raise
+
+
 def _layer_files(chain: list[Path]) -> list[Path]:
     return [p for p in chain if p.name in (TOP, PENDING, LAYER_FILE)]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (a file or directory created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -11,9 +11,6 @@ from pathlib import Path
 from boxvm.engine.accel import Accel
 from boxvm.errors import EngineError
 
-# Under TCG the kernel cannot calibrate the TSC against the PIT and stalls without this.
-TCG_TSC_KHZ = 2_000_000
-
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -29,6 +26,9 @@ class VmSpec:
     mac: str
     hostname: str
     machine_id: str  # 32 hex digits, like /etc/machine-id; the box id
+    # Under TCG the guest's TSC ticks at the host's rate (see hostclock), which its kernel
+    # cannot calibrate without a PIT and must be told; KVM guests use kvm-clock instead.
+    tsc_khz: int | None = None
 
 
 def new_mac() -> str:
@@ -49,7 +49,11 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
     # waiting for a grace period that an idle NO_HZ guest makes ~10 ms long.
     cmdline = ["console=ttyS0", "reboot=t", "panic=-1", "quiet", "loglevel=3", "rcupdate.rcu_expedited=1"]
     if accel.name == "tcg":
-        cmdline.append(f"tsc_early_khz={TCG_TSC_KHZ}")
+        if spec.tsc_khz is None:
+            raise EngineError("a TCG guest needs the host's TSC rate (VmSpec.tsc_khz)")
+        # tsc=reliable: the boot-time clocksource watchdog compares the TSC with jiffies,
+        # which lose ticks under TCG, and would switch the guest to that losing clock.
+        cmdline += [f"tsc_early_khz={spec.tsc_khz}", "tsc=reliable"]
     cmdline += [f"boxvm.hostname={spec.hostname}", f"boxvm.net={spec.network}", f"boxvm.machine_id={spec.machine_id}"]
     args = [
         qemu_binary(),

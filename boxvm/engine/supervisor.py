@@ -33,7 +33,7 @@ from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.errors import EngineError
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
-from boxvm.status import BoxStatus
+from boxvm.status import LIVE, BoxStatus
 from boxvm.store import Store
 
 log = logging.getLogger("boxvm.supervisor")
@@ -123,7 +123,8 @@ class Supervisor:
         # Record the outcome before anyone waiting on `exited` is told, so a caller of
         # stop() always reads the final status.
         if self.stop_requested:
-            self.store.update_box(self.box_id, status=BoxStatus.STOPPED, supervisor_pid=None, qemu_pid=None, error=None)
+            fields = {"supervisor_pid": None, "qemu_pid": None, "error": None}
+            self.store.transition(self.box_id, BoxStatus.STOPPED, LIVE, during_operation=True, **fields)
         else:
             self.finish_failed(self.exit_reason(code))
         self.layers.clear_live_links(self.dir)
@@ -139,7 +140,9 @@ class Supervisor:
         return f"QEMU exited unexpectedly ({how}); see `boxvm logs {self.box_id[:12]}`"
 
     def finish_failed(self, reason: str) -> None:
-        self.store.update_box(self.box_id, status=BoxStatus.FAILED, supervisor_pid=None, qemu_pid=None, error=reason)
+        self.store.transition(
+            self.box_id, BoxStatus.FAILED, LIVE, during_operation=True, supervisor_pid=None, qemu_pid=None, error=reason
+        )
 
     # -- agent side -------------------------------------------------------------------
     def on_hello(self, hello: dict[str, Any]) -> None:

@@ -197,6 +197,11 @@ class Agent:
             # The guest's own clock: writers block from the start of the freeze to the
             # end of the thaw, which is the pause the box sees.
             self.result(cid, ok=True, started=started, at=time.monotonic())
+        elif op == "clock":  # the host reads and steps the wall clock: the guest has no NTP
+            if req.get("step_ns"):
+                now = time.clock_gettime_ns(time.CLOCK_REALTIME)
+                time.clock_settime_ns(time.CLOCK_REALTIME, now + int(req["step_ns"]))
+            self.result(cid, ok=True, ns=time.time_ns())
         elif op == "shutdown":
             self.shutdown()
             self.result(cid, ok=True)

@@ -1,14 +1,18 @@
 """Boxes and images in SQLite (WAL, foreign keys), with forward-only schema migrations.
 
-Every process (library, CLI, supervisors, server) opens its own connection; status
-changes are compare-and-set updates so two processes can never both win a transition.
+Every process (library, CLI, supervisors, server) and every thread in it has its own
+connection: a connection shared across threads would interleave their transactions.
+Every status change is one compare-and-set update (:meth:`Store.transition`), so two
+processes can never both win a transition.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,18 +144,50 @@ class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
         try:
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the boxvm database {path}: {exc}") from exc
 
+    @property
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # check_same_thread=False only so close() and the pruning below may close a
+            # connection from another thread; each is used by its own thread alone.
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the boxvm database {self.path}: {exc}") from exc
+        with self._lock:  # close the connections of threads that have ended
+            kept = []
+            for ref, conn in self._conns:
+                thread = ref()
+                if thread is None or not thread.is_alive():
+                    conn.close()
+                else:
+                    kept.append((ref, conn))
+            self._conns = [*kept, (weakref.ref(threading.current_thread()), db)]
+        return db
+
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            for _ref, conn in self._conns:
+                conn.close()
+            self._conns = []
+        self._local = threading.local()
 
     def _migrate(self) -> None:
         db = self._db
@@ -214,21 +250,33 @@ class Store:
         return [_box(r) for r in self._db.execute("SELECT * FROM boxes ORDER BY created_at")]
 
     def update_box(self, box_id: str, **fields: Any) -> None:
+        """Write fields other than the status (which only :meth:`transition` changes)."""
+        if "status" in fields:
+            raise ValueError("a box's status changes only through Store.transition (compare-and-set)")
         values = _encode(fields)
         sets = ", ".join(f"{k} = :{k}" for k in values)
         self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id", {**values, "_id": box_id})
 
     def transition(
-        self, box_id: str, to: BoxStatus, allowed_from: frozenset[BoxStatus] | set[BoxStatus], **fields: Any
+        self,
+        box_id: str,
+        to: BoxStatus,
+        allowed_from: frozenset[BoxStatus] | set[BoxStatus],
+        *,
+        during_operation: bool = False,
+        **fields: Any,
     ) -> bool:
-        """Compare-and-set the status: True only if the box was in ``allowed_from``."""
+        """Compare-and-set the status: True only if the box was in ``allowed_from``.
+
+        Requests (start, stop, pause, ...) wait for a state operation's claim to end; a
+        fact (the VM exited, a start was aborted) is recorded even during one
+        (``during_operation``), or the box would look alive with its VM gone."""
         values = _encode({"status": to, **fields})
         sets = ", ".join(f"{k} = :{k}" for k in values)
         marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
         params = {**values, "_id": box_id, **{f"_from{i}": s.value for i, s in enumerate(allowed_from)}}
-        cur = self._db.execute(
-            f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}) AND operation IS NULL", params
-        )
+        unclaimed = "" if during_operation else " AND operation IS NULL"
+        cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}){unclaimed}", params)
         return cur.rowcount == 1
 
     def begin_operation(self, box_id: str, operation: BoxStatus, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
@@ -269,9 +317,9 @@ class Store:
         self._db.execute("DELETE FROM snapshots WHERE id = ?", (snapshot_id,))
 
     def add_timing(self, box_id: str, **timings_ms: float) -> None:
-        rec = self.get_box(box_id)
-        if rec is not None:
-            self.update_box(box_id, timings={**rec.timings, **{k: round(v, 2) for k, v in timings_ms.items()}})
+        """Merge timings in one statement (a read-modify-write would lose a concurrent one's)."""
+        patch = json.dumps({k: round(v, 2) for k, v in timings_ms.items()})
+        self._db.execute("UPDATE boxes SET timings = json_patch(timings, ?) WHERE id = ?", (patch, box_id))
 
     def delete_box(self, box_id: str) -> None:
         self._db.execute("DELETE FROM boxes WHERE id = ?", (box_id,))
