@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +21,28 @@ def boxvm(home: Home, *args: str, input: bytes | None = None) -> subprocess.Comp
         [sys.executable, "-c", "from boxvm.cli.main import main; main()", *args],
         capture_output=True, env=env, input=input, timeout=300,
     )  # fmt: skip
+
+
+SPINNER = set("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏")  # rich's default spinner frames
+
+
+def on_a_terminal(home: Home, *args: str) -> bytes:
+    """What a user's terminal shows when they run ``boxvm ARGS`` in it (stdin, stdout and
+    stderr on one pseudo-terminal)."""
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "BOXVM_HOME": str(home.root), "TERM": "xterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from boxvm.cli.main import main; main()", *args],
+        stdin=secondary, stdout=secondary, stderr=secondary, env=env, start_new_session=True,
+    )  # fmt: skip
+    os.close(secondary)
+    screen = b""
+    with contextlib.suppress(OSError):  # EIO once the last writer is gone
+        while chunk := os.read(primary, 4096):
+            screen += chunk
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0, screen
+    return screen
 
 
 def test_doctor(home: Home) -> None:
@@ -49,6 +73,12 @@ def test_box_commands_end_to_end(home: Home, tmp_path: Path) -> None:
         r = boxvm(home, "exec", "-t", name, "tty")
         assert r.stdout.startswith(b"/dev/pts/")
         assert boxvm(home, "exec", name, "false").returncode == 1
+        r = boxvm(home, "exec", name, "--", "sh", "-c", "echo after-dashes")
+        assert (r.returncode, r.stdout) == (0, b"after-dashes\n")
+        r = boxvm(home, "exec", name, "--")
+        assert r.returncode == 1 and b"no command given" in r.stderr
+        screen = on_a_terminal(home, "exec", "-it", name, "sh", "-c", "sleep 1; echo typed-here")
+        assert b"typed-here" in screen and not SPINNER & set(screen.decode(errors="replace")), screen
         (tmp_path / "d").mkdir()
         (tmp_path / "d" / "f").write_text("file\n")
         assert boxvm(home, "cp", str(tmp_path / "d"), f"{name}:/root/").returncode == 0

@@ -28,14 +28,16 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
-def progress_printer() -> Callable[[str], None]:
-    """Long first-run work: a live status line on a terminal, plain lines otherwise."""
-    if err.is_terminal:
+def progress_printer(interactive: bool = False) -> Callable[[str], None]:
+    """Long first-run work: a live status line on a terminal, plain lines otherwise. The
+    live line starts with the first message, and never for an interactive terminal session
+    (its spinner would draw over the user's shell)."""
+    if err.is_terminal and not interactive:
         status = err.status("")
-        status.start()
 
         def show(message: str) -> None:
             status.update(message)
+            status.start()  # once: later calls do nothing
             if message.endswith("ready") or "ready in" in message:
                 err.log(message)
 
@@ -52,7 +54,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
         async def main() -> int | None:
             from boxvm.backends.local import LocalBackend
 
-            show = progress_printer()
+            show = progress_printer(interactive=bool(kwargs.get("tty")))
             remote = click.get_current_context().find_root().params.get("remote")
             if remote:
                 from boxvm.backends.remote import RemoteBackend
@@ -300,7 +302,7 @@ async def run(
     box = await rt.create(make_options(kw), name=kw["name"])
     try:
         info = await box.start()
-        argv = list(command) or info.command
+        argv = command_argv(command) or info.command
         if detach or not argv:
             out.print(box.id)
             return 0
@@ -425,7 +427,16 @@ async def exec_(
 ) -> int:
     """Run COMMAND in a running box; exits with its exit code."""
     b = await must_get(rt, box)
-    return await stream_exec(b, list(command), parse_env(env), workdir, user, interactive, tty)
+    argv = command_argv(command)
+    if not argv:
+        raise InvalidArgument("no command given: boxvm exec BOX [--] COMMAND [ARG...]")
+    return await stream_exec(b, argv, parse_env(env), workdir, user, interactive, tty)
+
+
+def command_argv(command: tuple[str, ...]) -> list[str]:
+    """COMMAND as given, without the ``--`` that may separate it from boxvm's own options
+    (click keeps it once a positional argument such as BOX has been seen)."""
+    return list(command[1:] if command[:1] == ("--",) else command)
 
 
 @cli.command(name="ls")
