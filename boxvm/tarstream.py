@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-from boxvm.errors import InvalidArgument, NotFound
+from boxvm import tarsafe
+from boxvm.errors import ArchiveError, InvalidArgument, NotFound
+from boxvm.extract import COPY_OUT, extract
 from boxvm.streams import ThreadReader, ThreadWriter, pump
 
 _CHUNK = 256 << 10
@@ -40,50 +41,19 @@ async def send_tree(host_path: Path, send: Callable[[bytes], Awaitable[None]]) -
 
 
 def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | str) -> None:
-    """Extract a member exactly as recorded (owners, modes, devices): only for members the
-    caller has already validated. Works on Python 3.11.2 (Debian's), which has no filters."""
+    """Extract a member exactly as recorded (owners, modes, devices): only for trusted
+    tars (verified Debian packages). Works on Python 3.11.2 (Debian's), which has no filters."""
     if hasattr(tarfile, "fully_trusted_filter"):
         tar.extract(member, dest, filter="fully_trusted")
     else:
         tar.extract(member, dest)
 
 
-def check_member(member: tarfile.TarInfo, dest: Path) -> tarfile.TarInfo:
-    """Refuse members of an untrusted tar that would land outside ``dest``: absolute or
-    ``..`` paths, writes through symlinks, links pointing out, devices. Modes are kept
-    minus setuid/setgid. (The stdlib's ``data`` filter would also change modes, and
-    Debian's Python 3.11.2 does not have it.)"""
-    root = os.path.realpath(dest)
-
-    def inside(path: str) -> bool:
-        real = os.path.realpath(path)
-        return real == root or real.startswith(root + os.sep)
-
-    name = member.name
-    if name.startswith("/") or ".." in name.split("/"):
-        raise ValueError(f"{name!r} escapes the destination")
-    target = os.path.join(root, name)
-    # A symlink member replaces whatever is there; anything else is opened (or chmod-ed)
-    # through an existing link, so its resolved path must stay inside too.
-    if not inside(os.path.dirname(target)) or (not member.issym() and not inside(target)):
-        raise ValueError(f"{name!r} would be written through a link outside the destination")
-    if member.issym():
-        if member.linkname.startswith("/") or not inside(os.path.join(os.path.dirname(target), member.linkname)):
-            raise ValueError(f"symlink {name!r} -> {member.linkname!r} points outside the destination")
-    elif member.islnk():
-        if member.linkname.startswith("/") or not inside(os.path.join(root, member.linkname)):
-            raise ValueError(f"hard link {name!r} -> {member.linkname!r} points outside the destination")
-    elif not (member.isreg() or member.isdir()):
-        raise ValueError(f"{name!r} is a device or special file")
-    member.mode = (member.mode or 0) & ~(stat.S_ISUID | stat.S_ISGID)
-    member.uid, member.gid = os.getuid(), os.getgid()  # files copied out belong to the caller
-    member.uname = member.gname = ""
-    return member
-
-
 async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
-    """Extract a tar stream (top entry renamed to ``host_path``'s name unless it is an
-    existing directory, as ``docker cp`` does)."""
+    """Extract an untrusted tar stream (a guest's ``copy_out``): the top entry is renamed to
+    ``host_path``'s name unless it is an existing directory, as ``docker cp`` does.
+    Containment is by file descriptors (``boxvm.extract``); a refused or unreadable stream
+    raises ArchiveError and removes the top-level entries it had created."""
     into_dir = host_path.is_dir()
     dest_dir = host_path if into_dir else host_path.parent
     if not dest_dir.is_dir():
@@ -91,12 +61,14 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
     source = ThreadReader(asyncio.get_running_loop())
 
     def consume() -> None:
-        with tarfile.open(fileobj=source, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                if not into_dir:
-                    _head, sep, rest = member.name.partition("/")
-                    member.name = host_path.name + sep + rest
-                extract_as_recorded(tar, check_member(member, dest_dir), dest_dir)
+        root = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with tarsafe.open_stream(source) as tar:
+                extract(tar, root, COPY_OUT, top=None if into_dir else host_path.name)
+        except tarfile.TarError as exc:
+            raise ArchiveError(f"the tar stream to copy out is unreadable or unsafe: {exc}") from exc
+        finally:
+            os.close(root)
         while source.read(_CHUNK):  # drain the tar's zero padding so the producer finishes
             pass
 

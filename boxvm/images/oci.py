@@ -1,27 +1,28 @@
 """OCI image layouts (a directory or a tar of one): read, verify, and merge layers.
 
-Layers are untrusted input. They are merged by hand rather than with a stock extractor
-because we need whiteouts and opaque directories, must keep setuid bits and device
-nodes (which the stdlib's safe filters strip), and must refuse any member that would
-escape the root: absolute paths, ``..``, or writes and hard links through a symlink.
+Archives and layers are untrusted input. Layers are merged with our fd-contained
+extractor (``boxvm.extract``) rather than a stock one because we need whiteouts and
+opaque directories and must keep owners, setuid bits and device nodes (which the
+stdlib's safe filters strip), while refusing anything that would escape the root:
+absolute paths, ``..``, writes or hard links through a symlink, whiteouts of the root.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
-import stat
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
+from boxvm import tarsafe
 from boxvm.errors import ImageError
-from boxvm.tarstream import check_member, extract_as_recorded
+from boxvm.extract import LAYER, LAYOUT, Extractor, Parts, extract, split_name
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MANIFEST_TYPES = {
@@ -54,10 +55,9 @@ def read_layout(path: Path, work: Path) -> Image:
         layout = work / "layout"
         layout.mkdir()
         try:
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    extract_as_recorded(tar, check_member(member, layout), layout)
-        except (tarfile.TarError, OSError, ValueError) as exc:
+            with tarsafe.open_file(path) as tar, _dir_fd(layout) as root:
+                extract(tar, root, LAYOUT)
+        except (tarfile.TarError, OSError, EOFError) as exc:
             raise ImageError(f"{path} is not a readable OCI archive: {exc}") from exc
     elif path.is_dir():
         layout = path
@@ -134,77 +134,49 @@ def _layer_stream(path: Path, media_type: str) -> Iterator[IO[bytes]]:
 def unpack(image: Image, dest: Path) -> None:
     """Merge the image's layers into ``dest`` (run under fakeroot when not root)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for layer in image.layers:
-        path = _blob(image.layout, layer.digest)
-        try:
-            with _layer_stream(path, layer.media_type) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-                _apply_layer(tar, dest)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise ImageError(f"layer {layer.digest[:19]} is unreadable: {exc}") from exc
+    with _dir_fd(dest) as root:
+        for layer in image.layers:
+            path = _blob(image.layout, layer.digest)
+            try:
+                with _layer_stream(path, layer.media_type) as stream, tarsafe.open_stream(stream) as tar:
+                    _apply_layer(tar, Extractor(root, LAYER))
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ImageError(f"layer {layer.digest[:19]} is unreadable: {exc}") from exc
 
 
-def _safe_parts(name: str) -> list[str]:
-    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".", "/")]
-    if name.startswith("/") or ".." in parts:
-        raise ImageError(f"layer member {name!r} escapes the image root")
-    return parts
+@contextlib.contextmanager
+def _dir_fd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
-def _real_dir(dest: Path, parts: list[str]) -> Path:
-    """Walk (and create) parent directories, refusing to pass through a symlink."""
-    current = dest
-    for part in parts:
-        current = current / part
-        try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            current.mkdir(mode=0o755)
-            continue
-        if stat.S_ISLNK(st.st_mode):
-            raise ImageError(f"layer writes through the symlink {'/'.join(parts)!r}")
-        if not stat.S_ISDIR(st.st_mode):
-            raise ImageError(f"layer uses the file {str(current.relative_to(dest))!r} as a directory")
-    return current
-
-
-def _remove(path: Path) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
-
-
-def _apply_layer(tar: tarfile.TarFile, dest: Path) -> None:
-    added: set[str] = set()
-    for member in tar:
-        parts = _safe_parts(member.name)
-        if not parts:
-            continue
-        parent = _real_dir(dest, parts[:-1])
-        base = parts[-1]
-        if base == ".wh..wh..opq":  # opaque: hide everything lower layers put here
-            prefix = "/".join(parts[:-1])
-            for child in os.listdir(parent):
-                if f"{prefix}/{child}".lstrip("/") not in added:
-                    _remove(parent / child)
-            continue
-        if base.startswith(".wh."):
-            _remove(parent / base[4:])
-            continue
-        target = parent / base
-        rel = "/".join(parts)
-        if os.path.lexists(target) and not (member.isdir() and os.path.isdir(target) and not target.is_symlink()):
-            _remove(target)
-        if member.islnk():
-            link_parts = _safe_parts(member.linkname)
-            source = _real_dir(dest, link_parts[:-1]) / link_parts[-1]
-            if not os.path.lexists(source):
-                raise ImageError(f"hard link {rel!r} points at missing {member.linkname!r}")
-            os.link(source, target, follow_symlinks=False)
+def _apply_layer(tar: tarfile.TarFile, ex: Extractor) -> None:
+    """One layer over the lower ones: whiteouts delete, opaque markers hide what lower
+    layers put in a directory, anything else replaces what is at its path."""
+    added: set[Parts] = set()
+    for member, data in tarsafe.members(tar):
+        parts = split_name(member.name, ImageError)
+        base = parts[-1] if parts else ""
+        if base == ".wh..wh..opq":
+            with ex.directory(parts[:-1]) as fd:
+                lower = [name for name in os.listdir(fd) if (*parts[:-1], name) not in added]
+            for name in lower:
+                ex.remove((*parts[:-1], name))
+        elif base.startswith(".wh..wh."):
+            continue  # other AUFS metadata (.wh..wh.plnk, ...): nothing to apply
+        elif base.startswith(".wh."):
+            hidden = base[4:]
+            if hidden in ("", ".", ".."):
+                raise ImageError(f"layer whiteout {member.name!r} names no entry (it would remove a parent)")
+            ex.remove((*parts[:-1], hidden))
         else:
-            member.name = rel
-            extract_as_recorded(tar, member, dest)
-        added.add(rel)
+            link = split_name(member.linkname, ImageError) if member.islnk() else ()
+            ex.add(member, data, parts, link)
+            added.update(parts[:i] for i in range(1, len(parts) + 1))  # with the parents it made
+    ex.finish()
 
 
 def write_layout(rootfs_tar: Path, out: Path, config: dict[str, Any], ref: str) -> str:

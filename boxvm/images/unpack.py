@@ -7,7 +7,7 @@ records ownership, device nodes and setuid bits for ``mke2fs`` to replay.
 import sys
 from pathlib import Path
 
-from boxvm.errors import ImageError
+from boxvm.errors import BoxvmError
 from boxvm.images import oci
 
 
@@ -15,7 +15,7 @@ def main() -> None:
     layout, dest = Path(sys.argv[1]), Path(sys.argv[2])
     try:
         oci.unpack(oci.read_layout(layout, dest.parent), dest)
-    except ImageError as exc:
+    except BoxvmError as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(2)
 

@@ -1,0 +1,437 @@
+"""Hostile tars on the host: a compromised guest's ``copy_out`` stream, a local OCI image
+archive and its layers. Each attack must leave everything outside the destination as it
+was, fail with the boundary's error type (ArchiveError for a guest's tree, ImageError for
+images), and bombs must be refused quickly with bounded memory."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import stat
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+import boxvm
+from boxvm.errors import ArchiveError, ImageError
+from boxvm.images import oci
+from boxvm.tarstream import receive_tree
+from tests.test_images import build_layout
+
+Build = Callable[[tarfile.TarFile], None]
+LONG = "d" * 247  # a directory name near NAME_MAX: a few of them overflow PATH_MAX
+STEPS = "abcdefghijklmnopqr"  # enough long levels that the expanded path passes 4096 bytes
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes | None = None, **attrs: object) -> None:
+    info = tarfile.TarInfo(name)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    if data is None:
+        tar.addfile(info)
+    else:
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def _tar(*builds: Build) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for build in builds:
+            build(tar)
+    return buf.getvalue()
+
+
+def _escape_chain(top: str = "", up: str = "") -> Build:
+    """The CVE-2025-4517 set-up: ``a/b/…/r`` is a short string whose expansion through
+    symlinks to long directory names passes PATH_MAX, where ``realpath()`` stops resolving.
+    ``escape`` then looks (to realpath) like ``<dest>/…/l/../outside`` but the kernel
+    follows ``l`` back to ``<dest>``, so ``escape`` -> ``<dest>/../outside``."""
+    up += "../" * top.count("/")
+
+    def build(tar: tarfile.TarFile) -> None:
+        path = top  # names go through the short links: each stays far below PATH_MAX
+        for step in STEPS:
+            _add(tar, path + LONG, type=tarfile.DIRTYPE, mode=0o755)
+            _add(tar, path + step, type=tarfile.SYMTYPE, linkname=LONG)
+            path += step + "/"
+        _add(tar, path + "l", type=tarfile.SYMTYPE, linkname="/".join([".."] * len(STEPS)))
+        short = "/".join(STEPS)
+        _add(tar, top + "escape", type=tarfile.SYMTYPE, linkname=f"{short}/l/../{up}outside/secret")
+        _add(tar, top + "escdir", type=tarfile.SYMTYPE, linkname=f"{short}/l/../{up}outside")
+
+    return build
+
+
+def _attacks(up: str = "") -> dict[str, tuple[Build, ...]]:
+    """Each attack aims at ``<dest>/../outside`` (``up`` adds levels for deeper destinations)."""
+    return {
+        # hard link to the outside file through the long-path trick, then write through it
+        "long-path hard link": (
+            _escape_chain(up=up),
+            lambda t: _add(t, "hl", type=tarfile.LNKTYPE, linkname="escape"),
+            lambda t: _add(t, "hl", b"owned\n"),
+        ),
+        # a new file created outside through a directory symlink that realpath misjudges
+        "long-path new file": (_escape_chain(up=up), lambda t: _add(t, "escdir/new", b"planted\n")),
+        "symlink then write": (
+            lambda t: _add(t, "s", type=tarfile.SYMTYPE, linkname=f"{up}../outside"),
+            lambda t: _add(t, "s/secret", b"owned\n"),
+        ),
+        "symlink then hard link": (
+            lambda t: _add(t, "s", type=tarfile.SYMTYPE, linkname=f"{up}../outside/secret"),
+            lambda t: _add(t, "h", type=tarfile.LNKTYPE, linkname="s"),
+        ),
+        "hard link out": (lambda t: _add(t, "h", type=tarfile.LNKTYPE, linkname=f"{up}../outside/secret"),),
+        "dot-dot name": (lambda t: _add(t, f"a/../../{up}outside/secret", b"owned\n"),),
+        "absolute name": (lambda t: _add(t, "/tmp/boxvm-tar-absolute", b"owned\n"),),
+    }
+
+
+ATTACKS = _attacks()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Iterator[Path]:
+    """A sentinel tree next to the destination; asserts after the test it is unchanged."""
+    root = tmp_path / "outside"
+    (root / "dir").mkdir(parents=True)
+    (root / "secret").write_text("secret\n")
+    (root / "dir" / "x").write_text("x\n")
+    before = _snapshot(root)
+    yield root
+    assert _snapshot(root) == before
+    assert not Path("/tmp/boxvm-tar-absolute").exists()
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, bytes, int]]:
+    found = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            body = os.readlink(path).encode() if path.is_symlink() else path.read_bytes() if path.is_file() else b""
+            found[str(path.relative_to(root))] = (st.st_mode, body, st.st_nlink)
+    return found
+
+
+async def _chunks(data: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def _receive(data: bytes, dest: Path) -> None:
+    asyncio.run(receive_tree(_chunks(data), dest))
+
+
+def _peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+# -- copy_out: the stream a compromised guest agent sends ----------------------------------
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_hostile_copy_out_stream_is_refused(tmp_path: Path, outside: Path, attack: str) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError):
+        _receive(_tar(*ATTACKS[attack]), dest)  # into an existing directory: names are kept
+    assert list(dest.iterdir()) == []  # every top-level entry it made is gone again
+
+
+def test_hostile_copy_out_to_a_new_name_leaves_nothing(tmp_path: Path, outside: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    attack = (
+        _escape_chain("top/"),
+        lambda t: _add(t, "top/hl", type=tarfile.LNKTYPE, linkname="top/escape"),
+        lambda t: _add(t, "top/hl", b"owned\n"),
+    )
+    with pytest.raises(ArchiveError, match="symlink"):
+        _receive(_tar(*attack), tmp_path / "dest" / "copied")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_copy_out_never_writes_through_a_link_already_in_the_destination(tmp_path: Path, outside: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "out").symlink_to(outside)
+    (dest / "file").symlink_to(outside / "secret")
+    with pytest.raises(ArchiveError, match="symlink"):
+        _receive(_tar(lambda t: _add(t, "out/secret", b"owned\n")), dest)
+    _receive(_tar(lambda t: _add(t, "file", b"replaced\n")), dest)  # the link is replaced, not followed
+    assert not (dest / "file").is_symlink() and (dest / "file").read_text() == "replaced\n"
+
+
+def test_copy_out_refuses_devices_and_fifos(tmp_path: Path, outside: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    for kind in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
+        data = _tar(lambda t, k=kind: _add(t, "node", type=k, devmajor=1, devminor=3))  # type: ignore[misc]
+        with pytest.raises(ArchiveError, match="device"):
+            _receive(data, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_copy_out_strips_special_mode_bits_and_owners(tmp_path: Path, outside: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    data = _tar(
+        lambda t: _add(t, "tree", type=tarfile.DIRTYPE, mode=0o1777, uid=4242),
+        lambda t: _add(t, "tree/suid", b"x", mode=0o6777, uid=4242, gid=4242),
+        lambda t: _add(t, "tree/open", b"y", mode=0o666),
+    )
+    _receive(data, dest)
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in (dest / "tree", dest / "tree/suid", dest / "tree/open")}
+    assert modes == {"tree": 0o775, "suid": 0o775, "open": 0o664}
+    assert {(dest / "tree/suid").stat().st_uid, (dest / "tree").stat().st_uid} == {os.getuid()}
+
+
+def test_truncated_copy_out_leaves_no_half_written_file(tmp_path: Path, outside: Path) -> None:
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    data = _tar(lambda t: _add(t, "tree/big", os.urandom(200_000)))
+    with pytest.raises(ArchiveError, match="unexpected end"):
+        _receive(data[:100_000], dest / "copy")
+    assert list(dest.iterdir()) == []
+
+
+def test_legitimate_tree_round_trips_including_paths_past_path_max(tmp_path: Path, outside: Path) -> None:
+    """What a real guest sends: links stay links (stored, never followed), hard links
+    are kept, and a tree deeper than PATH_MAX extracts, since no path string is built."""
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    deep = "/".join([LONG] * 20)  # ~5 KB: no single syscall could take this path
+    data = _tar(
+        lambda t: _add(t, "tree", type=tarfile.DIRTYPE, mode=0o750),
+        lambda t: _add(t, "tree/f", b"data", mode=0o640),
+        lambda t: _add(t, "tree/hard", type=tarfile.LNKTYPE, linkname="tree/f"),
+        lambda t: _add(t, "tree/abs", type=tarfile.SYMTYPE, linkname="/etc/passwd"),
+        lambda t: _add(t, "tree/up", type=tarfile.SYMTYPE, linkname="../../outside"),
+        lambda t: _add(t, f"tree/{deep}/leaf", b"deep"),
+        lambda t: _add(t, "tree/ro", type=tarfile.DIRTYPE, mode=0o555),
+        lambda t: _add(t, "tree/ro/inside", b"in"),
+    )
+    _receive(data, dest / "copy")  # the top entry is renamed, hard link targets too
+    copy = dest / "copy"
+    assert (copy / "f").read_bytes() == b"data" and stat.S_IMODE((copy / "f").stat().st_mode) == 0o640
+    assert (copy / "hard").stat().st_ino == (copy / "f").stat().st_ino
+    assert os.readlink(copy / "abs") == "/etc/passwd" and os.readlink(copy / "up") == "../../outside"
+    assert stat.S_IMODE(copy.stat().st_mode) == 0o750 and stat.S_IMODE((copy / "ro").stat().st_mode) == 0o555
+    assert (copy / "ro" / "inside").read_bytes() == b"in"
+    fd = os.open(copy, os.O_RDONLY)
+    try:
+        for part in deep.split("/"):
+            fd, old = os.open(part, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+        assert os.stat("leaf", dir_fd=fd).st_size == 4
+    finally:
+        os.close(fd)
+
+
+# -- bombs: headers that make tarfile allocate whatever they claim -----------------------
+
+BOMB = 512 << 20
+
+
+def _header(kind: bytes, size: int) -> bytes:
+    """A bare header block of type ``kind`` (pax ``x``/``g``, GNU long name ``L``/``K``)."""
+    info = tarfile.TarInfo("././@header")
+    info.type, info.size = kind, size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _bomb_header(kind: bytes) -> bytes:
+    return _header(kind, BOMB)
+
+
+async def _bomb_stream(kind: bytes) -> AsyncIterator[bytes]:
+    yield _bomb_header(kind)
+    zeros = b"1" * (1 << 20)  # pax records would be "1..." digits; tarfile reads them whole first
+    for _ in range(BOMB >> 20):
+        yield zeros
+
+
+@pytest.mark.parametrize("kind", [b"x", b"L", b"K", b"g"])
+def test_huge_extended_header_from_a_guest_is_refused_fast(tmp_path: Path, outside: Path, kind: bytes) -> None:
+    (tmp_path / "dest").mkdir()
+    _reset_peak()
+    before, t0 = _peak_rss_mib(), time.monotonic()
+    with pytest.raises(ArchiveError, match="over the limit"):
+        asyncio.run(receive_tree(_bomb_stream(kind), tmp_path / "dest"))
+    assert time.monotonic() - t0 < 5
+    assert _peak_rss_mib() - before < 100
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda t: _add(t, "s", type=tarfile.GNUTYPE_SPARSE),
+        lambda t: _add(t, "s", b"", pax_headers={"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}),
+        lambda t: _add(t, "s", b"", pax_headers={"GNU.sparse.map": "0,1", "GNU.sparse.size": "1"}),
+    ],
+)
+def test_sparse_members_are_refused(tmp_path: Path, outside: Path, build: Build) -> None:
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ArchiveError, match="sparse"):
+        _receive(_tar(build), tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_a_chain_of_extended_headers_is_refused(tmp_path: Path, outside: Path) -> None:
+    record = b"11 path=aa\n"
+    one = _header(b"x", len(record)) + record + b"\0" * (512 - len(record))
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(ArchiveError, match="in a row"):
+        _receive(one * 10_000 + b"\0" * 1024, tmp_path / "dest")
+
+
+# -- local OCI images: the archive holding a layout, and the layers merged from it ------
+
+
+def _archive(tmp_path: Path, *builds: Build, compress: bool = False) -> Path:
+    data = _tar(*builds)
+    path = tmp_path / "image.tar"
+    path.write_bytes(gzip.compress(data, 1) if compress else data)
+    return path
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_hostile_oci_archive_is_refused(tmp_path: Path, outside: Path, attack: str) -> None:
+    (tmp_path / "dest").mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(ImageError):
+        oci.read_layout(_archive(tmp_path, *_attacks("../")[attack]), work)  # it extracts into work/layout
+
+
+def test_oci_archive_bomb_is_refused_fast(tmp_path: Path, outside: Path) -> None:
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "work").mkdir()
+    path = tmp_path / "image.tar"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(_bomb_header(b"x"))
+        zeros = b"1" * (1 << 20)
+        for _ in range(BOMB >> 20):
+            f.write(zeros)
+    assert path.stat().st_size < 4 << 20
+    _reset_peak()
+    before, t0 = _peak_rss_mib(), time.monotonic()
+    with pytest.raises(ImageError, match="over the limit"):
+        oci.read_layout(path, tmp_path / "work")
+    assert time.monotonic() - t0 < 5
+    assert _peak_rss_mib() - before < 100
+
+
+def _unpack(tmp_path: Path, *layers: bytes) -> Path:
+    layout = build_layout(tmp_path / "layout", list(layers), {"config": {}})
+    root = tmp_path / "dest"
+    oci.unpack(oci.read_layout(layout, tmp_path), root)
+    return root
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_hostile_layer_is_refused(tmp_path: Path, outside: Path, attack: str) -> None:
+    with pytest.raises(ImageError):
+        _unpack(tmp_path, _tar(*ATTACKS[attack]))
+
+
+@pytest.mark.parametrize("whiteout", [".wh..", "sub/.wh..", ".wh.", "sub/.wh..."])
+def test_whiteout_of_a_parent_is_refused(tmp_path: Path, outside: Path, whiteout: str) -> None:
+    lower = _tar(lambda t: _add(t, "keep", b"k"), lambda t: _add(t, "sub/file", b"f"))
+    with pytest.raises(ImageError, match="whiteout"):
+        _unpack(tmp_path, lower, _tar(lambda t: _add(t, whiteout)))
+    assert (tmp_path / "dest" / "keep").read_bytes() == b"k" and (tmp_path / "dest" / "sub" / "file").exists()
+
+
+def test_whiteouts_never_follow_symlinks(tmp_path: Path, outside: Path) -> None:
+    lower = _tar(lambda t: _add(t, "s", type=tarfile.SYMTYPE, linkname="../outside"))
+    upper = _tar(lambda t: _add(t, "s/.wh.secret"), lambda t: _add(t, "s/.wh..wh..opq"))
+    with pytest.raises(ImageError, match="symlink"):
+        _unpack(tmp_path, lower, upper)
+    # and whiting out the link itself removes the link, not what it points at
+    root = _unpack(tmp_path / "again", lower, _tar(lambda t: _add(t, ".wh.s")))
+    assert list(root.iterdir()) == []
+
+
+def test_layers_keep_devices_owners_and_setuid(tmp_path: Path, outside: Path) -> None:
+    """What images need and copy_out refuses (the image path runs as root or under fakeroot)."""
+    layer = _tar(
+        lambda t: _add(t, "dev", type=tarfile.DIRTYPE, mode=0o755),
+        lambda t: _add(t, "dev/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666),
+        lambda t: _add(t, "dev/fifo", type=tarfile.FIFOTYPE, mode=0o600),
+        lambda t: _add(t, "tmp", type=tarfile.DIRTYPE, mode=0o1777),
+        lambda t: _add(t, "su", b"#!/bin/sh\n", mode=0o4755, uid=0, gid=0),
+        lambda t: _add(t, "home", type=tarfile.DIRTYPE, mode=0o755, uid=1000, gid=1000),
+    )
+    root = _unpack(tmp_path, layer)
+    null = (root / "dev" / "null").lstat()
+    assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+    assert stat.S_IMODE(null.st_mode) == 0o666 and stat.S_ISFIFO((root / "dev" / "fifo").lstat().st_mode)
+    assert stat.S_IMODE((root / "tmp").stat().st_mode) == 0o1777
+    assert stat.S_IMODE((root / "su").stat().st_mode) == 0o4755
+    if os.geteuid() == 0:
+        assert (root / "home").stat().st_uid == 1000
+
+
+def test_layer_bomb_is_refused_fast(tmp_path: Path, outside: Path) -> None:
+    raw = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(raw, closefd=False) as z:
+        z.write(_bomb_header(b"x"))
+        zeros = b"1" * (1 << 20)
+        for _ in range(BOMB >> 20):
+            z.write(zeros)
+    layer = raw.getvalue()
+    assert len(layer) < 1 << 20
+    layout = build_layout(tmp_path / "layout", [layer], {"config": {}})
+    image = oci.read_layout(layout, tmp_path)
+    _reset_peak()
+    before, t0 = _peak_rss_mib(), time.monotonic()
+    with pytest.raises(ImageError, match="over the limit"):
+        oci.unpack(image, tmp_path / "dest")
+    assert time.monotonic() - t0 < 5
+    assert _peak_rss_mib() - before < 100
+
+
+# -- through a real box ----------------------------------------------------------------
+
+
+@pytest.mark.backends("local", "remote")  # remote: the client extracts what the server relays
+async def test_copy_out_of_a_deep_symlinked_tree_from_a_real_box(
+    shared_box: boxvm.Box, tmp_path: Path, outside: Path
+) -> None:
+    """A guest builds the long-dir + short-symlink tree of CVE-2025-4517 (as deep as the
+    guest's own PATH_MAX allows) with links out of it and world-writable, sticky and
+    setuid modes; copied out, links arrive as links, modes are plain, nothing outside
+    changes."""
+    steps = STEPS[:15]
+    script = (
+        f"set -e; rm -rf /root/evil; mkdir /root/evil; cd /root/evil; p=; "
+        f"for s in {' '.join(steps)}; do mkdir ${{p}}{LONG}; ln -s {LONG} ${{p}}$s; p=${{p}}{LONG}/; done; "
+        f"ln -s {'/'.join(['..'] * len(steps))} ${{p}}l; "
+        f"ln -s {'/'.join(steps)}/l/../outside/secret escape; echo inside > file; ln file hard; "
+        f"chmod 4777 file; mkdir tmp; chmod 1777 tmp"
+    )
+    r = await shared_box.exec(["sh", "-c", script])
+    assert r.exit_code == 0, r.stderr
+    (tmp_path / "dest").mkdir()
+    await shared_box.copy_out("/root/evil", tmp_path / "dest" / "evil")
+    evil = tmp_path / "dest" / "evil"
+    assert os.readlink(evil / "escape") == f"{'/'.join(steps)}/l/../outside/secret"
+    assert os.readlink(evil / "a") == LONG
+    assert (evil / "hard").stat().st_ino == (evil / "file").stat().st_ino
+    assert (evil / "file").read_text() == "inside\n"
+    assert stat.S_IMODE((evil / "file").stat().st_mode) == 0o775
+    assert stat.S_IMODE((evil / "tmp").stat().st_mode) == 0o775
