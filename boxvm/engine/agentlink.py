@@ -211,6 +211,10 @@ class AgentLink:
                 self._pass_credit()
         except ConnectionError:
             pass
+        except Exception:  # a bug here must fail the calls, not leave them waiting forever
+            log.exception("reading the agent's port failed")
+            self.fail("the supervisor lost the guest agent's connection (see supervisor.log)")
+            return
         self.fail("the guest agent's port closed (the VM is stopping or has exited)")
 
     def _on_frame(self, gid: int, ftype: int, payload: bytes) -> None:
