@@ -78,7 +78,7 @@ async def _speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hel
 
 async def _answer(writer: asyncio.StreamWriter, gid: int, req: dict[str, object]) -> None:
     if req.get("op") != "exec":
-        writer.write(P.pack_json(gid, P.RESULT, {"ok": True}))
+        writer.write(P.pack_json(gid, P.RESULT, {"ok": True, "ns": time.time_ns()}))  # clock, shutdown, ...
         return
     what, *args = req["argv"]  # type: ignore[misc]
     if what == "echo":

@@ -66,6 +66,8 @@ def check_result(op: str, payload: bytes) -> dict[str, Any]:
         if type(code) is not int or not 0 <= code <= 255:
             return error_result("the guest agent sent a result without a valid exit code")
         return {"exit_code": code, "timed_out": obj.get("timed_out") is True}
+    if op == "clock" and type(obj.get("ns")) is not int:
+        return error_result("the guest agent sent a clock reading that is not a whole number of nanoseconds")
     return obj
 
 
