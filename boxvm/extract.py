@@ -40,16 +40,21 @@ def _attrs(member: tarfile.TarInfo) -> _Attrs:
 @dataclass(frozen=True)
 class Policy:
     error: type[BoxvmError]  # what a refused or unreadable member raises
+    root: str  # what the destination is called in errors
     mode_mask: int = 0o775  # no setuid/setgid/sticky/world-writable bits
     owners: bool = False  # keep recorded uid/gid (else: the caller owns what it extracts)
     devices: bool = False  # device nodes and fifos
     links: bool = True  # symlinks and hard links
     replace_dirs: bool = False  # a non-directory member may replace an existing directory
+    foreign_links: bool = False  # hard links to files the archive did not write (a lower layer's)
 
 
-COPY_OUT = Policy(ArchiveError)  # a tree sent by a guest: files become the caller's, plain modes
-LAYOUT = Policy(ImageError, links=False)  # an OCI layout archive: only directories and blobs
-LAYER = Policy(ImageError, mode_mask=0o7777, owners=True, devices=True, replace_dirs=True)  # under fakeroot
+COPY_OUT = Policy(ArchiveError, "the destination")  # a tree sent by a guest: files become the caller's, plain modes
+LAYOUT = Policy(ImageError, "the image root", links=False)  # an OCI layout archive: only directories and blobs
+# image layers, unpacked as root or under fakeroot: everything as recorded
+LAYER = Policy(
+    ImageError, "the image root", mode_mask=0o7777, owners=True, devices=True, replace_dirs=True, foreign_links=True
+)
 
 
 def _is_link(parent: int, name: str) -> bool:
@@ -59,13 +64,13 @@ def _is_link(parent: int, name: str) -> bool:
         return False
 
 
-def split_name(name: str, error: type[BoxvmError]) -> Parts:
+def split_name(name: str, policy: Policy) -> Parts:
     """A member name as path components; absolute names, ``..`` and NULs are refused."""
     if name.startswith("/") or "\0" in name:
-        raise error(f"tar member {name!r} escapes the destination (absolute or invalid name)")
+        raise policy.error(f"tar member {name!r} escapes {policy.root} (absolute or invalid name)")
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
-        raise error(f"tar member {name!r} escapes the destination (a '..' component)")
+        raise policy.error(f"tar member {name!r} escapes {policy.root} (a '..' component)")
     return parts
 
 
@@ -76,6 +81,7 @@ class Extractor:
         self.root = root
         self.policy = policy
         self._dirs: list[tuple[Parts, _Attrs]] = []
+        self._written: set[tuple[int, int]] = set()  # (device, inode) of the files this extractor wrote
 
     def _fail(self, parts: Parts, why: str) -> BoxvmError:
         return self.policy.error(f"tar member {'/'.join(parts)!r} {why}")
@@ -181,6 +187,9 @@ class Extractor:
                 if data is not None:
                     shutil.copyfileobj(data, out, 1 << 20)
             self._set_fd(fd, _attrs(member))
+            if not self.policy.foreign_links:
+                st = os.fstat(fd)
+                self._written.add((st.st_dev, st.st_ino))
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(base, dir_fd=parent)  # nothing half-written stays behind
@@ -196,6 +205,8 @@ class Extractor:
                 st = os.stat(link[-1], dir_fd=source, follow_symlinks=False)
                 if not stat.S_ISREG(st.st_mode):
                     raise self._fail(parts, f"is a hard link to {'/'.join(link)!r}, which is not a regular file")
+                if not self.policy.foreign_links and (st.st_dev, st.st_ino) not in self._written:
+                    raise self._fail(parts, f"is a hard link to {'/'.join(link)!r}, which this archive did not write")
                 self._clear(parent, base, parts)
                 os.link(link[-1], base, src_dir_fd=source, dst_dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError as exc:
@@ -262,7 +273,7 @@ def extract(tar: tarfile.TarFile, root: int, policy: Policy, top: str | None = N
     created: list[str] = []
 
     def place(name: str) -> Parts:
-        parts = split_name(name, policy.error)
+        parts = split_name(name, policy)
         if top is not None and parts:
             parts = (top, *parts[1:])
         if parts and parts[0] not in seen:

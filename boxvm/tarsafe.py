@@ -6,7 +6,7 @@ walks sparse maps of any length, keeps every member it has read, and skips unrea
 with a loop as long as the member's claimed size. We keep ``tarfile`` for the parsing
 and bound it through its documented extension point (a ``TarInfo`` subclass overriding
 ``_proc_member``): extended headers are size-checked before they are read, chains of
-them are capped, and sparse members are refused. ``members()`` forgets members once
+them are capped, sparse members and unknown types are refused. ``members()`` forgets members once
 read and drains each member's data itself, so a lying size ends at the end of input.
 """
 
@@ -37,6 +37,8 @@ class BoundedTarInfo(tarfile.TarInfo):
         if self.type == tarfile.GNUTYPE_SPARSE:
             raise UnsafeTar(f"{self.name!r} is a sparse file: sparse members are refused")
         if self.type not in _EXTENDED:
+            if self.type not in tarfile.SUPPORTED_TYPES:  # tarfile would skip its claimed size by seeking
+                raise UnsafeTar(f"{self.name!r} has the unknown tar type {self.type!r}")
             return super()._proc_member(tar)  # type: ignore[misc, no-any-return]
         limit = MAX_LONG_NAME if self.type in _LONG else MAX_PAX_HEADER
         if self.size > limit:

@@ -173,6 +173,9 @@ def test_copy_out_never_writes_through_a_link_already_in_the_destination(tmp_pat
         _receive(_tar(lambda t: _add(t, "out/secret", b"owned\n")), dest)
     _receive(_tar(lambda t: _add(t, "file", b"replaced\n")), dest)  # the link is replaced, not followed
     assert not (dest / "file").is_symlink() and (dest / "file").read_text() == "replaced\n"
+    with pytest.raises(ArchiveError, match="did not write"):  # a file of the caller's is no link target
+        _receive(_tar(lambda t: _add(t, "alias", type=tarfile.LNKTYPE, linkname="file")), dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["file", "out"]
 
 
 def test_copy_out_refuses_devices_and_fifos(tmp_path: Path, outside: Path) -> None:
@@ -288,6 +291,17 @@ def test_sparse_members_are_refused(tmp_path: Path, outside: Path, build: Build)
     with pytest.raises(ArchiveError, match="sparse"):
         _receive(_tar(build), tmp_path / "dest")
     assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_a_whiteout_of_unknown_type_claiming_exabytes_is_refused(tmp_path: Path, outside: Path) -> None:
+    """tarfile skips an unknown member's claimed size block by block: 2**60 bytes never end."""
+    info = tarfile.TarInfo(".wh.x")
+    info.type, info.size = b"Z", 1 << 60
+    layer = info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * 1024
+    t0 = time.monotonic()
+    with pytest.raises(ImageError, match="unknown tar type"):
+        _unpack(tmp_path, layer)
+    assert time.monotonic() - t0 < 5
 
 
 def test_a_chain_of_extended_headers_is_refused(tmp_path: Path, outside: Path) -> None:

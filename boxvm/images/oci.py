@@ -158,7 +158,7 @@ def _apply_layer(tar: tarfile.TarFile, ex: Extractor) -> None:
     layers put in a directory, anything else replaces what is at its path."""
     added: set[Parts] = set()
     for member, data in tarsafe.members(tar):
-        parts = split_name(member.name, ImageError)
+        parts = split_name(member.name, LAYER)
         base = parts[-1] if parts else ""
         if base == ".wh..wh..opq":
             with ex.directory(parts[:-1]) as fd:
@@ -173,7 +173,7 @@ def _apply_layer(tar: tarfile.TarFile, ex: Extractor) -> None:
                 raise ImageError(f"layer whiteout {member.name!r} names no entry (it would remove a parent)")
             ex.remove((*parts[:-1], hidden))
         else:
-            link = split_name(member.linkname, ImageError) if member.islnk() else ()
+            link = split_name(member.linkname, LAYER) if member.islnk() else ()
             ex.add(member, data, parts, link)
             added.update(parts[:i] for i in range(1, len(parts) + 1))  # with the parents it made
     ex.finish()
