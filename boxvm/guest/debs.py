@@ -16,6 +16,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 from boxvm.errors import ImageError
 from boxvm.tarstream import extract_as_recorded
@@ -41,6 +42,11 @@ class Deb:
     package: str
     filename: str
     sha256: str
+
+    @property
+    def pin(self) -> str:
+        """``package=version`` as apt takes it: this exact file, not whatever is the candidate now."""
+        return f"{self.package}={unquote(self.filename.split('_')[1])}"
 
 
 def resolve(packages: list[str]) -> list[Deb]:
@@ -77,7 +83,7 @@ def fetch(debs: list[Deb], cache: Path) -> dict[str, Path]:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
         proc = subprocess.run(
-            ["apt-get", "download", *[d.package for d in missing]],
+            ["apt-get", "download", *[d.pin for d in missing]],
             cwd=work,
             capture_output=True,
             text=True,

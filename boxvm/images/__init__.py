@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from boxvm.disks.layers import fsync_dir
 from boxvm.errors import ImageError, InvalidArgument, InvalidState, NotFound
 from boxvm.images import oci
-from boxvm.images.default import DEFAULT_REF, ensure_default
+from boxvm.images.default import BUILTIN, DEFAULT_REF, ensure_builtin
 from boxvm.images.ext4 import make_ext4
 from boxvm.images.reference import looks_like_reference
 from boxvm.images.reference import parse as parse_reference
@@ -71,8 +71,9 @@ class ImageStore:
     ) -> ResolvedImage:
         """The image for ``reference``: the default, a local OCI layout or archive (a path),
         or a registry reference, pulled into the cache unless it is there already."""
-        if reference is None or reference == DEFAULT_REF:
-            layout, ref = ensure_default(self.home, progress), DEFAULT_REF
+        if reference is None or reference in BUILTIN:
+            ref = reference or DEFAULT_REF
+            layout = ensure_builtin(self.home, ref, progress)
         elif self.path_gate is not None and not looks_like_reference(reference):
             layout = self.path_gate(reference)
             ref = str(layout)
