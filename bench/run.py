@@ -124,7 +124,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    parser.add_argument("--only", choices=["lifecycle", "state", "archive", "rest", "registry"], help="Run one group.")
+    groups = ["lifecycle", "state", "archive", "rest", "registry", "image"]
+    parser.add_argument("--only", choices=groups, help="Run one group.")
     args = parser.parse_args()
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
     b = bundle.ensure(home, print)
@@ -153,6 +154,10 @@ def main() -> None:
         from bench.registry import run_registry
 
         results.update(asyncio.run(run_registry(args.runs)))
+    if args.only in (None, "image"):
+        from bench.image import run_image
+
+        results.update(asyncio.run(run_image(home, args.runs)))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
     print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")

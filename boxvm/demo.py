@@ -45,7 +45,8 @@ async def main() -> None:
         try:
             await box.start()
             clock.step("start (boot to agent ready)")
-            r = await box.exec(["sh", "-c", "uname -sr; cat /etc/hostname; python3 -c 'print(6*7)'"])
+            first = "uname -sr; . /etc/os-release; echo $PRETTY_NAME; cat /etc/hostname; python3 -c 'print(6*7)'"
+            r = await box.exec(["sh", "-c", first])
             clock.step("first exec", r.stdout.decode().strip().replace("\n", " | "))
             await box.exec(["true"])
             clock.step("warm exec round trip")

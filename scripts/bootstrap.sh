@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Install everything boxvm needs on a Debian 12 machine, then build the guest bundle
-# and the default image. Idempotent: a second run only checks.
+# and the built-in images. Idempotent: a second run only checks. Arguments go to
+# `boxvm setup` (--refresh, --with-build-tools).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # docker-registry and skopeo: the registry tests and the pull benchmark baseline.
-APT_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs fakeroot dpkg apt passwd make python3-venv docker-registry skopeo)
+# mmdebstrap, apt-utils (apt-ftparchive) and fakechroot (its mode without root): the default image.
+APT_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs fakeroot dpkg apt passwd make python3-venv docker-registry skopeo
+    mmdebstrap apt-utils fakechroot)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -17,7 +20,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
-# `apt-get download` (the guest bundle build) needs package lists.
+# `apt-get download` (the guest bundle) and the image package resolution need package lists.
 if [ -z "$(ls -A /var/lib/apt/lists/ 2>/dev/null | grep -v -e lock -e partial)" ]; then
     $SUDO apt-get update -q
 fi
@@ -39,4 +42,4 @@ if [ ! -x .venv/bin/boxvm ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; the
     .venv/bin/pip install -q -e '.[dev]'
     echo "$want" > "$stamp"
 fi
-.venv/bin/boxvm setup
+.venv/bin/boxvm setup "$@"

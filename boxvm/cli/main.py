@@ -222,23 +222,33 @@ def serve(
 
 
 @cli.command()
-@click.option("--refresh", is_flag=True, help="Rebuild if Debian has newer packages.")
-def setup(refresh: bool) -> None:
-    """Build the guest bundle and the default image (once; needs apt package lists)."""
+@click.option("--refresh", is_flag=True, help="Rebuild the images if the host's apt lists have newer packages.")
+@click.option("--with-build-tools", is_flag=True, help="Add build-essential and python3-dev to the default image.")
+def setup(refresh: bool, with_build_tools: bool) -> None:
+    """Build the guest bundle and the built-in images (once; needs apt package lists)."""
     from boxvm.guest import bundle
-    from boxvm.images.default import ensure_default
+    from boxvm.images.default import ensure_default, ensure_slim, info
 
     home = Home.default()
     show = progress_printer()
     try:
         b = bundle.ensure(home, show)
-        layout = ensure_default(home, show, refresh=refresh)
+        layouts = {
+            "boxvm/default": ensure_default(home, show, refresh=refresh, build_tools=with_build_tools),
+            "boxvm/slim": ensure_slim(home, show, refresh=refresh),
+        }
     except BoxvmError as exc:
         err.print(f"[red]error[/red]: {exc.message}")
         sys.exit(1)
     finally:
         getattr(show, "stop", lambda: None)()
-    out.print(f"guest bundle {b.id} (kernel {b.kernel_version}); default image at {layout}")
+    out.print(f"guest bundle {b.id} (kernel {b.kernel_version})")
+    for ref, layout in layouts.items():
+        built = info(layout)
+        out.print(
+            f"{ref}: {built.get('layer_bytes', 0) / 1e6:.0f} MB, {len(built.get('packages', []))} packages,"
+            f" built in {built.get('build_seconds', 0):.0f} s ({layout.name})"
+        )
 
 
 @cli.command()
