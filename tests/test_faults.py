@@ -63,6 +63,8 @@ async def recovered(home: Home) -> boxvm.Runtime:
         for entry in suspects:
             assert not entry.exists() or entry.name in records, f"orphaned box directory {entry.name}"
     assert backend._gc() == []  # type: ignore[attr-defined]  # recovery already collected everything
+    scan = backend.check_layers()  # type: ignore[attr-defined]  # every count and file agrees with the chains
+    assert scan.clean, scan
     return fresh
 
 
@@ -93,12 +95,15 @@ CASES = [
     ("snapshot", "capture:pending-written"),
     ("snapshot", "commit:top-moved"),
     ("snapshot", "capture:committed"),
+    ("restore", "restore:recorded"),
     ("restore", "restore:pending-written"),
     ("restore", "restore:committed"),
     ("clone", "capture:pending-written"),
     ("clone", "clone:staged"),
     ("clone", "clone:renamed"),
     ("remove", "remove:row-deleted"),
+    ("remove", "collect:tombstoned"),  # between the commit that released layers and their deletion
+    ("snapshot-remove", "collect:tombstoned"),
     ("snapshot-remove", "snapshot-remove:row-deleted"),
 ]
 
@@ -110,12 +115,15 @@ async def test_crash_then_recover(rt: boxvm.Runtime, home: Home, template: boxvm
     name = box.name
     if op in ("restore", "snapshot-remove"):
         await box.snapshot.create("s0")
+    if op in ("remove", "snapshot-remove"):  # layers only this box holds, released by the operation
+        await box.snapshot.create("s1")
+        await box.snapshot.restore("s0" if op == "snapshot-remove" else "s1")
     code = {
         "snapshot": f"rt.get({name!r}).snapshot.create('s1')",
         "restore": f"rt.get({name!r}).snapshot.restore('s0')",
         "clone": f"rt.get({name!r}).clone_many(2, names=[{name + '-c1'!r}, {name + '-c2'!r}])",
         "remove": f"rt.remove({name!r})",
-        "snapshot-remove": f"rt.get({name!r}).snapshot.remove('s0')",
+        "snapshot-remove": f"rt.get({name!r}).snapshot.remove('s1')",
     }[op]
     crash(home, fault, code)
     fresh = await recovered(home)
@@ -130,7 +138,7 @@ async def test_crash_then_recover(rt: boxvm.Runtime, home: Home, template: boxvm
         for n in survivors:
             await boots_with_data(fresh, n)
         if op == "snapshot-remove":
-            assert await (await fresh.get(name)).snapshot.get("s0") is None  # type: ignore[union-attr]
+            assert await (await fresh.get(name)).snapshot.get("s1") is None  # type: ignore[union-attr]
     finally:
         for n in (name, f"{name}-c1", f"{name}-c2"):
             if await fresh.get(n) is not None:

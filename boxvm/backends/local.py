@@ -74,7 +74,8 @@ class LocalBackend(StateOps, Backend):
         for entry in self.home.boxes.iterdir():
             if _owner_alive(entry):
                 continue  # another process is about to commit this box
-            if entry.name not in known:
+            # (``known`` may predate a box another process committed, then un-owned, since)
+            if entry.name not in known and self.store.get_box(entry.name) is None:
                 log.info("removing orphaned box directory %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -89,9 +90,12 @@ class LocalBackend(StateOps, Backend):
         the newest writes). A running box's supervisor settles its own pending top."""
         if rec.operation is None or (rec.operation_pid is not None and _pid_alive(rec.operation_pid)):
             return rec
+        if not self.store.take_over_operation(rec.id, rec.operation_pid, os.getpid()):
+            return self.store.get_box(rec.id) or rec  # another process is finishing it
         log.warning("finishing the interrupted %s of box %s", rec.operation.value, rec.name)
         if not (rec.status.is_live and rec.supervisor_pid and _pid_is(rec.supervisor_pid, rec.id)):
             self.layers.commit(self.home.box_dir(rec.id))
+        self._sync_layer(rec.id)
         self.store.end_operation(rec.id)
         return self.store.get_box(rec.id) or rec
 
@@ -224,10 +228,11 @@ class LocalBackend(StateOps, Backend):
             if rec.status.is_live:
                 await self._kill(rec)
             await self._drop_conn(rec.id)
-            self.store.delete_box(rec.id)  # the name is gone at once; files follow
+            self._sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
+            dead = self.store.remove_box(rec.id)  # the name and its references go at once; files follow
         faults.point("remove:row-deleted")
         shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
-        await asyncio.to_thread(self._gc)  # layers only this box (and its snapshots) used
+        self.layers.collect(self.store, dead)  # layers only this box (and its snapshots) held
 
     async def _kill(self, rec: BoxRecord) -> None:
         """Force a running box down (remove --force, a failed start or stop). If it is no

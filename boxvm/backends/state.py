@@ -27,7 +27,7 @@ from typing import IO, TYPE_CHECKING
 
 from boxvm import archive, faults
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, PENDING, TOP
+from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, Scan, layer_of
 from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, ArchiveError, EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import (
@@ -65,6 +65,7 @@ VERBS = {
 @dataclass(frozen=True)
 class Capture:
     layer: str
+    parent: str | None  # the layer the captured top backed onto
     consistency: str
     timings: dict[str, float]
     node: str | None  # the running VM's block node for the layer (None: captured at rest)
@@ -95,15 +96,51 @@ class StateOps:
         finally:
             self.store.end_operation(rec.id)
 
+    def _sync_layer(self: LocalBackend, box_id: str) -> None:
+        """Make the box's record name the layer its top backs onto (one header read), for
+        what a crash left between files and record. Only with the box claimed.
+
+        A layer no row knows whose parent is the recorded one is a capture whose record
+        was lost: it is recorded. A layer that has a row wins over the record (a capture
+        folded back, a restore that never reached its files). Otherwise the top backs
+        onto a layer already released (a restore whose record committed): the restore is
+        finished, at rest; a running box's supervisor owns its top and it is left."""
+        rec = self.store.get_box(box_id)
+        box_dir = self.home.box_dir(box_id)
+        if rec is None:
+            return
+        try:
+            actual = layer_of(box_dir / TOP)
+        except (OSError, ValueError):
+            return  # no readable top: nothing to agree with (the consistency scan reports it)
+        if actual == rec.layer:
+            return
+        if actual is not None and not self.store.has_layer(actual):
+            path = self.layers.layer_path(actual)
+            try:
+                parent = layer_of(path)
+            except (OSError, ValueError):
+                parent = actual  # unreadable or gone: not a capture of this box
+            if parent == rec.layer and self.store.adopt_capture(box_id, actual, parent, path.exists):
+                log.warning("box %s: recorded a capture its process did not record", rec.name)
+                return
+        if actual is None or self.store.has_layer(actual):
+            log.warning("box %s: its record follows its disk (layer %s)", rec.name, actual)
+            self.layers.collect(self.store, self.store.set_box_layer(box_id, actual))
+        elif not rec.status.is_live and rec.layer is not None:
+            log.warning("box %s: finishing an interrupted restore", rec.name)
+            self.layers.restore(box_dir, rec.layer, qcow2.read_header(box_dir / TOP).size)
+
     async def _capture(self: LocalBackend, rec: BoxRecord, options: SnapshotOptions) -> Capture:
-        """Make the box's current disk state an immutable layer."""
+        """Make the box's current disk state an immutable layer (the caller records it)."""
         box_dir = self.home.box_dir(rec.id)
         t0 = time.perf_counter()
         if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
             conn = await self._conn(rec.id, rec.name)
             if (box_dir / PENDING).exists():  # left by a crashed capture: the supervisor decides
                 await conn.request("settle")
-            layer = self.layers.prepare_capture(box_dir)
+            self._sync_layer(rec.id)
+            layer, parent = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             result = await conn.request(
                 "capture",
@@ -114,14 +151,13 @@ class StateOps:
             timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
             consistency, node = result["consistency"], result["node"]
         else:
-            self.layers.commit(box_dir)  # roll a crashed one forward first
-            layer = self.layers.prepare_capture(box_dir)
+            layer, parent = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             self.layers.commit(box_dir)
             timings, consistency, node = {"pause_ms": 0.0}, "stopped", None
         timings["capture_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         faults.point("capture:committed")
-        return Capture(layer, consistency, timings, node)
+        return Capture(layer, parent, consistency, timings, node)
 
     # -- snapshots --------------------------------------------------------------------
     async def snapshot_create(self: LocalBackend, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
@@ -133,7 +169,11 @@ class StateOps:
         async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture"):
             cap = await self._capture(rec, options)
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
-            self.store.insert_snapshot(snap)
+            try:
+                self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap)
+            except AlreadyExists:  # the name was taken meanwhile: the capture stays the box's
+                self.store.record_capture(rec.id, cap.layer, cap.parent)
+                raise
         return self._snapshot_info(snap)
 
     def _snapshot(self: LocalBackend, box_id: str, name: str) -> tuple[BoxRecord, SnapshotRecord]:
@@ -177,22 +217,28 @@ class StateOps:
         rec, snap = self._snapshot(box_id, name)
         t0 = time.perf_counter()
         advice = "a disk-only snapshot restores a stopped box: stop it first"
+        box_dir = self.home.box_dir(rec.id)
         async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
-            self.layers.commit(self.home.box_dir(rec.id))  # a crashed one first
-            try:
-                self.layers.restore(self.home.box_dir(rec.id), snap.layer)
-            except FileNotFoundError as exc:
-                raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile") from exc
+            self.layers.commit(box_dir)  # a crashed one first
+            self._sync_layer(rec.id)
+            size = qcow2.read_header(box_dir / TOP).size
+            # The record moves first (holding the snapshot's layer, found in the same
+            # transaction); the files follow; recovery finishes a restore cut in between.
+            restored = self.store.restore_layer(rec.id, snap.name)
+            if restored is None:
+                raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
+            faults.point("restore:recorded")
+            self.layers.restore(box_dir, snap.layer, size)
             faults.point("restore:committed")
+            self.layers.collect(self.store, restored[1])
         self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
-        await asyncio.to_thread(self._gc)
         return self._info(self._record(rec.id))
 
     async def snapshot_remove(self: LocalBackend, box_id: str, name: str) -> None:
         _rec, snap = self._snapshot(box_id, name)
-        self.store.delete_snapshot(snap.id)  # the name is gone at once
+        dead = self.store.remove_snapshot(snap.id)  # the name and its reference go at once
         faults.point("snapshot-remove:row-deleted")
-        await asyncio.to_thread(self._gc)
+        self.layers.collect(self.store, dead)
 
     # -- clones -----------------------------------------------------------------------
     async def clone(self: LocalBackend, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
@@ -212,40 +258,40 @@ class StateOps:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         gone = f"box {rec.name!r} (or its snapshot) was removed while it was being cloned"
+        staged: list[Path] = []
         if options.from_snapshot is not None:
-            # No claim: a snapshot is immutable. If the box or snapshot is removed meanwhile,
-            # staging or publishing (which checks the chain under the layer lock) fails.
-            _rec, snap = self._snapshot(rec.id, options.from_snapshot)
-            layer = snap.layer
-            try:
-                staged = await self._stage(rec, layer, ids, options.cow)
-            except FileNotFoundError as exc:
-                raise NotFound(gone) from exc
+            # No claim on the box: the snapshot's layer is pinned in the transaction that
+            # finds the snapshot, so removing either meanwhile cannot collect it.
+            pinned = self.store.pin_snapshot(rec.id, options.from_snapshot, os.getpid())
+            if pinned is None:
+                self._snapshot(rec.id, options.from_snapshot)  # raises NotFound
+                raise NotFound(gone)
+            layer, pin = pinned[0].layer, pinned[1]
         else:
             async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
                 cap = await self._capture(rec, options.snapshot.validate())
-                staged = await self._stage(rec, cap.layer, ids, options.cow)
-                timings = cap.timings
-        faults.point("clone:staged")
+                pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid())
+                assert pin is not None
+                layer, timings = cap.layer, cap.timings
         try:
+            staged = await self._stage(rec, layer, ids, options.cow)
+            faults.point("clone:staged")
             records = []
             own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
             if "pause_ms" in timings:
                 own_timings["pause_ms"] = timings["pause_ms"]
             for box_id_new, name, work in zip(ids, final_names, staged, strict=True):
-                try:
-                    self.layers.publish(work, self.home.box_dir(box_id_new))
-                except FileNotFoundError as exc:
-                    raise NotFound(gone) from exc
-                records.append(self._clone_record(rec, box_id_new, name, own_timings))
+                self.layers.publish(work, self.home.box_dir(box_id_new))
+                records.append(self._clone_record(rec, box_id_new, name, own_timings, layer if options.cow else None))
             faults.point("clone:renamed")
-            self.store.insert_boxes(records)  # the commit point: all clones appear at once
+            self.store.insert_clones(records, pin)  # the commit point: all clones appear at once
             for r in records:
                 (self.home.box_dir(r.id) / OWNER).unlink(missing_ok=True)
         except BaseException:
             for box_id_new, work in zip(ids, staged, strict=False):
                 shutil.rmtree(work, ignore_errors=True)
                 shutil.rmtree(self.home.box_dir(box_id_new), ignore_errors=True)
+            self.layers.collect(self.store, self.store.unpin(pin))
             raise
         infos = [self._info(r) for r in records]
         if options.start_after_clone:
@@ -260,13 +306,14 @@ class StateOps:
     def _stage_clones(self: LocalBackend, src: BoxRecord, layer: str, ids: list[str], cow: bool) -> list[Path]:
         """Write each clone's disks in a staging directory (invisible until renamed)."""
         guest_backing = qcow2.read_header(self.home.box_dir(src.id) / GUEST_TOP)
+        size = qcow2.read_header(self.layers.layer_path(layer)).size
         staged = []
         try:
             for _ in ids:
                 work = self.home.staging_dir("clone-")
                 staged.append(work)
                 if cow:
-                    self.layers.new_top(work, layer)
+                    self.layers.new_top(work, layer, size)
                 else:
                     qcow2.flatten(self.layers.layer_path(layer), work / TOP)
                 qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw")
@@ -279,7 +326,7 @@ class StateOps:
         return staged
 
     def _clone_record(
-        self: LocalBackend, src: BoxRecord, box_id: str, name: str, timings: dict[str, float]
+        self: LocalBackend, src: BoxRecord, box_id: str, name: str, timings: dict[str, float], layer: str | None
     ) -> BoxRecord:
         return BoxRecord(
             id=box_id,
@@ -291,6 +338,7 @@ class StateOps:
             mac=qemu.new_mac(),
             guest_bundle=src.guest_bundle,
             timings=dict(timings),
+            layer=layer,
         )
 
     async def _release(self: LocalBackend, rec: BoxRecord, node: str) -> None:
@@ -336,6 +384,7 @@ class StateOps:
             cap = None
             if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
                 cap = await self._capture(rec, SnapshotOptions())
+                self.store.record_capture(rec.id, cap.layer, cap.parent)
                 top, consistency, timings = self.layers.layer_path(cap.layer), cap.consistency, cap.timings
             else:  # at rest, and the claim keeps it so: read its top directly, no capture
                 self.layers.commit(box_dir)
@@ -412,7 +461,14 @@ class StateOps:
 
     # -- space ------------------------------------------------------------------------
     def _gc(self: LocalBackend) -> list[str]:
-        return self.layers.gc(s.layer for s in self.store.list_snapshots())
+        """Roll forward what crashed operations left: tombstoned layers whose files may
+        remain, pins of clones never made. Reads only those rows (no walk of the home)."""
+        self.store.release_dead_pins(_pid_alive)
+        return self.layers.collect(self.store, self.store.tombstones())
+
+    def check_layers(self: LocalBackend, repair: bool = False) -> Scan:
+        """The full consistency scan (``boxvm doctor``): see :meth:`LayerStore.scan`."""
+        return self.layers.scan(self.store, repair)
 
     async def disk_usage(self: LocalBackend) -> DiskUsage:
         boxes = {rec.name: rec for rec in self.store.list_boxes()}
@@ -433,6 +489,16 @@ class StateOps:
 
 
 IMPORT_LIMIT = int(os.environ.get("BOXVM_IMPORT_LIMIT_BYTES", 256 << 30))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _free_name(backend: LocalBackend, wanted: str) -> str:

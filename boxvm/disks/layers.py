@@ -17,13 +17,16 @@ restoring renames a pending top over a snapshot's layer over the current one. Re
 only ever rolls forward, which is always safe: a pending top is either still empty or
 holds writes made after the capture.
 
-Which layers are alive is read from the files themselves: everything on the backing
-chain of a box's top (or pending top), of a staged box, or of a snapshot. Garbage
-collection deletes the rest, under the same lock the renames take. It fails closed: a
-root that vanished (a box being removed) is no user, but one whose chain cannot be read
-(a top being written, a broken chain) makes it delete nothing. A staged box is renamed
-into ``boxes/`` under the lock only once its whole chain exists, so a layer collected
-while it was being staged fails that box's creation instead of leaving it dangling.
+Which layers are alive is recorded in the store (``store/db.py``, "layers"): each layer
+row has its parent and a count of the boxes, snapshots, child layers and pins holding
+it, changed in the same transaction as the metadata that holds it. A layer whose count
+reaches zero is tombstoned in that transaction and its directory deleted after the
+commit (:meth:`LayerStore.delete`), by the operation or by recovery: no operation walks
+the home. A capture writes its files first and records the new layer after; recovery
+records a capture its process died before recording (``adopt_capture``), so a layer
+on disk without a row is never deleted by the hot path. :func:`scan` is the full
+consistency check (``boxvm doctor``): it walks every chain from the files and refuses
+to delete anything if one cannot be read (fail closed).
 
 A running QEMU never sees those names. It opens every top through a hard link of its
 own (``boxes/<box>/.live-<n>.qcow2``) that is never renamed or reused while it runs,
@@ -36,15 +39,16 @@ references resolve the same through them; they are not roots for liveness or usa
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boxvm import faults
 from boxvm.disks import qcow2
@@ -58,6 +62,10 @@ PENDING = "disk.new.qcow2"
 GUEST_TOP = "guest-rootfs.qcow2"
 LAYER_FILE = "layer.qcow2"
 LIVE_PREFIX = ".live-"
+_REFERENCE = re.compile(r"^\.\./\.\./layers/([0-9a-f]{16})/layer\.qcow2$")
+
+if TYPE_CHECKING:
+    from boxvm.store import Store
 
 
 @dataclass(frozen=True)
@@ -92,33 +100,22 @@ class LayerStore:
         for link in box_dir.glob(f"{LIVE_PREFIX}*.qcow2"):
             link.unlink(missing_ok=True)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """Serialises renames against garbage collection (across processes)."""
-        with open(self.root / ".lock", "a+") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     # -- operations -------------------------------------------------------------------
-    def prepare_capture(self, box_dir: Path) -> str:
+    def prepare_capture(self, box_dir: Path) -> tuple[str, str | None]:
         """Step 1 of a capture: write the pending top over a layer id that does not exist
-        yet (the current top will become it). Nothing the box uses changes."""
+        yet (the current top will become it). Nothing the box uses changes. Returns the
+        new layer's id and the layer the current top backs onto (its parent-to-be)."""
         layer_id = secrets.token_hex(8)
-        size = qcow2.read_header(box_dir / TOP).size
-        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
-        return layer_id
+        header = qcow2.read_header(box_dir / TOP)
+        qcow2.write_overlay(box_dir / PENDING, header.size, self.reference(layer_id))  # fails if one is pending
+        return layer_id, _layer_of_reference(header.backing_file)
 
     def commit(self, box_dir: Path) -> None:
         """Roll a pending top forward into place (idempotent; used by every operation and
         by recovery). If the pending top's layer does not exist yet the current top
-        becomes that layer (a capture); otherwise the current top is dropped (a restore)."""
-        with self.lock():
-            self._commit_locked(box_dir)
-
-    def _commit_locked(self, box_dir: Path) -> None:
+        becomes that layer (a capture); otherwise the current top is dropped (a restore).
+        Only the operation holding the box's claim (or recovery, which takes it over)
+        calls this, so no lock: collection deletes only tombstoned layers."""
         pending = box_dir / PENDING
         if not pending.exists():
             return
@@ -140,38 +137,47 @@ class LayerStore:
         os.rename(pending, top)
         fsync_dir(box_dir)
 
-    def capture(self, box_dir: Path) -> str:
-        """Capture a box at rest: its top becomes an immutable layer, O(1) in disk size."""
-        layer_id = self.prepare_capture(box_dir)
+    def restore(self, box_dir: Path, layer_id: str, size: int) -> None:
+        """Give the box a fresh empty top over ``layer_id`` (which the box's record holds
+        already); its later changes are dropped. ``size``: the disk's virtual size."""
+        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
+        faults.point("restore:pending-written")
         self.commit(box_dir)
-        return layer_id
 
-    def restore(self, box_dir: Path, layer_id: str) -> None:
-        """Give the box a fresh empty top over ``layer_id``; its later changes are dropped.
-
-        Under the lock: were the layer collected between writing the pending top and
-        committing it, the commit would take the pending top for a capture's and make the
-        current top that layer. Raises FileNotFoundError if the layer is gone."""
-        with self.lock():
-            size = qcow2.read_header(self.layer_path(layer_id)).size
-            qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
-            faults.point("restore:pending-written")
-            self._commit_locked(box_dir)
-
-    def new_top(self, box_dir: Path, layer_id: str) -> None:
-        """A new box's (clone's) own top over a layer."""
-        size = qcow2.read_header(self.layer_path(layer_id)).size
+    def new_top(self, box_dir: Path, layer_id: str, size: int) -> None:
+        """A new box's (clone's) own top over a layer (held by a pin while it is staged)."""
         qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id))
 
-    def publish(self, staged: Path, final: Path) -> None:
-        """Rename a staged box directory into ``boxes/``, durably, if its top's whole chain
-        still exists (FileNotFoundError otherwise: a layer was collected meanwhile)."""
-        with self.lock():
-            qcow2.chain(staged / TOP)  # raises if a file on it is missing
-            staged.rename(final)
-            fsync_dir(final.parent)
+    @staticmethod
+    def publish(staged: Path, final: Path) -> None:
+        """Rename a staged box directory into ``boxes/``, durably. Its layer is held (a pin,
+        then its record), so nothing it backs onto can be collected meanwhile."""
+        staged.rename(final)
+        fsync_dir(final.parent)
 
-    # -- liveness ---------------------------------------------------------------------
+    def delete(self, layers: Iterable[str]) -> list[str]:
+        """Delete tombstoned layers' files (idempotent: any process may do it, recovery
+        repeats it), then forget the tombstones. Called after the commit that made them."""
+        return [layer for layer in layers if self._rmtree(layer)]
+
+    def _rmtree(self, layer: str) -> bool:
+        path = self.root / layer
+        if not re.fullmatch(r"[0-9a-f]{16}", layer):
+            log.warning("tombstone %r is not a layer id: ignored", layer)
+            return False
+        shutil.rmtree(path, ignore_errors=True)
+        return not path.exists()
+
+    def collect(self, store: Store, layers: list[str]) -> list[str]:
+        """Delete the files of layers just tombstoned, then their tombstones."""
+        if not layers:
+            return []
+        faults.point("collect:tombstoned")  # committed, files not yet deleted: recovery deletes them
+        gone = self.delete(layers)
+        store.forget_tombstones(gone)
+        return gone
+
+    # -- the full consistency scan -----------------------------------------------------
     def _roots(self, snapshot_layers: Iterable[str]) -> Iterator[Path]:
         """Snapshot layers, then the tops of staged boxes, then of boxes: staged boxes only
         ever move from ``tmp/`` to ``boxes/``, so one moved while being read is met again
@@ -179,9 +185,10 @@ class LayerStore:
         yield from (self.layer_path(layer) for layer in snapshot_layers)
         for parent in (self.home.tmp, self.home.boxes):
             for entry in _listdir(parent):
-                for name in _listdir(parent / entry):
-                    if name in (TOP, PENDING):  # (a guest top only ever backs onto a bundle)
-                        yield parent / entry / name
+                for directory in (parent / entry, parent / entry / "box"):  # an import stages one level down
+                    for name in _listdir(directory):
+                        if name in (TOP, PENDING):  # (a guest top only ever backs onto a bundle)
+                            yield directory / name
 
     def chains(self, snapshot_layers: Iterable[str]) -> dict[Path, list[Path]]:
         """Best effort, for reports: roots that cannot be read are left out."""
@@ -191,24 +198,49 @@ class LayerStore:
                 out[root] = qcow2.chain(root)
         return out
 
-    def gc(self, snapshot_layers: Iterable[str]) -> list[str]:
-        """Delete layers no box, staged box or snapshot reaches. Returns their ids; none
-        if any root's chain cannot be read (fail closed)."""
-        removed = []
-        with self.lock():
-            alive: set[Path] = set()
-            for root in self._roots(snapshot_layers):
-                try:
-                    alive.update(_reach(root))
-                except (OSError, ValueError, StorageError) as exc:
-                    log.warning("layer garbage collection skipped: cannot read the chain of %s: %s", root, exc)
-                    return []
-            for entry in _listdir(self.root):
-                if entry.startswith(".") or Path(os.path.normpath(self.root / entry / LAYER_FILE)) in alive:
-                    continue
-                shutil.rmtree(self.root / entry, ignore_errors=True)
-                removed.append(entry)
-        return removed
+    def scan(self, store: Store, repair: bool = False) -> Scan:
+        """Compare the layer rows with a walk of every chain in the home (``boxvm doctor``).
+
+        Finds counts that differ from the rows holding them, layer files no row knows
+        (kept by a file: a row is added; reached by nothing: an orphan) and rows whose
+        file is gone. With ``repair``, fixes the counts and rows and deletes orphans and
+        tombstoned layers -- only if every chain could be read: a chain that cannot be
+        read might reach any layer, so then nothing is deleted (fail closed)."""
+        result = Scan()
+        for layer in store.tombstones():
+            result.tombstoned.append(layer)
+        reached: set[str] = set()
+        parents: dict[str, str | None] = {}
+        for root in self._roots(s.layer for s in store.list_snapshots()):
+            try:
+                files = _reach(root)
+            except (OSError, ValueError, StorageError) as exc:
+                result.unreadable.append(f"{root.relative_to(self.home.root)}: {exc}")
+                continue
+            ids = [_layer_of_path(p) for p in files]
+            for i, layer in enumerate(ids):
+                if layer is not None:
+                    reached.add(layer)
+                    parents.setdefault(layer, ids[i + 1] if i + 1 < len(ids) else None)
+        rows = store.layer_rows()
+        on_disk = {e for e in _listdir(self.root) if not e.startswith(".")}
+        tombs = set(result.tombstoned)
+        for layer in sorted(on_disk - set(rows) - tombs):
+            (result.adopted if layer in reached else result.orphans).append(layer)
+        result.missing = sorted(set(rows) - on_disk)
+        expected = store.expected_refs()
+        result.miscounted = {
+            layer: (refs, expected.get(layer, 0))
+            for layer, (_p, refs) in rows.items()
+            if refs != expected.get(layer, 0)
+        }
+        if repair:
+            safe = not result.unreadable
+            store.repair_layers({layer: parents.get(layer) for layer in result.adopted}, reached, safe)
+            if safe:
+                result.deleted = self.collect(store, store.tombstones())
+                result.deleted += [layer for layer in result.orphans if self._rmtree(layer)]
+        return result
 
     def layer_files(self) -> list[Path]:
         """Every layer file now (layers removed meanwhile are left out)."""
@@ -242,6 +274,38 @@ def _listdir(path: Path) -> list[str]:
         return os.listdir(path)
     except (FileNotFoundError, NotADirectoryError):
         return []
+
+
+@dataclass
+class Scan:
+    """What :meth:`LayerStore.scan` found (layer ids, and roots for ``unreadable``)."""
+
+    unreadable: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)  # files no row knows and no chain reaches
+    adopted: list[str] = field(default_factory=list)  # files no row knows that a chain reaches
+    missing: list[str] = field(default_factory=list)  # rows whose file is gone
+    tombstoned: list[str] = field(default_factory=list)
+    miscounted: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer -> (recorded, actual)
+    deleted: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        return not (self.unreadable or self.orphans or self.adopted or self.missing or self.tombstoned
+                    or self.miscounted)  # fmt: skip
+
+
+def layer_of(path: Path) -> str | None:
+    """The layer a qcow2 file backs onto (None: an image base or nothing); one header read."""
+    return _layer_of_reference(qcow2.read_header(path).backing_file)
+
+
+def _layer_of_reference(backing: str | None) -> str | None:
+    match = _REFERENCE.match(backing) if backing else None
+    return match.group(1) if match else None
+
+
+def _layer_of_path(path: Path) -> str | None:
+    return path.parent.name if path.name == LAYER_FILE and path.parent.parent.name == "layers" else None
 
 
 def _reach(root: Path) -> list[Path]:

@@ -27,7 +27,7 @@ from typing import Any
 from qemu.qmp import QMPClient
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import PENDING, TOP, LayerStore
+from boxvm.disks.layers import PENDING, TOP, LayerStore, layer_of
 from boxvm.engine import console
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.errors import EngineError
@@ -348,7 +348,8 @@ class Supervisor:
                 log.warning("releasing %s failed, the layer stays: %s", captured, state["error"])
                 return
             self.live.pop(captured).unlink(missing_ok=True)
-            await asyncio.to_thread(self.layers.gc, [s.layer for s in self.store.list_snapshots()])
+            folded = self.store.set_box_layer(self.box_id, layer_of(self.dir / TOP))  # back on the layer below
+            await asyncio.to_thread(self.layers.collect, self.store, folded)
             self.store.add_timing(self.box_id, release_ms=(time.monotonic() - t0) * 1000)
         except Exception as exc:  # QEMU went away (a stop): the layer simply stays
             log.warning("releasing %s did not finish: %s", captured, exc)

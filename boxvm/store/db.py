@@ -8,11 +8,14 @@ processes can never both win a transition.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +89,30 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO image_refs SELECT reference, digest FROM images;
     """,
+    # v6: layer references (see "layers" below). Rows for the layers an existing home
+    # already has are built from the files by ``adopt_layers`` right after this step.
+    """
+    ALTER TABLE boxes ADD COLUMN layer TEXT;
+    CREATE TABLE layers (
+        id TEXT PRIMARY KEY,
+        parent TEXT,
+        refs INTEGER NOT NULL CHECK (refs >= 0)
+    );
+    CREATE TABLE layer_pins (id TEXT PRIMARY KEY, layer TEXT NOT NULL, pid INTEGER NOT NULL);
+    CREATE TABLE layer_tombstones (id TEXT PRIMARY KEY);
+    CREATE INDEX snapshots_layer ON snapshots(layer);
+    """,
 ]
+
+
+# Python steps run after the SQL step of the same index, in the same transaction.
+def _adopt(db: sqlite3.Connection, home: Path) -> None:
+    from boxvm.store.adopt import adopt_layers
+
+    adopt_layers(db, home)
+
+
+AFTER_MIGRATION: dict[int, Callable[[sqlite3.Connection, Path], None]] = {5: _adopt}
 IDEMPOTENCY_TTL = 24 * 3600
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -109,6 +135,7 @@ class BoxRecord:
     timings: dict[str, float] = field(default_factory=dict)
     operation: BoxStatus | None = None
     operation_pid: int | None = None
+    layer: str | None = None  # the layer the box's top backs onto (None: its image's base disk)
 
     @property
     def shown_status(self) -> BoxStatus:
@@ -205,6 +232,8 @@ class Store:
                 for statement in MIGRATIONS[step].split(";"):
                     if statement.strip():
                         db.execute(statement)
+                if step in AFTER_MIGRATION:
+                    AFTER_MIGRATION[step](db, self.path.parent.parent)  # the home: <home>/db/boxvm.db
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except BaseException:
@@ -292,6 +321,14 @@ class Store:
         )
         return cur.rowcount == 1
 
+    def take_over_operation(self, box_id: str, dead_pid: int | None, pid: int) -> bool:
+        """Recovery: make a crashed operation's claim ours (only one process finishes it)."""
+        cur = self._db.execute(
+            "UPDATE boxes SET operation_pid = ? WHERE id = ? AND operation IS NOT NULL AND operation_pid IS ?",
+            (pid, box_id, dead_pid),
+        )
+        return cur.rowcount == 1
+
     def end_operation(self, box_id: str) -> None:
         self._db.execute("UPDATE boxes SET operation = NULL, operation_pid = NULL WHERE id = ?", (box_id,))
 
@@ -323,6 +360,249 @@ class Store:
 
     def delete_box(self, box_id: str) -> None:
         self._db.execute("DELETE FROM boxes WHERE id = ?", (box_id,))
+
+    # -- layers -----------------------------------------------------------------------
+    # A layer row is held by every box whose top backs onto it (boxes.layer), every
+    # snapshot of it, every layer backing onto it (layers.parent) and every pin (a clone
+    # being staged over it); ``refs`` counts them and changes in the same transaction as
+    # the rows that hold. At zero the row becomes a tombstone in that transaction; its
+    # file is deleted after the commit by whoever made it, or by recovery (any process
+    # may delete a tombstoned layer at any time: nothing can reach it again).
+
+    @contextlib.contextmanager
+    def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction. ``durable``: its commit reaches the disk before files are
+        deleted on its word (WAL with synchronous=NORMAL may lose the last commits on power loss)."""
+        db = self._db
+        if durable:
+            db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        finally:
+            if durable:
+                db.execute("PRAGMA synchronous=NORMAL")
+
+    @staticmethod
+    def _hold(db: sqlite3.Connection, layer: str) -> None:
+        if db.execute("UPDATE layers SET refs = refs + 1 WHERE id = ?", (layer,)).rowcount != 1:
+            raise StorageError(f"layer {layer} has no record: run `boxvm doctor --repair`")
+
+    @staticmethod
+    def _drop(db: sqlite3.Connection, layer: str | None, dead: list[str]) -> None:
+        """Release one reference; a layer left with none is tombstoned, and releases its parent."""
+        while layer is not None:
+            row = db.execute(
+                "UPDATE layers SET refs = refs - 1 WHERE id = ? RETURNING refs, parent", (layer,)
+            ).fetchone()
+            if row is None:  # a chain broken before (a missing file): nothing more to release
+                return
+            if row[0] > 0:
+                return
+            db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+            db.execute("INSERT OR IGNORE INTO layer_tombstones VALUES (?)", (layer,))
+            dead.append(layer)
+            layer = row[1]
+
+    def record_capture(
+        self, box_id: str, layer: str, parent: str | None, snapshot: SnapshotRecord | None = None, pin_pid: int = 0
+    ) -> str | None:
+        """The box's top became ``layer`` (over ``parent``) and it has a new top over it: the
+        box's reference moves to the new layer, which holds ``parent`` in its place. With a
+        snapshot record, and/or a pin (for clones staged over the layer, returned), in the
+        same transaction. Idempotent for recovery: a capture already recorded is left."""
+        with self._tx() as db:
+            row = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()
+            if row is None:
+                raise StorageError(f"box {box_id} has no record")
+            if row[0] != layer:
+                if row[0] != parent:
+                    raise StorageError(f"box {box_id}: its top backs onto {parent}, its record says {row[0]}")
+                db.execute("INSERT INTO layers VALUES (?, ?, 1)", (layer, parent))
+                db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer, box_id))
+            if snapshot is not None:
+                try:
+                    self._insert("snapshots", snapshot)
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
+                self._hold(db, layer)
+            return self._pin(db, layer, pin_pid) if pin_pid else None
+
+    def adopt_capture(self, box_id: str, layer: str, parent: str | None, exists: Callable[[], bool]) -> bool:
+        """Recovery: record a capture whose files were made but whose metadata was not. False
+        if ``layer`` is tombstoned or its file is gone (``exists``, asked inside the
+        transaction: a tombstone row outlives its file, so this cannot resurrect one)."""
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM layer_tombstones WHERE id = ?", (layer,)).fetchone() or not exists():
+                return False
+            if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer,)).fetchone():
+                return False
+        self.record_capture(box_id, layer, parent)
+        return True
+
+    @staticmethod
+    def _pin(db: sqlite3.Connection, layer: str, pid: int) -> str:
+        pin = os.urandom(8).hex()
+        Store._hold(db, layer)
+        db.execute("INSERT INTO layer_pins VALUES (?, ?, ?)", (pin, layer, pid))
+        return pin
+
+    def pin_snapshot(self, box_id: str, name: str, pid: int) -> tuple[SnapshotRecord, str] | None:
+        """Hold a snapshot's layer for clones being staged over it, in the transaction that
+        finds the snapshot: removing the snapshot meanwhile cannot collect the layer."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
+            if row is None:
+                return None
+            snap = _snapshot(row)
+            return snap, self._pin(db, snap.layer, pid)
+
+    def unpin(self, pin: str) -> list[str]:
+        """Release a pin (clones not made); returns the layers tombstoned."""
+        dead: list[str] = []
+        with self._tx(durable=True) as db:
+            row = db.execute("DELETE FROM layer_pins WHERE id = ? RETURNING layer", (pin,)).fetchone()
+            if row is not None:
+                self._drop(db, row[0], dead)
+        return dead
+
+    def release_dead_pins(self, alive: Callable[[int], bool]) -> list[str]:
+        """Recovery: pins of processes that died while staging clones."""
+        dead: list[str] = []
+        pins = self._db.execute("SELECT id, pid FROM layer_pins").fetchall()
+        for pin, pid in pins:
+            if pid > 0 and not alive(pid):  # pid 0: kept by doctor --repair
+                dead += self.unpin(pin)
+        return dead
+
+    def insert_clones(self, recs: list[BoxRecord], pin: str) -> None:
+        """Insert clones (each holding its layer) and release the pin they were staged under,
+        in one transaction: all of a batch appear, or none."""
+        with self._tx() as db:
+            for rec in recs:
+                try:
+                    self._insert("boxes", rec)
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
+                if rec.layer is not None:
+                    self._hold(db, rec.layer)
+            row = db.execute("DELETE FROM layer_pins WHERE id = ? RETURNING layer", (pin,)).fetchone()
+            if row is None:
+                raise StorageError("the clones' layer pin vanished: run `boxvm doctor --repair`")
+            dead: list[str] = []
+            self._drop(db, row[0], dead)  # the clones hold it now: never the last reference
+
+    def restore_layer(self, box_id: str, name: str) -> tuple[SnapshotRecord, list[str]] | None:
+        """Point the box at a snapshot's layer (found in this transaction); its former
+        layer is released. The caller then gives the box a new top over the snapshot."""
+        dead: list[str] = []
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
+            if row is None:
+                return None
+            snap = _snapshot(row)
+            old = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()[0]
+            self._hold(db, snap.layer)
+            db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (snap.layer, box_id))
+            self._drop(db, old, dead)
+        return snap, dead
+
+    def set_box_layer(self, box_id: str, layer: str | None) -> list[str]:
+        """The box's top now backs onto ``layer`` (an export's capture folded back, a top
+        rewritten by recovery); returns the layers tombstoned."""
+        dead: list[str] = []
+        with self._tx(durable=True) as db:
+            row = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()
+            if row is None or row[0] == layer:
+                return dead
+            if layer is not None:
+                self._hold(db, layer)
+            db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer, box_id))
+            self._drop(db, row[0], dead)
+        return dead
+
+    def remove_snapshot(self, snapshot_id: str) -> list[str]:
+        dead: list[str] = []
+        with self._tx(durable=True) as db:
+            row = db.execute("DELETE FROM snapshots WHERE id = ? RETURNING layer", (snapshot_id,)).fetchone()
+            if row is not None:
+                self._drop(db, row[0], dead)
+        return dead
+
+    def remove_box(self, box_id: str) -> list[str]:
+        """Delete a box, its snapshots and their references; returns the layers tombstoned."""
+        dead: list[str] = []
+        with self._tx(durable=True) as db:
+            for (layer,) in db.execute("DELETE FROM snapshots WHERE box_id = ? RETURNING layer", (box_id,)).fetchall():
+                self._drop(db, layer, dead)
+            row = db.execute("DELETE FROM boxes WHERE id = ? RETURNING layer", (box_id,)).fetchone()
+            if row is not None:
+                self._drop(db, row[0], dead)
+        return dead
+
+    def has_layer(self, layer: str) -> bool:
+        return self._db.execute("SELECT 1 FROM layers WHERE id = ?", (layer,)).fetchone() is not None
+
+    def layer_depth(self, layer: str | None) -> int:
+        """How many layers a chain has from ``layer`` down (the image base not counted)."""
+        if layer is None:
+            return 0
+        row = self._db.execute(
+            "WITH RECURSIVE up(id, parent) AS (SELECT id, parent FROM layers WHERE id = ? "
+            "UNION ALL SELECT l.id, l.parent FROM layers l JOIN up ON l.id = up.parent) SELECT count(*) FROM up",
+            (layer,),
+        ).fetchone()
+        return int(row[0])
+
+    def tombstones(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT id FROM layer_tombstones")]
+
+    def forget_tombstones(self, layers: list[str]) -> None:
+        """After their files are gone."""
+        if layers:
+            with self._tx() as db:
+                db.executemany("DELETE FROM layer_tombstones WHERE id = ?", [(x,) for x in layers])
+
+    def layer_rows(self) -> dict[str, tuple[str | None, int]]:
+        """id -> (parent, refs), for the consistency scan."""
+        return {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT id, parent, refs FROM layers")}
+
+    def expected_refs(self) -> dict[str, int]:
+        """What every layer's count should be, from the rows that hold it."""
+        rows = self._db.execute(
+            "SELECT layer, count(*) FROM (SELECT layer FROM boxes WHERE layer IS NOT NULL "
+            "UNION ALL SELECT layer FROM snapshots UNION ALL SELECT parent FROM layers WHERE parent IS NOT NULL "
+            "UNION ALL SELECT layer FROM layer_pins) GROUP BY layer"
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def repair_layers(self, adopt: dict[str, str | None], reached: set[str], may_delete: bool) -> None:
+        """doctor --repair: rows for layer files a chain reaches but no row knows (held by a
+        permanent pin, pid 0: what holds them is not recorded), every count recomputed from
+        the rows that hold, and -- if ``may_delete`` -- rows nothing holds and no chain
+        reaches tombstoned, down their chains."""
+        with self._tx(durable=True) as db:
+            for layer, parent in adopt.items():
+                db.execute("INSERT OR IGNORE INTO layers VALUES (?, ?, 0)", (layer, parent))
+                db.execute("INSERT INTO layer_pins VALUES (?, ?, 0)", (os.urandom(8).hex(), layer))
+            expected = self.expected_refs()
+            parents = {r[0]: r[1] for r in db.execute("SELECT id, parent FROM layers")}
+            unheld = [layer for layer in parents if expected.get(layer, 0) == 0 and layer not in reached]
+            while may_delete and unheld:
+                layer = unheld.pop()
+                db.execute("DELETE FROM layers WHERE id = ?", (layer,))
+                db.execute("INSERT OR IGNORE INTO layer_tombstones VALUES (?)", (layer,))
+                parent = parents[layer]
+                if parent in parents:
+                    expected[parent] = expected.get(parent, 0) - 1
+                    if expected[parent] == 0 and parent not in reached:
+                        unheld.append(parent)
+            for layer in parents:
+                db.execute("UPDATE layers SET refs = ? WHERE id = ?", (max(expected.get(layer, 0), 0), layer))
 
     # -- idempotency ------------------------------------------------------------------
     def get_response(self, scope: str, key: str) -> tuple[str, int, str] | None:

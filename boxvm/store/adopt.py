@@ -1,0 +1,64 @@
+"""One-time migration of an existing home to layer references (schema v6).
+
+Homes made before v6 have layer files but no layer rows. Each row is built from one
+header: a layer's parent from its own file, a box's layer from its top, a snapshot's
+from its record. Layers nothing holds (what the old garbage collection would have
+deleted) are tombstoned only if every header in the home could be read: one that
+cannot might have been holding them (fail closed; `boxvm doctor --repair` reports it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from boxvm.disks.layers import LAYER_FILE, TOP, layer_of
+
+log = logging.getLogger("boxvm")
+
+
+def adopt_layers(db: sqlite3.Connection, home: Path) -> None:
+    root = home / "layers"
+    try:
+        entries = [e for e in os.listdir(root) if not e.startswith(".")]
+    except FileNotFoundError:
+        return
+    sure = True
+    kept = set()
+    for entry in entries:
+        try:
+            parent = layer_of(root / entry / LAYER_FILE)
+        except (OSError, ValueError) as exc:
+            log.warning("layer %s is unreadable (%s): it is kept; `boxvm doctor` reports it", entry, exc)
+            parent, sure = None, False
+            kept.add(entry)
+        db.execute("INSERT INTO layers VALUES (?, ?, 0)", (entry, parent))
+    for (box_id,) in db.execute("SELECT id FROM boxes").fetchall():
+        try:
+            db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer_of(home / "boxes" / box_id / TOP), box_id))
+        except (OSError, ValueError) as exc:
+            log.warning("box %s: its disk is unreadable (%s): no layer is collected", box_id, exc)
+            sure = False
+    refs = dict.fromkeys(entries, 0)
+    held = db.execute(
+        "SELECT layer FROM boxes WHERE layer IS NOT NULL UNION ALL SELECT layer FROM snapshots "
+        "UNION ALL SELECT parent FROM layers WHERE parent IS NOT NULL"
+    ).fetchall()
+    for (layer,) in held:
+        if layer in refs:
+            refs[layer] += 1
+    for layer in kept:
+        refs[layer] += 1
+    unheld = [layer for layer, n in refs.items() if n == 0]
+    while sure and unheld:  # what the old collection would have deleted, down each chain
+        layer = unheld.pop()
+        parent = db.execute("DELETE FROM layers WHERE id = ? RETURNING parent", (layer,)).fetchone()[0]
+        db.execute("INSERT INTO layer_tombstones VALUES (?)", (layer,))
+        if parent in refs:
+            refs[parent] -= 1
+            if refs[parent] == 0:
+                unheld.append(parent)
+    for layer, n in refs.items():
+        db.execute("UPDATE layers SET refs = ? WHERE id = ?", (n, layer))
