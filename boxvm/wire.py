@@ -1,4 +1,5 @@
-"""Result dataclasses rebuilt from the REST server's JSON (FastAPI encodes them there).
+"""What the REST client and server agree on: connection timing, and the result dataclasses
+rebuilt from the server's JSON (FastAPI encodes them there).
 
 Fields the client does not know are ignored, so a newer server can add some.
 """
@@ -10,6 +11,12 @@ from typing import Any
 
 from boxvm.options import BoxInfo, DiskUsage, SnapshotInfo
 from boxvm.status import BoxStatus
+
+# Idle HTTP connections: the client drops them well before the server does. With both at
+# 5 s (the httpx and uvicorn defaults) a request sent on a connection the server was just
+# closing failed with a ReadError, and a start or stop cannot be retried blindly.
+SERVER_KEEPALIVE_SECS = 30
+CLIENT_KEEPALIVE_SECS = 10
 
 
 def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:

@@ -149,6 +149,7 @@ class RemoteBackend(Backend):
             base_url=f"{self.url}/v1",
             headers=self._headers,
             timeout=httpx.Timeout(timeout, connect=10.0),
+            limits=httpx.Limits(keepalive_expiry=wire.CLIENT_KEEPALIVE_SECS),
             verify=self._tls,
         )
         self._checked: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ from pathlib import Path
 from boxvm.errors import InvalidArgument
 from boxvm.paths import Home
 from boxvm.server.local import ensure_token, is_loopback, token_path
+from boxvm.wire import SERVER_KEEPALIVE_SECS
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
             log_level="warning",
             ws="websockets-sansio",
             lifespan="off",
+            timeout_keep_alive=SERVER_KEEPALIVE_SECS,
             ssl_certfile=options.tls_cert,
             ssl_keyfile=options.tls_key,
         )
