@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    groups = ["lifecycle", "state", "archive", "rest", "registry", "image"]
+    groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image"]
     parser.add_argument("--only", choices=groups, help="Run one group.")
     args = parser.parse_args()
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
@@ -142,6 +142,10 @@ def main() -> None:
         from bench.state import run_state
 
         results.update(asyncio.run(run_state(home, args.runs)))
+    if args.only in (None, "compare"):
+        from bench.compare import run_compare
+
+        results.update(asyncio.run(run_compare(home, max(args.runs, 9))))
     if args.only in (None, "archive"):
         from bench.archive import run_archive
 
@@ -172,6 +176,10 @@ def main() -> None:
         )
         ratios["snapshot_create_2g / snapshot_create_64m"] = med["snapshot_create_2g"] / med["snapshot_create_64m"]
         ratios["clone_2g / clone_64m"] = med["clone_2g"] / med["clone_64m"]
+    if "boxvm_clone" in med:
+        from bench.compare import ratios as compare_ratios
+
+        ratios.update(compare_ratios(med))
     if "export_mb_s" in med:
         ratios["export_mb_s / export_baseline_mb_s"] = med["export_mb_s"] / med["export_baseline_mb_s"]
         ratios["import_mb_s / import_baseline_mb_s"] = med["import_mb_s"] / med["import_baseline_mb_s"]

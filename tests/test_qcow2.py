@@ -14,6 +14,7 @@ import pytest
 from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore
 from boxvm.paths import Home
+from boxvm.store import Store
 
 
 def qemu_img(*args: str) -> str:
@@ -92,39 +93,59 @@ def _box(home: Home, name: str, base: Path) -> Path:
     return box_dir
 
 
-def test_capture_restore_gc_cycle(tmp_path: Path) -> None:
+def _capture(layers: LayerStore, box: Path) -> str:
+    layer, _parent = layers.prepare_capture(box)
+    layers.commit(box)
+    return layer
+
+
+def _collect(home: Home, layers: LayerStore) -> list[str]:
+    """The full consistency scan with repair, on a home whose boxes have no records."""
+    store = Store(home.db)
+    try:
+        return sorted(layers.scan(store, repair=True).deleted)
+    finally:
+        store.close()
+
+
+def test_capture_restore_scan_cycle(tmp_path: Path) -> None:
     home = Home(tmp_path)
     home.ensure()
+    Store(home.db).close()  # a new home's database: nothing to adopt
     base = home.images / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
     layers = LayerStore(home)
     box = _box(home, "b1", base)
     qemu_io(box / TOP, "write -P 0x11 0 64k")
-    v1 = layers.capture(box)
+    v1 = _capture(layers, box)
     qemu_io(box / TOP, "write -P 0x22 0 64k")
-    v2 = layers.capture(box)
+    v2 = _capture(layers, box)
     for path in (box / TOP, layers.layer_path(v1), layers.layer_path(v2)):
         check(path)
     assert qcow2.chain(box / TOP)[1:3] == [layers.layer_path(v2), layers.layer_path(v1)]
     qemu_io(box / TOP, "read -P 0x22 0 64k", read_only=True)
-    layers.restore(box, v1)
+    layers.restore(box, v1, 64 << 20)
     qemu_io(box / TOP, "read -P 0x11 0 64k", read_only=True)
-    assert sorted(layers.gc([v1])) == [v2]  # v2 is no longer reachable; v1 is (snapshot and box)
-    assert layers.gc([]) == []  # v1 is still the box's backing
+    assert _collect(home, layers) == [v2]  # v2 is no longer reachable; v1 is the box's backing
+    assert _collect(home, layers) == []
     (box / TOP).unlink()
-    assert layers.gc([]) == [v1]
+    # v1 had no record: the first repair adopted it under a permanent pin (what held it
+    # was not recorded), so it is kept even now nothing reaches it
+    assert _collect(home, layers) == [] and layers.layer_path(v1).exists()
 
 
 def test_commit_rolls_a_crashed_capture_forward(tmp_path: Path) -> None:
     """Whatever step a capture died at, commit() leaves a consistent chain with the data."""
     home = Home(tmp_path)
     home.ensure()
+    Store(home.db).close()  # a new home's database: nothing to adopt
     base = home.images / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
     layers = LayerStore(home)
     box = _box(home, "b1", base)
     qemu_io(box / TOP, "write -P 0x33 0 64k")
-    layer = layers.prepare_capture(box)  # "crash" here: pending written, nothing renamed
+    layer, parent = layers.prepare_capture(box)  # "crash" here: pending written, nothing renamed
+    assert parent is None  # the box's top backed onto the image base
     layers.commit(box)
     assert not (box / PENDING).exists() and layers.layer_path(layer).exists()
     assert qcow2.chain(box / TOP)[1] == layers.layer_path(layer)
@@ -144,67 +165,67 @@ def test_the_judge_fails_on_a_wrong_pattern_or_a_chain_that_does_not_open(tmp_pa
 def _store(tmp_path: Path) -> tuple[Home, LayerStore, Path]:
     home = Home(tmp_path)
     home.ensure()
+    Store(home.db).close()  # a new home's database: nothing to adopt
     base = home.images / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
     return home, LayerStore(home), base
 
 
+ORPHAN = "0123456789abcdef"
+
+
 def _orphan(layers: LayerStore) -> Path:
-    """A layer nothing uses (garbage collection should take it)."""
-    path = layers.layer_path("0rphan")
+    """A layer nothing uses (the repairing scan should take it)."""
+    path = layers.layer_path(ORPHAN)
     path.parent.mkdir()
     qcow2.write_overlay(path, 64 << 20, None)
     return path
 
 
-def test_gc_fails_closed_on_a_chain_it_cannot_read(tmp_path: Path) -> None:
+def test_scan_fails_closed_on_a_chain_it_cannot_read(tmp_path: Path) -> None:
     """A staged top still being written (not yet a qcow2) may back onto any layer: keep all."""
     home, layers, _base = _store(tmp_path)
     orphan = _orphan(layers)
     staged = home.staging_dir("clone-")
     (staged / TOP).write_bytes(b"")  # write_overlay has created the file, not yet its header
-    assert layers.gc([]) == [] and orphan.exists()
+    assert _collect(home, layers) == [] and orphan.exists()
     shutil.rmtree(staged)
     broken = _box(home, "b1", home.images / "gone.qcow2")  # a backing file is missing
-    assert layers.gc([]) == [] and orphan.exists()
+    assert _collect(home, layers) == [] and orphan.exists()
     shutil.rmtree(broken)
-    assert layers.gc([]) == ["0rphan"]
+    assert _collect(home, layers) == [ORPHAN]
 
 
-def test_gc_is_not_blocked_by_a_capture_in_progress(tmp_path: Path) -> None:
+def test_scan_is_not_blocked_by_a_capture_in_progress(tmp_path: Path) -> None:
     """A pending top names the layer its box's top is about to become: not a broken chain."""
     home, layers, base = _store(tmp_path)
     box = _box(home, "b1", base)
-    v1 = layers.capture(box)
-    pending_layer = layers.prepare_capture(box)
+    v1 = _capture(layers, box)
+    pending_layer, parent = layers.prepare_capture(box)
+    assert parent == v1
     orphan = _orphan(layers)
-    assert layers.gc([]) == ["0rphan"] and not orphan.exists()
+    assert _collect(home, layers) == [ORPHAN] and not orphan.exists()
     layers.commit(box)
     assert qcow2.chain(box / TOP)[1:3] == [layers.layer_path(pending_layer), layers.layer_path(v1)]
 
 
-def test_publish_refuses_a_staged_box_whose_layer_was_collected(tmp_path: Path) -> None:
+def test_scan_keeps_what_a_staged_box_reaches(tmp_path: Path) -> None:
     home, layers, base = _store(tmp_path)
-    box = _box(home, "b1", base)
-    snap = layers.capture(box)
+    snap = _capture(layers, _box(home, "b1", base))
+    shutil.rmtree(home.box_dir("b1"))
     staged = home.staging_dir("clone-")
-    layers.new_top(staged, snap)
-    shutil.rmtree(layers.layer_path(snap).parent)  # as a gc after the snapshot's removal
-    with pytest.raises(FileNotFoundError):
-        layers.publish(staged, home.box_dir("c1"))
-    assert not home.box_dir("c1").exists()
-    staged2 = home.staging_dir("clone-")
-    layers.new_top(staged2, layers.capture(_box(home, "b2", base)))
-    layers.publish(staged2, home.box_dir("c2"))
-    assert all(p.exists() for p in qcow2.chain(home.box_dir("c2") / TOP))
+    layers.new_top(staged, snap, 64 << 20)
+    assert _collect(home, layers) == []
+    layers.publish(staged, home.box_dir("c1"))
+    assert all(p.exists() for p in qcow2.chain(home.box_dir("c1") / TOP))
 
 
-def test_gc_meanwhile_boxes_come_and_go(tmp_path: Path) -> None:
-    """Box directories created and removed during a collection: no error, and the layer
-    every box uses is never taken."""
+def test_scan_meanwhile_boxes_come_and_go(tmp_path: Path) -> None:
+    """Box directories created and removed during a scan: no error, and the layer every
+    box uses is never taken."""
     home, layers, base = _store(tmp_path)
     src = _box(home, "src", base)
-    shared = layers.capture(src)
+    shared = _capture(layers, src)
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -215,7 +236,7 @@ def test_gc_meanwhile_boxes_come_and_go(tmp_path: Path) -> None:
             box = home.box_dir(f"churn{n}")
             try:
                 box.mkdir()
-                layers.new_top(box, shared)
+                layers.new_top(box, shared, 64 << 20)
                 (box / "guest-rootfs.qcow2").write_bytes(b"")
                 shutil.rmtree(box)
             except BaseException as exc:  # reported below
@@ -227,7 +248,7 @@ def test_gc_meanwhile_boxes_come_and_go(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
-            assert shared not in layers.gc([])
+            assert shared not in _collect(home, layers)
             assert layers.layer_path(shared).exists()
     finally:
         stop.set()

@@ -153,7 +153,7 @@ class StateOps:
         else:
             layer, parent = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
-            self.layers.commit(box_dir)
+            self.layers.commit(box_dir, sync=False)
             timings, consistency, node = {"pause_ms": 0.0}, "stopped", None
         timings["capture_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         faults.point("capture:committed")

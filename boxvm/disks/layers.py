@@ -110,12 +110,14 @@ class LayerStore:
         qcow2.write_overlay(box_dir / PENDING, header.size, self.reference(layer_id))  # fails if one is pending
         return layer_id, _layer_of_reference(header.backing_file)
 
-    def commit(self, box_dir: Path) -> None:
+    def commit(self, box_dir: Path, sync: bool = True) -> None:
         """Roll a pending top forward into place (idempotent; used by every operation and
         by recovery). If the pending top's layer does not exist yet the current top
         becomes that layer (a capture); otherwise the current top is dropped (a restore).
         Only the operation holding the box's claim (or recovery, which takes it over)
-        calls this, so no lock: collection deletes only tombstoned layers."""
+        calls this, so no lock: collection deletes only tombstoned layers. ``sync=False``
+        (a capture at rest) leaves the last rename to the next commit after a power loss:
+        the pending top is still there to roll forward, and nothing is deleted on its word."""
         pending = box_dir / PENDING
         if not pending.exists():
             return
@@ -135,7 +137,8 @@ class LayerStore:
                 fsync_dir(target.parent)
                 faults.point("commit:top-moved")
         os.rename(pending, top)
-        fsync_dir(box_dir)
+        if sync:
+            fsync_dir(box_dir)
 
     def restore(self, box_dir: Path, layer_id: str, size: int) -> None:
         """Give the box a fresh empty top over ``layer_id`` (which the box's record holds

@@ -51,7 +51,8 @@ def adopt_layers(db: sqlite3.Connection, home: Path) -> None:
             refs[layer] += 1
     for layer in kept:
         refs[layer] += 1
-    unheld = [layer for layer, n in refs.items() if n == 0]
+    in_directories = _reached_by_directories(home)
+    unheld = [layer for layer, n in refs.items() if n == 0 and layer not in in_directories]
     while sure and unheld:  # what the old collection would have deleted, down each chain
         layer = unheld.pop()
         parent = db.execute("DELETE FROM layers WHERE id = ? RETURNING parent", (layer,)).fetchone()[0]
@@ -62,3 +63,26 @@ def adopt_layers(db: sqlite3.Connection, home: Path) -> None:
                 unheld.append(parent)
     for layer, n in refs.items():
         db.execute("UPDATE layers SET refs = ? WHERE id = ?", (n, layer))
+
+
+def _reached_by_directories(home: Path) -> set[str]:
+    """Layers the tops under ``boxes/`` and ``tmp/`` back onto, recorded or not: never
+    tombstoned here (an older process may be about to commit one of them)."""
+    out = set()
+    for parent in (home / "boxes", home / "tmp"):
+        for entry in _listdir(parent):
+            for top in (parent / entry / TOP, parent / entry / "box" / TOP):
+                try:
+                    layer = layer_of(top)
+                except (OSError, ValueError):
+                    continue
+                if layer is not None:
+                    out.add(layer)
+    return out
+
+
+def _listdir(path: Path) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
