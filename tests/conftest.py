@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     home = Home.default(TEST_HOME)
     bundle.ensure(home, print)
+    _seed_builtin_images(home)
     ensure_default(home, print)
 
     async def clear() -> None:
@@ -54,6 +56,29 @@ def pytest_configure(config: pytest.Config) -> None:
         await backend.close()
 
     asyncio.run(clear())
+
+
+def _seed_builtin_images(home: Home) -> None:
+    """Hard-link the built-in images ``boxvm setup`` built in the user's home (``make test``
+    runs it first) into the test home, so the suite does not build them a second time; the
+    builds are content-addressed, so an outdated seed is simply not used."""
+    setup_images = Path.home() / ".boxvm" / "images"
+    for name in ("default", "slim"):
+        for build in setup_images.glob(f"{name}/*/index.json"):
+            target = home.images / name / build.parent.name
+            if not target.exists() and home.images.resolve() != setup_images.resolve():
+                staged = home.tmp / f"seed-{name}-{build.parent.name}"
+                shutil.rmtree(staged, ignore_errors=True)
+                shutil.copytree(build.parent, staged, copy_function=_link_or_copy)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                staged.rename(target)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
 
 
 @pytest.fixture(scope="session")
