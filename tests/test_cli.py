@@ -48,7 +48,9 @@ def on_a_terminal(home: Home, *args: str) -> bytes:
 def test_doctor(home: Home) -> None:
     r = boxvm(home, "doctor", "--json")
     checks = {c["check"]: c for c in json.loads(r.stdout)}
-    assert r.returncode == 0, r.stdout
+    # (the layer scan of this shared home may catch other workers' operations mid-way)
+    assert all(c["ok"] for name, c in checks.items() if name != "layers"), r.stdout
+    assert "layers" in checks
     assert checks["acceleration"]["detail"].startswith(("tcg", "kvm"))
     assert checks["guest bundle"]["ok"]
 
@@ -103,3 +105,27 @@ def test_errors_are_one_clear_line(home: Home, args: list[str]) -> None:
     r = boxvm(home, *args)
     assert r.returncode == 1
     assert r.stderr.decode().startswith("error (") and r.stderr.count(b"\n") == 1
+
+
+def test_doctor_scans_layers_and_repairs(tmp_path: Path) -> None:
+    """A layer file no record knows and no chain reaches is reported, and deleted by
+    ``--repair``; a clean home reports that references match."""
+    from boxvm.backends.local import LocalBackend
+    from boxvm.disks import qcow2
+
+    home = Home.default(tmp_path / "home")
+    LocalBackend(home)  # creates the home and its store
+    orphan = home.root / "layers" / "0123456789abcdef"
+    orphan.mkdir(parents=True)
+    qcow2.write_overlay(orphan / "layer.qcow2", 1 << 20, None)
+
+    def layers_check(*args: str) -> tuple[int, dict[str, object]]:
+        r = boxvm(home, "doctor", "--json", *args)
+        return r.returncode, {c["check"]: c for c in json.loads(r.stdout)}["layers"]
+
+    code, check = layers_check()
+    assert code == 1 and not check["ok"] and "1 orphaned layers" in str(check["detail"]) and orphan.exists()
+    code, check = layers_check("--repair")
+    assert check["ok"] and "deleted 1" in str(check["detail"]) and not orphan.exists()
+    _code, check = layers_check()
+    assert check["ok"] and check["detail"] == "references match every chain"

@@ -253,8 +253,10 @@ def setup(refresh: bool, with_build_tools: bool) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
-def doctor(as_json: bool) -> None:
-    """Check QEMU, acceleration, the guest bundle and the home directory."""
+@click.option("--repair", is_flag=True, help="Fix layer counts and delete layers nothing can reach.")
+def doctor(as_json: bool, repair: bool) -> None:
+    """Check QEMU, acceleration, the guest bundle, the home directory and its layers
+    (a full scan of every disk chain against the store's layer references)."""
     import shutil
     import subprocess
 
@@ -278,6 +280,8 @@ def doctor(as_json: bool) -> None:
     )
     writable = os.access(home.root if home.root.exists() else home.root.parent, os.W_OK)
     checks.append(("home", writable, str(home.root)))
+    if home.root.exists():
+        checks.append(("layers", *_layer_check(home, repair)))
     if as_json:
         print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in checks], indent=2))
     else:
@@ -285,6 +289,27 @@ def doctor(as_json: bool) -> None:
             mark = "[green]ok[/green]" if ok else "[red]FAIL[/red]"
             out.print(f"{mark:>22}  {name:<13} {detail}", highlight=False)
     sys.exit(0 if all(ok for _n, ok, _d in checks) else 1)
+
+
+def _layer_check(home: Home, repair: bool) -> tuple[bool, str]:
+    from boxvm.backends.local import LocalBackend
+
+    backend = LocalBackend(home)
+    try:
+        scan = backend.check_layers(repair)
+    finally:
+        asyncio.run(backend.close())
+    found = {
+        "unreadable chains": scan.unreadable, "orphaned layers": scan.orphans, "unrecorded layers": scan.adopted,
+        "missing layer files": scan.missing, "pending deletions": scan.tombstoned, "miscounted layers": scan.miscounted,
+    }  # fmt: skip
+    problems = ", ".join(f"{len(v)} {k}" for k, v in found.items() if v)
+    if not problems:
+        return True, "references match every chain"
+    if repair:
+        kept = " (nothing deleted: a chain could not be read)" if scan.unreadable else ""
+        return not scan.unreadable, f"repaired {problems}; deleted {len(scan.deleted)}{kept}"
+    return False, f"{problems}: run `boxvm doctor --repair`"
 
 
 @cli.command()
