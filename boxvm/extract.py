@@ -47,14 +47,16 @@ class Policy:
     links: bool = True  # symlinks and hard links
     replace_dirs: bool = False  # a non-directory member may replace an existing directory
     foreign_links: bool = False  # hard links to files the archive did not write (a lower layer's)
+    retouch_dirs: bool = False  # a directory member sets the attributes of one that already exists
+    max_members: int = 1 << 20  # entries of one stream (each costs a walk of its parents)
+    max_depth: int = 256  # components of one name
 
 
 COPY_OUT = Policy(ArchiveError, "the destination")  # a tree sent by a guest: files become the caller's, plain modes
 LAYOUT = Policy(ImageError, "the image root", links=False)  # an OCI layout archive: only directories and blobs
 # image layers, unpacked as root or under fakeroot: everything as recorded
-LAYER = Policy(
-    ImageError, "the image root", mode_mask=0o7777, owners=True, devices=True, replace_dirs=True, foreign_links=True
-)
+LAYER = Policy(ImageError, "the image root", mode_mask=0o7777, owners=True, devices=True, replace_dirs=True,
+               foreign_links=True, retouch_dirs=True)  # fmt: skip
 
 
 def _is_link(parent: int, name: str) -> bool:
@@ -71,6 +73,8 @@ def split_name(name: str, policy: Policy) -> Parts:
     parts = tuple(p for p in name.split("/") if p not in ("", "."))
     if ".." in parts:
         raise policy.error(f"tar member {name!r} escapes {policy.root} (a '..' component)")
+    if len(parts) > policy.max_depth:
+        raise policy.error(f"tar member {name[:200]!r}... is nested over {policy.max_depth} directories deep")
     return parts
 
 
@@ -80,7 +84,7 @@ class Extractor:
     def __init__(self, root: int, policy: Policy) -> None:
         self.root = root
         self.policy = policy
-        self._dirs: list[tuple[Parts, _Attrs]] = []
+        self._dirs: dict[Parts, _Attrs] = {}  # directories whose attributes are set last (the last member wins)
         self._written: set[tuple[int, int]] = set()  # (device, inode) of the files this extractor wrote
 
     def _fail(self, parts: Parts, why: str) -> BoxvmError:
@@ -172,13 +176,14 @@ class Extractor:
     def _mkdir(self, parent: int, base: str, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
             if stat.S_ISDIR(os.stat(base, dir_fd=parent, follow_symlinks=False).st_mode):
-                self._dirs.append((parts, _attrs(member)))
+                if self.policy.retouch_dirs or parts in self._dirs:  # else: not ours to change
+                    self._dirs[parts] = _attrs(member)
                 return
             os.unlink(base, dir_fd=parent)
         except FileNotFoundError:
             pass
         os.mkdir(base, 0o700, dir_fd=parent)  # its recorded mode is set last, once its children are in
-        self._dirs.append((parts, _attrs(member)))
+        self._dirs[parts] = _attrs(member)
 
     def _write(self, parent: int, base: str, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
         fd = os.open(base, _NEW_FILE, 0o600, dir_fd=parent)
@@ -235,7 +240,7 @@ class Extractor:
     def finish(self) -> None:
         """Directory attributes, deepest first, once nothing more is written into them;
         a directory removed or replaced since is skipped."""
-        for parts, attrs in reversed(self._dirs):
+        for parts, attrs in sorted(self._dirs.items(), key=lambda item: len(item[0]), reverse=True):
             try:
                 with self.directory(parts, create=False) as fd:
                     self._set_fd(fd, attrs)
@@ -283,7 +288,9 @@ def extract(tar: tarfile.TarFile, root: int, policy: Policy, top: str | None = N
         return parts
 
     try:
-        for member, data in members(tar):
+        for count, (member, data) in enumerate(members(tar), 1):
+            if count > policy.max_members:
+                raise policy.error(f"the archive has over {policy.max_members} entries: refused")
             parts = place(member.name)
             ex.add(member, data, parts, place(member.linkname) if member.islnk() else ())
         ex.finish()

@@ -11,7 +11,7 @@ import asyncio
 import os
 import tarfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from boxvm import tarsafe
 from boxvm.errors import ArchiveError, InvalidArgument, NotFound
@@ -49,13 +49,19 @@ def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Pat
         tar.extract(member, dest)
 
 
-async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
-    """Extract an untrusted tar stream (a guest's ``copy_out``): the top entry is renamed to
-    ``host_path``'s name unless it is an existing directory, as ``docker cp`` does.
-    Containment is by file descriptors (``boxvm.extract``); a refused or unreadable stream
-    raises ArchiveError and removes the top-level entries it had created."""
+async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path, box_path: str) -> None:
+    """Extract an untrusted tar stream (a guest's ``copy_out`` of ``box_path``) as ``docker
+    cp`` does: into ``host_path/<basename of box_path>`` when ``host_path`` is an existing
+    directory, else as ``host_path``. Every member lands under that one entry whatever the
+    stream names, so a guest cannot write beside it (``~/.bashrc`` when copying into ``~``);
+    directories that already existed keep their attributes. Containment is by file
+    descriptors (``boxvm.extract``); a refused or unreadable stream raises ArchiveError and
+    removes the top-level entry if it created it."""
     into_dir = host_path.is_dir()
     dest_dir = host_path if into_dir else host_path.parent
+    top = PurePosixPath(box_path).name if into_dir else host_path.name
+    if not top or top in (".", ".."):
+        raise InvalidArgument(f"cannot copy {box_path!r} into {host_path}: name a new destination path instead")
     if not dest_dir.is_dir():
         raise InvalidArgument(f"{dest_dir} is not a directory on the host")
     source = ThreadReader(asyncio.get_running_loop())
@@ -64,7 +70,7 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path) -> None:
         root = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             with tarsafe.open_stream(source) as tar:
-                extract(tar, root, COPY_OUT, top=None if into_dir else host_path.name)
+                extract(tar, root, COPY_OUT, top=top)
         except tarfile.TarError as exc:
             raise ArchiveError(f"the tar stream to copy out is unreadable or unsafe: {exc}") from exc
         finally:

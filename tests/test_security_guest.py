@@ -71,12 +71,15 @@ async def _speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hel
     while data := await reader.read(1 << 20):
         for gid, ftype, payload in decoder.feed(data):
             if ftype == P.OPEN:
-                task = asyncio.create_task(_answer(writer, gid, json.loads(payload)))
+                task = asyncio.create_task(_answer(writer, gid, json.loads(payload), hello))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 
 
-async def _answer(writer: asyncio.StreamWriter, gid: int, req: dict[str, object]) -> None:
+async def _answer(writer: asyncio.StreamWriter, gid: int, req: dict[str, object], mode: str = "plain") -> None:
+    if req.get("op") != "exec" and mode == "chatty":  # output on a request that has none, never a result
+        writer.write(P.pack(gid, P.STDOUT, b"x"))
+        return
     if req.get("op") != "exec":
         writer.write(P.pack_json(gid, P.RESULT, {"ok": True, "ns": time.time_ns()}))  # clock, shutdown, ...
         return
@@ -126,6 +129,9 @@ async def hostile_box(
     try:
         with monkeypatch.context() as m:
             m.setattr(qemu, "argv", argv)
+            if hello == "chatty":  # the caller checks how the start fails
+                yield box, 0
+                return
             await asyncio.wait_for(box.start(), 60)
         yield box, rt.backend.store.get_box(box.id).supervisor_pid  # type: ignore[attr-defined]
     finally:
@@ -205,6 +211,18 @@ async def test_malformed_frames_fail_only_their_request(rt: boxvm.Runtime, monke
         with pytest.raises(boxvm.EngineError, match="broke the protocol: it returned credit"):
             await asyncio.wait_for(box.exec(["credit"]), 10)
         assert (await asyncio.wait_for(box.exec(["echo", "fine"]), 10)).stdout == b"fine"
+
+
+async def test_output_on_a_quick_request_does_not_hold_off_its_deadline(
+    rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start's clock request answered with one byte of output and no result: unread
+    output used to suspend the request's deadline, so the start hung for ever."""
+    async with hostile_box(rt, monkeypatch, hello="chatty") as (box, _none):
+        t0 = time.monotonic()
+        with pytest.raises(boxvm.EngineError, match="sent output for 'clock'"):
+            await asyncio.wait_for(box.start(), 60)
+        assert time.monotonic() - t0 < 20  # the agent's HELLO comes at once; no deadline is waited for
 
 
 async def test_silent_guest_is_given_up_on(rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -332,4 +332,8 @@ async def test_errors_leaving_the_server_carry_none_of_its_paths(home: Home, tmp
         "no such file /root/app in the box; /usr/bin/env failed"  # guest paths pass
     )
     assert scrub(f"{allowed}/layout") == "<server path>"
+    shallow = Scrubber(Path("/boxvm"), extra=[Path("/images")])  # a home or image dir near the root
+    assert shallow("cannot write /boxvm/boxes/abc/disk.qcow2, /images/x is bad") == (
+        "cannot write <server path>, <server path> is bad"
+    )
     assert scrub(f"{allowed}x/y") == f"{allowed}x/y"  # only the directory itself, not a name it begins

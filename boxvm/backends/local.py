@@ -465,7 +465,7 @@ class LocalBackend(StateOps, Backend):
 
     async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
         try:
-            await receive_tree(await self.get_tar(box_id, box_path), host_path)
+            await receive_tree(await self.get_tar(box_id, box_path), host_path, box_path)
         except tarfile.TarError as exc:
             raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {exc}") from exc
 

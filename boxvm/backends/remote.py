@@ -298,7 +298,7 @@ class RemoteBackend(Backend):
         async with self._http.stream("GET", f"/boxes/{box_id}/files", params={"path": box_path}) as response:
             await _raise_for_stream_error(response)
             try:
-                await receive_tree(response.aiter_bytes(), host_path)
+                await receive_tree(response.aiter_bytes(), host_path, box_path)
             except httpx.HTTPError as exc:
                 raise EngineError(f"the server stopped sending {box_path}: {exc}") from exc
 

@@ -26,6 +26,7 @@ from boxvm.guest import protocol as P
 
 log = logging.getLogger("boxvm.supervisor")
 
+STREAMING_OPS = frozenset({"exec", "put", "get"})  # requests whose channel carries output
 QUICK_TIMEOUT = 30.0  # a guest request other than exec/put/get (set_time, sync, ping, ...)
 EXEC_GRACE = 10.0  # an exec with a timeout must report its end within the timeout plus this
 IDLE_TIMEOUT = 120.0  # put/get: silence while the guest owes the host data or a result
@@ -238,6 +239,9 @@ class AgentLink:
         route.heard = time.monotonic()
         client = route.target if isinstance(route.target, Client) else None
         if ftype in (P.STDOUT, P.STDERR):
+            if route.op not in STREAMING_OPS:  # output here would hold off the request's deadline
+                self._close(route, f"it sent output for {route.op!r}, which has none", protocol=True)
+                return
             if client is None or not payload:
                 return
             route.unacked += len(payload)

@@ -151,10 +151,13 @@ class Scrubber:
     """
 
     def __init__(self, home: Path, extra: Sequence[Path] = ()) -> None:
-        candidates = [home, Path(os.path.realpath(home)), Path.cwd(), Path(boxvm.__file__).parent.parent, *extra]
+        always = [home, Path(os.path.realpath(home)), *extra]
         if sys.prefix != sys.base_prefix:  # a virtualenv: its path names the deployment
-            candidates.append(Path(sys.prefix))
-        prefixes = sorted({str(p) for p in candidates if len(p.absolute().parts) > 2}, key=len, reverse=True)
+            always.append(Path(sys.prefix))
+        # The working and install directories only when specific: "/" or "/srv" would eat guest paths.
+        shallow = [p for p in (Path.cwd(), Path(boxvm.__file__).parent.parent) if len(p.absolute().parts) > 2]
+        prefixes = sorted({str(p.absolute()) for p in [*always, *shallow] if p.absolute() != Path("/")}, key=len)
+        prefixes.reverse()
         alternatives = "|".join(re.escape(p) for p in prefixes)
         self._pattern = re.compile(rf"(?:{alternatives})(?![^/\s'\":,])[^\s'\":,]*") if prefixes else None
 
