@@ -35,6 +35,23 @@ from boxvm.paths import Home
 from boxvm.store import Store
 
 
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Home:
+    """A home of this module's own: its checks compare every layer of the home with the
+    chains, and repair, which other workers' operations in the shared home would upset.
+    The guest bundle, images and base disks are hard-linked from the test home."""
+    shared = Path(os.environ["BOXVM_HOME"])
+    private = Home.default(tmp_path_factory.mktemp("layer-refs") / "home")
+    for part in ("guest", "images"):
+        shutil.rmtree(private.root / part, ignore_errors=True)
+        shutil.copytree(shared / part, private.root / part, copy_function=os.link, ignore=_in_progress)
+    return private
+
+
+def _in_progress(directory: str, names: list[str]) -> list[str]:
+    return [n for n in names if n.startswith((".", "tmp"))]
+
+
 def chain_walk(backend: LocalBackend) -> set[str]:
     """Every layer a box's top or a snapshot reaches, read from the files alone."""
     roots = [backend.home.box_dir(r.id) / TOP for r in backend.store.list_boxes()]
