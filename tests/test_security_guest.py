@@ -42,6 +42,7 @@ BAD_RESULTS = {
 
 # -- the hostile agent (runs in its own process) -----------------------------------------
 def hostile_agent_main() -> None:
+    print("ready", flush=True)  # imports done: the host may start the box (its wait for the socket is bounded)
     asyncio.run(_hostile_agent(Path(sys.argv[1]), sys.argv[2]))
 
 
@@ -124,9 +125,10 @@ async def hostile_box(
     box_dir = rt.backend.home.box_dir(box.id)  # type: ignore[attr-defined]
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from tests.test_security_guest import hostile_agent_main; hostile_agent_main()",
-        str(box_dir), hello, cwd=REPO,
+        str(box_dir), hello, cwd=REPO, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
+        assert agent.stdout is not None and await asyncio.wait_for(agent.stdout.readline(), 120) == b"ready\n"
         with monkeypatch.context() as m:
             m.setattr(qemu, "argv", argv)
             if hello == "chatty":  # the caller checks how the start fails
