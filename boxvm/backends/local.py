@@ -37,6 +37,7 @@ from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
 from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name, default_command
 from boxvm.paths import Home
+from boxvm.processes import alive as _pid_alive
 from boxvm.progress import Progress, silent
 from boxvm.status import ALLOWED, LIVE, BoxStatus, require
 from boxvm.store import BoxRecord, ImageRecord, Store
@@ -559,16 +560,6 @@ def _owner_alive(directory: Path) -> bool:
 def _no_operation(rec: BoxRecord) -> None:
     if rec.operation is not None:
         raise InvalidState(f"box {rec.name!r} is {rec.operation.value} right now: wait for that to finish")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _pid_is(pid: int, box_id: str) -> bool:

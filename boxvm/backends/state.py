@@ -42,6 +42,7 @@ from boxvm.options import (
     check_name,
     check_snapshot_name,
 )
+from boxvm.processes import alive as _pid_alive
 from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, SnapshotRecord
 
@@ -489,16 +490,6 @@ class StateOps:
 
 
 IMPORT_LIMIT = int(os.environ.get("BOXVM_IMPORT_LIMIT_BYTES", 256 << 30))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _free_name(backend: LocalBackend, wanted: str) -> str:
