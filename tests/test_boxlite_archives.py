@@ -14,7 +14,7 @@ import zstandard
 
 import boxvm
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
+pytestmark = pytest.mark.backends("local", "remote")  # async tests run in asyncio mode "auto"
 DATA = Path(__file__).parent / "data" / "boxlite"
 
 

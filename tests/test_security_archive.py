@@ -32,7 +32,7 @@ from boxvm.paths import Home
 from tests.helpers import leftovers
 from tests.test_archive import build, manifest_for, small_disk
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
+pytestmark = pytest.mark.backends("local", "remote")  # async tests run in asyncio mode "auto"
 C = qcow2.CLUSTER
 MIB = 1 << 20
 BUDGET_S, BUDGET_MIB = 5.0, 100
