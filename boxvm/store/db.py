@@ -463,9 +463,14 @@ class Store:
 
     def unpin(self, pin: str) -> list[str]:
         """Release a pin (clones not made); returns the layers tombstoned."""
+        return self._delete_holder("DELETE FROM layer_pins WHERE id = ? RETURNING layer", pin)
+
+    def _delete_holder(self, sql: str, key: str) -> list[str]:
+        """Delete one row that holds a layer (``sql`` returns that layer) and release it, in
+        one durable transaction; returns the layers tombstoned."""
         dead: list[str] = []
         with self._tx(durable=True) as db:
-            row = db.execute("DELETE FROM layer_pins WHERE id = ? RETURNING layer", (pin,)).fetchone()
+            row = db.execute(sql, (key,)).fetchone()
             if row is not None:
                 self._drop(db, row[0], dead)
         return dead
@@ -526,12 +531,7 @@ class Store:
         return dead
 
     def remove_snapshot(self, snapshot_id: str) -> list[str]:
-        dead: list[str] = []
-        with self._tx(durable=True) as db:
-            row = db.execute("DELETE FROM snapshots WHERE id = ? RETURNING layer", (snapshot_id,)).fetchone()
-            if row is not None:
-                self._drop(db, row[0], dead)
-        return dead
+        return self._delete_holder("DELETE FROM snapshots WHERE id = ? RETURNING layer", snapshot_id)
 
     def remove_box(self, box_id: str) -> list[str]:
         """Delete a box, its snapshots and their references; returns the layers tombstoned."""
