@@ -1,5 +1,8 @@
 """Shared fixtures. Every VM test boots real QEMU guests (TCG here): nothing is mocked.
 
+Tests come in two tiers: ``tests/unit`` needs no guest bundle, image or QEMU and runs in
+seconds; ``tests/vm`` (and the older files at the top level) boot real guests.
+
 The test home (``$BOXVM_TEST_HOME``, default ``.test-home`` in the repository) keeps
 the guest bundle and default image between runs; the controlling process prepares it
 once and clears boxes left over from an interrupted run before any worker starts.
@@ -32,6 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["BOXVM_HOME"] = str(TEST_HOME)
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller has prepared the home
+    if not _needs_vms(config):
+        return  # the unit tier needs no guest bundle, image or QEMU
     # One session per test home: the clean-up below removes every box in it.
     TEST_HOME.mkdir(parents=True, exist_ok=True)
     lock = open(TEST_HOME / ".session.lock", "w")  # noqa: SIM115  held for the whole session
@@ -56,6 +61,13 @@ def pytest_configure(config: pytest.Config) -> None:
         await backend.close()
 
     asyncio.run(clear())
+
+
+def _needs_vms(config: pytest.Config) -> bool:
+    """Whether this session may run a test outside ``tests/unit`` (the tier that needs no VM)."""
+    unit = REPO / "tests" / "unit"
+    paths = [Path(arg.split("::")[0]).absolute() for arg in config.args]
+    return not paths or not all(path.is_relative_to(unit) for path in paths)
 
 
 def _seed_builtin_images(home: Home) -> None:
