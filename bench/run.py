@@ -14,10 +14,12 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import boxvm
+from bench import targets
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import hostclock, qemu
 from boxvm.guest import bundle
@@ -126,7 +128,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
     groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image"]
     parser.add_argument("--only", choices=groups, help="Run one group.")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="Run nothing: check --json against BENCHMARKS.md's targets, exit 1 on a miss.",
+    )
     args = parser.parse_args()
+    if args.check:
+        sys.exit(check(args.json))
     home = Home.default(os.environ.get("BOXVM_BENCH_HOME", REPO / ".bench-home"))
     b = bundle.ensure(home, print)
     ensure_default(home, print)
@@ -195,6 +204,25 @@ def main() -> None:
     args.json.write_text(
         json.dumps({"accel": acc.name, "medians_ms": med, "ratios": ratios, "samples_ms": results}, indent=2)
     )
+    misses, _ = targets.report(targets.check(targets.load(REPO / "BENCHMARKS.md"), med))
+    print(*(misses or ["every target this run measured is met"]), sep="\n")
+
+
+def check(path: Path) -> int:
+    """0 when every target the run at ``path`` measured is met; 1 (each miss listed) otherwise."""
+    if not path.exists():
+        print(f"bench --check: no {path}; run `make bench` (or `python -m bench --only GROUP`) first", file=sys.stderr)
+        return 2
+    medians = json.loads(path.read_text())["medians_ms"]
+    outcomes = targets.check(targets.load(REPO / "BENCHMARKS.md"), medians)
+    misses, unmeasured = targets.report(outcomes)
+    for line in unmeasured:
+        print(line)
+    for line in misses:
+        print(line, file=sys.stderr)
+    met = sum(o.met for o in outcomes)
+    print(f"bench --check: {met} met, {len(misses)} missed, {len(unmeasured)} not measured in {path.name}")
+    return 1 if misses else 0
 
 
 if __name__ == "__main__":
