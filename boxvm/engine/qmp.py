@@ -1,0 +1,155 @@
+"""Typed QMP: every command boxvm sends to QEMU, and nothing else.
+
+The supervisor is the only user of a box's monitor. Each command is a method here with
+its arguments spelled out, so the set of things boxvm asks of QEMU is this file and a
+caller cannot pass an arbitrary command through. ``qemu.qmp`` does the protocol (greeting,
+capabilities negotiation, ids, events); this module adds the types and translates every
+failure into a :class:`QMPCommandError`, an :class:`EngineError` that keeps the command
+and QEMU's reply for the log. Its message names QEMU's error without host paths, since it
+may travel to a REST caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from boxvm.errors import EngineError
+
+QUIT_TIMEOUT = 5.0  # QEMU exits at once; the supervisor kills it if not
+_PATH = re.compile(r"/[^\s'\",:]+")
+
+
+class QMPCommandError(EngineError):
+    """QEMU refused a command or never answered it.
+
+    ``reply`` is QEMU's error object (``{"class": ..., "desc": ...}``), or None when the
+    monitor went away before answering (the VM exited)."""
+
+    def __init__(self, command: str, arguments: dict[str, Any] | None, reply: dict[str, Any] | None) -> None:
+        self.command = command
+        self.arguments = arguments
+        self.reply = reply
+        if reply is None:
+            message = f"QEMU did not answer {command!r}: its monitor closed (the VM exited)"
+        else:
+            desc = _PATH.sub(lambda m: m.group(0).rsplit("/", 1)[-1], str(reply.get("desc", "")))
+            message = f"QEMU refused {command!r} ({reply.get('class', 'error')}): {desc}"
+        super().__init__(message)
+
+    @property
+    def error_class(self) -> str | None:
+        return None if self.reply is None else str(self.reply.get("class"))
+
+
+class QMP:
+    """One QEMU monitor connection with a typed method per command boxvm uses."""
+
+    def __init__(self, name: str) -> None:
+        self._client = QMPClient(name)
+
+    async def connect(self, socket: Path) -> None:
+        try:
+            await self._client.connect(str(socket))
+        except QMPError as exc:
+            raise EngineError(f"could not connect to QEMU's monitor: {exc}") from exc
+
+    async def disconnect(self) -> None:
+        await self._client.disconnect()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """QEMU's events, in order (``qemu.qmp`` queues them until consumed)."""
+        async for event in self._client.events:
+            yield dict(event)
+
+    async def _run(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self._client.execute(command, arguments)
+        except ExecuteError as exc:
+            raise QMPCommandError(command, arguments, dict(exc.received["error"])) from exc
+        except QMPError as exc:  # interrupted, not connected, protocol failure
+            raise QMPCommandError(command, arguments, None) from exc
+
+    # -- run state --------------------------------------------------------------------
+    async def status(self) -> str:
+        """The VM's run state: ``running``, ``paused``, ``prelaunch``, ``inmigrate``, ..."""
+        return str((await self._run("query-status"))["status"])
+
+    async def stop(self) -> None:
+        """Pause the vCPUs (QEMU's ``stop``; the box's *pause*)."""
+        await self._run("stop")
+
+    async def cont(self) -> None:
+        """Resume the vCPUs."""
+        await self._run("cont")
+
+    async def quit(self) -> None:
+        """Make QEMU exit now (bounded: a wedged QEMU is killed by its caller)."""
+        try:
+            await asyncio.wait_for(self._run("quit"), QUIT_TIMEOUT)
+        except TimeoutError as exc:
+            raise QMPCommandError("quit", None, None) from exc
+
+    # -- block graph ------------------------------------------------------------------
+    async def blockdev_add_qcow2(self, node: str, filename: Path) -> None:
+        """Open a qcow2 file as a new node without a backing (a capture's fresh overlay)."""
+        file_node = {"driver": "file", "filename": str(filename)}
+        args = {"driver": "qcow2", "node-name": node, "discard": "unmap", "file": file_node, "backing": None}
+        await self._run("blockdev-add", args)
+
+    async def blockdev_del(self, node: str) -> None:
+        await self._run("blockdev-del", {"node-name": node})
+
+    async def snapshot(self, node: str, overlay: str) -> None:
+        """Make ``overlay`` the top over ``node`` atomically (one transaction): from the
+        moment it returns, ``node`` is never written again."""
+        action = {"type": "blockdev-snapshot", "data": {"node": node, "overlay": overlay}}
+        await self._run("transaction", {"actions": [action]})
+
+    async def backing_node(self, node: str) -> str | None:
+        """The node-name of ``node``'s backing child, if it has one."""
+        graph = await self._run("x-debug-query-block-graph")
+        names = {n["id"]: n["name"] for n in graph["nodes"]}
+        ids = {name: i for i, name in names.items()}
+        below = [e["child"] for e in graph["edges"] if e["parent"] == ids.get(node) and e["name"] == "backing"]
+        return names[below[0]] if below else None
+
+    async def block_stream(self, job: str, device: str, base_node: str, backing_file: str | None) -> None:
+        """Start copying the layers between ``device`` and ``base_node`` up into ``device``
+        (a background job; it stays until :meth:`job_dismiss`)."""
+        args = {"job-id": job, "device": device, "base-node": base_node, "auto-dismiss": False}
+        if backing_file is not None:
+            args["backing-file"] = backing_file
+        await self._run("block-stream", args)
+
+    async def job(self, job: str) -> dict[str, Any] | None:
+        """A job's ``query-jobs`` entry (``status``, and ``error`` if it failed)."""
+        return next((j for j in await self._run("query-jobs") if j["id"] == job), None)
+
+    async def job_dismiss(self, job: str) -> None:
+        await self._run("job-dismiss", {"id": job})
+
+    # -- migration (memory state) -----------------------------------------------------
+    async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None:
+        caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
+        await self._run("migrate-set-capabilities", {"capabilities": caps})
+
+    async def migrate_set_parameters(self, parameters: dict[str, Any]) -> None:
+        await self._run("migrate-set-parameters", parameters)
+
+    async def migrate(self, uri: str) -> None:
+        """Start an outgoing migration (returns at once; poll :meth:`query_migrate`)."""
+        await self._run("migrate", {"uri": uri})
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """Start receiving the state of a QEMU started with ``-incoming defer``."""
+        await self._run("migrate-incoming", {"uri": uri})
+
+    async def query_migrate(self) -> dict[str, Any]:
+        """The migration's ``status`` (``active``, ``completed``, ``failed``, ...) and figures."""
+        return dict(await self._run("query-migrate"))

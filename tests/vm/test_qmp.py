@@ -1,0 +1,105 @@
+"""The typed QMP layer against a real QEMU (``-machine none``: a monitor, no guest).
+
+Each command boxvm sends is exercised once, and every kind of failure (a refusal, a
+monitor that went away) must arrive as an EngineError that names the command, keeps
+QEMU's reply and shows no host path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from boxvm.engine.qmp import QMP, QMPCommandError
+from boxvm.errors import EngineError
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
+
+
+@pytest_asyncio.fixture
+async def qmp() -> AsyncIterator[tuple[QMP, Path]]:
+    with tempfile.TemporaryDirectory(prefix="qmp-") as tmp:  # short: a socket path has ~108 bytes
+        work = Path(tmp)
+        sock = work / "qmp.sock"
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        monitor = QMP("test")
+        for _ in range(500):  # QEMU binds the socket a moment before it listens
+            with contextlib.suppress(EngineError):
+                await monitor.connect(sock)
+                break
+            await asyncio.sleep(0.01)
+        try:
+            yield monitor, work
+        finally:
+            with contextlib.suppress(Exception):
+                await monitor.disconnect()
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+
+
+def _qcow2(path: Path, backing: Path | None = None) -> Path:
+    extra = ["-b", str(backing), "-F", "qcow2"] if backing else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(path), "16M"], check=True)
+    return path
+
+
+async def test_run_state_and_block_commands(qmp: tuple[QMP, Path]) -> None:
+    monitor, work = qmp
+    assert await monitor.status() == "running"
+    await monitor.stop()
+    assert await monitor.status() == "paused"
+    await monitor.cont()
+    assert await monitor.status() == "running"
+    await monitor.blockdev_add_qcow2("base", _qcow2(work / "base.qcow2"))
+    await monitor.blockdev_add_qcow2("top", _qcow2(work / "top.qcow2", work / "base.qcow2"))
+    assert await monitor.backing_node("top") is None  # opened without its backing
+    await monitor.snapshot("base", "top")
+    assert await monitor.backing_node("top") == "base"
+    assert await monitor.job("nothing") is None
+
+
+async def test_migration_commands(qmp: tuple[QMP, Path]) -> None:
+    monitor, _work = qmp
+    await monitor.migrate_set_capabilities({"x-ignore-shared": True})
+    await monitor.migrate_set_parameters({"max-bandwidth": 1 << 30})
+    assert (await monitor.query_migrate()).get("status") in (None, "none")
+    with pytest.raises(QMPCommandError) as refused:
+        await monitor.migrate_incoming("defer")  # only a QEMU started with -incoming accepts it
+    assert refused.value.command == "migrate-incoming"
+
+
+async def test_a_refusal_is_an_engine_error_with_command_and_reply(qmp: tuple[QMP, Path]) -> None:
+    monitor, work = qmp
+    with pytest.raises(EngineError) as refused:
+        await monitor.blockdev_del("no-such-node")
+    err = refused.value
+    assert isinstance(err, QMPCommandError) and err.code == "EngineError"
+    assert err.command == "blockdev-del" and err.arguments == {"node-name": "no-such-node"}
+    assert err.error_class == "GenericError" and "no-such-node" in err.reply["desc"]  # type: ignore[index]
+    assert "'blockdev-del'" in err.message and "no-such-node" in err.message
+    missing = work / "missing.qcow2"
+    with pytest.raises(QMPCommandError) as refused:
+        await monitor.blockdev_add_qcow2("gone", missing)
+    assert str(missing) in refused.value.reply["desc"]  # type: ignore[index]  # the log keeps it all
+    assert str(work) not in refused.value.message and "missing.qcow2" in refused.value.message  # a caller does not
+
+
+async def test_a_monitor_that_went_away_is_an_engine_error(qmp: tuple[QMP, Path]) -> None:
+    monitor, _work = qmp
+    await monitor.quit()
+    with pytest.raises(QMPCommandError) as gone:
+        await monitor.status()
+    assert gone.value.reply is None and gone.value.command == "query-status"
+    assert "monitor closed" in gone.value.message
