@@ -20,6 +20,7 @@ from pathlib import Path
 
 import boxvm
 from bench import targets
+from boxvm.build.cpio import write_cpio
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import hostclock, qemu
 from boxvm.guest import bundle
@@ -44,7 +45,7 @@ def baseline_initramfs(b: bundle.Bundle, work: Path) -> Path:
     (root / "bin" / "busybox").chmod(0o755)
     cpio = work / "baseline.cpio"
     with cpio.open("wb") as out:
-        bundle.write_cpio(root, out)
+        write_cpio(root, out)
     return cpio
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore
+from boxvm.errors import StorageError
 from boxvm.paths import Home
 from boxvm.store import Store
 
@@ -78,6 +79,28 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
     qcow2.write_overlay(tmp_path / "o.qcow2", 1 << 20, None)
     with pytest.raises(FileExistsError):
         qcow2.write_overlay(tmp_path / "o.qcow2", 1 << 20, None)
+
+
+def test_from_raw_keeps_the_data_and_the_holes(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.ext4"
+    with raw.open("wb") as f:
+        f.truncate(256 << 20)  # sparse, as make_ext4 leaves it
+        f.seek(100 << 20)
+        f.write(b"\x5a" * (1 << 20))
+    out = tmp_path / "base.qcow2"
+    qcow2.from_raw(raw, out)
+    info = json.loads(qemu_img("info", "--output=json", str(out)))
+    assert info["format"] == "qcow2" and info["virtual-size"] == 256 << 20
+    assert qcow2.allocated_bytes(out) < 4 << 20  # the holes stay holes
+    qemu_img("compare", "-f", "raw", "-F", "qcow2", str(raw), str(out))
+    qemu_io(out, "read -P 0x5a 100M 1M", "read -P 0 0 100M", read_only=True)
+
+
+def test_from_raw_fails_with_a_storage_error_and_leaves_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "base.qcow2"
+    with pytest.raises(StorageError, match=r"could not convert missing\.ext4 to qcow2"):
+        qcow2.from_raw(tmp_path / "missing.ext4", out)
+    assert not out.exists()
 
 
 def test_reader_rejects_garbage(tmp_path: Path) -> None:

@@ -181,15 +181,23 @@ def chain(path: Path) -> list[Path]:
 
 def flatten(top: Path, dest: Path) -> None:
     """Write ``top``'s whole chain as one standalone qcow2 (no backing) at ``dest``."""
-    proc = subprocess.run(
-        ["qemu-img", "convert", "-q", "-O", "qcow2", str(top), str(dest)], capture_output=True, text=True, check=False
-    )
+    _convert(["-O", "qcow2", str(top), str(dest)], dest, f"could not flatten {top.name}")
+
+
+def from_raw(raw: Path, dest: Path) -> None:
+    """Write the raw disk image ``raw`` (an image's ext4 filesystem) as a qcow2 at ``dest``;
+    only its written clusters are allocated, so a sparse raw file stays small."""
+    _convert(["-f", "raw", "-O", "qcow2", str(raw), str(dest)], dest, f"could not convert {raw.name} to qcow2")
+
+
+def _convert(args: list[str], dest: Path, failure: str) -> None:
+    proc = subprocess.run(["qemu-img", "convert", "-q", *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         dest.unlink(missing_ok=True)
         msg = proc.stderr.strip()
         if "No space left" in msg:
             raise StorageError(f"no space left while copying the disk to {dest.parent}: free some space")
-        raise StorageError(f"could not flatten {top.name}: {msg}")
+        raise StorageError(f"{failure}: {msg}")
 
 
 # -- reading a chain's allocation and streaming it flattened ------------------------

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from boxvm.build.ext4 import make_ext4
+from boxvm.disks import qcow2
 from boxvm.disks.layers import fsync_dir
 from boxvm.errors import ImageError, InvalidArgument, InvalidState, NotFound
 from boxvm.images import oci
 from boxvm.images.default import BUILTIN, DEFAULT_REF, ensure_builtin
-from boxvm.images.ext4 import make_ext4
 from boxvm.images.reference import looks_like_reference
 from boxvm.images.reference import parse as parse_reference
 from boxvm.options import check_image_config
@@ -165,11 +166,7 @@ class ImageStore:
                 fakeroot_state=state if unprivileged else None,
             )  # fmt: skip
             qcow = work / "base.qcow2"
-            subprocess.run(
-                ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow)],
-                check=True,
-                capture_output=True,
-            )
+            qcow2.from_raw(raw, qcow)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(qcow, 0o444)
             with open(qcow, "rb") as f:  # its bytes durable before the name that publishes them

@@ -1,6 +1,6 @@
 """The built-in images, built locally from Debian packages into OCI layouts so boxes work offline.
 
-``boxvm/default`` is a Debian bookworm userland made by mmdebstrap (``boxvm.images.debian``):
+``boxvm/default`` is a Debian bookworm userland made by mmdebstrap (``boxvm.build.mmdebstrap``):
 what people expect of a sandbox (Python with its whole standard library, pip, git, curl, ...).
 ``boxvm/slim`` is the smallest that boots: busybox tools, bash and Python, merged by our own
 code from a dozen packages. Each build lives in ``images/<name>/<id>``, the id a hash of the
@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from boxvm.guest import debs
-from boxvm.images import debian, oci
+from boxvm.build import debs, mmdebstrap
+from boxvm.images import oci
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
 
@@ -74,7 +74,7 @@ def ensure_default(
         return existing[-1]
     packages = DEFAULT_PACKAGES + (BUILD_TOOLS if build_tools else [])
     progress("resolving the default image's Debian packages")
-    wanted = debian.closure(debian.base_packages() + packages)
+    wanted = mmdebstrap.closure(mmdebstrap.base_packages() + packages)
     layout = home.images / "default" / _image_id("default", packages, wanted)
     if (layout / "index.json").is_file():
         os.utime(layout / "index.json")  # the newest build is the one in use
@@ -83,9 +83,9 @@ def ensure_default(
     t0 = time.monotonic()
     files = debs.fetch(wanted, home.cache / "apt")
     with home.staging("default-image-") as work:
-        debian.write_repo([files[d.package] for d in wanted], work / "repo")
+        mmdebstrap.write_repo([files[d.package] for d in wanted], work / "repo")
         layer = work / "layer.tar"
-        debian.build_tar(packages, work / "repo", layer, work)
+        mmdebstrap.build_tar(packages, work / "repo", layer, work)
         extra = {"build_tools": build_tools}
         return _publish(home, layer, layout, DEFAULT_REF, wanted, t0, progress, extra)
 

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from urllib.parse import unquote
 
+from boxvm.build import debs
 from boxvm.errors import ImageError
-from boxvm.guest import debs
 
 SUITE = "bookworm"
 # Documentation and translations nobody reads in a sandbox (copyright files stay).
