@@ -133,6 +133,12 @@ class Box:
         self._last = await self._backend.resume(self.id)
         return self._last
 
+    async def suspend(self) -> BoxInfo:
+        """Save memory and device state with the box and let its VM exit (status
+        ``suspended``); ``start()`` resumes every process where it was."""
+        self._last = await self._backend.suspend(self.id)
+        return self._last
+
     async def spawn(
         self,
         argv: list[str],

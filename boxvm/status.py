@@ -20,6 +20,8 @@ class BoxStatus(StrEnum):
     CLONING = "cloning"
     EXPORTING = "exporting"
     REMOVING = "removing"
+    SUSPENDING = "suspending"  # saving its memory state; QEMU exits next
+    SUSPENDED = "suspended"  # memory and device state saved with the box; start() resumes it
 
     @property
     def is_live(self) -> bool:
@@ -31,7 +33,7 @@ class BoxStatus(StrEnum):
         return self in _TRANSIENT
 
 
-LIVE = frozenset({BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING})
+LIVE = frozenset({BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING, BoxStatus.SUSPENDING})
 _TRANSIENT = frozenset(
     {
         BoxStatus.STARTING,
@@ -41,13 +43,14 @@ _TRANSIENT = frozenset(
         BoxStatus.CLONING,
         BoxStatus.EXPORTING,
         BoxStatus.REMOVING,
+        BoxStatus.SUSPENDING,
     }
 )
 
 # Which statuses each operation may start from, and the advice given otherwise.
 ALLOWED: dict[str, tuple[frozenset[BoxStatus], str]] = {
     "start": (
-        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED}),
+        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED, BoxStatus.SUSPENDED}),
         "it is already running; stop it first",
     ),
     "stop": (frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STARTING}), "it is not running"),
@@ -55,8 +58,9 @@ ALLOWED: dict[str, tuple[frozenset[BoxStatus], str]] = {
     "copy": (frozenset({BoxStatus.RUNNING}), "start it first"),
     "pause": (frozenset({BoxStatus.RUNNING}), "it must be running"),
     "resume": (frozenset({BoxStatus.PAUSED}), "it must be paused"),
+    "suspend": (frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED}), "it must be running or paused"),
     "remove": (
-        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED}),
+        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED, BoxStatus.SUSPENDED}),
         "stop it first or pass force=True",
     ),
 }

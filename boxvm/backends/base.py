@@ -67,6 +67,10 @@ class Backend(ABC):
     async def resume(self, box_id: str) -> BoxInfo: ...
 
     @abstractmethod
+    async def suspend(self, box_id: str) -> BoxInfo:
+        """Save memory and device state with the box and let its VM exit; start() resumes it."""
+
+    @abstractmethod
     async def spawn(
         self,
         box_id: str,

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from boxvm import faults, publish
+from boxvm.backends import memory as box_memory
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import console, hostclock, qemu
+from boxvm.engine import console, hostclock, memory, qemu
 from boxvm.engine.client import Channel, Connection
 from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
@@ -49,7 +50,7 @@ ProcessChannel.register(Channel)
 READY_TIMEOUT = 180.0  # TCG boots in seconds, but a loaded CI machine can be slow
 
 
-class LocalBackend(StateOps, Backend):
+class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     def __init__(self, home: Home, progress: Progress = silent) -> None:
         self.home = home
         home.ensure()
@@ -261,6 +262,7 @@ class LocalBackend(StateOps, Backend):
         rec = self._record(box_id)
         _no_operation(rec)
         require("start", rec.name, rec.status)
+        resume = box_memory.resumable(self.store, self.home.box_dir(rec.id), rec)
         # Boot the bundle the box was made with; if it was garbage-collected, the newest.
         bundle = bundle_mod.find(self.home, rec.guest_bundle)
         if bundle is None:
@@ -274,6 +276,8 @@ class LocalBackend(StateOps, Backend):
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         box_dir = self.home.box_dir(rec.id)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
+        if not resume:  # a cold boot starts from fresh, empty RAM
+            await asyncio.to_thread(memory.fresh_ram, box_dir, BoxOptions.from_dict(rec.options).memory_mib)
         opts = BoxOptions.from_dict(rec.options)
         accel = self._accel_choice()
         spec = qemu.VmSpec(
@@ -289,6 +293,8 @@ class LocalBackend(StateOps, Backend):
             mac=rec.mac,
             hostname=rec.name,
             machine_id=rec.id,
+            memory_file=box_dir / memory.RAM,
+            incoming=resume,
             tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
         )
         try:
@@ -296,7 +302,10 @@ class LocalBackend(StateOps, Backend):
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
                 (box_dir / name).unlink(missing_ok=True)
             (box_dir / "vm.json").write_text(
-                json.dumps({"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)})
+                json.dumps(
+                    {"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)}
+                    | {"incoming": resume}
+                )
             )
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "boxvm.engine.supervisor", str(box_dir),

@@ -238,6 +238,9 @@ class RemoteBackend(Backend):
     async def resume(self, box_id: str) -> BoxInfo:
         return wire.box_info(await self._send("POST", f"/boxes/{box_id}/resume"))
 
+    async def suspend(self, box_id: str) -> BoxInfo:
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/suspend"))
+
     async def logs(self, box_id: str) -> str:
         return str(await self._send("GET", f"/boxes/{box_id}/logs") or "")
 

@@ -382,6 +382,14 @@ async def resume(rt: boxvm.Runtime, box: str) -> None:
     await (await must_get(rt, box)).resume()
 
 
+@cli.command()
+@click.argument("box")
+@run_async
+async def suspend(rt: boxvm.Runtime, box: str) -> None:
+    """Save a box's memory with it and stop its VM; `boxvm start` resumes its processes."""
+    await (await must_get(rt, box)).suspend()
+
+
 async def stream_exec(
     box: boxvm.Box,
     argv: list[str],

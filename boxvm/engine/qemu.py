@@ -29,6 +29,12 @@ class VmSpec:
     # Under TCG the guest's TSC ticks at the host's rate (see hostclock), which its kernel
     # cannot calibrate without a PIT and must be told; KVM guests use kvm-clock instead.
     tsc_khz: int | None = None
+    # Guest RAM in this file (``memory-backend-file``) instead of anonymous memory, so a
+    # suspend or memory snapshot needs to save only the device state (``engine/memory``).
+    # share=True: the file is the RAM itself; False: a private copy-on-write mapping (forks).
+    memory_file: Path | None = None
+    memory_shared: bool = True
+    incoming: bool = False  # wait for ``migrate-incoming`` (a resume) instead of booting
 
 
 def new_mac() -> str:
@@ -58,7 +64,7 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
     args = [
         qemu_binary(),
         "-name", f"boxvm-{d.name}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on" + (",memory-backend=mem" if spec.memory_file else ""),
         "-accel", accel.name,
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-smp", str(spec.cpus),
@@ -82,7 +88,20 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
             "file": {"driver": "file", "filename": str(path), "node-name": f"{node}-file"},
         }
         args += ["-blockdev", json.dumps(blockdev), "-device", f"virtio-blk-device,drive={node},serial={serial}"]
+    if spec.memory_file is not None:
+        share = "on" if spec.memory_shared else "off"
+        args += [
+            "-object",
+            f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={_opt(spec.memory_file)},share={share}",
+        ]
+    if spec.incoming:
+        args += ["-incoming", "defer"]
     if spec.network == "nat":
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in spec.ports)
         args += ["-netdev", f"user,id=net0{fwd}", "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]
     return args
+
+
+def _opt(path: Path) -> str:
+    """A path inside a QEMU ``key=value,...`` option: a comma is written twice."""
+    return str(path).replace(",", ",,")

@@ -30,6 +30,7 @@ from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore, layer_of
 from boxvm.engine import console
 from boxvm.engine.agentlink import AgentLink, Client
+from boxvm.engine.memory_ops import MemoryOps
 from boxvm.errors import EngineError
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
@@ -39,7 +40,7 @@ from boxvm.store import Store
 log = logging.getLogger("boxvm.supervisor")
 
 
-class Supervisor:
+class Supervisor(MemoryOps):
     def __init__(self, box_dir: Path) -> None:
         self.dir = box_dir
         cfg = json.loads((box_dir / "vm.json").read_text())
@@ -51,6 +52,7 @@ class Supervisor:
         self.live: dict[str, Path] = {"data": self.layers.live_link(box_dir, 0)}  # node -> the link it opened
         self.capture_lock = asyncio.Lock()
         self.argv: list[str] = cfg["argv"]
+        self.incoming = bool(cfg.get("incoming"))  # resume a saved memory state (engine/memory_ops)
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()
@@ -90,6 +92,8 @@ class Supervisor:
         watcher = asyncio.create_task(self.watch_qemu())
         try:
             await self.connect()
+            if self.incoming:
+                await self.resume_incoming()
         except Exception as exc:
             log.error("could not connect to QEMU: %s", exc)
             if self.qemu.returncode is None:
@@ -124,7 +128,7 @@ class Supervisor:
         # stop() always reads the final status.
         if self.stop_requested:
             fields = {"supervisor_pid": None, "qemu_pid": None, "error": None}
-            self.store.transition(self.box_id, BoxStatus.STOPPED, LIVE, during_operation=True, **fields)
+            self.store.transition(self.box_id, self.final_status, LIVE, during_operation=True, **fields)
         else:
             self.finish_failed(self.exit_reason(code))
         self.layers.clear_live_links(self.dir)

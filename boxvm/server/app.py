@@ -236,6 +236,10 @@ def create_app(
     async def resume(box: str) -> BoxInfo:
         return await backend.resume(box)
 
+    @v1.post("/boxes/{box}/suspend")
+    async def suspend(box: str) -> BoxInfo:
+        return await backend.suspend(box)
+
     @v1.get("/boxes/{box}/logs", response_class=PlainTextResponse)
     async def logs(box: str) -> str:
         return await backend.logs(box)

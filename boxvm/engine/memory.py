@@ -1,0 +1,173 @@
+"""Memory state of a box: its RAM file plus QEMU's device state, saved and loaded over QMP.
+
+A box's guest RAM is a ``memory-backend-file`` in its directory (``memory.ram``, mapped
+``share=on``), so the RAM never needs copying: with QEMU's ``x-ignore-shared`` capability a
+``migrate`` writes only the device state (tens of KB) to ``memory.state`` while the vCPUs
+are stopped, and a new QEMU with the same command line plus ``-incoming defer`` maps the
+same file and loads that state back (``migrate-incoming``). QEMU 7.2 has no ``file:``
+migration URI, so both directions go through ``exec:cat``.
+
+``memory.json`` records the state file's size and SHA-256 and the shape of the machine it
+belongs to, written last (after an fsync of both files): a state without a matching
+record is never loaded, so a crash mid-save or a damaged file leaves a box that boots cold
+from its disk instead of resuming garbage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shlex
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from boxvm import faults
+from boxvm.errors import EngineError, StorageError
+
+RAM = "memory.ram"
+STATE = "memory.state"
+META = "memory.json"
+MAX_STATE = 64 << 20  # device state is tens of KB; anything near this is not ours
+MIGRATE_TIMEOUT = 60.0
+
+
+class Qmp(Protocol):
+    """What this module needs of a monitor (``engine.qmp.QMP``)."""
+
+    async def stop(self) -> None: ...
+    async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None: ...
+    async def migrate(self, uri: str) -> None: ...
+    async def migrate_incoming(self, uri: str) -> None: ...
+    async def query_migrate(self) -> dict[str, Any]: ...
+
+
+async def _wait_migration(qmp: Qmp, incoming: bool) -> dict[str, Any]:
+    """Poll ``query-migrate`` until the migration completes; raise if it fails."""
+    deadline = time.monotonic() + MIGRATE_TIMEOUT
+    delay = 0.001
+    while True:
+        info = await qmp.query_migrate()
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            what = "loading" if incoming else "saving"
+            raise EngineError(f"{what} the memory state failed: {info.get('error-desc', status)}")
+        if time.monotonic() > deadline:
+            raise EngineError(f"the memory state migration did not finish in {MIGRATE_TIMEOUT:g} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.02)
+
+
+async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, float]:
+    """Stop the vCPUs and write the device state next to the RAM file.
+
+    The VM is left stopped (``postmigrate``): the caller quits it (suspend) or resumes it
+    (snapshot). Returns timings in ms; ``pause`` counts from the stop."""
+    t0 = time.monotonic()
+    await qmp.stop()
+    t_stop = time.monotonic()
+    faults.point("memory:stopped")
+    tmp = box_dir / f"{STATE}.tmp"
+    tmp.unlink(missing_ok=True)
+    (box_dir / META).unlink(missing_ok=True)  # the old record must not vouch for the new state
+    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
+    await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
+    await _wait_migration(qmp, incoming=False)
+    t_saved = time.monotonic()
+    await asyncio.to_thread(_publish, box_dir, tmp, shape)
+    return {
+        "stop_ms": (t_stop - t0) * 1000,
+        "save_ms": (t_saved - t_stop) * 1000,
+        "sync_ms": (time.monotonic() - t_saved) * 1000,
+    }
+
+
+def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any]) -> None:
+    """fsync the state and the RAM, rename the state into place, then write the record."""
+    data = tmp.read_bytes()
+    if not data:
+        raise EngineError("QEMU wrote an empty memory state")
+    for path in (tmp, box_dir / RAM):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    os.replace(tmp, box_dir / STATE)
+    meta = {"version": 1, "state_bytes": len(data), "state_sha256": hashlib.sha256(data).hexdigest(), **shape}
+    _write_durably(box_dir / META, json.dumps(meta).encode())
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check(box_dir: Path, shape: dict[str, Any]) -> None:
+    """Raise :class:`StorageError` unless the saved memory state is whole and belongs to a
+    machine of this shape (memory size, cpus, guest bundle)."""
+    try:
+        meta = json.loads((box_dir / META).read_text())
+        size = (box_dir / STATE).stat().st_size
+        ram = (box_dir / RAM).stat().st_size
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"the saved memory state is missing or unreadable ({type(exc).__name__})") from exc
+    if not isinstance(meta, dict) or meta.get("version") != 1:
+        raise StorageError("the saved memory state has an unknown format")
+    if size != meta.get("state_bytes") or size > MAX_STATE:
+        raise StorageError(f"the saved device state is {size} bytes, its record says {meta.get('state_bytes')}")
+    if ram != shape.get("memory_mib", 0) << 20:
+        raise StorageError("the saved RAM file does not have the box's memory size")
+    for key, want in shape.items():
+        if meta.get(key) != want:
+            raise StorageError(f"the saved memory state was taken with {key}={meta.get(key)!r}, the box has {want!r}")
+    digest = hashlib.sha256((box_dir / STATE).read_bytes()).hexdigest()
+    if digest != meta.get("state_sha256"):
+        raise StorageError("the saved device state does not match its checksum (damaged file)")
+
+
+async def load(qmp: Qmp, box_dir: Path) -> float:
+    """Load the device state into a QEMU started with ``-incoming defer``; returns ms."""
+    t0 = time.monotonic()
+    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
+    await qmp.migrate_incoming(f"exec:cat {shlex.quote(str(box_dir / STATE))}")
+    await _wait_migration(qmp, incoming=True)
+    return (time.monotonic() - t0) * 1000
+
+
+def discard_state(box_dir: Path) -> None:
+    """Forget a saved device state (the RAM file stays: it may be in use)."""
+    for name in (META, f"{META}.tmp", STATE, f"{STATE}.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            (box_dir / name).unlink()
+
+
+def discard(box_dir: Path) -> None:
+    """Forget a box's memory state and RAM (a cold boot starts from fresh, empty RAM)."""
+    discard_state(box_dir)
+    with contextlib.suppress(FileNotFoundError):
+        (box_dir / RAM).unlink()
+
+
+def fresh_ram(box_dir: Path, memory_mib: int) -> None:
+    """Replace any memory state with an empty (sparse) RAM file only its owner can read."""
+    discard(box_dir)
+    fd = os.open(box_dir / RAM, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, memory_mib << 20)
+    finally:
+        os.close(fd)

@@ -1,0 +1,131 @@
+"""Memory state (issue 15): suspend keeps every process, start resumes it, bad state boots cold.
+
+Each test boots real guests. "No reboot" is judged by the guest kernel's boot_id (new at
+every boot) and by a background counter that keeps counting from where it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+import boxvm
+from boxvm.backends.local import LocalBackend
+from boxvm.engine import memory
+from boxvm.errors import InvalidState, StorageError
+from boxvm.status import BoxStatus
+
+pytestmark = [pytest.mark.asyncio]
+
+# Writes an increasing number to /tmp/count every 50 ms (renamed into place: never half-written).
+COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
+
+
+async def sh(box: boxvm.Box, script: str) -> str:
+    result = await box.exec(["sh", "-c", script])
+    assert result.exit_code == 0, result
+    return result.stdout.decode().strip()
+
+
+async def start_counter(box: boxvm.Box) -> None:
+    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & sleep 0.3")
+
+
+async def reading(box: boxvm.Box) -> tuple[str, int]:
+    out = await sh(box, "cat /proc/sys/kernel/random/boot_id /tmp/count")
+    boot_id, count = out.split()
+    return boot_id, int(count)
+
+
+async def guest_clock_error(box: boxvm.Box) -> float:
+    """The guest's wall clock minus the host's, bounded by the exec's round trip."""
+    t0 = time.time()
+    guest = float(await sh(box, "date +%s.%N"))
+    t1 = time.time()
+    if t0 <= guest <= t1:
+        return 0.0
+    return guest - t1 if guest > t1 else guest - t0
+
+
+@pytest.mark.backends("local", "remote")
+async def test_processes_survive_suspend_and_start(rt: boxvm.Runtime, fresh_box: boxvm.Box) -> None:
+    box = fresh_box
+    await box.start()
+    await start_counter(box)
+    boot_id, before = await reading(box)
+    for cycle in range(2):
+        # The saved state is made to look two minutes old: the guest's clock is set back
+        # before the suspend, so the resume must step it (instead of the test sleeping).
+        await sh(box, "date -s @$(( $(date +%s) - 120 )) >/dev/null")
+        info = await box.suspend()
+        assert info.status == BoxStatus.SUSPENDED
+        again = await rt.get(box.id)  # a new handle reads the persisted status
+        assert again is not None and again.status == BoxStatus.SUSPENDED
+        info = await box.start()
+        assert info.status == BoxStatus.RUNNING
+        now_boot, after = await reading(box)  # exec works right after every resume
+        assert now_boot == boot_id, f"cycle {cycle}: the guest rebooted instead of resuming"
+        assert after >= before, f"cycle {cycle}: the counter went back from {before} to {after}"
+        assert abs(await guest_clock_error(box)) < 1.0
+        await asyncio.sleep(0.5)
+        _, later = await reading(box)
+        assert later > after, f"cycle {cycle}: the background counter stopped"
+        before = later
+
+
+@pytest.mark.backends("local", "remote")
+async def test_suspend_needs_a_running_box(fresh_box: boxvm.Box) -> None:
+    with pytest.raises(InvalidState, match="running or paused"):
+        await fresh_box.suspend()
+
+
+async def _disk_marker(box: boxvm.Box) -> str:
+    marker = os.urandom(8).hex()
+    await sh(box, f"echo {marker} > /root/marker && sync")
+    return marker
+
+
+async def test_damaged_state_leaves_a_stopped_box_that_boots_cold(fresh_box: boxvm.Box, local: LocalBackend) -> None:
+    box = fresh_box
+    await box.start()
+    marker = await _disk_marker(box)
+    boot_id = await sh(box, "cat /proc/sys/kernel/random/boot_id")
+    await box.suspend()
+    state = local.home.box_dir(box.id) / memory.STATE
+    os.truncate(state, state.stat().st_size // 2)
+    with pytest.raises(StorageError, match=r"cannot resume.*boot it cold") as err:
+        await box.start()
+    assert str(local.home.root) not in str(err.value)
+    assert (await box.info()).status == BoxStatus.STOPPED
+    assert not state.exists()
+    await box.start()
+    assert await sh(box, "cat /root/marker") == marker
+    assert await sh(box, "cat /proc/sys/kernel/random/boot_id") != boot_id  # a cold boot
+
+
+@pytest.mark.parametrize("point", ["memory:stopped", "suspend:saved"])
+async def test_sigkill_during_suspend_leaves_a_box_that_boots_cold(
+    fresh_box: boxvm.Box, local: LocalBackend, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    box = fresh_box
+    monkeypatch.setenv("BOXVM_FAULT", point)  # inherited by the box's supervisor only
+    await box.start()
+    monkeypatch.delenv("BOXVM_FAULT")
+    marker = await _disk_marker(box)
+    with pytest.raises(boxvm.BoxvmError):
+        await box.suspend()
+    rec = local.store.get_box(box.id)
+    assert rec is not None
+    for pid in (rec.supervisor_pid, rec.qemu_pid):  # both gone: the supervisor died, QEMU with it
+        if pid is not None:
+            with pytest.raises(ProcessLookupError):
+                for _ in range(200):
+                    os.kill(pid, 0)
+                    await asyncio.sleep(0.05)
+    status = (await box.info()).status
+    assert status in (BoxStatus.FAILED, BoxStatus.STOPPED), status
+    await box.start()
+    assert await sh(box, "cat /root/marker") == marker
