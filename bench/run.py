@@ -214,7 +214,11 @@ def check(path: Path) -> int:
     if not path.exists():
         print(f"bench --check: no {path}; run `make bench` (or `python -m bench --only GROUP`) first", file=sys.stderr)
         return 2
-    medians = json.loads(path.read_text())["medians_ms"]
+    run = json.loads(path.read_text())
+    medians = run.get("medians_ms") if isinstance(run, dict) else None
+    if not isinstance(medians, dict):
+        print(f"bench --check: {path} has no medians_ms; run `make bench` again", file=sys.stderr)
+        return 2
     outcomes = targets.check(targets.load(REPO / "BENCHMARKS.md"), medians)
     misses, unmeasured = targets.report(outcomes)
     for line in unmeasured:

@@ -142,3 +142,9 @@ def test_bench_check_without_a_run_says_what_to_do(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "make bench" in r.stderr
+    (tmp_path / "other.json").write_text("[]")
+    r = subprocess.run(
+        [sys.executable, "-m", "bench", "--check", "--json", str(tmp_path / "other.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "no medians_ms" in r.stderr
