@@ -18,6 +18,7 @@ from pathlib import Path
 from boxvm.build import debs
 from boxvm.build.cpio import write_cpio
 from boxvm.build.ext4 import make_ext4
+from boxvm.build.outputs import publish
 from boxvm.errors import ImageError
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -111,11 +112,7 @@ def ensure(home: Home, progress: Progress = silent) -> Bundle:
             )
         )
         shutil.rmtree(work / "stage", ignore_errors=True)
-        try:
-            work.rename(path)
-        except OSError:
-            if not (path / "bundle.json").is_file():  # not a concurrent builder's success
-                raise
+        publish(work, path, "bundle.json")
     progress(f"guest bundle {bundle_id} ready")
     return Bundle(bundle_id, path, kernel_version)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.build import debs, mmdebstrap
+from boxvm.build.outputs import publish
 from boxvm.images import oci
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -159,12 +160,7 @@ def _publish(
     record = {"format": FORMAT, "reference": ref, "packages": sorted(d.filename for d in wanted), "layer_bytes": size,
               "build_seconds": seconds, **extra}  # fmt: skip
     (out / "build.json").write_text(json.dumps(record, indent=1))
-    layout.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        out.rename(layout)
-    except OSError:
-        if not (layout / "index.json").is_file():  # not a concurrent builder's success
-            raise
+    publish(out, layout, "index.json")
     progress(f"{ref} ready: {size / 1e6:.0f} MB, built in {seconds:.0f} s")
     return layout
 
