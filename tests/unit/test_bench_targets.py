@@ -136,15 +136,9 @@ def test_bench_check_exits_nonzero_and_lists_each_miss(tmp_path: Path) -> None:
     assert "2 met, 0 missed" in good.stdout
 
 
-def test_bench_check_without_a_run_says_what_to_do(tmp_path: Path) -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "--check", "--json", str(tmp_path / "none.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 2 and "make bench" in r.stderr
+def test_bench_check_without_a_run_says_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import check
+
+    assert check(tmp_path / "none.json") == 2 and "make bench" in capsys.readouterr().err
     (tmp_path / "other.json").write_text("[]")
-    r = subprocess.run(
-        [sys.executable, "-m", "bench", "--check", "--json", str(tmp_path / "other.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 2 and "no medians_ms" in r.stderr
+    assert check(tmp_path / "other.json") == 2 and "no medians_ms" in capsys.readouterr().err
