@@ -38,11 +38,9 @@ class SnapshotOptions:
     quiesce: bool = True  # freeze the guest filesystem around a running-box capture
     quiesce_timeout_secs: float = 30
     stop_on_quiesce_fail: bool = True  # False: continue crash-consistent and say so
-    memory: bool = False  # RAM + device state (not supported yet)
+    memory: bool = False  # RAM + device state too (a running box); restore then resumes processes
 
     def validate(self) -> SnapshotOptions:
-        if self.memory:
-            raise InvalidArgument("memory snapshots are not supported yet: use memory=False")
         if not 0 < self.quiesce_timeout_secs <= 3600:
             raise InvalidArgument("quiesce_timeout_secs must be between 0 and 3600")
         return self

@@ -11,19 +11,21 @@ is discarded and the box is left ``stopped`` (it boots cold from its disk).
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from boxvm.disks.layers import PENDING
 from boxvm.engine import memory
+from boxvm.engine.client import Connection
 from boxvm.errors import InvalidState, StorageError
 from boxvm.options import BoxInfo, BoxOptions
+from boxvm.paths import Home
+from boxvm.processes import alive
 from boxvm.status import BoxStatus, require
 from boxvm.store import BoxRecord, Store
-
-if TYPE_CHECKING:
-    from boxvm.backends.local import LocalBackend
 
 
 def shape(rec: BoxRecord) -> dict[str, Any]:
@@ -49,15 +51,26 @@ def resumable(store: Store, box_dir: Path, rec: BoxRecord) -> bool:
     return True
 
 
+class _Local(Protocol):
+    """What :class:`SuspendOps` uses of ``LocalBackend`` (named here: no import cycle)."""
+
+    home: Home
+    store: Store
+
+    def _record(self, id_or_name: str) -> BoxRecord: ...
+    def _info(self, rec: BoxRecord) -> BoxInfo: ...
+    async def _conn(self, box_id: str, label: str) -> Connection: ...
+    async def _drop_conn(self, box_id: str) -> None: ...
+
+
 class SuspendOps:
-    """``suspend`` for :class:`LocalBackend`."""
+    """``suspend`` for ``LocalBackend``."""
 
-    async def suspend(self: LocalBackend, box_id: str) -> BoxInfo:
-        from boxvm.backends.local import _no_operation, _pid_is
-
+    async def suspend(self: _Local, box_id: str) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
-        _no_operation(rec)
+        if rec.operation is not None:
+            raise InvalidState(f"box {rec.name!r} is {rec.operation.value} right now: wait for that to finish")
         require("suspend", rec.name, rec.status)
         if not self.store.transition(rec.id, BoxStatus.SUSPENDING, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while suspending: try again")
@@ -74,8 +87,51 @@ class SuspendOps:
             raise
         await self._drop_conn(rec.id)
         deadline = time.monotonic() + 10  # the supervisor exits right after QEMU
-        while rec.supervisor_pid and _pid_is(rec.supervisor_pid, rec.id) and time.monotonic() < deadline:
+        while rec.supervisor_pid and alive(rec.supervisor_pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         timings = {f"suspend_{k}": float(v) for k, v in result.items() if k.endswith("_ms")}
         self.store.add_timing(rec.id, suspend_ms=(time.monotonic() - t0) * 1000, **timings)
         return self._info(self._record(rec.id))
+
+
+# -- memory snapshots (their files live in the box directory, removed with the box) --------
+def snapshot_dir(box_dir: Path, snapshot_id: str) -> Path:
+    return box_dir / "memory-snapshots" / snapshot_id
+
+
+def require_live(rec: BoxRecord) -> None:
+    if rec.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+        raise InvalidState(
+            f"cannot take a memory snapshot of box {rec.name!r} while it is {rec.shown_status.value}: it has no"
+            " memory to capture; start it first, or use memory=False for its disk"
+        )
+
+
+def keep_capture(box_dir: Path, snapshot_id: str) -> None:
+    """Give the supervisor's finished capture (``memory.CAPTURE``) to the snapshot."""
+    dest = snapshot_dir(box_dir, snapshot_id)
+    dest.parent.mkdir(mode=0o700, exist_ok=True)
+    os.rename(box_dir / memory.CAPTURE, dest)
+
+
+def drop_snapshot(box_dir: Path, snapshot_id: str) -> None:
+    shutil.rmtree(snapshot_dir(box_dir, snapshot_id), ignore_errors=True)
+
+
+def restore_into(store: Store, box_dir: Path, rec: BoxRecord, snapshot_id: str) -> None:
+    """After a memory snapshot's disk is restored: its memory becomes the box's saved
+    state (RAM copied sparsely, the record last) and the box is ``suspended``."""
+    src = snapshot_dir(box_dir, snapshot_id)
+    try:
+        memory.check(src, shape(rec))
+    except StorageError as exc:
+        raise StorageError(
+            f"the memory state of this snapshot of box {rec.name!r} cannot be used: {exc.message}. Its disk was"
+            " restored and the box is stopped: start it to boot it cold"
+        ) from exc
+    memory.discard(box_dir)
+    memory.sparse_copy(src / memory.RAM, box_dir / memory.RAM)
+    shutil.copyfile(src / memory.STATE, box_dir / memory.STATE)
+    shutil.copyfile(src / memory.META, box_dir / memory.META)  # last: it vouches for the others
+    at_rest = {BoxStatus.STOPPED, BoxStatus.CONFIGURED, BoxStatus.FAILED}
+    store.transition(rec.id, BoxStatus.SUSPENDED, at_rest, during_operation=True)

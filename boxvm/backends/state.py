@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from boxvm import archive, faults
+from boxvm.backends import memory as box_memory
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, Scan, layer_of
 from boxvm.engine import qemu
@@ -144,7 +145,8 @@ class StateOps:
             layer, parent = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             result = await conn.request(
-                "capture",
+                "capture_memory" if options.memory else "capture",
+                shape=box_memory.shape(rec),
                 quiesce=options.quiesce,
                 quiesce_timeout=options.quiesce_timeout_secs,
                 stop_on_quiesce_fail=options.stop_on_quiesce_fail,
@@ -165,14 +167,20 @@ class StateOps:
         check_snapshot_name(name)
         options.validate()
         rec = self._record(box_id)
+        if options.memory:
+            box_memory.require_live(rec)
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
         async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture"):
             cap = await self._capture(rec, options)
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
+            if options.memory:
+                snap.has_memory = True
+                box_memory.keep_capture(self.home.box_dir(rec.id), snap.id)
             try:
                 self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap)
             except AlreadyExists:  # the name was taken meanwhile: the capture stays the box's
+                box_memory.drop_snapshot(self.home.box_dir(rec.id), snap.id)
                 self.store.record_capture(rec.id, cap.layer, cap.parent)
                 raise
         return self._snapshot_info(snap)
@@ -232,6 +240,8 @@ class StateOps:
             self.layers.restore(box_dir, snap.layer, size)
             faults.point("restore:committed")
             self.layers.collect(self.store, restored[1])
+            if snap.has_memory:  # the box resumes from it: suspended
+                await asyncio.to_thread(box_memory.restore_into, self.store, box_dir, rec, snap.id)
         self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
         return self._info(self._record(rec.id))
 
@@ -240,6 +250,7 @@ class StateOps:
         dead = self.store.remove_snapshot(snap.id)  # the name and its reference go at once
         faults.point("snapshot-remove:row-deleted")
         self.layers.collect(self.store, dead)
+        box_memory.drop_snapshot(self.home.box_dir(_rec.id), snap.id)
 
     # -- clones -----------------------------------------------------------------------
     async def clone(self: LocalBackend, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,6 +32,7 @@ from boxvm.errors import EngineError, StorageError
 RAM = "memory.ram"
 STATE = "memory.state"
 META = "memory.json"
+CAPTURE = "memory-capture"  # a memory snapshot's files, until the snapshot's record takes them
 MAX_STATE = 64 << 20  # device state is tens of KB; anything near this is not ours
 MIGRATE_TIMEOUT = 60.0
 
@@ -64,20 +66,15 @@ async def _wait_migration(qmp: Qmp, incoming: bool) -> dict[str, Any]:
 
 
 async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, float]:
-    """Stop the vCPUs and write the device state next to the RAM file.
+    """Stop the vCPUs and write the device state next to the RAM file (a suspend).
 
-    The VM is left stopped (``postmigrate``): the caller quits it (suspend) or resumes it
-    (snapshot). Returns timings in ms; ``pause`` counts from the stop."""
+    The VM is left stopped (``postmigrate``) for the caller to quit. Timings in ms."""
     t0 = time.monotonic()
     await qmp.stop()
     t_stop = time.monotonic()
     faults.point("memory:stopped")
-    tmp = box_dir / f"{STATE}.tmp"
-    tmp.unlink(missing_ok=True)
     (box_dir / META).unlink(missing_ok=True)  # the old record must not vouch for the new state
-    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
-    await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
-    await _wait_migration(qmp, incoming=False)
+    tmp = await _write_state(qmp, box_dir)
     t_saved = time.monotonic()
     await asyncio.to_thread(_publish, box_dir, tmp, shape)
     return {
@@ -85,6 +82,62 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, floa
         "save_ms": (t_saved - t_stop) * 1000,
         "sync_ms": (time.monotonic() - t_saved) * 1000,
     }
+
+
+async def _write_state(qmp: Qmp, directory: Path) -> Path:
+    """Migrate the stopped VM's device state (not its shared RAM) into a temporary file."""
+    tmp = directory / f"{STATE}.tmp"
+    tmp.unlink(missing_ok=True)
+    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
+    await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
+    await _wait_migration(qmp, incoming=False)
+    return tmp
+
+
+async def copy_stopped(qmp: Qmp, box_dir: Path, dest: Path) -> dict[str, float]:
+    """With the vCPUs already stopped: device state and a copy of the RAM file into ``dest``
+    (a memory snapshot; the caller resumes the VM, then calls :func:`seal`)."""
+    t0 = time.monotonic()
+    await _write_state(qmp, dest)
+    t_state = time.monotonic()
+    copied = await asyncio.to_thread(sparse_copy, box_dir / RAM, dest / RAM)
+    return {"state_ms": (t_state - t0) * 1000, "ram_copy_ms": (time.monotonic() - t_state) * 1000,
+            "ram_copied_bytes": float(copied)}  # fmt: skip
+
+
+def seal(dest: Path, shape: dict[str, Any]) -> None:
+    """Make a copied memory state durable and vouch for it (outside the guest's pause)."""
+    _publish(dest, dest / f"{STATE}.tmp", shape)
+
+
+def sparse_copy(src: Path, dst: Path) -> int:
+    """Copy ``src`` to a new ``dst`` keeping its holes: only the data extents (SEEK_DATA /
+    SEEK_HOLE) are copied, in the kernel (copy_file_range). Guest RAM is mostly holes.
+
+    Written by hand because shutil.copyfile copies every byte, holes included, and this
+    host's ext4 has no reflinks (which would make the copy O(1))."""
+    total = 0
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        os.fchmod(fout.fileno(), 0o600)
+        size = os.fstat(fin.fileno()).st_size
+        os.ftruncate(fout.fileno(), size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fin.fileno(), start, os.SEEK_HOLE)
+            off_in, off_out = start, start
+            while off_in < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - off_in, off_in, off_out)
+                if n == 0:
+                    break
+                off_in += n
+                off_out += n
+            total += off_in - start
+            pos = end
+    return total
 
 
 def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any]) -> None:
@@ -161,6 +214,12 @@ def discard(box_dir: Path) -> None:
     discard_state(box_dir)
     with contextlib.suppress(FileNotFoundError):
         (box_dir / RAM).unlink()
+
+
+def fresh_dir(path: Path) -> None:
+    """An empty private directory at ``path`` (what a crashed capture left is dropped)."""
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
 
 
 def fresh_ram(box_dir: Path, memory_mib: int) -> None:

@@ -12,19 +12,43 @@ import logging
 import os
 import secrets
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from boxvm import faults
+from boxvm.disks.layers import PENDING, LayerStore
 from boxvm.engine import memory
+from boxvm.engine.agentlink import AgentLink
+from boxvm.engine.qmp import QMP
 from boxvm.errors import EngineError
 from boxvm.status import BoxStatus
-
-if TYPE_CHECKING:
-    from boxvm.engine.supervisor import Supervisor
+from boxvm.store import Store
 
 log = logging.getLogger("boxvm.supervisor")
 
 RESUME_PING_TIMEOUT = 30.0
+
+
+class _Supervisor(Protocol):
+    """What these operations use of ``supervisor.Supervisor`` (named here: no import cycle)."""
+
+    dir: Path
+    box_id: str
+    qmp: QMP
+    link: AgentLink
+    store: Store
+    layers: LayerStore
+    capture_lock: asyncio.Lock
+    ready: asyncio.Future[float]
+    exited: asyncio.Event
+    qemu: asyncio.subprocess.Process | None
+    t0: float
+    stop_requested: bool
+    final_status: BoxStatus
+    unpublished: tuple[str, str | None] | None
+
+    async def settle(self) -> None: ...
+    async def switch(self, req: dict[str, Any], capture: tuple[str, str | None]) -> dict[str, Any]: ...
 
 
 class MemoryOps:
@@ -32,7 +56,7 @@ class MemoryOps:
 
     final_status: BoxStatus = BoxStatus.STOPPED  # what QEMU's exit after a requested stop means
 
-    async def op_suspend(self: Supervisor, req: dict[str, Any]) -> dict[str, Any]:
+    async def op_suspend(self: _Supervisor, req: dict[str, Any]) -> dict[str, Any]:
         """Save the memory and device state with the box, then let QEMU exit.
 
         The capture lock keeps a disk capture from switching the disk meanwhile. If saving
@@ -65,7 +89,7 @@ class MemoryOps:
             timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
         return {"ok": True, **timings}
 
-    async def resume_incoming(self: Supervisor) -> None:
+    async def resume_incoming(self: _Supervisor) -> None:
         """Load the saved state into the QEMU just started with ``-incoming defer``, run
         it, and check the agent answers; then the box is ready (its agent sends no HELLO:
         it never restarted)."""
@@ -95,3 +119,46 @@ class MemoryOps:
         )
         if not self.ready.done():
             self.ready.set_result(ready_ms)
+
+    async def op_capture_memory(self: _Supervisor, req: dict[str, Any]) -> dict[str, Any]:
+        """A memory snapshot's capture: the disk, the device state and the RAM at one
+        instant, into ``memory.CAPTURE`` in the box directory; the VM then runs on.
+
+        The vCPUs stay stopped through the disk switch, the device state and the copy of
+        the RAM's data extents (the guest's pause); the fsyncs and the record follow the
+        ``cont``. The disk capture is published like any other (``settle``)."""
+        shape = req.get("shape")
+        if not isinstance(shape, dict):
+            raise EngineError("a memory capture needs the machine's shape")
+        dest = self.dir / memory.CAPTURE
+        async with self.capture_lock:
+            await self.settle()
+            await asyncio.to_thread(memory.fresh_dir, dest)
+            was_running = await self.qmp.status() == "running"
+            t0 = time.monotonic()
+            await self.qmp.stop()
+            layer, parent = self.layers.prepare_capture(self.dir)
+            try:
+                try:
+                    switched = await self.switch({"quiesce": False}, (layer, parent))
+                finally:
+                    if self.unpublished is None:
+                        (self.dir / PENDING).unlink(missing_ok=True)
+                timings = await memory.copy_stopped(self.qmp, self.dir, dest)
+                faults.point("memory:copied")
+            finally:
+                if was_running:
+                    await self.qmp.cont()
+                pause_ms = (time.monotonic() - t0) * 1000
+                await self.settle()
+            await asyncio.to_thread(memory.seal, dest, shape)
+        return {
+            "layer": layer,
+            "parent": parent,
+            "consistency": switched["consistency"],
+            "node": switched["node"],
+            "pause_ms": pause_ms,
+            "switch_ms": switched["switch_ms"],
+            "host_window_ms": (time.monotonic() - t0) * 1000,
+            **timings,
+        }

@@ -13,9 +13,11 @@ import time
 import pytest
 
 import boxvm
+from boxvm.backends import memory as box_memory
 from boxvm.backends.local import LocalBackend
 from boxvm.engine import memory
 from boxvm.errors import InvalidState, StorageError
+from boxvm.options import SnapshotOptions
 from boxvm.status import BoxStatus
 
 pytestmark = [pytest.mark.asyncio]
@@ -106,8 +108,8 @@ async def test_damaged_state_leaves_a_stopped_box_that_boots_cold(fresh_box: box
     assert await sh(box, "cat /proc/sys/kernel/random/boot_id") != boot_id  # a cold boot
 
 
-@pytest.mark.parametrize("point", ["memory:stopped", "suspend:saved"])
-async def test_sigkill_during_suspend_leaves_a_box_that_boots_cold(
+@pytest.mark.parametrize("point", ["memory:stopped", "suspend:saved", "memory:copied"])
+async def test_sigkill_during_suspend_or_memory_snapshot_leaves_a_box_that_boots_cold(
     fresh_box: boxvm.Box, local: LocalBackend, monkeypatch: pytest.MonkeyPatch, point: str
 ) -> None:
     box = fresh_box
@@ -116,7 +118,10 @@ async def test_sigkill_during_suspend_leaves_a_box_that_boots_cold(
     monkeypatch.delenv("BOXVM_FAULT")
     marker = await _disk_marker(box)
     with pytest.raises(boxvm.BoxvmError):
-        await box.suspend()
+        if point == "memory:copied":
+            await box.snapshot.create("m", SnapshotOptions(memory=True))
+        else:
+            await box.suspend()
     rec = local.store.get_box(box.id)
     assert rec is not None
     for pid in (rec.supervisor_pid, rec.qemu_pid):  # both gone: the supervisor died, QEMU with it
@@ -129,3 +134,87 @@ async def test_sigkill_during_suspend_leaves_a_box_that_boots_cold(
     assert status in (BoxStatus.FAILED, BoxStatus.STOPPED), status
     await box.start()
     assert await sh(box, "cat /root/marker") == marker
+
+
+async def urandom(box: boxvm.Box) -> str:
+    return await sh(box, "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'")
+
+
+@pytest.mark.backends("local", "remote")
+async def test_memory_snapshot_keeps_the_box_running_and_restore_resumes_it(fresh_box: boxvm.Box) -> None:
+    box = fresh_box
+    await box.start()
+    await start_counter(box)
+    boot_id, before = await reading(box)
+    snap = await box.snapshot.create("m", SnapshotOptions(memory=True))
+    assert snap.has_memory and (await box.snapshot.get("m")).has_memory  # type: ignore[union-attr]
+    assert (await box.info()).status == BoxStatus.RUNNING
+    await sh(box, "echo later > /root/after-snapshot && sync")
+    await asyncio.sleep(0.5)
+    _, running_on = await reading(box)
+    assert running_on > before  # the box kept running
+    await box.stop()
+    seen = set()
+    for _ in range(2):  # the same saved state, resumed twice: its RNG must not repeat
+        info = await box.snapshot.restore("m")
+        assert info.status == BoxStatus.SUSPENDED
+        await box.start()
+        seen.add(await urandom(box))
+        now_boot, count = await reading(box)
+        assert now_boot == boot_id, "the guest rebooted instead of resuming"
+        assert count >= before, (before, count)  # counting on from the snapshot's instant
+        missing = await box.exec(["cat", "/root/after-snapshot"])
+        assert missing.exit_code != 0, "the disk was not restored to the snapshot's instant"
+        assert abs(await guest_clock_error(box)) < 1.0
+        await box.stop()
+    assert len(seen) == 2, "two resumes of one memory snapshot read the same /dev/urandom bytes"
+
+
+@pytest.mark.backends("local", "remote")
+async def test_memory_snapshot_needs_a_running_box(fresh_box: boxvm.Box) -> None:
+    with pytest.raises(InvalidState, match="no memory to capture"):
+        await fresh_box.snapshot.create("m", SnapshotOptions(memory=True))
+    assert await fresh_box.snapshot.get("m") is None
+
+
+async def test_damaged_memory_snapshot_restores_the_disk_and_boots_cold(
+    fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
+    box = fresh_box
+    await box.start()
+    marker = await _disk_marker(box)
+    snap = await box.snapshot.create("m", SnapshotOptions(memory=True))
+    await box.stop()
+    state = box_memory.snapshot_dir(local.home.box_dir(box.id), snap.id) / memory.STATE
+    state.write_bytes(state.read_bytes()[:-100])  # truncated
+    with pytest.raises(StorageError, match=r"cannot be used.*boot it cold"):
+        await box.snapshot.restore("m")
+    assert (await box.info()).status == BoxStatus.STOPPED
+    await box.start()
+    assert await sh(box, "cat /root/marker") == marker
+
+
+async def test_two_resumes_of_one_saved_state_read_different_random_bytes(
+    fresh_box: boxvm.Box, local: LocalBackend
+) -> None:
+    """The guest's CRNG state is part of the saved RAM: without the reseed through the agent
+    both resumes print the same /dev/urandom bytes (checked with the reseed removed)."""
+    box = fresh_box
+    await box.start()
+    await box.suspend()
+    box_dir = local.home.box_dir(box.id)
+    kept = box_dir / "kept-state"
+    kept.mkdir()
+    names = (memory.STATE, memory.META, memory.RAM)
+    for name in names:
+        memory.sparse_copy(box_dir / name, kept / name)
+    seen = []
+    for _ in range(2):
+        await box.start()
+        seen.append(await urandom(box))
+        await box.stop()
+        memory.discard(box_dir)  # the same saved state again
+        for name in names:
+            memory.sparse_copy(kept / name, box_dir / name)
+        assert local.store.transition(box.id, BoxStatus.SUSPENDED, {BoxStatus.STOPPED})
+    assert seen[0] != seen[1], "two resumes of one saved state read the same /dev/urandom bytes"
