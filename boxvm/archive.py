@@ -2,8 +2,9 @@
 
 Writing: the container disk's chain is flattened by ``qcow2.flatten_plan`` (layout from
 metadata, then data clusters in order), and those bytes go straight through SHA-256 into
-a tar member inside a zstd stream inside a temporary file: one pass, no intermediate
-copy. ``manifest.json`` comes last because it carries the checksum.
+a tar member inside a zstd stream, which the backend hands on as it is produced (to a file
+through ``boxvm.publish``, or to a REST response): one pass, no intermediate copy.
+``manifest.json`` comes last because it carries the checksum.
 
 Reading trusts nothing: members are limited in name, type, count and size while they
 stream (before the manifest is seen, since it comes last), checksums and sizes are
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from boxvm import faults, publish
+from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageError
 from boxvm.options import PATH_LIMIT, check_box_options
@@ -44,34 +45,6 @@ MAX_VIRTUAL = int(os.environ.get("BOXVM_IMPORT_MAX_VIRTUAL_BYTES", qcow2.MAX_VIR
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 Progress = Callable[[int], None]  # bytes done so far
-
-
-@dataclass(frozen=True)
-class ExportResult:
-    path: Path
-    manifest: dict[str, Any]
-
-
-def write_archive(
-    top: Path,
-    dest: Path,
-    manifest: dict[str, Any],
-    *,
-    compress: bool,
-    level: int,
-    progress: Progress | None = None,
-    journal_dir: Path | None = None,
-) -> ExportResult:
-    """Write ``top``'s flattened disk and the manifest to ``dest``: nothing appears there
-    unless complete, and a file created there meanwhile is never replaced (``publish``).
-    ``journal_dir`` records a named partial file for recovery where ``O_TMPFILE`` is missing."""
-    try:
-        with publish.exclusive_file(dest, journal_dir) as raw:
-            full = write_stream(top, raw, manifest, compress=compress, level=level, progress=progress)
-            faults.point("export:written")
-    except OSError as exc:
-        raise write_failed(exc, dest) from exc
-    return ExportResult(dest, full)
 
 
 def destination(dest: Path, box_name: str) -> Path:

@@ -3,6 +3,8 @@
     BoxvmError
      ├── InvalidArgument   400  bad name, option or argument
      ├── NotFound          404  no such box, image or path
+     │    ├── BoxNotFound         no box with that id or name
+     │    └── SnapshotNotFound    the box has no snapshot of that name
      ├── AlreadyExists     409  name taken
      ├── InvalidState      409  operation not allowed in the box's current status
      ├── QuiesceError      409  guest filesystem could not be frozen
@@ -13,9 +15,12 @@
      ├── Unauthorized      401  REST token missing or wrong
      └── Unsupported       501  the server lacks an API version or capability
 
-Every class has a stable ``code`` and ``http_status`` so a REST server can send
-``{type, message, status}`` and a client can raise the very same class again.
-Foreign exceptions are translated at the boundary with ``raise X(...) from exc``.
+Every class has a stable ``http_status``, a ``code`` naming its top-level class (what the
+CLI prints, and the envelope's ``type`` since API 1) and a ``kind``, its own name. A REST
+server sends ``{type, code, message, status}`` (``code`` being the kind) and a client raises
+the very same class again, by ``code`` when it knows it, else by ``type`` (an older peer):
+never by looking at the message. Foreign exceptions are translated at the boundary with
+``raise X(...) from exc``.
 """
 
 from __future__ import annotations
@@ -29,8 +34,13 @@ class BoxvmError(Exception):
         super().__init__(message)
         self.message = message
 
+    @classmethod
+    def kind(cls) -> str:
+        """The exact class, e.g. ``SnapshotNotFound`` where ``code`` says ``NotFound``."""
+        return cls.__name__
+
     def to_dict(self) -> dict[str, object]:
-        return {"type": self.code, "message": self.message, "status": self.http_status}
+        return {"type": self.code, "code": self.kind(), "message": self.message, "status": self.http_status}
 
 
 class InvalidArgument(BoxvmError):
@@ -41,6 +51,14 @@ class InvalidArgument(BoxvmError):
 class NotFound(BoxvmError):
     code = "NotFound"
     http_status = 404
+
+
+class BoxNotFound(NotFound):
+    pass
+
+
+class SnapshotNotFound(NotFound):
+    pass
 
 
 class AlreadyExists(BoxvmError):
@@ -88,10 +106,17 @@ class Unsupported(BoxvmError):
     http_status = 501
 
 
-_BY_CODE = {cls.code: cls for cls in (BoxvmError, *BoxvmError.__subclasses__())}
+def _classes(cls: type[BoxvmError]) -> list[type[BoxvmError]]:
+    return [cls, *(sub for direct in cls.__subclasses__() for sub in _classes(direct))]
+
+
+# The classes a peer may name: this module's (subclasses elsewhere, with constructors of their
+# own, travel as their nearest class here by ``type``).
+KINDS = {cls.kind(): cls for cls in _classes(BoxvmError)}
 
 
 def from_dict(data: dict[str, object]) -> BoxvmError:
-    """Rebuild the exception a peer serialised with :meth:`BoxvmError.to_dict`."""
-    cls = _BY_CODE.get(str(data.get("type")), BoxvmError)
+    """Rebuild the exception a peer serialised with :meth:`BoxvmError.to_dict`: the class its
+    ``code`` names, else (a peer without codes) the top-level class its ``type`` names."""
+    cls = KINDS.get(str(data.get("code"))) or KINDS.get(str(data.get("type"))) or BoxvmError
     return cls(str(data.get("message", "")))

@@ -12,6 +12,7 @@ from pathlib import Path
 from types import TracebackType
 
 from boxvm.backends.base import Backend, ProcessChannel
+from boxvm.errors import BoxNotFound
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -106,9 +107,7 @@ class Box:
     async def info(self) -> BoxInfo:
         info = await self._backend.get(self.id)
         if info is None:
-            from boxvm.errors import NotFound
-
-            raise NotFound(f"box {self.name!r} was removed")
+            raise BoxNotFound(f"box {self.name!r} was removed")
         self._last = info
         return info
 
@@ -291,9 +290,7 @@ class Runtime:
         """Remove a box and its files. A running box needs ``force=True``."""
         info = await self._backend.get(id_or_name)
         if info is None:
-            from boxvm.errors import NotFound
-
-            raise NotFound(f"no box named or with id {id_or_name!r}")
+            raise BoxNotFound(f"no box named or with id {id_or_name!r}")
         await self._backend.remove(info.id, force)
 
     async def import_box(self, archive: str | Path, name: str | None = None, *, untrusted: bool = False) -> Box:

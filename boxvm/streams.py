@@ -9,7 +9,7 @@ waits and memory stays at a few chunks whatever the size of the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -147,3 +147,60 @@ class ThreadWriter:
         finally:
             if not producer.done():  # the consumer stopped early: let the writer fail
                 self.abort()
+
+
+class ByteStream:
+    """An async iterator of bytes whose ``aclose`` always releases its source, even when it
+    was never iterated (an async generator's ``finally`` would then not run, and a worker
+    blocked on a full bridge would hold its box forever). Consumers that may stop early use
+    ``contextlib.aclosing``."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], release: Callable[[], Awaitable[None]]) -> None:
+        self._chunks = chunks
+        self._release = release
+        self._closed = False
+
+    def __aiter__(self) -> ByteStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                await self._chunks.aclose()  # type: ignore[attr-defined]
+            finally:
+                await self._release()
+
+
+async def produced(work: Callable[[ThreadWriter], Awaitable[Any]]) -> ByteStream:
+    """Run ``work(sink)``, which writes from a worker thread into ``sink``, and return its bytes.
+
+    Returns once the first bytes exist, so a failure before them (no such box, a refused
+    state) raises here rather than in the middle of a stream; a later failure is raised by
+    the iterator after the bytes written before it. Closing the stream early makes the
+    worker's next write fail and waits for it to finish (its claims released)."""
+    writer = ThreadWriter(asyncio.get_running_loop())
+    task = asyncio.ensure_future(work(writer))
+    chunks = writer.chunks(task)
+
+    async def release() -> None:
+        if not task.done():
+            writer.abort()
+        await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        first = await anext(chunks, b"")
+    except BaseException:
+        await release()
+        raise
+
+    async def stream() -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return ByteStream(stream(), release)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tarfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 
 from boxvm import tarsafe
@@ -33,11 +33,6 @@ def tree_chunks(host_path: Path) -> AsyncIterator[bytes]:
         writer.flush()
 
     return writer.chunks(asyncio.ensure_future(asyncio.to_thread(produce)))
-
-
-async def send_tree(host_path: Path, send: Callable[[bytes], Awaitable[None]]) -> None:
-    async for chunk in tree_chunks(host_path):
-        await send(chunk)
 
 
 def extract_as_recorded(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path | str) -> None:

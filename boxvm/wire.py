@@ -1,22 +1,112 @@
-"""What the REST client and server agree on: connection timing, and the result dataclasses
-rebuilt from the server's JSON (FastAPI encodes them there).
+"""The REST protocol, the one place server (``boxvm.server.app``) and client
+(``boxvm.backends.remote``) take it from: API version and capabilities, connection timing,
+exec frame tags, request bodies, and the result dataclasses rebuilt from the server's JSON
+(FastAPI encodes them there). Errors travel as ``BoxvmError.to_dict`` envelopes
+(``boxvm.errors``).
 
-Fields the client does not know are ignored, so a newer server can add some.
+Plain dataclasses, no FastAPI: the client imports this module without the server's
+dependencies. Fields the client does not know are ignored, so a newer server can add some.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from typing import Any
 
-from boxvm.options import BoxInfo, DiskUsage, SnapshotInfo
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ImageInfo, SnapshotInfo, SnapshotOptions
 from boxvm.status import BoxStatus
+
+API_VERSION = 1
+# What a server offers and a client needs: a client refuses a server that lacks one.
+CAPABILITIES = (
+    "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
+)  # fmt: skip
 
 # Idle HTTP connections: the client drops them well before the server does. With both at
 # 5 s (the httpx and uvicorn defaults) a request sent on a connection the server was just
 # closing failed with a ReadError, and a start or stop cannot be retried blindly.
 SERVER_KEEPALIVE_SECS = 30
 CLIENT_KEEPALIVE_SECS = 10
+
+# Exec WebSocket: binary frames start with the stream they carry; text frames are JSON
+# control messages with a "type" (client: close_stdin, signal, resize; server: started,
+# exit, error).
+STDIN, STDOUT, STDERR = 0, 1, 2
+WS_POLICY_VIOLATION = 1008  # the close code of an exec WebSocket refused for its token
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+@dataclass
+class ServerConfig:
+    version: str
+    api: int
+    capabilities: list[str]
+
+
+@dataclass
+class CreateRequest:
+    options: BoxOptions = field(default_factory=BoxOptions)
+    name: str | None = None
+
+
+@dataclass
+class StopRequest:
+    timeout: float = 10.0
+
+
+@dataclass
+class SnapshotRequest:
+    name: str
+    options: SnapshotOptions = field(default_factory=SnapshotOptions)
+
+
+@dataclass
+class CloneRequest:
+    names: list[str | None] = field(default_factory=lambda: [None])
+    options: CloneOptions = field(default_factory=CloneOptions)
+
+
+@dataclass
+class PullRequest:
+    reference: str
+    username: str | None = None
+    password: str | None = None
+    insecure: bool = False
+
+
+@dataclass
+class ExecRequest:
+    """The first (text) frame of an exec WebSocket."""
+
+    argv: list[str]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    user: str | None = None
+    timeout: float | None = None
+    tty: bool = False
+    size: tuple[int, int] | None = None
+
+    @classmethod
+    def parse(cls, data: Any) -> ExecRequest:
+        """From a caller's JSON; raises KeyError, TypeError or ValueError when malformed."""
+        if not isinstance(data, dict):
+            raise TypeError("the exec request must be a JSON object")
+        size = data.get("size")
+        return cls(
+            argv=[str(a) for a in data["argv"]],
+            env=data.get("env"),
+            cwd=data.get("cwd"),
+            user=data.get("user"),
+            timeout=data.get("timeout"),
+            tty=bool(data.get("tty")),
+            size=(int(size[0]), int(size[1])) if size else None,
+        )
+
+
+def body(request: Any) -> dict[str, Any]:
+    """A request dataclass as the JSON the server expects."""
+    return dataclasses.asdict(request)
 
 
 def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
@@ -32,6 +122,10 @@ def box_info(data: dict[str, Any]) -> BoxInfo:
 
 def snapshot_info(data: dict[str, Any]) -> SnapshotInfo:
     return SnapshotInfo(**_known(SnapshotInfo, data))
+
+
+def image_info(data: dict[str, Any]) -> ImageInfo:
+    return ImageInfo(**_known(ImageInfo, data))
 
 
 def disk_usage(data: dict[str, Any]) -> DiskUsage:

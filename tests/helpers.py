@@ -1,4 +1,4 @@
-"""Small helpers for the tests: processes and memory of the host."""
+"""Small helpers for the tests: processes and memory of the host, REST servers (real or in-process)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,17 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+from fastapi import FastAPI
+
+from boxvm.backends.local import LocalBackend
+from boxvm.backends.remote import RemoteBackend
 from boxvm.paths import Home
+from boxvm.server.run import local_app
 
 
 def pid_alive(pid: int) -> bool:
@@ -81,3 +88,31 @@ def serving(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@dataclass
+class InProcess:
+    """The real app over a LocalBackend, reached without a socket (``httpx.ASGITransport``)."""
+
+    app: FastAPI
+    backend: LocalBackend
+    http: httpx.AsyncClient  # no Authorization header: tests add it
+
+    def client(self, token: str | None) -> RemoteBackend:
+        """The REST client (``Runtime.remote``'s backend) over this app; close it after use."""
+        return RemoteBackend("http://127.0.0.1", token, transport=httpx.ASGITransport(app=self.app))
+
+
+@contextlib.asynccontextmanager
+async def in_process(
+    root: Path, token: str | None, image_dirs: tuple[Path, ...] = (), port_range: tuple[int, int] | None = None
+) -> AsyncIterator[InProcess]:
+    """``boxvm serve``'s app over a fresh home at ``root``: no server process, no guest, no VM."""
+    backend = LocalBackend(Home.default(root))
+    app = local_app(backend, token, image_dirs, port_range)
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
+            yield InProcess(app, backend, http)
+    finally:
+        await backend.close()

@@ -1,9 +1,9 @@
 """The REST boundary under attack, against real ``boxvm serve`` processes (uvicorn) on loopback.
 
-A browser page (foreign ``Host`` from DNS rebinding, foreign ``Origin``) gets 403 before any
-route runs, over HTTP and on the exec WebSocket; a caller naming server paths as images gets
-one fixed error whatever exists there; host ports only from the operator's range; TLS end to
-end; no-token mode is opt-in; the CLI imports archives as untrusted unless told otherwise.
+The exec WebSocket refuses a foreign ``Host`` or ``Origin`` with 403; the built-in image works
+while server paths are refused; a host port inside the operator's range is forwarded; TLS end
+to end; no-token mode is opt-in; the CLI imports archives as untrusted unless told otherwise.
+The same checks over plain HTTP, which need no VM, are in ``tests/unit/test_rest_boundary.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -31,9 +30,8 @@ from websockets.exceptions import InvalidStatus
 import boxvm
 from boxvm.images.default import ensure_default
 from boxvm.paths import Home
-from boxvm.server.guard import Scrubber
 from boxvm.server.local import token_path
-from tests.conftest import TOKEN, Server
+from tests.conftest import TOKEN
 from tests.helpers import serving
 from tests.test_cli import boxvm as cli
 
@@ -58,42 +56,6 @@ async def names(http: httpx.AsyncClient) -> set[str]:
 
 
 # -- Host and Origin ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("host", FOREIGN_HOSTS)
-async def test_a_foreign_host_reaches_no_route_without_a_token(open_server: str, host: str) -> None:
-    """DNS rebinding: the page's own name in Host, the server's address underneath."""
-    async with httpx.AsyncClient(base_url=open_server) as http:
-        for method, path, body in [
-            ("GET", "/v1/config", None),
-            ("GET", "/v1/openapi.json", None),
-            ("GET", "/v1/boxes", None),
-            ("POST", "/v1/boxes", {"name": "t-sec-rebound"}),
-            ("DELETE", "/v1/images?reference=boxvm/default", None),
-            ("GET", "/v1/no-such-route", None),
-        ]:
-            r = await http.request(method, path, json=body, headers={"Host": host})
-            assert r.status_code == 403, (method, path, r.text)
-            assert r.json()["error"]["type"] == "Unauthorized" and "Host" in r.json()["error"]["message"]
-        assert "t-sec-rebound" not in await names(http)  # (other workers' boxes come and go)
-        for good in (f"127.0.0.1:{port_of(open_server)}", f"localhost:{port_of(open_server)}", "127.0.0.1"):
-            assert (await http.get("/v1/boxes", headers={"Host": good})).status_code == 200
-
-
-@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1", "https://{host}"])
-async def test_a_foreign_origin_is_refused_with_or_without_a_token(
-    open_server: str, server: Server, origin: str
-) -> None:
-    for url, headers in ((open_server, {}), (server.url, AUTH)):
-        host = url.split("://", 1)[1]
-        async with httpx.AsyncClient(base_url=url, headers=headers) as http:
-            r = await http.post(
-                "/v1/boxes", json={"name": "t-sec-origin"}, headers={"Origin": origin.format(host=host)}
-            )
-            assert r.status_code == 403 and "Origin" in r.json()["error"]["message"]
-            assert "t-sec-origin" not in await names(http)
-            same = await http.get("/v1/config", headers={"Origin": f"http://{host}"})
-            assert same.status_code == 200
 
 
 async def raw_upgrade(url: str, host: str) -> bytes:
@@ -181,64 +143,11 @@ async def test_server_paths_as_images_all_get_one_error_that_reveals_nothing(
         assert leak not in message
 
 
-def tiny_layout(root: Path) -> str:
-    """A minimal valid OCI layout (no layers): enough to be resolved and cached."""
-    blobs = root / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def blob(data: bytes) -> dict[str, object]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    config = blob(json.dumps({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {}}).encode())
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json"}
-    manifest |= {"config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config}, "layers": []}
-    desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", **blob(json.dumps(manifest).encode())}
-    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [desc]}))
-    return str(desc["digest"])
-
-
-async def test_only_paths_under_an_allowed_image_dir_load(tmp_path: Path) -> None:
-    allowed = tmp_path / "images"
-    digest = tiny_layout(allowed / "app")
-    outside = tmp_path / "outside"
-    tiny_layout(outside)
-    (allowed / "to-etc").symlink_to("/etc")
-    (allowed / "to-outside").symlink_to(outside)
-    home = Home.default(tmp_path / "home")  # pulling a path needs no guest: a fresh home will do
-    with serving(home, TOKEN, "--allow-image-dir", str(allowed)) as (url, _pid):
-        async with httpx.AsyncClient(base_url=url, headers=AUTH) as http:
-            r = await http.post("/v1/images/pull", json={"reference": str(allowed / "app")})
-            assert r.status_code == 200 and r.json()["digest"] == digest, r.text
-            refused = set()
-            for path in [
-                outside,
-                allowed / "to-etc",
-                allowed / "to-outside",
-                allowed / "to-etc" / "shadow",
-                allowed / "app" / ".." / ".." / "outside",
-                allowed / "missing",
-                allowed,
-            ]:
-                r = await http.post("/v1/images/pull", json={"reference": str(path)})
-                assert r.status_code == 400, (path, r.text)
-                refused.add(r.text)
-            assert len(refused) == 1 and str(tmp_path) not in refused.pop()
-
-
 # -- host ports --------------------------------------------------------------------------------
 
 
-async def test_host_ports_outside_the_operators_range_are_refused(open_server: str) -> None:
+async def test_a_host_port_inside_the_operators_range_is_forwarded(open_server: str) -> None:
     async with httpx.AsyncClient(base_url=open_server) as http:
-        for port in (19999, 20010, 22, 8100, 65535):
-            r = await http.post(
-                "/v1/boxes", json={"name": "t-sec-port", "options": {"ports": [[20001, 80], [port, 81]]}}
-            )
-            assert r.status_code == 400 and "20000-20009" in r.json()["error"]["message"], r.text
-        assert "t-sec-port" not in await names(http)
         r = await http.post("/v1/boxes", json={"name": "t-sec-port", "options": {"ports": [[20005, 80]]}})
         assert r.status_code == 201 and r.json()["ports"] == [[20005, 80]], r.text
         await http.delete(f"/v1/boxes/{r.json()['id']}")
@@ -321,19 +230,3 @@ async def test_cli_import_is_untrusted_unless_told(home: Home, tmp_path: Path) -
         finally:
             for box in made:
                 await rt.remove(box.id)
-
-
-async def test_errors_leaving_the_server_carry_none_of_its_paths(home: Home, tmp_path: Path) -> None:
-    allowed = tmp_path / "allowed"
-    scrub = Scrubber(home.root, extra=[allowed])
-    assert scrub(f"cannot write {home.root}/tmp/box-1-x/disk: full") == "cannot write <server path>: full"
-    assert scrub(f"bad: '{Path.cwd()}/x'") == "bad: '<server path>'"
-    assert scrub("no such file /root/app in the box; /usr/bin/env failed") == (
-        "no such file /root/app in the box; /usr/bin/env failed"  # guest paths pass
-    )
-    assert scrub(f"{allowed}/layout") == "<server path>"
-    shallow = Scrubber(Path("/boxvm"), extra=[Path("/images")])  # a home or image dir near the root
-    assert shallow("cannot write /boxvm/boxes/abc/disk.qcow2, /images/x is bad") == (
-        "cannot write <server path>, <server path> is bad"
-    )
-    assert scrub(f"{allowed}x/y") == f"{allowed}x/y"  # only the directory itself, not a name it begins

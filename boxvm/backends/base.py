@@ -1,11 +1,25 @@
-"""The backend contract: every user-facing operation, once, for local and remote use."""
+"""The backend contract: every user-facing operation, once, for local and remote use.
+
+Archives and file trees cross it as byte streams (``ByteStream``: exhaust it or
+``aclose`` it), so a server can relay them without files or unbounded memory. Their
+host-file forms (export to a path, import from one, copy a host tree in or out) are the
+concrete methods here, written once for every backend on top of those streams: an export
+lands through ``boxvm.publish`` (unnamed until complete and fsync'd, never over another
+file, nothing left on failure) whether its bytes come from this host's disk or a server.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import tarfile
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from boxvm import archive, faults, publish
+from boxvm.errors import BoxNotFound, EngineError, NotFound
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -16,6 +30,10 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
 )
+from boxvm.streams import ByteStream
+from boxvm.tarstream import receive_tree, tree_chunks
+
+_READ = 4 << 20  # bytes per read of an archive file being imported
 
 
 class ProcessChannel(ABC):
@@ -42,6 +60,8 @@ class ProcessChannel(ABC):
 
 
 class Backend(ABC):
+    journal_dir: Path | None = None  # where this host's recovery looks for named partial files (a local home's tmp/)
+
     @abstractmethod
     async def create(self, options: BoxOptions, name: str | None) -> BoxInfo: ...
 
@@ -85,10 +105,27 @@ class Backend(ABC):
     ) -> ProcessChannel: ...
 
     @abstractmethod
-    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None: ...
+    async def put_files(self, box_id: str, box_path: str, tar: AsyncIterator[bytes]) -> None:
+        """Unpack the tar stream ``tar`` at ``box_path`` in the running box."""
 
     @abstractmethod
-    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None: ...
+    async def get_files(self, box_id: str, box_path: str) -> ByteStream:
+        """``box_path`` in the running box as a tar stream; a missing path raises here."""
+
+    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
+        """Copy a host file or tree into the box (into ``box_path`` if it is a directory)."""
+        if not os.path.lexists(host_path):
+            raise NotFound(f"{host_path} does not exist on the host")
+        await self.put_files(box_id, box_path, _tree(host_path))
+
+    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
+        """Copy a box file or tree to the host as ``docker cp`` does (``boxvm.tarstream``)."""
+        stream = await self.get_files(box_id, box_path)
+        async with contextlib.aclosing(stream):
+            try:
+                await receive_tree(stream, host_path, box_path)
+            except tarfile.TarError as exc:
+                raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {exc}") from exc
 
     @abstractmethod
     async def logs(self, box_id: str) -> str: ...
@@ -112,10 +149,42 @@ class Backend(ABC):
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]: ...
 
     @abstractmethod
-    async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path: ...
+    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
+        """The box as a ``.boxsnap`` byte stream, produced while it is read. A failure before
+        the first byte raises here; a later one is raised by the stream, after its bytes."""
 
     @abstractmethod
-    async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo: ...
+    async def import_stream(
+        self, archive: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
+    ) -> BoxInfo:
+        """Create a box from the archive ``archive()`` yields, verified completely before the
+        box exists. ``archive`` may be called again when a remote backend retries the upload;
+        ``label`` names the archive in errors."""
+
+    async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path:
+        """Write the box's archive to ``dest`` (a file, or a directory to hold ``<name>.boxsnap``)."""
+        options.validate()
+        info = await self.get(box_id)
+        if info is None:
+            raise BoxNotFound(f"no box named or with id {box_id!r}: `boxvm ls` lists them")
+        dest = archive.destination(dest, info.name)
+        stream = await self.export_stream(info.id, options)
+        async with contextlib.aclosing(stream):
+            try:
+                with publish.exclusive_file(dest, self.journal_dir) as out:
+                    async for chunk in stream:
+                        await asyncio.to_thread(out.write, chunk)
+                    faults.point("export:written")
+            except OSError as exc:
+                raise archive.write_failed(exc, dest) from exc
+        return dest
+
+    async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
+        """Create a box from the archive at ``path``."""
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise NotFound(f"archive {path} does not exist")
+        return await self.import_stream(lambda: _file_chunks(path), name, untrusted, path.name)
 
     @abstractmethod
     async def disk_usage(self) -> DiskUsage: ...
@@ -133,3 +202,16 @@ class Backend(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+
+async def _tree(host_path: Path) -> AsyncIterator[bytes]:
+    """The tar stream of ``host_path``, started only when read: a backend that refuses before
+    reading (a stopped box) leaves no tar thread waiting on a reader."""
+    async for chunk in tree_chunks(host_path):
+        yield chunk
+
+
+async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as f:
+        while chunk := await asyncio.to_thread(f.read, _READ):
+            yield chunk

@@ -18,9 +18,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,7 +32,7 @@ from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import console, hostclock, memory, qemu
 from boxvm.engine.client import Channel, Connection
-from boxvm.errors import AlreadyExists, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
+from boxvm.errors import AlreadyExists, BoxNotFound, EngineError, InvalidArgument, InvalidState, NotFound, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
 from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name, default_command
@@ -42,7 +41,7 @@ from boxvm.processes import alive as _pid_alive
 from boxvm.progress import Progress, silent
 from boxvm.status import ALLOWED, LIVE, BoxStatus, require
 from boxvm.store import BoxRecord, ImageRecord, Store
-from boxvm.tarstream import receive_tree, send_tree
+from boxvm.streams import ByteStream
 
 log = logging.getLogger("boxvm")
 ProcessChannel.register(Channel)
@@ -58,6 +57,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         self.images = ImageStore(home, self.store)
         self.layers = LayerStore(home)
         self.progress = progress
+        self.journal_dir = home.tmp
         self._conns: dict[str, Connection] = {}
         self._accel: accel_mod.Accel | None = None
         self.recover()
@@ -105,7 +105,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     def _record(self, id_or_name: str) -> BoxRecord:
         rec = self.store.get_box(id_or_name)
         if rec is None:
-            raise NotFound(f"no box named or with id {id_or_name!r}: `boxvm ls` lists them")
+            raise BoxNotFound(f"no box named or with id {id_or_name!r}: `boxvm ls` lists them")
         return self._reconcile(rec)
 
     def _reconcile(self, rec: BoxRecord) -> BoxRecord:
@@ -449,21 +449,14 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
             request["rows"], request["cols"] = size
         return conn.open_channel(request)
 
-    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
-        if not os.path.lexists(host_path):
-            raise NotFound(f"{host_path} does not exist on the host")
-        await self.put_tar(box_id, box_path, lambda send: send_tree(host_path, send))
-
-    async def put_tar(
-        self, box_id: str, box_path: str, produce: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]]
-    ) -> None:
-        """Unpack a tar stream at ``box_path`` in the box; ``produce(send)`` sends its bytes."""
+    async def put_files(self, box_id: str, box_path: str, tar: AsyncIterator[bytes]) -> None:
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, "copy")
         chan = conn.open_channel({"op": "put", "path": box_path})
         try:
-            await produce(chan.write)
+            async for chunk in tar:
+                await chan.write(chunk)
         except BaseException:
             chan.signal(signal.SIGKILL)  # an input cut off mid-stream must not half-apply quietly
             raise
@@ -473,14 +466,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         if result.get("exit_code"):
             raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
 
-    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
-        try:
-            await receive_tree(await self.get_tar(box_id, box_path), host_path, box_path)
-        except tarfile.TarError as exc:
-            raise EngineError(f"the box sent an unreadable tar stream for {box_path}: {exc}") from exc
-
-    async def get_tar(self, box_id: str, box_path: str) -> AsyncIterator[bytes]:
-        """``box_path`` as a tar stream; a missing path fails here, before any byte."""
+    async def get_files(self, box_id: str, box_path: str) -> ByteStream:
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, "copy")
@@ -506,7 +492,10 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
             if (await chan.wait()).get("exit_code"):
                 await fail()
 
-        return rest()
+        async def release() -> None:
+            chan.signal(signal.SIGKILL)  # if the reader stopped early, end the guest's tar (else a no-op)
+
+        return ByteStream(rest(), release)
 
     # -- images -----------------------------------------------------------------------
     async def image_pull(self, reference: str, username: str | None, password: str | None, insecure: bool) -> ImageInfo:

@@ -4,15 +4,14 @@ Requests go through one ``httpx.AsyncClient``; error envelopes become the very
 exception classes the server raised. Calls that create something (create, clone,
 import, snapshot create) carry an ``Idempotency-Key`` and are retried on transport
 errors with the same key, so a lost response never makes a second box. Archives and
-file trees stream both ways; exec is a WebSocket (``boxvm.server.app`` documents the
-frames).
+file trees stream both ways; exec is a WebSocket. What client and server agree on lives in
+``boxvm.wire``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import ssl
@@ -26,13 +25,14 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from boxvm import archive, publish, wire
+from boxvm import wire
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.errors import (
+    BoxNotFound,
     BoxvmError,
     EngineError,
     InvalidArgument,
-    NotFound,
+    SnapshotNotFound,
     Unauthorized,
     Unsupported,
     from_dict,
@@ -49,12 +49,8 @@ from boxvm.options import (
 )
 from boxvm.paths import Home
 from boxvm.server.local import is_loopback, read_token
-from boxvm.tarstream import receive_tree, tree_chunks
+from boxvm.streams import ByteStream
 
-API_VERSION = 1
-NEEDED = {
-    "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
-}  # fmt: skip
 RETRIES = 3
 _CHUNK = 1 << 20
 
@@ -66,13 +62,16 @@ class RemoteProcess(ProcessChannel):
 
     def __init__(self, ws: ClientConnection) -> None:
         self._ws = ws
-        self._queues: dict[int, asyncio.Queue[bytes | None]] = {1: asyncio.Queue(16), 2: asyncio.Queue(16)}
+        self._queues: dict[int, asyncio.Queue[bytes | None]] = {
+            wire.STDOUT: asyncio.Queue(16),
+            wire.STDERR: asyncio.Queue(16),
+        }
         self._result: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
         self._send_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._reader = asyncio.create_task(self._read())
-        self.stdout = self._drain(1)
-        self.stderr = self._drain(2)
+        self.stdout = self._drain(wire.STDOUT)
+        self.stderr = self._drain(wire.STDERR)
 
     async def _read(self) -> None:
         try:
@@ -110,7 +109,7 @@ class RemoteProcess(ProcessChannel):
     async def write(self, data: bytes) -> None:
         if self._tasks:  # control frames sent before this write go first
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._send(b"\x00" + data)
+        await self._send(bytes([wire.STDIN]) + data)
 
     def close_stdin(self) -> None:
         self._later(json.dumps({"type": "close_stdin"}))
@@ -133,10 +132,17 @@ class RemoteBackend(Backend):
     """``token`` None: for a server on a loopback address, the token ``boxvm serve`` generated
     in this user's home (``$BOXVM_HOME/server-token``), if there is one. An https server's
     certificate is verified against ``ca_bundle`` (a PEM file), else ``$BOXVM_CA_BUNDLE``,
-    else the system's certificates (which ``$SSL_CERT_FILE`` replaces)."""
+    else the system's certificates (which ``$SSL_CERT_FILE`` replaces). ``transport`` replaces
+    the network for HTTP requests (tests pass ``httpx.ASGITransport`` over an app in-process)."""
 
     def __init__(
-        self, url: str, token: str | None = None, *, timeout: float = 900.0, ca_bundle: str | Path | None = None
+        self,
+        url: str,
+        token: str | None = None,
+        *,
+        timeout: float = 900.0,
+        ca_bundle: str | Path | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
@@ -151,6 +157,7 @@ class RemoteBackend(Backend):
             timeout=httpx.Timeout(timeout, connect=10.0),
             limits=httpx.Limits(keepalive_expiry=wire.CLIENT_KEEPALIVE_SECS),
             verify=self._tls,
+            transport=transport,
         )
         self._checked: dict[str, Any] | None = None
 
@@ -159,11 +166,11 @@ class RemoteBackend(Backend):
         """The server's version and capabilities (checked once, before any other call)."""
         if self._checked is None:
             config = await self._send("GET", "/config", check=False)
-            missing = NEEDED - set(config.get("capabilities", []))
-            if config.get("api") != API_VERSION or missing:
+            missing = set(wire.CAPABILITIES) - set(config.get("capabilities", []))
+            if config.get("api") != wire.API_VERSION or missing:
                 raise Unsupported(
                     f"the server at {self.url} runs boxvm {config.get('version', '?')} with API "
-                    f"{config.get('api', '?')}; this client needs API {API_VERSION}"
+                    f"{config.get('api', '?')}; this client needs API {wire.API_VERSION}"
                     + (f" and {sorted(missing)}" if missing else "")
                     + ": upgrade the server (or use a matching client)"
                 )
@@ -183,7 +190,7 @@ class RemoteBackend(Backend):
     ) -> Any:
         if check:
             await self.server_config()
-        headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent else {}
+        headers = {wire.IDEMPOTENCY_HEADER: uuid.uuid4().hex} if idempotent else {}
         attempts = RETRIES if idempotent or method == "GET" else 1
         for attempt in range(attempts):
             try:
@@ -209,16 +216,14 @@ class RemoteBackend(Backend):
 
     # -- lifecycle ----------------------------------------------------------------------
     async def create(self, options: BoxOptions, name: str | None) -> BoxInfo:
-        body = {"options": dataclasses.asdict(options.validate()), "name": name}
+        body = wire.body(wire.CreateRequest(options.validate(), name))
         return wire.box_info(await self._send("POST", "/boxes", json_body=body, idempotent=True))
 
     async def get(self, id_or_name: str) -> BoxInfo | None:
         try:
             return wire.box_info(await self._send("GET", f"/boxes/{id_or_name}"))
-        except BoxvmError as exc:
-            if exc.code == "NotFound":
-                return None
-            raise
+        except BoxNotFound:
+            return None
 
     async def list(self) -> list[BoxInfo]:
         return [wire.box_info(b) for b in await self._send("GET", "/boxes")]
@@ -230,7 +235,8 @@ class RemoteBackend(Backend):
         return wire.box_info(await self._send("POST", f"/boxes/{box_id}/start"))
 
     async def stop(self, box_id: str, timeout: float) -> BoxInfo:
-        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/stop", json_body={"timeout": timeout}))
+        body = wire.body(wire.StopRequest(timeout))
+        return wire.box_info(await self._send("POST", f"/boxes/{box_id}/stop", json_body=body))
 
     async def pause(self, box_id: str) -> BoxInfo:
         return wire.box_info(await self._send("POST", f"/boxes/{box_id}/pause"))
@@ -276,12 +282,11 @@ class RemoteBackend(Backend):
             raise EngineError(f"the server refused exec: HTTP {exc.response.status_code}") from exc
         except OSError as exc:
             raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
-        spec = {"argv": argv, "env": env, "cwd": cwd, "user": user, "timeout": timeout, "tty": tty, "size": size}
-        await ws.send(json.dumps(spec))
+        await ws.send(json.dumps(wire.body(wire.ExecRequest(argv, env, cwd, user, timeout, tty, size))))
         try:
             first = json.loads(await ws.recv())
         except ConnectionClosed as exc:
-            if exc.rcvd is not None and exc.rcvd.code == 1008:
+            if exc.rcvd is not None and exc.rcvd.code == wire.WS_POLICY_VIOLATION:
                 raise _unauthorized() from exc
             raise EngineError(f"the server closed the exec connection: {exc}") from exc
         if first.get("type") == "error":
@@ -289,25 +294,38 @@ class RemoteBackend(Backend):
             raise from_dict(first["error"])
         return RemoteProcess(ws)
 
-    async def copy_in(self, box_id: str, host_path: Path, box_path: str) -> None:
-        if not os.path.lexists(host_path):
-            raise NotFound(f"{host_path} does not exist on the host")
-        await self._send(
-            "PUT", f"/boxes/{box_id}/files", params={"path": box_path}, content=lambda: tree_chunks(host_path)
-        )
+    async def put_files(self, box_id: str, box_path: str, tar: AsyncIterator[bytes]) -> None:
+        await self._send("PUT", f"/boxes/{box_id}/files", params={"path": box_path}, content=lambda: tar)
 
-    async def copy_out(self, box_id: str, box_path: str, host_path: Path) -> None:
+    async def get_files(self, box_id: str, box_path: str) -> ByteStream:
+        request = self._http.build_request("GET", f"/boxes/{box_id}/files", params={"path": box_path})
+        return await self._download(request, box_path)
+
+    async def _download(self, request: httpx.Request, what: str) -> ByteStream:
+        """A streamed response body: errors before it are the server's, errors within it EngineError."""
         await self.server_config()
-        async with self._http.stream("GET", f"/boxes/{box_id}/files", params={"path": box_path}) as response:
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
+        try:
             await _raise_for_stream_error(response)
+        except BaseException:
+            await response.aclose()
+            raise
+
+        async def chunks() -> AsyncIterator[bytes]:
             try:
-                await receive_tree(response.aiter_bytes(), host_path, box_path)
+                async for chunk in response.aiter_bytes(_CHUNK):
+                    yield chunk
             except httpx.HTTPError as exc:
-                raise EngineError(f"the server stopped sending {box_path}: {exc}") from exc
+                raise EngineError(f"the server stopped sending {what}: {exc}") from exc
+
+        return ByteStream(chunks(), response.aclose)
 
     # -- state --------------------------------------------------------------------------
     async def snapshot_create(self, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
-        body = {"name": name, "options": dataclasses.asdict(options)}
+        body = wire.body(wire.SnapshotRequest(name, options))
         return wire.snapshot_info(
             await self._send("POST", f"/boxes/{box_id}/snapshots", json_body=body, idempotent=True)
         )
@@ -318,10 +336,8 @@ class RemoteBackend(Backend):
     async def snapshot_get(self, box_id: str, name: str) -> SnapshotInfo | None:
         try:
             return wire.snapshot_info(await self._send("GET", f"/boxes/{box_id}/snapshots/{name}"))
-        except BoxvmError as exc:
-            if exc.code == "NotFound" and "snapshot" in exc.message:
-                return None
-            raise
+        except SnapshotNotFound:
+            return None
 
     async def snapshot_restore(self, box_id: str, name: str) -> BoxInfo:
         return wire.box_info(await self._send("POST", f"/boxes/{box_id}/snapshots/{name}/restore"))
@@ -330,66 +346,40 @@ class RemoteBackend(Backend):
         await self._send("DELETE", f"/boxes/{box_id}/snapshots/{name}")
 
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
-        body = {"names": names, "options": dataclasses.asdict(options)}
+        body = wire.body(wire.CloneRequest(names, options))
         return [
             wire.box_info(b)
             for b in await self._send("POST", f"/boxes/{box_id}/clone", json_body=body, idempotent=True)
         ]
 
-    async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path:
-        """Stream the server's archive into ``dest`` (unnamed until complete, never over a file)."""
+    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
         options.validate()
-        info = await self.get(box_id)
-        if info is None:
-            raise NotFound(f"no box named or with id {box_id!r}")
-        dest = archive.destination(dest, info.name)
-        body = dataclasses.asdict(options)
-        try:
-            async with self._http.stream("POST", f"/boxes/{info.id}/export", json=body) as response:
-                await _raise_for_stream_error(response)
-                with publish.exclusive_file(dest) as out:
-                    async for chunk in response.aiter_bytes(_CHUNK):
-                        out.write(chunk)
-        except httpx.HTTPError as exc:
-            raise EngineError(f"the server stopped sending the archive of {info.name!r}: {exc}") from exc
-        except OSError as exc:
-            raise archive.write_failed(exc, dest) from exc
-        return dest
+        request = self._http.build_request("POST", f"/boxes/{box_id}/export", json=wire.body(options))
+        return await self._download(request, f"the archive of {box_id!r}")
 
-    async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
+    async def import_stream(
+        self, archive: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
+    ) -> BoxInfo:
         """Upload an archive; the server verifies it before the box appears (always as
         untrusted: it cannot trust a client's host-specific options)."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise NotFound(f"archive {path} does not exist")
         params = {"name": name} if name else None
-        return wire.box_info(
-            await self._send(
-                "POST", "/boxes/import", params=params, content=lambda: _file_chunks(path), idempotent=True
-            )
-        )
+        return wire.box_info(await self._send("POST", "/boxes/import", params=params, content=archive, idempotent=True))
 
     async def disk_usage(self) -> DiskUsage:
         return wire.disk_usage(await self._send("GET", "/disk-usage"))
 
     async def image_pull(self, reference: str, username: str | None, password: str | None, insecure: bool) -> ImageInfo:
-        body = {"reference": reference, "username": username, "password": password, "insecure": insecure}
-        return ImageInfo(**await self._send("POST", "/images/pull", json_body=body))
+        body = wire.body(wire.PullRequest(reference, username, password, insecure))
+        return wire.image_info(await self._send("POST", "/images/pull", json_body=body))
 
     async def image_list(self) -> list[ImageInfo]:
-        return [ImageInfo(**i) for i in await self._send("GET", "/images")]
+        return [wire.image_info(i) for i in await self._send("GET", "/images")]
 
     async def image_remove(self, reference: str) -> None:
         await self._send("DELETE", "/images", params={"reference": reference})
 
     async def close(self) -> None:
         await self._http.aclose()
-
-
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, 4 * _CHUNK):
-            yield chunk
 
 
 def _tls_context(ca_bundle: str | Path | None) -> ssl.SSLContext:

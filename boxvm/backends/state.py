@@ -30,7 +30,15 @@ from boxvm.backends import memory as box_memory
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, Scan, layer_of
 from boxvm.engine import qemu
-from boxvm.errors import AlreadyExists, ArchiveError, EngineError, InvalidArgument, InvalidState, NotFound
+from boxvm.errors import (
+    AlreadyExists,
+    ArchiveError,
+    EngineError,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    SnapshotNotFound,
+)
 from boxvm.options import (
     NAME_RE,
     BoxInfo,
@@ -46,6 +54,7 @@ from boxvm.options import (
 from boxvm.processes import alive as _pid_alive
 from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, SnapshotRecord
+from boxvm.streams import ByteStream, ThreadReader, produced, pump
 
 if TYPE_CHECKING:
     from boxvm.backends.local import LocalBackend
@@ -189,7 +198,7 @@ class StateOps:
         rec = self._record(box_id)
         snap = self.store.get_snapshot(rec.id, name)
         if snap is None:
-            raise NotFound(
+            raise SnapshotNotFound(
                 f"box {rec.name!r} has no snapshot named {name!r}: `boxvm snapshot ls {rec.name}` lists them"
             )
         return rec, snap
@@ -235,7 +244,7 @@ class StateOps:
             # transaction); the files follow; recovery finishes a restore cut in between.
             restored = self.store.restore_layer(rec.id, snap.name)
             if restored is None:
-                raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
+                raise SnapshotNotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
             faults.point("restore:recorded")
             self.layers.restore(box_dir, snap.layer, size)
             faults.point("restore:committed")
@@ -364,28 +373,19 @@ class StateOps:
             log.warning("box %s keeps its export capture as a layer: %s", rec.name, exc)
 
     # -- export / import --------------------------------------------------------------
-    async def export(self: LocalBackend, box_id: str, dest: Path, options: ExportOptions) -> Path:
-        """One pass over the box's disk at a point in time into a ``.boxsnap`` file."""
-        options.validate()
-        rec = self._record(box_id)
-        dest = archive.destination(dest, rec.name)
-
-        def write(top: Path, manifest: dict[str, object]) -> None:
-            compress, level, journal = options.compress, options.compression_level, self.home.tmp
-            archive.write_archive(top, dest, manifest, compress=compress, level=level, journal_dir=journal)
-
-        await self._export(rec, options, write)
-        return dest
-
-    async def export_stream(self: LocalBackend, box_id: str, options: ExportOptions, out: IO[bytes]) -> None:
-        """Export into a blocking byte sink (the REST server's response), in archive order."""
+    async def export_stream(self: LocalBackend, box_id: str, options: ExportOptions) -> ByteStream:
+        """One pass over the box's disk at a point in time, as ``.boxsnap`` bytes in archive order."""
         options.validate()
         rec = self._record(box_id)
 
-        def write(top: Path, manifest: dict[str, object]) -> None:
-            archive.write_stream(top, out, manifest, compress=options.compress, level=options.compression_level)
+        async def work(out: IO[bytes]) -> None:
+            def write(top: Path, manifest: dict[str, object]) -> None:
+                archive.write_stream(top, out, manifest, compress=options.compress, level=options.compression_level)
+                out.flush()
 
-        await self._export(rec, options, write)
+            await self._export(rec, options, write)
+
+        return await produced(work)
 
     async def _export(
         self: LocalBackend, rec: BoxRecord, options: ExportOptions, write: Callable[[Path, dict[str, object]], None]
@@ -418,17 +418,15 @@ class StateOps:
                     await self._release(rec, cap.node)
         self.store.add_timing(rec.id, export_ms=(time.perf_counter() - t0) * 1000, **timings)
 
-    async def import_box(self: LocalBackend, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
-        """Verify an archive completely, then create a new box from it; a failure leaves nothing."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise NotFound(f"archive {path} does not exist")
-        return await self.import_stream(path, path.name, name, untrusted)
-
     async def import_stream(
-        self: LocalBackend, source: Path | IO[bytes], label: str, name: str | None, untrusted: bool
+        self: LocalBackend, source: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
     ) -> BoxInfo:
-        """Import from a file or a blocking byte stream (an upload), read exactly once."""
+        """Verify an archive completely, then create a new box from it; a failure leaves nothing."""
+        reader = ThreadReader(asyncio.get_running_loop())
+        return await pump(source(), reader, self._import(reader, label, name, untrusted))
+
+    async def _import(self: LocalBackend, source: IO[bytes], label: str, name: str | None, untrusted: bool) -> BoxInfo:
+        """Import from a blocking byte stream, read exactly once."""
         if name is not None:
             check_name(name)
             if self.store.get_box(name) is not None:

@@ -21,7 +21,7 @@ from rich.table import Table
 
 import boxvm
 from boxvm.backends.base import Backend
-from boxvm.errors import BoxvmError, InvalidArgument, NotFound
+from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, SnapshotNotFound
 from boxvm.paths import Home
 
 err = Console(stderr=True, soft_wrap=True)
@@ -84,7 +84,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
 async def must_get(rt: boxvm.Runtime, ref: str) -> boxvm.Box:
     box = await rt.get(ref)
     if box is None:
-        raise NotFound(f"no box named or with id {ref!r}: `boxvm ls` lists them")
+        raise BoxNotFound(f"no box named or with id {ref!r}: `boxvm ls` lists them")
     return box
 
 
@@ -618,7 +618,7 @@ async def snapshot_inspect(rt: boxvm.Runtime, box: str, name: str) -> None:
     """Show one snapshot as JSON."""
     info = await (await must_get(rt, box)).snapshot.get(name)
     if info is None:
-        raise NotFound(f"box {box!r} has no snapshot named {name!r}")
+        raise SnapshotNotFound(f"box {box!r} has no snapshot named {name!r}")
     print(json.dumps(snapshot_dict(info), indent=2))
 
 

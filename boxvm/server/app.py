@@ -1,9 +1,12 @@
-"""The REST API: every operation of the Python API under ``/v1``, over one LocalBackend.
+"""The REST API: every operation of the Python API under ``/v1``, over any ``Backend``.
 
-Results are the public dataclasses as JSON; errors are ``{"error": {type, message,
+The protocol (version, capabilities, request bodies, exec frames) is ``boxvm.wire``.
+Results are the public dataclasses as JSON; errors are ``{"error": {type, code, message,
 status}}`` from the one error hierarchy, so the client raises the same classes again.
-Archives and file trees stream in both directions through bounded bridges
-(``boxvm.streams``): memory does not grow with their size. Exec is a WebSocket.
+Archives and file trees are the backend's byte streams, relayed as they come: memory does
+not grow with their size. Exec is a WebSocket. What is specific to serving this host's
+home (the image gate, the idempotency table, the paths to scrub) is wired in
+``boxvm.server.run``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import hmac
 import json
 import logging
 import signal
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response, WebSocket
 from fastapi.encoders import jsonable_encoder
@@ -25,73 +28,46 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 import boxvm
-from boxvm.backends.local import LocalBackend
-from boxvm.errors import BoxvmError, InvalidArgument, NotFound, Unauthorized
+from boxvm import wire
+from boxvm.backends.base import Backend
+from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, NotFound, SnapshotNotFound, Unauthorized
 from boxvm.images.registry import for_remote_caller
-from boxvm.options import (
-    BoxInfo,
-    BoxOptions,
-    CloneOptions,
-    DiskUsage,
-    ExportOptions,
-    ImageInfo,
-    SnapshotInfo,
-    SnapshotOptions,
-)
-from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports, image_gate
-from boxvm.streams import ThreadReader, ThreadWriter, pump
+from boxvm.options import BoxInfo, DiskUsage, ExportOptions, ImageInfo, SnapshotInfo
+from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports
+from boxvm.streams import ByteStream
+from boxvm.wire import CloneRequest, CreateRequest, PullRequest, ServerConfig, SnapshotRequest, StopRequest
 
-API_VERSION = 1
-# What a client may rely on; it refuses a server that lacks one it needs.
-CAPABILITIES = [
-    "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
-]  # fmt: skip
-# Exec frames: binary frames start with the stream they belong to.
-STDIN, STDOUT, STDERR = b"\x00", b"\x01", b"\x02"
-Key = Annotated[str | None, Header(alias="Idempotency-Key")]
+Key = Annotated[str | None, Header(alias=wire.IDEMPOTENCY_HEADER)]
 bearer = HTTPBearer(auto_error=False, description="the token `boxvm serve` was started with")
 log = logging.getLogger("boxvm.server")
 
 
-@dataclass
-class CreateRequest:
-    options: BoxOptions = field(default_factory=BoxOptions)
-    name: str | None = None
+class ResponseStore(Protocol):
+    """Where idempotent responses are kept (``boxvm.store.Store`` keeps them a day in SQLite)."""
+
+    def get_response(self, scope: str, key: str) -> tuple[str, int, str] | None: ...
+
+    def put_response(self, scope: str, key: str, fingerprint: str, status: int, body: str) -> None: ...
 
 
-@dataclass
-class StopRequest:
-    timeout: float = 10.0
+class StreamResponse(StreamingResponse):
+    """A backend's byte stream as the response body, closed however the response ends
+    (finished, failed, or the client gone before or while it was sent), so the operation
+    producing it never waits on a reader that left."""
 
+    def __init__(self, stream: ByteStream, media_type: str) -> None:
+        super().__init__(stream, media_type=media_type)
+        self.stream = stream
 
-@dataclass
-class SnapshotRequest:
-    name: str
-    options: SnapshotOptions = field(default_factory=SnapshotOptions)
-
-
-@dataclass
-class CloneRequest:
-    names: list[str | None] = field(default_factory=lambda: [None])
-    options: CloneOptions = field(default_factory=CloneOptions)
-
-
-@dataclass
-class PullRequest:
-    reference: str
-    username: str | None = None
-    password: str | None = None
-    insecure: bool = False
-
-
-@dataclass
-class ServerConfig:
-    version: str
-    api: int
-    capabilities: list[str]
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.stream.aclose()
 
 
 class Idempotency:
@@ -101,9 +77,14 @@ class Idempotency:
     waits for it), and only successes are stored, so a failed attempt can be retried.
     """
 
-    def __init__(self, backend: LocalBackend) -> None:
-        self.store = backend.store
+    def __init__(self, store: ResponseStore) -> None:
+        self.store = store
         self.locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}  # lock, requests using it
+
+    @staticmethod
+    def fingerprint(what: Any) -> str:
+        """What identifies a request under its key (its body, as JSON)."""
+        return hashlib.sha256(json.dumps(jsonable_encoder(what), sort_keys=True).encode()).hexdigest()
 
     async def run(self, request: Request, key: str | None, what: Any, call: Any, status: int = 200) -> Response:
         if key is None:
@@ -111,7 +92,7 @@ class Idempotency:
         if not 0 < len(key) <= 200:
             raise InvalidArgument("Idempotency-Key must be 1-200 characters")
         scope = f"{request.method} {request.url.path}"
-        fingerprint = hashlib.sha256(json.dumps(jsonable_encoder(what), sort_keys=True).encode()).hexdigest()
+        fingerprint = self.fingerprint(what)
         lock, users = self.locks.get((scope, key), (asyncio.Lock(), 0))
         self.locks[(scope, key)] = (lock, users + 1)
         try:
@@ -137,16 +118,19 @@ class Idempotency:
 
 
 def create_app(
-    backend: LocalBackend,
+    backend: Backend,
     token: str | None,
     *,
-    image_dirs: tuple[Path, ...] = (),
+    responses: ResponseStore,
     port_range: tuple[int, int] | None = None,
+    private_paths: Sequence[Path] = (),
 ) -> FastAPI:
     """The app for ``backend``; ``token`` None means no authentication (loopback only: then
-    only requests whose ``Host`` is a loopback name or address get through). Images are
-    registry references, or paths under ``image_dirs``; host ports only in ``port_range``
-    (``boxvm.server.guard``)."""
+    only requests whose ``Host`` is a loopback name or address get through). Idempotent
+    responses are kept in ``responses``; host ports only in ``port_range``
+    (``boxvm.server.guard``); ``private_paths`` (the server's data and image directories)
+    never appear in messages sent to callers. A LocalBackend is served through
+    ``boxvm.server.run.local_app``, which also closes its image store to server paths."""
     app = FastAPI(
         title="boxvm",
         version=boxvm.__version__,
@@ -155,9 +139,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
     )
-    idempotency = Idempotency(backend)
-    backend.images.path_gate = image_gate(image_dirs)
-    scrub = Scrubber(backend.home.root, image_dirs)
+    idempotency = Idempotency(responses)
+    scrub = Scrubber(private_paths)
     app.add_middleware(HostOriginGuard, check_host=token is None)
     expected = f"Bearer {token}".encode() if token else None
 
@@ -196,7 +179,7 @@ def create_app(
 
     @v1.get("/config")
     async def config() -> ServerConfig:
-        return ServerConfig(boxvm.__version__, API_VERSION, CAPABILITIES)
+        return ServerConfig(boxvm.__version__, wire.API_VERSION, list(wire.CAPABILITIES))
 
     # -- boxes ----------------------------------------------------------------------
     @v1.get("/boxes")
@@ -213,7 +196,7 @@ def create_app(
     async def get(box: str) -> BoxInfo:
         info = await backend.get(box)
         if info is None:
-            raise NotFound(f"no box named or with id {box!r}")
+            raise BoxNotFound(f"no box named or with id {box!r}")
         return info
 
     @v1.delete("/boxes/{box}", status_code=204)
@@ -248,18 +231,12 @@ def create_app(
     @v1.put("/boxes/{box}/files", status_code=204)
     async def put_files(box: str, request: Request, path: Annotated[str, Query()]) -> None:
         """Unpack the tar stream in the request body at ``path`` in the box."""
-
-        async def produce(send: Any) -> None:
-            async for chunk in request.stream():
-                if chunk:
-                    await send(chunk)
-
-        await backend.put_tar(box, path, produce)
+        await backend.put_files(box, path, _body(request))
 
     @v1.get("/boxes/{box}/files", response_class=StreamingResponse)
     async def get_files(box: str, path: Annotated[str, Query()]) -> StreamingResponse:
         """``path`` in the box as a tar stream."""
-        return StreamingResponse(await backend.get_tar(box, path), media_type="application/x-tar")
+        return StreamResponse(await backend.get_files(box, path), "application/x-tar")
 
     # -- snapshots ------------------------------------------------------------------
     @v1.post("/boxes/{box}/snapshots", status_code=201, response_model=SnapshotInfo)
@@ -276,7 +253,7 @@ def create_app(
     async def snapshot_get(box: str, name: str) -> SnapshotInfo:
         snap = await backend.snapshot_get(box, name)
         if snap is None:
-            raise NotFound(f"box {box!r} has no snapshot named {name!r}")
+            raise SnapshotNotFound(f"box {box!r} has no snapshot named {name!r}")
         return snap
 
     @v1.delete("/boxes/{box}/snapshots/{name}", status_code=204)
@@ -296,22 +273,7 @@ def create_app(
     async def export(box: str, body: ExportOptions | None = None) -> StreamingResponse:
         """The archive, streamed while it is produced. Errors before its first byte are
         JSON errors; a failure later cuts the stream short (the client sees it)."""
-        writer = ThreadWriter(asyncio.get_running_loop())
-        task = asyncio.ensure_future(backend.export_stream(box, body or ExportOptions(), writer))
-        chunks = writer.chunks(task)
-        first = await anext(chunks)
-
-        async def stream() -> Any:
-            try:
-                yield first
-                async for chunk in chunks:
-                    yield chunk
-            finally:
-                if not task.done():  # the client went away: fail the export cleanly
-                    writer.abort()
-                    await asyncio.gather(task, return_exceptions=True)
-
-        return StreamingResponse(stream(), media_type="application/octet-stream")
+        return StreamResponse(await backend.export_stream(box, body or ExportOptions()), "application/octet-stream")
 
     @v1.post("/boxes/import", status_code=201, response_model=BoxInfo)
     async def import_box(request: Request, name: str | None = None, key: Key = None) -> Response:
@@ -319,8 +281,7 @@ def create_app(
         completely before the box exists, and always imported as untrusted."""
 
         async def run() -> BoxInfo:
-            reader = ThreadReader(asyncio.get_running_loop())
-            return await pump(request.stream(), reader, backend.import_stream(reader, "the upload", name, True))
+            return await backend.import_stream(lambda: _body(request), name, True, "the upload")
 
         return await idempotency.run(request, key, {"name": name}, run, 201)
 
@@ -351,20 +312,20 @@ def create_app(
         Then binary frames (first byte: 0 stdin, 1 stdout, 2 stderr) and JSON control
         frames (client: close_stdin, signal, resize; server: started, exit, error)."""
         if not authorized(ws.headers.get("authorization")):
-            await ws.close(code=1008, reason="a valid bearer token is required")
+            await ws.close(code=wire.WS_POLICY_VIOLATION, reason="a valid bearer token is required")
             return
         await ws.accept()
         try:
-            spec = await ws.receive_json()
+            spec = wire.ExecRequest.parse(await ws.receive_json())
             chan = await backend.spawn(
                 box,
-                [str(a) for a in spec["argv"]],
-                env=spec.get("env"),
-                cwd=spec.get("cwd"),
-                user=spec.get("user"),
-                timeout=spec.get("timeout"),
-                tty=bool(spec.get("tty")),
-                size=tuple(spec["size"]) if spec.get("size") else None,
+                spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                user=spec.user,
+                timeout=spec.timeout,
+                tty=spec.tty,
+                size=spec.size,
             )
         except WebSocketDisconnect:
             return
@@ -376,9 +337,10 @@ def create_app(
             return
         await ws.send_json({"type": "started"})
 
-        async def forward(stream: Any, tag: bytes) -> None:
+        async def forward(stream: Any, tag: int) -> None:
+            prefix = bytes([tag])
             async for chunk in stream:
-                await ws.send_bytes(tag + chunk)
+                await ws.send_bytes(prefix + chunk)
 
         async def inbound() -> None:
             while True:
@@ -396,7 +358,9 @@ def create_app(
                 elif control.get("type") == "resize":
                     chan.resize(int(control["rows"]), int(control["cols"]))
 
-        outputs = asyncio.ensure_future(asyncio.gather(forward(chan.stdout, STDOUT), forward(chan.stderr, STDERR)))
+        outputs = asyncio.ensure_future(
+            asyncio.gather(forward(chan.stdout, wire.STDOUT), forward(chan.stderr, wire.STDERR))
+        )
         reader = asyncio.ensure_future(inbound())
         try:
             await asyncio.wait({outputs, reader}, return_when=asyncio.FIRST_COMPLETED)
@@ -420,6 +384,12 @@ def create_app(
                     await task
 
     return app
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    async for chunk in request.stream():
+        if chunk:
+            yield chunk
 
 
 async def _fail(ws: WebSocket, exc: BoxvmError, scrub: Scrubber) -> None:

@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import boxvm
-from boxvm.errors import BoxvmError, InvalidArgument
+from boxvm.errors import BoxvmError, InvalidArgument, Unauthorized
 from boxvm.server.local import is_loopback
 
 NO_SERVER_PATHS = (
@@ -72,7 +72,7 @@ class HostOriginGuard:
         if scope["type"] in ("http", "websocket"):
             why = refusal(Headers(scope=scope), scope.get("scheme", "http"), self.check_host)
             if why is not None:
-                body = {"type": "Unauthorized", "message": why, "status": 403}
+                body = {**Unauthorized(why).to_dict(), "status": 403}
                 # On a WebSocket scope this is the ASGI denial response: an HTTP 403 handshake answer.
                 await JSONResponse({"error": body}, status_code=403)(scope, receive, send)
                 return
@@ -150,8 +150,9 @@ class Scrubber:
     not on the list.
     """
 
-    def __init__(self, home: Path, extra: Sequence[Path] = ()) -> None:
-        always = [home, Path(os.path.realpath(home)), *extra]
+    def __init__(self, private: Sequence[Path]) -> None:
+        """``private``: the server's own directories (home, allowed image directories)."""
+        always = [*private, *(Path(os.path.realpath(p)) for p in private)]
         if sys.prefix != sys.base_prefix:  # a virtualenv: its path names the deployment
             always.append(Path(sys.prefix))
         # The working and install directories only when specific: "/" or "/srv" would eat guest paths.

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from boxvm.backends.local import LocalBackend
 from boxvm.paths import Home
-from boxvm.server.app import create_app
+from boxvm.server.run import local_app
 
 
 def document() -> dict[str, object]:
     with tempfile.TemporaryDirectory() as tmp:  # the schema does not depend on any home
-        return create_app(LocalBackend(Home.default(Path(tmp))), None).openapi()
+        return local_app(LocalBackend(Home.default(Path(tmp))), None).openapi()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Running the REST server: socket, authentication policy, TLS, uvicorn."""
+"""Running the REST server: this host's home behind the app, socket, authentication policy, TLS, uvicorn."""
 
 from __future__ import annotations
 
@@ -9,11 +9,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boxvm.errors import InvalidArgument
 from boxvm.paths import Home
 from boxvm.server.local import ensure_token, is_loopback, token_path
 from boxvm.wire import SERVER_KEEPALIVE_SECS
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from boxvm.backends.local import LocalBackend
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,28 @@ class ServeOptions:
     tls_key: Path | None = None
     image_dirs: tuple[Path, ...] = ()  # server directories whose OCI layouts/archives callers may name
     port_range: tuple[int, int] | None = None  # host ports callers may forward; None: none
+
+
+def local_app(
+    backend: LocalBackend,
+    token: str | None,
+    image_dirs: tuple[Path, ...] = (),
+    port_range: tuple[int, int] | None = None,
+) -> FastAPI:
+    """The app serving this host's home: over REST an image is a registry reference, or a path
+    under ``image_dirs`` (``boxvm.server.guard.image_gate``); idempotent responses are kept in
+    the home's store; the home and image directories are scrubbed from messages."""
+    from boxvm.server.app import create_app
+    from boxvm.server.guard import image_gate
+
+    backend.images.path_gate = image_gate(image_dirs)
+    return create_app(
+        backend,
+        token,
+        responses=backend.store,
+        port_range=port_range,
+        private_paths=(backend.home.root, *image_dirs),
+    )
 
 
 def _warn(message: str) -> None:
@@ -57,7 +85,6 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     import uvicorn
 
     from boxvm.backends.local import LocalBackend
-    from boxvm.server.app import create_app
 
     home = Home.default()
     token = None if options.no_token else options.token or ensure_token(home)
@@ -77,11 +104,14 @@ def serve(options: ServeOptions, announce: Callable[[str], None] = print) -> Non
     except OSError as exc:
         raise InvalidArgument(f"cannot listen on {host}:{options.port}: {exc.strerror}") from exc
     bound = sock.getsockname()[1]
+    # Listening from here on: a client that connects as soon as the address is announced
+    # waits in the backlog until uvicorn accepts, instead of being refused.
+    sock.listen(2048)
     scheme = "https" if options.tls_cert else "http"
 
     async def main() -> None:
         backend = LocalBackend(home)
-        app = create_app(backend, token, image_dirs=options.image_dirs, port_range=options.port_range)
+        app = local_app(backend, token, options.image_dirs, options.port_range)
         config = uvicorn.Config(
             app,
             log_level="warning",

@@ -1,0 +1,182 @@
+"""The REST API without a VM: authentication, the error envelope and its mapping back to
+classes in the client, idempotency keys, version checks and the committed OpenAPI document.
+
+In-process against the real app ``boxvm serve`` builds (``httpx.ASGITransport``), over a
+fresh home in ``tmp_path``: no guest bundle, no image, no QEMU. Boxes that are needed are
+configured records (an image build is not needed to name, stop or snapshot-look-up one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+import boxvm
+from boxvm import errors, wire
+from boxvm.backends.remote import RemoteBackend
+from boxvm.server.app import Idempotency
+from boxvm.store import BoxRecord
+from tests.helpers import InProcess, in_process
+
+REPO = Path(__file__).resolve().parents[2]
+TOKEN = "unit-" + secrets.token_hex(8)
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def api(tmp_path: Path) -> AsyncIterator[InProcess]:
+    async with in_process(tmp_path / "home", TOKEN) as served:
+        yield served
+
+
+def configured_box(api: InProcess, name: str) -> str:
+    """A box record as ``create`` leaves it, without its disks (nothing here reads them)."""
+    box_id = secrets.token_hex(16)
+    status, mac = boxvm.BoxStatus.CONFIGURED, "52:54:00:00:00:01"
+    api.backend.store.insert_box(BoxRecord(id=box_id, name=name, status=status, image="x", options={}, mac=mac))
+    return box_id
+
+
+def concrete(path: str) -> str:
+    return path.replace("{box}", "some-box").replace("{name}", "some-snap")
+
+
+async def test_every_route_needs_the_token(api: InProcess) -> None:
+    routes = [(m.upper(), concrete(p)) for p, ops in api.app.openapi()["paths"].items() for m in ops]
+    assert len(routes) > 20
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Basic x"}):
+        for method, path in routes:
+            r = await api.http.request(method, path, headers=headers)
+            assert r.status_code == 401, (method, path, headers, r.text)
+            assert r.json()["error"] | {"message": ""} == {
+                "type": "Unauthorized", "code": "Unauthorized", "message": "", "status": 401,
+            }  # fmt: skip
+    assert (await api.http.get("/v1/boxes", headers=AUTH)).status_code == 200
+    bad = api.client("wrong")
+    with pytest.raises(boxvm.Unauthorized):
+        await bad.list()
+    await bad.close()
+
+
+async def test_errors_carry_their_class_and_status(api: InProcess) -> None:
+    configured_box(api, "cfg")
+    api.http.headers.update(AUTH)
+    cases = [
+        ("GET", "/v1/boxes/nope", None, 404, "NotFound", "BoxNotFound"),
+        ("GET", "/v1/boxes/nope/snapshots/s", None, 404, "NotFound", "BoxNotFound"),
+        ("GET", "/v1/boxes/cfg/snapshots/s", None, 404, "NotFound", "SnapshotNotFound"),
+        ("POST", "/v1/boxes/cfg/snapshots/s/restore", None, 404, "NotFound", "SnapshotNotFound"),
+        ("GET", "/v1/no-such-route", None, 404, "NotFound", "NotFound"),
+        ("POST", "/v1/boxes/cfg/stop", None, 409, "InvalidState", "InvalidState"),
+        ("POST", "/v1/boxes", {"name": "cfg"}, 409, "AlreadyExists", "AlreadyExists"),
+        ("POST", "/v1/boxes", {"name": "../evil"}, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", "/v1/boxes", {"options": {"cpus": "many"}}, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", "/v1/boxes/import", None, 422, "ArchiveError", "ArchiveError"),  # an empty upload
+    ]
+    for method, path, body, status, kind, code in cases:
+        r = await api.http.request(method, path, json=body)
+        assert r.status_code == status, (method, path, r.text)
+        assert r.json()["error"]["type"] == kind and r.json()["error"]["code"] == code, r.text
+        assert r.json()["error"]["status"] == status
+    r = await api.http.post("/v1/boxes", json={"options": {"cpus": "many"}})
+    assert "cpus" in r.json()["error"]["message"]
+    for malformed in (b'{"name": ', b"[1, 2]", b'"text"', b"\xff\xfe"):
+        r = await api.http.post("/v1/boxes", content=malformed, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument", (malformed, r.text)
+
+
+async def test_the_client_raises_the_servers_classes(api: InProcess) -> None:
+    box_id = configured_box(api, "cfg")
+    client = api.client(TOKEN)
+    try:
+        assert await client.get("nope") is None
+        assert (await client.get("cfg")).id == box_id  # type: ignore[union-attr]
+        assert await client.snapshot_get(box_id, "missing") is None  # a box without that snapshot
+        for missing_box in ("nope", "snapshot-x"):  # (matching "snapshot" in the message took the 2nd for None)
+            with pytest.raises(errors.BoxNotFound):
+                await client.snapshot_get(missing_box, "missing")  # no box at all: not "no snapshot"
+        with pytest.raises(errors.SnapshotNotFound):
+            await client.snapshot_restore(box_id, "missing")
+        with pytest.raises(errors.InvalidState, match="not running"):
+            await client.stop(box_id, 1)
+        with pytest.raises(errors.AlreadyExists):
+            await client.create(boxvm.BoxOptions(), "cfg")
+        with pytest.raises(errors.BoxNotFound):
+            await client.remove("nope", False)
+        await client.remove(box_id, False)
+        assert await client.list() == []
+    finally:
+        await client.close()
+
+
+def test_error_envelopes_round_trip_by_class_and_stay_readable_by_older_peers() -> None:
+    classes = list(errors.KINDS.values())
+    assert errors.BoxNotFound in classes and errors.SnapshotNotFound in classes and len(classes) >= 14
+    top_level = {c.__name__ for c in errors.BoxvmError.__subclasses__()} | {"BoxvmError"}
+    for cls in classes:
+        exc = cls("a message that names no class")
+        envelope = json.loads(json.dumps(exc.to_dict()))
+        back = errors.from_dict(envelope)
+        assert type(back) is cls and back.message == exc.message
+        assert envelope["status"] == cls.http_status and envelope["code"] == cls.__name__
+        # "type" is the top-level class, as API 1 always sent: a client without codes maps it
+        assert envelope["type"] in top_level and isinstance(back, type(errors.from_dict({"type": envelope["type"]})))
+    assert type(errors.from_dict({"type": "NotFound", "message": "m"})) is errors.NotFound  # an older server
+    assert type(errors.from_dict({"type": "Nonsense", "code": "AlsoNonsense", "message": "m"})) is errors.BoxvmError
+
+
+async def test_idempotency_replays_a_stored_success_and_refuses_a_changed_request(api: InProcess) -> None:
+    api.http.headers.update(AUTH)
+    key = os.urandom(8).hex()
+    body = wire.CreateRequest(name="t-idem")
+    stored = json.dumps({"id": "a" * 32, "name": "t-idem"})
+    api.backend.store.put_response("POST /v1/boxes", key, Idempotency.fingerprint(body), 201, stored)
+
+    r = await api.http.post("/v1/boxes", json=wire.body(body), headers={wire.IDEMPOTENCY_HEADER: key})
+    assert r.status_code == 201 and r.text == stored and r.headers["Idempotent-Replayed"] == "true"
+    assert await api.backend.list() == []  # replayed, not run
+
+    r = await api.http.post("/v1/boxes", json={"name": "t-other"}, headers={wire.IDEMPOTENCY_HEADER: key})
+    assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]["message"]
+
+    # the same key on another route is another request; failures are not stored, so they run again
+    for _ in range(2):
+        r = await api.http.post("/v1/boxes/import", content=b"junk", headers={wire.IDEMPOTENCY_HEADER: key})
+        assert r.status_code == 422 and "Idempotent-Replayed" not in r.headers, r.text
+    for bad in ("", "k" * 201):
+        r = await api.http.post("/v1/boxes", json={"name": "t-x"}, headers={wire.IDEMPOTENCY_HEADER: bad})
+        assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]["message"]
+
+
+async def test_openapi_document_is_served_and_committed(api: InProcess) -> None:
+    served = (await api.http.get("/v1/openapi.json", headers=AUTH)).json()
+    committed = json.loads((REPO / "docs" / "openapi.json").read_text())
+    assert served == committed, "regenerate it: python -m boxvm.server.openapi > docs/openapi.json"
+    assert "/v1/boxes/{box}/export" in served["paths"] and "/v1/boxes/import" in served["paths"]
+
+
+async def test_server_config_is_the_protocol_module(api: InProcess) -> None:
+    r = await api.http.get("/v1/config", headers=AUTH)
+    assert r.json() == {"version": boxvm.__version__, "api": wire.API_VERSION, "capabilities": list(wire.CAPABILITIES)}
+
+
+async def test_client_refuses_an_older_server() -> None:
+    old = FastAPI()
+
+    @old.get("/v1/config")
+    async def config() -> dict[str, object]:
+        return {"version": "0.0.1", "api": 0, "capabilities": ["lifecycle"]}
+
+    client = RemoteBackend("http://127.0.0.1", "t", transport=httpx.ASGITransport(app=old))
+    try:
+        with pytest.raises(boxvm.Unsupported, match=r"0\.0\.1.*API 0.*upgrade the server"):
+            await client.list()
+    finally:
+        await client.close()
