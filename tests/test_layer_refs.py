@@ -60,6 +60,7 @@ def chain_walk(backend: LocalBackend) -> set[str]:
 
 
 def assert_consistent(backend: LocalBackend) -> None:
+    backend.layers.trash.flush()  # deletions finish in the background, after the call returned
     reached = chain_walk(backend)
     on_disk = {e for e in os.listdir(backend.layers.root) if not e.startswith(".")}
     assert on_disk == reached, f"kept unreferenced: {on_disk - reached}; deleted in use: {reached - on_disk}"

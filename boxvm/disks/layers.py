@@ -20,9 +20,9 @@ holds writes made after the capture.
 Which layers are alive is recorded in the store (``store/db.py``, "layers"): each layer
 row has its parent and a count of the boxes, snapshots, child layers and pins holding
 it, changed in the same transaction as the metadata that holds it. A layer whose count
-reaches zero is tombstoned in that transaction and its directory deleted after the
-commit (:meth:`LayerStore.delete`), by the operation or by recovery: no operation walks
-the home. A capture writes its files first and records the new layer after; recovery
+reaches zero is tombstoned in that transaction; after the commit its directory is moved
+into the process's trash (one rename) and deleted off the caller's path (:class:`Trash`),
+or by recovery: no operation walks the home. A capture writes its files first and records the new layer after; recovery
 records a capture its process died before recording (``adopt_capture``), so a layer
 on disk without a row is never deleted by the hot path. :func:`scan` is the full
 consistency check (``boxvm doctor``): it walks every chain from the files and refuses
@@ -44,8 +44,10 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
+import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +64,8 @@ PENDING = "disk.new.qcow2"
 GUEST_TOP = "guest-rootfs.qcow2"
 LAYER_FILE = "layer.qcow2"
 LIVE_PREFIX = ".live-"
+TRASH_PREFIX = "trash-"  # tmp/trash-<pid>-*: what this process made unreachable, being deleted
+_LAYER_ID = re.compile(r"[0-9a-f]{16}")
 _REFERENCE = re.compile(r"^\.\./\.\./layers/([0-9a-f]{16})/layer\.qcow2$")
 
 if TYPE_CHECKING:
@@ -80,6 +84,7 @@ class LayerStore:
         self.home = home
         self.root = home.root / "layers"
         self.root.mkdir(parents=True, exist_ok=True)
+        self.trash = Trash(home.tmp)
 
     # -- naming -----------------------------------------------------------------------
     def layer_path(self, layer_id: str) -> Path:
@@ -128,7 +133,7 @@ class LayerStore:
         top = box_dir / TOP
         if top.exists():
             if target.exists():
-                top.unlink()
+                self.trash.discard([(top, f"T-{secrets.token_hex(8)}")])  # a restore's dropped top
             else:
                 target.parent.mkdir(exist_ok=True)
                 fsync_dir(self.root)  # the new layer directory's entry
@@ -140,12 +145,26 @@ class LayerStore:
         if sync:
             fsync_dir(box_dir)
 
+    @staticmethod
+    def quiet_top(box_dir: Path) -> tuple[int, str | None] | None:
+        """(virtual size, layer) of a box's top with no pending top beside it -- a box at
+        rest whose files need no roll-forward -- else None. One header read."""
+        if (box_dir / PENDING).exists():
+            return None
+        try:
+            header = qcow2.read_header(box_dir / TOP)
+        except (OSError, ValueError, StorageError):
+            return None
+        return header.size, _layer_of_reference(header.backing_file)
+
     def restore(self, box_dir: Path, layer_id: str, size: int) -> None:
         """Give the box a fresh empty top over ``layer_id`` (which the box's record holds
-        already); its later changes are dropped. ``size``: the disk's virtual size."""
+        already); its later changes are dropped. ``size``: the disk's virtual size. The
+        box directory is not synced here: the layers this releases are deleted only after
+        it is (``collect(..., synced=[box_dir])``), and nothing else depends on it."""
         qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
         faults.point("restore:pending-written")
-        self.commit(box_dir)
+        self.commit(box_dir, sync=False)
 
     def new_top(self, box_dir: Path, layer_id: str, size: int) -> None:
         """A new box's (clone's) own top over a layer (held by a pin while it is staged)."""
@@ -158,27 +177,49 @@ class LayerStore:
         staged.rename(final)
         fsync_dir(final.parent)
 
-    def delete(self, layers: Iterable[str]) -> list[str]:
-        """Delete tombstoned layers' files (idempotent: any process may do it, recovery
-        repeats it), then forget the tombstones. Called after the commit that made them."""
-        return [layer for layer in layers if self._rmtree(layer)]
-
     def _rmtree(self, layer: str) -> bool:
         path = self.root / layer
-        if not re.fullmatch(r"[0-9a-f]{16}", layer):
+        if not _LAYER_ID.fullmatch(layer):
             log.warning("tombstone %r is not a layer id: ignored", layer)
             return False
         shutil.rmtree(path, ignore_errors=True)
         return not path.exists()
 
-    def collect(self, store: Store, layers: list[str]) -> list[str]:
-        """Delete the files of layers just tombstoned, then their tombstones."""
+    def collect(self, store: Store, layers: list[str], synced: Iterable[Path] = ()) -> list[str]:
+        """Move the files of layers just tombstoned into the trash (idempotent: any process
+        may do it, recovery repeats it); the trash deletes them, then their tombstones,
+        once ``synced`` (directories whose renames stopped using them) and the store's
+        commits are durable."""
         if not layers:
             return []
         faults.point("collect:tombstoned")  # committed, files not yet deleted: recovery deletes them
-        gone = self.delete(layers)
-        store.forget_tombstones(gone)
+        gone = []
+        for layer in layers:
+            if _LAYER_ID.fullmatch(layer):
+                gone.append(layer)
+            else:
+                log.warning("tombstone %r is not a layer id: ignored", layer)
+        items = [(self.root / layer, f"L-{layer}") for layer in gone]
+        self.trash.discard(items, synced, store.sync, lambda: store.forget_tombstones(gone))
         return gone
+
+    def recover_trash(self, store: Store, alive: Callable[[int], bool]) -> None:
+        """Start-up recovery of dead processes' trash: what the store still holds (its
+        commit was lost to a power cut before the trash was synced) goes back; the rest
+        is deleted."""
+        for entry in _listdir(self.home.tmp):
+            pid = entry.split("-")[1] if entry.startswith(TRASH_PREFIX) and entry.count("-") >= 2 else ""
+            if not pid.isdigit() or alive(int(pid)):
+                continue
+            trash = self.home.tmp / entry
+            for name in _listdir(trash):
+                kind, _, ident = name.partition("-")
+                home = {"L": self.root / ident, "B": self.home.boxes / ident}.get(kind)
+                held = (kind == "L" and store.has_layer(ident)) or (kind == "B" and store.get_box(ident) is not None)
+                if home is not None and held and not home.exists():
+                    log.warning("putting %s back: the store still holds it", name)
+                    os.rename(trash / name, home)
+            shutil.rmtree(trash, ignore_errors=True)
 
     # -- the full consistency scan -----------------------------------------------------
     def _roots(self, snapshot_layers: Iterable[str]) -> Iterator[Path]:
@@ -243,6 +284,7 @@ class LayerStore:
             if safe:
                 result.deleted = self.collect(store, store.tombstones())
                 result.deleted += [layer for layer in result.orphans if self._rmtree(layer)]
+                self.trash.flush()
         return result
 
     def layer_files(self) -> list[Path]:
@@ -269,6 +311,92 @@ class LayerStore:
             return qcow2.chain(top)
         except (OSError, StorageError):
             return []
+
+
+class Trash:
+    """Deletion off the caller's path. What an operation made unreachable (a tombstoned
+    layer, a removed box's directory, a restore's dropped top) is renamed into this
+    process's ``tmp/trash-<pid>-*`` -- one metadata write, where deleting a file's blocks
+    costs milliseconds -- and a background thread deletes it after syncing what the
+    deletion depends on: the directories whose renames stopped using it and the store's
+    commits (WAL with synchronous=NORMAL may lose the last ones on power loss). A process
+    that dies first leaves its trash to start-up recovery (:meth:`LayerStore.recover_trash`)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self._dir: Path | None = None
+        self._cond = threading.Condition()
+        self._jobs: list[_Job] = []
+        self._busy = False  # jobs queued or being done
+        self._worker: threading.Thread | None = None  # one per process, started on first use
+
+    def discard(
+        self,
+        items: Iterable[tuple[Path, str]],
+        synced: Iterable[Path] = (),
+        durable: Callable[[], None] | None = None,
+        then: Callable[[], None] | None = None,
+    ) -> list[Path]:
+        """Move each ``(path, name)`` (a file or directory; one gone already is skipped)
+        into the trash under ``name`` and have it deleted in the background: after
+        syncing ``synced`` and calling ``durable``; ``then`` after (forgetting
+        tombstones). Returns the paths moved."""
+        job = _Job(set(synced), durable, then)
+        with self._cond:  # moved and queued at once: never deleted before its own syncs
+            if self._dir is None:
+                self._dir = Path(tempfile.mkdtemp(prefix=f"{TRASH_PREFIX}{os.getpid()}-", dir=self.tmp))
+            for path, name in items:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, self._dir / name)
+                    job.moved.append((path, self._dir / name))
+            self._jobs.append(job)
+            self._busy = True
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._run, name="boxvm-trash", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+        return [path for path, _ in job.moved]
+
+    def flush(self) -> None:
+        """Wait until what the trash holds is deleted."""
+        with self._cond:
+            while self._busy:
+                self._cond.wait()
+
+    def _run(self) -> None:
+        """The worker: waits for jobs (a daemon thread: a process that exits with jobs
+        queued leaves them to start-up recovery)."""
+        while True:
+            with self._cond:
+                while not self._jobs:
+                    self._busy = False
+                    self._cond.notify_all()
+                    self._cond.wait()
+                jobs, self._jobs = self._jobs, []
+            try:
+                for directory in set().union(*(job.synced for job in jobs)):
+                    with contextlib.suppress(FileNotFoundError):
+                        fsync_dir(directory)
+                for durable in {job.durable for job in jobs if job.durable is not None}:
+                    durable()
+                for job in jobs:
+                    for _path, held in job.moved:
+                        if held.is_dir() and not held.is_symlink():
+                            shutil.rmtree(held, ignore_errors=True)
+                        else:
+                            held.unlink(missing_ok=True)
+                    if job.then is not None:
+                        job.then()
+            except Exception as exc:  # what is left is start-up recovery's
+                log.warning("could not empty the trash: %s", exc)
+
+
+@dataclass
+class _Job:
+    synced: set[Path]
+    durable: Callable[[], None] | None
+    then: Callable[[], None] | None
+    moved: list[tuple[Path, Path]] = field(default_factory=list)
 
 
 def _listdir(path: Path) -> list[str]:

@@ -329,8 +329,37 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def end_operation(self, box_id: str) -> None:
-        self._db.execute("UPDATE boxes SET operation = NULL, operation_pid = NULL WHERE id = ?", (box_id,))
+    def end_operation(self, box_id: str, timings_ms: dict[str, float] | None = None) -> None:
+        self._end_operation(self._db, box_id, timings_ms)
+
+    @staticmethod
+    def _end_operation(db: sqlite3.Connection, box_id: str, timings_ms: dict[str, float] | None = None) -> None:
+        """End the claim, merging ``timings_ms`` into the box's timings in the same write."""
+        patch = json.dumps({k: round(v, 2) for k, v in (timings_ms or {}).items()})
+        db.execute(
+            "UPDATE boxes SET operation = NULL, operation_pid = NULL, timings = json_patch(timings, ?) WHERE id = ?",
+            (patch, box_id),
+        )
+
+    @staticmethod
+    def _claim_quiet(
+        db: sqlite3.Connection,
+        box_id: str,
+        operation: BoxStatus,
+        allowed: frozenset[BoxStatus],
+        pid: int,
+        layer: str | None,
+    ) -> bool:
+        """Claim a box at rest whose files agree with its record (its top backs onto
+        ``layer``, read just before, with no pending top), in the caller's transaction:
+        the claim and the operation's first write become one transaction."""
+        marks = ", ".join("?" for _ in allowed)
+        cur = db.execute(
+            "UPDATE boxes SET operation = ?, operation_pid = ? "
+            f"WHERE id = ? AND operation IS NULL AND layer IS ? AND status IN ({marks})",
+            (operation.value, pid, box_id, layer, *(s.value for s in allowed)),
+        )
+        return cur.rowcount == 1
 
     # -- snapshots --------------------------------------------------------------------
     def insert_snapshot(self, rec: SnapshotRecord) -> None:
@@ -387,6 +416,14 @@ class Store:
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
 
+    def sync(self) -> None:
+        """Make every commit so far durable (one write with synchronous=FULL: the WAL's
+        fsync covers every frame before it). Files are deleted on a commit's word only
+        after this (see ``disks/layers.py``, ``Trash``), so the operations' own commits
+        need not wait for the disk."""
+        with self._tx(durable=True) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('synced_at', ?)", (str(time.time()),))
+
     @staticmethod
     def _hold(db: sqlite3.Connection, layer: str) -> None:
         if db.execute("UPDATE layers SET refs = refs + 1 WHERE id = ?", (layer,)).rowcount != 1:
@@ -409,12 +446,19 @@ class Store:
             layer = row[1]
 
     def record_capture(
-        self, box_id: str, layer: str, parent: str | None, snapshot: SnapshotRecord | None = None, pin_pid: int = 0
+        self,
+        box_id: str,
+        layer: str,
+        parent: str | None,
+        snapshot: SnapshotRecord | None = None,
+        pin_pid: int = 0,
+        release: bool = False,
     ) -> str | None:
         """The box's top became ``layer`` (over ``parent``) and it has a new top over it: the
         box's reference moves to the new layer, which holds ``parent`` in its place. With a
-        snapshot record, and/or a pin (for clones staged over the layer, returned), in the
-        same transaction. Idempotent for recovery: a capture already recorded is left."""
+        snapshot record, and/or a pin (for clones staged over the layer, returned), and/or
+        the end of this process's claim (``release``), in the same transaction. Idempotent
+        for recovery: a capture already recorded is left."""
         with self._tx() as db:
             row = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()
             if row is None:
@@ -430,6 +474,8 @@ class Store:
                 except sqlite3.IntegrityError as exc:
                     raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
                 self._hold(db, layer)
+            if release:
+                self._end_operation(db, box_id)
             return self._pin(db, layer, pin_pid) if pin_pid else None
 
     def adopt_capture(self, box_id: str, layer: str, parent: str | None, exists: Callable[[], bool]) -> bool:
@@ -467,9 +513,9 @@ class Store:
 
     def _delete_holder(self, sql: str, key: str) -> list[str]:
         """Delete one row that holds a layer (``sql`` returns that layer) and release it, in
-        one durable transaction; returns the layers tombstoned."""
+        one transaction; returns the layers tombstoned."""
         dead: list[str] = []
-        with self._tx(durable=True) as db:
+        with self._tx() as db:
             row = db.execute(sql, (key,)).fetchone()
             if row is not None:
                 self._drop(db, row[0], dead)
@@ -501,13 +547,20 @@ class Store:
             dead: list[str] = []
             self._drop(db, row[0], dead)  # the clones hold it now: never the last reference
 
-    def restore_layer(self, box_id: str, name: str) -> tuple[SnapshotRecord, list[str]] | None:
+    def restore_layer(
+        self, box_id: str, name: str, claim: tuple[frozenset[BoxStatus], int, str | None] | None = None
+    ) -> tuple[SnapshotRecord, list[str]] | None:
         """Point the box at a snapshot's layer (found in this transaction); its former
-        layer is released. The caller then gives the box a new top over the snapshot."""
+        layer is released. The caller then gives the box a new top over the snapshot.
+        With ``claim`` (allowed statuses, pid, the layer its top backs onto), the box is
+        claimed for the restore in the same transaction; None if it cannot be (or the
+        snapshot is gone): the caller then claims it the long way."""
         dead: list[str] = []
-        with self._tx(durable=True) as db:
+        with self._tx() as db:
             row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
             if row is None:
+                return None
+            if claim is not None and not self._claim_quiet(db, box_id, BoxStatus.RESTORING, *claim):
                 return None
             snap = _snapshot(row)
             old = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()[0]
@@ -520,7 +573,7 @@ class Store:
         """The box's top now backs onto ``layer`` (an export's capture folded back, a top
         rewritten by recovery); returns the layers tombstoned."""
         dead: list[str] = []
-        with self._tx(durable=True) as db:
+        with self._tx() as db:
             row = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()
             if row is None or row[0] == layer:
                 return dead
@@ -533,10 +586,21 @@ class Store:
     def remove_snapshot(self, snapshot_id: str) -> list[str]:
         return self._delete_holder("DELETE FROM snapshots WHERE id = ? RETURNING layer", snapshot_id)
 
-    def remove_box(self, box_id: str) -> list[str]:
-        """Delete a box, its snapshots and their references; returns the layers tombstoned."""
+    def remove_box(self, box_id: str, quiet: tuple[frozenset[BoxStatus], str | None] | None = None) -> list[str] | None:
+        """Delete a box, its snapshots and their references; returns the layers tombstoned.
+        With ``quiet`` (allowed statuses, the layer its top backs onto): only if no
+        operation holds it, its status is allowed and its record names that layer, checked
+        in the same transaction (else None, nothing changed) -- no separate claim."""
         dead: list[str] = []
-        with self._tx(durable=True) as db:
+        with self._tx() as db:
+            if quiet is not None:
+                marks = ", ".join("?" for _ in quiet[0])
+                row = db.execute(
+                    f"SELECT 1 FROM boxes WHERE id = ? AND operation IS NULL AND layer IS ? AND status IN ({marks})",
+                    (box_id, quiet[1], *(s.value for s in quiet[0])),
+                ).fetchone()
+                if row is None:
+                    return None
             for (layer,) in db.execute("DELETE FROM snapshots WHERE box_id = ? RETURNING layer", (box_id,)).fetchall():
                 self._drop(db, layer, dead)
             row = db.execute("DELETE FROM boxes WHERE id = ? RETURNING layer", (box_id,)).fetchone()
