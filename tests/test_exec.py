@@ -188,20 +188,3 @@ async def test_copy_tree_in_and_out_keeps_modes(shared_box: boxvm.Box, tmp_path:
     assert (await shared_box.exec(["/root/renamed.sh"])).stdout == b"run\n"
     with pytest.raises(boxvm.NotFound):
         await shared_box.copy_out("/root/does-not-exist", tmp_path / "x")
-
-
-async def test_freeze_blocks_writes_until_thaw(rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend) -> None:
-    """The agent's FIFREEZE/FITHAW, which running-box snapshots build on."""
-    _rec, conn = await local._running(shared_box.id, "exec")
-    await conn.request("freeze")
-    try:
-        with pytest.raises(boxvm.QuiesceError, match="freeze"):
-            await conn.request("freeze")  # already frozen
-        proc = await shared_box.spawn(["sh", "-c", "echo x > /root/frozen-write && echo written"])
-        waiter = asyncio.ensure_future(proc.wait())
-        done, _pending = await asyncio.wait({waiter}, timeout=1.5)
-        assert not done, "a write went through while the filesystem was frozen"
-    finally:
-        await conn.request("thaw")
-    assert await waiter == 0
-    assert (await shared_box.exec(["cat", "/root/frozen-write"])).stdout == b"x\n"

@@ -147,12 +147,12 @@ async def test_crash_then_recover(rt: boxvm.Runtime, home: Home, template: boxvm
 
 
 async def test_crash_during_a_running_capture(rt: boxvm.Runtime, home: Home, template: boxvm.Box) -> None:
-    """The client dies after writing the pending top of a live capture: the box keeps
-    running, the supervisor drops the never-used pending top, and later captures work."""
+    """The client dies once the supervisor made (and recorded) a live capture, before its
+    snapshot record: the box keeps running with no pending top, and later captures work."""
     box = await template.clone("f-live-capture")
     await box.start()
     await box.exec(["sh", "-c", "echo before > /root/live"])
-    crash(home, "capture:pending-written", "rt.get('f-live-capture').snapshot.create('s1')")
+    crash(home, "capture:committed", "rt.get('f-live-capture').snapshot.create('s1')")
     fresh = await recovered(home)
     try:
         live = await fresh.get("f-live-capture")

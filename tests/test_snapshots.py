@@ -224,10 +224,9 @@ async def test_restore_of_a_running_box_needs_a_stop(shared_box: boxvm.Box) -> N
     await shared_box.snapshot.remove("r1")
 
 
-async def test_quiesce_failure(rt: boxvm.Runtime, shared_box: boxvm.Box, local: LocalBackend) -> None:
-    _rec, conn = await local._running(shared_box.id, "exec")
+async def test_quiesce_failure(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
     depth = (await shared_box.info()).chain_depth  # (other tests make layers meanwhile)
-    await conn.request("freeze")  # a second freeze fails: the capture's quiesce cannot succeed
+    await shared_box.exec(["fsfreeze", "--freeze", "/"])  # frozen already: the capture's quiesce cannot succeed
     try:
         with pytest.raises(boxvm.QuiesceError, match="left untouched"):
             await shared_box.snapshot.create("q1")
@@ -235,7 +234,7 @@ async def test_quiesce_failure(rt: boxvm.Runtime, shared_box: boxvm.Box, local: 
         snap = await shared_box.snapshot.create("q2", boxvm.SnapshotOptions(stop_on_quiesce_fail=False))
         assert snap.consistency == "crash"
     finally:
-        await conn.request("thaw")
+        await shared_box.exec(["fsfreeze", "--unfreeze", "/"])
     assert (await shared_box.exec(["sh", "-c", "echo ok > /root/after-quiesce"])).exit_code == 0
     await shared_box.snapshot.remove("q2")
 

@@ -28,7 +28,7 @@ from boxvm.backends import memory as box_memory
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.backends.state import OWNER, StateOps, mark_owner
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
+from boxvm.disks.layers import GUEST_TOP, TOP, LayerStore
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import console, hostclock, memory, qemu
 from boxvm.engine.client import Channel, Connection
@@ -67,7 +67,6 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         """Remove what crashed operations left: staging dirs of dead processes, box
         directories with no record (a create that never committed)."""
         publish.recover(self.home.tmp, _pid_alive)  # before the loop below deletes its journal
-        self.layers.recover_trash(self.store, _pid_alive)  # (likewise)
         for entry in self.home.tmp.iterdir():
             pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
             if pid.isdigit() and not _pid_alive(int(pid)):
@@ -86,7 +85,6 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         for rec in records:
             self._finish_crashed_operation(rec)
         self._gc()
-        self.layers.trash.flush()
 
     def _finish_crashed_operation(self, rec: BoxRecord) -> BoxRecord:
         """A state operation whose process died: release the box and, if it is at rest,
@@ -225,24 +223,17 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def remove(self, box_id: str, force: bool) -> None:
         rec = self._record(box_id)
         allowed, advice = ALLOWED["remove"]
-        # A box at rest whose files agree with its record goes in one transaction, which
-        # checks that nothing holds it. Otherwise it is claimed like a state operation, so
-        # none (nor a start or stop) runs on a box whose row and files are going away; a
-        # second remover gets InvalidState/NotFound.
-        quiet = self.layers.quiet_top(self.home.box_dir(rec.id)) if rec.status in allowed else None
-        dead = self.store.remove_box(rec.id, (allowed, quiet[1])) if quiet is not None else None
-        if dead is None:
-            async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice) as c:
-                rec = self._record(rec.id)
-                if rec.status.is_live:
-                    await self._kill(rec)
-                await self._drop_conn(rec.id)
-                self._sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
-                dead = self.store.remove_box(rec.id) or []  # the name and its references go at once; files follow
-                c.ended = True  # (with the row)
-        await self._drop_conn(rec.id)
+        # Claimed like a state operation, so none (nor a start or stop) runs on a box
+        # whose row and files are going away; a second remover gets InvalidState/NotFound.
+        async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice):
+            rec = self._record(rec.id)
+            if rec.status.is_live:
+                await self._kill(rec)
+            await self._drop_conn(rec.id)
+            self._sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
+            dead = self.store.remove_box(rec.id)  # the name and its references go at once; files follow
         faults.point("remove:row-deleted")
-        self.layers.trash.discard([(self.home.box_dir(rec.id), f"B-{rec.id}")], durable=self.store.sync)
+        shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
         self.layers.collect(self.store, dead)  # layers only this box (and its snapshots) held
 
     async def _kill(self, rec: BoxRecord) -> None:
@@ -359,8 +350,6 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
-            if (self.home.box_dir(rec.id) / PENDING).exists():  # none may outlive the VM
-                await conn.request("settle")
             await conn.request("stop", timeout=timeout)
         except EngineError:
             await self._kill(rec)
@@ -380,22 +369,22 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         _no_operation(rec)
         require(op, rec.name, rec.status)
         conn = await self._conn(rec.id, rec.name)
-        await conn.request("qmp", command=command)
+        await conn.request(command)
         if not self.store.transition(rec.id, to, {rec.status}):
             now = self._record(rec.id)
             if now.status != to:  # (the same toggle by another caller is a success)
                 if now.status == rec.status:  # a state operation claimed it meanwhile: undo ours
-                    await conn.request("qmp", command=undo)
+                    await conn.request(undo)
                 raise InvalidState(
                     f"cannot {op} box {rec.name!r}: it became {now.shown_status.value} meanwhile; try again"
                 )
         return self._info(self._record(rec.id))
 
     async def pause(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "pause", "stop", "cont", BoxStatus.PAUSED)
+        return await self._qmp_toggle(box_id, "pause", "pause", "resume", BoxStatus.PAUSED)
 
     async def resume(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "resume", "cont", "stop", BoxStatus.RUNNING)
+        return await self._qmp_toggle(box_id, "resume", "resume", "pause", BoxStatus.RUNNING)
 
     # -- inside the box ---------------------------------------------------------------
     async def _conn(self, box_id: str, label: str) -> Connection:
@@ -533,7 +522,6 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def close(self) -> None:
         for box_id in list(self._conns):
             await self._drop_conn(box_id)
-        await asyncio.to_thread(self.layers.trash.flush)
         self.store.close()
 
 

@@ -4,9 +4,11 @@ A QEMU chardev takes one client, yet the library in any process, the CLI and the
 server all need the box at once. The supervisor (started detached, so boxes outlive
 whoever started them) multiplexes them all over ``ctl.sock``: it renumbers each client's
 channels onto the one agent port (``agentlink``, which also polices the guest), answers
-its own operations (``wait_ready``, ``stop``, ``qmp``, ...), records status changes in
-the store the moment they happen, keeps QEMU's serial output in a capped log
-(``console``), and removes the sockets when QEMU exits.
+its own operations (``protocol.SUPERVISOR_OPS``: ``wait_ready``, ``stop``, ``capture``,
+...), passes a client only the agent operations ``protocol.CLIENT_AGENT_OPS`` allows,
+records status changes in the store the moment they happen, keeps QEMU's serial output in
+a capped log (``console``), and removes the sockets when QEMU exits. It speaks to QEMU
+only through the typed commands of ``qmp``.
 
 Run as ``python -m boxvm.engine.supervisor BOX_DIR``; ``BOX_DIR/vm.json`` says what to run.
 """
@@ -24,14 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
-
 from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore, layer_of
 from boxvm.engine import console
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.engine.memory_ops import MemoryOps
-from boxvm.errors import EngineError
+from boxvm.engine.qmp import QMP
+from boxvm.errors import BoxvmError, EngineError, QuiesceError
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
 from boxvm.status import LIVE, BoxStatus
@@ -47,7 +48,7 @@ class Supervisor(MemoryOps):
         self.box_id: str = cfg["box_id"]
         self.layers = LayerStore(Home(Path(cfg["home"])))
         self.top_node = "data"  # the running container disk's top block node
-        self.top_is_pending = False  # switched to disk.new.qcow2 but not yet renamed
+        self.unpublished: tuple[str, str | None] | None = None  # (layer, parent) switched to, not yet renamed
         self.node_serial = 0
         self.live: dict[str, Path] = {"data": self.layers.live_link(box_dir, 0)}  # node -> the link it opened
         self.capture_lock = asyncio.Lock()
@@ -58,7 +59,7 @@ class Supervisor(MemoryOps):
         self.ready = asyncio.get_running_loop().create_future()
         self.exited = asyncio.Event()
         self.stop_requested = False
-        self.qmp = QMPClient(f"boxvm-{self.box_id[:12]}")
+        self.qmp = QMP(f"boxvm-{self.box_id[:12]}")
         self.qemu: asyncio.subprocess.Process | None = None
         self.t0 = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
@@ -111,14 +112,14 @@ class Supervisor(MemoryOps):
             if time.monotonic() > deadline or self.exited.is_set():
                 raise EngineError("QEMU did not create its sockets")
             await asyncio.sleep(0.01)
-        await self.qmp.connect(str(self.dir / "qmp.sock"))
+        await self.qmp.connect(self.dir / "qmp.sock")
         reader, writer = await asyncio.open_unix_connection(str(self.dir / "agent.sock"))
         self.tasks += [asyncio.create_task(self.drain_events()), *self.link.attach(reader, writer)]
 
     async def drain_events(self) -> None:
         # qemu.qmp queues every event for its default listener: consume them so a
         # long-lived supervisor does not grow without bound.
-        async for event in self.qmp.events:
+        async for event in self.qmp.events():
             log.debug("qmp event %s", event.get("event"))
 
     async def watch_qemu(self) -> None:
@@ -176,17 +177,10 @@ class Supervisor(MemoryOps):
         try:
             while data := await reader.read(1 << 20):
                 for cid, ftype, payload in decoder.feed(data):
-                    if ftype != P.OPEN:
+                    if ftype == P.OPEN:
+                        self.open(client, cid, json.loads(payload), payload)
+                    else:
                         self.link.from_client(client, cid, ftype, payload)
-                        continue
-                    req = json.loads(payload)
-                    handler = getattr(self, f"op_{req.get('op')}", None)
-                    if handler is None:
-                        self.link.open(client, cid, req, payload)
-                        continue
-                    task = asyncio.create_task(self.answer(client, cid, handler, req))
-                    self.tasks.append(task)
-                    task.add_done_callback(self.tasks.remove)
         except (ConnectionError, ValueError, AttributeError) as exc:
             log.debug("client dropped: %s", exc)
         except asyncio.CancelledError:  # the supervisor is shutting down
@@ -195,10 +189,28 @@ class Supervisor(MemoryOps):
             self.link.client_gone(client)
             writer.close()
 
+    def open(self, client: Client, cid: int, req: dict[str, Any], payload: bytes) -> None:
+        """A client's request: one of the supervisor's operations, or passed to the agent
+        if clients may use it; anything else is refused here and never reaches the guest."""
+        op = req.get("op")
+        if isinstance(op, str) and op in P.CLIENT_AGENT_OPS:
+            self.link.open(client, cid, req, payload)
+        elif isinstance(op, str) and op in P.SUPERVISOR_OPS:
+            task = asyncio.create_task(self.answer(client, cid, getattr(self, f"op_{op}"), req))
+            self.tasks.append(task)
+            task.add_done_callback(self.tasks.remove)
+        else:
+            refused = {"type": "InvalidArgument", "message": f"a box has no operation {op!r:.40} for clients"}
+            client.send(P.pack_json(cid, P.RESULT, {"error": refused}))
+
     async def answer(self, client: Client, cid: int, handler: Any, req: dict[str, Any]) -> None:
         try:
             result = await handler(req)
+        except BoxvmError as exc:
+            log.info("%s failed: %s", req.get("op"), getattr(exc, "reply", None) or exc)
+            result = {"error": {"type": exc.code, "message": exc.message}}
         except Exception as exc:
+            log.exception("%s failed", req.get("op"))
             result = {"error": {"type": "EngineError", "message": f"{type(exc).__name__}: {exc}"}}
         with contextlib.suppress(ConnectionError):
             client.send(P.pack_json(cid, P.RESULT, result))
@@ -216,12 +228,16 @@ class Supervisor(MemoryOps):
         """Clean shutdown: the agent syncs and unmounts, then QEMU quits; force after timeout."""
         self.stop_requested = True
         timeout = float(req.get("timeout", 10))
+        if self.unpublished is not None:  # none may outlive the VM
+            async with self.capture_lock:
+                with contextlib.suppress(Exception):
+                    await self.settle()
         if self.ready.done() and not self.ready.exception() and not self.exited.is_set():
             with contextlib.suppress(Exception):
                 await self.agent_request({"op": "shutdown"}, timeout)
         if not self.exited.is_set():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.qmp.execute("quit"), 5)
+                await self.qmp.quit()
         try:
             await asyncio.wait_for(self.exited.wait(), 10)
         except TimeoutError:
@@ -230,34 +246,59 @@ class Supervisor(MemoryOps):
             await self.exited.wait()
         return {"ok": True}
 
-    async def op_capture(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Point-in-time capture of the running disk; the VM never stops.
+    async def op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        await self.qmp.stop()
+        return {"ok": True}
 
-        The pending top (written by the caller) is opened first; then the guest
-        filesystem is frozen, one QMP transaction makes the pending top the disk's new
-        top (the old one is never written again), and the guest is thawed: the guest
-        sees only that window. The renames that publish the layer follow, here, so a
-        caller that dies mid-way can neither leave the guest frozen nor the disk
-        switched without the files agreeing.
+    async def op_resume(self, req: dict[str, Any]) -> dict[str, Any]:
+        await self.qmp.cont()
+        return {"ok": True}
+
+    # -- live capture -----------------------------------------------------------------
+    async def op_capture(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Point-in-time capture of the running disk as a new layer; the VM never stops.
+
+        The whole sequence runs here, under one lock, whatever becomes of the client:
+        *prepare* a pending top over a new layer id and open it; *switch*: freeze the
+        guest filesystem, one QMP transaction makes the pending top the disk's top (the
+        old one is never written again), thaw; *publish*: the renames make the old top
+        the layer and the pending top the box's top, and the store records it. Before
+        the switch a failure drops the pending top (QEMU never wrote it); after it, the
+        publish is retried by the next capture or stop (``settle``); if this process
+        dies, so does QEMU, and the at-rest recovery rolls the pending top forward.
+        The client records only what it adds (a snapshot name, a pin).
         """
         async with self.capture_lock:
-            return await self._capture(req)
+            await self.settle()
+            layer, parent = self.layers.prepare_capture(self.dir)
+            try:
+                result = await self.switch(req, (layer, parent))
+            finally:
+                await self.settle()  # the switch happened (even if the thaw then failed) or not
+            return {"layer": layer, "parent": parent, **result}
 
-    async def _capture(self, req: dict[str, Any]) -> dict[str, Any]:
+    async def settle(self) -> None:
+        """Publish and record the capture the disk was switched to; else drop a pending top,
+        which QEMU never wrote (only this process writes one while the VM runs). With the lock."""
+        if self.unpublished is None:
+            (self.dir / PENDING).unlink(missing_ok=True)
+            return
+        await asyncio.to_thread(self.layers.commit, self.dir)
+        layer, parent = self.unpublished
+        self.unpublished = None
+        self.store.record_capture(self.box_id, layer, parent)
+
+    async def switch(self, req: dict[str, Any], capture: tuple[str, str | None]) -> dict[str, Any]:
+        """Open the pending top, freeze, make it the disk's top, thaw; the timings."""
         timeout = float(req.get("quiesce_timeout", 30))
-        status = await self.qmp.execute("query-status")
-        quiesce = bool(req.get("quiesce", True)) and status.get("status") == "running"
+        quiesce = bool(req.get("quiesce", True)) and await self.qmp.status() == "running"
         self.node_serial += 1
         node = f"data-{self.node_serial}"
         link = self.layers.live_link(self.dir, self.node_serial)
         os.link(self.dir / PENDING, link)
-        file_node = {"driver": "file", "filename": str(link)}
         try:
-            await self.qmp.execute(
-                "blockdev-add",
-                {"driver": "qcow2", "node-name": node, "discard": "unmap", "file": file_node, "backing": None},
-            )
-        except Exception:
+            await self.qmp.blockdev_add_qcow2(node, link)
+        except BaseException:
             link.unlink()
             raise
         consistency = "crash"
@@ -276,18 +317,18 @@ class Supervisor(MemoryOps):
                 if "error" in result or frozen_at is None:
                     result.setdefault("error", {"message": "the guest agent sent a malformed freeze result"})
                     if req.get("stop_on_quiesce_fail", True):
-                        await self.qmp.execute("blockdev-del", {"node-name": node})
-                        link.unlink()
-                        message = result["error"]["message"]
-                        return {"error": {"type": "QuiesceError", "message": f"{message}; the box was left untouched"}}
+                        try:
+                            await self.qmp.blockdev_del(node)
+                        finally:
+                            link.unlink()
+                        raise QuiesceError(f"{result['error']['message']}; the box was left untouched")
                 else:
                     consistency = "frozen"
             t_switch = time.monotonic()
-            action = {"type": "blockdev-snapshot", "data": {"node": self.top_node, "overlay": node}}
-            await self.qmp.execute("transaction", {"actions": [action]})
+            await self.qmp.snapshot(self.top_node, node)
             captured, self.top_node = self.top_node, node
             self.live[node] = link
-            self.top_is_pending = True
+            self.unpublished = capture
             switch_ms = (time.monotonic() - t_switch) * 1000
         finally:
             thawed = await self.agent_request({"op": "thaw"}, 30) if must_thaw else {}
@@ -296,8 +337,6 @@ class Supervisor(MemoryOps):
         thawed_at = _seconds(thawed.get("at"))
         frozen = consistency == "frozen" and thawed_at is not None and frozen_at is not None
         pause_ms = (thawed_at - frozen_at) * 1000 if frozen else switch_ms  # type: ignore[operator]
-        await asyncio.to_thread(self.layers.commit, self.dir)
-        self.top_is_pending = False
         return {
             "consistency": consistency,
             "pause_ms": pause_ms,
@@ -316,21 +355,15 @@ class Supervisor(MemoryOps):
         for it. The top is consistent at every moment (its backing changes only once
         the copy is complete): a crash or stop mid-way only leaves the layer in place.
         """
-        captured = req["node"]
+        captured = req.get("node")
         await self.capture_lock.acquire()
         try:
-            graph = await self.qmp.execute("x-debug-query-block-graph")
-            names = {n["id"]: n["name"] for n in graph["nodes"]}
-            ids = {name: i for i, name in names.items()}
-            below = [e["child"] for e in graph["edges"] if e["parent"] == ids.get(captured) and e["name"] == "backing"]
-            if captured not in self.live or not below:
+            below = await self.qmp.backing_node(captured) if isinstance(captured, str) else None
+            if captured not in self.live or below is None:
                 raise EngineError(f"no captured layer {captured!r} to release")
             job = f"release-{captured}"
-            await self.qmp.execute(
-                "block-stream",
-                {"job-id": job, "device": self.top_node, "base-node": names[below[0]],
-                 "backing-file": qcow2.read_header(self.live[captured]).backing_file, "auto-dismiss": False},
-            )  # fmt: skip
+            backing = qcow2.read_header(self.live[captured]).backing_file
+            await self.qmp.block_stream(job, self.top_node, below, backing)
         except BaseException:
             self.capture_lock.release()
             raise
@@ -342,14 +375,12 @@ class Supervisor(MemoryOps):
     async def _finish_release(self, job: str, captured: str) -> None:
         t0 = time.monotonic()
         try:
-            while True:
-                state = next(j for j in await self.qmp.execute("query-jobs") if j["id"] == job)
-                if state["status"] == "concluded":
-                    break
+            while (state := await self.qmp.job(job)) is not None and state["status"] != "concluded":
                 await asyncio.sleep(0.02)
-            await self.qmp.execute("job-dismiss", {"id": job})
-            if "error" in state:
-                log.warning("releasing %s failed, the layer stays: %s", captured, state["error"])
+            if state is not None:
+                await self.qmp.job_dismiss(job)
+            if state is None or "error" in state:
+                log.warning("releasing %s failed, the layer stays: %s", captured, state)
                 return
             self.live.pop(captured).unlink(missing_ok=True)
             folded = self.store.set_box_layer(self.box_id, layer_of(self.dir / TOP))  # back on the layer below
@@ -359,24 +390,6 @@ class Supervisor(MemoryOps):
             log.warning("releasing %s did not finish: %s", captured, exc)
         finally:
             self.capture_lock.release()
-
-    async def op_settle(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Resolve a pending top left by a client that died mid-capture: publish it if
-        the disk was switched to it, else drop it (it was never written)."""
-        async with self.capture_lock:
-            pending = self.dir / PENDING
-            if self.top_is_pending:
-                await asyncio.to_thread(self.layers.commit, self.dir)
-                self.top_is_pending = False
-            elif pending.exists():
-                pending.unlink()
-        return {"ok": True}
-
-    async def op_qmp(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"return": await self.qmp.execute(req["command"], req.get("arguments"))}
-
-    async def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
-        return {"ready": self.ready.done(), "qemu_pid": self.qemu.pid if self.qemu else None}
 
 
 def _seconds(value: object) -> float | None:

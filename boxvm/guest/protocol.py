@@ -33,6 +33,15 @@ CLOSE = 11  # host -> guest: the client went away; kill and forget the channel
 
 DATA_TYPES = frozenset({STDIN, STDOUT, STDERR})
 
+# Operations named by an OPEN's "op", in two namespaces that share no name. The host's
+# supervisor answers its own; the guest agent answers the rest. A client (any process
+# that can reach a box's ctl.sock) gets the supervisor's operations and, passed through
+# to the agent, only CLIENT_AGENT_OPS: the agent's other operations (freeze, thaw,
+# shutdown, ...) are steps of supervisor operations and are refused to clients.
+SUPERVISOR_OPS = frozenset({"wait_ready", "stop", "pause", "resume", "capture", "release", "suspend", "capture_memory"})
+AGENT_OPS = frozenset({"ping", "exec", "put", "get", "sync", "freeze", "thaw", "clock", "shutdown", "reseed"})
+CLIENT_AGENT_OPS = frozenset({"exec", "put", "get", "clock"})
+
 
 def pack(channel, ftype, payload=b""):
     return HEADER.pack(len(payload), channel, ftype) + payload
