@@ -142,3 +142,15 @@ def test_bench_check_without_a_run_says_what_to_do(tmp_path: Path, capsys: pytes
     assert check(tmp_path / "none.json") == 2 and "make bench" in capsys.readouterr().err
     (tmp_path / "other.json").write_text("[]")
     assert check(tmp_path / "other.json") == 2 and "no medians_ms" in capsys.readouterr().err
+
+
+def test_after_a_full_run_an_unmeasured_target_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import check
+
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"only": "state", "medians_ms": {"clone_batch_100": 70.0}}))
+    assert check(run) == 0  # one group: the other targets are listed, not failed
+    assert "not measured: live_snapshot_pause_* ≤ 50 ms" in capsys.readouterr().out
+    run.write_text(json.dumps({"only": None, "medians_ms": {"clone_batch_100": 70.0}}))
+    assert check(run) == 1  # a full run that lacks a key: a typo in BENCHMARKS.md, or a bench gone
+    assert "not measured: live_snapshot_pause_* ≤ 50 ms" in capsys.readouterr().err
