@@ -67,6 +67,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         """Remove what crashed operations left: staging dirs of dead processes, box
         directories with no record (a create that never committed)."""
         publish.recover(self.home.tmp, _pid_alive)  # before the loop below deletes its journal
+        self.layers.recover_trash(self.store, _pid_alive)  # (likewise)
         for entry in self.home.tmp.iterdir():
             pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
             if pid.isdigit() and not _pid_alive(int(pid)):
@@ -85,6 +86,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         for rec in records:
             self._finish_crashed_operation(rec)
         self._gc()
+        self.layers.trash.flush()
 
     def _finish_crashed_operation(self, rec: BoxRecord) -> BoxRecord:
         """A state operation whose process died: release the box and, if it is at rest,
@@ -223,17 +225,24 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def remove(self, box_id: str, force: bool) -> None:
         rec = self._record(box_id)
         allowed, advice = ALLOWED["remove"]
-        # Claimed like a state operation, so none (nor a start or stop) runs on a box
-        # whose row and files are going away; a second remover gets InvalidState/NotFound.
-        async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice):
-            rec = self._record(rec.id)
-            if rec.status.is_live:
-                await self._kill(rec)
-            await self._drop_conn(rec.id)
-            self._sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
-            dead = self.store.remove_box(rec.id)  # the name and its references go at once; files follow
+        # A box at rest whose files agree with its record goes in one transaction, which
+        # checks that nothing holds it. Otherwise it is claimed like a state operation, so
+        # none (nor a start or stop) runs on a box whose row and files are going away; a
+        # second remover gets InvalidState/NotFound.
+        quiet = self.layers.quiet_top(self.home.box_dir(rec.id)) if rec.status in allowed else None
+        dead = self.store.remove_box(rec.id, (allowed, quiet[1])) if quiet is not None else None
+        if dead is None:
+            async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice) as c:
+                rec = self._record(rec.id)
+                if rec.status.is_live:
+                    await self._kill(rec)
+                await self._drop_conn(rec.id)
+                self._sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
+                dead = self.store.remove_box(rec.id) or []  # the name and its references go at once; files follow
+                c.ended = True  # (with the row)
+        await self._drop_conn(rec.id)
         faults.point("remove:row-deleted")
-        shutil.rmtree(self.home.box_dir(rec.id), ignore_errors=True)
+        self.layers.trash.discard([(self.home.box_dir(rec.id), f"B-{rec.id}")], durable=self.store.sync)
         self.layers.collect(self.store, dead)  # layers only this box (and its snapshots) held
 
     async def _kill(self, rec: BoxRecord) -> None:
@@ -522,6 +531,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def close(self) -> None:
         for box_id in list(self._conns):
             await self._drop_conn(box_id)
+        await asyncio.to_thread(self.layers.trash.flush)
         self.store.close()
 
 

@@ -21,7 +21,7 @@ import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -82,6 +82,12 @@ class Capture:
     node: str | None  # the running VM's block node for the layer (None: captured at rest)
 
 
+@dataclass
+class Claim:
+    ended: bool = False  # the operation's last transaction ended it (one transaction fewer)
+    timings: dict[str, float] = field(default_factory=dict)  # recorded when the claim ends
+
+
 def mark_owner(directory: Path) -> None:
     """Claim a directory until its record is committed (recovery leaves it alone)."""
     (directory / OWNER).write_text(str(os.getpid()))
@@ -92,9 +98,16 @@ class StateOps:
 
     @contextlib.asynccontextmanager
     async def _claim(
-        self: LocalBackend, rec: BoxRecord, operation: BoxStatus, allowed: frozenset[BoxStatus], advice: str
-    ) -> AsyncIterator[None]:
-        if not self.store.begin_operation(rec.id, operation, allowed, os.getpid()):
+        self: LocalBackend,
+        rec: BoxRecord,
+        operation: BoxStatus,
+        allowed: frozenset[BoxStatus],
+        advice: str,
+        held: bool = False,
+    ) -> AsyncIterator[Claim]:
+        """Hold the box for a state operation; ``held``: the operation's first transaction
+        claimed it already (a box at rest whose files agree with its record)."""
+        if not held and not self.store.begin_operation(rec.id, operation, allowed, os.getpid()):
             now = self._record(rec.id)
             if now.operation is not None:
                 raise InvalidState(
@@ -102,10 +115,12 @@ class StateOps:
                     "wait for that to finish"
                 )
             raise InvalidState(f"cannot {VERBS[operation]} box {rec.name!r} while it is {now.status.value}: {advice}")
+        claim = Claim()
         try:
-            yield
+            yield claim
         finally:
-            self.store.end_operation(rec.id)
+            if not claim.ended:
+                self.store.end_operation(rec.id, claim.timings)
 
     def _sync_layer(self: LocalBackend, box_id: str) -> None:
         """Make the box's record name the layer its top backs onto (one header read), for
@@ -137,7 +152,7 @@ class StateOps:
                 return
         if actual is None or self.store.has_layer(actual):
             log.warning("box %s: its record follows its disk (layer %s)", rec.name, actual)
-            self.layers.collect(self.store, self.store.set_box_layer(box_id, actual))
+            self.layers.collect(self.store, self.store.set_box_layer(box_id, actual), synced=[box_dir])
         elif not rec.status.is_live and rec.layer is not None:
             log.warning("box %s: finishing an interrupted restore", rec.name)
             self.layers.restore(box_dir, rec.layer, qcow2.read_header(box_dir / TOP).size)
@@ -178,14 +193,15 @@ class StateOps:
             box_memory.require_live(rec)
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
-        async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture"):
+        async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture") as claim:
             cap = await self._capture(rec, options)
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
             if options.memory:
                 snap.has_memory = True
                 box_memory.keep_capture(self.home.box_dir(rec.id), snap.id)
             try:
-                self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap)
+                self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap, release=True)
+                claim.ended = True
             except AlreadyExists:  # the name was taken meanwhile: the capture stays the box's
                 box_memory.drop_snapshot(self.home.box_dir(rec.id), snap.id)
                 self.store.record_capture(rec.id, cap.layer, cap.parent)
@@ -234,22 +250,28 @@ class StateOps:
         t0 = time.perf_counter()
         advice = "a disk-only snapshot restores a stopped box: stop it first"
         box_dir = self.home.box_dir(rec.id)
-        async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice):
-            self.layers.commit(box_dir)  # a crashed one first
-            self._sync_layer(rec.id)
-            size = qcow2.read_header(box_dir / TOP).size
-            # The record moves first (holding the snapshot's layer, found in the same
-            # transaction); the files follow; recovery finishes a restore cut in between.
-            restored = self.store.restore_layer(rec.id, snap.name)
-            if restored is None:
-                raise SnapshotNotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
+        # The record moves first (holding the snapshot's layer, found in the same
+        # transaction); the files follow; recovery finishes a restore cut in between. A box
+        # whose files agree with its record is claimed in that same transaction.
+        quiet = self.layers.quiet_top(box_dir)
+        restored = None
+        if quiet is not None:
+            restored = self.store.restore_layer(rec.id, snap.name, (AT_REST, os.getpid(), quiet[1]))
+        async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice, held=restored is not None) as claim:
+            if restored is None or quiet is None:
+                self.layers.commit(box_dir)  # a crashed one first
+                self._sync_layer(rec.id)
+                size = qcow2.read_header(box_dir / TOP).size
+                restored = self.store.restore_layer(rec.id, snap.name)
+                if restored is None:
+                    raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
+            else:
+                size = quiet[0]
             faults.point("restore:recorded")
             self.layers.restore(box_dir, snap.layer, size)
             faults.point("restore:committed")
-            self.layers.collect(self.store, restored[1])
-            if snap.has_memory:  # the box resumes from it: suspended
-                await asyncio.to_thread(box_memory.restore_into, self.store, box_dir, rec, snap.id)
-        self.store.add_timing(rec.id, restore_ms=(time.perf_counter() - t0) * 1000)
+            self.layers.collect(self.store, restored[1], synced=[box_dir])
+            claim.timings["restore_ms"] = (time.perf_counter() - t0) * 1000
         return self._info(self._record(rec.id))
 
     async def snapshot_remove(self: LocalBackend, box_id: str, name: str) -> None:
@@ -287,10 +309,11 @@ class StateOps:
                 raise NotFound(gone)
             layer, pin = pinned[0].layer, pinned[1]
         else:
-            async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture"):
+            async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture") as claim:
                 cap = await self._capture(rec, options.snapshot.validate())
-                pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid())
+                pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid(), release=True)
                 assert pin is not None
+                claim.ended = True
                 layer, timings = cap.layer, cap.timings
         try:
             staged = await self._stage(rec, layer, ids, options.cow)
