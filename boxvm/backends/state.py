@@ -271,6 +271,8 @@ class StateOps:
             self.layers.restore(box_dir, snap.layer, size)
             faults.point("restore:committed")
             self.layers.collect(self.store, restored[1], synced=[box_dir])
+            if snap.has_memory:  # the box resumes from it: suspended
+                await asyncio.to_thread(box_memory.restore_into, self.store, box_dir, rec, snap.id)
             claim.timings["restore_ms"] = (time.perf_counter() - t0) * 1000
         return self._info(self._record(rec.id))
 
