@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from boxvm.disks.layers import PENDING
 from boxvm.engine import memory
 from boxvm.engine.client import Connection
 from boxvm.errors import InvalidState, StorageError
@@ -76,8 +75,6 @@ class SuspendOps:
             raise InvalidState(f"box {rec.name!r} changed status while suspending: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
-            if (self.home.box_dir(rec.id) / PENDING).exists():  # a capture a crash left half-done
-                await conn.request("settle")
             result = await conn.request("suspend", shape=shape(rec))
         except BaseException:
             # Saving failed and the supervisor let the VM run on; if it is gone, the

@@ -65,6 +65,7 @@ class MemoryOps:
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
         async with self.capture_lock:
+            await self.settle()  # a capture switched to but not yet published: none may outlive the VM
             was_running = await self.qmp.status() == "running"
             try:
                 timings = await memory.save(self.qmp, self.dir, shape)
