@@ -56,13 +56,13 @@ def chain_walk(backend: LocalBackend) -> set[str]:
     """Every layer a box's top or a snapshot reaches, read from the files alone."""
     roots = [backend.home.box_dir(r.id) / TOP for r in backend.store.list_boxes()]
     roots += [backend.layers.layer_path(s.layer) for s in backend.store.list_snapshots()]
-    return {p.parent.name for root in roots for p in qcow2.chain(root) if p.name == LAYER_FILE}
+    return {p.name.removesuffix(".qcow2") for root in roots for p in qcow2.chain(root) if p.parent.name == "all"}
 
 
 def assert_consistent(backend: LocalBackend) -> None:
     backend.layers.trash.flush()  # deletions finish in the background, after the call returned
     reached = chain_walk(backend)
-    on_disk = {e for e in os.listdir(backend.layers.root) if not e.startswith(".")}
+    on_disk = backend.layers.layer_ids()
     assert on_disk == reached, f"kept unreferenced: {on_disk - reached}; deleted in use: {reached - on_disk}"
     rows = backend.store.layer_rows()
     assert set(rows) == reached
@@ -230,7 +230,7 @@ async def test_a_home_made_before_layer_rows_gets_them(home: Home, tmp_path: Pat
             shutil.copy(home.box_dir(rec.id) / TOP, copy.boxes / rec.id / TOP)
         orphan = copy.root / "layers" / ("e" * 16)
         orphan.mkdir()
-        shutil.copy(copy.root / "layers" / next(iter(rows)) / LAYER_FILE, orphan / LAYER_FILE)
+        shutil.copy(copy.root / "layers" / "all" / f"{next(iter(rows))}.qcow2", orphan / LAYER_FILE)
         with sqlite3.connect(copy.db) as db:
             db.executescript(
                 "DROP TABLE layers; DROP TABLE layer_pins; DROP TABLE layer_tombstones; DROP INDEX snapshots_layer;"

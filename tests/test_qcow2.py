@@ -200,7 +200,7 @@ ORPHAN = "0123456789abcdef"
 def _orphan(layers: LayerStore) -> Path:
     """A layer nothing uses (the repairing scan should take it)."""
     path = layers.layer_path(ORPHAN)
-    path.parent.mkdir()
+    path.parent.mkdir(exist_ok=True)
     qcow2.write_overlay(path, 64 << 20, None)
     return path
 

@@ -149,8 +149,8 @@ async def test_removing_source_and_snapshot_keeps_clones_and_space_returns(
     assert usage.boxes["t-share-a"][1] >= 8 << 20  # the blob is shared, not copied
     assert usage.boxes["t-share-full"][0] >= 8 << 20 and usage.boxes["t-share-full"][1] == 0
     home = local.home
-    shared = {p for c in (a, b) for p in qcow2.chain(home.box_dir(c.id) / TOP) if p.name == "layer.qcow2"}
-    src_only = {p for p in qcow2.chain(home.box_dir(src.id) / TOP) if p.name == "layer.qcow2"} - shared
+    shared = {p for c in (a, b) for p in qcow2.chain(home.box_dir(c.id) / TOP) if p.parent.name == "all"}
+    src_only = {p for p in qcow2.chain(home.box_dir(src.id) / TOP) if p.parent.name == "all"} - shared
     assert shared
     await src.snapshot.remove("s1")
     await rt.remove(src.id)

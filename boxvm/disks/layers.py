@@ -4,12 +4,15 @@ Layout (all under the runtime home, one filesystem, renames atomic):
 
     boxes/<box>/disk.qcow2       the box's writable top
     boxes/<box>/disk.new.qcow2   a pending top (exists only during an operation)
-    layers/<layer>/layer.qcow2   an immutable layer: a former top
+    layers/all/<layer>.qcow2     an immutable layer: a former top
     images/<digest>/base-*.qcow2 image base disks (the bottom of every chain)
 
 Boxes and layers sit at the same depth, so every backing reference is relative
-(``../../layers/<id>/layer.qcow2``) and stays valid when a top is renamed into
-``layers/`` and when the whole home is moved.
+(``../../layers/all/<id>.qcow2``) and stays valid when a top is renamed into
+``layers/all/`` and when the whole home is moved. One directory holds every layer: a
+capture renames the top in and syncs that directory once (a directory per layer cost a
+mkdir and a second directory sync). Homes made before keep their
+``layers/<layer>/layer.qcow2`` files, which are read, referenced and deleted as before.
 
 Every change is "write the pending top, then rename": capturing moves the current top
 into ``layers/`` and renames the pending top (whose backing is that layer) into place;
@@ -62,11 +65,13 @@ log = logging.getLogger("boxvm")
 TOP = "disk.qcow2"
 PENDING = "disk.new.qcow2"
 GUEST_TOP = "guest-rootfs.qcow2"
-LAYER_FILE = "layer.qcow2"
+LAYER_DIR = "all"  # layers/all/<layer>.qcow2
+LAYER_SUFFIX = ".qcow2"
+LAYER_FILE = "layer.qcow2"  # layers/<layer>/layer.qcow2, in homes made before layers/all/
 LIVE_PREFIX = ".live-"
 TRASH_PREFIX = "trash-"  # tmp/trash-<pid>-*: what this process made unreachable, being deleted
 _LAYER_ID = re.compile(r"[0-9a-f]{16}")
-_REFERENCE = re.compile(r"^\.\./\.\./layers/([0-9a-f]{16})/layer\.qcow2$")
+_REFERENCE = re.compile(r"^\.\./\.\./layers/(?:all/([0-9a-f]{16})\.qcow2|([0-9a-f]{16})/layer\.qcow2)$")
 
 if TYPE_CHECKING:
     from boxvm.store import Store
@@ -83,17 +88,20 @@ class LayerStore:
     def __init__(self, home: Home) -> None:
         self.home = home
         self.root = home.root / "layers"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.all = self.root / LAYER_DIR
+        self.all.mkdir(parents=True, exist_ok=True)
         self.trash = Trash(home.tmp)
 
     # -- naming -----------------------------------------------------------------------
     def layer_path(self, layer_id: str) -> Path:
-        return self.root / layer_id / LAYER_FILE
+        path = self.all / f"{layer_id}{LAYER_SUFFIX}"
+        if not path.exists() and (self.root / layer_id).is_dir():
+            return self.root / layer_id / LAYER_FILE  # made before layers/all/
+        return path
 
-    @staticmethod
-    def reference(layer_id: str) -> str:
+    def reference(self, layer_id: str) -> str:
         """The backing reference to a layer from any box (or staged box) directory."""
-        return f"../../layers/{layer_id}/{LAYER_FILE}"
+        return f"../../layers/{self.layer_path(layer_id).relative_to(self.root)}"
 
     @staticmethod
     def live_link(box_dir: Path, serial: int) -> Path:
@@ -135,8 +143,9 @@ class LayerStore:
             if target.exists():
                 self.trash.discard([(top, f"T-{secrets.token_hex(8)}")])  # a restore's dropped top
             else:
-                target.parent.mkdir(exist_ok=True)
-                fsync_dir(self.root)  # the new layer directory's entry
+                if target.parent != self.all:  # a capture begun before layers/all/
+                    target.parent.mkdir(exist_ok=True)
+                    fsync_dir(self.root)
                 top.chmod(0o400)  # immutable from now on
                 os.rename(top, target)
                 fsync_dir(target.parent)
@@ -178,12 +187,12 @@ class LayerStore:
         fsync_dir(final.parent)
 
     def _rmtree(self, layer: str) -> bool:
-        path = self.root / layer
         if not _LAYER_ID.fullmatch(layer):
             log.warning("tombstone %r is not a layer id: ignored", layer)
             return False
-        shutil.rmtree(path, ignore_errors=True)
-        return not path.exists()
+        (self.all / f"{layer}{LAYER_SUFFIX}").unlink(missing_ok=True)
+        shutil.rmtree(self.root / layer, ignore_errors=True)
+        return not (self.root / layer).exists()
 
     def collect(self, store: Store, layers: list[str], synced: Iterable[Path] = ()) -> list[str]:
         """Move the files of layers just tombstoned into the trash (idempotent: any process
@@ -199,7 +208,8 @@ class LayerStore:
                 gone.append(layer)
             else:
                 log.warning("tombstone %r is not a layer id: ignored", layer)
-        items = [(self.root / layer, f"L-{layer}") for layer in gone]
+        items = [(self.all / f"{layer}{LAYER_SUFFIX}", f"L-{layer}{LAYER_SUFFIX}") for layer in gone]
+        items += [(self.root / layer, f"L-{layer}") for layer in gone if (self.root / layer).is_dir()]
         self.trash.discard(items, synced, store.sync, lambda: store.forget_tombstones(gone))
         return gone
 
@@ -214,11 +224,12 @@ class LayerStore:
             trash = self.home.tmp / entry
             for name in _listdir(trash):
                 kind, _, ident = name.partition("-")
-                home = {"L": self.root / ident, "B": self.home.boxes / ident}.get(kind)
-                held = (kind == "L" and store.has_layer(ident)) or (kind == "B" and store.get_box(ident) is not None)
-                if home is not None and held and not home.exists():
+                layer = ident.removesuffix(LAYER_SUFFIX)
+                home = {"L": self.all / ident if ident != layer else self.root / ident, "B": self.home.boxes / ident}
+                held = (kind == "L" and store.has_layer(layer)) or (kind == "B" and store.get_box(ident) is not None)
+                if kind in home and held and not home[kind].exists():
                     log.warning("putting %s back: the store still holds it", name)
-                    os.rename(trash / name, home)
+                    os.rename(trash / name, home[kind])
             shutil.rmtree(trash, ignore_errors=True)
 
     # -- the full consistency scan -----------------------------------------------------
@@ -250,6 +261,7 @@ class LayerStore:
         file is gone. With ``repair``, fixes the counts and rows and deletes orphans and
         tombstoned layers -- only if every chain could be read: a chain that cannot be
         read might reach any layer, so then nothing is deleted (fail closed)."""
+        self.trash.flush()  # deletions this process queued settle first (they change the tombstones)
         result = Scan()
         for layer in store.tombstones():
             result.tombstoned.append(layer)
@@ -267,7 +279,7 @@ class LayerStore:
                     reached.add(layer)
                     parents.setdefault(layer, ids[i + 1] if i + 1 < len(ids) else None)
         rows = store.layer_rows()
-        on_disk = {e for e in _listdir(self.root) if not e.startswith(".")}
+        on_disk = self.layer_ids()
         tombs = set(result.tombstoned)
         for layer in sorted(on_disk - set(rows) - tombs):
             (result.adopted if layer in reached else result.orphans).append(layer)
@@ -287,9 +299,14 @@ class LayerStore:
                 self.trash.flush()
         return result
 
+    def layer_ids(self) -> set[str]:
+        """Every layer with a file (or, from before layers/all/, a directory) now."""
+        legacy = {e for e in _listdir(self.root) if not e.startswith(".") and e != LAYER_DIR}
+        return legacy | {e.removesuffix(LAYER_SUFFIX) for e in _listdir(self.all) if e.endswith(LAYER_SUFFIX)}
+
     def layer_files(self) -> list[Path]:
         """Every layer file now (layers removed meanwhile are left out)."""
-        files = (self.root / entry / LAYER_FILE for entry in _listdir(self.root) if not entry.startswith("."))
+        files = (self.layer_path(layer) for layer in self.layer_ids())
         return [p for p in files if p.exists()]
 
     def usage(self, owners: dict[str, Path], snapshot_layers: Iterable[str]) -> dict[str, Usage]:
@@ -432,10 +449,12 @@ def layer_of(path: Path) -> str | None:
 
 def _layer_of_reference(backing: str | None) -> str | None:
     match = _REFERENCE.match(backing) if backing else None
-    return match.group(1) if match else None
+    return (match.group(1) or match.group(2)) if match else None
 
 
 def _layer_of_path(path: Path) -> str | None:
+    if path.parent.name == LAYER_DIR and path.parent.parent.name == "layers" and path.name.endswith(LAYER_SUFFIX):
+        return path.name.removesuffix(LAYER_SUFFIX)
     return path.parent.name if path.name == LAYER_FILE and path.parent.parent.name == "layers" else None
 
 
@@ -456,7 +475,7 @@ def _reach(root: Path) -> list[Path]:
 
 
 def _layer_files(chain: list[Path]) -> list[Path]:
-    return [p for p in chain if p.name in (TOP, PENDING, LAYER_FILE)]
+    return [p for p in chain if p.name in (TOP, PENDING) or _layer_of_path(p) is not None]
 
 
 def fsync_dir(path: Path) -> None:

@@ -14,22 +14,23 @@ import os
 import sqlite3
 from pathlib import Path
 
-from boxvm.disks.layers import LAYER_FILE, TOP, layer_of
+from boxvm.disks.layers import LAYER_DIR, LAYER_FILE, LAYER_SUFFIX, TOP, layer_of
 
 log = logging.getLogger("boxvm")
 
 
 def adopt_layers(db: sqlite3.Connection, home: Path) -> None:
     root = home / "layers"
-    try:
-        entries = [e for e in os.listdir(root) if not e.startswith(".")]
-    except FileNotFoundError:
-        return
+    files = {e: root / e / LAYER_FILE for e in _listdir(root) if not e.startswith(".") and e != LAYER_DIR}
+    for name in _listdir(root / LAYER_DIR):  # (a home made before v6 has none there)
+        if name.endswith(LAYER_SUFFIX):
+            files[name.removesuffix(LAYER_SUFFIX)] = root / LAYER_DIR / name
+    entries = list(files)
     sure = True
     kept = set()
     for entry in entries:
         try:
-            parent = layer_of(root / entry / LAYER_FILE)
+            parent = layer_of(files[entry])
         except (OSError, ValueError) as exc:
             log.warning("layer %s is unreadable (%s): it is kept; `boxvm doctor` reports it", entry, exc)
             parent, sure = None, False

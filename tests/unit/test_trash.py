@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import LAYER_FILE, TRASH_PREFIX, LayerStore
+from boxvm.disks.layers import LAYER_SUFFIX, TRASH_PREFIX, LayerStore
 from boxvm.paths import Home
 from boxvm.processes import alive
 from boxvm.status import BoxStatus
@@ -30,7 +30,6 @@ def _dead_pid() -> int:
 def test_collect_moves_at_once_and_deletes_in_the_background(tmp_path: Path) -> None:
     home, store, layers = _home(tmp_path)
     layer = "a" * 16
-    layers.layer_path(layer).parent.mkdir()
     qcow2.write_overlay(layers.layer_path(layer), 1 << 20, None)
     with store._tx() as db:  # a layer released by some operation: tombstoned in its transaction
         db.execute("INSERT INTO layer_tombstones VALUES (?)", (layer,))
@@ -55,8 +54,7 @@ def test_recovery_puts_back_what_the_store_still_holds(tmp_path: Path) -> None:
     trash.mkdir()
     qcow2.write_overlay(trash / "T-0123456789abcdef", 1 << 20, None)
     for layer in (held, released):
-        (trash / f"L-{layer}").mkdir()
-        qcow2.write_overlay(trash / f"L-{layer}" / LAYER_FILE, 1 << 20, None)
+        qcow2.write_overlay(trash / f"L-{layer}{LAYER_SUFFIX}", 1 << 20, None)
     for box in (box_id, gone_box):
         (trash / f"B-{box}").mkdir()
         qcow2.write_overlay(trash / f"B-{box}" / "disk.qcow2", 1 << 20, None)
