@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from boxvm.backends.local import LocalBackend
 from boxvm.backends.remote import RemoteBackend
+from boxvm.disks.layers import TRASH_PREFIX
 from boxvm.paths import Home
 from boxvm.server.run import local_app
 
@@ -52,9 +53,10 @@ def rss_mib(pid: int | str = "self") -> float:
 
 def leftovers(home: Home, pids: list[int]) -> list[Path]:
     """Staging directories and uncommitted boxes of these processes (other tests' work in
-    the shared test home, from other workers, is not counted)."""
+    the shared test home, from other workers, is not counted; nor is a process's trash, where
+    its deletions finish in the background: ``boxvm.disks.layers.Trash``)."""
     tags = [f"-{pid}-" for pid in pids]
-    staged = [p for p in home.tmp.iterdir() if any(t in p.name for t in tags)]
+    staged = [p for p in home.tmp.iterdir() if any(t in p.name for t in tags) and not p.name.startswith(TRASH_PREFIX)]
     owners = [p / ".owner" for p in home.boxes.iterdir()]
     owned = [o.parent for o in owners if o.is_file() and o.read_text() in {str(pid) for pid in pids}]
     return staged + owned

@@ -288,6 +288,10 @@ async def test_export_to_a_full_disk_leaves_no_partial_file(rt: boxvm.Runtime, t
         with pytest.raises(boxvm.StorageError, match="no space left"):
             await box.export(mnt / "box.boxsnap", boxvm.ExportOptions(compress=False))
         assert os.listdir(mnt) == []
+        for _ in range(100):  # over REST the server learns of the hang-up a moment later
+            if (await box.info()).status == boxvm.BoxStatus.CONFIGURED:
+                break
+            await asyncio.sleep(0.1)
         assert (await box.info()).status == boxvm.BoxStatus.CONFIGURED  # the claim was released
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
