@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +19,7 @@ from fastapi import FastAPI
 from boxvm.backends.local import LocalBackend
 from boxvm.backends.remote import RemoteBackend
 from boxvm.disks.layers import TRASH_PREFIX
+from boxvm.images import oci
 from boxvm.paths import Home
 from boxvm.server.run import local_app
 
@@ -118,3 +121,25 @@ async def in_process(
             yield InProcess(app, backend, http)
     finally:
         await backend.close()
+
+
+def build_layout(dest: Path, layers: list[bytes], config: dict[str, object]) -> Path:
+    """An OCI layout with several layers (the layer blobs given as bytes)."""
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def put(data: bytes, media_type: str) -> dict[str, object]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+    descs = [
+        put(layer, "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if layer[:2] == b"\x1f\x8b" else ""))
+        for layer in layers
+    ]
+    cfg = put(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": cfg, "layers": descs}
+    man = put(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
+    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man]}))
+    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    return dest

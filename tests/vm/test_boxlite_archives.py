@@ -15,7 +15,7 @@ import zstandard
 import boxvm
 
 pytestmark = pytest.mark.backends("local", "remote")  # async tests run in asyncio mode "auto"
-DATA = Path(__file__).parent / "data" / "boxlite"
+DATA = Path(__file__).resolve().parents[1] / "data" / "boxlite"
 
 
 def test_the_kept_archives_really_have_the_copied_flag_problem(tmp_path: Path) -> None:

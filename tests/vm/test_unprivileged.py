@@ -63,7 +63,7 @@ def work() -> Iterator[Path]:
 def test_lifecycle_as_an_unprivileged_user(home: Home, work: Path) -> None:
     pkgs = work / "pkgs"
     site = Path(sysconfig.get_paths()["purelib"])
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     for name in RUNTIME_PACKAGES:
         src = repo / name if name == "boxvm" else site / name
         shutil.copytree(src, pkgs / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -33,7 +33,7 @@ from boxvm.paths import Home
 from boxvm.server.local import token_path
 from tests.conftest import TOKEN
 from tests.helpers import serving
-from tests.test_cli import boxvm as cli
+from tests.vm.test_cli import boxvm as cli
 
 pytestmark = pytest.mark.asyncio
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

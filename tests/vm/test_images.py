@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from boxvm.errors import ImageError
 from boxvm.images import oci
 from boxvm.images.default import ensure_default
 from boxvm.paths import Home
+from tests.helpers import build_layout
 
 
 def _member(tar: tarfile.TarFile, name: str, data: bytes | None = None, **attrs: object) -> None:
@@ -35,28 +34,6 @@ def _layer(build: object, compress: bool = False) -> bytes:
         build(tar)  # type: ignore[operator]
     data = buf.getvalue()
     return gzip.compress(data) if compress else data
-
-
-def build_layout(dest: Path, layers: list[bytes], config: dict[str, object]) -> Path:
-    """An OCI layout with several layers (the layer blobs given as bytes)."""
-    blobs = dest / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes, media_type: str) -> dict[str, object]:
-        digest = hashlib.sha256(data).hexdigest()
-        (blobs / digest).write_bytes(data)
-        return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
-
-    descs = [
-        put(layer, "application/vnd.oci.image.layer.v1.tar" + ("+gzip" if layer[:2] == b"\x1f\x8b" else ""))
-        for layer in layers
-    ]
-    cfg = put(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
-    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": cfg, "layers": descs}
-    man = put(json.dumps(manifest).encode(), oci.OCI_MANIFEST)
-    (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man]}))
-    (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
-    return dest
 
 
 def _unpack(tmp_path: Path, layers: list[bytes]) -> Path:

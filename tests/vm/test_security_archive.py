@@ -30,7 +30,7 @@ from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.paths import Home
 from tests.helpers import leftovers
-from tests.test_archive import build, manifest_for, small_disk
+from tests.vm.test_archive import build, manifest_for, small_disk
 
 pytestmark = pytest.mark.backends("local", "remote")  # async tests run in asyncio mode "auto"
 C = qcow2.CLUSTER
