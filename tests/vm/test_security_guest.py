@@ -28,7 +28,7 @@ from boxvm.status import BoxStatus
 from tests.helpers import rss_mib
 
 pytestmark = pytest.mark.asyncio
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 BAD_RESULTS = {
     "unreadable": b"{not json",
@@ -124,7 +124,7 @@ async def hostile_box(
     box = await rt.create(name=f"hostile-{os.urandom(3).hex()}")
     box_dir = rt.backend.home.box_dir(box.id)  # type: ignore[attr-defined]
     agent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "from tests.test_security_guest import hostile_agent_main; hostile_agent_main()",
+        sys.executable, "-c", "from tests.vm.test_security_guest import hostile_agent_main; hostile_agent_main()",
         str(box_dir), hello, cwd=REPO, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
