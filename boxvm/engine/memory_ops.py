@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from boxvm import faults
 from boxvm.disks.layers import PENDING, LayerStore
-from boxvm.engine import memory
+from boxvm.engine import memory, memory_precopy
 from boxvm.engine.agentlink import AgentLink
 from boxvm.engine.qmp import QMP
 from boxvm.errors import EngineError
@@ -125,16 +125,23 @@ class MemoryOps:
         """A memory snapshot's capture: the disk, the device state and the RAM at one
         instant, into ``memory.CAPTURE`` in the box directory; the VM then runs on.
 
-        The vCPUs stay stopped through the disk switch, the device state and the copy of
-        the RAM's data extents (the guest's pause); the fsyncs and the record follow the
-        ``cont``. The disk capture is published like any other (``settle``)."""
+        The RAM is copied while the guest runs (``memory_precopy``); the vCPUs then stay
+        stopped through the disk switch, the copy of the pages written meanwhile and the
+        device state (the guest's pause); the fsyncs and the record follow the ``cont``.
+        The disk capture is published like any other (``settle``)."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("a memory capture needs the machine's shape")
+        if self.qemu is None:
+            raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
+        ram, ram_copy = self.dir / memory.RAM, dest / memory.RAM
         async with self.capture_lock:
             await self.settle()
             await asyncio.to_thread(memory.fresh_dir, dest)
+            t_pre = time.monotonic()
+            pre = await asyncio.to_thread(memory_precopy.start, self.qemu.pid, ram, ram_copy)
+            precopy_ms = (time.monotonic() - t_pre) * 1000
             was_running = await self.qmp.status() == "running"
             t0 = time.monotonic()
             await self.qmp.stop()
@@ -145,8 +152,12 @@ class MemoryOps:
                 finally:
                     if self.unpublished is None:
                         (self.dir / PENDING).unlink(missing_ok=True)
-                timings = await memory.copy_stopped(self.qmp, self.dir, dest)
+                t_ram = time.monotonic()
+                copied, mode = await asyncio.to_thread(memory_precopy.finish, pre, ram, ram_copy)
+                ram_copy_ms = (time.monotonic() - t_ram) * 1000
+                state_ms = await memory.write_state_to(self.qmp, dest)
                 faults.point("memory:copied")
+                await _hold_at_stop()
             finally:
                 if was_running:
                     await self.qmp.cont()
@@ -161,5 +172,22 @@ class MemoryOps:
             "pause_ms": pause_ms,
             "switch_ms": switched["switch_ms"],
             "host_window_ms": (time.monotonic() - t0) * 1000,
-            **timings,
+            "precopy_ms": precopy_ms,
+            "ram_copy_ms": ram_copy_ms,
+            "ram_copied_bytes": float(copied),
+            "ram_copy_mode": mode,
+            "state_ms": state_ms,
         }
+
+
+async def _hold_at_stop() -> None:
+    """For tests: with ``BOXVM_MEMORY_HOLD=<path>`` set, a memory capture creates ``<path>``
+    at the end of the guest's pause and waits (up to 60 s) until it is removed, so a test can
+    compare the copied RAM with the RAM itself at that instant. Unset, one dict lookup."""
+    path = os.environ.get("BOXVM_MEMORY_HOLD")
+    if not path:
+        return
+    Path(path).touch()
+    deadline = time.monotonic() + 60
+    while os.path.exists(path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

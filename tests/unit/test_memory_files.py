@@ -1,18 +1,21 @@
-"""The memory-state files without a VM: the sparse RAM copy and the check that guards a resume."""
+"""The memory-state files without a VM: the sparse RAM copy, the soft-dirty fix-up of a running
+copy, and the check that guards a resume."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from boxvm.engine import memory
+from boxvm.engine import memory, memory_precopy
 from boxvm.errors import StorageError
 
+PAGE = memory_precopy.PAGE
 SHAPE = {"memory_mib": 1, "cpus": 1, "guest_bundle": "b" * 16}
 
 
@@ -77,3 +80,68 @@ def test_check_refuses_a_state_of_another_machine_shape(tmp_path: Path) -> None:
         memory.check(tmp_path, {**SHAPE, "cpus": 2})
     with pytest.raises(StorageError, match="guest_bundle"):
         memory.check(tmp_path, {**SHAPE, "guest_bundle": "c" * 16})
+
+
+def _ram_with_data(path: Path, pages: tuple[int, ...]) -> None:
+    memory.fresh_ram(path.parent, 1)
+    with open(path, "r+b") as f:
+        for page in pages:
+            f.seek(page * PAGE)
+            f.write(os.urandom(PAGE))
+
+
+def _precopy(ram: Path, dest: Path) -> memory_precopy.PreCopy:
+    """What memory_precopy.start leaves, for this process (whose soft-dirty bits are not cleared)."""
+    memory.sparse_copy(ram, dest)
+    return memory_precopy.PreCopy(os.getpid(), ram, dest, memory_precopy.data_extents(ram), memory_precopy._reclaimed())
+
+
+def test_ram_mapping_is_found_by_device_and_inode_not_by_path(tmp_path: Path) -> None:
+    ram = tmp_path / memory.RAM
+    _ram_with_data(ram, (0,))
+    other = tmp_path / "other"
+    other.write_bytes(ram.read_bytes())
+    with open(ram, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        moved = tmp_path / "moved"
+        ram.rename(moved)  # the path in /proc/self/maps is now stale
+        vmas = memory_precopy.ram_vmas(os.getpid(), moved)
+        assert len(vmas) == 1 and vmas[0][1] - vmas[0][0] == len(mapped) and vmas[0][2] == 0
+        assert memory_precopy.ram_vmas(os.getpid(), other) == []  # same bytes, another file
+
+
+def test_soft_dirty_map_reads_bit_55_of_each_entry() -> None:
+    entries = [0, 1 << 55, (1 << 63) | 5, (1 << 63) | (1 << 55) | 7]
+    raw = b"".join(e.to_bytes(8, "little") for e in entries)
+    assert memory_precopy.soft_dirty_map(raw) == bytes([0, 1, 0, 1])
+
+
+def test_stopped_fixup_copies_written_pages_and_pages_allocated_since(tmp_path: Path) -> None:
+    ram, dest = tmp_path / memory.RAM, tmp_path / "copy"
+    _ram_with_data(ram, (0, 3))
+    with open(ram, "r+b") as f, mmap.mmap(f.fileno(), 0) as mapped:
+        pre = _precopy(ram, dest)
+        mapped[3 * PAGE : 3 * PAGE + 4] = b"new!"  # a page the running copy had: soft-dirty
+        mapped[9 * PAGE : 9 * PAGE + 4] = b"new!"  # a hole then, allocated since
+        copied, mode = memory_precopy.finish(pre, ram, dest)
+        assert mode == "soft-dirty"
+        got = dest.read_bytes()
+        assert got[9 * PAGE : 10 * PAGE] == ram.read_bytes()[9 * PAGE : 10 * PAGE]  # by the extent rule
+        if memory_precopy.supported():
+            assert got == ram.read_bytes() and copied == 2 * PAGE
+        else:  # this kernel sets no soft-dirty bit: only a full copy at the stop is right
+            assert got[3 * PAGE : 3 * PAGE + 4] != b"new!"
+
+
+@pytest.mark.parametrize("why", ["no mapping", "reclaim"])
+def test_stopped_fixup_copies_everything_when_soft_dirty_cannot_vouch(tmp_path: Path, why: str) -> None:
+    ram, dest = tmp_path / memory.RAM, tmp_path / "copy"
+    _ram_with_data(ram, (0, 3))
+    pre = _precopy(ram, dest)
+    with open(ram, "r+b") as f:  # not through a mapping this process tracks
+        f.seek(3 * PAGE)
+        f.write(b"new!")
+    if why == "reclaim":
+        pre.reclaimed -= 1
+    assert memory_precopy.finish(pre, ram, dest) == (2 * PAGE, "full")
+    assert dest.read_bytes() == ram.read_bytes()
+    assert memory_precopy.finish(None, ram, tmp_path / "fresh")[1] == "full"

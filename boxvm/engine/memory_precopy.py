@@ -1,0 +1,209 @@
+"""Copy a running guest's RAM file for a memory snapshot, then fix up only what changed.
+
+A memory snapshot must hold the RAM as it is when the vCPUs stop. Copying all of its data
+(~130 MiB after a boot) while stopped was almost the whole guest pause, so the copy is
+made while the guest runs, after clearing the kernel's *soft-dirty* bits of QEMU's page
+tables (``/proc/<pid>/clear_refs``); once stopped, ``/proc/<pid>/pagemap`` names the pages
+written since (bit 55), and only those are copied again. Every write to guest RAM, the
+vCPUs' and QEMU's own device DMA alike, goes through QEMU's ``share=on`` mapping of the
+file, so it sets the bit. Two ways a write could escape the bit are covered: a page that
+became allocated (or a hole) since the running copy is copied too, and if the host
+reclaimed any page meanwhile (which drops a page's table entry and its bit) the whole RAM
+is copied while stopped, as it is when the kernel lacks soft-dirty (built without
+``CONFIG_MEM_SOFT_DIRTY``, as here) or QEMU's mapping of the file cannot be found.
+
+Written by hand: no library reads pagemap, and this is a few reads of /proc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from boxvm.engine import memory
+
+log = logging.getLogger("boxvm.memory")
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+ENTRY = 8  # bytes per page in /proc/<pid>/pagemap
+SOFT_DIRTY = 1 << 55
+# One byte per pagemap entry (its byte 6) mapped to 1 where bit 55 is set, else 0.
+_SD_BYTE = bytes(1 if b & 0x80 else 0 for b in range(256))
+_RUN = re.compile(rb"[^\x00]+")
+
+
+class Unavailable(Exception):
+    """Soft-dirty tracking cannot vouch for this copy (the message says why)."""
+
+
+@dataclass
+class PreCopy:
+    """What the running copy leaves for the stopped fix-up."""
+
+    pid: int
+    ram: Path
+    dest: Path
+    extents: list[tuple[int, int]]  # the RAM file's data extents the copy saw
+    reclaimed: int  # the host's reclaimed-page counter when the bits were cleared
+
+
+@cache
+def supported() -> bool:
+    """Whether this kernel tracks soft-dirty pages: a page just faulted in is soft-dirty."""
+    buf = mmap.mmap(-1, PAGE)
+    try:
+        buf[0:1] = b"x"
+        cell = ctypes.c_char.from_buffer(buf)
+        addr = ctypes.addressof(cell)
+        del cell  # the mmap cannot close while exported
+        with open("/proc/self/pagemap", "rb") as f:
+            entry = int.from_bytes(os.pread(f.fileno(), ENTRY, addr // PAGE * ENTRY), "little")
+        return bool(entry & SOFT_DIRTY)
+    except OSError:
+        return False
+    finally:
+        buf.close()
+
+
+def start(pid: int, ram: Path, dest: Path) -> PreCopy | None:
+    """While the guest runs: clear QEMU's soft-dirty bits, then copy the RAM file's data to
+    ``dest``. None (nothing copied) when soft-dirty cannot be used: copy at the stop."""
+    if not supported():
+        log.info("memory snapshot: the kernel has no soft-dirty tracking; the RAM is copied while the guest is stopped")
+        return None
+    try:
+        reclaimed = _reclaimed()
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("4")
+    except OSError as exc:
+        log.info("memory snapshot: cannot clear soft-dirty bits (%s); the RAM is copied while stopped", exc)
+        return None
+    memory.sparse_copy(ram, dest)
+    return PreCopy(pid, ram, dest, data_extents(ram), reclaimed)
+
+
+def finish(pre: PreCopy | None, ram: Path, dest: Path) -> tuple[int, str]:
+    """With the vCPUs stopped: make ``dest`` a copy of ``ram`` as it is now. Returns the
+    bytes copied now and how ("soft-dirty" or "full")."""
+    if pre is not None:
+        try:
+            runs = _changed_runs(pre)
+        except Unavailable as exc:
+            log.info("memory snapshot: %s; the RAM is copied while the guest is stopped", exc)
+        else:
+            return _copy_runs(ram, dest, runs), "soft-dirty"
+        dest.unlink()
+    return memory.sparse_copy(ram, dest), "full"
+
+
+def data_extents(path: Path) -> list[tuple[int, int]]:
+    """The file's data extents (SEEK_DATA/SEEK_HOLE), page-aligned outward."""
+    out: list[tuple[int, int]] = []
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: only a hole remains
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            out.append((start // PAGE * PAGE, min(size, -(-end // PAGE) * PAGE)))
+            pos = end
+    finally:
+        os.close(fd)
+    return out
+
+
+def ram_vmas(pid: int, ram: Path) -> list[tuple[int, int, int]]:
+    """QEMU's mappings of the RAM file as (start, end, file offset), found by the file's
+    device and inode (a path in /proc/<pid>/maps can be renamed, deleted or spoofed)."""
+    st = os.stat(ram)
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 5:
+                continue
+            major, minor = fields[3].split(":")
+            if (int(major, 16), int(minor, 16), int(fields[4])) != want:
+                continue
+            lo, hi = fields[0].split("-")
+            out.append((int(lo, 16), int(hi, 16), int(fields[2], 16)))
+    return out
+
+
+def soft_dirty_map(pagemap: bytes) -> bytes:
+    """One byte per pagemap entry: 1 where the page is soft-dirty."""
+    return pagemap[6::ENTRY].translate(_SD_BYTE)
+
+
+def _changed_runs(pre: PreCopy) -> list[tuple[int, int]]:
+    """Byte ranges of the RAM file that may differ from the running copy."""
+    size = os.stat(pre.ram).st_size
+    pages = size // PAGE
+    if _reclaimed() != pre.reclaimed:
+        raise Unavailable("the host reclaimed pages meanwhile (their soft-dirty bits are lost)")
+    try:
+        vmas = ram_vmas(pre.pid, pre.ram)
+    except OSError as exc:
+        raise Unavailable(f"QEMU's mappings are unreadable ({exc.strerror})") from exc
+    dirty = 0
+    covered = bytearray(pages)
+    try:
+        with open(f"/proc/{pre.pid}/pagemap", "rb") as f:
+            for lo, hi, offset in vmas:
+                first, n = offset // PAGE, (hi - lo) // PAGE
+                n = min(n, pages - first)
+                if n <= 0:
+                    continue
+                entries = os.pread(f.fileno(), n * ENTRY, lo // PAGE * ENTRY)
+                if len(entries) != n * ENTRY:
+                    raise Unavailable("QEMU's pagemap was short")
+                dirty |= int.from_bytes(soft_dirty_map(entries), "little") << (first * 8)
+                covered[first : first + n] = b"\1" * n
+    except OSError as exc:
+        raise Unavailable(f"QEMU's pagemap is unreadable ({exc.strerror})") from exc
+    if covered.count(0):
+        raise Unavailable("QEMU does not map the whole RAM file")
+    changed = dirty | (_extent_bits(pre.extents, pages) ^ _extent_bits(data_extents(pre.ram), pages))
+    bits = changed.to_bytes(pages, "little")
+    return [(m.start() * PAGE, m.end() * PAGE) for m in _RUN.finditer(bits)]
+
+
+def _extent_bits(extents: list[tuple[int, int]], pages: int) -> int:
+    """The extents as one byte per page (1 = data), packed into an int for |, ^."""
+    mark = bytearray(pages)
+    for start, end in extents:
+        mark[start // PAGE : end // PAGE] = b"\1" * (end // PAGE - start // PAGE)
+    return int.from_bytes(mark, "little")
+
+
+def _copy_runs(src: Path, dst: Path, runs: list[tuple[int, int]]) -> int:
+    """Copy the byte ranges of ``src`` over the same ranges of ``dst``, in the kernel."""
+    total = 0
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        for start, end in runs:
+            off = start
+            while off < end:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), end - off, off, off)
+                if n == 0:
+                    raise OSError(f"the RAM file ended at {off}")
+                off += n
+            total += end - start
+    return total
+
+
+def _reclaimed() -> int:
+    """Pages the host has reclaimed so far (/proc/vmstat pgsteal_*; reclaim unmaps a page
+    and drops its soft-dirty bit with it)."""
+    with open("/proc/vmstat") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("pgsteal_"))
