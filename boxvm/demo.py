@@ -2,8 +2,9 @@
 
 ``python -m boxvm.demo`` creates a box, runs and streams commands, stops and restarts it,
 then snapshots it while running, restores, clones (from the running box and, in a batch,
-from a snapshot), exports it to an archive and imports that as a new box. Every box it
-makes is removed at the end.
+from a snapshot), exports it to an archive and imports that as a new box, then suspends
+and resumes it and takes and restores a memory snapshot. Every box it makes is removed at
+the end.
 """
 
 from __future__ import annotations
@@ -89,6 +90,23 @@ async def main() -> None:
                 clock.step("import (verified before the box exists)")
             await copy.start()
             clock.step("start the imported box", f"/root/note: {await read(copy, '/root/note')}")
+
+            print("\nmemory state")
+            counter = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i >/tmp/count; sleep .2; done' >/dev/null 2>&1 &"
+            await box.exec(["sh", "-c", counter])
+            boot = await read(box, "/proc/sys/kernel/random/boot_id")
+            await box.suspend()
+            clock.step("suspend (RAM + device state saved, QEMU exits)")
+            await box.start()
+            same = await read(box, "/proc/sys/kernel/random/boot_id") == boot
+            clock.step("start resumes it", f"counter at {await read(box, '/tmp/count')}, same boot: {same}")
+            warm = await box.snapshot.create("warm", boxvm.SnapshotOptions(memory=True))
+            clock.step("memory snapshot of the running box", f"guest pause {warm.timings['pause_ms']:.1f} ms")
+            await box.stop()
+            await box.snapshot.restore("warm")
+            clock.step("restore it", f"status {(await box.info()).status.value}")
+            await box.start()
+            clock.step("start resumes the snapshot", f"counter at {await read(box, '/tmp/count')}")
             usage = await rt.disk_usage()
             print("\ndisk usage (owned / shared through common layers)")
             for name, (own, shared) in sorted(usage.boxes.items()):
