@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.backends("remote")]  # rt: the RE
 BOXES = 20
 PROCESSES = 4
 OPS = 14  # per caller
-ALLOWED = {"InvalidState", "NotFound", "AlreadyExists"}
+ALLOWED = {"InvalidState", "NotFound", "BoxNotFound", "SnapshotNotFound", "AlreadyExists"}
 BOOTS = 3  # ~5 s each under TCG
 
 

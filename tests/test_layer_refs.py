@@ -237,7 +237,7 @@ async def test_a_home_made_before_layer_rows_gets_them(home: Home, tmp_path: Pat
                 "ALTER TABLE boxes DROP COLUMN layer; UPDATE meta SET value = '5' WHERE key = 'schema_version';"
             )
         store = Store(copy.db)
-        assert store.schema_version == 6
+        assert store.schema_version == 7
         assert store.layer_rows() == rows
         assert store.tombstones() == ["e" * 16]
         assert {r.id: r.layer for r in store.list_boxes()} == {r.id: r.layer for r in backend.store.list_boxes()}

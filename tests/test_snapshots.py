@@ -184,7 +184,7 @@ async def test_snapshot_name_rules(fresh_box: boxvm.Box) -> None:
         await fresh_box.snapshot.restore("missing")
     with pytest.raises(boxvm.NotFound):
         await fresh_box.snapshot.remove("missing")
-    with pytest.raises(boxvm.InvalidArgument, match="memory snapshots"):
+    with pytest.raises(boxvm.InvalidState, match="memory snapshot"):  # (of a box that is not running)
         await fresh_box.snapshot.create("mem", boxvm.SnapshotOptions(memory=True))
 
 

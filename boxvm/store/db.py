@@ -102,6 +102,10 @@ MIGRATIONS: list[str] = [
     CREATE TABLE layer_tombstones (id TEXT PRIMARY KEY);
     CREATE INDEX snapshots_layer ON snapshots(layer);
     """,
+    # v7: new layers are written as layers/all/<id>.qcow2 (disks/layers.py). No table
+    # changes: the version makes an older boxvm refuse the home, since it would read a
+    # reference to layers/all/ as "no layer" and release layers still in use.
+    "SELECT 1",
 ]
 
 
