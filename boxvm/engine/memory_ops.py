@@ -126,8 +126,8 @@ class MemoryOps:
         instant, into ``memory.CAPTURE`` in the box directory; the VM then runs on.
 
         The RAM is copied while the guest runs (``memory_precopy``); the vCPUs then stay
-        stopped through the disk switch, the copy of the pages written meanwhile and the
-        device state (the guest's pause); the fsyncs and the record follow the ``cont``.
+        stopped through the disk switch, the copy of the pages written meanwhile and,
+        alongside it, the device state (the guest's pause); the fsyncs and the record follow the ``cont``.
         The disk capture is published like any other (``settle``)."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
@@ -142,28 +142,39 @@ class MemoryOps:
             t_pre = time.monotonic()
             pre = await asyncio.to_thread(memory_precopy.start, self.qemu.pid, ram, ram_copy)
             precopy_ms = (time.monotonic() - t_pre) * 1000
+            # The pending top is a new file nothing uses yet: written (and fsynced) before the pause.
+            layer, parent = await asyncio.to_thread(self.layers.prepare_capture, self.dir)
             was_running = await self.qmp.status() == "running"
             t0 = time.monotonic()
-            await self.qmp.stop()
-            layer, parent = self.layers.prepare_capture(self.dir)
             try:
-                try:
-                    switched = await self.switch({"quiesce": False}, (layer, parent))
-                finally:
-                    if self.unpublished is None:
-                        (self.dir / PENDING).unlink(missing_ok=True)
-                t_ram = time.monotonic()
-                copied, mode = await asyncio.to_thread(memory_precopy.finish, pre, ram, ram_copy)
-                ram_copy_ms = (time.monotonic() - t_ram) * 1000
-                state_ms = await memory.write_state_to(self.qmp, dest)
+                await self.qmp.stop()
+                switched = await self.switch({"quiesce": False}, (layer, parent))
+                # The RAM copy (this process) and the device state (QEMU) overlap; both end
+                # before the ``cont`` (a migration still running then would stop the VM again).
+                ram_done, state_done = await asyncio.gather(
+                    asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
+                    memory.write_state_to(self.qmp, dest),
+                    return_exceptions=True,
+                )
+                for outcome in (ram_done, state_done):
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                (copied, mode), ram_copy_ms = ram_done  # type: ignore[misc]
+                state_ms = state_done
                 faults.point("memory:copied")
                 await _hold_at_stop()
             finally:
                 if was_running:
                     await self.qmp.cont()
                 pause_ms = (time.monotonic() - t0) * 1000
+                if self.unpublished is None:  # the switch did not happen
+                    (self.dir / PENDING).unlink(missing_ok=True)
                 await self.settle()
             await asyncio.to_thread(memory.seal, dest, shape)
+            log.info(
+                "memory snapshot: pause %.1f ms (switch %.1f, RAM %s %.1f ms %d bytes, device state %.1f ms)",
+                pause_ms, switched["switch_ms"], mode, ram_copy_ms, copied, state_ms,
+            )  # fmt: skip
         return {
             "layer": layer,
             "parent": parent,
@@ -178,6 +189,11 @@ class MemoryOps:
             "ram_copy_mode": mode,
             "state_ms": state_ms,
         }
+
+
+def _timed_finish(pre: memory_precopy.PreCopy | None, ram: Path, dest: Path) -> tuple[tuple[int, str], float]:
+    t0 = time.monotonic()
+    return memory_precopy.finish(pre, ram, dest), (time.monotonic() - t0) * 1000
 
 
 async def _hold_at_stop() -> None:
