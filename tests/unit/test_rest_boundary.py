@@ -4,7 +4,7 @@ as images gets one fixed error whatever exists there; host ports only from the o
 range; no-token mode only on loopback; the server's paths never leave in a message.
 
 In-process against the real app (``httpx.ASGITransport``) over a fresh home; the WebSocket
-and TLS halves of these checks need a real uvicorn and stay in ``tests/test_security_rest.py``.
+and TLS halves of these checks need a real uvicorn and stay in ``tests/vm/test_security_rest.py``.
 """
 
 from __future__ import annotations

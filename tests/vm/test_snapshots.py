@@ -16,7 +16,7 @@ from boxvm import BoxStatus
 from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
-from tests.test_qcow2 import check
+from tests.vm.test_qcow2 import check
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 
