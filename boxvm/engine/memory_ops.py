@@ -48,6 +48,7 @@ class _Supervisor(Protocol):
     unpublished: tuple[str, str | None] | None
 
     async def settle(self) -> None: ...
+    async def quit(self) -> None: ...
     async def switch(self, req: dict[str, Any], capture: tuple[str, str | None]) -> dict[str, Any]: ...
 
 
@@ -79,14 +80,7 @@ class MemoryOps:
             self.stop_requested = True
             self.final_status = BoxStatus.SUSPENDED
             t_quit = time.monotonic()
-            with contextlib.suppress(Exception):
-                await self.qmp.quit()
-            try:
-                await asyncio.wait_for(self.exited.wait(), 10)
-            except TimeoutError:
-                if self.qemu is not None and self.qemu.returncode is None:
-                    self.qemu.kill()
-                await self.exited.wait()
+            await self.quit()
             timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
         return {"ok": True, **timings}
 

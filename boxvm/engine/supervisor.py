@@ -235,6 +235,12 @@ class Supervisor(MemoryOps):
         if self.ready.done() and not self.ready.exception() and not self.exited.is_set():
             with contextlib.suppress(Exception):
                 await self.agent_request({"op": "shutdown"}, timeout)
+        await self.quit()
+        return {"ok": True}
+
+    async def quit(self) -> None:
+        """Ask QEMU to quit and wait until it has exited (and its status is recorded);
+        kill it if it has not after 10 s."""
         if not self.exited.is_set():
             with contextlib.suppress(Exception):
                 await self.qmp.quit()
@@ -244,7 +250,6 @@ class Supervisor(MemoryOps):
             if self.qemu is not None and self.qemu.returncode is None:
                 self.qemu.kill()
             await self.exited.wait()
-        return {"ok": True}
 
     async def op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.qmp.stop()
