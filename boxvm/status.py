@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from boxvm.errors import InvalidState
@@ -34,40 +35,78 @@ class BoxStatus(StrEnum):
 
 
 LIVE = frozenset({BoxStatus.STARTING, BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STOPPING, BoxStatus.SUSPENDING})
-_TRANSIENT = frozenset(
-    {
-        BoxStatus.STARTING,
-        BoxStatus.STOPPING,
-        BoxStatus.SNAPSHOTTING,
-        BoxStatus.RESTORING,
-        BoxStatus.CLONING,
-        BoxStatus.EXPORTING,
-        BoxStatus.REMOVING,
-        BoxStatus.SUSPENDING,
-    }
-)
 
-# Which statuses each operation may start from, and the advice given otherwise.
-ALLOWED: dict[str, tuple[frozenset[BoxStatus], str]] = {
-    "start": (
-        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED, BoxStatus.SUSPENDED}),
-        "it is already running; stop it first",
+
+class Operation(StrEnum):
+    """What a caller asks of a box (not a status: see :data:`RULES` for how they meet)."""
+
+    START = "start"
+    STOP = "stop"
+    EXEC = "exec"
+    COPY = "copy"
+    PAUSE = "pause"
+    RESUME = "resume"
+    SUSPEND = "suspend"
+    REMOVE = "remove"
+    FORCE_REMOVE = "force-remove"
+    SNAPSHOT = "snapshot"
+    MEMORY_SNAPSHOT = "memory-snapshot"
+    RESTORE = "restore"
+    CLONE = "clone"
+    EXPORT = "export"
+
+
+@dataclass(frozen=True)
+class Rule:
+    allowed: frozenset[BoxStatus]  # the statuses the operation may start from
+    holds: BoxStatus | None  # the transient status it holds while it runs (None: it holds none)
+    advice: str  # what to do when the box is in another status
+    verb: str  # how messages name the operation
+    exclusive: bool = True  # refused while a state operation (snapshot, clone, ...) holds the box
+
+
+_AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
+_VM_UP = frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED})
+_CAPTURABLE = _AT_REST | _VM_UP
+_REMOVABLE = _AT_REST | {BoxStatus.SUSPENDED}
+
+# The one table: every operation's starting statuses, the status it holds, and the advice.
+RULES: dict[Operation, Rule] = {
+    Operation.START: Rule(_REMOVABLE, BoxStatus.STARTING, "it is already running; stop it first", "start"),
+    Operation.STOP: Rule(_VM_UP | {BoxStatus.STARTING}, BoxStatus.STOPPING, "it is not running", "stop"),
+    Operation.EXEC: Rule(frozenset({BoxStatus.RUNNING}), None, "start it first", "exec", exclusive=False),
+    Operation.COPY: Rule(frozenset({BoxStatus.RUNNING}), None, "start it first", "copy", exclusive=False),
+    Operation.PAUSE: Rule(frozenset({BoxStatus.RUNNING}), None, "it must be running", "pause"),
+    Operation.RESUME: Rule(frozenset({BoxStatus.PAUSED}), None, "it must be paused", "resume"),
+    Operation.SUSPEND: Rule(_VM_UP, BoxStatus.SUSPENDING, "it must be running or paused", "suspend"),
+    Operation.REMOVE: Rule(_REMOVABLE, BoxStatus.REMOVING, "stop it first or pass force=True", "remove"),
+    Operation.FORCE_REMOVE: Rule(frozenset(BoxStatus), BoxStatus.REMOVING, "", "remove"),
+    Operation.SNAPSHOT: Rule(_CAPTURABLE, BoxStatus.SNAPSHOTTING, "it has no disk state to capture", "snapshot"),
+    Operation.MEMORY_SNAPSHOT: Rule(
+        _VM_UP,
+        BoxStatus.SNAPSHOTTING,
+        "it has no memory to capture; start it first, or use memory=False for its disk",
+        "take a memory snapshot of",
     ),
-    "stop": (frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED, BoxStatus.STARTING}), "it is not running"),
-    "exec": (frozenset({BoxStatus.RUNNING}), "start it first"),
-    "copy": (frozenset({BoxStatus.RUNNING}), "start it first"),
-    "pause": (frozenset({BoxStatus.RUNNING}), "it must be running"),
-    "resume": (frozenset({BoxStatus.PAUSED}), "it must be paused"),
-    "suspend": (frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED}), "it must be running or paused"),
-    "remove": (
-        frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED, BoxStatus.SUSPENDED}),
-        "stop it first or pass force=True",
+    Operation.RESTORE: Rule(
+        _AT_REST, BoxStatus.RESTORING, "a disk-only snapshot restores a stopped box: stop it first", "restore"
     ),
+    Operation.CLONE: Rule(_CAPTURABLE, BoxStatus.CLONING, "it has no disk state to capture", "clone"),
+    Operation.EXPORT: Rule(_CAPTURABLE, BoxStatus.EXPORTING, "it has no disk state to export", "export"),
 }
 
 
-def require(operation: str, box: str, status: BoxStatus) -> None:
-    """Raise :class:`InvalidState` naming the box, its status and what to do."""
-    allowed, advice = ALLOWED[operation]
-    if status not in allowed:
-        raise InvalidState(f"cannot {operation} box {box!r} while it is {status.value}: {advice}")
+def require(operation: Operation, box: str, status: BoxStatus, busy: BoxStatus | None = None) -> Rule:
+    """The guard every operation passes: raise :class:`InvalidState` naming the box, its
+    shown status and what to do, unless ``operation`` may start from ``status`` (with the
+    state operation ``busy`` holding the box, if any). Returns the operation's rule."""
+    rule = RULES[operation]
+    if busy is not None and rule.exclusive:
+        raise InvalidState(f"cannot {rule.verb} box {box!r}: it is {busy.value} right now; wait for that to finish")
+    if status not in rule.allowed:
+        raise InvalidState(f"cannot {rule.verb} box {box!r} while it is {(busy or status).value}: {rule.advice}")
+    return rule
+
+
+# The statuses operations hold while they run (from the one table).
+_TRANSIENT = frozenset(rule.holds for rule in RULES.values() if rule.holds is not None)

@@ -39,7 +39,7 @@ from boxvm.options import BoxInfo, BoxOptions, ImageInfo, check_name, default_co
 from boxvm.paths import Home
 from boxvm.processes import alive as _pid_alive
 from boxvm.progress import Progress, silent
-from boxvm.status import ALLOWED, LIVE, BoxStatus, require
+from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord, ImageRecord, Store
 from boxvm.streams import ByteStream
 
@@ -224,7 +224,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
 
     async def remove(self, box_id: str, force: bool) -> None:
         rec = self._record(box_id)
-        allowed, advice = ALLOWED["remove"]
+        allowed = RULES[Operation.REMOVE].allowed
         # A box at rest whose files agree with its record goes in one transaction, which
         # checks that nothing holds it. Otherwise it is claimed like a state operation, so
         # none (nor a start or stop) runs on a box whose row and files are going away; a
@@ -232,7 +232,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         quiet = self.layers.quiet_top(self.home.box_dir(rec.id)) if rec.status in allowed else None
         dead = self.store.remove_box(rec.id, (allowed, quiet[1])) if quiet is not None else None
         if dead is None:
-            async with self._claim(rec, BoxStatus.REMOVING, frozenset(BoxStatus) if force else allowed, advice) as c:
+            async with self._claim(rec, Operation.FORCE_REMOVE if force else Operation.REMOVE) as c:
                 rec = self._record(rec.id)
                 if rec.status.is_live:
                     await self._kill(rec)
@@ -269,8 +269,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def start(self, box_id: str) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
-        _no_operation(rec)
-        require("start", rec.name, rec.status)
+        rule = require(Operation.START, rec.name, rec.status, rec.operation)
         resume = box_memory.resumable(self.store, self.home.box_dir(rec.id), rec)
         # Boot the bundle the box was made with; if it was garbage-collected, the newest.
         bundle = bundle_mod.find(self.home, rec.guest_bundle)
@@ -279,7 +278,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         if bundle.id != rec.guest_bundle:
             self.store.update_box(rec.id, guest_bundle=bundle.id)
         if not self.store.transition(
-            rec.id, BoxStatus.STARTING, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None,
+            rec.id, rule.holds, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None,
             started_at=time.time(),
         ):  # fmt: skip
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
@@ -353,9 +352,8 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def stop(self, box_id: str, timeout: float) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
-        _no_operation(rec)
-        require("stop", rec.name, rec.status)
-        if not self.store.transition(rec.id, BoxStatus.STOPPING, {rec.status}):
+        rule = require(Operation.STOP, rec.name, rec.status, rec.operation)
+        if not self.store.transition(rec.id, rule.holds, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
@@ -373,10 +371,9 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         self.store.add_timing(rec.id, stop_ms=(time.monotonic() - t0) * 1000)
         return self._info(self._record(rec.id))
 
-    async def _qmp_toggle(self, box_id: str, op: str, command: str, undo: str, to: BoxStatus) -> BoxInfo:
+    async def _qmp_toggle(self, box_id: str, op: Operation, command: str, undo: str, to: BoxStatus) -> BoxInfo:
         rec = self._record(box_id)
-        _no_operation(rec)
-        require(op, rec.name, rec.status)
+        require(op, rec.name, rec.status, rec.operation)
         conn = await self._conn(rec.id, rec.name)
         await conn.request(command)
         if not self.store.transition(rec.id, to, {rec.status}):
@@ -390,10 +387,10 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         return self._info(self._record(rec.id))
 
     async def pause(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "pause", "pause", "resume", BoxStatus.PAUSED)
+        return await self._qmp_toggle(box_id, Operation.PAUSE, "pause", "resume", BoxStatus.PAUSED)
 
     async def resume(self, box_id: str) -> BoxInfo:
-        return await self._qmp_toggle(box_id, "resume", "resume", "pause", BoxStatus.RUNNING)
+        return await self._qmp_toggle(box_id, Operation.RESUME, "resume", "pause", BoxStatus.RUNNING)
 
     # -- inside the box ---------------------------------------------------------------
     async def _conn(self, box_id: str, label: str) -> Connection:
@@ -408,9 +405,9 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
         if conn is not None:
             await conn.close()
 
-    async def _running(self, box_id: str, op: str) -> tuple[BoxRecord, Connection]:
+    async def _running(self, box_id: str, op: Operation) -> tuple[BoxRecord, Connection]:
         rec = self._record(box_id)
-        require(op, rec.name, rec.status)
+        require(op, rec.name, rec.status, rec.operation)
         return rec, await self._conn(rec.id, rec.name)
 
     async def spawn(
@@ -431,7 +428,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
             raise InvalidArgument("argv must not contain NUL bytes")
         if timeout is not None and timeout <= 0:
             raise InvalidArgument(f"timeout must be positive, not {timeout}")
-        rec, conn = await self._running(box_id, "exec")
+        rec, conn = await self._running(box_id, Operation.EXEC)
         opts = rec.options
         image_cfg = opts.get("image_config") or {}
         merged: dict[str, str] = {}
@@ -459,7 +456,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def put_files(self, box_id: str, box_path: str, tar: AsyncIterator[bytes]) -> None:
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
-        _rec, conn = await self._running(box_id, "copy")
+        _rec, conn = await self._running(box_id, Operation.COPY)
         chan = conn.open_channel({"op": "put", "path": box_path})
         try:
             async for chunk in tar:
@@ -476,7 +473,7 @@ class LocalBackend(StateOps, box_memory.SuspendOps, Backend):
     async def get_files(self, box_id: str, box_path: str) -> ByteStream:
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
-        _rec, conn = await self._running(box_id, "copy")
+        _rec, conn = await self._running(box_id, Operation.COPY)
         chan = conn.open_channel({"op": "get", "path": box_path})
         chan.close_stdin()
         chunks = aiter(chan.stdout)
@@ -561,11 +558,6 @@ def _owner_alive(directory: Path) -> bool:
     except (OSError, ValueError):
         return False
     return _pid_alive(pid)
-
-
-def _no_operation(rec: BoxRecord) -> None:
-    if rec.operation is not None:
-        raise InvalidState(f"box {rec.name!r} is {rec.operation.value} right now: wait for that to finish")
 
 
 def _pid_is(pid: int, box_id: str) -> bool:

@@ -23,7 +23,7 @@ from boxvm.errors import InvalidState, StorageError
 from boxvm.options import BoxInfo, BoxOptions
 from boxvm.paths import Home
 from boxvm.processes import alive
-from boxvm.status import BoxStatus, require
+from boxvm.status import RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord, Store
 
 
@@ -68,10 +68,8 @@ class SuspendOps:
     async def suspend(self: _Local, box_id: str) -> BoxInfo:
         t0 = time.monotonic()
         rec = self._record(box_id)
-        if rec.operation is not None:
-            raise InvalidState(f"box {rec.name!r} is {rec.operation.value} right now: wait for that to finish")
-        require("suspend", rec.name, rec.status)
-        if not self.store.transition(rec.id, BoxStatus.SUSPENDING, {rec.status}):
+        rule = require(Operation.SUSPEND, rec.name, rec.status, rec.operation)
+        if not self.store.transition(rec.id, rule.holds, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while suspending: try again")
         try:
             conn = await self._conn(rec.id, rec.name)
@@ -94,14 +92,6 @@ class SuspendOps:
 # -- memory snapshots (their files live in the box directory, removed with the box) --------
 def snapshot_dir(box_dir: Path, snapshot_id: str) -> Path:
     return box_dir / "memory-snapshots" / snapshot_id
-
-
-def require_live(rec: BoxRecord) -> None:
-    if rec.status not in (BoxStatus.RUNNING, BoxStatus.PAUSED):
-        raise InvalidState(
-            f"cannot take a memory snapshot of box {rec.name!r} while it is {rec.shown_status.value}: it has no"
-            " memory to capture; start it first, or use memory=False for its disk"
-        )
 
 
 def keep_capture(box_dir: Path, snapshot_id: str) -> None:
@@ -130,5 +120,4 @@ def restore_into(store: Store, box_dir: Path, rec: BoxRecord, snapshot_id: str) 
     memory.sparse_copy(src / memory.RAM, box_dir / memory.RAM)
     shutil.copyfile(src / memory.STATE, box_dir / memory.STATE)
     shutil.copyfile(src / memory.META, box_dir / memory.META)  # last: it vouches for the others
-    at_rest = {BoxStatus.STOPPED, BoxStatus.CONFIGURED, BoxStatus.FAILED}
-    store.transition(rec.id, BoxStatus.SUSPENDED, at_rest, during_operation=True)
+    store.transition(rec.id, BoxStatus.SUSPENDED, RULES[Operation.RESTORE].allowed, during_operation=True)

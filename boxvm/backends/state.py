@@ -52,7 +52,7 @@ from boxvm.options import (
     check_snapshot_name,
 )
 from boxvm.processes import alive as _pid_alive
-from boxvm.status import BoxStatus
+from boxvm.status import RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord, SnapshotRecord
 from boxvm.streams import ByteStream, ThreadReader, produced, pump
 
@@ -61,16 +61,6 @@ if TYPE_CHECKING:
 
 OWNER = ".owner"
 log = logging.getLogger("boxvm")
-
-AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
-CAPTURABLE = AT_REST | {BoxStatus.RUNNING, BoxStatus.PAUSED}
-VERBS = {
-    BoxStatus.SNAPSHOTTING: "snapshot",
-    BoxStatus.RESTORING: "restore",
-    BoxStatus.CLONING: "clone",
-    BoxStatus.EXPORTING: "export",
-    BoxStatus.REMOVING: "remove",
-}
 
 
 @dataclass(frozen=True)
@@ -100,21 +90,18 @@ class StateOps:
     async def _claim(
         self: LocalBackend,
         rec: BoxRecord,
-        operation: BoxStatus,
-        allowed: frozenset[BoxStatus],
-        advice: str,
+        operation: Operation,
         held: bool = False,
     ) -> AsyncIterator[Claim]:
-        """Hold the box for a state operation; ``held``: the operation's first transaction
-        claimed it already (a box at rest whose files agree with its record)."""
-        if not held and not self.store.begin_operation(rec.id, operation, allowed, os.getpid()):
+        """Hold the box for a state operation (its rule's transient status, allowed from its
+        rule's statuses); ``held``: the operation's first transaction claimed it already (a
+        box at rest whose files agree with its record)."""
+        rule = RULES[operation]
+        assert rule.holds is not None
+        if not held and not self.store.begin_operation(rec.id, rule.holds, rule.allowed, os.getpid()):
             now = self._record(rec.id)
-            if now.operation is not None:
-                raise InvalidState(
-                    f"cannot {VERBS[operation]} box {rec.name!r}: it is {now.operation.value} right now; "
-                    "wait for that to finish"
-                )
-            raise InvalidState(f"cannot {VERBS[operation]} box {rec.name!r} while it is {now.status.value}: {advice}")
+            require(operation, rec.name, now.status, now.operation)
+            raise InvalidState(f"cannot {rule.verb} box {rec.name!r}: its status changed meanwhile; try again")
         claim = Claim()
         try:
             yield claim
@@ -189,11 +176,12 @@ class StateOps:
         check_snapshot_name(name)
         options.validate()
         rec = self._record(box_id)
+        operation = Operation.MEMORY_SNAPSHOT if options.memory else Operation.SNAPSHOT
         if options.memory:
-            box_memory.require_live(rec)
+            require(operation, rec.name, rec.status, rec.operation)
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
-        async with self._claim(rec, BoxStatus.SNAPSHOTTING, CAPTURABLE, "it has no disk state to capture") as claim:
+        async with self._claim(rec, operation) as claim:
             cap = await self._capture(rec, options)
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
             if options.memory:
@@ -248,7 +236,6 @@ class StateOps:
     async def snapshot_restore(self: LocalBackend, box_id: str, name: str) -> BoxInfo:
         rec, snap = self._snapshot(box_id, name)
         t0 = time.perf_counter()
-        advice = "a disk-only snapshot restores a stopped box: stop it first"
         box_dir = self.home.box_dir(rec.id)
         # The record moves first (holding the snapshot's layer, found in the same
         # transaction); the files follow; recovery finishes a restore cut in between. A box
@@ -256,15 +243,17 @@ class StateOps:
         quiet = self.layers.quiet_top(box_dir)
         restored = None
         if quiet is not None:
-            restored = self.store.restore_layer(rec.id, snap.name, (AT_REST, os.getpid(), quiet[1]))
-        async with self._claim(rec, BoxStatus.RESTORING, AT_REST, advice, held=restored is not None) as claim:
+            restored = self.store.restore_layer(
+                rec.id, snap.name, (RULES[Operation.RESTORE].allowed, os.getpid(), quiet[1])
+            )
+        async with self._claim(rec, Operation.RESTORE, held=restored is not None) as claim:
             if restored is None or quiet is None:
                 self.layers.commit(box_dir)  # a crashed one first
                 self._sync_layer(rec.id)
                 size = qcow2.read_header(box_dir / TOP).size
                 restored = self.store.restore_layer(rec.id, snap.name)
                 if restored is None:
-                    raise NotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
+                    raise SnapshotNotFound(f"snapshot {name!r} of box {rec.name!r} was removed meanwhile")
             else:
                 size = quiet[0]
             faults.point("restore:recorded")
@@ -311,7 +300,7 @@ class StateOps:
                 raise NotFound(gone)
             layer, pin = pinned[0].layer, pinned[1]
         else:
-            async with self._claim(rec, BoxStatus.CLONING, CAPTURABLE, "it has no disk state to capture") as claim:
+            async with self._claim(rec, Operation.CLONE) as claim:
                 cap = await self._capture(rec, options.snapshot.validate())
                 pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid(), release=True)
                 assert pin is not None
@@ -414,7 +403,7 @@ class StateOps:
         self: LocalBackend, rec: BoxRecord, options: ExportOptions, write: Callable[[Path, dict[str, object]], None]
     ) -> None:
         t0 = time.perf_counter()
-        async with self._claim(rec, BoxStatus.EXPORTING, CAPTURABLE, "it has no disk state to export"):
+        async with self._claim(rec, Operation.EXPORT):
             box_dir = self.home.box_dir(rec.id)
             cap = None
             if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
