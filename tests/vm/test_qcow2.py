@@ -132,12 +132,7 @@ def _collect(home: Home, layers: LayerStore) -> list[str]:
 
 
 def test_capture_restore_scan_cycle(tmp_path: Path) -> None:
-    home = Home(tmp_path)
-    home.ensure()
-    Store(home.db).close()  # a new home's database: nothing to adopt
-    base = home.images / "base.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
-    layers = LayerStore(home)
+    home, layers, base = _store(tmp_path)
     box = _box(home, "b1", base)
     qemu_io(box / TOP, "write -P 0x11 0 64k")
     v1 = _capture(layers, box)
@@ -159,12 +154,7 @@ def test_capture_restore_scan_cycle(tmp_path: Path) -> None:
 
 def test_commit_rolls_a_crashed_capture_forward(tmp_path: Path) -> None:
     """Whatever step a capture died at, commit() leaves a consistent chain with the data."""
-    home = Home(tmp_path)
-    home.ensure()
-    Store(home.db).close()  # a new home's database: nothing to adopt
-    base = home.images / "base.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", str(base), "64M")
-    layers = LayerStore(home)
+    home, layers, base = _store(tmp_path)
     box = _box(home, "b1", base)
     qemu_io(box / TOP, "write -P 0x33 0 64k")
     layer, parent = layers.prepare_capture(box)  # "crash" here: pending written, nothing renamed

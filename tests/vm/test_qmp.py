@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
@@ -19,8 +18,6 @@ import pytest_asyncio
 
 from boxvm.engine.qmp import QMP, QMPCommandError
 from boxvm.errors import EngineError
-
-pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs QEMU")
 
 
 @pytest_asyncio.fixture
