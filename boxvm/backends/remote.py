@@ -37,6 +37,7 @@ from boxvm.errors import (
     Unsupported,
     from_dict,
 )
+from boxvm.localauth import is_loopback, read_token
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -48,7 +49,6 @@ from boxvm.options import (
     SnapshotOptions,
 )
 from boxvm.paths import Home
-from boxvm.server.local import is_loopback, read_token
 from boxvm.streams import ByteStream
 
 RETRIES = 3

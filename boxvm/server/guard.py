@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import boxvm
 from boxvm.errors import BoxvmError, InvalidArgument, Unauthorized
-from boxvm.server.local import is_loopback
+from boxvm.localauth import is_loopback
 
 NO_SERVER_PATHS = (
     "over REST an image is a registry reference (e.g. alpine:3.20), or none for the built-in image; "

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from boxvm.errors import InvalidArgument
+from boxvm.localauth import ensure_token, is_loopback, token_path
 from boxvm.paths import Home
-from boxvm.server.local import ensure_token, is_loopback, token_path
 from boxvm.wire import SERVER_KEEPALIVE_SECS
 
 if TYPE_CHECKING:

@@ -32,10 +32,6 @@ KNOWN_CYCLES: dict[tuple[str, str], str] = {
     ("boxvm.disks.layers", "boxvm.store"): (
         "LayerStore is typed with Store while the store's v6 migration reads layers (issue 13, state part)"
     ),
-    ("boxvm.backends.remote", "boxvm.server.local"): (
-        "the REST client reads the token and loopback check from the server package (issue 13, REST part: "
-        "one REST protocol module shared by server and client)"
-    ),
 }
 
 

@@ -29,8 +29,8 @@ from websockets.exceptions import InvalidStatus
 
 import boxvm
 from boxvm.images.default import ensure_default
+from boxvm.localauth import token_path
 from boxvm.paths import Home
-from boxvm.server.local import token_path
 from tests.conftest import TOKEN
 from tests.helpers import serving
 from tests.vm.test_cli import boxvm as cli
