@@ -11,6 +11,15 @@ migration URI, so both directions go through ``exec:cat``.
 belongs to, written last (after an fsync of both files): a state without a matching
 record is never loaded, so a crash mid-save or a damaged file leaves a box that boots cold
 from its disk instead of resuming garbage.
+
+Where the RAM is (the record's ``ram``): ``file`` — ``memory.ram``, the box's own, mapped
+``share=on``; ``base`` — ``memory.base``, a hard link to a memory snapshot's (or template's)
+RAM that a fork maps ``share=off``: a private copy-on-write mapping, so every fork reads the
+same page-cache pages and its writes stay in its own anonymous memory (the file is never
+written: a box has no balloon or virtio-mem, the only things that make QEMU punch holes in
+a RAM file); ``stream`` — inside the state file itself: a fork's RAM is private, so its own
+suspend or memory snapshot is QEMU's plain migration of the whole RAM (zero pages are a flag
+each), loaded into a fresh RAM file on resume, after which it is a ``file`` box again.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from boxvm import faults
 from boxvm.errors import EngineError, StorageError
 
 RAM = "memory.ram"
+BASE = "memory.base"  # a fork's read-only view of a snapshot's RAM (mapped share=off)
 STATE = "memory.state"
 META = "memory.json"
 CAPTURE = "memory-capture"  # a memory snapshot's files, until the snapshot's record takes them
@@ -65,8 +75,9 @@ async def _wait_migration(qmp: Qmp, incoming: bool) -> dict[str, Any]:
         delay = min(delay * 2, 0.02)
 
 
-async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, float]:
-    """Stop the vCPUs and write the device state next to the RAM file (a suspend).
+async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any], private: bool = False) -> dict[str, float]:
+    """Stop the vCPUs and write the device state next to the RAM file (a suspend); with
+    ``private`` RAM (a fork's) the whole RAM goes into the state (``stream``).
 
     The VM is left stopped (``postmigrate``) for the caller to quit. Timings in ms."""
     t0 = time.monotonic()
@@ -74,9 +85,9 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, floa
     t_stop = time.monotonic()
     faults.point("memory:stopped")
     (box_dir / META).unlink(missing_ok=True)  # the old record must not vouch for the new state
-    tmp = await _write_state(qmp, box_dir)
+    tmp = await _write_state(qmp, box_dir, ignore_shared=not private)
     t_saved = time.monotonic()
-    await asyncio.to_thread(_publish, box_dir, tmp, shape)
+    await asyncio.to_thread(_publish, box_dir, tmp, shape, "stream" if private else "file")
     return {
         "stop_ms": (t_stop - t0) * 1000,
         "save_ms": (t_saved - t_stop) * 1000,
@@ -84,27 +95,29 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, floa
     }
 
 
-async def _write_state(qmp: Qmp, directory: Path) -> Path:
-    """Migrate the stopped VM's device state (not its shared RAM) into a temporary file."""
+async def _write_state(qmp: Qmp, directory: Path, ignore_shared: bool = True) -> Path:
+    """Migrate the stopped VM's device state (and, unless ``ignore_shared``, its RAM) into
+    a temporary file."""
     tmp = directory / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
-    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
+    await qmp.migrate_set_capabilities({"x-ignore-shared": ignore_shared})
     await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
     await _wait_migration(qmp, incoming=False)
     return tmp
 
 
-async def write_state_to(qmp: Qmp, dest: Path) -> float:
-    """With the vCPUs already stopped: the device state into ``dest`` (a memory snapshot;
-    the caller copies the RAM, resumes the VM, then calls :func:`seal`). Returns ms."""
+async def write_state_to(qmp: Qmp, dest: Path, with_ram: bool = False) -> float:
+    """With the vCPUs already stopped: the device state (and the RAM if ``with_ram``) into
+    ``dest`` (a memory snapshot; the caller copies the RAM unless it is in the state, resumes
+    the VM, then calls :func:`seal`). Returns ms."""
     t0 = time.monotonic()
-    await _write_state(qmp, dest)
+    await _write_state(qmp, dest, ignore_shared=not with_ram)
     return (time.monotonic() - t0) * 1000
 
 
-def seal(dest: Path, shape: dict[str, Any]) -> None:
+def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """Make a copied memory state durable and vouch for it (outside the guest's pause)."""
-    _publish(dest, dest / f"{STATE}.tmp", shape)
+    _publish(dest, dest / f"{STATE}.tmp", shape, ram)
 
 
 def sparse_copy(src: Path, dst: Path) -> int:
@@ -137,20 +150,56 @@ def sparse_copy(src: Path, dst: Path) -> int:
     return total
 
 
-def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any]) -> None:
+def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """fsync the state and the RAM, rename the state into place, then write the record."""
-    data = tmp.read_bytes()
-    if not data:
+    size, digest = _digest(tmp)
+    if not size:
         raise EngineError("QEMU wrote an empty memory state")
-    for path in (tmp, box_dir / RAM):
+    for path in (tmp, box_dir / RAM) if ram == "file" else (tmp,):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     os.replace(tmp, box_dir / STATE)
-    meta = {"version": 1, "state_bytes": len(data), "state_sha256": hashlib.sha256(data).hexdigest(), **shape}
+    meta = {"version": 1, "state_bytes": size, "state_sha256": digest, "ram": ram, **shape}
     _write_durably(box_dir / META, json.dumps(meta).encode())
+
+
+def _digest(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in chunks (a ``stream`` state holds the RAM)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def read_meta(box_dir: Path) -> dict[str, Any]:
+    """The record of a saved state (unchecked: :func:`check` vouches for it); {} if none."""
+    try:
+        meta = json.loads((box_dir / META).read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def fork_into(src: Path, dest: Path) -> None:
+    """Give ``dest`` (a new box's directory) the memory state in ``src`` (a memory snapshot's
+    or a template's) as a fork's: the RAM file hard-linked as ``memory.base`` (O(1), shares
+    the page cache; mapped share=off, never written), the state copied, and the record
+    marked ``fork`` (the resumed guest is re-identified), written last."""
+    meta = read_meta(src)
+    ram = meta.get("ram", "file")
+    if ram == "file":
+        os.link(src / RAM, dest / BASE)
+    elif ram != "stream":
+        raise StorageError("this memory state cannot be forked (its RAM is not in a file or the state)")
+    shutil.copyfile(src / STATE, dest / STATE)
+    meta.update(ram="base" if ram == "file" else "stream", fork=True)
+    _write_durably(dest / META, json.dumps(meta).encode())
 
 
 def _write_durably(path: Path, data: bytes) -> None:
@@ -173,27 +222,30 @@ def check(box_dir: Path, shape: dict[str, Any]) -> None:
     try:
         meta = json.loads((box_dir / META).read_text())
         size = (box_dir / STATE).stat().st_size
-        ram = (box_dir / RAM).stat().st_size
+        mode = meta.get("ram", "file") if isinstance(meta, dict) else None
+        ram = (box_dir / (BASE if mode == "base" else RAM)).stat().st_size if mode != "stream" else None
     except (OSError, ValueError) as exc:
         raise StorageError(f"the saved memory state is missing or unreadable ({type(exc).__name__})") from exc
-    if not isinstance(meta, dict) or meta.get("version") != 1:
+    if not isinstance(meta, dict) or meta.get("version") != 1 or mode not in ("file", "base", "stream"):
         raise StorageError("the saved memory state has an unknown format")
-    if size != meta.get("state_bytes") or size > MAX_STATE:
+    limit = MAX_STATE + (shape.get("memory_mib", 0) << 20 if mode == "stream" else 0)
+    if size != meta.get("state_bytes") or size > limit:
         raise StorageError(f"the saved device state is {size} bytes, its record says {meta.get('state_bytes')}")
-    if ram != shape.get("memory_mib", 0) << 20:
+    if ram is not None and ram != shape.get("memory_mib", 0) << 20:
         raise StorageError("the saved RAM file does not have the box's memory size")
     for key, want in shape.items():
         if meta.get(key) != want:
             raise StorageError(f"the saved memory state was taken with {key}={meta.get(key)!r}, the box has {want!r}")
-    digest = hashlib.sha256((box_dir / STATE).read_bytes()).hexdigest()
-    if digest != meta.get("state_sha256"):
+    if _digest(box_dir / STATE)[1] != meta.get("state_sha256"):
         raise StorageError("the saved device state does not match its checksum (damaged file)")
 
 
-async def load(qmp: Qmp, box_dir: Path) -> float:
-    """Load the device state into a QEMU started with ``-incoming defer``; returns ms."""
+async def load(qmp: Qmp, box_dir: Path, with_ram: bool = False) -> float:
+    """Load the device state (and the RAM if the state holds it: ``with_ram``) into a QEMU
+    started with ``-incoming defer``; returns ms."""
     t0 = time.monotonic()
-    await qmp.migrate_set_capabilities({"x-ignore-shared": True})
+    # Both ends must agree: with x-ignore-shared the stream names the RAM blocks it skipped.
+    await qmp.migrate_set_capabilities({"x-ignore-shared": not with_ram})
     await qmp.migrate_incoming(f"exec:cat {shlex.quote(str(box_dir / STATE))}")
     await _wait_migration(qmp, incoming=True)
     return (time.monotonic() - t0) * 1000
@@ -209,8 +261,9 @@ def discard_state(box_dir: Path) -> None:
 def discard(box_dir: Path) -> None:
     """Forget a box's memory state and RAM (a cold boot starts from fresh, empty RAM)."""
     discard_state(box_dir)
-    with contextlib.suppress(FileNotFoundError):
-        (box_dir / RAM).unlink()
+    for name in (RAM, BASE):
+        with contextlib.suppress(FileNotFoundError):
+            (box_dir / name).unlink()
 
 
 def fresh_dir(path: Path) -> None:
@@ -222,6 +275,14 @@ def fresh_dir(path: Path) -> None:
 def fresh_ram(box_dir: Path, memory_mib: int) -> None:
     """Replace any memory state with an empty (sparse) RAM file only its owner can read."""
     discard(box_dir)
+    blank_ram(box_dir, memory_mib)
+
+
+def blank_ram(box_dir: Path, memory_mib: int) -> None:
+    """An empty RAM file, the saved state kept (a ``stream`` state is loaded into it)."""
+    for name in (RAM, BASE):
+        with contextlib.suppress(FileNotFoundError):
+            (box_dir / name).unlink()
     fd = os.open(box_dir / RAM, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, memory_mib << 20)

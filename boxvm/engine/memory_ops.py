@@ -44,6 +44,7 @@ class _Supervisor(Protocol):
     qemu: asyncio.subprocess.Process | None
     t0: float
     stop_requested: bool
+    resume_plan: dict[str, Any]
     final_status: BoxStatus
     unpublished: tuple[str, str | None] | None
 
@@ -69,7 +70,7 @@ class MemoryOps:
             await self.settle()  # a capture switched to but not yet published: none may outlive the VM
             was_running = await self.qmp.status() == "running"
             try:
-                timings = await memory.save(self.qmp, self.dir, shape)
+                timings = await memory.save(self.qmp, self.dir, shape, private=bool(self.resume_plan.get("private")))
             except BaseException:
                 await asyncio.to_thread(memory.discard_state, self.dir)
                 if was_running:
@@ -87,10 +88,11 @@ class MemoryOps:
     async def resume_incoming(self: _Supervisor) -> None:
         """Load the saved state into the QEMU just started with ``-incoming defer``, run
         it, and check the agent answers; then the box is ready (its agent sends no HELLO:
-        it never restarted)."""
+        it never restarted). A fork (``resume_plan["identity"]``) is re-identified too."""
         t0 = time.monotonic()
+        plan = self.resume_plan
         try:
-            load_ms = await memory.load(self.qmp, self.dir)
+            load_ms = await memory.load(self.qmp, self.dir, with_ram=bool(plan.get("with_ram")))
             await self.qmp.cont()
             # The agent may still hold channels of the previous run: number ours elsewhere.
             self.link.next_gid = (1 << 24) + secrets.randbelow(1 << 30)
@@ -103,6 +105,10 @@ class MemoryOps:
             seeded = await self.link.request({"op": "reseed", "entropy": os.urandom(64).hex()}, RESUME_PING_TIMEOUT)
             if "error" in seeded:
                 log.warning("the guest RNG was not reseeded: %s", seeded["error"]["message"])
+            if plan.get("identity"):  # another box's guest: it takes this box's name and machine-id
+                ident = await self.link.request({"op": "reidentify", **plan["identity"]}, RESUME_PING_TIMEOUT)
+                if "error" in ident:
+                    raise EngineError(f"the resumed guest could not be re-identified: {ident['error']['message']}")
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"resuming the saved memory state failed: {exc}"))
@@ -122,7 +128,9 @@ class MemoryOps:
         The RAM is copied while the guest runs (``memory_precopy``); the vCPUs then stay
         stopped through the disk switch, the copy of the pages written meanwhile and,
         alongside it, the device state (the guest's pause); the fsyncs and the record follow the ``cont``.
-        The disk capture is published like any other (``settle``)."""
+        The disk capture is published like any other (``settle``). A fork's RAM is private
+        (``memory.BASE`` mapped share=off): its RAM goes into the state instead (``stream``),
+        the guest paused for the whole migration."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("a memory capture needs the machine's shape")
@@ -130,11 +138,12 @@ class MemoryOps:
             raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
         ram, ram_copy = self.dir / memory.RAM, dest / memory.RAM
+        private = bool(self.resume_plan.get("private"))
         async with self.capture_lock:
             await self.settle()
             await asyncio.to_thread(memory.fresh_dir, dest)
             t_pre = time.monotonic()
-            pre = await asyncio.to_thread(memory_precopy.start, self.qemu.pid, ram, ram_copy)
+            pre = None if private else await asyncio.to_thread(memory_precopy.start, self.qemu.pid, ram, ram_copy)
             precopy_ms = (time.monotonic() - t_pre) * 1000
             # The pending top is a new file nothing uses yet: written (and fsynced) before the pause.
             layer, parent = await asyncio.to_thread(self.layers.prepare_capture, self.dir)
@@ -146,8 +155,8 @@ class MemoryOps:
                 # The RAM copy (this process) and the device state (QEMU) overlap; both end
                 # before the ``cont`` (a migration still running then would stop the VM again).
                 ram_done, state_done = await asyncio.gather(
-                    asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
-                    memory.write_state_to(self.qmp, dest),
+                    _no_copy() if private else asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
+                    memory.write_state_to(self.qmp, dest, with_ram=private),
                     return_exceptions=True,
                 )
                 for outcome in (ram_done, state_done):
@@ -164,7 +173,7 @@ class MemoryOps:
                 if self.unpublished is None:  # the switch did not happen
                     (self.dir / PENDING).unlink(missing_ok=True)
                 await self.settle()
-            await asyncio.to_thread(memory.seal, dest, shape)
+            await asyncio.to_thread(memory.seal, dest, shape, "stream" if private else "file")
             log.info(
                 "memory snapshot: pause %.1f ms (switch %.1f, RAM %s %.1f ms %d bytes, device state %.1f ms)",
                 pause_ms, switched["switch_ms"], mode, ram_copy_ms, copied, state_ms,
@@ -183,6 +192,10 @@ class MemoryOps:
             "ram_copy_mode": mode,
             "state_ms": state_ms,
         }
+
+
+async def _no_copy() -> tuple[tuple[int, str], float]:
+    return (0, "in-state"), 0.0
 
 
 def _timed_finish(pre: memory_precopy.PreCopy | None, ram: Path, dest: Path) -> tuple[tuple[int, str], float]:

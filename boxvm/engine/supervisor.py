@@ -54,6 +54,7 @@ class Supervisor(MemoryOps):
         self.capture_lock = asyncio.Lock()
         self.argv: list[str] = cfg["argv"]
         self.incoming = bool(cfg.get("incoming"))  # resume a saved memory state (engine/memory_ops)
+        self.resume_plan: dict[str, Any] = cfg.get("resume") or {}  # how to resume it (engine/memory_ops)
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()

@@ -207,6 +207,9 @@ class Agent:
         elif op == "reseed":  # a resumed VM: its RNG state is a copy; mix in fresh host entropy
             reseed(bytes.fromhex(req["entropy"])[:256])
             self.result(cid, ok=True)
+        elif op == "reidentify":  # a fork or warm start: another box's guest becomes this box
+            reidentify(req.get("hostname"), req.get("machine_id"))
+            self.result(cid, ok=True)
         elif op == "shutdown":
             self.shutdown()
             self.result(cid, ok=True)
@@ -429,6 +432,32 @@ def reseed(entropy):
         fcntl.ioctl(fd, RNDRESEEDCRNG)
     finally:
         os.close(fd)
+
+
+def reidentify(hostname, machine_id):
+    """Take a new box's hostname and machine-id: the kernel's hostname, and the tmpfs files
+    the init script bind-mounted over the container's /etc (rewritten in place: a bind mount
+    pins the inode, a renamed file would not show through)."""
+    if not (isinstance(hostname, str) and 0 < len(hostname) <= 64 and hostname.isascii()):
+        raise UserError("InvalidArgument", "hostname must be 1-64 ASCII characters")
+    if not all(c.isalnum() or c in "-._" for c in hostname):
+        raise UserError("InvalidArgument", "hostname may hold only letters, digits, '-', '.' and '_'")
+    if not (isinstance(machine_id, str) and len(machine_id) == 32 and all(c in "0123456789abcdef" for c in machine_id)):
+        raise UserError("InvalidArgument", "machine_id must be 32 lowercase hex digits")
+    import socket
+
+    socket.sethostname(hostname)
+    files = {
+        "/run/hostname": hostname + "\n",
+        "/run/machine-id": machine_id + "\n",
+        "/run/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n",
+    }
+    for path, text in files.items():
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
 
 
 def _uptime():

@@ -39,7 +39,9 @@ DATA_TYPES = frozenset({STDIN, STDOUT, STDERR})
 # to the agent, only CLIENT_AGENT_OPS: the agent's other operations (freeze, thaw,
 # shutdown, ...) are steps of supervisor operations and are refused to clients.
 SUPERVISOR_OPS = frozenset({"wait_ready", "stop", "pause", "resume", "capture", "release", "suspend", "capture_memory"})
-AGENT_OPS = frozenset({"ping", "exec", "put", "get", "sync", "freeze", "thaw", "clock", "shutdown", "reseed"})
+AGENT_OPS = frozenset(
+    {"ping", "exec", "put", "get", "sync", "freeze", "thaw", "clock", "shutdown", "reseed", "reidentify"}
+)
 CLIENT_AGENT_OPS = frozenset({"exec", "put", "get", "clock"})
 
 
