@@ -27,20 +27,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from boxvm import faults
+from boxvm import faults, memarchive
 from boxvm.disks import qcow2
 from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageError
 from boxvm.options import PATH_LIMIT, check_box_options
 
 FORMAT = "boxvm-archive"
-VERSION = 1
+VERSION = 2  # 2: may carry memory.state (an archive without it is still written as 1)
 DISK = "disk.qcow2"
 GUEST_DISK = "guest-rootfs.qcow2"
 MEMORY = "memory.state"
 MANIFEST = "manifest.json"
-MEMBERS = {DISK, MANIFEST}
-UNUSED = {GUEST_DISK, MEMORY}  # names of the format this boxvm does not use: refused, never written
+MEMBERS = {DISK, MEMORY, MANIFEST}
+UNUSED = {GUEST_DISK}  # names of the format this boxvm does not use: refused, never written
 MANIFEST_LIMIT = 1 << 20
+# the largest memory.state a box of the largest memory size can have (header, device state,
+# one extent entry a page, the RAM)
+MEMORY_LIMIT = (
+    memarchive.HEADER_BYTES + memarchive.MAX_STATE + memarchive.MAX_RAM // memarchive.PAGE * 16 + memarchive.MAX_RAM
+)
 MAX_VIRTUAL = int(os.environ.get("BOXVM_IMPORT_MAX_VIRTUAL_BYTES", qcow2.MAX_VIRTUAL))
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -75,9 +80,12 @@ def write_stream(
     compress: bool,
     level: int,
     progress: Progress | None = None,
+    memory: memarchive.Plan | None = None,
 ) -> dict[str, Any]:
     """Write the archive of ``top``'s chain to ``raw`` strictly in order (a file, a pipe or
-    an HTTP response); returns the full manifest written last."""
+    an HTTP response); returns the full manifest written last. With ``memory`` (a suspended
+    box's saved state) a ``memory.state`` member follows the disk, and ``manifest["memory"]``
+    must say what an importer has to match."""
     plan = qcow2.flatten_plan(top)
     if compress:
         import zstandard
@@ -104,16 +112,25 @@ def write_stream(
         raise StorageError(f"the disk stream ended after {count} of {plan.size} bytes")
     faults.point("export:disk-streamed")
     out.write(b"\0" * (-count % tarfile.BLOCKSIZE))
+    members = {DISK: plan.size}
+    extra: dict[str, Any] = {}
+    if memory is not None:
+        members[MEMORY] = memory.size
+        extra = {
+            "memory": {**manifest["memory"], "format": memarchive.VERSION, "ram_bytes": memory.ram_bytes},
+            "memory_state_checksum": _write_member(out, MEMORY, memory.size, memory.chunks()),
+        }
     full = {
         **manifest,
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if memory is not None else 1,
         "container_disk_checksum": f"sha256:{sha.hexdigest()}",
         "guest_disk_checksum": "",
         "disk_virtual_size": plan.virtual_size,
         "disk_data_bytes": plan.data_bytes,
-        "members": {DISK: plan.size},
+        "members": members,
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **extra,
     }
     body = json.dumps(full, indent=2, sort_keys=True).encode()
     out.write(_info(MANIFEST, len(body)).tobuf(format=tarfile.PAX_FORMAT))
@@ -123,6 +140,20 @@ def write_stream(
         out.close()  # flushes the zstd frame; raw stays open (closefd=False)
     raw.flush()
     return full
+
+
+def _write_member(out: IO[bytes], name: str, size: int, chunks: Iterator[bytes]) -> str:
+    """One member of exactly ``size`` bytes (header, data, padding); returns its checksum."""
+    out.write(_info(name, size).tobuf(format=tarfile.PAX_FORMAT))
+    sha, count = hashlib.sha256(), 0
+    for chunk in chunks:
+        sha.update(chunk)
+        out.write(chunk)
+        count += len(chunk)
+    if count != size:
+        raise StorageError(f"the {name} stream has {count} bytes, not the {size} planned")
+    out.write(b"\0" * (-count % tarfile.BLOCKSIZE))
+    return f"sha256:{sha.hexdigest()}"
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:
@@ -137,6 +168,7 @@ def _info(name: str, size: int) -> tarfile.TarInfo:
 class VerifiedArchive:
     manifest: dict[str, Any]
     disk: Path  # the verified standalone container disk, in the staging directory
+    memory: memarchive.Received | None = None  # a suspended box's memory state, checksum verified
 
 
 # -- a bounded tar reader --------------------------------------------------------------
@@ -339,13 +371,14 @@ def read_archive(
     label = label or "the archive"
     seen: dict[str, tuple[int, str]] = {}
     manifest_bytes = b""
+    memory: memarchive.Received | None = None
     try:
         tar = TarReader(_open_stream(archive), label)
         for member in tar.members():
             name = member.name
             if name in UNUSED:
                 raise ArchiveError(
-                    f"{label}: member {name!r} (a guest root disk or memory state) is not supported by this boxvm; "
+                    f"{label}: member {name!r} (a guest root disk) is not supported by this boxvm; "
                     "export the box again without it"
                 )
             if name not in MEMBERS:
@@ -354,12 +387,17 @@ def read_archive(
                 raise ArchiveError(f"{label}: duplicate member {name!r}")
             if not member.regular:
                 raise ArchiveError(f"{label}: member {name!r} is a link, device or directory")
-            limit = MANIFEST_LIMIT if name == MANIFEST else max_disk_bytes
+            limit = {MANIFEST: MANIFEST_LIMIT, MEMORY: min(max_disk_bytes, MEMORY_LIMIT)}.get(name, max_disk_bytes)
             if member.real_size > limit:
                 raise ArchiveError(f"{label}: {name} declares {member.real_size} bytes, over the limit of {limit}")
             if name == MANIFEST:
                 manifest_bytes = b"".join(tar.data())
                 seen[name] = (len(manifest_bytes), "")
+            elif name == MEMORY:
+                if member.real_size != member.size:
+                    raise ArchiveError(f"{label}: {MEMORY} is a sparse tar member (this boxvm writes a plain one)")
+                memory = memarchive.receive(tar.data(), member.size, work, label)
+                seen[name] = (memory.size, memory.checksum)
             else:
                 seen[name] = _receive_disk(tar, member, work / name, label, progress)
     except (zstandard.ZstdError, EOFError) as exc:
@@ -369,9 +407,11 @@ def read_archive(
             raise StorageError("no space left while importing: free some space; nothing was imported") from exc
         raise ArchiveError(f"{label} could not be read: {exc.strerror or exc}") from exc
     manifest = _check_manifest(label, manifest_bytes, seen)
+    if memory is not None and manifest["memory"]["memory_mib"] << 20 != memory.ram_bytes:
+        raise ArchiveError(f"{label}: {MEMORY} holds {memory.ram_bytes} bytes of RAM, not the manifest's memory size")
     disk = work / DISK
     _check_disk(label, disk, manifest)
-    return VerifiedArchive(manifest, disk)
+    return VerifiedArchive(manifest, disk, memory)
 
 
 _ZEROS = bytes(1 << 20)
@@ -466,14 +506,46 @@ def _check_manifest(label: str, body: bytes, seen: dict[str, tuple[int, str]]) -
     size = manifest.get("disk_virtual_size")
     if not _is_int(size) or not 0 < size <= MAX_VIRTUAL:
         raise ArchiveError(f"{label}: manifest lacks disk_virtual_size, or it is not 1..{MAX_VIRTUAL} bytes")
-    return {
+    out = {
         **_common(label, manifest),
         "format": FORMAT,
         "version": version,
         "container_disk_checksum": checksum,
         "disk_virtual_size": size,
-        "members": {DISK: seen[DISK][0]},
+        "members": {name: seen[name][0] for name in seen.keys() - {MANIFEST}},
     }
+    if MEMORY in seen:
+        out.update(_check_memory(label, manifest, seen[MEMORY][1]))
+    return out
+
+
+def _check_memory(label: str, manifest: dict[str, Any], checksum: str) -> dict[str, Any]:
+    """The manifest's description of its memory state, checked, and the member's checksum."""
+    if manifest.get("memory_state_checksum") != checksum:
+        raise ArchiveError(f"{label}: {MEMORY} does not match its checksum (corrupt or altered)")
+    section = manifest.get("memory")
+    if not isinstance(section, dict):
+        raise ArchiveError(f"{label}: the manifest does not describe its {MEMORY} (no 'memory' object)")
+    fmt, machine, qemu_version = section.get("format"), section.get("machine"), section.get("qemu_version")
+    mib, cpus, bundle = section.get("memory_mib"), section.get("cpus"), section.get("guest_bundle")
+    if not _is_int(fmt) or fmt < 1:
+        raise ArchiveError(f"{label}: the manifest's memory format must be a positive integer")
+    if fmt > memarchive.VERSION:
+        raise ArchiveError(
+            f"{label}: its memory state has format {fmt}; this boxvm reads up to {memarchive.VERSION}: upgrade boxvm"
+        )
+    if not (isinstance(machine, str) and _BUNDLE.fullmatch(machine)):
+        raise ArchiveError(f"{label}: the manifest's memory machine type must be a short name")
+    if not (_is_int(mib) and 128 <= mib <= memarchive.MAX_RAM >> 20) or not (_is_int(cpus) and 1 <= cpus <= 64):
+        raise ArchiveError(f"{label}: the manifest's memory_mib or cpus of the memory state is missing or out of range")
+    if not (isinstance(bundle, str) and _BUNDLE.fullmatch(bundle)):
+        raise ArchiveError(f"{label}: the manifest's memory state names no valid guest bundle")
+    if qemu_version is not None and not (isinstance(qemu_version, str) and _BUNDLE.fullmatch(qemu_version)):
+        raise ArchiveError(f"{label}: the manifest's qemu_version must be a short version string")
+    checked = {"format": fmt, "machine": machine, "memory_mib": mib, "cpus": cpus, "guest_bundle": bundle}
+    if qemu_version is not None:
+        checked["qemu_version"] = qemu_version
+    return {"memory": checked, "memory_state_checksum": checksum}
 
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
@@ -517,6 +589,8 @@ def _boxlite_manifest(label: str, manifest: dict[str, Any], seen: dict[str, tupl
     if DISK not in seen:
         raise ArchiveError(f"{label} has no {DISK}")
     checksum = manifest.get("container_disk_checksum")
+    if MEMORY in seen:
+        raise ArchiveError(f"{label}: a BoxLite archive with {MEMORY}: BoxLite archives carry no memory state")
     if version >= 2 and (not isinstance(checksum, str) or checksum != seen[DISK][1]):
         raise ArchiveError(f"{label}: {DISK} does not match its checksum (corrupt or altered)")
     raw = manifest.get("box_options")
