@@ -2,11 +2,14 @@
 
 Layout (version 1, integers little-endian)::
 
-    header   64 bytes: b"BOXVMMEM", version u32, flags u32 (0), ram_bytes u64,
+    header   64 bytes: b"BOXVMMEM", version u32, flags u32, ram_bytes u64,
              state_bytes u64, extents u64, 24 zero bytes
-    state    state_bytes bytes: QEMU's device state (``engine/memory``'s ``memory.state``)
+    state    state_bytes bytes: QEMU's migration stream (``engine/memory``'s ``memory.state``)
     table    extents x (offset u64, length u64): the RAM file's data extents, in order
     data     the extents' bytes, concatenated in table order
+
+Flag ``STREAM`` (1): the RAM is inside the migration stream (a fork's private RAM, saved
+by QEMU's plain migration); there is then no table and no data.
 
 Only the RAM file's data extents are stored (found with SEEK_DATA/SEEK_HOLE, metadata
 only), so the member's size is known before a byte is read and a guest's untouched memory
@@ -38,6 +41,7 @@ MACHINE = "microvm"  # the machine type of every box (``engine/qemu.argv``'s ``-
 _HEADER = struct.Struct("<8sIIQQQ24x")
 HEADER_BYTES = _HEADER.size
 _EXTENT = struct.Struct("<QQ")
+STREAM = 1  # flag: the RAM is in the migration stream
 MAX_RAM = 65536 << 20  # BoxOptions allows up to 64 GiB of memory
 MAX_STATE = 64 << 20  # device state is tens of KB (``engine.memory.MAX_STATE``)
 PAGE = 4096
@@ -62,54 +66,65 @@ def _extents(fd: int, size: int) -> list[tuple[int, int]]:
 class Plan:
     """What will be written for one RAM file and device state (read while they cannot change)."""
 
-    ram: Path
-    state: bytes
+    state: Path
+    state_bytes: int
+    ram: Path | None  # None: the RAM is in the state (``STREAM``)
     ram_bytes: int
     extents: tuple[tuple[int, int], ...]
 
     @property
     def size(self) -> int:
         """The member's exact size: known before any RAM is read (a tar header needs it first)."""
-        return HEADER_BYTES + len(self.state) + _EXTENT.size * len(self.extents) + sum(n for _, n in self.extents)
+        return HEADER_BYTES + self.state_bytes + _EXTENT.size * len(self.extents) + sum(n for _, n in self.extents)
 
     def chunks(self) -> Iterator[bytes]:
-        """The member's bytes, in order; raises ArchiveError if the RAM file changed meanwhile."""
-        yield _HEADER.pack(MAGIC, VERSION, 0, self.ram_bytes, len(self.state), len(self.extents))
-        yield self.state
+        """The member's bytes, in order; raises ArchiveError if a file changed meanwhile."""
+        flags = STREAM if self.ram is None else 0
+        yield _HEADER.pack(MAGIC, VERSION, flags, self.ram_bytes, self.state_bytes, len(self.extents))
+        yield from _read(self.state, ((0, self.state_bytes),))
         table = b"".join(_EXTENT.pack(off, n) for off, n in self.extents)
         for at in range(0, len(table), CHUNK):
             yield table[at : at + CHUNK]
-        with open(self.ram, "rb") as f:
-            for off, length in self.extents:
-                done = 0
-                while done < length:
-                    chunk = os.pread(f.fileno(), min(CHUNK, length - done), off + done)
-                    if not chunk:
-                        raise ArchiveError("the RAM file shrank while it was being exported")
-                    done += len(chunk)
-                    yield chunk
+        if self.ram is not None:
+            yield from _read(self.ram, self.extents)
 
 
-def plan(ram: Path, state: Path) -> Plan:
-    """Plan the member of a saved memory state (``ram``: the sparse RAM file, ``state``: the
-    device state); the caller keeps both from changing until it is written."""
-    data = state.read_bytes()
-    if not data or len(data) > MAX_STATE:
-        raise ArchiveError(f"the saved device state is {len(data)} bytes: not a memory state this boxvm wrote")
-    with open(ram, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        extents = _extents(f.fileno(), size)
-    if not 0 < size <= MAX_RAM or size % PAGE:
-        raise ArchiveError(f"the saved RAM file is {size} bytes: not a memory state this boxvm wrote")
-    return Plan(ram, data, size, tuple(extents))
+def _read(path: Path, extents: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        for off, length in extents:
+            done = 0
+            while done < length:
+                chunk = os.pread(f.fileno(), min(CHUNK, length - done), off + done)
+                if not chunk:
+                    raise ArchiveError(f"{path.name} shrank while it was being exported")
+                done += len(chunk)
+                yield chunk
+
+
+def plan(state: Path, ram: Path | None, ram_bytes: int) -> Plan:
+    """Plan the member of a saved memory state: ``state`` (QEMU's stream) and ``ram`` (the
+    sparse RAM file; None when the stream holds the RAM) of a machine with ``ram_bytes``.
+    The caller keeps both from changing until the member is written."""
+    state_bytes = state.stat().st_size
+    if not 0 < state_bytes <= MAX_STATE + (ram_bytes if ram is None else 0):
+        raise ArchiveError(f"the saved state is {state_bytes} bytes: not a memory state this boxvm wrote")
+    extents: list[tuple[int, int]] = []
+    if ram is not None:
+        with open(ram, "rb") as f:
+            if os.fstat(f.fileno()).st_size != ram_bytes:
+                raise ArchiveError("the saved RAM file does not have the box's memory size")
+            extents = _extents(f.fileno(), ram_bytes)
+    if not 0 < ram_bytes <= MAX_RAM or ram_bytes % PAGE:
+        raise ArchiveError(f"a RAM of {ram_bytes} bytes: not a memory state this boxvm wrote")
+    return Plan(state, state_bytes, ram, ram_bytes, tuple(extents))
 
 
 @dataclass(frozen=True)
 class Received:
     """A ``memory.state`` member written out as the files a box resumes from."""
 
-    ram: Path  # sparse RAM file of ``ram_bytes``
-    state: Path  # the device state
+    ram: Path | None  # sparse RAM file of ``ram_bytes``; None: the RAM is in the state (``STREAM``)
+    state: Path  # the migration stream
     ram_bytes: int
     size: int  # the member's bytes
     checksum: str  # "sha256:<hex>" of the member's bytes
@@ -169,16 +184,22 @@ def receive(
         raise ArchiveError(
             f"{label}: memory.state has format {version}; this boxvm reads up to {VERSION}: upgrade boxvm"
         )
-    if version != VERSION or flags:
+    if version != VERSION or flags & ~STREAM:
         raise bad(f"format {version}, flags {flags}")
     if not 0 < ram_bytes <= MAX_RAM or ram_bytes % PAGE:
         raise bad(f"a RAM size of {ram_bytes} bytes")
-    if not 0 < state_bytes <= MAX_STATE:
-        raise bad(f"a device state of {state_bytes} bytes, over the limit of {MAX_STATE}")
-    if count > ram_bytes // PAGE or HEADER_BYTES + state_bytes + count * _EXTENT.size > size:
+    in_stream = bool(flags & STREAM)
+    limit = MAX_STATE + (ram_bytes if in_stream else 0)  # a stream holding the RAM: at most the RAM more
+    if not 0 < state_bytes <= limit:
+        raise bad(f"a saved state of {state_bytes} bytes, over the limit of {limit}")
+    if count > (0 if in_stream else ram_bytes // PAGE) or HEADER_BYTES + state_bytes + count * _EXTENT.size > size:
         raise bad(f"{count} RAM extents in a member of {size} bytes")
     state_path, ram_path = work / "memory.devstate", work / "memory.ram"
     _write_new(state_path, stream.take(state_bytes))
+    if in_stream:
+        if stream.left:
+            raise bad(f"{stream.left} bytes after a state that holds the RAM")
+        return Received(None, state_path, ram_bytes, size, f"sha256:{stream.sha.hexdigest()}")
     # The table, checked whole before any RAM is written: in order, inside the RAM, and
     # adding up to exactly the bytes that follow. 16 bytes an extent, at most one a page.
     table = array.array("Q", stream.read(count * _EXTENT.size))

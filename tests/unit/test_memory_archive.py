@@ -43,7 +43,7 @@ def _state(tmp_path: Path) -> Path:
 
 
 def _member(tmp_path: Path) -> tuple[memarchive.Plan, bytes]:
-    plan = memarchive.plan(_ram(tmp_path), _state(tmp_path))
+    plan = memarchive.plan(_state(tmp_path), _ram(tmp_path), RAM_MIB << 20)
     return plan, b"".join(bytes(c) for c in plan.chunks())
 
 
@@ -61,9 +61,22 @@ def test_round_trip_keeps_the_bytes_and_the_holes(tmp_path: Path) -> None:
     assert got.checksum == f"sha256:{hashlib.sha256(data).hexdigest()}"
     assert got.ram_bytes == RAM_MIB << 20
     assert got.state.read_bytes() == (tmp_path / "memory.devstate.src").read_bytes()
+    assert got.ram is not None and plan.ram is not None
     assert got.ram.read_bytes() == plan.ram.read_bytes()
     assert got.ram.stat().st_blocks * 512 < 1 << 20, "the zero pages and holes were written out"
     assert got.ram.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_state_that_holds_the_ram_travels_without_a_table(tmp_path: Path) -> None:
+    """A fork's saved state is QEMU's plain migration with the RAM inside (``STREAM``)."""
+    stream = tmp_path / "stream"
+    stream.write_bytes(os.urandom(3 << 20))
+    plan = memarchive.plan(stream, None, RAM_MIB << 20)
+    data = b"".join(bytes(c) for c in plan.chunks())
+    got = _receive(data, tmp_path / "in")
+    assert got.ram is None and got.state.read_bytes() == stream.read_bytes()
+    with pytest.raises(ArchiveError, match="extents"):  # a table where the stream holds the RAM
+        _receive(_with_header(data, count=1), tmp_path / "in2")
 
 
 def _with_header(data: bytes, **fields: int) -> bytes:
@@ -81,10 +94,10 @@ def _extent_table_at(data: bytes) -> int:
 HOSTILE = {
     "bad magic": (lambda d: b"NOTBOXVM" + d[8:], "not a boxvm memory state"),
     "newer format": (lambda d: _with_header(d, version=9), "upgrade boxvm"),
-    "flags": (lambda d: _with_header(d, flags=1), "flags"),
+    "unknown flags": (lambda d: _with_header(d, flags=6), "flags"),
     "RAM of 1 TiB": (lambda d: _with_header(d, ram=1 << 40), "RAM size"),
     "RAM not in pages": (lambda d: _with_header(d, ram=(RAM_MIB << 20) + 1), "RAM size"),
-    "device state of 4 GiB": (lambda d: _with_header(d, state=4 << 30), "device state"),
+    "device state of 4 GiB": (lambda d: _with_header(d, state=4 << 30), "saved state of"),
     "extents beyond the member": (lambda d: _with_header(d, count=1 << 20), "extents"),
     "extents out of order": (
         lambda d: d[: _extent_table_at(d)] + d[_extent_table_at(d) + 16 : _extent_table_at(d) + 32]
@@ -124,7 +137,7 @@ SECTION = {"machine": "microvm", "memory_mib": RAM_MIB, "cpus": 1, "guest_bundle
 def _archive(tmp_path: Path, *, compress: bool = False, section: dict[str, Any] | None = None) -> tuple[bytes, dict]:
     disk = tmp_path / "top.qcow2"
     qcow2.write_overlay(disk, 64 << 20, None)
-    plan = memarchive.plan(_ram(tmp_path), _state(tmp_path))
+    plan = memarchive.plan(_state(tmp_path), _ram(tmp_path), RAM_MIB << 20)
     out = io.BytesIO()
     manifest = archive.write_stream(
         disk, out, {"box_name": "b", "memory": section or SECTION}, compress=compress, level=1, memory=plan
@@ -146,6 +159,7 @@ def test_an_archive_carries_the_memory_state_and_says_what_it_needs(tmp_path: Pa
     assert verified.manifest["memory"] == {**SECTION, "format": 1}
     assert verified.manifest["memory_state_checksum"] == verified.memory.checksum
     assert verified.manifest["members"][archive.MEMORY] == manifest["members"][archive.MEMORY]
+    assert verified.memory.ram is not None
     assert verified.memory.ram.read_bytes() == (tmp_path / "memory.ram").read_bytes()
 
 
