@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from boxvm.guest import bundle
-from boxvm.images.default import ensure_default
+from boxvm.images.default import ensure_slim
 from boxvm.paths import Home
 from tests.helpers import processes_of
 
@@ -27,10 +27,10 @@ RUNTIME_PACKAGES = ["boxvm", "qemu", "click", "rich", "pygments", "markdown_it",
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, boxvm.sync as bs
+    import os, sys, boxvm, boxvm.sync as bs
     assert os.geteuid() != 0, "must run unprivileged"
     with bs.Runtime() as rt:
-        box = rt.create(name="unpriv")
+        box = rt.create(boxvm.BoxOptions(image="boxvm/slim", memory_mib=256), name="unpriv")
         box.start()
         r = box.exec(["sh", "-c", "id -u; stat -c %u:%g /etc/passwd /home/user; echo data > /root/f"])
         print(r.stdout.decode().replace("\\n", " "))
@@ -67,15 +67,15 @@ def test_lifecycle_as_an_unprivileged_user(home: Home, work: Path) -> None:
     for name in RUNTIME_PACKAGES:
         src = repo / name if name == "boxvm" else site / name
         shutil.copytree(src, pkgs / name, ignore=shutil.ignore_patterns("__pycache__"))
-    # Give the user the guest bundle and the default image's OCI layout; the image is
-    # converted to an ext4 disk by the user, under fakeroot.
+    # Give the user the guest bundle and the slim image's OCI layout (the smallest with a file
+    # owned by someone else than root); the user converts it to an ext4 disk under fakeroot.
     user_home = Home.default(work / "home")
     user_home.ensure()
     b = bundle.find(home)
     assert b is not None
     shutil.copytree(b.path, user_home.guest / b.id)
-    layout = ensure_default(home)
-    shutil.copytree(layout, user_home.images / "default" / layout.name)
+    layout = ensure_slim(home)
+    shutil.copytree(layout, user_home.images / "slim" / layout.name)
     (work / "script.py").write_text(SCRIPT)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
