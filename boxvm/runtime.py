@@ -11,6 +11,7 @@ import signal as _signal
 from pathlib import Path
 from types import TracebackType
 
+from boxvm import objstore
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.errors import BoxNotFound
 from boxvm.options import (
@@ -196,10 +197,13 @@ class Box:
         """The guest's console output of the current or last run."""
         return await self._backend.logs(self.id)
 
-    async def export(self, dest: str | Path, options: ExportOptions | None = None) -> Path:
+    async def export(self, dest: str | Path, options: ExportOptions | None = None) -> Path | str:
         """Write the box (running or not) to a verified ``.boxsnap`` archive at ``dest``
-        (a file, or a directory to hold ``<name>.boxsnap``). A running box pauses only for
-        the capture's freeze window, not for the copy. Never leaves a partial file."""
+        (a file, or a directory to hold ``<name>.boxsnap``; or an ``s3://bucket/key`` object,
+        returned as that URL). A running box pauses only for the capture's freeze window,
+        not for the copy. Never leaves a partial file or object, never replaces one."""
+        if objstore.is_url(dest):
+            return await self._backend.export_object(self.id, str(dest), options or ExportOptions())
         return await self._backend.export(self.id, Path(dest), options or ExportOptions())
 
     async def clone(self, name: str | None = None, options: CloneOptions | None = None) -> Box:
@@ -295,7 +299,10 @@ class Runtime:
 
     async def import_box(self, archive: str | Path, name: str | None = None, *, untrusted: bool = False) -> Box:
         """Create a (stopped) box from an archive, verified completely before it appears.
+        ``archive`` may be an ``s3://bucket/key`` object (streamed, never stored whole).
         ``untrusted`` drops host-specific options (ports) and clamps resources."""
+        if objstore.is_url(archive):
+            return Box(self._backend, await self._backend.import_object(str(archive), name, untrusted))
         return Box(self._backend, await self._backend.import_box(Path(archive), name, untrusted))
 
     async def disk_usage(self) -> DiskUsage:

@@ -14,7 +14,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from boxvm.options import BoxInfo, BoxOptions, CloneOptions, DiskUsage, ImageInfo, SnapshotInfo, SnapshotOptions
+from boxvm.options import (
+    BoxInfo,
+    BoxOptions,
+    CloneOptions,
+    DiskUsage,
+    ExportOptions,
+    ImageInfo,
+    SnapshotInfo,
+    SnapshotOptions,
+)
 from boxvm.status import BoxStatus
 
 API_VERSION = 1
@@ -65,6 +74,18 @@ class SnapshotRequest:
 class CloneRequest:
     names: list[str | None] = field(default_factory=lambda: [None])
     options: CloneOptions = field(default_factory=CloneOptions)
+
+
+@dataclass
+class ObjectExport:
+    url: str  # s3://bucket/key
+    options: ExportOptions = field(default_factory=ExportOptions)
+
+
+@dataclass
+class ObjectImport:
+    url: str
+    name: str | None = None
 
 
 @dataclass

@@ -26,6 +26,7 @@ from boxvm.backends.local import LocalBackend
 from boxvm.paths import Home
 from tests.helpers import serving
 
+pytest_plugins = ["tests.s3server"]  # a real S3 server (SeaweedFS) on loopback, and the AWS env pointing at it
 REPO = Path(__file__).resolve().parent.parent
 _LOCK = pytest.StashKey[object]()
 TEST_HOME = Path(os.environ.get("BOXVM_TEST_HOME", REPO / ".test-home")).absolute()

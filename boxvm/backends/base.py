@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from boxvm import archive, faults, publish
+from boxvm import archive, faults, objstore, publish
 from boxvm.errors import BoxNotFound, EngineError, NotFound
 from boxvm.options import (
     BoxInfo,
@@ -178,6 +178,26 @@ class Backend(ABC):
             except OSError as exc:
                 raise archive.write_failed(exc, dest) from exc
         return dest
+
+    async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
+        """Upload the box's archive to object storage (``s3://bucket/key``, create-only); see
+        ``boxvm.objstore``. A remote backend has its server do it (``RemoteBackend``)."""
+        options.validate()
+        target = objstore.parse(url)
+        info = await self.get(box_id)
+        if info is None:
+            raise BoxNotFound(f"no box named or with id {box_id!r}: `boxvm ls` lists them")
+        await objstore.refuse_existing(target)
+        stream = await self.export_stream(info.id, options)
+        async with contextlib.aclosing(stream):
+            await objstore.upload(stream, target, self.journal_dir)
+        return str(target)
+
+    async def import_object(self, url: str, name: str | None, untrusted: bool) -> BoxInfo:
+        """Create a box from the archive object at ``s3://bucket/key``, streamed into the verifier."""
+        source = objstore.parse(url)
+        await objstore.size(source)  # NotFound before any box work starts
+        return await self.import_stream(lambda: objstore.download(source), name, untrusted, str(source))
 
     async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
         """Create a box from the archive at ``path``."""

@@ -365,6 +365,19 @@ class RemoteBackend(Backend):
         params = {"name": name} if name else None
         return wire.box_info(await self._send("POST", "/boxes/import", params=params, content=archive, idempotent=True))
 
+    async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
+        """The server uploads the archive with its own credentials, to a prefix its operator
+        opened (``BOXVM_REST_OBJECTS``): the bytes never pass through this client."""
+        options.validate()
+        body = wire.body(wire.ObjectExport(url, options))
+        reply = await self._send("POST", f"/boxes/{box_id}/export-object", json_body=body, idempotent=True)
+        return str(reply["url"])
+
+    async def import_object(self, url: str, name: str | None, untrusted: bool) -> BoxInfo:
+        """The server reads the object itself (same prefixes; always as untrusted)."""
+        body = wire.body(wire.ObjectImport(url, name))
+        return wire.box_info(await self._send("POST", "/boxes/import-object", json_body=body, idempotent=True))
+
     async def disk_usage(self) -> DiskUsage:
         return wire.disk_usage(await self._send("GET", "/disk-usage"))
 

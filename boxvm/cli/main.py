@@ -665,26 +665,27 @@ async def clone(
 
 @cli.command()
 @click.argument("box")
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest")  # a path, or an s3://bucket/key URL (a click.Path would fold its //)
 @click.option("--no-compress", is_flag=True, help="Plain tar instead of zstd.")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd level.")
 @click.option("--no-metadata", is_flag=True, help="Leave the box options out of the manifest.")
 @run_async
-async def export(rt: boxvm.Runtime, box: str, dest: Path, no_compress: bool, level: int, no_metadata: bool) -> None:
-    """Write BOX (running or not) to a verified .boxsnap archive (DEST: a file or a directory)."""
+async def export(rt: boxvm.Runtime, box: str, dest: str, no_compress: bool, level: int, no_metadata: bool) -> None:
+    """Write BOX (running or not) to a verified .boxsnap archive (DEST: a file, a directory,
+    or a new s3://bucket/key object; credentials and endpoint the standard AWS way)."""
     options = boxvm.ExportOptions(compress=not no_compress, compression_level=level, include_metadata=not no_metadata)
     path = await (await must_get(rt, box)).export(dest, options)
     out.print(str(path), highlight=False)
 
 
 @cli.command(name="import")
-@click.argument("archive", type=click.Path(path_type=Path))
+@click.argument("archive")  # a path, or an s3://bucket/key URL
 @click.option("--name", help="Name of the new box (default: the archive's).")
 @click.option(
     "--trusted", is_flag=True, help="Keep the archive's host-specific options (ports) and resources as they are."
 )
 @run_async
-async def import_(rt: boxvm.Runtime, archive: Path, name: str | None, trusted: bool) -> None:
+async def import_(rt: boxvm.Runtime, archive: str, name: str | None, trusted: bool) -> None:
     """Create a box from an archive, verified completely before the box appears. Unless
     --trusted, its ports are dropped and its CPUs and memory clamped to this host's."""
     box = await rt.import_box(archive, name, untrusted=not trusted)

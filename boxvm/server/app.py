@@ -32,14 +32,23 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 import boxvm
-from boxvm import wire
+from boxvm import objstore, wire
 from boxvm.backends.base import Backend
 from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, NotFound, SnapshotNotFound, Unauthorized
 from boxvm.images.registry import for_remote_caller
 from boxvm.options import BoxInfo, DiskUsage, ExportOptions, ImageInfo, SnapshotInfo
 from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports
 from boxvm.streams import ByteStream
-from boxvm.wire import CloneRequest, CreateRequest, PullRequest, ServerConfig, SnapshotRequest, StopRequest
+from boxvm.wire import (
+    CloneRequest,
+    CreateRequest,
+    ObjectExport,
+    ObjectImport,
+    PullRequest,
+    ServerConfig,
+    SnapshotRequest,
+    StopRequest,
+)
 
 Key = Annotated[str | None, Header(alias=wire.IDEMPOTENCY_HEADER)]
 bearer = HTTPBearer(auto_error=False, description="the token `boxvm serve` was started with")
@@ -284,6 +293,24 @@ def create_app(
             return await backend.import_stream(lambda: _body(request), name, True, "the upload")
 
         return await idempotency.run(request, key, {"name": name}, run, 201)
+
+    @v1.post("/boxes/{box}/export-object", status_code=201)
+    async def export_object(box: str, request: Request, body: ObjectExport, key: Key = None) -> Response:
+        """Upload the archive to object storage with the server's credentials (create-only),
+        to an object under a prefix the operator opened (``boxvm.objstore.for_rest_caller``)."""
+        url = objstore.for_rest_caller(body.url)
+
+        async def run() -> dict[str, str]:
+            return {"url": await backend.export_object(box, url, body.options)}
+
+        return await idempotency.run(request, key, body, run, 201)
+
+    @v1.post("/boxes/import-object", status_code=201, response_model=BoxInfo)
+    async def import_object(request: Request, body: ObjectImport, key: Key = None) -> Response:
+        """Create a box from an archive object the server reads (same prefixes as export;
+        always imported as untrusted)."""
+        url = objstore.for_rest_caller(body.url)
+        return await idempotency.run(request, key, body, lambda: backend.import_object(url, body.name, True), 201)
 
     # -- images -------------------------------------------------------------------
     @v1.post("/images/pull")

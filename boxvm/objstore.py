@@ -1,0 +1,334 @@
+"""Archives in S3-compatible object storage: the ``s3://bucket/key`` form of export and import paths.
+
+An export is a streamed multipart upload: parts are cut from the archive stream as it is
+produced (no temporary file) and at most ``_INFLIGHT`` of them are uploading while the next
+fills, so memory stays under ``(_INFLIGHT + 1) * part size`` (8 MiB parts, growing only past
+1000 parts, capped at 64 MiB). It is create-only: CompleteMultipartUpload
+carries ``If-None-Match: *`` (AWS S3 and SeaweedFS honour it), so an object that appears
+meanwhile is never replaced; ``refuse_existing`` (a HEAD) only refuses early, before an
+archive is produced. A store that ignored the header would leave a HEAD-to-complete race.
+Any failure or cancellation aborts the upload; a process killed mid-way cannot, so each
+upload is journaled in the home (``tmp/s3uploads/<pid>-<n>``) and the next S3 export from
+that home aborts the uploads of dead processes (a bucket lifecycle rule with
+AbortIncompleteMultipartUpload is the backstop for a home that never exports again). An
+import streams the object into the verifying archive reader, one read at a time.
+
+Client: boto3 (botocore). Measured here against SeaweedFS with 128 MiB of random bytes,
+boto3 and obstore ran at the same speed (upload ~2.5-2.9 s, download ~0.3-0.4 s each: the
+server is the bottleneck; obstore also aborted the interpreter at exit), and only boto3
+hands out the upload id the crash journal needs, ``IfNoneMatch`` on CompleteMultipartUpload,
+and the whole standard AWS configuration chain (env, ``~/.aws`` files and profiles,
+``AWS_ENDPOINT_URL``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from boxvm import faults
+from boxvm.errors import AlreadyExists, BoxvmError, InvalidArgument, NotFound, StorageError, Unauthorized
+
+log = logging.getLogger("boxvm")
+
+SCHEME = "s3://"
+_MIB = 1 << 20
+_PART = 8 * _MIB  # S3's minimum is 5 MiB (except the last part)
+_PART_MAX = 64 * _MIB
+_INFLIGHT = 3  # parts uploading at once while the next one fills
+_READ = _MIB  # bytes per read of a downloading object
+_JOURNAL = "s3uploads"  # a sub-directory of the home's tmp/ (its name keeps start-up recovery off it)
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+@dataclass(frozen=True)
+class ObjectURL:
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key}"
+
+
+def is_url(path: object) -> bool:
+    """Whether an archive path names an object (``s3://…``) rather than a host file."""
+    return isinstance(path, str) and path.startswith(SCHEME)
+
+
+def parse(url: str) -> ObjectURL:
+    """``s3://bucket/key`` → its parts, validated (a bucket name as S3 allows, a non-empty key)."""
+    if not is_url(url):
+        raise InvalidArgument(f"{url!r} is not an s3://bucket/key URL")
+    bucket, _, key = url[len(SCHEME) :].partition("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise InvalidArgument(f"{url!r}: {bucket!r} is not a valid bucket name")
+    if not key or key.endswith("/") or len(key.encode()) > 1024 or any(ord(c) < 32 for c in key):
+        raise InvalidArgument(f"{url!r}: give an object key (not empty, not ending in '/', at most 1024 bytes)")
+    return ObjectURL(bucket, key)
+
+
+def within(url: ObjectURL, prefixes: list[str]) -> bool:
+    """Whether ``url`` lies under one of ``prefixes`` (``s3://bucket/`` or ``s3://bucket/dir/``)."""
+    for prefix in prefixes:
+        bucket, _, key_prefix = prefix.removeprefix(SCHEME).partition("/")
+        if url.bucket == bucket and url.key.startswith(key_prefix) and ".." not in url.key.split("/"):
+            return True
+    return False
+
+
+def _env_key() -> tuple[str | None, ...]:
+    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")
+    return tuple(os.environ.get(n) for n in names)
+
+
+def client(endpoint_url: str | None = None) -> Any:
+    """An S3 client configured the standard AWS way (env, ``~/.aws`` files, ``AWS_ENDPOINT_URL``)."""
+    return _client(_env_key(), endpoint_url)
+
+
+@lru_cache(maxsize=8)
+def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
+    import boto3  # lazily: most boxvm processes never talk to object storage
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=10,
+        read_timeout=120,
+        max_pool_connections=_INFLIGHT + 2,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
+    """A botocore failure as a boxvm error naming the object and what to do."""
+    from botocore.exceptions import ClientError, NoCredentialsError
+
+    if isinstance(exc, BoxvmError):
+        return exc
+    if isinstance(exc, NoCredentialsError):
+        return Unauthorized(f"no credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws")
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return NotFound(f"bucket {url.bucket!r} does not exist: create it first")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return NotFound(f"no object at {url}")
+        if code in ("PreconditionFailed", "412") or status == 412:
+            return AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
+        if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
+            return Unauthorized(f"object storage refused access to {url} ({code}): check the AWS credentials")
+        return StorageError(f"object storage failed on {url}: {code or status}")
+    return StorageError(f"object storage failed on {url}: {exc}")
+
+
+# -- export -------------------------------------------------------------------------
+def _part_size(number: int) -> int:
+    """Size of part ``number`` (1-based): 8 MiB, doubling every 1000 parts up to 64 MiB, so
+    S3's 10 000 parts hold ~500 GB while a usual archive uses small parts."""
+    return min(_PART << ((number - 1) // 1000), _PART_MAX)
+
+
+async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path | None) -> None:
+    """Upload the byte stream ``chunks`` as a new object at ``url``; see the module doc."""
+    if journal_dir is not None:
+        await asyncio.to_thread(recover, journal_dir)
+    s3 = client()
+    try:
+        created = await asyncio.to_thread(s3.create_multipart_upload, Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        raise _error(exc, url) from exc
+    upload_id = created["UploadId"]
+    journal = _journal(journal_dir, s3, url, upload_id)
+    try:
+        parts = await _parts(s3, url, upload_id, chunks)
+        await asyncio.to_thread(
+            s3.complete_multipart_upload,
+            Bucket=url.bucket,
+            Key=url.key,
+            UploadId=upload_id,
+            MultipartUpload={"Parts": parts},
+            IfNoneMatch="*",
+        )
+    except BaseException as exc:
+        aborted = await asyncio.shield(asyncio.to_thread(_abort, s3, url, upload_id))
+        if aborted and journal is not None:
+            journal.unlink(missing_ok=True)
+        if isinstance(exc, Exception):
+            raise _error(exc, url) from exc
+        raise
+    if journal is not None:
+        journal.unlink(missing_ok=True)
+
+
+async def refuse_existing(url: ObjectURL) -> None:
+    """AlreadyExists if the object exists: an early refusal, before an archive is produced
+    (``upload``'s conditional completion is what guarantees create-only)."""
+    try:
+        await asyncio.to_thread(client().head_object, Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        err = _error(exc, url)
+        if isinstance(err, NotFound) and "no object" in err.message:
+            return
+        raise err from exc
+    raise AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
+
+
+async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes]) -> list[dict[str, object]]:
+    """Cut ``chunks`` into parts and upload them, ``_INFLIGHT`` at a time."""
+    done: dict[int, str] = {}
+    running: set[asyncio.Task[None]] = set()
+
+    async def send(number: int, body: bytes) -> None:
+        reply = await asyncio.to_thread(
+            s3.upload_part, Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=number, Body=body
+        )
+        done[number] = reply["ETag"]
+        faults.point("s3:part-uploaded")
+
+    async def start(number: int, body: bytes) -> None:
+        while len(running) >= _INFLIGHT:
+            finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+            running.difference_update(finished)
+            for task in finished:
+                task.result()  # a failed part fails the upload now
+        running.add(asyncio.create_task(send(number, body)))
+
+    number, buffer = 1, bytearray()
+    try:
+        async for chunk in chunks:
+            buffer += chunk
+            while len(buffer) >= _part_size(number):
+                size = _part_size(number)
+                await start(number, bytes(buffer[:size]))
+                del buffer[:size]
+                number += 1
+        if buffer or number == 1:  # the last part (S3 wants at least one, even empty)
+            await start(number, bytes(buffer))
+        if running:
+            await asyncio.gather(*running)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+    return [{"PartNumber": n, "ETag": done[n]} for n in sorted(done)]
+
+
+def _abort(s3: Any, url: ObjectURL, upload_id: str) -> bool:
+    """Abort an upload (its parts are freed); False if the store could not be told."""
+    try:
+        s3.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload_id)
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+        if code == "NoSuchUpload":
+            return True
+        log.warning("could not abort the upload of %s (%s): the next export from this home retries", url, exc)
+        return False
+    return True
+
+
+# -- the crash journal ----------------------------------------------------------------
+_seq = iter(range(1 << 62))
+_seq_lock = threading.Lock()
+
+
+def _journal(journal_dir: Path | None, s3: Any, url: ObjectURL, upload_id: str) -> Path | None:
+    if journal_dir is None:
+        return None
+    folder = journal_dir / _JOURNAL
+    folder.mkdir(mode=0o700, exist_ok=True)
+    with _seq_lock:
+        entry = folder / f"{os.getpid()}-{next(_seq)}"
+    record = {"endpoint": s3.meta.endpoint_url, "bucket": url.bucket, "key": url.key, "upload_id": upload_id}
+    tmp = entry.with_name(entry.name + ".new")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, entry)
+    return entry
+
+
+def recover(journal_dir: Path, alive: Callable[[int], bool] | None = None) -> None:
+    """Abort the multipart uploads that dead processes of this home left (their parts would
+    otherwise stay billed and listed, though they never become an object)."""
+    from boxvm.processes import alive as pid_alive
+
+    alive = alive or pid_alive
+    folder = journal_dir / _JOURNAL
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        pid = entry.name.split("-")[0]
+        if not pid.isdigit() or alive(int(pid)):
+            continue
+        if entry.name.endswith(".new"):
+            entry.unlink(missing_ok=True)
+            continue
+        try:
+            record = json.loads(entry.read_text())
+            url = ObjectURL(record["bucket"], record["key"])
+            s3 = client(record["endpoint"])
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.unlink(missing_ok=True)
+            continue
+        if _abort(s3, url, record["upload_id"]):
+            log.info("aborted the upload of %s left by dead process %s", url, pid)
+            entry.unlink(missing_ok=True)
+
+
+# -- import -------------------------------------------------------------------------
+async def size(url: ObjectURL) -> int:
+    """The object's size; NotFound if it does not exist."""
+    try:
+        head = await asyncio.to_thread(client().head_object, Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        raise _error(exc, url) from exc
+    return int(head["ContentLength"])
+
+
+async def download(url: ObjectURL) -> AsyncIterator[bytes]:
+    """The object's bytes, streamed (one ``_READ`` at a time in memory)."""
+    try:
+        reply = await asyncio.to_thread(client().get_object, Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        raise _error(exc, url) from exc
+    body = reply["Body"]
+    try:
+        while True:
+            try:
+                chunk = await asyncio.to_thread(body.read, _READ)
+            except Exception as exc:
+                raise _error(exc, url) from exc
+            if not chunk:
+                return
+            yield chunk
+    finally:
+        with contextlib.suppress(Exception):
+            body.close()
+
+
+# -- REST callers -------------------------------------------------------------------
+REST_PREFIXES = "BOXVM_REST_OBJECTS"  # the server's opt-in: comma-separated s3://bucket/[prefix/]
+
+
+def for_rest_caller(url: str) -> str:
+    """Check an object a REST caller names for the server to export to or import from: like
+    a host path, it must lie under a prefix the server's operator listed in
+    ``$BOXVM_REST_OBJECTS`` (nothing by default), since the server uses its own credentials."""
+    target = parse(url)
+    prefixes = [p.strip() for p in os.environ.get(REST_PREFIXES, "").split(",") if p.strip().startswith(SCHEME)]
+    if not within(target, prefixes):
+        raise InvalidArgument(
+            f"{target} is not open to REST callers on this server: its operator lists the allowed "
+            f"s3://bucket/prefix/ in {REST_PREFIXES}"
+        )
+    return str(target)

@@ -1,0 +1,37 @@
+"""``s3://`` URLs and the prefixes a server opens to REST callers (no server needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from boxvm import objstore
+from boxvm.errors import InvalidArgument
+
+
+def test_urls_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Malformed URLs are refused before any request; REST callers get only the listed
+    prefixes (none unless the operator sets BOXVM_REST_OBJECTS), never a ``..`` way out."""
+    for bad in ("s3://", "s3://bucket", "s3://bucket/", "s3://Bad_Bucket/k", "s3://bucket/dir/", "s3://b/k", "/x"):
+        with pytest.raises(InvalidArgument):
+            objstore.parse(bad)
+    url = objstore.parse("s3://bucket/rest/a/b")
+    assert str(url) == "s3://bucket/rest/a/b"
+    assert objstore.within(url, ["s3://bucket/rest/"])
+    assert not objstore.within(url, ["s3://bucket/other/", "s3://other/"])
+    assert not objstore.within(objstore.parse("s3://bucket/rest/../x"), ["s3://bucket/rest/"])
+    monkeypatch.delenv(objstore.REST_PREFIXES, raising=False)
+    with pytest.raises(InvalidArgument, match="not open to REST callers"):
+        objstore.for_rest_caller("s3://bucket/rest/a")
+    monkeypatch.setenv(objstore.REST_PREFIXES, "s3://bucket/rest/, s3://other/")
+    assert objstore.for_rest_caller("s3://bucket/rest/a") == "s3://bucket/rest/a"
+    assert objstore.for_rest_caller("s3://other/x") == "s3://other/x"
+    with pytest.raises(InvalidArgument):
+        objstore.for_rest_caller("s3://bucket/restless")
+
+
+def test_part_sizes_stay_bounded() -> None:
+    """8 MiB parts, doubling every 1000 parts up to 64 MiB: S3's 10 000 parts hold > 400 GB
+    while memory stays under a few parts."""
+    sizes = [objstore._part_size(n) for n in range(1, 10_001)]
+    assert sizes[0] == 8 << 20 and max(sizes) == 64 << 20
+    assert all(s >= 5 << 20 for s in sizes) and sum(sizes) > 400 * 10**9
