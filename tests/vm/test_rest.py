@@ -130,7 +130,7 @@ async def test_boxes_move_between_host_and_server(remote: boxvm.Runtime, local: 
 
 async def test_twenty_clients_at_once(server: Server, remote: boxvm.Runtime) -> None:
     """20 clients, each with its own connection and box, exec and snapshot concurrently."""
-    base = await remote.create(boxvm.BoxOptions(memory_mib=256), name="t-many-base")
+    base = await remote.create(boxvm.BoxOptions(image="boxvm/slim", memory_mib=256), name="t-many-base")
     boxes = [base, *await base.clone_many(19)]
     try:
         for i in range(0, 20, 5):  # boot in waves: 2 cores of TCG
