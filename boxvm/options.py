@@ -102,6 +102,7 @@ class BoxOptions:
     ports: list[tuple[int, int]] = field(default_factory=list)
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
+    warm: bool = True  # a first start resumes from a matching template, if one exists
 
     def validate(self) -> BoxOptions:
         """Types and bounds of every field: options also come from archives and REST callers."""
@@ -131,6 +132,8 @@ class BoxOptions:
             value = getattr(self, key)
             if not _is_int(value):
                 raise InvalidArgument(f"{key} must be an integer, not {value!r:.64}")
+        if not isinstance(self.warm, bool):
+            raise InvalidArgument(f"warm must be true or false, not {self.warm!r:.64}")
         for key in ("image", "workdir", "user"):
             if getattr(self, key) is not None:
                 _string(getattr(self, key), key, PATH_LIMIT)

@@ -10,6 +10,7 @@ import asyncio
 import signal as _signal
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from boxvm import objstore
 from boxvm.backends.base import Backend, ProcessChannel
@@ -27,6 +28,9 @@ from boxvm.options import (
 )
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
+
+if TYPE_CHECKING:
+    from boxvm.templates import TemplateInfo
 
 
 class Process:
@@ -247,6 +251,23 @@ class ImageHandle:
         await self._backend.image_remove(reference)
 
 
+class TemplateHandle:
+    """``Runtime.templates``: warm-start templates (``boxvm.templates``) of the local host."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+
+    async def create(self, options: BoxOptions | None = None) -> TemplateInfo:
+        """Make (or remake) the template of the machine ``options`` describe: a cold boot."""
+        return await self._backend.template_create(options or BoxOptions())
+
+    async def list(self) -> list[TemplateInfo]:
+        return await self._backend.template_list()
+
+    async def remove(self, template_id: str) -> None:
+        await self._backend.template_remove(template_id)
+
+
 class Runtime:
     """The boxes of one home (local) or one server (remote)."""
 
@@ -257,6 +278,7 @@ class Runtime:
             backend = LocalBackend(Home.default(home))
         self._backend = backend
         self.images = ImageHandle(backend)
+        self.templates = TemplateHandle(backend)
 
     @classmethod
     def remote(cls, url: str, token: str | None = None, *, ca_bundle: str | Path | None = None) -> Runtime:

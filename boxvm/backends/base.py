@@ -17,9 +17,10 @@ import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from boxvm import archive, faults, objstore, publish
-from boxvm.errors import BoxNotFound, EngineError, NotFound
+from boxvm.errors import BoxNotFound, EngineError, NotFound, Unsupported
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -32,6 +33,9 @@ from boxvm.options import (
 )
 from boxvm.streams import ByteStream
 from boxvm.tarstream import receive_tree, tree_chunks
+
+if TYPE_CHECKING:
+    from boxvm.templates import TemplateInfo
 
 _READ = 4 << 20  # bytes per read of an archive file being imported
 
@@ -61,6 +65,16 @@ class ProcessChannel(ABC):
 
 class Backend(ABC):
     journal_dir: Path | None = None  # where this host's recovery looks for named partial files (a local home's tmp/)
+
+    # Warm-start templates (``boxvm.templates``): kept by the host that runs the boxes.
+    async def template_create(self, options: BoxOptions) -> TemplateInfo:
+        raise Unsupported("templates are made on the host that runs the boxes: run `boxvm setup` there")
+
+    async def template_list(self) -> list[TemplateInfo]:
+        raise Unsupported("templates are listed on the host that runs the boxes (`boxvm template ls`)")
+
+    async def template_remove(self, template_id: str) -> None:
+        raise Unsupported("templates are removed on the host that runs the boxes (`boxvm template rm`)")
 
     @abstractmethod
     async def create(self, options: BoxOptions, name: str | None) -> BoxInfo: ...

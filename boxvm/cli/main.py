@@ -224,8 +224,10 @@ def serve(
 @cli.command()
 @click.option("--refresh", is_flag=True, help="Rebuild the images if the host's apt lists have newer packages.")
 @click.option("--with-build-tools", is_flag=True, help="Add build-essential and python3-dev to the default image.")
-def setup(refresh: bool, with_build_tools: bool) -> None:
-    """Build the guest bundle and the built-in images (once; needs apt package lists)."""
+@click.option("--no-template", is_flag=True, help="Skip the default image's warm-start template (one cold boot).")
+def setup(refresh: bool, with_build_tools: bool, no_template: bool) -> None:
+    """Build the guest bundle and the built-in images (once; needs apt package lists), then
+    the default image's warm-start template: first starts of default boxes resume it."""
     from boxvm.guest import bundle
     from boxvm.images.default import ensure_default, ensure_slim, info
 
@@ -249,6 +251,28 @@ def setup(refresh: bool, with_build_tools: bool) -> None:
             f"{ref}: {built.get('layer_bytes', 0) / 1e6:.0f} MB, {len(built.get('packages', []))} packages,"
             f" built in {built.get('build_seconds', 0):.0f} s ({layout.name})"
         )
+    if not no_template:
+        _default_template(home)
+
+
+def _default_template(home: Home) -> None:
+    """Boot a default box cold and keep it, suspended at agent-ready, as the template."""
+    from boxvm.backends.local import LocalBackend
+
+    async def make() -> None:
+        async with boxvm.Runtime(backend=LocalBackend(home)) as rt:
+            t0 = time.monotonic()
+            made = await rt.templates.create(boxvm.BoxOptions())
+            out.print(
+                f"warm-start template {made.id} ({made.memory_mib} MiB, {made.cpus} CPU):"
+                f" {made.size_bytes / 1e6:.0f} MB, made in {time.monotonic() - t0:.0f} s"
+            )
+
+    try:
+        asyncio.run(make())
+    except BoxvmError as exc:
+        err.print(f"[red]error[/red]: {exc.message} (boxes boot cold; `boxvm setup --no-template` skips this)")
+        sys.exit(1)
 
 
 @cli.command()
@@ -746,6 +770,36 @@ async def image_ls(rt: boxvm.Runtime, as_json: bool) -> None:
     for i in images:
         table.add_row(i.reference, i.digest[:19], _size(i.size_bytes))
     out.print(table)
+
+
+@cli.group()
+def template() -> None:
+    """Warm-start templates: a first start of a box of the same machine resumes one."""
+
+
+@template.command(name="ls")
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def template_ls(rt: boxvm.Runtime, as_json: bool) -> None:
+    """Templates of this host."""
+    found = await rt.templates.list()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(t) for t in found], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("ID", "IMAGE", "CPUS", "MEMORY", "NETWORK", "SIZE"):
+        table.add_column(col)
+    for t in found:
+        table.add_row(t.id, t.image, str(t.cpus), f"{t.memory_mib} MiB", t.network, _size(t.size_bytes))
+    out.print(table)
+
+
+@template.command(name="rm")
+@click.argument("template_id")
+@run_async
+async def template_rm(rt: boxvm.Runtime, template_id: str) -> None:
+    """Remove a template (boxes resumed from it keep running; new ones boot cold)."""
+    await rt.templates.remove(template_id)
 
 
 @image.command(name="rm")
