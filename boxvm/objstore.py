@@ -211,8 +211,10 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
             buffer += chunk
             while len(buffer) >= _part_size(number):
                 size = _part_size(number)
-                await start(number, bytes(buffer[:size]))
+                with memoryview(buffer) as view:  # one copy of the part, not two
+                    part = bytes(view[:size])
                 del buffer[:size]
+                await start(number, part)
                 number += 1
         if buffer or number == 1:  # the last part (S3 wants at least one, even empty)
             await start(number, bytes(buffer))

@@ -8,6 +8,7 @@ servers inherit them) and opens ``s3://boxvm-test/rest/`` to REST callers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,15 +50,7 @@ def _free_port() -> int:
 def pytest_configure(config: pytest.Config) -> None:
     port = _free_port()
     config.stash[_PORT] = port
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-        AWS_ACCESS_KEY_ID=_KEY,
-        AWS_SECRET_ACCESS_KEY=_SECRET,
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_CONFIG_FILE="/nonexistent/boxvm-test",  # never the developer's ~/.aws
-        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/boxvm-test",
-        BOXVM_REST_OBJECTS=REST_PREFIX,
-    )
+    os.environ.update(environment(port), BOXVM_REST_OBJECTS=REST_PREFIX)
 
 
 def _weed() -> str:
@@ -67,13 +60,12 @@ def _weed() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS's S3 gateway on the reserved port, with the bucket ``boxvm-test``."""
+@contextlib.contextmanager
+def running(data: Path, port: int) -> Iterator[S3Server]:
+    """SeaweedFS's S3 gateway on ``port`` (data in ``data``), with the bucket ``boxvm-test``,
+    for the keys in the environment that ``pytest_configure`` sets (the bench uses it too)."""
     import boto3
 
-    port = request.config.stash[_PORT]
-    data = tmp_path_factory.mktemp("seaweedfs")
     identity = {
         "name": "test",
         "credentials": [{"accessKey": _KEY, "secretKey": _SECRET}],
@@ -103,7 +95,7 @@ def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{port}", BUCKET, proc.pid)
     try:
-        client = boto3.client("s3", endpoint_url=server.endpoint)
+        client = boto3.client("s3", endpoint_url=server.endpoint, aws_access_key_id=_KEY, aws_secret_access_key=_SECRET)
         deadline = time.monotonic() + 60
         while True:  # the gateway answers before the filer behind it is ready: create the bucket until it works
             try:
@@ -112,7 +104,7 @@ def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
             except Exception as exc:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     tail = (data / "weed.log").read_text(errors="replace")[-2000:]
-                    pytest.fail(f"SeaweedFS did not start ({exc}):\n{tail}")
+                    raise RuntimeError(f"SeaweedFS did not start ({exc}):\n{tail}") from exc
                 time.sleep(0.2)
         yield server
     finally:
@@ -122,3 +114,26 @@ def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def environment(port: int) -> dict[str, str]:
+    """The standard AWS variables for a ``running`` server on ``port``."""
+    return {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": _KEY,
+        "AWS_SECRET_ACCESS_KEY": _SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": "/nonexistent/boxvm-test",  # never the developer's ~/.aws
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/boxvm-test",
+    }
+
+
+@pytest.fixture(scope="session")
+def s3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS on the port ``pytest_configure`` reserved, with the bucket ``boxvm-test``."""
+    _weed()
+    try:
+        with running(tmp_path_factory.mktemp("seaweedfs"), request.config.stash[_PORT]) as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.fail(str(exc))

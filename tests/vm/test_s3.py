@@ -86,14 +86,15 @@ async def test_round_trip(rt: boxvm.Runtime, home: Home, s3: S3Server, source: s
 
 
 async def test_tampered_object_is_refused(home: Home, s3: S3Server, source: str) -> None:
-    """One flipped byte in the middle of the object: the import fails as an archive error
-    and leaves no box and no staging files."""
+    """One flipped byte in the middle of the object (exported with the CLI): the import fails
+    as an archive error and leaves no box and no staging files."""
     client = s3.client()
+    url = f"s3://{s3.bucket}/tamper/{os.urandom(3).hex()}.boxsnap"
+    env = {**os.environ, "BOXVM_HOME": str(home.root)}
+    cli = subprocess.run([sys.executable, "-m", "boxvm.cli.main", "export", source, url], env=env, capture_output=True)
+    assert cli.returncode == 0 and cli.stdout.decode().strip() == url, cli.stderr
     async with boxvm.Runtime(home.root) as rt:
-        box = await rt.get(source)
-        assert box is not None
-        url = await box.export(f"s3://{s3.bucket}/tamper/{os.urandom(3).hex()}.boxsnap")
-        key = str(url).split("/", 3)[3]
+        key = url.split("/", 3)[3]
         data = bytearray(client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
         data[len(data) // 2] ^= 0x40
         client.put_object(Bucket=s3.bucket, Key=key + ".bad", Body=bytes(data))
