@@ -4,6 +4,7 @@ create-only keys, and what REST callers may name. ``qemu-img compare`` judges th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest_asyncio
 import boxvm
 from boxvm import objstore
 from boxvm.disks.layers import TOP
-from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument
+from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageError
 from boxvm.paths import Home
 from tests.s3server import REST_PREFIX, S3Server
 
@@ -149,4 +150,37 @@ async def test_object_created_during_upload_is_never_replaced(s3: S3Server, tmp_
         await objstore.upload(archive(), objstore.parse(f"s3://{s3.bucket}/{key}"), tmp_path)
     assert client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() == b"theirs"
     assert key not in uploads(client, s3.bucket)
+    assert not list((tmp_path / "s3uploads").iterdir())
+
+
+async def test_failed_or_cancelled_upload_is_aborted(s3: S3Server, tmp_path: Any) -> None:
+    """The archive stream fails after a part was stored, or the caller cancels: no object,
+    no multipart upload left, no journal entry."""
+    client = s3.client()
+    stored = asyncio.Event()
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield os.urandom(9 << 20)
+        while not uploads(client, s3.bucket):
+            await asyncio.sleep(0.05)
+        raise OSError("the source went away")
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield os.urandom(9 << 20)
+        stored.set()
+        await asyncio.sleep(3600)
+        yield b""
+
+    key = f"aborted/{os.urandom(3).hex()}"
+    with pytest.raises(StorageError):
+        await objstore.upload(failing(), objstore.parse(f"s3://{s3.bucket}/{key}-failed"), tmp_path)
+    target = objstore.parse(f"s3://{s3.bucket}/{key}-cancelled")
+    task = asyncio.create_task(objstore.upload(stalled(), target, tmp_path))
+    await stored.wait()
+    await asyncio.sleep(0.5)  # the first part is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert keys(client, s3.bucket, "aborted/") == []
+    assert not [k for k in uploads(client, s3.bucket) if k.startswith("aborted/")]
     assert not list((tmp_path / "s3uploads").iterdir())
