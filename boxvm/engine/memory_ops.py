@@ -97,18 +97,18 @@ class MemoryOps:
             # The agent may still hold channels of the previous run: number ours elsewhere.
             self.link.next_gid = (1 << 24) + secrets.randbelow(1 << 30)
             self.link.greeted = True
-            pong = await self.link.request({"op": "ping"}, RESUME_PING_TIMEOUT)
-            if "error" in pong:
-                raise EngineError(f"the guest agent did not answer after the resume: {pong['error']['message']}")
-            # The guest's RNG state is a copy of the saved one: mix in fresh host entropy
-            # and reseed (an older agent lacks the request: its RNG reseeds only on its own).
-            seeded = await self.link.request({"op": "reseed", "entropy": os.urandom(64).hex()}, RESUME_PING_TIMEOUT)
+            # The guest's RNG state is a copy of the saved one: mix in fresh host entropy and
+            # reseed (an older agent lacks the request: its RNG reseeds only on its own); its
+            # answer also shows the agent is alive. A fork's re-identification is sent with it
+            # (the agent answers in order; one round trip of a guest whose TCG code cache is cold).
+            requests = [self.link.request({"op": "reseed", "entropy": os.urandom(64).hex()}, RESUME_PING_TIMEOUT)]
+            if plan.get("identity"):  # another box's guest: it takes this box's name and machine-id
+                requests.append(self.link.request({"op": "reidentify", **plan["identity"]}, RESUME_PING_TIMEOUT))
+            seeded, *ident = await asyncio.gather(*requests)
             if "error" in seeded:
                 log.warning("the guest RNG was not reseeded: %s", seeded["error"]["message"])
-            if plan.get("identity"):  # another box's guest: it takes this box's name and machine-id
-                ident = await self.link.request({"op": "reidentify", **plan["identity"]}, RESUME_PING_TIMEOUT)
-                if "error" in ident:
-                    raise EngineError(f"the resumed guest could not be re-identified: {ident['error']['message']}")
+            if ident and "error" in ident[0]:
+                raise EngineError(f"the resumed guest could not be re-identified: {ident[0]['error']['message']}")
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"resuming the saved memory state failed: {exc}"))
