@@ -318,6 +318,16 @@ async def download(url: ObjectURL) -> AsyncIterator[bytes]:
             body.close()
 
 
+async def delete(url: ObjectURL) -> None:
+    """Delete an object (done if it is already gone)."""
+    try:
+        await asyncio.to_thread(client().delete_object, Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        err = _error(exc, url)
+        if not isinstance(err, NotFound):
+            raise err from exc
+
+
 # -- REST callers -------------------------------------------------------------------
 REST_PREFIXES = "BOXVM_REST_OBJECTS"  # the server's opt-in: comma-separated s3://bucket/[prefix/]
 

@@ -210,6 +210,14 @@ class Box:
             return await self._backend.export_object(self.id, str(dest), options or ExportOptions())
         return await self._backend.export(self.id, Path(dest), options or ExportOptions())
 
+    async def migrate(self, target: Runtime, *, via: str) -> Box:
+        """Move this (stopped) box to ``target``'s runner through objects under ``via``
+        (``s3://bucket/prefix/`` both reach), journaled: calling it again after a crash
+        finishes the move (``boxvm.migrate``). Returns the box on the target."""
+        from boxvm.migrate import migrate
+
+        return Box(target.backend, await migrate(self._backend, self.name, target.backend, via))
+
     async def clone(self, name: str | None = None, options: CloneOptions | None = None) -> Box:
         """A copy-on-write fork of the box (running or not) or, with ``from_snapshot``,
         of one of its snapshots. The clone has its own id, name, MAC and machine id."""

@@ -702,6 +702,22 @@ async def export(rt: boxvm.Runtime, box: str, dest: str, no_compress: bool, leve
     out.print(str(path), highlight=False)
 
 
+@cli.command()
+@click.argument("box")
+@click.option("--to", "to", required=True, metavar="URL", help="The target runner (`boxvm serve`).")
+@click.option("--to-token", envvar="BOXVM_TO_TOKEN", help="The target's token (default: BOXVM_TO_TOKEN).")
+@click.option("--via", required=True, metavar="s3://BUCKET/PREFIX/", help="Objects both runners reach.")
+@run_async
+async def migrate(rt: boxvm.Runtime, box: str, to: str, to_token: str | None, via: str) -> None:
+    """Move the stopped BOX to another runner through object storage. Journaled: after a
+    crash, run the same command again to finish the move."""
+    from boxvm.migrate import migrate as move
+
+    async with boxvm.Runtime.remote(to, to_token) as target:
+        info = await move(rt.backend, box, target.backend, via)
+    out.print(f"{info.name} {info.id}", highlight=False)
+
+
 @cli.command(name="import")
 @click.argument("archive")  # a path, or an s3://bucket/key URL
 @click.option("--name", help="Name of the new box (default: the archive's).")
