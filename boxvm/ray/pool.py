@@ -1,0 +1,353 @@
+"""``BoxPool``: boxes spread over a Ray cluster, one runner actor per node, and ``BoxRef``
+handles that any Ray task on any node can use.
+
+Handles are small (node id, box id, name, the runner's actor handle) and pickle with Ray's own
+serialiser; every call on one goes to the runner that owns the box. The calls block (they are
+made for Ray tasks, which are plain functions); from async code run them in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from boxvm.errors import BoxvmError, EngineError, InvalidArgument
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
+from boxvm.ray.errors import NoCapacity, RunnerUnavailable
+from boxvm.ray.placement import plan
+from boxvm.ray.runner import NodeLoad, Runner, collect, home_for
+from boxvm.tarstream import receive_tree, tree_chunks
+
+T = TypeVar("T")
+RUNNER_PREFIX = "boxvm-runner-"
+
+
+def _wait(ref: ray.ObjectRef, node_id: str, what: str) -> Any:
+    """The result of a runner call; boxvm errors come back as their own class, a dead runner
+    as RunnerUnavailable naming the node and what was asked of it."""
+    try:
+        return ray.get(ref)
+    except RayActorError as exc:
+        raise RunnerUnavailable(
+            f"{what} is on Ray node {node_id[:12]}, whose boxvm runner is gone ({type(exc).__name__}): "
+            "its boxes cannot be reached until a runner runs there again (BoxPool.start_runners); "
+            "boxes on other nodes are unaffected"
+        ) from None
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BoxvmError):
+            raise cause from None
+        raise EngineError(f"{what} failed in the runner of Ray node {node_id[:12]}: {cause!r}") from exc
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run the local half of a copy; handles block, so they refuse a thread with a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    coro.close()
+    raise InvalidArgument("BoxRef calls block: from async code, call them in a thread (asyncio.to_thread)")
+
+
+def _names(names: list[str | None] | None, count: int) -> list[str | None]:
+    if names is not None and len(names) != count:
+        raise InvalidArgument(f"got {len(names)} names for {count} boxes")
+    return list(names) if names is not None else [None] * count
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _tar(path: Path) -> bytes:
+    return await collect(tree_chunks(path), str(path))
+
+
+@dataclass(frozen=True)
+class BoxRef:
+    """A box on some node of the cluster, usable from any Ray task or driver."""
+
+    node_id: str
+    id: str
+    name: str
+    runner: ActorHandle
+
+    def __repr__(self) -> str:
+        return f"<BoxRef {self.name} {self.id[:12]} on {self.node_id[:12]}>"
+
+    def _call(self, method: str, *args: Any) -> Any:
+        ref = getattr(self.runner, method).remote(self.id, *args)
+        return _wait(ref, self.node_id, f"box {self.name!r} ({self.id[:12]})")
+
+    def _ref(self, info: BoxInfo) -> BoxRef:
+        return BoxRef(self.node_id, info.id, info.name, self.runner)
+
+    def info(self) -> BoxInfo:
+        return self._call("info")
+
+    def start(self) -> BoxInfo:
+        """Start (or resume) the box; NoCapacity if its node has no room for it now."""
+        return self._call("start")
+
+    def stop(self, timeout: float = 10.0) -> BoxInfo:
+        return self._call("stop", timeout)
+
+    def remove(self, force: bool = False) -> None:
+        self._call("remove", force)
+
+    def exec(
+        self,
+        argv: list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | None = None,
+        stdin: bytes | None = None,
+        timeout: float | None = None,
+    ) -> ExecResult:
+        kwargs = {"env": env, "cwd": cwd, "user": user, "stdin": stdin, "timeout": timeout}
+        return self._call("exec", argv, kwargs)
+
+    def copy_in(self, host_path: str | Path, box_path: str) -> None:
+        """Copy a file or tree of the caller's host (whatever node it is) into the box."""
+        self._call("put", box_path, _run(_tar(Path(host_path))))
+
+    def copy_out(self, box_path: str, host_path: str | Path) -> None:
+        """Copy a box file or tree to the caller's host, as ``Box.copy_out`` does."""
+        tar = self._call("get", box_path)
+        _run(receive_tree(_once(tar), Path(host_path), box_path))
+
+    def snapshot(self, name: str, options: SnapshotOptions | None = None) -> SnapshotInfo:
+        return self._call("snapshot", name, options or SnapshotOptions())
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return self._call("snapshots")
+
+    def clone_many(
+        self, count: int, options: CloneOptions | None = None, names: list[str | None] | None = None
+    ) -> list[BoxRef]:
+        """Copy-on-write clones on the box's own node (BoxPool.clone places them elsewhere when
+        that node is full)."""
+        if names is not None and len(names) != count:
+            raise InvalidArgument(f"got {len(names)} names for {count} clones")
+        infos = self._call("clone", list(names) if names else [None] * count, options or CloneOptions())
+        return [self._ref(info) for info in infos]
+
+    def export(self, url: str, snapshot: str | None = None) -> str:
+        """Write the box (or its snapshot ``snapshot``) as an archive at ``url`` (``s3://``, or a
+        path every node can read); never over an existing object."""
+        return self._call("export", url, snapshot)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A published archive and the size of the boxes forked from it."""
+
+    url: str
+    cpus: int
+    memory_mib: int
+
+
+class BoxPool:
+    """The boxes of every node of the Ray cluster this process is connected to.
+
+    ``home`` is each node's boxvm home (``{node_id}`` or ``{node}``, its first 12 characters, are
+    replaced, for nodes that share a filesystem); None means ``$BOXVM_HOME`` or ``~/.boxvm`` there. The
+    home must be set up (``boxvm setup``) on every node. ``store`` (``s3://bucket/prefix``) lets
+    ``clone`` continue on another node when the source's node is full.
+    """
+
+    def __init__(
+        self,
+        home: str | None = None,
+        *,
+        namespace: str = "boxvm",
+        store: str | None = None,
+        probe_timeout: float = 10.0,
+    ) -> None:
+        if not ray.is_initialized():
+            raise InvalidArgument("BoxPool needs a Ray connection: call ray.init() first")
+        self._home = home
+        self._namespace = namespace
+        self._store = store.rstrip("/") if store else None
+        self._timeout = probe_timeout
+        self._runners: dict[str, ActorHandle] = {}
+        self.lost: dict[str, str] = {}  # node id -> why its runner is out of the pool
+        self.start_runners()
+
+    # -- runners ----------------------------------------------------------------------
+    def start_runners(self) -> list[str]:
+        """A runner on every alive node that has none (one per node even across pools: the
+        actor is named after its node). Returns the nodes served."""
+        remote = ray.remote(num_cpus=0, max_restarts=0)(Runner)
+        for node in ray.nodes():
+            node_id = node["NodeID"]
+            if not node["Alive"] or node_id in self._runners:
+                continue
+            resources = node["Resources"]
+            self._runners[node_id] = remote.options(
+                name=RUNNER_PREFIX + node_id,
+                namespace=self._namespace,
+                get_if_exists=True,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            ).remote(
+                home_for(self._home, node_id),
+                node_id,
+                float(resources.get("CPU", 0)),
+                int(resources.get("memory", 0)) >> 20,
+            )
+            self.lost.pop(node_id, None)
+        return list(self._runners)
+
+    def _drop(self, node_id: str, why: str) -> None:
+        self._runners.pop(node_id, None)
+        self.lost[node_id] = why
+
+    def loads(self) -> list[NodeLoad]:
+        """Every live runner's capacity and use; a runner that is gone or does not answer within
+        ``probe_timeout`` leaves the pool (``lost`` says why) and the others keep serving."""
+        refs = {node: runner.load.remote() for node, runner in self._runners.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self._timeout)
+        loads = []
+        for node, ref in refs.items():
+            if ref not in ready:
+                self._drop(node, f"no answer within {self._timeout:g} s")
+                continue
+            try:
+                loads.append(_wait(ref, node, "the runner"))
+            except BoxvmError as exc:
+                self._drop(node, exc.message)
+        return loads
+
+    # -- boxes ------------------------------------------------------------------------
+    def create(self, options: BoxOptions | None = None, name: str | None = None, *, start: bool = True) -> BoxRef:
+        """A new box on the node with the most free cpus (then memory) that fits it."""
+        return self.create_many(1, options, [name], start=start)[0]
+
+    def create_many(
+        self,
+        count: int,
+        options: BoxOptions | None = None,
+        names: list[str | None] | None = None,
+        *,
+        start: bool = True,
+        exclude: Iterable[str] = (),
+    ) -> list[BoxRef]:
+        """``count`` new boxes spread over the nodes with the most room (not on ``exclude``),
+        created and started in parallel; all or none."""
+        opts = (options or BoxOptions()).validate()
+        size = (opts.cpus, opts.memory_mib) if start else (0, 0)
+        return self._spread(
+            _names(names, count), size, exclude, "new boxes", lambda r, share: r.create.remote(opts, share, start)
+        )
+
+    def _spread(
+        self,
+        names: list[str | None],
+        size: tuple[int, int],
+        exclude: Iterable[str],
+        what: str,
+        call: Callable[[ActorHandle, list[str | None]], ray.ObjectRef],
+    ) -> list[BoxRef]:
+        """Place ``names`` by ``plan`` and run ``call`` on each chosen node's runner at once. A
+        node that turns out full or gone passes its share on to the others; any other failure,
+        or no room left, removes what was made and raises."""
+        pending, skip, made = list(names), set(exclude), []
+        try:
+            while pending:
+                shares = plan([x for x in self.loads() if x.node_id not in skip], size[0], size[1], len(pending))
+                calls = {}
+                for node, n in shares.items():
+                    calls[node] = (pending[:n], call(self._runners[node], pending[:n]))
+                    pending = pending[n:]
+                failure: BaseException | None = None
+                for node, (share, ref) in calls.items():
+                    try:
+                        made += [BoxRef(node, i.id, i.name, self._runners[node]) for i in _wait(ref, node, what)]
+                    except (NoCapacity, RunnerUnavailable) as exc:
+                        skip.add(node)
+                        pending += share
+                        if isinstance(exc, RunnerUnavailable):
+                            self._drop(node, exc.message)
+                    except BaseException as exc:
+                        failure = failure or exc
+                if failure is not None:
+                    raise failure
+        except BaseException:
+            for box in made:
+                with contextlib.suppress(BoxvmError):  # its runner is gone too: nothing more to do here
+                    box.remove(force=True)
+            raise
+        return made
+
+    def boxes(self) -> list[BoxRef]:
+        """The boxes of every live node."""
+        refs = {node: runner.list.remote() for node, runner in self._runners.items()}
+        found = []
+        for node, ref in refs.items():
+            try:
+                infos = _wait(ref, node, "the runner")
+            except RunnerUnavailable as exc:
+                self._drop(node, exc.message)
+                continue
+            found += [BoxRef(node, i.id, i.name, self._runners[node]) for i in infos]
+        return found
+
+    def get(self, id_or_name: str) -> BoxRef | None:
+        return next((b for b in self.boxes() if id_or_name in (b.id, b.name)), None)
+
+    def publish(self, box: BoxRef, url: str, snapshot: str | None = None) -> Seed:
+        """Export the box (or its snapshot) once to object storage, for ``fork`` on any node."""
+        info = box.info()
+        return Seed(box.export(url, snapshot), info.cpus, info.memory_mib)
+
+    def fork(
+        self,
+        seed: Seed,
+        count: int,
+        *,
+        names: list[str | None] | None = None,
+        start: bool = True,
+        exclude: Iterable[str] = (),
+    ) -> list[BoxRef]:
+        """``count`` boxes from a published archive on the nodes with the most room (not on
+        ``exclude``): each node imports the archive once and clones it copy-on-write."""
+        size = (seed.cpus, seed.memory_mib) if start else (0, 0)
+        return self._spread(
+            _names(names, count), size, exclude, f"a fork of {seed.url}",
+            lambda r, share: r.fork.remote(seed.url, share, start),
+        )  # fmt: skip
+
+    def clone(
+        self, box: BoxRef, count: int = 1, *, from_snapshot: str | None = None, start: bool = True
+    ) -> list[BoxRef]:
+        """Clones of ``box``: copy-on-write on its node when they fit there, else (with a pool
+        ``store``) published once and forked on the nodes with room."""
+        options = CloneOptions(from_snapshot=from_snapshot, start_after_clone=start)
+        try:
+            return box.clone_many(count, options)
+        except NoCapacity:
+            if self._store is None:
+                raise
+        url = f"{self._store}/{box.id}-{uuid.uuid4().hex}.boxsnap"
+        return self.fork(self.publish(box, url, from_snapshot), count, start=start)
+
+    def shutdown(self, *, remove_boxes: bool = False) -> None:
+        """End every runner of the pool (their boxes keep running unless ``remove_boxes``)."""
+        refs = {node: runner.close.remote(remove_boxes) for node, runner in self._runners.items()}
+        for node, ref in refs.items():
+            with contextlib.suppress(RunnerUnavailable):  # already gone
+                _wait(ref, node, "the runner")
+            ray.kill(self._runners[node], no_restart=True)
+        self._runners.clear()

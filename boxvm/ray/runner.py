@@ -1,0 +1,252 @@
+"""The runner: one Ray actor per node that owns that node's boxes.
+
+It embeds a ``Runtime`` over a ``LocalBackend`` on the node's own home rather than starting
+``boxvm serve``: Ray already gives the actor an RPC channel, pickling and failure detection,
+so a second server would only add a port, a token and a process to supervise; the runner's
+death is then the one failure a handle sees. Each box keeps its own supervisor process, so
+its VM outlives a runner crash and a new runner on the same home finds it again.
+
+Ray runs async actor methods on one event loop: capacity checks and their reservations are
+made with no ``await`` between them, so two creates can never both take the last cpu.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument
+from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
+from boxvm.ray.errors import NoCapacity
+from boxvm.runtime import Box, Runtime
+from boxvm.status import BoxStatus
+
+COPY_LIMIT = 256 << 20  # bytes of one copy_in/copy_out tar: it crosses Ray in memory
+SEED_NAME = re.compile(r"seed-[0-9a-f]{24}")  # the boxes a fork imports, one per archive URL; never started
+SEED_SNAPSHOT = "seed"
+# A box holds its node's cpus and memory while its VM may run; at rest it holds none.
+_AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.FAILED})
+
+
+@dataclass(frozen=True)
+class NodeLoad:
+    """A node's capacity (Ray's resources of the node) and what its boxes hold of it."""
+
+    node_id: str
+    cpus: float
+    memory_mib: int
+    used_cpus: float
+    used_memory_mib: int
+    boxes: int
+
+    @property
+    def free_cpus(self) -> float:
+        return self.cpus - self.used_cpus
+
+    @property
+    def free_memory_mib(self) -> int:
+        return self.memory_mib - self.used_memory_mib
+
+    def fits(self, cpus: float, memory_mib: int, count: int = 1) -> bool:
+        return self.free_cpus >= cpus * count and self.free_memory_mib >= memory_mib * count
+
+
+def seed_name(url: str) -> str:
+    """The name of the box an archive URL is imported as on a node: found again by any later
+    fork of the same URL (objects are create-only, so a URL always names the same bytes)."""
+    return "seed-" + hashlib.sha256(url.encode()).hexdigest()[:24]
+
+
+class Runner:
+    """The boxes of one Ray node (made a Ray actor by ``boxvm.ray.pool``)."""
+
+    def __init__(self, home: str | None, node_id: str, cpus: float, memory_mib: int) -> None:
+        self.node_id = node_id
+        self._rt = Runtime(home)
+        self._cpus = cpus
+        self._memory_mib = memory_mib
+        self._held: dict[int, tuple[float, int]] = {}  # reservations of boxes being created or started
+        self._tickets = itertools.count()
+        self._seeding: dict[str, asyncio.Lock] = {}
+
+    # -- capacity ---------------------------------------------------------------------
+    async def load(self) -> NodeLoad:
+        infos = await self._rt.list()
+        live = [i for i in infos if i.status not in _AT_REST]
+        cpus = sum(i.cpus for i in live) + sum(c for c, _m in self._held.values())
+        memory = sum(i.memory_mib for i in live) + sum(m for _c, m in self._held.values())
+        return NodeLoad(self.node_id, self._cpus, self._memory_mib, cpus, memory, len(infos))
+
+    async def _reserve(self, cpus: int, memory_mib: int, count: int) -> int:
+        """Hold room for ``count`` boxes about to run, or raise NoCapacity. The check and the
+        hold happen with no await between them (the actor's loop runs one step at a time)."""
+        load = await self.load()
+        if not load.fits(cpus, memory_mib, count):
+            raise NoCapacity(
+                f"Ray node {self.node_id[:12]} has {load.free_cpus:g} free cpus and {load.free_memory_mib} MiB "
+                f"free memory, not enough for {count} box(es) of {cpus} cpu(s) and {memory_mib} MiB: "
+                "place them on another node or stop boxes here"
+            )
+        ticket = next(self._tickets)
+        self._held[ticket] = (cpus * count, memory_mib * count)
+        return ticket
+
+    # -- boxes ------------------------------------------------------------------------
+    async def _box(self, box_id: str) -> Box:
+        box = await self._rt.get(box_id)
+        if box is None:
+            raise BoxNotFound(f"Ray node {self.node_id[:12]} has no box {box_id!r}: it was removed")
+        return box
+
+    async def create(self, options: BoxOptions, names: list[str | None], start: bool) -> list[BoxInfo]:
+        """New boxes, created (and started) together; all or none: a failure removes the rest."""
+        options.validate()
+        ticket = await self._reserve(options.cpus, options.memory_mib, len(names)) if start else None
+        try:
+            results = await asyncio.gather(*(self._create(options, n, start) for n in names), return_exceptions=True)
+        finally:
+            self._held.pop(ticket, None)  # type: ignore[arg-type]
+        made = [r for r in results if isinstance(r, BoxInfo)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            for info in made:
+                with contextlib.suppress(BoxvmError):
+                    await self._rt.remove(info.id, force=True)
+            raise failed[0]
+        return made
+
+    async def _create(self, options: BoxOptions, name: str | None, start: bool) -> BoxInfo:
+        box = await self._rt.create(options, name)
+        try:
+            return await box.start() if start else await box.info()
+        except BaseException:
+            with contextlib.suppress(BoxvmError):
+                await self._rt.remove(box.id, force=True)
+            raise
+
+    async def list(self) -> list[BoxInfo]:
+        return [i for i in await self._rt.list() if not SEED_NAME.fullmatch(i.name)]
+
+    async def info(self, box_id: str) -> BoxInfo:
+        return await (await self._box(box_id)).info()
+
+    async def start(self, box_id: str) -> BoxInfo:
+        box = await self._box(box_id)
+        info = await box.info()
+        ticket = await self._reserve(info.cpus, info.memory_mib, 1) if info.status in _AT_REST else None
+        try:
+            return await box.start()
+        finally:
+            self._held.pop(ticket, None)  # type: ignore[arg-type]
+
+    async def stop(self, box_id: str, timeout: float) -> BoxInfo:
+        return await (await self._box(box_id)).stop(timeout)
+
+    async def remove(self, box_id: str, force: bool) -> None:
+        await self._rt.remove(box_id, force)
+
+    async def exec(self, box_id: str, argv: list[str], kwargs: dict[str, Any]) -> ExecResult:
+        return await (await self._box(box_id)).exec(argv, **kwargs)
+
+    async def put(self, box_id: str, box_path: str, tar: bytes) -> None:
+        async def chunks() -> AsyncIterator[bytes]:
+            yield tar
+
+        await self._rt.backend.put_files((await self._box(box_id)).id, box_path, chunks())
+
+    async def get(self, box_id: str, box_path: str) -> bytes:
+        stream = await self._rt.backend.get_files((await self._box(box_id)).id, box_path)
+        return await collect(stream, f"{box_path} in box {box_id}")
+
+    async def snapshot(self, box_id: str, name: str, options: SnapshotOptions) -> SnapshotInfo:
+        return await (await self._box(box_id)).snapshot.create(name, options)
+
+    async def snapshots(self, box_id: str) -> list[SnapshotInfo]:
+        return await (await self._box(box_id)).snapshot.list()
+
+    async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
+        """Copy-on-write clones on this node; started ones must fit (NoCapacity otherwise)."""
+        box = await self._box(box_id)
+        info = await box.info()
+        ticket = await self._reserve(info.cpus, info.memory_mib, len(names)) if options.start_after_clone else None
+        try:
+            return [await c.info() for c in await box.clone_many(len(names), options, names)]
+        finally:
+            self._held.pop(ticket, None)  # type: ignore[arg-type]
+
+    async def export(self, box_id: str, url: str, snapshot: str | None) -> str:
+        """Publish the box (or one of its snapshots, through a transient clone) at ``url``."""
+        box = await self._box(box_id)
+        if snapshot is None:
+            return str(await box.export(url))
+        twin = await box.clone(None, CloneOptions(from_snapshot=snapshot))
+        try:
+            return str(await twin.export(url))
+        finally:
+            await self._rt.remove(twin.id, force=True)
+
+    async def fork(self, url: str, names: list[str | None], start: bool) -> list[BoxInfo]:
+        """Clones of the archive at ``url``: imported once per node (the seed box), then
+        cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk."""
+        seed = await self._seed(url)
+        names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
+        return await self.clone(seed.id, names, CloneOptions(from_snapshot=SEED_SNAPSHOT, start_after_clone=start))
+
+    async def _seed(self, url: str) -> Box:
+        name = seed_name(url)
+        async with self._seeding.setdefault(url, asyncio.Lock()):
+            seed = await self._rt.get(name)
+            if seed is not None and await seed.snapshot.get(SEED_SNAPSHOT) is not None:
+                return seed
+            if seed is not None:  # an import whose snapshot a crash prevented
+                await self._rt.remove(seed.id, force=True)
+            seed = await self._rt.import_box(url, name)
+            try:
+                await seed.snapshot.create(SEED_SNAPSHOT)
+            except BaseException:
+                await self._rt.remove(seed.id, force=True)
+                raise
+            return seed
+
+    async def seeds(self) -> list[str]:
+        return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
+
+    async def close(self, remove_boxes: bool) -> None:
+        """Stop serving; with ``remove_boxes`` every box of the node goes first."""
+        if remove_boxes:
+            for info in await self._rt.list():
+                with contextlib.suppress(BoxNotFound):
+                    await self._rt.remove(info.id, force=True)
+        await self._rt.close()
+
+
+async def collect(stream: AsyncIterator[bytes], what: str) -> bytes:
+    """A byte stream into memory, bounded by COPY_LIMIT (it crosses Ray as one object)."""
+    parts: list[bytes] = []
+    size = 0
+    async with contextlib.aclosing(stream):  # type: ignore[type-var]
+        async for chunk in stream:
+            size += len(chunk)
+            if size > COPY_LIMIT:
+                raise InvalidArgument(
+                    f"{what} is over {COPY_LIMIT >> 20} MiB as a tar stream: copy it through export instead"
+                )
+            parts.append(chunk)
+    return b"".join(parts)
+
+
+def home_for(template: str | None, node_id: str) -> str | None:
+    """The node's boxvm home: ``template`` with ``{node_id}`` (or ``{node}``, its first 12 characters:
+    box sockets live under the home and a unix socket path is short) filled in; None lets the
+    runner use $BOXVM_HOME (or ~/.boxvm) of its own node."""
+    if template is None:
+        return None
+    return str(Path(template.format(node_id=node_id, node=node_id[:12])).expanduser())

@@ -1,0 +1,161 @@
+"""boxvm.ray on a real local Ray cluster: three nodes (``ray.cluster_utils.Cluster``), one runner
+actor each with its own home, real slim-image VMs. Boxes spread by capacity, a Ray task on one node
+execs in a box on another, a published snapshot is forked on two other nodes, and a killed runner's
+boxes fail clearly while the pool keeps serving from the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from boxvm import BoxOptions
+from boxvm.backends.local import LocalBackend
+from boxvm.errors import EngineError
+from boxvm.guest import bundle
+from boxvm.images.default import ensure_slim
+from boxvm.paths import Home
+from boxvm.ray import BoxPool, BoxRef, RunnerUnavailable
+from boxvm.ray.runner import seed_name
+from tests.s3server import S3Server
+
+NODE_CPUS = 4  # logical cpus per Ray node: 6 boxes of 1 cpu spread 2/2/2, then 4 forks fill two nodes
+NODE_MEMORY = 1 << 30
+OPTS = BoxOptions(image="boxvm/slim", cpus=1, memory_mib=128, network="none")
+
+
+@dataclass
+class Env:
+    pool: BoxPool
+    nodes: list[str]  # Ray node ids, the head first
+    homes: Path  # parent of every node's home (<homes>/<first 12 characters of the node id>)
+    store: str  # where snapshots are published: s3://<the test bucket>/ray/
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=os.link, dirs_exist_ok=True)
+
+
+def _clear(homes: Path) -> None:
+    """Remove every box of every node home (their VMs outlive a killed runner) and the homes."""
+
+    async def clear(home: Home) -> None:
+        backend = LocalBackend(home)
+        for info in await backend.list():
+            await backend.remove(info.id, force=True)
+        await backend.close()
+
+    for home in homes.glob("*/db"):
+        asyncio.run(clear(Home(home.parent)))
+    shutil.rmtree(homes, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def env(home: Home, s3: S3Server) -> Iterator[Env]:
+    homes = home.root / "ray-nodes"
+    _clear(homes)  # an interrupted earlier run's
+    bundle.ensure(home)
+    ensure_slim(home)
+    # The runners inherit the AWS endpoint and credentials tests.s3server put in this process's env.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": NODE_CPUS, "memory": NODE_MEMORY, "include_dashboard": False},
+    )
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=NODE_CPUS, memory=NODE_MEMORY)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="warning")
+        nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 3
+        for node in nodes:  # each node's own home, holding the guest bundle and slim image (hard links)
+            node_home = Home(homes / node[:12])
+            node_home.ensure()
+            _link_tree(home.guest, node_home.guest)
+            _link_tree(home.images / "slim", node_home.images / "slim")
+        pool = BoxPool(str(homes / "{node}"))
+        assert sorted(pool.start_runners()) == sorted(nodes)
+        yield Env(pool, nodes, homes, f"s3://{s3.bucket}/ray")
+        pool.shutdown(remove_boxes=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        _clear(homes)
+
+
+@pytest.fixture(scope="module")
+def boxes(env: Env) -> list[BoxRef]:
+    return env.pool.create_many(6, OPTS, [f"ray-{i}" for i in range(6)])
+
+
+def test_boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: list[BoxRef], tmp_path: Path) -> None:
+    assert collections.Counter(b.node_id for b in boxes) == {node: 2 for node in env.nodes}
+    assert {load.node_id: load.used_cpus for load in env.pool.loads()} == {node: 2 for node in env.nodes}
+    source = boxes[0]
+    target = next(b for b in boxes if b.node_id != source.node_id)
+
+    @ray.remote(num_cpus=1, scheduling_strategy=NodeAffinitySchedulingStrategy(source.node_id, soft=False))
+    def probe(box: BoxRef) -> tuple[str, bytes]:
+        result = box.exec(["sh", "-c", "echo from-task > /root/note; hostname"])
+        assert result.exit_code == 0, result
+        return ray.get_runtime_context().get_node_id(), result.stdout
+
+    ran_on, hostname = ray.get(probe.remote(target))
+    assert ran_on == source.node_id != target.node_id
+    assert hostname.strip().decode() == target.info().name  # the box's own hostname is its name
+    # Copies go through the handle from the caller's host to whatever node the box is on.
+    target.copy_out("/root/note", tmp_path / "note")
+    assert (tmp_path / "note").read_bytes() == b"from-task\n"
+    (tmp_path / "in.txt").write_text("to-box")
+    target.copy_in(tmp_path / "in.txt", "/root/in.txt")
+    assert target.exec(["cat", "/root/in.txt"]).stdout == b"to-box"
+
+
+def test_snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: list[BoxRef], s3: S3Server) -> None:
+    source = boxes[0]
+    assert source.exec(["sh", "-c", "echo snapshot-data > /root/data"]).exit_code == 0
+    source.snapshot("base")
+    assert source.exec(["sh", "-c", "echo later > /root/later"]).exit_code == 0  # not in the snapshot
+    url = f"{env.store}/{uuid.uuid4().hex}.boxsnap"
+    seed = env.pool.publish(source, url, snapshot="base")
+    forks = env.pool.fork(seed, 4, names=[f"fork-{i}" for i in range(4)], exclude=[source.node_id])
+    others = set(env.nodes) - {source.node_id}
+    assert collections.Counter(f.node_id for f in forks) == {node: 2 for node in others}
+    for fork in forks:
+        result = fork.exec(["sh", "-c", "cat /root/data; test -e /root/later && echo leaked; hostname"])
+        assert result.stdout.decode().split() == ["snapshot-data", fork.name]
+    assert s3.client().head_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])["ContentLength"] > 0
+    again = env.pool.fork(seed, 1, start=False, exclude=[source.node_id])  # reuses that node's import
+    for node in env.nodes:  # imported once per node that forks, and there only
+        runner = env.pool._runners[node]
+        assert ray.get(runner.seeds.remote()) == ([seed_name(url)] if node in others else [])
+    again[0].remove()
+    assert all(f.info().chain_depth == 2 for f in forks)  # its own top on the imported layer: copy-on-write
+
+
+def test_a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef]) -> None:
+    victim = next(b.node_id for b in boxes if b.node_id != boxes[0].node_id)  # it holds two forks too
+    ray.kill(env.pool._runners[victim], no_restart=True)
+    for box in [b for b in boxes if b.node_id == victim]:
+        with pytest.raises(RunnerUnavailable) as caught:
+            box.exec(["true"])
+        assert isinstance(caught.value, EngineError)
+        assert victim[:12] in caught.value.message and box.name in caught.value.message
+    survivors = {load.node_id for load in env.pool.loads()}
+    assert survivors == set(env.nodes) - {victim} and victim in env.pool.lost
+    fresh = env.pool.create(OPTS, "after-kill")
+    assert fresh.node_id in survivors
+    assert fresh.exec(["echo", "ok"]).stdout == b"ok\n"
+    for box in boxes:
+        if box.node_id != victim:
+            assert box.exec(["true"]).exit_code == 0
