@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image", "memory"]
+    groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image", "memory", "s3"]
     parser.add_argument("--only", choices=groups, help="Run one group.")
     parser.add_argument(
         "--check",
@@ -176,6 +176,10 @@ def main() -> None:
         from bench.memory import run_memory
 
         results.update(asyncio.run(run_memory(home, max(3, args.runs // 2))))
+    if args.only in (None, "s3"):
+        from bench.s3 import run_s3
+
+        results.update(asyncio.run(run_s3(home, max(3, args.runs // 2))))
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nmachine: {platform.node()} {os.cpu_count()} cores, {acc.name}; runs={args.runs}")
     print(f"{'benchmark':<28}{'median ms':>12}{'min':>10}{'max':>10}")
