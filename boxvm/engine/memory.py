@@ -221,13 +221,13 @@ def check(box_dir: Path, shape: dict[str, Any]) -> None:
     machine of this shape (memory size, cpus, guest bundle)."""
     try:
         meta = json.loads((box_dir / META).read_text())
-        size = (box_dir / STATE).stat().st_size
         mode = meta.get("ram", "file") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or meta.get("version") != 1 or mode not in ("file", "base", "stream"):
+            raise StorageError("the saved memory state has an unknown format")
+        size = (box_dir / STATE).stat().st_size
         ram = (box_dir / (BASE if mode == "base" else RAM)).stat().st_size if mode != "stream" else None
     except (OSError, ValueError) as exc:
         raise StorageError(f"the saved memory state is missing or unreadable ({type(exc).__name__})") from exc
-    if not isinstance(meta, dict) or meta.get("version") != 1 or mode not in ("file", "base", "stream"):
-        raise StorageError("the saved memory state has an unknown format")
     limit = MAX_STATE + (shape.get("memory_mib", 0) << 20 if mode == "stream" else 0)
     if size != meta.get("state_bytes") or size > limit:
         raise StorageError(f"the saved device state is {size} bytes, its record says {meta.get('state_bytes')}")
