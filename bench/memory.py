@@ -1,10 +1,17 @@
 """Memory-state benchmarks (issue 15) at 512 MiB and 2 GiB guests: suspend, resume to the
 first exec (against a cold start to the first exec in the same run), and the guest pause of a
 memory snapshot of a running box (a pre-copy while it runs where the kernel tracks soft-dirty
-pages); plus what is saved (device state, RAM data) and the RSS of a resumed QEMU."""
+pages); plus what is saved (device state, RAM data) and the RSS of a resumed QEMU.
+
+Forks and warm starts: a warm start (a first start resumed from the machine's template) to
+the first exec; 10 forks of one memory snapshot to all running; each fork's host memory
+(RSS, and USS: the pages only it holds) against the guest's used memory; and, as the
+baseline, QEMU's own ``migrate-incoming`` of the same state with the RAM in the stream (a
+fork's own suspend saves it so): its resume to the first exec and its RSS."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
@@ -35,7 +42,7 @@ async def one_size(rt: boxvm.Runtime, home: Home, mib: int, runs: int) -> dict[s
     }
     sizes: dict[str, list[float]] = {f"device_state_kib_{label}": [], f"ram_data_mib_{label}": []}
     sizes[f"resumed_qemu_rss_mib_{label}"] = []
-    box = await rt.create(boxvm.BoxOptions(memory_mib=mib), name=f"bench-memory-{label}-{os.getpid()}")
+    box = await rt.create(boxvm.BoxOptions(memory_mib=mib, warm=False), name=f"bench-memory-{label}-{os.getpid()}")
     box_dir = home.box_dir(box.id)
     try:
         t = time.perf_counter()
@@ -75,9 +82,109 @@ async def one_size(rt: boxvm.Runtime, home: Home, mib: int, runs: int) -> dict[s
     return out
 
 
+def _load() -> str:
+    return f"load {os.getloadavg()[0]:.1f}"
+
+
+def _qemu(rt: boxvm.Runtime, box_id: str) -> psutil.Process:
+    rec = rt.backend.store.get_box(box_id)  # type: ignore[attr-defined]
+    assert rec is not None and rec.qemu_pid
+    return psutil.Process(rec.qemu_pid)
+
+
+def _ram_private_mib(pid: int) -> float:
+    """The guest RAM pages only this fork holds: its mapping of ``memory.base`` (share=off),
+    Private_Clean + Private_Dirty (the copy-on-write copies of pages it wrote)."""
+    total_kib, inside = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+                inside = line.rstrip().endswith(memory.BASE)
+            elif inside and line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total_kib += int(line.split()[1])
+    return total_kib / 1024
+
+
+async def _guest_used_mib(box: boxvm.Box) -> float:
+    """MemTotal - MemAvailable in the guest: what it uses, page cache it could drop aside."""
+    out = (await box.exec(["sh", "-c", "grep -E '^Mem(Total|Available):' /proc/meminfo"])).stdout.decode().split()
+    return (int(out[1]) - int(out[4])) / 1024
+
+
+async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10) -> dict[str, list[float]]:
+    label = "2g" if mib >= 2048 else f"{mib}m"
+    out: dict[str, list[float]] = {
+        f"warm_start_to_exec_{label}": [],
+        f"forks_{forks}_to_running_{label}": [],
+        f"fork_rss_per_guest_used_{label}": [],
+        f"fork_uss_per_guest_used_{label}": [],
+        f"fork_ram_private_per_guest_used_{label}": [],
+        f"stream_resume_to_exec_{label}": [],
+        f"stream_resumed_rss_per_guest_used_{label}": [],
+    }
+    options = boxvm.BoxOptions(memory_mib=mib)
+    template = await rt.templates.create(options)
+    print(f"template {template.id} for {label}: {template.size_bytes / (1 << 20):.0f} MiB allocated ({_load()})")
+    try:
+        for i in range(runs):
+            box = await rt.create(options, name=f"bench-warm-{label}-{i}-{os.getpid()}")
+            try:
+                t = time.perf_counter()
+                await box.start()
+                await _first_exec(box)
+                out[f"warm_start_to_exec_{label}"].append(ms(time.perf_counter() - t))
+            finally:
+                await rt.remove(box.id, force=True)
+        print(f"warm starts {label}: {out[f'warm_start_to_exec_{label}']} ms ({_load()})")
+        # Booted cold: a warm-started box's RAM is private (a fork's), so its memory
+        # snapshot would hold the RAM in the stream and its forks share no pages.
+        cold = boxvm.BoxOptions(memory_mib=mib, warm=False)
+        parent = await rt.create(cold, name=f"bench-fork-parent-{label}-{os.getpid()}")
+        try:
+            await parent.start()
+            await parent.snapshot.create("m", boxvm.SnapshotOptions(memory=True))
+            used = await _guest_used_mib(parent)
+            for _ in range(max(1, runs // 3)):
+                t = time.perf_counter()
+                boxes = await parent.clone_many(
+                    forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
+                )
+                out[f"forks_{forks}_to_running_{label}"].append(ms(time.perf_counter() - t))
+                try:
+                    await asyncio.gather(*(_first_exec(b) for b in boxes))
+                    for b in boxes:
+                        mem = _qemu(rt, b.id).memory_full_info()
+                        out[f"fork_rss_per_guest_used_{label}"].append(round(mem.rss / (1 << 20) / used, 3))
+                        out[f"fork_uss_per_guest_used_{label}"].append(round(mem.uss / (1 << 20) / used, 3))
+                        private = _ram_private_mib(_qemu(rt, b.id).pid)
+                        out[f"fork_ram_private_per_guest_used_{label}"].append(round(private / used, 3))
+                    print(
+                        f"{forks} forks {label}: {out[f'forks_{forks}_to_running_{label}'][-1]:.0f} ms, guest used"
+                        f" {used:.0f} MiB ({_load()})"
+                    )
+                    # The baseline: the same guest state loaded by QEMU's own migrate-incoming,
+                    # RAM in the stream (a fork's own suspend writes it so).
+                    first = boxes[0]
+                    await first.suspend()
+                    t = time.perf_counter()
+                    await first.start()
+                    await _first_exec(first)
+                    out[f"stream_resume_to_exec_{label}"].append(ms(time.perf_counter() - t))
+                    rss = _qemu(rt, first.id).memory_info().rss / (1 << 20)
+                    out[f"stream_resumed_rss_per_guest_used_{label}"].append(round(rss / used, 3))
+                finally:
+                    await asyncio.gather(*(rt.remove(b.id, force=True) for b in boxes))
+        finally:
+            await rt.remove(parent.id, force=True)
+    finally:
+        await rt.templates.remove(template.id)
+    return out
+
+
 async def run_memory(home: Home, runs: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {}
     async with boxvm.Runtime(home.root) as rt:
         for mib in (512, 2048):
             results.update(await one_size(rt, home, mib, runs))
+            results.update(await forks_and_warm(rt, mib, runs))
     return results
