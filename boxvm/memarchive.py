@@ -24,11 +24,9 @@ sparse formats are bounded here to a few holes (``archive.SPARSE_HOLES_LIMIT``).
 
 from __future__ import annotations
 
-import array
 import hashlib
 import os
 import struct
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,34 +199,41 @@ def receive(
             raise bad(f"{stream.left} bytes after a state that holds the RAM")
         return Received(None, state_path, ram_bytes, size, f"sha256:{stream.sha.hexdigest()}")
     # The table, checked whole before any RAM is written: in order, inside the RAM, and
-    # adding up to exactly the bytes that follow. 16 bytes an extent, at most one a page.
-    table = array.array("Q", stream.read(count * _EXTENT.size))
-    if sys.byteorder != "little":
-        table.byteswap()
+    # adding up to exactly the bytes that follow. It is kept in a file, not in memory (a
+    # 64 GiB RAM may list 16 M extents: 256 MiB), and read back a chunk at a time.
+    table_path = work / "memory.extents"
     pos = stored = 0
-    for i in range(0, len(table), 2):
-        off, length = table[i], table[i + 1]
-        if off < pos or length == 0 or off + length > ram_bytes:
-            raise bad("RAM extents out of order, empty or past the end of the RAM")
-        pos, stored = off + length, stored + length
-    if stored != stream.left:
-        raise bad(f"its extents hold {stored} bytes, the member has {stream.left} left")
-    fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.ftruncate(fd, ram_bytes)  # sparse: no memory or disk is allocated for it
-        done = 0
-        for i in range(0, len(table), 2):
-            at = table[i]
-            for chunk in stream.take(table[i + 1]):
-                if chunk != _ZERO_VIEW[: len(chunk)]:  # zero pages stay holes
-                    os.pwrite(fd, chunk, at)
-                at += len(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(table_path, "xb+") as table:
+        carry = b""  # an entry split across two chunks of the stream
+        for chunk in stream.take(count * _EXTENT.size):
+            data = carry + bytes(chunk)
+            whole = len(data) - len(data) % _EXTENT.size
+            for off, length in _EXTENT.iter_unpack(data[:whole]):
+                if off < pos or length == 0 or off + length > ram_bytes:
+                    raise bad("RAM extents out of order, empty or past the end of the RAM")
+                pos, stored = off + length, stored + length
+            table.write(data[:whole])
+            carry = data[whole:]
+        if stored != stream.left:
+            raise bad(f"its extents hold {stored} bytes, the member has {stream.left} left")
+        table.seek(0)
+        fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, ram_bytes)  # sparse: no memory or disk is allocated for it
+            done = 0
+            while entries := table.read(CHUNK):
+                for at, length in _EXTENT.iter_unpack(entries):
+                    for chunk in stream.take(length):
+                        if chunk != _ZERO_VIEW[: len(chunk)]:  # zero pages stay holes
+                            os.pwrite(fd, chunk, at)
+                        at += len(chunk)
+                        done += len(chunk)
+                        if progress is not None:
+                            progress(done)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    table_path.unlink()
     return Received(ram_path, state_path, ram_bytes, size, f"sha256:{stream.sha.hexdigest()}")
 
 

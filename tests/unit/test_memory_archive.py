@@ -67,6 +67,23 @@ def test_round_trip_keeps_the_bytes_and_the_holes(tmp_path: Path) -> None:
     assert got.ram.stat().st_mode & 0o777 == 0o600
 
 
+def test_a_fragmented_ram_round_trips_through_its_table(tmp_path: Path) -> None:
+    """Every other page written: 15,000 extents, a table larger than a stream chunk, read
+    back from a file (never held in memory) while the RAM is written."""
+    ram = tmp_path / "memory.ram"
+    page = os.urandom(4096)
+    with open(ram, "wb") as f:
+        f.truncate(RAM_MIB << 20)
+        for i in range(15_000):
+            f.seek(i * 8192)
+            f.write(page)
+    plan = memarchive.plan(_state(tmp_path), ram, RAM_MIB << 20)
+    assert len(plan.extents) == 15_000
+    got = _receive(b"".join(bytes(c) for c in plan.chunks()), tmp_path / "in")
+    assert got.ram is not None and got.ram.read_bytes() == ram.read_bytes()
+    assert not (tmp_path / "in" / "memory.extents").exists()
+
+
 def test_a_state_that_holds_the_ram_travels_without_a_table(tmp_path: Path) -> None:
     """A fork's saved state is QEMU's plain migration with the RAM inside (``STREAM``)."""
     stream = tmp_path / "stream"

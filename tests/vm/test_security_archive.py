@@ -192,7 +192,7 @@ BOMBS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "endless GNU sparse map": (case_sparse_map, "sparse map"),
     "pax sparse member": (case_pax_sparse, "sparse"),
     "1 GiB guest-rootfs.qcow2": (case_unused("guest-rootfs.qcow2"), "not supported"),
-    "1 GiB memory.state": (case_unused("memory.state"), "not supported"),
+    "1 GiB memory.state of zeros": (case_unused("memory.state"), "memory.state is corrupt"),
 }
 
 
