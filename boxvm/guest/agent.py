@@ -444,10 +444,8 @@ def reidentify(hostname, machine_id):
         raise UserError("InvalidArgument", "hostname may hold only letters, digits, '-', '.' and '_'")
     if not (isinstance(machine_id, str) and len(machine_id) == 32 and all(c in "0123456789abcdef" for c in machine_id)):
         raise UserError("InvalidArgument", "machine_id must be 32 lowercase hex digits")
-    import socket
-
-    socket.sethostname(hostname)
     files = {
+        "/proc/sys/kernel/hostname": hostname,  # sethostname(2) without importing socket
         "/run/hostname": hostname + "\n",
         "/run/machine-id": machine_id + "\n",
         "/run/hosts": f"127.0.0.1\tlocalhost\n127.0.1.1\t{hostname}\n::1\tlocalhost\n",
