@@ -672,7 +672,7 @@ async def snapshot_rm(rt: boxvm.Runtime, box: str, names: tuple[str, ...]) -> No
 @click.option("--count", type=int, default=1, show_default=True)
 @click.option("--from-snapshot", help="Clone this snapshot instead of the current state.")
 @click.option("--full", is_flag=True, help="An independent full copy instead of copy-on-write.")
-@click.option("--start", is_flag=True, help="Start the clones.")
+@click.option("--start", is_flag=True, help="Resume the clones from the memory snapshot in --from-snapshot (forks).")
 @run_async
 async def clone(
     rt: boxvm.Runtime, box: str, names: tuple[str, ...], count: int, from_snapshot: str | None, full: bool, start: bool
