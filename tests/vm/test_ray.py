@@ -1,14 +1,11 @@
 """boxvm.ray on a real local Ray cluster: three nodes (``ray.cluster_utils.Cluster``), one runner
 actor each with its own home, real slim-image VMs. Boxes spread by capacity, a Ray task on one node
 execs in a box on another, a published snapshot is forked on two other nodes, and a killed runner's
-boxes fail clearly while the pool keeps serving from the rest."""
+boxes fail clearly while the pool keeps serving from the rest (and a new runner finds them again)."""
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import os
-import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,17 +13,14 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from boxvm import BoxOptions
-from boxvm.backends.local import LocalBackend
 from boxvm.errors import EngineError
-from boxvm.guest import bundle
-from boxvm.images.default import ensure_slim
 from boxvm.paths import Home
 from boxvm.ray import BoxPool, BoxRef, RunnerUnavailable
 from boxvm.ray.runner import seed_name
+from tests.raycluster import ray_pool
 from tests.s3server import S3Server
 
 NODE_CPUS = 4  # logical cpus per Ray node: 6 boxes of 1 cpu spread 2/2/2, then 4 forks fill two nodes
@@ -37,60 +31,17 @@ OPTS = BoxOptions(image="boxvm/slim", cpus=1, memory_mib=128, network="none")
 @dataclass
 class Env:
     pool: BoxPool
-    nodes: list[str]  # Ray node ids, the head first
-    homes: Path  # parent of every node's home (<homes>/<first 12 characters of the node id>)
-    store: str  # where snapshots are published: s3://<the test bucket>/ray/
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    shutil.copytree(src, dst, copy_function=os.link, dirs_exist_ok=True)
-
-
-def _clear(homes: Path) -> None:
-    """Remove every box of every node home (their VMs outlive a killed runner) and the homes."""
-
-    async def clear(home: Home) -> None:
-        backend = LocalBackend(home)
-        for info in await backend.list():
-            await backend.remove(info.id, force=True)
-        await backend.close()
-
-    for home in homes.glob("*/db"):
-        asyncio.run(clear(Home(home.parent)))
-    shutil.rmtree(homes, ignore_errors=True)
+    nodes: list[str]  # Ray node ids
+    store: str  # where snapshots are published: s3://<the test bucket>/ray
 
 
 @pytest.fixture(scope="module")
 def env(home: Home, s3: S3Server) -> Iterator[Env]:
-    homes = home.root / "ray-nodes"
-    _clear(homes)  # an interrupted earlier run's
-    bundle.ensure(home)
-    ensure_slim(home)
     # The runners inherit the AWS endpoint and credentials tests.s3server put in this process's env.
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": NODE_CPUS, "memory": NODE_MEMORY, "include_dashboard": False},
-    )
-    try:
-        for _ in range(2):
-            cluster.add_node(num_cpus=NODE_CPUS, memory=NODE_MEMORY)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, logging_level="warning")
+    with ray_pool(home, home.root / "ray-nodes", nodes=3, cpus=NODE_CPUS, memory=NODE_MEMORY) as pool:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-        assert len(nodes) == 3
-        for node in nodes:  # each node's own home, holding the guest bundle and slim image (hard links)
-            node_home = Home(homes / node[:12])
-            node_home.ensure()
-            _link_tree(home.guest, node_home.guest)
-            _link_tree(home.images / "slim", node_home.images / "slim")
-        pool = BoxPool(str(homes / "{node}"))
-        assert sorted(pool.start_runners()) == sorted(nodes)
-        yield Env(pool, nodes, homes, f"s3://{s3.bucket}/ray")
-        pool.shutdown(remove_boxes=True)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        _clear(homes)
+        assert len(nodes) == 3 and sorted(pool.start_runners()) == sorted(nodes)
+        yield Env(pool, nodes, f"s3://{s3.bucket}/ray")
 
 
 @pytest.fixture(scope="module")
@@ -159,3 +110,11 @@ def test_a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env
     for box in boxes:
         if box.node_id != victim:
             assert box.exec(["true"]).exit_code == 0
+    # The VMs outlived their runner: a new one over the same home serves them to new handles.
+    orphan = next(b for b in boxes if b.node_id == victim)
+    assert victim in env.pool.start_runners() and victim not in env.pool.lost
+    back = env.pool.get(orphan.name)
+    assert back is not None and back.node_id == victim and back.runner != orphan.runner
+    assert back.exec(["cat", "/proc/uptime"]).exit_code == 0
+    with pytest.raises(RunnerUnavailable):
+        orphan.info()  # an old handle holds the dead actor
