@@ -96,15 +96,16 @@ RULES: dict[Operation, Rule] = {
 }
 
 
-def require(operation: Operation, box: str, status: BoxStatus, busy: BoxStatus | None = None) -> Rule:
+def require(operation: Operation, box: str, status: BoxStatus, busy: Operation | None = None) -> Rule:
     """The guard every operation passes: raise :class:`InvalidState` naming the box, its
     shown status and what to do, unless ``operation`` may start from ``status`` (with the
     state operation ``busy`` holding the box, if any). Returns the operation's rule."""
     rule = RULES[operation]
+    shown = (RULES[busy].holds if busy is not None else None) or status
     if busy is not None and rule.exclusive:
-        raise InvalidState(f"cannot {rule.verb} box {box!r}: it is {busy.value} right now; wait for that to finish")
+        raise InvalidState(f"cannot {rule.verb} box {box!r}: it is {shown.value} right now; wait for that to finish")
     if status not in rule.allowed:
-        raise InvalidState(f"cannot {rule.verb} box {box!r} while it is {(busy or status).value}: {rule.advice}")
+        raise InvalidState(f"cannot {rule.verb} box {box!r} while it is {shown.value}: {rule.advice}")
     return rule
 
 

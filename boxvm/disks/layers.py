@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from boxvm import faults
 from boxvm.disks import qcow2
@@ -73,8 +73,21 @@ TRASH_PREFIX = "trash-"  # tmp/trash-<pid>-*: what this process made unreachable
 _LAYER_ID = re.compile(r"[0-9a-f]{16}")
 _REFERENCE = re.compile(r"^\.\./\.\./layers/(?:all/([0-9a-f]{16})\.qcow2|([0-9a-f]{16})/layer\.qcow2)$")
 
-if TYPE_CHECKING:
-    from boxvm.store import Store
+
+class Refs(Protocol):
+    """What the layer files need of the layer references (``store.Store``): named here so
+    that the store, whose migration reads layer headers, and the layers do not import
+    each other."""
+
+    def sync(self) -> None: ...
+    def has_layer(self, layer: str) -> bool: ...
+    def get_box(self, id_or_name: str) -> Any: ...
+    def list_snapshots(self) -> Any: ...
+    def tombstones(self) -> list[str]: ...
+    def forget_tombstones(self, layers: list[str]) -> None: ...
+    def layer_rows(self) -> dict[str, tuple[str | None, int]]: ...
+    def expected_refs(self) -> dict[str, int]: ...
+    def repair_layers(self, adopt: dict[str, str | None], reached: set[str], may_delete: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,7 @@ class LayerStore:
         shutil.rmtree(self.root / layer, ignore_errors=True)
         return not (self.root / layer).exists()
 
-    def collect(self, store: Store, layers: list[str], synced: Iterable[Path] = ()) -> list[str]:
+    def collect(self, store: Refs, layers: list[str], synced: Iterable[Path] = ()) -> list[str]:
         """Move the files of layers just tombstoned into the trash (idempotent: any process
         may do it, recovery repeats it); the trash deletes them, then their tombstones,
         once ``synced`` (directories whose renames stopped using them) and the store's
@@ -213,7 +226,7 @@ class LayerStore:
         self.trash.discard(items, synced, store.sync, lambda: store.forget_tombstones(gone))
         return gone
 
-    def recover_trash(self, store: Store, alive: Callable[[int], bool]) -> None:
+    def recover_trash(self, store: Refs, alive: Callable[[int], bool]) -> None:
         """Start-up recovery of dead processes' trash: what the store still holds (its
         commit was lost to a power cut before the trash was synced) goes back; the rest
         is deleted."""
@@ -253,7 +266,7 @@ class LayerStore:
                 out[root] = qcow2.chain(root)
         return out
 
-    def scan(self, store: Store, repair: bool = False) -> Scan:
+    def scan(self, store: Refs, repair: bool = False) -> Scan:
         """Compare the layer rows with a walk of every chain in the home (``boxvm doctor``).
 
         Finds counts that differ from the rows holding them, layer files no row knows

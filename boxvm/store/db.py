@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.errors import AlreadyExists, StorageError
-from boxvm.status import BoxStatus
+from boxvm.status import RULES, BoxStatus, Operation
 
 # Each entry upgrades the schema from version i to i + 1.
 MIGRATIONS: list[str] = [
@@ -106,6 +106,14 @@ MIGRATIONS: list[str] = [
     # changes: the version makes an older boxvm refuse the home, since it would read a
     # reference to layers/all/ as "no layer" and release layers still in use.
     "SELECT 1",
+    # v8: boxes.operation holds the operation (status.Operation: 'snapshot', 'clone', ...),
+    # not the status it is shown as ('snapshotting', ...); an older boxvm would misread it.
+    """
+    UPDATE boxes SET operation = CASE operation
+        WHEN 'snapshotting' THEN 'snapshot' WHEN 'restoring' THEN 'restore' WHEN 'cloning' THEN 'clone'
+        WHEN 'exporting' THEN 'export' WHEN 'removing' THEN 'remove' ELSE operation END
+    WHERE operation IS NOT NULL;
+    """,
 ]
 
 
@@ -137,14 +145,15 @@ class BoxRecord:
     guest_bundle: str | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
-    operation: BoxStatus | None = None
+    operation: Operation | None = None  # the state operation holding the box (its claim)
     operation_pid: int | None = None
     layer: str | None = None  # the layer the box's top backs onto (None: its image's base disk)
 
     @property
     def shown_status(self) -> BoxStatus:
-        """What users see: the state operation in progress, else the lifecycle status."""
-        return self.operation or self.status
+        """What users see: the status the state operation in progress holds, else the lifecycle status."""
+        held = RULES[self.operation].holds if self.operation is not None else None
+        return held or self.status
 
 
 @dataclass
@@ -312,7 +321,7 @@ class Store:
         cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}){unclaimed}", params)
         return cur.rowcount == 1
 
-    def begin_operation(self, box_id: str, operation: BoxStatus, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
+    def begin_operation(self, box_id: str, operation: Operation, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
         """Claim the box for a state operation: True only if none is running and the
         lifecycle status allows it. Lifecycle transitions wait for the claim to end."""
         marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
@@ -349,7 +358,7 @@ class Store:
     def _claim_quiet(
         db: sqlite3.Connection,
         box_id: str,
-        operation: BoxStatus,
+        operation: Operation,
         allowed: frozenset[BoxStatus],
         pid: int,
         layer: str | None,
@@ -564,7 +573,7 @@ class Store:
             row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
             if row is None:
                 return None
-            if claim is not None and not self._claim_quiet(db, box_id, BoxStatus.RESTORING, *claim):
+            if claim is not None and not self._claim_quiet(db, box_id, Operation.RESTORE, *claim):
                 return None
             snap = _snapshot(row)
             old = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()[0]
@@ -722,7 +731,7 @@ def _encode(fields: dict[str, Any]) -> dict[str, Any]:
     for key, value in fields.items():
         if key in _JSON_COLUMNS:
             value = json.dumps(value)
-        elif isinstance(value, BoxStatus):
+        elif isinstance(value, BoxStatus | Operation):
             value = value.value
         out[key] = value
     return out
@@ -738,7 +747,7 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
 def _box(row: sqlite3.Row) -> BoxRecord:
     data = _decode(row)
     data["status"] = BoxStatus(data["status"])
-    data["operation"] = BoxStatus(data["operation"]) if data["operation"] else None
+    data["operation"] = Operation(data["operation"]) if data["operation"] else None
     return BoxRecord(**data)
 
 

@@ -62,7 +62,7 @@ async def recovered(home: Home) -> boxvm.Runtime:
         records = {r.id: r for r in backend.store.list_boxes()}  # type: ignore[attr-defined]
         for entry in suspects:
             assert not entry.exists() or entry.name in records, f"orphaned box directory {entry.name}"
-    assert backend._gc() == []  # type: ignore[attr-defined]  # recovery already collected everything
+    assert backend.boxes.gc() == []  # type: ignore[attr-defined]  # recovery already collected everything
     scan = backend.check_layers()  # type: ignore[attr-defined]  # every count and file agrees with the chains
     assert scan.clean, scan
     return fresh

@@ -32,7 +32,7 @@ from boxvm.disks.layers import LAYER_FILE, TOP
 from boxvm.errors import BoxvmError
 from boxvm.options import BoxOptions, CloneOptions, ExportOptions, SnapshotOptions
 from boxvm.paths import Home
-from boxvm.store import Store
+from boxvm.store import SCHEMA_VERSION, Store
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ async def test_a_home_made_before_layer_rows_gets_them(home: Home, tmp_path: Pat
                 "ALTER TABLE boxes DROP COLUMN layer; UPDATE meta SET value = '5' WHERE key = 'schema_version';"
             )
         store = Store(copy.db)
-        assert store.schema_version == 7
+        assert store.schema_version == SCHEMA_VERSION
         assert store.layer_rows() == rows
         assert store.tombstones() == ["e" * 16]
         assert {r.id: r.layer for r in store.list_boxes()} == {r.id: r.layer for r in backend.store.list_boxes()}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import boxvm
-from boxvm.backends import memory as box_memory
+from boxvm.state import memory as box_memory
 from boxvm.backends.local import LocalBackend
 from boxvm.engine import memory
 from boxvm.errors import InvalidState, StorageError

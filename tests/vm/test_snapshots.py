@@ -16,6 +16,7 @@ from boxvm import BoxStatus
 from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
+from boxvm.status import Operation
 from tests.vm.test_qcow2 import check
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
@@ -200,7 +201,7 @@ async def test_conflicting_state_operations_fail_at_once(
     assert "snapshotting right now" in str(error)
     # a claim held by another live process blocks every state operation and start/stop
     store = local.store
-    assert store.begin_operation(shared_box.id, BoxStatus.CLONING, frozenset({BoxStatus.RUNNING}), pid=1)
+    assert store.begin_operation(shared_box.id, Operation.CLONE, frozenset({BoxStatus.RUNNING}), pid=1)
     try:
         assert (await shared_box.info()).status == BoxStatus.CLONING
         with pytest.raises(boxvm.InvalidState, match="cloning right now"):

@@ -1,4 +1,5 @@
-"""Suspend and resume on the local backend (the host side of ``engine/memory``).
+"""Suspend and resume on the local backend (the host side of ``engine/memory``), and the
+memory state files of memory snapshots.
 
 ``suspend()`` asks the box's supervisor to save the memory and device state and let QEMU
 exit; the supervisor records ``suspended`` when QEMU is gone. ``start()`` of a suspended
@@ -15,14 +16,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from boxvm.engine import memory
-from boxvm.engine.client import Connection
 from boxvm.errors import InvalidState, StorageError
 from boxvm.options import BoxInfo, BoxOptions
-from boxvm.paths import Home
 from boxvm.processes import alive
+from boxvm.state.boxes import Boxes
 from boxvm.status import RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord, Store
 
@@ -50,43 +50,37 @@ def resumable(store: Store, box_dir: Path, rec: BoxRecord) -> bool:
     return True
 
 
-class _Local(Protocol):
-    """What :class:`SuspendOps` uses of ``LocalBackend`` (named here: no import cycle)."""
+class Suspend:
+    """``suspend`` of the local backend."""
 
-    home: Home
-    store: Store
+    def __init__(self, boxes: Boxes) -> None:
+        self.boxes = boxes
+        self.store = boxes.store
 
-    def _record(self, id_or_name: str) -> BoxRecord: ...
-    def _info(self, rec: BoxRecord) -> BoxInfo: ...
-    async def _conn(self, box_id: str, label: str) -> Connection: ...
-    async def _drop_conn(self, box_id: str) -> None: ...
-
-
-class SuspendOps:
-    """``suspend`` for ``LocalBackend``."""
-
-    async def suspend(self: _Local, box_id: str) -> BoxInfo:
+    async def suspend(self, box_id: str) -> BoxInfo:
         t0 = time.monotonic()
-        rec = self._record(box_id)
+        rec = self.boxes.record(box_id)
         rule = require(Operation.SUSPEND, rec.name, rec.status, rec.operation)
+        assert rule.holds is not None
         if not self.store.transition(rec.id, rule.holds, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while suspending: try again")
+        conns = self.boxes.ctx.conns
         try:
-            conn = await self._conn(rec.id, rec.name)
+            conn = await conns.get(rec.id, rec.name)
             result = await conn.request("suspend", shape=shape(rec))
         except BaseException:
             # Saving failed and the supervisor let the VM run on; if it is gone, the
             # record says failed (the next start boots cold).
             self.store.transition(rec.id, rec.status, {BoxStatus.SUSPENDING})
-            self._record(rec.id)
+            self.boxes.record(rec.id)
             raise
-        await self._drop_conn(rec.id)
+        await conns.drop(rec.id)
         deadline = time.monotonic() + 10  # the supervisor exits right after QEMU
         while rec.supervisor_pid and alive(rec.supervisor_pid) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         timings = {f"suspend_{k}": float(v) for k, v in result.items() if k.endswith("_ms")}
         self.store.add_timing(rec.id, suspend_ms=(time.monotonic() - t0) * 1000, **timings)
-        return self._info(self._record(rec.id))
+        return self.boxes.info(self.boxes.record(rec.id))
 
 
 # -- memory snapshots (their files live in the box directory, removed with the box) --------

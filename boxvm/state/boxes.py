@@ -1,0 +1,392 @@
+"""Boxes: records, reconcile, crash recovery, the claim, staging, create and remove.
+
+A box exists once its record is committed. Its directory is written under ``tmp/`` first
+(:class:`Staging`, the one sequence create, clone and import share), renamed into
+``boxes/`` and then recorded; a crash in between leaves a directory recovery removes.
+Every state operation holds the box by a claim in the store (:meth:`Boxes.claim`), so a
+second one from any process fails at once; recovery finishes the claims of processes that
+died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from boxvm import faults, publish
+from boxvm.disks import qcow2
+from boxvm.disks.layers import GUEST_TOP, TOP, Scan, layer_of
+from boxvm.engine import qemu
+from boxvm.errors import AlreadyExists, BoxNotFound, InvalidState, StorageError
+from boxvm.guest import bundle as bundle_mod
+from boxvm.options import BoxInfo, BoxOptions, DiskUsage, check_name, default_command
+from boxvm.processes import alive as pid_alive
+from boxvm.state.context import Context
+from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
+from boxvm.store import BoxRecord
+
+log = logging.getLogger("boxvm")
+
+OWNER = ".owner"  # in a box directory renamed into boxes/ whose record is not committed yet
+
+
+@dataclass
+class Claim:
+    ended: bool = False  # the operation's last transaction ended it (one transaction fewer)
+    timings: dict[str, float] = field(default_factory=dict)  # recorded when the claim ends
+
+
+class Staging:
+    """New box directories, one per id, written under ``tmp/`` where nobody sees them.
+    :meth:`publish` renames them into ``boxes/`` and commits their records: the
+    directories, then the records (the commit point); until the records are committed,
+    each directory names its process (``OWNER``) so that recovery leaves it alone while
+    the process lives and removes it once it is dead."""
+
+    def __init__(self, ctx: Context, ids: list[str], kind: str) -> None:
+        self.ctx = ctx
+        self.kind = kind
+        self.ids = ids
+        self.dirs = [ctx.home.staging_dir(f"{kind}-") for _ in ids]
+        self.finals = [ctx.home.box_dir(box_id) for box_id in ids]
+        self.published: list[Path] = []
+        self.committed = False
+
+    def publish(self, commit: Callable[[], None]) -> None:
+        """Rename every staged directory into ``boxes/`` (durably), then ``commit`` the records."""
+        for work, final in zip(self.dirs, self.finals, strict=True):
+            work.chmod(0o700)
+            (work / OWNER).write_text(str(os.getpid()))
+            self.ctx.layers.publish(work, final)
+            self.published.append(final)
+        faults.point(f"{self.kind}:renamed")
+        commit()  # the commit point: before it, recovery removes the directories
+        self.committed = True
+
+    def _discard(self) -> None:
+        for path in [*self.dirs, *self.published]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _release(self) -> None:
+        for final in self.published:
+            (final / OWNER).unlink(missing_ok=True)
+
+
+class Boxes:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.home, self.store, self.layers = ctx.home, ctx.store, ctx.layers
+
+    # -- staging ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staging(self, ids: list[str], kind: str) -> Iterator[Staging]:
+        """Stage a directory per new box id (``Staging.dirs``); the body writes their files
+        and calls ``Staging.publish``. Any failure before the commit removes every staged
+        and published directory; nothing is left behind."""
+        staged = Staging(self.ctx, ids, kind)
+        try:
+            yield staged
+        finally:
+            if staged.committed:
+                staged._release()
+            else:  # failed (or returned) before the commit
+                staged._discard()
+
+    def bundle(self) -> bundle_mod.Bundle:
+        found = bundle_mod.find(self.home)
+        return found if found is not None else bundle_mod.ensure(self.home, self.ctx.progress)
+
+    # -- records ----------------------------------------------------------------------
+    def record(self, id_or_name: str) -> BoxRecord:
+        rec = self.store.get_box(id_or_name)
+        if rec is None:
+            raise BoxNotFound(f"no box named or with id {id_or_name!r}: `boxvm ls` lists them")
+        return self.reconcile(rec)
+
+    def reconcile(self, rec: BoxRecord) -> BoxRecord:
+        """A box whose supervisor is gone is not running, whatever the store says."""
+        rec = self.finish_crashed_operation(rec)
+        if not rec.status.is_live:
+            return rec
+        alive = rec.supervisor_pid is not None and pid_is(rec.supervisor_pid, rec.id)
+        if alive or (rec.supervisor_pid is None and rec.status == BoxStatus.STARTING and _recent(rec)):
+            return rec
+        if rec.qemu_pid is not None and pid_is(rec.qemu_pid, rec.id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rec.qemu_pid, signal.SIGKILL)
+        reason = rec.error or "the box's supervisor process died; its VM was stopped"
+        self.store.transition(
+            rec.id, BoxStatus.FAILED, {rec.status}, during_operation=True, supervisor_pid=None, qemu_pid=None,
+            error=reason,
+        )  # fmt: skip
+        for name in ("ctl.sock", "qmp.sock", "agent.sock"):
+            (self.home.box_dir(rec.id) / name).unlink(missing_ok=True)
+        return self.store.get_box(rec.id) or rec
+
+    def info(self, rec: BoxRecord) -> BoxInfo:
+        opts = BoxOptions.from_dict(rec.options)
+        disk = self.home.box_dir(rec.id) / TOP
+        try:
+            depth = len(qcow2.chain(disk))
+        except (OSError, StorageError):
+            depth = 0
+        return BoxInfo(
+            id=rec.id,
+            name=rec.name,
+            status=rec.shown_status,
+            image=rec.image,
+            created_at=rec.created_at,
+            started_at=rec.started_at,
+            cpus=opts.cpus,
+            memory_mib=opts.memory_mib,
+            disk_size_bytes=opts.disk_size_gb << 30,
+            disk_bytes=qcow2.allocated_bytes(disk),
+            chain_depth=depth,
+            ports=list(opts.ports),
+            guest_bundle=rec.guest_bundle,
+            error=rec.error,
+            timings=dict(rec.timings),
+            command=default_command(opts, rec.options.get("image_config") or {}),
+        )
+
+    def listed(self, rec: BoxRecord) -> BoxInfo:
+        """A box as listed (and got): one whose record cannot be shown is listed as failed,
+        with the reason, rather than making the list of every box fail (it can be removed)."""
+        try:
+            return self.info(rec)
+        except Exception as exc:  # any defect of one stored record
+            log.warning("box %s has an unreadable record: %r", rec.id, exc)
+            return BoxInfo(
+                id=rec.id, name=rec.name, status=BoxStatus.FAILED, image=str(rec.image), created_at=rec.created_at,
+                started_at=None, cpus=0, memory_mib=0, disk_size_bytes=0, disk_bytes=0, chain_depth=0, ports=[],
+                guest_bundle=None, error="the box's stored options are unreadable: remove the box", timings={},
+                command=[],
+            )  # fmt: skip
+
+    def check_free(self, name: str) -> None:
+        if self.store.get_box(name) is not None:
+            raise AlreadyExists(f"a box named {name!r} already exists: choose another name or remove it")
+
+    # -- the claim --------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def claim(self, rec: BoxRecord, operation: Operation, held: bool = False) -> AsyncIterator[Claim]:
+        """Hold the box for a state operation (allowed from its rule's statuses, shown as its
+        rule's transient status); ``held``: the operation's first transaction claimed it
+        already (a box at rest whose files agree with its record)."""
+        rule = RULES[operation]
+        if not held and not self.store.begin_operation(rec.id, operation, rule.allowed, os.getpid()):
+            now = self.record(rec.id)
+            require(operation, rec.name, now.status, now.operation)
+            raise InvalidState(f"cannot {rule.verb} box {rec.name!r}: its status changed meanwhile; try again")
+        claim = Claim()
+        try:
+            yield claim
+        finally:
+            if not claim.ended:
+                self.store.end_operation(rec.id, claim.timings)
+
+    def sync_layer(self, box_id: str) -> None:
+        """Make the box's record name the layer its top backs onto (one header read), for
+        what a crash left between files and record. Only with the box claimed.
+
+        A layer no row knows whose parent is the recorded one is a capture whose record
+        was lost: it is recorded. A layer that has a row wins over the record (a capture
+        folded back, a restore that never reached its files). Otherwise the top backs
+        onto a layer already released (a restore whose record committed): the restore is
+        finished, at rest; a running box's supervisor owns its top and it is left."""
+        rec = self.store.get_box(box_id)
+        box_dir = self.home.box_dir(box_id)
+        if rec is None:
+            return
+        try:
+            actual = layer_of(box_dir / TOP)
+        except (OSError, ValueError):
+            return  # no readable top: nothing to agree with (the consistency scan reports it)
+        if actual == rec.layer:
+            return
+        if actual is not None and not self.store.has_layer(actual):
+            path = self.layers.layer_path(actual)
+            try:
+                parent = layer_of(path)
+            except (OSError, ValueError):
+                parent = actual  # unreadable or gone: not a capture of this box
+            if parent == rec.layer and self.store.adopt_capture(box_id, actual, parent, path.exists):
+                log.warning("box %s: recorded a capture its process did not record", rec.name)
+                return
+        if actual is None or self.store.has_layer(actual):
+            log.warning("box %s: its record follows its disk (layer %s)", rec.name, actual)
+            self.layers.collect(self.store, self.store.set_box_layer(box_id, actual), synced=[box_dir])
+        elif not rec.status.is_live and rec.layer is not None:
+            log.warning("box %s: finishing an interrupted restore", rec.name)
+            self.layers.restore(box_dir, rec.layer, qcow2.read_header(box_dir / TOP).size)
+
+    # -- recovery ---------------------------------------------------------------------
+    def recover(self) -> None:
+        """Remove what crashed operations left: staging dirs of dead processes, box
+        directories with no record (a create that never committed); finish their claims."""
+        publish.recover(self.home.tmp, pid_alive)  # before the loop below deletes its journal
+        self.layers.recover_trash(self.store, pid_alive)  # (likewise)
+        for entry in self.home.tmp.iterdir():
+            pid = entry.name.split("-")[-2] if entry.name.count("-") >= 2 else ""
+            if pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        records = self.store.list_boxes()
+        known = {rec.id for rec in records}
+        for entry in self.home.boxes.iterdir():
+            if _owner_alive(entry):
+                continue  # another process is about to commit this box
+            # (``known`` may predate a box another process committed, then un-owned, since)
+            if entry.name not in known and self.store.get_box(entry.name) is None:
+                log.info("removing orphaned box directory %s", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                (entry / OWNER).unlink(missing_ok=True)
+        for rec in records:
+            self.finish_crashed_operation(rec)
+        self.gc()
+        self.layers.trash.flush()
+
+    def finish_crashed_operation(self, rec: BoxRecord) -> BoxRecord:
+        """A state operation whose process died: release the box and, if it is at rest,
+        roll its disk change forward (always data-safe: a pending top is empty or holds
+        the newest writes). A running box's supervisor settles its own pending top."""
+        if rec.operation is None or (rec.operation_pid is not None and pid_alive(rec.operation_pid)):
+            return rec
+        if not self.store.take_over_operation(rec.id, rec.operation_pid, os.getpid()):
+            return self.store.get_box(rec.id) or rec  # another process is finishing it
+        log.warning("finishing the interrupted %s of box %s", rec.operation.value, rec.name)
+        if not (rec.status.is_live and rec.supervisor_pid and pid_is(rec.supervisor_pid, rec.id)):
+            self.layers.commit(self.home.box_dir(rec.id))
+        self.sync_layer(rec.id)
+        self.store.end_operation(rec.id)
+        return self.store.get_box(rec.id) or rec
+
+    def gc(self) -> list[str]:
+        """Roll forward what crashed operations left: tombstoned layers whose files may
+        remain, pins of clones never made. Reads only those rows (no walk of the home)."""
+        self.store.release_dead_pins(pid_alive)
+        return self.layers.collect(self.store, self.store.tombstones())
+
+    def check_layers(self, repair: bool = False) -> Scan:
+        """The full consistency scan (``boxvm doctor``): see :meth:`LayerStore.scan`."""
+        return self.layers.scan(self.store, repair)
+
+    async def disk_usage(self) -> DiskUsage:
+        boxes = {rec.name: rec for rec in self.store.list_boxes()}
+        snaps = self.store.list_snapshots()
+        by_id = {rec.id: rec.name for rec in boxes.values()}
+        owners: dict[str, Path] = {f"box:{n}": self.home.box_dir(r.id) / TOP for n, r in boxes.items()}
+        owners.update(
+            {f"snap:{by_id.get(s.box_id, s.box_id)}/{s.name}": self.layers.layer_path(s.layer) for s in snaps}
+        )
+        usage = await asyncio.to_thread(self.layers.usage, owners, [s.layer for s in snaps])
+        total = sum(qcow2.allocated_bytes(p) for p in self.layers.layer_files())
+        total += sum(qcow2.allocated_bytes(self.home.box_dir(r.id) / TOP) for r in boxes.values())
+        return DiskUsage(
+            boxes={k[4:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("box:")},
+            snapshots={k[5:]: (u.owned_bytes, u.shared_bytes) for k, u in usage.items() if k.startswith("snap:")},
+            layers_bytes=total,
+        )
+
+    # -- create and remove ------------------------------------------------------------
+    async def create(self, options: BoxOptions, name: str | None) -> BoxInfo:
+        t0 = time.monotonic()
+        options.validate()
+        box_id = secrets.token_hex(16)
+        name = check_name(name) if name is not None else f"box-{box_id[:8]}"
+        self.check_free(name)
+        images = self.ctx.images
+        image = await asyncio.to_thread(images.resolve, options.image, self.ctx.progress)
+        base = await asyncio.to_thread(images.base_disk, image, options.disk_size_gb, self.ctx.progress)
+        bundle = await asyncio.to_thread(self.bundle)
+        final = self.home.box_dir(box_id)
+        rec = BoxRecord(
+            id=box_id,
+            name=name,
+            status=BoxStatus.CONFIGURED,
+            image=image.reference,
+            image_digest=image.digest,
+            options={**options.to_dict(), "image_config": image.runtime_config},
+            mac=qemu.new_mac(),
+            guest_bundle=bundle.id,
+        )
+        with self.staging([box_id], "create") as stage:
+            work = stage.dirs[0]
+            # tmp/ and boxes/ sit at the same depth, so relative backing paths written
+            # here stay valid after the rename (and when the whole home is moved).
+            qcow2.write_overlay(work / TOP, qcow2.read_header(base).size, os.path.relpath(base, final))
+            rootfs = bundle.rootfs
+            qcow2.write_overlay(work / GUEST_TOP, rootfs.stat().st_size, os.path.relpath(rootfs, final), "raw")
+            rec.timings = {"create_ms": round((time.monotonic() - t0) * 1000, 2)}
+            stage.publish(lambda: self.store.insert_box(rec))
+        return self.info(rec)
+
+    async def remove(self, box_id: str, force: bool) -> None:
+        rec = self.record(box_id)
+        allowed = RULES[Operation.REMOVE].allowed
+        # A box at rest whose files agree with its record goes in one transaction, which
+        # checks that nothing holds it. Otherwise it is claimed like a state operation, so
+        # none (nor a start or stop) runs on a box whose row and files are going away; a
+        # second remover gets InvalidState/NotFound.
+        quiet = self.layers.quiet_top(self.home.box_dir(rec.id)) if rec.status in allowed else None
+        dead = self.store.remove_box(rec.id, (allowed, quiet[1])) if quiet is not None else None
+        if dead is None:
+            async with self.claim(rec, Operation.FORCE_REMOVE if force else Operation.REMOVE) as c:
+                rec = self.record(rec.id)
+                if rec.status.is_live:
+                    await self.kill(rec)
+                await self.ctx.conns.drop(rec.id)
+                self.sync_layer(rec.id)  # a capture left unrecorded by a crash is released too
+                dead = self.store.remove_box(rec.id) or []  # the name and its references go at once; files follow
+                c.ended = True  # (with the row)
+        await self.ctx.conns.drop(rec.id)
+        faults.point("remove:row-deleted")
+        self.layers.trash.discard([(self.home.box_dir(rec.id), f"B-{rec.id}")], durable=self.store.sync)
+        self.layers.collect(self.store, dead)  # layers only this box (and its snapshots) held
+
+    async def kill(self, rec: BoxRecord) -> None:
+        """Force a running box down (remove --force, a failed start or stop). If it is no
+        longer live, whoever moved it on owns it; the pids are checked before any kill."""
+        self.store.transition(rec.id, BoxStatus.STOPPING, LIVE, during_operation=True)
+        for pid in (rec.qemu_pid, rec.supervisor_pid):
+            if pid is not None and pid_is(pid, rec.id):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+            p is not None and pid_is(p, rec.id) for p in (rec.qemu_pid, rec.supervisor_pid)
+        ):
+            await asyncio.sleep(0.02)
+
+
+def _owner_alive(directory: Path) -> bool:
+    try:
+        pid = int((directory / OWNER).read_text())
+    except (OSError, ValueError):
+        return False
+    return pid_alive(pid)
+
+
+def pid_is(pid: int, box_id: str) -> bool:
+    """True if ``pid`` lives and belongs to this box (guards against pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return box_id.encode() in cmdline and state != "Z"
+
+
+def _recent(rec: BoxRecord) -> bool:
+    return rec.started_at is not None and time.time() - rec.started_at < 60

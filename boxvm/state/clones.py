@@ -1,0 +1,103 @@
+"""Clones of a box (from its current state, through a capture) or of one of its snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from pathlib import Path
+
+from boxvm import faults
+from boxvm.disks import qcow2
+from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.engine import qemu
+from boxvm.errors import InvalidArgument, NotFound
+from boxvm.options import CloneOptions, check_name
+from boxvm.state.snapshots import Snapshots
+from boxvm.status import BoxStatus, Operation
+from boxvm.store import BoxRecord
+
+
+class Clones:
+    def __init__(self, snapshots: Snapshots) -> None:
+        self.snapshots = snapshots
+        self.boxes = snapshots.boxes
+        self.home, self.store, self.layers = snapshots.home, snapshots.store, snapshots.layers
+
+    async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxRecord]:
+        """Clone a box (or one of its snapshots) ``len(names)`` times from one capture;
+        all the clones' records are committed at once."""
+        if not names:
+            raise InvalidArgument("clone needs at least one name (or None for a generated one)")
+        rec = self.boxes.record(box_id)
+        ids = [secrets.token_hex(16) for _ in names]
+        final_names = [
+            check_name(n) if n is not None else f"{rec.name[:100]}-{i[:8]}" for n, i in zip(names, ids, strict=True)
+        ]
+        if len(set(final_names)) != len(final_names):
+            raise InvalidArgument("clone names must be distinct")
+        for n in final_names:
+            self.boxes.check_free(n)
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        if options.from_snapshot is not None:
+            # No claim on the box: the snapshot's layer is pinned in the transaction that
+            # finds the snapshot, so removing either meanwhile cannot collect it.
+            pinned = self.store.pin_snapshot(rec.id, options.from_snapshot, os.getpid())
+            if pinned is None:
+                self.snapshots.find(rec.id, options.from_snapshot)  # raises NotFound
+                raise NotFound(f"box {rec.name!r} (or its snapshot) was removed while it was being cloned")
+            layer, pin = pinned[0].layer, pinned[1]
+        else:
+            async with self.boxes.claim(rec, Operation.CLONE) as claim:
+                cap = await self.snapshots.capture(rec, options.snapshot.validate())
+                pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid(), release=True)
+                assert pin is not None
+                claim.ended = True
+                layer, timings = cap.layer, cap.timings
+        try:
+            with self.boxes.staging(ids, "clone") as stage:
+                if options.cow:
+                    self._write(rec, layer, stage.dirs, cow=True)
+                else:  # a full copy of the chain: scales with the data
+                    await asyncio.to_thread(self._write, rec, layer, stage.dirs, False)
+                faults.point("clone:staged")
+                own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                if "pause_ms" in timings:
+                    own_timings["pause_ms"] = timings["pause_ms"]
+                records = [
+                    _clone_record(rec, new_id, name, own_timings, layer if options.cow else None)
+                    for new_id, name in zip(ids, final_names, strict=True)
+                ]
+                stage.publish(lambda: self.store.insert_clones(records, pin))  # all clones appear at once
+        except BaseException:
+            self.layers.collect(self.store, self.store.unpin(pin))
+            raise
+        return records
+
+    def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool) -> None:
+        """Each clone's disks, in its staging directory."""
+        guest_backing = qcow2.read_header(self.home.box_dir(src.id) / GUEST_TOP)
+        size = qcow2.read_header(self.layers.layer_path(layer)).size
+        for work in dirs:
+            if cow:
+                self.layers.new_top(work, layer, size)
+            else:
+                qcow2.flatten(self.layers.layer_path(layer), work / TOP)
+            qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw")
+
+
+def _clone_record(src: BoxRecord, box_id: str, name: str, timings: dict[str, float], layer: str | None) -> BoxRecord:
+    return BoxRecord(
+        id=box_id,
+        name=name,
+        status=BoxStatus.STOPPED if src.status != BoxStatus.CONFIGURED else BoxStatus.CONFIGURED,
+        image=src.image,
+        image_digest=src.image_digest,
+        options=dict(src.options),
+        mac=qemu.new_mac(),
+        guest_bundle=src.guest_bundle,
+        timings=dict(timings),
+        layer=layer,
+    )

@@ -1,0 +1,74 @@
+"""The state services without a VM: the one staging sequence, the claim's operation in the
+store (schema v8) and the guard's message while an operation holds a box."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from boxvm.disks.layers import LayerStore
+from boxvm.errors import AlreadyExists, InvalidState
+from boxvm.images import ImageStore
+from boxvm.paths import Home
+from boxvm.progress import silent
+from boxvm.state.boxes import OWNER, Boxes
+from boxvm.state.context import Context
+from boxvm.status import BoxStatus, Operation, require
+from boxvm.store import BoxRecord, Store
+from boxvm.store.db import MIGRATIONS
+
+
+def _boxes(root: Path) -> Boxes:
+    home = Home.default(root)
+    home.ensure()
+    store = Store(home.db)
+    return Boxes(Context(home, store, ImageStore(home, store), LayerStore(home), silent))
+
+
+def _record(box_id: str, name: str) -> BoxRecord:
+    return BoxRecord(id=box_id, name=name, status=BoxStatus.STOPPED, image="x", options={}, mac="52:54:00:00:00:01")
+
+
+def test_staging_publishes_then_commits_and_leaves_nothing_when_the_commit_fails(tmp_path: Path) -> None:
+    boxes = _boxes(tmp_path)
+    home = boxes.home
+    with boxes.staging(["a" * 32, "b" * 32], "clone") as stage:
+        for work in stage.dirs:
+            (work / "disk.qcow2").write_bytes(b"x")
+        stage.publish(lambda: boxes.store.insert_boxes([_record("a" * 32, "a"), _record("b" * 32, "b")]))
+    assert sorted(p.name for p in home.boxes.iterdir()) == ["a" * 32, "b" * 32]
+    assert not any((p / OWNER).exists() for p in home.boxes.iterdir())  # committed: recovery may judge them
+    assert list(home.tmp.iterdir()) == []
+
+    with pytest.raises(AlreadyExists), boxes.staging(["c" * 32], "create") as stage:
+        stage.publish(lambda: boxes.store.insert_box(_record("c" * 32, "a")))  # the name is taken
+    with pytest.raises(RuntimeError), boxes.staging(["d" * 32], "import") as stage:
+        raise RuntimeError("the archive failed its check")
+    assert sorted(p.name for p in home.boxes.iterdir()) == ["a" * 32, "b" * 32]
+    assert list(home.tmp.iterdir()) == []
+
+
+def test_a_v7_claim_reads_as_its_operation_and_is_shown_as_its_status(tmp_path: Path) -> None:
+    path = tmp_path / "boxvm.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    for step in MIGRATIONS[:7]:
+        db.executescript(step)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '7')")
+    db.execute(
+        "INSERT INTO boxes (id, name, status, image, options, created_at, mac, operation, operation_pid) "
+        "VALUES ('abc123', 'old', 'stopped', 'x', '{}', 1.0, '52:54:00:00:00:01', 'cloning', 1)"
+    )
+    db.commit()
+    db.close()
+    store = Store(path)
+    rec = store.get_box("old")
+    assert rec is not None and rec.operation == Operation.CLONE and rec.shown_status == BoxStatus.CLONING
+    store.end_operation(rec.id)
+    assert store.begin_operation(rec.id, Operation.EXPORT, frozenset({BoxStatus.STOPPED}), 1)
+    raw = sqlite3.connect(path).execute("SELECT operation FROM boxes").fetchone()[0]
+    assert raw == "export"
+    with pytest.raises(InvalidState, match="it is exporting right now"):
+        require(Operation.START, "old", BoxStatus.STOPPED, Operation.EXPORT)
