@@ -138,6 +138,8 @@ def warm_into(home: Home, box_dir: Path, rec: BoxRecord) -> bool:
         for name in (TOP, GUEST_TOP):  # the same backing files (relative paths at the same depth)
             if qcow2.read_header(src / name).backing_file != qcow2.read_header(box_dir / name).backing_file:
                 return False
+            if qcow2.check(box_dir / name):  # never over data of the box's own (only a fresh box is replaced)
+                return False
     except (OSError, ValueError, KeyError, StorageError):
         return False
     for name in (TOP, GUEST_TOP):
