@@ -79,9 +79,14 @@ def parse(url: str) -> ObjectURL:
 
 def within(url: ObjectURL, prefixes: list[str]) -> bool:
     """Whether ``url`` lies under one of ``prefixes`` (``s3://bucket/`` or ``s3://bucket/dir/``)."""
+    segments = url.key.split("/")
+    if ".." in segments or "." in segments:  # some stores (SeaweedFS's filer) resolve them
+        return False
     for prefix in prefixes:
         bucket, _, key_prefix = prefix.removeprefix(SCHEME).partition("/")
-        if url.bucket == bucket and url.key.startswith(key_prefix) and ".." not in url.key.split("/"):
+        if key_prefix and not key_prefix.endswith("/"):
+            key_prefix += "/"  # a folder, never a name's beginning ("rest" must not open "restless")
+        if url.bucket == bucket and url.key.startswith(key_prefix):
             return True
     return False
 

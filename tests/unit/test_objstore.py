@@ -27,6 +27,9 @@ def test_urls_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert objstore.for_rest_caller("s3://other/x") == "s3://other/x"
     with pytest.raises(InvalidArgument):
         objstore.for_rest_caller("s3://bucket/restless")
+    assert not objstore.within(objstore.parse("s3://bucket/restless"), ["s3://bucket/rest"])
+    assert objstore.within(objstore.parse("s3://bucket/rest/x"), ["s3://bucket/rest"])
+    assert not objstore.within(objstore.parse("s3://bucket/rest/./x"), ["s3://bucket/rest/"])
 
 
 def test_part_sizes_stay_bounded() -> None:
