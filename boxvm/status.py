@@ -69,6 +69,9 @@ _AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED}
 _VM_UP = frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED})
 _CAPTURABLE = _AT_REST | _VM_UP
 _REMOVABLE = _AT_REST | {BoxStatus.SUSPENDED}
+# A suspended box's disk belongs with its saved memory: a capture of it alone would drop the
+# processes, so it is exported (memory included) or started first.
+_SUSPENDED_ADVICE = "it must be stopped, running or paused (a suspended box: start it first, or export it)"
 
 # The one table: every operation's starting statuses, the status it holds, and the advice.
 RULES: dict[Operation, Rule] = {
@@ -81,7 +84,7 @@ RULES: dict[Operation, Rule] = {
     Operation.SUSPEND: Rule(_VM_UP, BoxStatus.SUSPENDING, "it must be running or paused", "suspend"),
     Operation.REMOVE: Rule(_REMOVABLE, BoxStatus.REMOVING, "stop it first or pass force=True", "remove"),
     Operation.FORCE_REMOVE: Rule(frozenset(BoxStatus), BoxStatus.REMOVING, "", "remove"),
-    Operation.SNAPSHOT: Rule(_CAPTURABLE, BoxStatus.SNAPSHOTTING, "it has no disk state to capture", "snapshot"),
+    Operation.SNAPSHOT: Rule(_CAPTURABLE, BoxStatus.SNAPSHOTTING, _SUSPENDED_ADVICE, "snapshot"),
     Operation.MEMORY_SNAPSHOT: Rule(
         _VM_UP,
         BoxStatus.SNAPSHOTTING,
@@ -91,8 +94,11 @@ RULES: dict[Operation, Rule] = {
     Operation.RESTORE: Rule(
         _AT_REST, BoxStatus.RESTORING, "a disk-only snapshot restores a stopped box: stop it first", "restore"
     ),
-    Operation.CLONE: Rule(_CAPTURABLE, BoxStatus.CLONING, "it has no disk state to capture", "clone"),
-    Operation.EXPORT: Rule(_CAPTURABLE, BoxStatus.EXPORTING, "it has no disk state to export", "export"),
+    Operation.CLONE: Rule(_CAPTURABLE, BoxStatus.CLONING, _SUSPENDED_ADVICE, "clone"),
+    # a suspended box's archive carries its memory state (archive's memory.state)
+    Operation.EXPORT: Rule(
+        _CAPTURABLE | {BoxStatus.SUSPENDED}, BoxStatus.EXPORTING, "it has no disk state to export", "export"
+    ),
 }
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from boxvm.engine import memory
+from boxvm.engine import memory, qemucaps
 from boxvm.errors import InvalidState, StorageError
 from boxvm.options import BoxInfo, BoxOptions
 from boxvm.processes import alive
@@ -62,6 +62,7 @@ class Suspend:
         rec = self.boxes.record(box_id)
         rule = require(Operation.SUSPEND, rec.name, rec.status, rec.operation)
         assert rule.holds is not None
+        qemucaps.require_memory_state(self.boxes.home.cache, f"suspend box {rec.name!r}")
         if not self.store.transition(rec.id, rule.holds, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while suspending: try again")
         conns = self.boxes.ctx.conns

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
+from boxvm.engine import qemucaps
 from boxvm.errors import AlreadyExists, SnapshotNotFound
 from boxvm.options import BoxInfo, SnapshotInfo, SnapshotOptions, check_snapshot_name
 from boxvm.state import memory as box_memory
@@ -76,6 +77,7 @@ class Snapshots:
         operation = Operation.MEMORY_SNAPSHOT if options.memory else Operation.SNAPSHOT
         if options.memory:
             require(operation, rec.name, rec.status, rec.operation)
+            qemucaps.require_memory_state(self.home.cache, f"take a memory snapshot of box {rec.name!r}")
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
         async with self.boxes.claim(rec, operation) as claim:

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import IO, Any
 
-from boxvm import archive
+from boxvm import archive, memarchive
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
 from boxvm.engine import qemu
 from boxvm.errors import ArchiveError, EngineError, InvalidArgument
 from boxvm.options import NAME_RE, BoxInfo, BoxOptions, ExportOptions, SnapshotOptions, check_name
+from boxvm.state import memory_transfer
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
 from boxvm.store import BoxRecord
@@ -44,17 +45,16 @@ class Transfer:
         rec = self.boxes.record(box_id)
 
         async def work(out: IO[bytes]) -> None:
-            def write(top: Path, manifest: dict[str, object]) -> None:
-                archive.write_stream(top, out, manifest, compress=options.compress, level=options.compression_level)
+            def write(top: Path, manifest: dict[str, object], memory: memarchive.Plan | None = None) -> None:
+                level = options.compression_level
+                archive.write_stream(top, out, manifest, compress=options.compress, level=level, memory=memory)
                 out.flush()
 
             await self._export(rec, options, write)
 
         return await produced(work)
 
-    async def _export(
-        self, rec: BoxRecord, options: ExportOptions, write: Callable[[Path, dict[str, object]], None]
-    ) -> None:
+    async def _export(self, rec: BoxRecord, options: ExportOptions, write: Callable[..., None]) -> None:
         t0 = time.perf_counter()
         async with self.boxes.claim(rec, Operation.EXPORT):
             box_dir = self.home.box_dir(rec.id)
@@ -66,8 +66,12 @@ class Transfer:
             else:  # at rest, and the claim keeps it so: read its top directly, no capture
                 self.layers.commit(box_dir)
                 top, consistency, timings = box_dir / TOP, "stopped", {"pause_ms": 0.0}
+            manifest, memory = export_manifest(rec, consistency, options.include_metadata), None
+            if rec.status == BoxStatus.SUSPENDED:  # its saved memory goes with its disk
+                memory, manifest["memory"] = memory_transfer.export_plan(box_dir, rec, self.home.cache)
+                manifest["consistency"] = "suspended"
             try:
-                await asyncio.to_thread(write, top, export_manifest(rec, consistency, options.include_metadata))
+                await asyncio.to_thread(write, top, manifest, memory)
             finally:
                 if cap is not None and cap.node is not None:
                     await self._release(rec, cap.node)
@@ -111,7 +115,7 @@ class Transfer:
                 rec = BoxRecord(
                     id=box_id,
                     name=name or self._unused_name(str(manifest.get("box_name") or "imported")),
-                    status=BoxStatus.STOPPED,
+                    status=BoxStatus.SUSPENDED if verified.memory else BoxStatus.STOPPED,
                     image=str(manifest.get("image") or "imported"),
                     image_digest=digest if isinstance(digest, str) else None,
                     options=options,
@@ -119,6 +123,8 @@ class Transfer:
                     guest_bundle=bundle.id,
                     timings={"import_ms": round((time.perf_counter() - t0) * 1000, 2)},
                 )
+                if verified.memory is not None:  # refused unless this box can resume it here
+                    memory_transfer.import_into(work, verified, rec, self.home.cache, label)
                 stage.publish(lambda: self.store.insert_box(rec))
         return self.boxes.info(rec)
 

@@ -1,0 +1,118 @@
+"""What this host's QEMU can do for memory state, probed once per QEMU binary and cached.
+
+Suspend, memory snapshots and resuming an imported memory state need a guest RAM in a
+``memory-backend-file`` (QEMU built for POSIX hosts) and the ``x-ignore-shared`` migration
+capability (QEMU 4.0+). The probe asks the binary itself rather than parsing its version:
+a QEMU with ``-machine none`` and such a RAM object, whose QMP lists the capabilities
+(about 0.1 s). The answer is kept per binary (path, inode, size, mtime) in the home's
+cache, so an upgraded or replaced QEMU is probed again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from boxvm.engine.qemu import qemu_binary
+from boxvm.errors import Unsupported
+
+CACHE_FILE = "qemu-caps.json"
+PROBE_TIMEOUT = 20.0
+_MEMO: dict[str, QemuCaps] = {}
+
+
+@dataclass(frozen=True)
+class QemuCaps:
+    version: str  # "7.2.22"; "" when QEMU did not start
+    memory_file: bool  # -object memory-backend-file works
+    ignore_shared: bool  # the x-ignore-shared migration capability exists
+    reason: str  # why not, in QEMU's words ("" when both work)
+
+    @property
+    def memory_state(self) -> bool:
+        return self.memory_file and self.ignore_shared
+
+
+def _key(binary: str) -> str:
+    st = os.stat(binary)
+    return f"{binary}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def probe(cache: Path, binary: str | None = None) -> QemuCaps:
+    """The capabilities of ``binary`` (default: the QEMU boxes run on), from the cache if it
+    has this very binary."""
+    binary = binary or qemu_binary()
+    key = _key(binary)
+    if key in _MEMO:
+        return _MEMO[key]
+    path = cache / CACHE_FILE
+    try:
+        known = json.loads(path.read_text())
+        found = QemuCaps(**known[key]) if isinstance(known, dict) and key in known else None
+    except (OSError, ValueError, TypeError):
+        known, found = {}, None
+    if found is None:
+        found = _run(binary)
+        entries = known if isinstance(known, dict) else {}
+        entries[key] = asdict(found)
+        with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, path)
+    _MEMO[key] = found
+    return found
+
+
+def _run(binary: str) -> QemuCaps:
+    with tempfile.TemporaryDirectory(prefix="boxvm-qemu-probe-") as tmp:
+        ram = Path(tmp) / "ram"
+        argv = [
+            binary, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp", "stdio",
+            "-object", f"memory-backend-file,id=probe,size=2M,mem-path={tmp}/ram,share=on",
+        ]  # fmt: skip
+        ram.touch()
+        commands = "".join(
+            json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", "query-migrate-capabilities", "quit")
+        )
+        try:
+            done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}")
+    replies = []
+    for line in done.stdout.splitlines():
+        with contextlib.suppress(ValueError):
+            replies.append(json.loads(line))
+    greeting = next((r["QMP"] for r in replies if isinstance(r, dict) and "QMP" in r), None)
+    if greeting is None:
+        why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
+        return QemuCaps("", False, False, why)
+    v = greeting.get("version", {}).get("qemu", {})
+    version = f"{v.get('major', 0)}.{v.get('minor', 0)}.{v.get('micro', 0)}"
+    names = {
+        c.get("capability")
+        for r in replies
+        if isinstance(r, dict) and isinstance(r.get("return"), list)
+        for c in r["return"]
+        if isinstance(c, dict)
+    }
+    if "x-ignore-shared" not in names:
+        return QemuCaps(version, True, False, "QEMU has no x-ignore-shared migration capability (QEMU 4.0 added it)")
+    return QemuCaps(version, True, True, "")
+
+
+def require_memory_state(cache: Path, what: str) -> QemuCaps:
+    """Raise :class:`Unsupported` (naming ``what`` was asked) unless this host's QEMU can
+    save and load memory state."""
+    caps = probe(cache)
+    if not caps.memory_state:
+        raise Unsupported(
+            f"cannot {what}: this host's QEMU cannot keep memory state ({caps.reason}); a QEMU of version 4.0 or"
+            " later built for Linux can. Disk snapshots, clones and exports work without it"
+        )
+    return caps
