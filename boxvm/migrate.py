@@ -21,9 +21,11 @@ a suspended one once memory state travels in archives; stop it first.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,11 +90,31 @@ async def migrate(source: Backend, box: str, target: Backend, via: str) -> BoxIn
     folder = _journal_dir(source)
     info = await source.get(box)
     name = info.name if info is not None else box
-    path = folder / f"{name}.json"
+    with _exclusive(folder / f"{name}.lock", name):
+        return await _migrate(source, target, via, folder / f"{name}.json", info, name)
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path, name: str) -> Iterator[None]:
+    """One driver per box at a time (the kernel drops the lock of a killed one)."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidState(f"another migrate of box {name!r} is running: wait for it") from None
+        yield
+        # done: a driver that opened this file meanwhile finds no journal and no box, and stops
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+
+
+async def _migrate(source: Backend, target: Backend, via: str, path: Path, info: BoxInfo | None, name: str) -> BoxInfo:
     journal = _load(path)
     if journal is None:
         if info is None:
-            raise BoxNotFound(f"no box named or with id {box!r} on the source, and no unfinished migration of it")
+            raise BoxNotFound(f"no box named or with id {name!r} on the source, and no unfinished migration of it")
         if info.status not in (BoxStatus.STOPPED, BoxStatus.CONFIGURED):
             raise InvalidState(
                 f"box {name!r} is {info.status}: stop it first (a running box moves once memory state travels)"
