@@ -14,8 +14,9 @@ the process driving the move) before the next begins:
 So at every instant exactly one of the source, the object (steps 2-3) or the target owns
 the box, whichever side is killed: a killed export leaves no object and the box at the
 source, a killed import leaves nothing at the target, and every step is idempotent, so
-running ``migrate`` again finishes the move. A running box is refused for now: it moves as
-a suspended one once memory state travels in archives; stop it first.
+running ``migrate`` again finishes the move. A running (or paused) box is suspended first:
+its memory and device state travel in the archive, and after step 4 the target starts it,
+which resumes every process where it was (a suspended box stays suspended).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from boxvm.paths import Home
 from boxvm.status import BoxStatus
 
 _PHASES = ("started", "exported", "released", "imported")
+_MOVABLE = frozenset(
+    {BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.RUNNING, BoxStatus.PAUSED}
+)
 
 
 @dataclass
@@ -46,6 +50,7 @@ class Journal:
     target: str  # the target runner (its URL, or its home for a local one)
     object: str  # s3://… of the archive in transit
     phase: str = "started"
+    resume: bool = False  # it was running: suspend at the source, start (resume) on the target
 
 
 def _where(backend: Backend) -> str:
@@ -115,15 +120,14 @@ async def _migrate(source: Backend, target: Backend, via: str, path: Path, info:
     if journal is None:
         if info is None:
             raise BoxNotFound(f"no box named or with id {name!r} on the source, and no unfinished migration of it")
-        if info.status not in (BoxStatus.STOPPED, BoxStatus.CONFIGURED):
-            raise InvalidState(
-                f"box {name!r} is {info.status}: stop it first (a running box moves once memory state travels)"
-            )
+        if info.status not in _MOVABLE:
+            raise InvalidState(f"box {name!r} is {info.status}: wait for its operation to end, then migrate it")
         if await target.get(name) is not None:
             raise AlreadyExists(f"the target already has a box named {name!r}: rename or remove one of them")
         obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap"
         objstore.parse(obj)
-        journal = Journal(info.id, name, _where(target), obj)
+        resume = info.status in (BoxStatus.RUNNING, BoxStatus.PAUSED)
+        journal = Journal(info.id, name, _where(target), obj, resume=resume)
         _save(path, journal)
     elif journal.target != _where(target):
         raise InvalidState(f"box {name!r} is being moved to {journal.target}: run migrate again with that target")
@@ -133,6 +137,9 @@ async def _migrate(source: Backend, target: Backend, via: str, path: Path, info:
 async def _resume(source: Backend, target: Backend, path: Path, journal: Journal) -> BoxInfo:
     url = objstore.parse(journal.object)
     if journal.phase == "started":
+        current = await source.get(journal.box_id)
+        if current is not None and current.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
+            await source.suspend(journal.box_id)  # its memory and processes travel in the archive
         with contextlib.suppress(AlreadyExists):  # our own export completed before a crash (the key is ours)
             await source.export_object(journal.box_id, journal.object, ExportOptions())
         faults.point("migrate:exported")
@@ -150,9 +157,11 @@ async def _resume(source: Backend, target: Backend, path: Path, journal: Journal
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
-    await objstore.delete(url)
-    path.unlink(missing_ok=True)
     moved = await target.get(journal.box_name)
     if moved is None:
         raise BoxNotFound(f"box {journal.box_name!r} vanished from the target right after its migration")
+    if journal.resume and moved.status == BoxStatus.SUSPENDED:
+        moved = await target.start(moved.id)  # resumes every process where it was
+    await objstore.delete(url)
+    path.unlink(missing_ok=True)
     return moved

@@ -5,6 +5,7 @@ finishes the move with identical content (``qemu-img compare`` judges)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -120,3 +121,35 @@ async def test_killed_after_each_step_leaves_one_owner_and_rerun_finishes(
                 await rt.remove(name, force=True)
         if await target.get(name) is not None:
             await target.remove(name, force=True)
+
+
+async def test_running_box_moves_with_its_processes(target: boxvm.Runtime, s3: S3Server) -> None:
+    """A running box holding data and a counter process is suspended at the source, travels
+    with its memory, and runs on the target with the same process still counting."""
+    name = f"mig-run-{os.urandom(2).hex()}"
+    counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
+    async with boxvm.Runtime() as rt:
+        box = await rt.create(boxvm.BoxOptions(image="boxvm/slim", memory_mib=256), name=name)
+        try:
+            await box.start()
+            setup = f"head -c 200000 /dev/urandom > /root/data; sync; ({counter}) >/dev/null 2>&1 & echo $!"
+            r = await box.exec(["sh", "-c", setup])
+            assert r.exit_code == 0, r.stderr
+            pid = r.stdout.decode().strip()
+            digest = (await box.exec(["md5sum", "/root/data"])).stdout
+            await asyncio.sleep(0.5)
+            before = int((await box.exec(["cat", "/tmp/count"])).stdout)
+            moved = await box.migrate(target, via=VIA)
+            assert (await moved.info()).status == boxvm.BoxStatus.RUNNING
+            assert await rt.get(name) is None
+            assert (await moved.exec(["md5sum", "/root/data"])).stdout == digest
+            assert (await moved.exec(["sh", "-c", f"kill -0 {pid} && echo alive"])).stdout == b"alive\n"
+            first = int((await moved.exec(["cat", "/tmp/count"])).stdout)
+            await asyncio.sleep(0.6)
+            assert before <= first < int((await moved.exec(["cat", "/tmp/count"])).stdout)
+            assert in_transit(s3) == []
+        finally:
+            if await rt.get(name) is not None:
+                await rt.remove(name, force=True)
+            if await target.get(name) is not None:
+                await target.remove(name, force=True)
