@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import NoReturn
 
+from boxvm import templates
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
@@ -42,7 +43,7 @@ from boxvm.progress import Progress, silent
 from boxvm.state.boxes import Boxes, pid_is
 from boxvm.state.clones import Clones
 from boxvm.state.context import Context
-from boxvm.state.memory import Suspend, resumable
+from boxvm.state.memory import Suspend, resumable, resume_plan
 from boxvm.state.snapshots import Snapshots
 from boxvm.state.transfer import Transfer
 from boxvm.status import BoxStatus, Operation, require
@@ -55,7 +56,7 @@ ProcessChannel.register(Channel)
 READY_TIMEOUT = 180.0  # TCG boots in seconds, but a loaded CI machine can be slow
 
 
-class LocalBackend(Backend):
+class LocalBackend(templates.TemplateOps, Backend):
     """The facade: lifecycle, exec and files here; records, snapshots, clones, transfer and
     suspend are the state services' (``boxvm/state/``)."""
 
@@ -115,7 +116,7 @@ class LocalBackend(Backend):
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
         records = await self.clones.clone(box_id, names, options)
         if options.start_after_clone:
-            return [await self.start(r.id) for r in records]
+            return list(await asyncio.gather(*(self.start(r.id) for r in records)))  # forks resume at once
         return [self.boxes.info(r) for r in records]
 
     async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
@@ -155,9 +156,14 @@ class LocalBackend(Backend):
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         box_dir = self.home.box_dir(rec.id)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
-        if not resume:  # a cold boot starts from fresh, empty RAM
-            await asyncio.to_thread(memory.fresh_ram, box_dir, BoxOptions.from_dict(rec.options).memory_mib)
         opts = BoxOptions.from_dict(rec.options)
+        if not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:  # its machine's template, if any
+            resume = await asyncio.to_thread(templates.warm_into, self.home, box_dir, rec)
+        ram_file, ram_shared, plan = box_dir / memory.RAM, True, {}
+        if resume:
+            ram_file, ram_shared, plan = await asyncio.to_thread(resume_plan, box_dir, rec)
+        else:  # a cold boot starts from fresh, empty RAM
+            await asyncio.to_thread(memory.fresh_ram, box_dir, opts.memory_mib)
         accel = self._accel_choice()
         spec = qemu.VmSpec(
             box_dir=box_dir,
@@ -172,7 +178,8 @@ class LocalBackend(Backend):
             mac=rec.mac,
             hostname=rec.name,
             machine_id=rec.id,
-            memory_file=box_dir / memory.RAM,
+            memory_file=ram_file,
+            memory_shared=ram_shared,
             incoming=resume,
             tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
         )
@@ -183,7 +190,7 @@ class LocalBackend(Backend):
             (box_dir / "vm.json").write_text(
                 json.dumps(
                     {"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)}
-                    | {"incoming": resume}
+                    | {"incoming": resume, "resume": plan}
                 )
             )
             proc = await asyncio.create_subprocess_exec(

@@ -50,6 +50,29 @@ def resumable(store: Store, box_dir: Path, rec: BoxRecord) -> bool:
     return True
 
 
+def resume_plan(box_dir: Path, rec: BoxRecord) -> tuple[Path, bool, dict[str, Any]]:
+    """For a start that resumes (``resumable`` said so): the RAM file QEMU maps, whether it
+    maps it shared, and the supervisor's plan (``engine/memory_ops``). A ``stream`` state is
+    loaded into a fresh RAM file; a fork maps ``memory.BASE`` privately and is re-identified
+    (hostname and machine-id of this box) before it is ready."""
+    meta = memory.read_meta(box_dir)
+    ram = meta.get("ram", "file")
+    plan: dict[str, Any] = {"with_ram": ram == "stream", "private": ram == "base"}
+    if meta.get("fork"):
+        plan["identity"] = {"hostname": rec.name[:64], "machine_id": rec.id}
+    if ram == "stream":
+        memory.blank_ram(box_dir, BoxOptions.from_dict(rec.options).memory_mib)
+    if ram == "base":
+        return box_dir / memory.BASE, False, plan
+    return box_dir / memory.RAM, True, plan
+
+
+def fork_into(box_dir: Path, snapshot_id: str, dirs: list[Path]) -> None:
+    """Give each new box directory the memory snapshot's state as a fork's (``engine/memory``)."""
+    for work in dirs:
+        memory.fork_into(snapshot_dir(box_dir, snapshot_id), work)
+
+
 class Suspend:
     """``suspend`` of the local backend."""
 
@@ -112,7 +135,8 @@ def restore_into(store: Store, box_dir: Path, rec: BoxRecord, snapshot_id: str) 
             " restored and the box is stopped: start it to boot it cold"
         ) from exc
     memory.discard(box_dir)
-    memory.sparse_copy(src / memory.RAM, box_dir / memory.RAM)
+    if memory.read_meta(src).get("ram", "file") == "file":  # a fork's snapshot holds its RAM in the state
+        memory.sparse_copy(src / memory.RAM, box_dir / memory.RAM)
     shutil.copyfile(src / memory.STATE, box_dir / memory.STATE)
     shutil.copyfile(src / memory.META, box_dir / memory.META)  # last: it vouches for the others
     store.transition(rec.id, BoxStatus.SUSPENDED, RULES[Operation.RESTORE].allowed, during_operation=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 import boxvm
-from boxvm.state import memory as box_memory
 from boxvm.backends.local import LocalBackend
 from boxvm.engine import memory
 from boxvm.errors import InvalidState, StorageError
 from boxvm.options import SnapshotOptions
+from boxvm.state import memory as box_memory
 from boxvm.status import BoxStatus
 
 pytestmark = [pytest.mark.asyncio]
