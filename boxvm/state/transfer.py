@@ -157,6 +157,9 @@ def options_from_manifest(manifest: dict[str, Any], untrusted: bool) -> dict[str
     """Box options from a manifest, validated; host-specific ones dropped when untrusted."""
     raw = manifest.get("box_options")
     data = dict(raw) if isinstance(raw, dict) else {}
+    if isinstance(manifest.get("memory"), dict):  # a suspended box: its machine's size, options or not
+        data.setdefault("memory_mib", manifest["memory"]["memory_mib"])
+        data.setdefault("cpus", manifest["memory"]["cpus"])
     image_config = data.pop("image_config", None)
     size = manifest["disk_virtual_size"]
     data["disk_size_gb"] = max(1, -(-int(size) // (1 << 30)))

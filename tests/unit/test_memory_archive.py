@@ -252,3 +252,14 @@ def test_the_machine_type_is_the_one_boxes_boot() -> None:
 
     source = Path(qemu.__file__).read_text()
     assert f'"-M", "{memarchive.MACHINE},' in source
+
+
+def test_a_suspended_box_exported_without_its_options_gets_its_machine_size() -> None:
+    """``include_metadata=False`` drops box options; the memory section still sizes the box,
+    else the import would give it the default 512 MiB and refuse its own memory state."""
+    from boxvm.state.transfer import options_from_manifest
+
+    manifest = {"disk_virtual_size": 1 << 30, "memory": {**SECTION, "cpus": 2}}
+    options = options_from_manifest(manifest, untrusted=False)
+    assert (options["memory_mib"], options["cpus"]) == (RAM_MIB, 2)
+    memarchive.require_fits("a", {**SECTION, "cpus": 2}, {"guest_bundle": "bundle-1", **options})
