@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--exec-runs", type=int, default=50)
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "last-run.json")
-    groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image", "memory", "s3"]
+    groups = ["lifecycle", "state", "compare", "archive", "rest", "registry", "image", "memory", "memxfer", "s3"]
     parser.add_argument("--only", choices=groups, help="Run one group.")
     parser.add_argument(
         "--check",
@@ -176,6 +176,10 @@ def main() -> None:
         from bench.memory import run_memory
 
         results.update(asyncio.run(run_memory(home, max(3, args.runs // 2))))
+    if args.only in (None, "memxfer"):
+        from bench.memory_transfer import run_memory_transfer
+
+        results.update(asyncio.run(run_memory_transfer(home, max(3, args.runs // 2))))
     if args.only in (None, "s3"):
         from bench.s3 import run_s3
 

@@ -181,6 +181,8 @@ async def test_a_suspended_box_travels_with_its_memory_through_export_rest_and_i
             assert count >= source.count
             assert await sh(copy, "cat /root/marker") == source.marker
             assert await sh(copy, f"kill -0 {source.server_pid} && echo alive") == "alive"  # the server too
+            # another box's guest: re-identified as a fork is (the manifest's record is marked so)
+            assert await sh(copy, "hostname; cat /etc/machine-id") == f"{copy.name}\n{copy.id}"
             print(f"\nexport {export_s:.2f} s ({path.stat().st_size >> 20} MiB), import over REST {import_s:.2f} s,"
                   f" start (resume) {resume_s:.2f} s")  # fmt: skip
             await copy.stop()
