@@ -37,16 +37,20 @@ def clear(homes: Path) -> None:
 
 
 @contextlib.contextmanager
-def ray_pool(home: Home, homes: Path, *, nodes: int = 3, cpus: int = 4, memory: int = 1 << 30) -> Iterator[BoxPool]:
+def ray_pool(
+    home: Home, homes: Path, *, nodes: int = 3, cpus: int = 4, memory: int = 1 << 30, store: str | None = None
+) -> Iterator[BoxPool]:
     """``nodes`` Ray nodes of ``cpus`` logical cpus and ``memory`` bytes, homes
     ``<homes>/<node id[:12]>``, and a pool over them. The runners inherit this process's
     environment (the AWS variables of the S3 server). Everything is removed afterwards."""
     clear(homes)  # an interrupted earlier run's
     bundle.ensure(home)
     ensure_slim(home)
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": cpus, "memory": memory, "include_dashboard": False}
-    )
+    # No prestarted idle Python workers (Ray starts one per cpu of each node by default, each
+    # importing Ray: seconds of CPU the boxes' boots need on a small machine).
+    system = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+    head = {"num_cpus": cpus, "memory": memory, "include_dashboard": False, "_system_config": system}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus, memory=memory)
@@ -57,7 +61,7 @@ def ray_pool(home: Home, homes: Path, *, nodes: int = 3, cpus: int = 4, memory: 
             node_home.ensure()
             for src, dst in ((home.guest, node_home.guest), (home.images / "slim", node_home.images / "slim")):
                 shutil.copytree(src, dst, copy_function=os.link, dirs_exist_ok=True)
-        pool = BoxPool(str(homes / "{node}"))
+        pool = BoxPool(str(homes / "{node}"), store=store)
         yield pool
         pool.shutdown(remove_boxes=True)
     finally:

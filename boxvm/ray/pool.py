@@ -38,8 +38,9 @@ def _wait(ref: ray.ObjectRef, node_id: str, what: str) -> Any:
     try:
         return ray.get(ref)
     except RayActorError as exc:
+        detail = (str(exc).strip().splitlines() or ["no detail"])[0]
         raise RunnerUnavailable(
-            f"{what} is on Ray node {node_id[:12]}, whose boxvm runner is gone ({type(exc).__name__}): "
+            f"{what} is on Ray node {node_id[:12]}, whose boxvm runner is gone ({type(exc).__name__}: {detail}): "
             "its boxes cannot be reached until a runner runs there again (BoxPool.start_runners); "
             "boxes on other nodes are unaffected"
         ) from None
@@ -175,6 +176,7 @@ class BoxPool:
         namespace: str = "boxvm",
         store: str | None = None,
         probe_timeout: float = 10.0,
+        start_timeout: float = 120.0,
     ) -> None:
         if not ray.is_initialized():
             raise InvalidArgument("BoxPool needs a Ray connection: call ray.init() first")
@@ -182,6 +184,7 @@ class BoxPool:
         self._namespace = namespace
         self._store = store.rstrip("/") if store else None
         self._timeout = probe_timeout
+        self._start_timeout = start_timeout
         self._runners: dict[str, ActorHandle] = {}
         self.lost: dict[str, str] = {}  # node id -> why its runner is out of the pool
         self.start_runners()
@@ -191,6 +194,7 @@ class BoxPool:
         """A runner on every alive node that has none (one per node even across pools: the
         actor is named after its node). Returns the nodes served."""
         remote = ray.remote(num_cpus=0, max_restarts=0)(Runner)
+        started = {}
         for node in ray.nodes():
             node_id = node["NodeID"]
             if not node["Alive"] or node_id in self._runners:
@@ -208,6 +212,17 @@ class BoxPool:
                 int(resources.get("memory", 0)) >> 20,
             )
             self.lost.pop(node_id, None)
+            started[node_id] = self._runners[node_id].load.remote()
+        # Wait for the new ones: a runner still importing boxvm must not count as hung later.
+        ready, _ = ray.wait(list(started.values()), num_returns=len(started), timeout=self._start_timeout)
+        for node_id, ref in started.items():
+            if ref not in ready:
+                self._drop(node_id, f"the runner did not start within {self._start_timeout:g} s")
+                continue
+            try:
+                _wait(ref, node_id, "the runner")
+            except BoxvmError as exc:  # its home or boxvm failed it
+                self._drop(node_id, exc.message)
         return list(self._runners)
 
     def _drop(self, node_id: str, why: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import re
@@ -173,14 +174,26 @@ class Runner:
         return await (await self._box(box_id)).snapshot.list()
 
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
-        """Copy-on-write clones on this node; started ones must fit (NoCapacity otherwise)."""
+        """Copy-on-write clones on this node; with ``start_after_clone`` they must fit (else
+        NoCapacity) and start together (the backend would start them one by one); all or none."""
         box = await self._box(box_id)
         info = await box.info()
-        ticket = await self._reserve(info.cpus, info.memory_mib, len(names)) if options.start_after_clone else None
+        start = options.start_after_clone
+        ticket = await self._reserve(info.cpus, info.memory_mib, len(names)) if start else None
         try:
-            return [await c.info() for c in await box.clone_many(len(names), options, names)]
+            clones = await box.clone_many(len(names), dataclasses.replace(options, start_after_clone=False), names)
+            if not start:
+                return [await c.info() for c in clones]
+            results = await asyncio.gather(*(c.start() for c in clones), return_exceptions=True)
         finally:
             self._held.pop(ticket, None)  # type: ignore[arg-type]
+        started = [r for r in results if isinstance(r, BoxInfo)]
+        if len(started) < len(results):
+            for c in clones:
+                with contextlib.suppress(BoxvmError):
+                    await self._rt.remove(c.id, force=True)
+            raise next(r for r in results if isinstance(r, BaseException))
+        return started
 
     async def export(self, box_id: str, url: str, snapshot: str | None) -> str:
         """Publish the box (or one of its snapshots, through a transient clone) at ``url``."""

@@ -38,10 +38,11 @@ class Env:
 @pytest.fixture(scope="module")
 def env(home: Home, s3: S3Server) -> Iterator[Env]:
     # The runners inherit the AWS endpoint and credentials tests.s3server put in this process's env.
-    with ray_pool(home, home.root / "ray-nodes", nodes=3, cpus=NODE_CPUS, memory=NODE_MEMORY) as pool:
+    store = f"s3://{s3.bucket}/ray"
+    with ray_pool(home, home.root / "ray-nodes", nodes=3, cpus=NODE_CPUS, memory=NODE_MEMORY, store=store) as pool:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 3 and sorted(pool.start_runners()) == sorted(nodes)
-        yield Env(pool, nodes, f"s3://{s3.bucket}/ray")
+        yield Env(pool, nodes, store)
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +108,12 @@ def test_a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env
     fresh = env.pool.create(OPTS, "after-kill")
     assert fresh.node_id in survivors
     assert fresh.exec(["echo", "ok"]).stdout == b"ok\n"
+    # A clone of a box on a full node goes, through the pool's store, to the one with room.
+    full = next(b for b in boxes if b.node_id in survivors - {fresh.node_id})
+    assert full.exec(["sh", "-c", "echo cloned > /root/c"]).exit_code == 0
+    (moved,) = env.pool.clone(full)
+    assert moved.node_id == fresh.node_id != full.node_id
+    assert moved.exec(["cat", "/root/c"]).stdout == b"cloned\n"
     for box in boxes:
         if box.node_id != victim:
             assert box.exec(["true"]).exit_code == 0
