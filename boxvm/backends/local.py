@@ -202,7 +202,8 @@ class LocalBackend(templates.TemplateOps, Backend):
                 raise EngineError(f"the supervisor of box {rec.name!r} failed to start; see {box_dir}/supervisor.log")
             conn = await self.state.conns.get(rec.id, rec.name)
             await conn.request("wait_ready", timeout=READY_TIMEOUT)
-            await _set_guest_time(conn, rec.name)
+            if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
+                await _set_guest_time(conn, rec.name)
         except BaseException as exc:
             await self._abort_start(rec, exc)
             if isinstance(exc, Exception) and self.store.get_box(rec.id) is None:

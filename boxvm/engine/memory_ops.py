@@ -104,11 +104,16 @@ class MemoryOps:
             requests = [self.link.request({"op": "reseed", "entropy": os.urandom(64).hex()}, RESUME_PING_TIMEOUT)]
             if plan.get("identity"):  # another box's guest: it takes this box's name and machine-id
                 requests.append(self.link.request({"op": "reidentify", **plan["identity"]}, RESUME_PING_TIMEOUT))
-            seeded, *ident = await asyncio.gather(*requests)
+            tasks = [asyncio.ensure_future(r) for r in requests]
+            probe = asyncio.ensure_future(_clock_probe(self.link))  # a first clock read right behind them
+            answers = await asyncio.gather(*tasks)
+            clock = await probe
+            seeded, ident = answers[0], answers[1:]
             if "error" in seeded:
                 log.warning("the guest RNG was not reseeded: %s", seeded["error"]["message"])
             if ident and "error" in ident[0]:
                 raise EngineError(f"the resumed guest could not be re-identified: {ident[0]['error']['message']}")
+            await _step_clock(self.link, clock)
         except BaseException as exc:
             if not self.ready.done():
                 self.ready.set_exception(RuntimeError(f"resuming the saved memory state failed: {exc}"))
@@ -192,6 +197,31 @@ class MemoryOps:
             "ram_copy_mode": mode,
             "state_ms": state_ms,
         }
+
+
+async def _clock_probe(link: AgentLink) -> tuple[int, int] | None:
+    """(round trip, guest minus host midpoint) in ns of one ``clock`` read, as NTP does; None
+    from an agent without the request."""
+    t0 = time.time_ns()
+    answer = await link.request({"op": "clock"}, RESUME_PING_TIMEOUT)
+    t1 = time.time_ns()
+    if "error" in answer:
+        return None
+    return t1 - t0, int(answer["ns"]) - (t0 + t1) // 2
+
+
+async def _step_clock(link: AgentLink, first: tuple[int, int] | None) -> None:
+    """Step the resumed guest's wall clock to the host's before it is ready (it stood still
+    while saved): the offset of the tighter of two reads (the first went out with the
+    reseed), so the error is at most half that read's round trip."""
+    if first is None:
+        log.warning("the resumed guest keeps its own clock: its agent cannot read it")
+        return
+    second = await _clock_probe(link)
+    _, offset = min(first, second) if second is not None else first
+    answer = await link.request({"op": "clock", "step_ns": -offset}, RESUME_PING_TIMEOUT)
+    if "error" in answer:
+        log.warning("the resumed guest's clock was not set: %s", answer["error"]["message"])
 
 
 async def _no_copy() -> tuple[tuple[int, str], float]:
