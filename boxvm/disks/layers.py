@@ -503,24 +503,20 @@ def fsync_files(paths: list[Path]) -> None:
     """Make several new files durable at once: their fsyncs run side by side, and the
     filesystem's journal commits them together (two files: ~1.4 ms here, one after the
     other ~2.4 ms)."""
-    waits = [_SYNCERS.submit(_fsync_file, path) for path in paths[1:]]
+    waits = [_SYNCERS.submit(_fsync, path) for path in paths[1:]]
     if paths:
-        _fsync_file(paths[0])
+        _fsync(paths[0])
     for wait in waits:
         wait.result()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: Path) -> None:
     """Make a directory's entries (a file or directory created or renamed in it) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int = 0) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
