@@ -4,9 +4,10 @@ memory state files of memory snapshots.
 ``suspend()`` asks the box's supervisor to save the memory and device state and let QEMU
 exit; the supervisor records ``suspended`` when QEMU is gone. ``start()`` of a suspended
 box checks the saved state (:func:`resumable`) and starts QEMU with ``-incoming``; the
-supervisor loads the state, reseeds the guest's RNG and answers ready, and ``start()``
-then steps the guest's wall clock as after any start. A saved state that fails its check
-is discarded and the box is left ``stopped`` (it boots cold from its disk).
+supervisor loads the state, reseeds the guest's RNG, re-identifies a fork (a clone of a
+memory snapshot, a warm start from a template), steps the guest's wall clock and answers
+ready. A saved state that fails its check is discarded and the box is left ``stopped`` (it
+boots cold from its disk).
 """
 
 from __future__ import annotations
