@@ -3,8 +3,9 @@
 ``python -m boxvm.demo`` creates a box, runs and streams commands, stops and restarts it,
 then snapshots it while running, restores, clones (from the running box and, in a batch,
 from a snapshot), exports it to an archive and imports that as a new box, then suspends
-and resumes it and takes and restores a memory snapshot. Every box it makes is removed at
-the end.
+and resumes it, takes and restores a memory snapshot, forks it three times, exports the
+suspended box with its memory and resumes the imported copy, and starts a new box from the
+warm-start template. Every box it makes is removed at the end.
 """
 
 from __future__ import annotations
@@ -107,6 +108,26 @@ async def main() -> None:
             clock.step("restore it", f"status {(await box.info()).status.value}")
             await box.start()
             clock.step("start resumes the snapshot", f"counter at {await read(box, '/tmp/count')}")
+            forks = await box.clone_many(
+                3,
+                boxvm.CloneOptions(from_snapshot="warm", start_after_clone=True),
+                names=[f"{PREFIX}-f{i}" for i in range(3)],
+            )
+            seen = [f"{await read(f, '/proc/sys/kernel/hostname')}: {await read(f, '/tmp/count')}" for f in forks]
+            clock.step("3 forks of it, each resumed running", "counter in " + ", ".join(seen))
+            await box.suspend()
+            with tempfile.TemporaryDirectory() as tmp:
+                path = await box.export(Path(tmp))
+                clock.step("export of the suspended box (with its memory)", f"{path.stat().st_size >> 20} MiB")
+                moved = await rt.import_box(path, name=f"{PREFIX}-moved")
+                clock.step("import (memory state verified)", f"status {(await moved.info()).status.value}")
+            await moved.start()
+            clock.step("start resumes the imported box", f"counter at {await read(moved, '/tmp/count')}")
+            kind = "warm, from a template" if await rt.templates.list() else "cold: no template (`boxvm setup`)"
+            fresh = await rt.create(boxvm.BoxOptions(), name=f"{PREFIX}-new")
+            await fresh.start()
+            await fresh.exec(["true"])
+            clock.step("a new box: start to first exec", kind)
             usage = await rt.disk_usage()
             print("\ndisk usage (owned / shared through common layers)")
             for name, (own, shared) in sorted(usage.boxes.items()):
