@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from boxvm.ray.errors import NoCapacity
 from boxvm.runtime import Box, Runtime
 from boxvm.status import BoxStatus
 
+log = logging.getLogger("boxvm.ray")
 COPY_LIMIT = 256 << 20  # bytes of one copy_in/copy_out tar: it crosses Ray in memory
 SEED_NAME = re.compile(r"seed-[0-9a-f]{24}")  # the boxes a fork imports, one per archive URL; never started
 SEED_SNAPSHOT = "seed"
@@ -129,8 +131,7 @@ class Runner:
         try:
             return await box.start() if start else await box.info()
         except BaseException:
-            with contextlib.suppress(BoxvmError):
-                await self._rt.remove(box.id, force=True)
+            await self._discard(box)
             raise
 
     async def list(self) -> list[BoxInfo]:
@@ -189,11 +190,20 @@ class Runner:
             self._held.pop(ticket, None)  # type: ignore[arg-type]
         started = [r for r in results if isinstance(r, BoxInfo)]
         if len(started) < len(results):
-            for c in clones:
-                with contextlib.suppress(BoxvmError):
-                    await self._rt.remove(c.id, force=True)
+            for c, r in zip(clones, results, strict=True):
+                await self._discard(c, failed=isinstance(r, BaseException))
             raise next(r for r in results if isinstance(r, BaseException))
         return started
+
+    async def _discard(self, box: Box, failed: bool = True) -> None:
+        """Remove a box of a failed create or clone; the console of one whose start failed is
+        kept in the runner's log (Ray's worker logs of the node), since the box's own log goes."""
+        with contextlib.suppress(BoxvmError):
+            if failed:
+                log.warning("boxvm runner on %s: box %s failed to start; its console:\n%s", self.node_id[:12],
+                            box.name, (await box.logs())[-16000:])  # fmt: skip
+        with contextlib.suppress(BoxvmError):
+            await self._rt.remove(box.id, force=True)
 
     async def export(self, box_id: str, url: str, snapshot: str | None) -> str:
         """Publish the box (or one of its snapshots, through a transient clone) at ``url``."""
