@@ -34,7 +34,8 @@ from boxvm.status import BoxStatus
 from tests.conftest import TOKEN, Server
 from tests.helpers import serving
 
-pytestmark = [pytest.mark.asyncio]
+# One worker runs them all, in order: they share one box (make test: -n 2 --dist loadgroup).
+pytestmark = [pytest.mark.asyncio, pytest.mark.xdist_group("memory-transfer")]
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
 # Answers each connection with its pid and how many connections it has served.
@@ -294,6 +295,10 @@ async def test_a_host_whose_qemu_cannot_keep_memory_says_unsupported(
 async def test_a_corrupt_state_file_at_start_leaves_a_stopped_box(source: Source, home: Home) -> None:
     """Last: it spends the source's saved state. A byte changed in place (the size stays) is
     seen by the checksum; the cold boot after such a refusal is tests/vm/test_memory.py's."""
+    await _refuse_corrupt_state(source, home)
+
+
+async def _refuse_corrupt_state(source: Source, home: Home) -> None:
     await _ensure_suspended(source)
     state = home.box_dir(source.box.id) / memory.STATE
     data = bytearray(state.read_bytes())
@@ -313,7 +318,8 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
     box), so a snapshot cannot meet another size through the API: the record is edited here,
     as a future resize would, to show the guard a restore passes (engine/memory.check)."""
     box = source.box
-    assert (await box.info()).status == BoxStatus.STOPPED  # left so by the corrupt state
+    if (await box.info()).status != BoxStatus.STOPPED:  # run alone: the corrupt state first
+        await _refuse_corrupt_state(source, home)
     await box.start()  # a cold boot, with its disk
     assert await sh(box, "cat /root/marker") == source.marker
     assert await sh(box, "cat /proc/sys/kernel/random/boot_id") != source.boot_id
