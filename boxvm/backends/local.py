@@ -23,7 +23,7 @@ from boxvm import templates
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import console, hostclock, memory, qemu
+from boxvm.engine import console, hostclock, memory, qemu, qemucaps
 from boxvm.engine.client import Channel, Connection
 from boxvm.errors import EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.guest import bundle as bundle_mod
@@ -143,6 +143,8 @@ class LocalBackend(templates.TemplateOps, Backend):
         rec = self.boxes.record(box_id)
         rule = require(Operation.START, rec.name, rec.status, rec.operation)
         resume = resumable(self.store, self.home.box_dir(rec.id), rec)
+        if resume:  # on a host that cannot load it, the saved state stays for one that can
+            qemucaps.require_memory_state(self.home.cache, f"resume box {rec.name!r}")
         # Boot the bundle the box was made with; if it was garbage-collected, the newest.
         bundle = bundle_mod.find(self.home, rec.guest_bundle)
         if bundle is None:

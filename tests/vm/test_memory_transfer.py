@@ -287,9 +287,15 @@ async def test_a_host_whose_qemu_cannot_keep_memory_says_unsupported(
                 await remote.close()
         assert (await box.info()).status == BoxStatus.RUNNING
         assert await sh(box, "cat /root/marker") == source.marker
+        monkeypatch.undo()
+        await box.suspend()  # on the real QEMU
+        monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+        with pytest.raises(Unsupported, match=r"cannot resume box.*cannot keep memory state"):
+            await box.start()
+        assert (await box.info()).status == BoxStatus.SUSPENDED  # its state kept for a QEMU that can
     finally:
         monkeypatch.undo()
-        await box.suspend()
+        await _ensure_suspended(source)
 
 
 async def test_a_corrupt_state_file_at_start_leaves_a_stopped_box(source: Source, home: Home) -> None:
