@@ -506,26 +506,40 @@ def command_argv(command: tuple[str, ...]) -> list[str]:
     return list(command[1:] if command[:1] == ("--",) else command)
 
 
+def _listing(
+    items: list[Any],
+    as_json: bool,
+    to_dict: Callable[[Any], dict[str, Any]],
+    columns: tuple[str, ...],
+    row: Callable[[Any], list[str]],
+) -> None:
+    """Every ``ls`` verb's output: the records as JSON for scripts, or one table row each."""
+    if as_json:
+        print(json.dumps([to_dict(i) for i in items], indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in columns:
+        table.add_column(col)
+    for item in items:
+        table.add_row(*row(item))
+    out.print(table)
+
+
 @cli.command(name="ls")
 @click.option("--json", "as_json", is_flag=True)
 @run_async
 async def ls(rt: boxvm.Runtime, as_json: bool) -> None:
     """List boxes."""
-    boxes = await rt.list()
-    if as_json:
-        print(json.dumps([info_dict(i) for i in boxes], indent=2))
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "NAME", "STATUS", "IMAGE", "CREATED", "PORTS"):
-        table.add_column(col)
-    for i in boxes:
+
+    def row(i: boxvm.BoxInfo) -> list[str]:
         age = time.time() - i.created_at
         created = (
             f"{int(age // 60)} min ago" if age < 3600 else time.strftime("%Y-%m-%d %H:%M", time.localtime(i.created_at))
         )
         ports = ", ".join(f"127.0.0.1:{h}->{g}" for h, g in i.ports)
-        table.add_row(i.id[:12], i.name, i.status.value, i.image, created, ports)
-    out.print(table)
+        return [i.id[:12], i.name, i.status.value, i.image, created, ports]
+
+    _listing(await rt.list(), as_json, info_dict, ("ID", "NAME", "STATUS", "IMAGE", "CREATED", "PORTS"), row)
 
 
 cli.add_command(ls, name="ps")
@@ -621,17 +635,19 @@ async def snapshot_create(
 @run_async
 async def snapshot_ls(rt: boxvm.Runtime, box: str, as_json: bool) -> None:
     """List BOX's snapshots."""
-    snaps = await (await must_get(rt, box)).snapshot.list()
-    if as_json:
-        print(json.dumps([snapshot_dict(s) for s in snaps], indent=2))
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("NAME", "CREATED", "CONSISTENCY", "OWN SIZE", "DISK"):
-        table.add_column(col)
-    for s in snaps:
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
-        table.add_row(s.name, created, s.consistency, _size(s.size_bytes), _size(s.container_disk_bytes))
-    out.print(table)
+    _listing(
+        await (await must_get(rt, box)).snapshot.list(),
+        as_json,
+        snapshot_dict,
+        ("NAME", "CREATED", "CONSISTENCY", "OWN SIZE", "DISK"),
+        lambda s: [
+            s.name,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at)),
+            s.consistency,
+            _size(s.size_bytes),
+            _size(s.container_disk_bytes),
+        ],
+    )
 
 
 @snapshot.command(name="inspect")
@@ -776,16 +792,13 @@ async def image_pull(
 @run_async
 async def image_ls(rt: boxvm.Runtime, as_json: bool) -> None:
     """Cached images."""
-    images = await rt.images.list()
-    if as_json:
-        print(json.dumps([dataclasses.asdict(i) for i in images], indent=2))
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("REFERENCE", "DIGEST", "SIZE"):
-        table.add_column(col)
-    for i in images:
-        table.add_row(i.reference, i.digest[:19], _size(i.size_bytes))
-    out.print(table)
+    _listing(
+        await rt.images.list(),
+        as_json,
+        dataclasses.asdict,
+        ("REFERENCE", "DIGEST", "SIZE"),
+        lambda i: [i.reference, i.digest[:19], _size(i.size_bytes)],
+    )
 
 
 @cli.group()
@@ -798,16 +811,13 @@ def template() -> None:
 @run_async
 async def template_ls(rt: boxvm.Runtime, as_json: bool) -> None:
     """Templates of this host."""
-    found = await rt.templates.list()
-    if as_json:
-        print(json.dumps([dataclasses.asdict(t) for t in found], indent=2))
-        return
-    table = Table(box=None, pad_edge=False)
-    for col in ("ID", "IMAGE", "CPUS", "MEMORY", "NETWORK", "SIZE"):
-        table.add_column(col)
-    for t in found:
-        table.add_row(t.id, t.image, str(t.cpus), f"{t.memory_mib} MiB", t.network, _size(t.size_bytes))
-    out.print(table)
+    _listing(
+        await rt.templates.list(),
+        as_json,
+        dataclasses.asdict,
+        ("ID", "IMAGE", "CPUS", "MEMORY", "NETWORK", "SIZE"),
+        lambda t: [t.id, t.image, str(t.cpus), f"{t.memory_mib} MiB", t.network, _size(t.size_bytes)],
+    )
 
 
 @template.command(name="rm")
