@@ -23,6 +23,8 @@ from boxvm.ray.runner import seed_name
 from tests.raycluster import ray_pool
 from tests.s3server import S3Server
 
+# One worker runs the module, in order: one cluster, and each test builds on the state the one before left.
+pytestmark = pytest.mark.xdist_group("ray")
 NODE_CPUS = 4  # logical cpus per Ray node: 6 boxes of 1 cpu spread 2/2/2, then 4 forks fill two nodes
 NODE_MEMORY = 1 << 30
 OPTS = BoxOptions(image="boxvm/slim", cpus=1, memory_mib=128, network="none")
