@@ -23,8 +23,6 @@ from boxvm.ray.runner import seed_name
 from tests.raycluster import ray_pool
 from tests.s3server import S3Server
 
-# One worker runs the module, in order: one cluster, and each test builds on the state the one before left.
-pytestmark = pytest.mark.xdist_group("ray")
 NODE_CPUS = 4  # logical cpus per Ray node: 6 boxes of 1 cpu spread 2/2/2, then 4 forks fill two nodes
 NODE_MEMORY = 1 << 30
 OPTS = BoxOptions(image="boxvm/slim", cpus=1, memory_mib=128, network="none")
@@ -38,10 +36,12 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(home: Home, s3: S3Server) -> Iterator[Env]:
+def env(home: Home, s3: S3Server, worker: str) -> Iterator[Env]:
     # The runners inherit the AWS endpoint and credentials tests.s3server put in this process's env.
     store = f"s3://{s3.bucket}/ray"
-    with ray_pool(home, home.root / "ray-nodes", nodes=3, cpus=NODE_CPUS, memory=NODE_MEMORY, store=store) as pool:
+    with ray_pool(
+        home, home.root / f"ray-nodes-{worker}", nodes=3, cpus=NODE_CPUS, memory=NODE_MEMORY, store=store
+    ) as pool:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         assert len(nodes) == 3 and sorted(pool.start_runners()) == sorted(nodes)
         yield Env(pool, nodes, store)
@@ -52,7 +52,15 @@ def boxes(env: Env) -> list[BoxRef]:
     return env.pool.create_many(6, OPTS, [f"ray-{i}" for i in range(6)])
 
 
-def test_boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: list[BoxRef], tmp_path: Path) -> None:
+def test_pool_on_three_nodes(env: Env, boxes: list[BoxRef], tmp_path: Path, s3: S3Server) -> None:
+    """One test, three steps in order: each builds on the cluster state the one before left
+    (as separate tests, xdist could run them on two workers with two clusters)."""
+    boxes_spread_and_a_task_on_one_node_execs_on_another(env, boxes, tmp_path)
+    snapshot_published_once_and_forked_on_two_other_nodes(env, boxes, s3)
+    a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env, boxes)
+
+
+def boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: list[BoxRef], tmp_path: Path) -> None:
     assert collections.Counter(b.node_id for b in boxes) == {node: 2 for node in env.nodes}
     assert {load.node_id: load.used_cpus for load in env.pool.loads()} == {node: 2 for node in env.nodes}
     source = boxes[0]
@@ -75,7 +83,7 @@ def test_boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: l
     assert target.exec(["cat", "/root/in.txt"]).stdout == b"to-box"
 
 
-def test_snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: list[BoxRef], s3: S3Server) -> None:
+def snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: list[BoxRef], s3: S3Server) -> None:
     source = boxes[0]
     assert source.exec(["sh", "-c", "echo snapshot-data > /root/data"]).exit_code == 0
     source.snapshot("base")
@@ -97,7 +105,7 @@ def test_snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: 
     assert all(f.info().chain_depth == 2 for f in forks)  # its own top on the imported layer: copy-on-write
 
 
-def test_a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef]) -> None:
+def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef]) -> None:
     victim = next(b.node_id for b in boxes if b.node_id != boxes[0].node_id)  # it holds two forks too
     ray.kill(env.pool._runners[victim], no_restart=True)
     for box in [b for b in boxes if b.node_id == victim]:
