@@ -1,4 +1,5 @@
-"""Move a stopped box to another runner through a bucket both reach, resumably (issue 16).
+"""Move a box (stopped, suspended, or running as a suspended one) to another runner through a bucket both reach,
+resumably (issue 16).
 
 The steps, each recorded in a journal (``<home>/migrations/<box name>.json``, the home of
 the process driving the move) before the next begins:
