@@ -13,11 +13,13 @@ import re
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
+from boxvm import processes
 from boxvm.errors import ImageError
 from boxvm.tarstream import extract_as_recorded
 
@@ -79,9 +81,13 @@ def fetch(debs: list[Deb], cache: Path) -> dict[str, Path]:
     cache.mkdir(parents=True, exist_ok=True)
     missing = [d for d in debs if not _valid(cache / d.filename, d.sha256)]
     if missing:
-        work = cache / ".partial"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir()
+        # One download directory per process: two builds sharing a cache (runners on one
+        # host) must not clear or read each other's half-downloaded files.
+        for stale in cache.glob(".partial-*"):
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not processes.alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".partial-{os.getpid()}-", dir=cache))
         proc = subprocess.run(
             ["apt-get", "download", *[d.pin for d in missing]],
             cwd=work,
@@ -95,7 +101,7 @@ def fetch(debs: list[Deb], cache: Path) -> dict[str, Path]:
             got = work / deb.filename
             if not _valid(got, deb.sha256):
                 raise ImageError(f"{deb.filename}: checksum mismatch after download")
-            got.rename(cache / deb.filename)
+            got.replace(cache / deb.filename)  # a concurrent build's verified copy is the same bytes
         shutil.rmtree(work, ignore_errors=True)
     return {d.package: cache / d.filename for d in debs}
 

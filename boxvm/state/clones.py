@@ -90,8 +90,12 @@ class Clones:
                     for r in records:
                         r.status = BoxStatus.SUSPENDED
                 stage.publish(lambda: self.store.insert_clones(records, pin))  # all clones appear at once
-        except BaseException:
+        except BaseException as exc:
             self.layers.collect(self.store, self.store.unpin(pin))
+            # A clone from a snapshot holds the layer, not the box: the source's own files
+            # (its guest-root overlay, a memory snapshot's state) go with a concurrent remove.
+            if isinstance(exc, FileNotFoundError) and self.store.get_box(rec.id) is None:
+                raise NotFound(f"box {rec.name!r} was removed while it was being cloned") from None
             raise
         return records
 

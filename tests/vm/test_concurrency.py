@@ -111,7 +111,7 @@ async def test_remove_snapshot_clone_storm(rt: boxvm.Runtime, local: LocalBacken
                 assert all(p.exists() for p in qcow2.chain(local.layers.layer_path(snap.layer))), snap.name
             assert info.status in (boxvm.BoxStatus.STOPPED, boxvm.BoxStatus.CONFIGURED), info
         local.layers.recover_trash(local.store, _pid_alive)  # the exited workers' trash (start-up recovery's)
-        stale = [e for e in os.listdir(home.tmp) if not _pid_alive(int(e.split("-")[-2]))]
+        stale = [e for e in os.listdir(home.tmp) if e.count("-") >= 2 and not _pid_alive(int(e.split("-")[-2]))]
         assert stale == [], "staging directories left behind"
 
         originals = [i for i in survivors if i.name in names]
