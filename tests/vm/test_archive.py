@@ -51,6 +51,7 @@ async def test_stopped_round_trip_twice(rt: boxvm.Runtime, fresh_box: boxvm.Box,
         await rt.remove(second.id, force=True)
 
 
+@pytest.mark.backends("local")  # the REST path of this operation is covered elsewhere; the suite has a time budget
 async def test_running_export_is_point_in_time(
     rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, tmp_path: Path
 ) -> None:
