@@ -211,9 +211,10 @@ class Box:
         return await self._backend.export(self.id, Path(dest), options or ExportOptions())
 
     async def migrate(self, target: Runtime, *, via: str) -> Box:
-        """Move this (stopped) box to ``target``'s runner through objects under ``via``
+        """Move this box to ``target``'s runner through objects under ``via``
         (``s3://bucket/prefix/`` both reach), journaled: calling it again after a crash
-        finishes the move (``boxvm.migrate``). Returns the box on the target."""
+        finishes the move (``boxvm.migrate``). A running box moves as a suspended one and
+        resumes there. Returns the box on the target."""
         from boxvm.migrate import migrate
 
         return Box(target.backend, await migrate(self._backend, self.name, target.backend, via))
