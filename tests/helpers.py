@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import tarfile
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,3 +145,19 @@ def build_layout(dest: Path, layers: list[bytes], config: dict[str, object]) -> 
     (dest / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [man]}))
     (dest / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
     return dest
+
+
+def rewrite_member(tar_bytes: bytes, member: str, change: Callable[[bytes], bytes]) -> bytes:
+    """A plain tar archive with one member's bytes replaced by ``change(bytes)`` (sizes follow)."""
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(tar_bytes)) as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        for info in src.getmembers():
+            body = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == member:
+                body = change(body)
+                info.size = len(body)
+            dst.addfile(info, io.BytesIO(body))
+    return out.getvalue()

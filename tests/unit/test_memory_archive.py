@@ -9,7 +9,6 @@ import io
 import json
 import os
 import struct
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from boxvm import archive, memarchive
 from boxvm.disks import qcow2
 from boxvm.errors import ArchiveError
+from tests.helpers import rewrite_member
 
 RAM_MIB = 128  # the smallest memory size a box may have
 
@@ -180,22 +180,6 @@ def test_an_archive_carries_the_memory_state_and_says_what_it_needs(tmp_path: Pa
     assert verified.memory.ram.read_bytes() == (tmp_path / "memory.ram").read_bytes()
 
 
-def _rewrite(data: bytes, member: str, change: Any) -> bytes:
-    """The plain-tar archive with one member's bytes (or the manifest's JSON) changed."""
-    out = io.BytesIO()
-    with (
-        tarfile.open(fileobj=io.BytesIO(data)) as src,
-        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
-    ):
-        for info in src.getmembers():
-            body = src.extractfile(info).read()  # type: ignore[union-attr]
-            if info.name == member:
-                body = change(body)
-                info.size = len(body)
-            dst.addfile(info, io.BytesIO(body))
-    return out.getvalue()
-
-
 def _manifest(change: Any) -> Any:
     def edit(body: bytes) -> bytes:
         m = json.loads(body)
@@ -231,7 +215,7 @@ def test_an_archive_with_a_bad_memory_state_is_refused(tmp_path: Path, case: str
     data, _ = _archive(tmp_path)
     member, change, message = REFUSED[case]
     with pytest.raises(ArchiveError, match=message):
-        _read(_rewrite(data, member, change), tmp_path / "in")
+        _read(rewrite_member(data, member, change), tmp_path / "in")
 
 
 def test_a_memory_state_is_refused_unless_the_new_box_matches(tmp_path: Path) -> None:

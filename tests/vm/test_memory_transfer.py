@@ -16,7 +16,7 @@ import socket
 import stat
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from boxvm.options import BoxOptions, CloneOptions, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from tests.conftest import TOKEN, Server
-from tests.helpers import serving
+from tests.helpers import rewrite_member, serving
 
 # One worker runs them all, in order: they share one box (make test: -n 2 --dist loadgroup).
 pytestmark = [pytest.mark.asyncio, pytest.mark.xdist_group("memory-transfer")]
@@ -195,17 +195,6 @@ async def test_a_suspended_box_travels_with_its_memory_through_export_rest_and_i
         await remote.close()
 
 
-def _rewrite(tar_bytes: bytes, dst: Path, member: str, change: Callable[[bytes], bytes]) -> Path:
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tin, tarfile.open(dst, "w", format=tarfile.PAX_FORMAT) as tout:
-        for info in tin.getmembers():
-            body = tin.extractfile(info).read()  # type: ignore[union-attr]
-            if info.name == member:
-                body = change(body)
-                info.size = len(body)
-            tout.addfile(info, io.BytesIO(body))
-    return dst
-
-
 async def test_an_import_that_could_not_resume_is_refused_and_leaves_nothing(source: Source, home: Home) -> None:
     """Two real cases (each refusal of the format is a unit test in tests/unit/test_memory_archive.py)."""
     archive = source.archives / "suspended.boxsnap"
@@ -226,7 +215,9 @@ async def test_an_import_that_could_not_resume_is_refused_and_leaves_nothing(sou
         return json.dumps(m).encode()
 
     with pytest.raises(ArchiveError, match="guest bundle 'another-bundle'"):
-        await source.rt.import_box(_rewrite(plain, source.archives / "bundle.boxsnap", "manifest.json", bundle))
+        other = source.archives / "bundle.boxsnap"
+        other.write_bytes(rewrite_member(plain, "manifest.json", bundle))
+        await source.rt.import_box(other)
     truncated = source.archives / "truncated.boxsnap"
     truncated.write_bytes(plain[: plain.index(b"BOXVMMEM") + (1 << 20)])  # cut inside memory.state
     with pytest.raises(ArchiveError, match="truncated"):
