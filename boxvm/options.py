@@ -33,6 +33,19 @@ def check_snapshot_name(name: str) -> str:
     return name
 
 
+TEMPLATE_ID_RE = re.compile(r"[0-9a-f]{16}")
+
+
+def check_template_id(template_id: str) -> str:
+    """Template ids: 16 lowercase hex digits (a hash of the machine), nothing else: they
+    name a directory on the server and a URL path segment in the client."""
+    if not isinstance(template_id, str) or not TEMPLATE_ID_RE.fullmatch(template_id):  # (not $: it allows a final \n)
+        raise InvalidArgument(
+            f"invalid template id {template_id!r:.40}: it is 16 hex digits (`boxvm template ls` lists them)"
+        )
+    return template_id
+
+
 @dataclass
 class SnapshotOptions:
     quiesce: bool = True  # freeze the guest filesystem around a running-box capture
@@ -78,6 +91,22 @@ class SnapshotInfo:
     consistency: str  # "frozen", "crash" or "stopped"
     has_memory: bool
     timings: dict[str, float]  # capture_ms, and pause_ms: the guest-visible write pause
+
+
+@dataclass
+class TemplateInfo:
+    """A warm-start template (``boxvm.templates``): the machine it serves and its cost."""
+
+    id: str  # derived from the machine it serves (``templates.key``)
+    image: str
+    image_digest: str
+    guest_bundle: str
+    cpus: int
+    memory_mib: int
+    network: str
+    disk_size_gb: int
+    created_at: float
+    size_bytes: int  # allocated bytes of its files (the RAM is sparse)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ import asyncio
 import signal as _signal
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from boxvm import objstore
 from boxvm.backends.base import Backend, ProcessChannel
@@ -25,12 +24,10 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
+    TemplateInfo,
 )
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
-
-if TYPE_CHECKING:
-    from boxvm.templates import TemplateInfo
 
 
 class Process:
@@ -261,7 +258,8 @@ class ImageHandle:
 
 
 class TemplateHandle:
-    """``Runtime.templates``: warm-start templates (``boxvm.templates``) of the local host."""
+    """``Runtime.templates``: warm-start templates (``boxvm.templates``) of the host that runs
+    the boxes: this one, or a remote runtime's server (``/v1/templates``)."""
 
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
@@ -274,6 +272,8 @@ class TemplateHandle:
         return await self._backend.template_list()
 
     async def remove(self, template_id: str) -> None:
+        """Remove one (InvalidArgument for a malformed id, NotFound for an unknown one);
+        boxes resumed from it keep running."""
         await self._backend.template_remove(template_id)
 
 

@@ -13,6 +13,22 @@ copies the two deltas over its own fresh, never-written ones (same backing files
 and links the RAM as a fork's (``engine/memory.fork_into``): it resumes in well under a
 second instead of booting, and is re-identified (hostname, machine-id) like any fork.
 
+A template that cannot be resumed — its files fail the checks before QEMU starts
+(damaged or truncated state, RAM file missing or of another size, a bad record), or QEMU
+refuses its state, or the resumed guest does not answer — is *removed*, not quarantined:
+nothing could use it, every later first start would pay for the failed attempt again,
+and ``templates.create`` (or ``boxvm setup``) makes a good one in one cold boot. The same
+``start()`` boots the box cold instead (:func:`fall_back`); the reason is logged (logger
+``boxvm``, warning) and the box's timings get ``warm_fallback_ms`` (the time the failed
+attempt cost). A transient failure (a resume timing out on an overloaded host) removes a
+good template too: the price of never resuming a bad one twice.
+
+Like a fork, a warm-started box maps the template's RAM privately (``share=off``): its own
+suspend or memory snapshot is QEMU's migration of its whole touched RAM, the guest stopped
+throughout, until its first stop or suspend gives it a RAM file of its own. Giving it one
+at start would copy the template's touched RAM (136 MiB at agent-ready for the default
+image: 180-230 ms on this host's ext4, which has no reflinks) into every warm start.
+
 Files, not store rows: a template refers to nothing in the layer store and nothing refers
 to it (a resumed box holds a hard link to its RAM and copies of the rest), so it is
 published by one rename and removed by one ``rmtree``.
@@ -21,9 +37,11 @@ published by one rename and removed by one ``rmtree``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -36,25 +54,13 @@ from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
 from boxvm.engine import memory
 from boxvm.errors import NotFound, StorageError
-from boxvm.options import BoxInfo, BoxOptions
+from boxvm.options import BoxInfo, BoxOptions, TemplateInfo, check_template_id
 from boxvm.paths import Home
+from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
 
 INFO = "template.json"
-
-
-@dataclass
-class TemplateInfo:
-    id: str  # derived from the machine it serves (see ``key``)
-    image: str
-    image_digest: str
-    guest_bundle: str
-    cpus: int
-    memory_mib: int
-    network: str
-    disk_size_gb: int
-    created_at: float
-    size_bytes: int  # allocated bytes of its files (the RAM is sparse)
+log = logging.getLogger("boxvm")
 
 
 def machine(rec: BoxRecord) -> dict[str, Any]:
@@ -95,10 +101,8 @@ def adopt(home: Home, box_dir: Path, rec: BoxRecord) -> TemplateInfo:
         (work / INFO).write_text(json.dumps(info.__dict__))
         work.chmod(0o700)
         dest = root(home) / info.id
-        if dest.exists():
-            old = home.staging_dir("template-old-")
-            os.rename(dest, old / "t")
-            shutil.rmtree(old, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            _discard(home, dest)
         os.rename(work, dest)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -117,39 +121,113 @@ def list_all(home: Home) -> list[TemplateInfo]:
 
 
 def remove(home: Home, template_id: str) -> None:
-    if not (len(template_id) == 16 and all(c in "0123456789abcdef" for c in template_id)):
-        raise NotFound(f"no template {template_id!r:.40}: see rt.templates.list()")
-    path = root(home) / template_id
-    if not path.is_dir():
-        raise NotFound(f"no template {template_id!r}: see rt.templates.list()")
+    """Remove a template (InvalidArgument for a malformed id, NotFound for an unknown one)."""
+    path = root(home) / check_template_id(template_id)
+    try:
+        _discard(home, path)
+    except FileNotFoundError:
+        raise NotFound(f"no template {template_id!r}: `boxvm template ls` lists them") from None
+
+
+def _discard(home: Home, path: Path) -> None:
+    """Take a template out of ``templates/`` in one rename (no start finds it after), then
+    delete it; boxes resumed from it hold their own links and copies."""
     old = home.staging_dir("template-old-")
-    os.rename(path, old / "t")  # gone at once; boxes resumed from it hold their own links
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.rename(path, old / "t")
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def warm_into(home: Home, box_dir: Path, rec: BoxRecord) -> bool:
+@dataclass(frozen=True)
+class Warm:
+    """A box made to resume from a template (:func:`warm_into`), for :func:`fall_back`."""
+
+    template: Path
+    created_at: float  # which template it was (a remade one replaces the directory)
+    fresh: dict[str, qcow2.Header]  # the box's own empty deltas, to write again for a cold boot
+    t0: float
+
+
+def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm | None:
     """Make a never-started box resume from its machine's template: its disk deltas
-    replaced by the template's, the template's memory linked as a fork's. False (the box
-    untouched) if there is no usable template."""
+    replaced by the template's, the template's memory linked as a fork's. None (the box
+    untouched) if there is no usable template; one that fails its checks (damaged,
+    truncated or missing files) is removed, logged, and timed in the box's
+    ``warm_fallback_ms``, and the box boots cold."""
+    t0 = time.monotonic()
     src = root(home) / key(machine(rec))
     try:
+        fresh = {name: qcow2.read_header(box_dir / name) for name in (TOP, GUEST_TOP)}
+        if any(qcow2.check(box_dir / name) for name in fresh):  # never over data of the box's own
+            return None
+    except (OSError, ValueError, StorageError):
+        return None
+    try:
         info = json.loads((src / INFO).read_text())
+    except FileNotFoundError:
+        return None  # no template for this machine
+    except (OSError, ValueError) as exc:
+        _refuse(home, store, rec, src, None, exc, t0)
+        return None
+    try:
         memory.check(src, {"memory_mib": info["memory_mib"], "cpus": info["cpus"], "guest_bundle": rec.guest_bundle})
-        for name in (TOP, GUEST_TOP):  # the same backing files (relative paths at the same depth)
-            if qcow2.read_header(src / name).backing_file != qcow2.read_header(box_dir / name).backing_file:
-                return False
-            if qcow2.check(box_dir / name):  # never over data of the box's own (only a fresh box is replaced)
-                return False
-    except (OSError, ValueError, KeyError, StorageError):
-        return False
-    for name in (TOP, GUEST_TOP):
-        tmp = box_dir / f"{name}.warm"
+        for name, header in fresh.items():  # the same backing files (relative paths at the same depth)
+            if qcow2.read_header(src / name).backing_file != header.backing_file:
+                raise StorageError(f"its {name} is over another backing file than the box's")
+        warm = Warm(src, float(info["created_at"]), fresh, t0)
+    except (OSError, ValueError, KeyError, TypeError, StorageError) as exc:
+        _refuse(home, store, rec, src, info.get("created_at") if isinstance(info, dict) else None, exc, t0)
+        return None
+    try:
+        for name in fresh:
+            tmp = box_dir / f"{name}.warm"
+            tmp.unlink(missing_ok=True)
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, box_dir / name)
+        memory.discard(box_dir)
+        memory.fork_into(src, box_dir)
+    except OSError:  # e.g. the template removed meanwhile: the box boots cold, as it was
+        _cold_again(box_dir, fresh)
+        return None
+    return warm
+
+
+def fall_back(home: Home, store: Store, box_dir: Path, rec: BoxRecord, warm: Warm, exc: BaseException) -> bool:
+    """After the resume of a template failed (``start`` aborted it: the box is ``failed``):
+    remove that template, give the box its fresh disks back and leave it ``configured``,
+    so that ``start`` boots it cold. False if the box changed meanwhile (removed, started)."""
+    _refuse(home, store, rec, warm.template, warm.created_at, exc, warm.t0)
+    _cold_again(box_dir, warm.fresh)
+    return store.transition(rec.id, BoxStatus.CONFIGURED, {BoxStatus.FAILED}, error=None)
+
+
+def _refuse(
+    home: Home, store: Store, rec: BoxRecord, path: Path, created_at: object, exc: BaseException, t0: float
+) -> None:
+    """Remove a template that cannot be resumed (not quarantined: nothing could use it, and
+    its next user would pay for the failed attempt again; the log says why), unless it was
+    remade meanwhile (another ``created_at``: a new template of the machine)."""
+    try:
+        now = json.loads((path / INFO).read_text()).get("created_at")
+    except (OSError, ValueError, AttributeError):
+        now = created_at  # its record is the damaged part: it is the one that failed
+    if now == created_at:
+        with contextlib.suppress(FileNotFoundError):
+            _discard(home, path)
+    why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    log.warning("boxvm: warm-start template %s of box %r removed, the box boots cold: %s", path.name, rec.name, why)
+    store.add_timing(rec.id, warm_fallback_ms=(time.monotonic() - t0) * 1000)
+
+
+def _cold_again(box_dir: Path, fresh: dict[str, qcow2.Header]) -> None:
+    """The box's disk deltas empty again (as ``create`` made them) and no memory state."""
+    for name, header in fresh.items():
+        tmp = box_dir / f"{name}.cold"
         tmp.unlink(missing_ok=True)
-        shutil.copyfile(src / name, tmp)
+        qcow2.write_overlay(tmp, header.size, header.backing_file, header.backing_format or "qcow2")
         os.replace(tmp, box_dir / name)
     memory.discard(box_dir)
-    memory.fork_into(src, box_dir)
-    return True
 
 
 def _allocated(path: Path) -> int:

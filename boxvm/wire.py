@@ -23,6 +23,7 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
+    TemplateInfo,
 )
 from boxvm.status import BoxStatus
 
@@ -89,6 +90,13 @@ class ObjectImport:
 
 
 @dataclass
+class TemplateRequest:
+    """``POST /v1/templates``: the machine to make a warm-start template for."""
+
+    options: BoxOptions = field(default_factory=BoxOptions)
+
+
+@dataclass
 class PullRequest:
     reference: str
     username: str | None = None
@@ -147,6 +155,10 @@ def snapshot_info(data: dict[str, Any]) -> SnapshotInfo:
 
 def image_info(data: dict[str, Any]) -> ImageInfo:
     return ImageInfo(**_known(ImageInfo, data))
+
+
+def template_info(data: dict[str, Any]) -> TemplateInfo:
+    return TemplateInfo(**_known(TemplateInfo, data))
 
 
 def disk_usage(data: dict[str, Any]) -> DiskUsage:

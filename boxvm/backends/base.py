@@ -17,7 +17,6 @@ import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from boxvm import archive, faults, objstore, publish
 from boxvm.errors import BoxNotFound, EngineError, NotFound, Unsupported
@@ -30,12 +29,10 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
+    TemplateInfo,
 )
 from boxvm.streams import ByteStream
 from boxvm.tarstream import receive_tree, tree_chunks
-
-if TYPE_CHECKING:
-    from boxvm.templates import TemplateInfo
 
 _READ = 4 << 20  # bytes per read of an archive file being imported
 

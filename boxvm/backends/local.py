@@ -139,6 +139,9 @@ class LocalBackend(templates.TemplateOps, Backend):
         return self._accel
 
     async def start(self, box_id: str) -> BoxInfo:
+        return await self._start(box_id, warm=True)
+
+    async def _start(self, box_id: str, warm: bool) -> BoxInfo:
         t0 = time.monotonic()
         rec = self.boxes.record(box_id)
         rule = require(Operation.START, rec.name, rec.status, rec.operation)
@@ -159,8 +162,10 @@ class LocalBackend(templates.TemplateOps, Backend):
         box_dir = self.home.box_dir(rec.id)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
         opts = BoxOptions.from_dict(rec.options)
-        if not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:  # its machine's template, if any
-            resume = await asyncio.to_thread(templates.warm_into, self.home, box_dir, rec)
+        warmed = None  # its machine's template, if it resumes one (a failed resume boots cold: fall_back)
+        if warm and not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:
+            warmed = await asyncio.to_thread(templates.warm_into, self.home, self.store, box_dir, rec)
+            resume = warmed is not None
         ram_file, ram_shared, plan = box_dir / memory.RAM, True, {}
         if resume:
             ram_file, ram_shared, plan = await asyncio.to_thread(resume_plan, box_dir, rec)
@@ -208,6 +213,12 @@ class LocalBackend(templates.TemplateOps, Backend):
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
             await self._abort_start(rec, exc)
+            if (
+                warmed is not None
+                and isinstance(exc, Exception)
+                and await asyncio.to_thread(templates.fall_back, self.home, self.store, box_dir, rec, warmed, exc)
+            ):
+                return await self._start(box_id, warm=False)
             if isinstance(exc, Exception) and self.store.get_box(rec.id) is None:
                 raise NotFound(f"box {rec.name!r} was removed while it was starting") from exc
             raise

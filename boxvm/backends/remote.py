@@ -47,6 +47,8 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
+    TemplateInfo,
+    check_template_id,
 )
 from boxvm.paths import Home
 from boxvm.streams import ByteStream
@@ -377,6 +379,17 @@ class RemoteBackend(Backend):
         """The server reads the object itself (same prefixes; always as untrusted)."""
         body = wire.body(wire.ObjectImport(url, name))
         return wire.box_info(await self._send("POST", "/boxes/import-object", json_body=body, idempotent=True))
+
+    async def template_create(self, options: BoxOptions) -> TemplateInfo:
+        """The server boots the template's box (a cold boot: seconds) and keeps it."""
+        body = wire.body(wire.TemplateRequest(options.validate()))
+        return wire.template_info(await self._send("POST", "/templates", json_body=body, idempotent=True))
+
+    async def template_list(self) -> list[TemplateInfo]:
+        return [wire.template_info(t) for t in await self._send("GET", "/templates")]
+
+    async def template_remove(self, template_id: str) -> None:
+        await self._send("DELETE", f"/templates/{check_template_id(template_id)}")  # checked: a URL path segment
 
     async def disk_usage(self) -> DiskUsage:
         return wire.disk_usage(await self._send("GET", "/disk-usage"))

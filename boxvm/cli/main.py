@@ -820,6 +820,28 @@ async def template_ls(rt: boxvm.Runtime, as_json: bool) -> None:
     )
 
 
+@template.command(name="create")
+@click.option("--image", help="Registry reference, OCI layout directory or archive (default: built-in).")
+@click.option("--cpus", type=int, default=1, show_default=True)
+@click.option("--memory", "memory_mib", type=int, default=512, show_default=True, help="MiB of RAM.")
+@click.option("--disk", "disk_size_gb", type=int, default=4, show_default=True, help="GiB of disk.")
+@click.option("--network", type=click.Choice(["nat", "none"]), default="nat", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@run_async
+async def template_create(
+    rt: boxvm.Runtime, image: str | None, cpus: int, memory_mib: int, disk_size_gb: int, network: str, as_json: bool
+) -> None:
+    """Make (or remake) the template of a machine: one cold boot, suspended at agent-ready."""
+    options = boxvm.BoxOptions(
+        image=image, cpus=cpus, memory_mib=memory_mib, disk_size_gb=disk_size_gb, network=network
+    )
+    made = await rt.templates.create(options)
+    if as_json:
+        print(json.dumps(dataclasses.asdict(made)))
+    else:
+        print(made.id)
+
+
 @template.command(name="rm")
 @click.argument("template_id")
 @run_async

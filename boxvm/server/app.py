@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -36,7 +37,15 @@ from boxvm import objstore, wire
 from boxvm.backends.base import Backend
 from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, NotFound, SnapshotNotFound, Unauthorized
 from boxvm.images.registry import for_remote_caller
-from boxvm.options import BoxInfo, DiskUsage, ExportOptions, ImageInfo, SnapshotInfo
+from boxvm.options import (
+    BoxInfo,
+    DiskUsage,
+    ExportOptions,
+    ImageInfo,
+    SnapshotInfo,
+    TemplateInfo,
+    check_template_id,
+)
 from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports
 from boxvm.streams import ByteStream
 from boxvm.wire import (
@@ -48,6 +57,7 @@ from boxvm.wire import (
     ServerConfig,
     SnapshotRequest,
     StopRequest,
+    TemplateRequest,
 )
 
 Key = Annotated[str | None, Header(alias=wire.IDEMPOTENCY_HEADER)]
@@ -312,6 +322,28 @@ def create_app(
         url = objstore.for_rest_caller(body.url)
         return await idempotency.run(request, key, body, lambda: backend.import_object(url, body.name, True), 201)
 
+    # -- warm-start templates -----------------------------------------------------
+    @v1.get("/templates")
+    async def template_list() -> list[TemplateInfo]:
+        return [_for_caller(t) for t in await backend.template_list()]
+
+    @v1.post("/templates", status_code=201, response_model=TemplateInfo)
+    async def template_create(request: Request, body: TemplateRequest, key: Key = None) -> Response:
+        """Boot a box of this machine cold and keep it, suspended at agent-ready, as the
+        machine's template (replacing an older one): first starts of such boxes resume it.
+        The same image rules as ``POST /boxes``; env and ports are not part of a template."""
+        options = body.options.validate()
+
+        async def run() -> TemplateInfo:
+            return _for_caller(await backend.template_create(options))
+
+        with for_remote_caller():  # an image it pulls gets none of the server's registry settings
+            return await idempotency.run(request, key, body, run, 201)
+
+    @v1.delete("/templates/{template}", status_code=204)
+    async def template_remove(template: str) -> None:
+        await backend.template_remove(check_template_id(template))
+
     # -- images -------------------------------------------------------------------
     @v1.post("/images/pull")
     async def image_pull(body: PullRequest) -> ImageInfo:
@@ -411,6 +443,13 @@ def create_app(
                     await task
 
     return app
+
+
+def _for_caller(info: TemplateInfo) -> TemplateInfo:
+    """A template as a caller sees it: an image that is a server path is not named."""
+    if info.image.startswith(("/", ".", "~")):
+        return dataclasses.replace(info, image="<server path>")
+    return info
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:

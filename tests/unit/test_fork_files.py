@@ -12,7 +12,7 @@ import pytest
 
 from boxvm import templates
 from boxvm.engine import memory
-from boxvm.errors import NotFound, StorageError
+from boxvm.errors import InvalidArgument, StorageError
 from boxvm.paths import Home
 
 SHAPE = {"memory_mib": 1, "cpus": 1, "guest_bundle": "b" * 16}
@@ -65,7 +65,7 @@ def test_template_ids_name_only_templates(tmp_path: Path) -> None:
     home.ensure()
     (tmp_path / "victim").mkdir()
     for bad in ("../victim", "..", "", "0123456789abcdeg", "/etc"):
-        with pytest.raises(NotFound):
+        with pytest.raises(InvalidArgument):  # not a template id at all (an unknown one is NotFound)
             templates.remove(home, bad)
     assert (tmp_path / "victim").is_dir()
     assert templates.list_all(home) == []

@@ -8,6 +8,7 @@ configured records (an image build is not needed to name, stop or snapshot-look-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -19,8 +20,9 @@ import pytest
 from fastapi import FastAPI
 
 import boxvm
-from boxvm import errors, wire
+from boxvm import errors, templates, wire
 from boxvm.backends.remote import RemoteBackend
+from boxvm.options import TemplateInfo
 from boxvm.server.app import Idempotency
 from boxvm.store import BoxRecord
 from tests.helpers import InProcess, in_process
@@ -45,7 +47,7 @@ def configured_box(api: InProcess, name: str) -> str:
 
 
 def concrete(path: str) -> str:
-    return path.replace("{box}", "some-box").replace("{name}", "some-snap")
+    return path.replace("{box}", "some-box").replace("{name}", "some-snap").replace("{template}", "0" * 16)
 
 
 async def test_every_route_needs_the_token(api: InProcess) -> None:
@@ -155,11 +157,68 @@ async def test_idempotency_replays_a_stored_success_and_refuses_a_changed_reques
         assert r.status_code == 400 and "Idempotency-Key" in r.json()["error"]["message"]
 
 
+def plant_template(api: InProcess, image: str) -> TemplateInfo:
+    """A template as ``templates.adopt`` records it (its record only: listing and removal
+    read nothing else; a resume of it is tests/vm/test_templates.py's)."""
+    info = TemplateInfo(secrets.token_hex(8), image, "sha256:" + "1" * 64, "bundle", 1, 256, "nat", 4, 1.0, 4096)
+    path = templates.root(api.backend.home) / info.id
+    path.mkdir(parents=True)
+    (path / templates.INFO).write_text(json.dumps(dataclasses.asdict(info)))
+    return info
+
+
+async def test_templates_are_listed_and_removed_over_rest_and_hostile_requests_are_refused(api: InProcess) -> None:
+    api.http.headers.update(AUTH)
+    assert (await api.http.get("/v1/templates")).json() == []
+    home = str(api.backend.home.root)
+    named = plant_template(api, "docker.io/library/alpine:3.20")
+    local_path = plant_template(api, f"{home}/images/private-layout")  # a server path is never shown
+    client = api.client(TOKEN)
+    try:
+        listed = {t.id: t for t in await client.template_list()}
+        assert listed[named.id] == named
+        assert listed[local_path.id].image == "<server path>" and home not in (await api.http.get("/v1/templates")).text
+        await client.template_remove(named.id)
+        assert [t.id for t in await client.template_list()] == [local_path.id]
+        with pytest.raises(errors.NotFound, match="no template"):
+            await client.template_remove(named.id)
+        for bad in ("../../etc", "0" * 15, "0" * 17, "ABCDEF0123456789", "0" * 16 + "\n", "x" * 5000):
+            with pytest.raises(errors.InvalidArgument, match="16 hex digits"):  # refused before it is sent
+                await client.template_remove(bad)
+    finally:
+        await client.close()
+    for path, status, kind in [
+        (f"/v1/templates/{'0' * 16}", 404, "NotFound"),
+        ("/v1/templates/ABCDEF0123456789", 400, "InvalidArgument"),
+        ("/v1/templates/..%2F..%2Fboxes", 404, "NotFound"),  # decoded before routing: no route matches
+        (f"/v1/templates/{'a' * 4096}", 400, "InvalidArgument"),
+        ("/v1/templates/..", 404, "NotFound"),  # not a route: the client normalises it away
+    ]:
+        r = await api.http.delete(path)
+        assert (r.status_code, r.json()["error"]["type"]) == (status, kind), (path, r.text)
+        assert len(r.text) < 600 and home not in r.text
+    assert (templates.root(api.backend.home) / local_path.id).is_dir()  # none of them removed anything
+    for body, needle in [
+        ({"options": {"cpus": "many"}}, "cpus"),
+        ({"options": {"memory_mib": 1 << 30}}, "memory_mib"),
+        ({"options": {"network": "host"}}, "network"),
+        ({"options": {"image": "x" * 5000}}, "image"),
+        ({"options": {"image": "/etc"}}, "registry reference"),  # the server's files: one fixed refusal
+        ({"options": {"image": f"{home}/images"}}, "registry reference"),
+        ({"options": []}, "options"),
+    ]:
+        r = await api.http.post("/v1/templates", json=body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument", (body, r.text)
+        assert needle in r.json()["error"]["message"] and home not in r.text, r.text
+    assert await api.backend.list() == []  # no box was made for a refused template
+
+
 async def test_openapi_document_is_served_and_committed(api: InProcess) -> None:
     served = (await api.http.get("/v1/openapi.json", headers=AUTH)).json()
     committed = json.loads((REPO / "docs" / "openapi.json").read_text())
     assert served == committed, "regenerate it: python -m boxvm.server.openapi > docs/openapi.json"
     assert "/v1/boxes/{box}/export" in served["paths"] and "/v1/boxes/import" in served["paths"]
+    assert set(served["paths"]["/v1/templates"]) == {"get", "post"} and "/v1/templates/{template}" in served["paths"]
 
 
 async def test_server_config_is_the_protocol_module(api: InProcess) -> None:

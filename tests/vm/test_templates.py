@@ -1,12 +1,16 @@
 """Warm starts (issue 15): a first start resumes from its machine's template instead of booting.
 
-The template is made for a machine no other test uses (slim image, 320 MiB), so boxes of
-other tests keep booting cold. "Resumed, not booted" is judged by the start's own
-record (a resume times its ``migrate-incoming``: ``resume_load_ms``) and by the time it took.
+The template is made over REST (``POST /v1/templates``) for a machine no other test uses
+(slim image, 320 MiB), so boxes of other tests keep booting cold. "Resumed, not booted" is
+judged by the start's own record (a resume times its ``migrate-incoming``:
+``resume_load_ms``) and by the time it took. The last test spends the template: QEMU
+refuses its damaged state, the box boots cold instead and the template is removed.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +19,12 @@ import pytest
 import pytest_asyncio
 
 import boxvm
-from boxvm.errors import NotFound
-from boxvm.options import BoxOptions
-from boxvm.templates import TemplateInfo
+from boxvm import templates
+from boxvm.engine import memory
+from boxvm.errors import InvalidArgument, NotFound
+from boxvm.options import BoxOptions, TemplateInfo
+from boxvm.paths import Home
+from tests.conftest import TOKEN, Server
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -32,11 +39,17 @@ async def sh(box: boxvm.Box, script: str) -> str:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def template(rt: boxvm.Runtime) -> AsyncIterator[TemplateInfo]:
-    info = await rt.templates.create(MACHINE)
-    yield info
-    if info.id in {t.id for t in await rt.templates.list()}:
-        await rt.templates.remove(info.id)
+async def template(home: Home, server: Server) -> AsyncIterator[TemplateInfo]:
+    remote = boxvm.Runtime.remote(server.url, token=TOKEN)
+    try:
+        info = await remote.templates.create(MACHINE)  # the server boots it: the REST route
+        assert (templates.root(home) / info.id / templates.INFO).is_file()
+        assert info in await remote.templates.list()  # GET /v1/templates
+        yield info
+        if info.id in {t.id for t in await remote.templates.list()}:
+            await remote.templates.remove(info.id)
+    finally:
+        await remote.close()
 
 
 async def timed_start(rt: boxvm.Runtime, options: BoxOptions) -> tuple[boxvm.Box, float, list[str]]:
@@ -71,10 +84,38 @@ async def test_warm_start_resumes_the_template_and_warm_false_boots(rt: boxvm.Ru
             await rt.remove(box.id, force=True)
 
 
-async def test_removed_template_is_not_used(rt: boxvm.Runtime, template: TemplateInfo) -> None:
-    await rt.templates.remove(template.id)
-    assert template.id not in {t.id for t in await rt.templates.list()}
-    with pytest.raises(NotFound):
-        await rt.templates.remove(template.id)
-    with pytest.raises(NotFound):
-        await rt.templates.remove("../../etc")
+@pytest.mark.backends("local", "remote")
+async def test_templates_are_listed_and_refused_alike_on_both_backends(
+    rt: boxvm.Runtime, home: Home, template: TemplateInfo
+) -> None:
+    """(Pytest runs the remote case after the local tests, the last of which spends the template.)"""
+    assert sorted(t.id for t in await rt.templates.list()) == sorted(t.id for t in templates.list_all(home))
+    with pytest.raises(NotFound, match="no template"):
+        await rt.templates.remove("0" * 16)
+    for bad in ("../../etc", template.id.upper(), template.id + "0"):
+        with pytest.raises(InvalidArgument, match="16 hex digits"):
+            await rt.templates.remove(bad)
+
+
+async def test_a_template_qemu_refuses_is_removed_and_the_box_boots_cold(
+    rt: boxvm.Runtime, home: Home, template: TemplateInfo
+) -> None:
+    """Garbage in the template's device state, its record rewritten to vouch for it (every
+    check before QEMU passes): QEMU's ``migrate-incoming`` fails, and the same ``start()``
+    boots the box cold. (Damage the checks see first is tests/unit/test_templates.py's.)"""
+    path = templates.root(home) / template.id
+    garbage = os.urandom((path / memory.STATE).stat().st_size)
+    (path / memory.STATE).write_bytes(garbage)
+    meta = json.loads((path / memory.META).read_text())
+    (path / memory.META).write_text(json.dumps({**meta, "state_sha256": hashlib.sha256(garbage).hexdigest()}))
+    box, seconds, (resumed, hostname, _, _) = await timed_start(rt, MACHINE)
+    try:
+        info = await box.info()
+        assert info.status == boxvm.BoxStatus.RUNNING and not resumed and hostname == box.name
+        assert "warm_fallback_ms" in info.timings, "the fallback is not visible in the box's timings"
+        assert template.id not in {t.id for t in await rt.templates.list()} and not path.exists()
+        print(f"failed resume + cold boot {seconds:.2f} s (the failed attempt {info.timings['warm_fallback_ms']} ms)")
+        with pytest.raises(NotFound):
+            await rt.templates.remove(template.id)
+    finally:
+        await rt.remove(box.id, force=True)

@@ -1,0 +1,172 @@
+"""A warm start whose template cannot be resumed boots cold, and the template goes (issue 15).
+
+No VM: a box record with the two empty disk deltas ``create`` makes, and a template made of
+real files (qcow2 deltas over the same backing files, a sparse RAM file, a device state
+with the record ``engine/memory`` writes) that is then damaged the ways a disk or a crash
+damages files. A resume that QEMU itself refuses is tests/vm/test_templates.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from boxvm import templates
+from boxvm.cli import main
+from boxvm.disks import qcow2
+from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.engine import memory
+from boxvm.options import BoxOptions
+from boxvm.paths import Home
+from boxvm.status import BoxStatus
+from boxvm.store import BoxRecord, Store
+from tests.helpers import serving
+
+BACKING = {TOP: ("../../layers/all/base.qcow2", "qcow2"), GUEST_TOP: ("../../guest/rootfs.ext4", "raw")}
+SIZE = 1 << 30
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    home = Home.default(tmp_path / "home")
+    home.ensure()
+    yield home
+
+
+@pytest.fixture
+def store(home: Home) -> Iterator[Store]:
+    s = Store(home.db)
+    yield s
+    s.close()
+
+
+def fresh_box(home: Home, store: Store) -> tuple[BoxRecord, Path]:
+    rec = BoxRecord(
+        id=secrets.token_hex(16), name=f"b-{secrets.token_hex(2)}", status=BoxStatus.CONFIGURED, image="img",
+        options=BoxOptions(memory_mib=128).to_dict(), mac="52:54:00:00:00:01", image_digest="sha256:" + "1" * 64,
+        guest_bundle="bundle",
+    )  # fmt: skip
+    store.insert_box(rec)
+    box_dir = home.box_dir(rec.id)
+    box_dir.mkdir(parents=True)
+    for name, (backing, fmt) in BACKING.items():
+        qcow2.write_overlay(box_dir / name, SIZE, backing, fmt)
+    return rec, box_dir
+
+
+def make_template(home: Home, rec: BoxRecord) -> Path:
+    """A template of ``rec``'s machine: deltas with data, RAM with data, a sealed state."""
+    work = home.tmp / "t"
+    work.mkdir()
+    for name, (backing, fmt) in BACKING.items():
+        qcow2.write_overlay(work / name, SIZE, backing, fmt)
+    with open(work / memory.RAM, "wb") as f:
+        f.truncate(128 << 20)
+        f.write(b"guest memory")
+    (work / f"{memory.STATE}.tmp").write_bytes(os.urandom(50_000))
+    memory.seal(work, {"memory_mib": 128, "cpus": 1, "guest_bundle": "bundle"})
+    spec = templates.machine(rec)
+    info = {"id": templates.key(spec), "image": "img", "created_at": 1.0, "size_bytes": 1, **spec}
+    (work / templates.INFO).write_text(json.dumps(info))
+    dest = templates.root(home) / info["id"]
+    dest.parent.mkdir(exist_ok=True)
+    os.rename(work, dest)
+    return dest
+
+
+def is_fresh(box_dir: Path, name: str) -> bool:
+    """The delta byte for byte as ``create`` writes it (no data, same backing file)."""
+    (box_dir / "expected").unlink(missing_ok=True)
+    qcow2.write_overlay(box_dir / "expected", SIZE, *BACKING[name])
+    return (box_dir / name).read_bytes() == (box_dir / "expected").read_bytes()
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "a byte of the device state changed": lambda t: flip_a_byte(t / memory.STATE),
+    "the device state truncated": lambda t: os.truncate(t / memory.STATE, 1000),
+    "the RAM file missing": lambda t: (t / memory.RAM).unlink(),
+    "the RAM file truncated": lambda t: os.truncate(t / memory.RAM, 64 << 20),
+    "the state's record missing": lambda t: (t / memory.META).unlink(),
+    "the template's record garbage": lambda t: (t / templates.INFO).write_text("{not json"),
+    "the template's record not an object": lambda t: (t / templates.INFO).write_text("[1]"),
+    "a disk delta missing": lambda t: (t / GUEST_TOP).unlink(),
+    "a disk delta over another backing file": lambda t: (
+        (t / TOP).unlink(),
+        qcow2.write_overlay(t / TOP, SIZE, "../../layers/all/other.qcow2"),
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_template_is_removed_and_the_box_boots_cold(home: Home, store: Store, damage: str) -> None:
+    rec, box_dir = fresh_box(home, store)
+    template = make_template(home, rec)
+    DAMAGE[damage](template)
+    assert templates.warm_into(home, store, box_dir, rec) is None, "a damaged template was resumed"
+    assert not template.exists() and templates.list_all(home) == []
+    assert "warm_fallback_ms" in (store.get_box(rec.id) or rec).timings  # visible in the box's timings
+    assert all(is_fresh(box_dir, name) for name in BACKING)  # the box untouched: it boots cold
+    assert not (box_dir / memory.STATE).exists() and not (box_dir / memory.BASE).exists()
+
+
+def test_a_failed_resume_gives_the_box_its_fresh_disks_back_and_removes_the_template(home: Home, store: Store) -> None:
+    """What ``start`` does when QEMU refused a template's state: the box, ``failed`` by the
+    aborted start, is ``configured`` again with empty deltas and no memory state."""
+    rec, box_dir = fresh_box(home, store)
+    template = make_template(home, rec)
+    warm = templates.warm_into(home, store, box_dir, rec)
+    assert warm is not None and (box_dir / memory.BASE).samefile(template / memory.RAM)
+    assert (box_dir / TOP).read_bytes() == (template / TOP).read_bytes()
+    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED}, error="QEMU refused the state")
+    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("loading the memory state failed"))
+    after = store.get_box(rec.id)
+    assert after is not None and after.status == BoxStatus.CONFIGURED and after.error is None
+    assert "warm_fallback_ms" in after.timings and not template.exists()
+    assert all(is_fresh(box_dir, name) for name in BACKING)
+    assert not any((box_dir / n).exists() for n in (memory.STATE, memory.META, memory.BASE, memory.RAM))
+
+
+def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: Store) -> None:
+    rec, box_dir = fresh_box(home, store)
+    template = make_template(home, rec)
+    warm = templates.warm_into(home, store, box_dir, rec)
+    assert warm is not None
+    info = json.loads((template / templates.INFO).read_text())
+    (template / templates.INFO).write_text(json.dumps({**info, "created_at": 2.0}))  # a new template
+    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED})
+    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("x"))
+    assert template.exists(), "a template made after the failed resume was removed"
+
+
+def test_the_cli_lists_and_removes_templates_on_a_server(home: Home, store: Store) -> None:
+    """``boxvm --remote URL template ls|rm|create`` against a real ``boxvm serve`` over this home."""
+    rec, _ = fresh_box(home, store)
+    template = make_template(home, rec)
+    token = secrets.token_hex(8)
+
+    def cli(url: str, *args: str) -> Result:
+        return CliRunner().invoke(main.cli, ["--remote", url, "--token", token, "template", *args])
+
+    with serving(home, token) as (url, _pid):
+        listed = cli(url, "ls", "--json")
+        assert listed.exit_code == 0, listed.output
+        assert [t["id"] for t in json.loads(listed.stdout)] == [template.name]
+        bad = cli(url, "rm", "../../boxes")
+        assert bad.exit_code == 1 and "16 hex digits" in bad.stderr and str(home.root) not in bad.stderr
+        assert cli(url, "rm", template.name).exit_code == 0 and not template.exists()
+        gone = cli(url, "rm", template.name)
+        assert gone.exit_code == 1 and "NotFound" in gone.stderr
+        refused = cli(url, "create", "--memory", "1")  # validated before anything boots
+        assert refused.exit_code == 1 and "memory_mib" in refused.stderr
