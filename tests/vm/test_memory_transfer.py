@@ -25,6 +25,7 @@ import pytest_asyncio
 import zstandard
 
 import boxvm
+from boxvm import memarchive
 from boxvm.backends.local import LocalBackend
 from boxvm.engine import memory, qemucaps
 from boxvm.errors import ArchiveError, InvalidState, StorageError, Unsupported
@@ -327,8 +328,10 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
     await box.start()  # a cold boot, with its disk
     assert await sh(box, "cat /root/marker") == source.marker
     assert await sh(box, "cat /proc/sys/kernel/random/boot_id") != source.boot_id
+    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 &")
     await box.snapshot.create("m", SnapshotOptions(memory=True))
     await box.stop()
+    await _a_fork_travels_with_its_memory(source, "m")
     backend = LocalBackend(home)
     try:
         rec = backend.store.get_box(box.id)
@@ -340,3 +343,35 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
         backend.store.update_box(box.id, options=rec.options)
     finally:
         await backend.close()
+
+
+async def _a_fork_travels_with_its_memory(source: Source, snapshot: str) -> None:
+    """A fork of a memory snapshot runs on the snapshot's RAM file mapped privately; its
+    suspend saves that private RAM inside the migration stream (``stream``), and its export,
+    import and start resume its processes where they were (issue 15: forks in archives)."""
+    t0 = time.monotonic()
+    (fork,) = await source.box.clone_many(1, CloneOptions(from_snapshot=snapshot, start_after_clone=True))
+    copy = None
+    try:
+        boot_id, count = await reading(fork)  # the snapshot's counter, running on in the fork
+        await asyncio.sleep(0.2)
+        assert (await reading(fork))[1] > count
+        await fork.suspend()
+        path = await fork.export(source.archives / "fork.boxsnap")
+        plain = _plain(path)
+        _, manifest = _members(plain)
+        assert manifest["memory"]["memory_mib"] == 256
+        at = plain.index(memarchive.MAGIC)
+        assert int.from_bytes(plain[at + 12 : at + 16], "little") == memarchive.STREAM, "not the fork's private RAM"
+        copy = await source.rt.import_box(path, name=f"{fork.name}-copy")
+        await copy.start()
+        copy_boot, copy_count = await reading(copy)
+        assert copy_boot == boot_id, "the imported fork booted instead of resuming"
+        assert copy_count >= count and await sh(copy, "cat /root/marker") == source.marker
+        await asyncio.sleep(0.2)
+        assert (await reading(copy))[1] > copy_count, "the counter did not survive the fork's export"
+        print(f"\nfork, suspend, export, import, resume: {time.monotonic() - t0:.2f} s")
+    finally:
+        for box in (fork, copy):
+            if box is not None:
+                await source.rt.remove(box.id, force=True)
