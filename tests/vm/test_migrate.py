@@ -1,7 +1,10 @@
-"""Migration of a stopped box to another ``boxvm serve`` runner (its own home, on loopback)
-through the test S3 server, and its journal: the driving process SIGKILLed after each step
-leaves exactly one owner (source, object in transit, or target) and running migrate again
-finishes the move with identical content (``qemu-img compare`` judges)."""
+"""Migration to another ``boxvm serve`` runner (its own home, on loopback) through the test
+S3 server, under SIGKILL at each step on either side: the driving process after each
+journal step, the source runner while it suspends, uploads and removes, the target runner
+while it imports and resumes. After every kill exactly one holder has the box (the source,
+the object in transit, or the target); the killed runner is restarted on its home and
+running migrate again finishes the move with the box's data intact (``qemu-img compare``
+judges a stopped box's disk; a running box keeps its files and its counting process)."""
 
 from __future__ import annotations
 
@@ -11,21 +14,66 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
-import pytest_asyncio
 
 import boxvm
+from boxvm.backends.base import Backend
 from boxvm.disks.layers import TOP
+from boxvm.errors import BoxvmError
 from boxvm.migrate import migrate
 from boxvm.paths import Home
-from tests.helpers import serving
 from tests.s3server import REST_PREFIX, S3Server
 
 pytestmark = pytest.mark.asyncio
 TOKEN = "migrate-" + os.urandom(8).hex()
 VIA = f"{REST_PREFIX}migrate/"
+
+
+@dataclass
+class Runner:
+    """A ``boxvm serve`` over ``home`` that can die at a fault point and be restarted on the
+    same port (the journal names the target by its URL)."""
+
+    home: Home
+    port: int = 0
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, fault: str | None = None) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "BOXVM_FAULT"} | {"BOXVM_HOME": str(self.home.root)}
+        if fault is not None:
+            env["BOXVM_FAULT"] = fault
+        argv = [sys.executable, "-m", "boxvm.cli.main", "--token", TOKEN, "serve", "--port", str(self.port)]
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "serving" in line, line
+        self.port = int(line.split()[-1].removesuffix("/v1").rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def was_killed(self) -> None:
+        """It died of SIGKILL (at its fault point)."""
+        assert self.proc is not None and self.proc.wait(60) == -signal.SIGKILL
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +87,16 @@ def target_home(home: Home, tmp_path_factory: pytest.TempPathFactory) -> Home:
 
 
 @pytest.fixture(scope="module")
-def target_url(target_home: Home, s3: S3Server) -> Iterator[str]:
-    with serving(target_home, TOKEN) as (url, _pid):
-        yield url
-
-
-@pytest_asyncio.fixture
-async def target(target_url: str) -> AsyncIterator[boxvm.Runtime]:
-    async with boxvm.Runtime.remote(target_url, token=TOKEN) as rt:
-        yield rt
+def runners(home: Home, target_home: Home, s3: S3Server) -> Iterator[tuple[Runner, Runner]]:
+    """The source runner (over the test home) and the target runner (its own home)."""
+    pair = Runner(home), Runner(target_home)
+    try:
+        for runner in pair:
+            runner.start()
+        yield pair
+    finally:
+        for runner in pair:
+            runner.stop()
 
 
 async def a_box_with_data(rt: boxvm.Runtime, home: Home, name: str) -> boxvm.Box:
@@ -73,62 +122,111 @@ def in_transit(s3: S3Server) -> list[str]:
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
-@pytest.mark.parametrize("step", ["migrate:exported", "migrate:released", "migrate:imported"])
-async def test_killed_after_each_step_leaves_one_owner_and_rerun_finishes(
-    home: Home, target_home: Home, target: boxvm.Runtime, target_url: str, s3: S3Server, step: str
+def uploads(s3: S3Server) -> list[str]:
+    """Multipart uploads begun under the migration prefix and neither completed nor aborted."""
+    listing = s3.client().list_multipart_uploads(Bucket=s3.bucket, Prefix="rest/migrate/")
+    return [u["Key"] for u in listing.get("Uploads", [])]
+
+
+async def holders(source: Backend, target: Backend, s3: S3Server, name: str) -> list[str]:
+    """Who holds the box: the runners that list it, else the object in transit."""
+    found = [side for side, b in (("source", source), ("target", target)) if await b.get(name) is not None]
+    return found or (["object"] if in_transit(s3) else [])
+
+
+def finished(home: Home, s3: S3Server, name: str) -> None:
+    """Nothing of the move is left: no object, no multipart upload, no journal or lock."""
+    assert in_transit(s3) == [] and uploads(s3) == []
+    assert not list((home.root / "migrations").glob(f"{name}*"))
+
+
+async def test_driver_killed_after_each_step(
+    home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server
 ) -> None:
-    """Kill the driving process after the step; then exactly one of the source, the object in
-    transit or the target holds the box, and ``migrate`` again (the API call here; ``Box.migrate``
-    or ``boxvm migrate`` in the killed child) finishes: the box gone from the source, the same disk on the target,
-    no object left, no journal."""
-    name = f"mig-{step.split(':')[1]}-{os.urandom(2).hex()}"
-    async with boxvm.Runtime(home.root) as rt:
+    """The process driving the move of a stopped box (on the source host: its home is the
+    source) is SIGKILLed after each journal step in turn, once through the API and then
+    through ``boxvm migrate``; after each kill one holder has the box, and the same call
+    again finishes the move: gone from the source, the same disk on the target."""
+    target = runners[1]
+    name = f"mig-drv-{os.urandom(2).hex()}"
+    api = (
+        "import asyncio, boxvm\n"
+        "async def main():\n"
+        "    async with boxvm.Runtime() as rt,"
+        f" boxvm.Runtime.remote({target.url!r}, token={TOKEN!r}) as target:\n"
+        f"        await (await rt.get({name!r})).migrate(target, via={VIA!r})\n"
+        "asyncio.run(main())\n"
+    )
+    cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url, "--via", VIA]
+    async with boxvm.Runtime(home.root) as rt, boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
         await a_box_with_data(rt, home, name)
         ref = await rt.get(f"{name}-ref")
         assert ref is not None
-    try:
-        if step == "migrate:exported":  # the API in one child, the CLI in the others
-            script = (
-                "import asyncio, boxvm\n"
-                "async def main():\n"
-                "    async with boxvm.Runtime() as rt,"
-                f" boxvm.Runtime.remote({target_url!r}, token={TOKEN!r}) as target:\n"
-                f"        await (await rt.get({name!r})).migrate(target, via={VIA!r})\n"
-                "asyncio.run(main())\n"
-            )
-            argv = [sys.executable, "-c", script]
-        else:
-            argv = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target_url, "--via", VIA]
-        env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_FAULT": step, "BOXVM_TO_TOKEN": TOKEN}
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr
-        async with boxvm.Runtime(home.root) as rt:
-            at_source = await rt.get(name) is not None
-            at_target = await target.get(name) is not None
-            owners = [at_source, at_target, not (at_source or at_target) and bool(in_transit(s3))]
-            assert owners.count(True) == 1, (step, owners)
-            moved = await migrate(rt.backend, name, target.backend, VIA)  # the same call again finishes
+        try:
+            for step, holder, argv in (
+                ("migrate:exported", "source", [sys.executable, "-c", api]),
+                ("migrate:released", "object", cli),
+                ("migrate:imported", "target", cli),
+            ):
+                env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_FAULT": step, "BOXVM_TO_TOKEN": TOKEN}
+                proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
+                assert proc.returncode == -signal.SIGKILL, proc.stderr
+                assert await holders(rt.backend, tgt.backend, s3, name) == [holder], step
+            moved = await migrate(rt.backend, name, tgt.backend, VIA)
             assert await rt.get(name) is None
             same_content(home, ref.id, target_home, moved.id)
-            assert in_transit(s3) == []
-            assert not list((home.root / "migrations").glob(f"{name}*"))
+            finished(home, s3, name)
             with pytest.raises(boxvm.InvalidArgument):  # --via must name a prefix
-                await migrate(rt.backend, ref.id, target.backend, "s3://boxvm-test/no-slash")
-    finally:
-        async with boxvm.Runtime(home.root) as rt:
+                await migrate(rt.backend, ref.id, tgt.backend, "s3://boxvm-test/no-slash")
+        finally:
             await rt.remove(ref.id, force=True)
-            if await rt.get(name) is not None:
-                await rt.remove(name, force=True)
-        if await target.get(name) is not None:
-            await target.remove(name, force=True)
+            for runtime in (rt, tgt):
+                if await runtime.get(name) is not None:
+                    await runtime.remove(name, force=True)
 
 
-async def test_running_box_moves_with_its_processes(target: boxvm.Runtime, s3: S3Server) -> None:
-    """A running box holding data and a counter process is suspended at the source, travels
-    with its memory, and runs on the target with the same process still counting."""
+async def test_running_box_moves_while_runners_are_killed(
+    home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server
+) -> None:
+    """A running box holding data and a counter process moves between two runners while each
+    is SIGKILLed at its steps: the source while it suspends the box, while it uploads (a part
+    stored) and while it removes the box, the target while it imports (verified, renamed
+    into place, not committed) and while the box's supervisor resumes it. Each killed runner is restarted
+    on its home, one holder has the box after each kill, and migrate run again ends with the
+    box running on the target, its file intact and the same process still counting."""
+    source, target = runners
     name = f"mig-run-{os.urandom(2).hex()}"
     counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
-    async with boxvm.Runtime() as rt:
+
+    async def attempt(kill: tuple[Runner, Callable[[boxvm.BoxInfo], bool]] | None = None) -> Any:
+        """Run migrate through both runners; ``kill``: SIGKILL that runner once its box passes the test."""
+        async with (
+            boxvm.Runtime.remote(source.url, token=TOKEN) as src,
+            boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
+        ):
+            move = asyncio.create_task(migrate(src.backend, name, tgt.backend, VIA))
+            if kill is not None:
+                runner, when = kill
+                watch = src if runner is source else tgt
+                while not move.done():
+                    info = await watch.get(name)
+                    if info is not None and when(info):
+                        runner.kill()
+                        break
+                    await asyncio.sleep(0.05)
+            try:
+                return await move
+            except BoxvmError as exc:
+                return exc
+
+    async def check(expected: str) -> None:
+        async with (
+            boxvm.Runtime.remote(source.url, token=TOKEN) as src,
+            boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
+        ):
+            assert await holders(src.backend, tgt.backend, s3, name) == [expected]
+
+    async with boxvm.Runtime(home.root) as rt:
         box = await rt.create(boxvm.BoxOptions(image="boxvm/slim", memory_mib=256), name=name)
         try:
             await box.start()
@@ -139,17 +237,52 @@ async def test_running_box_moves_with_its_processes(target: boxvm.Runtime, s3: S
             digest = (await box.exec(["md5sum", "/root/data"])).stdout
             await asyncio.sleep(0.5)
             before = int((await box.exec(["cat", "/tmp/count"])).stdout)
-            moved = await box.migrate(target, via=VIA)
-            assert (await moved.info()).status == boxvm.BoxStatus.RUNNING
-            assert await rt.get(name) is None
-            assert (await moved.exec(["md5sum", "/root/data"])).stdout == digest
-            assert (await moved.exec(["sh", "-c", f"kill -0 {pid} && echo alive"])).stdout == b"alive\n"
-            first = int((await moved.exec(["cat", "/tmp/count"])).stdout)
-            await asyncio.sleep(0.6)
-            assert before <= first < int((await moved.exec(["cat", "/tmp/count"])).stdout)
-            assert in_transit(s3) == []
+
+            suspending = (source, lambda info: info.status == boxvm.BoxStatus.SUSPENDING)
+            assert isinstance(await attempt(suspending), BoxvmError)
+            source.start("s3:part-uploaded")
+            await check("source")
+            assert isinstance(await attempt(), BoxvmError)
+            source.was_killed()
+            source.start("remove:row-deleted")
+            await check("source")
+            assert isinstance(await attempt(), BoxvmError)
+            source.was_killed()
+            source.start()
+            await check("object")
+            target.stop()
+            target.start("import:renamed")
+            assert isinstance(await attempt(), BoxvmError)
+            target.was_killed()
+            target.start()
+            await check("object")
+            # once its supervisor runs (it made its control socket): it resumes the box on its own
+            resuming = (
+                target,
+                lambda i: i.status == boxvm.BoxStatus.STARTING and (target_home.box_dir(i.id) / "ctl.sock").exists(),
+            )
+            assert isinstance(await attempt(resuming), BoxvmError)
+            target.start()
+            await check("target")
+
+            moved = await attempt()
+            assert isinstance(moved, boxvm.BoxInfo), moved
+            assert moved.status == boxvm.BoxStatus.RUNNING
+            async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
+                there = await tgt.get(name)
+                assert there is not None
+                assert (await there.exec(["md5sum", "/root/data"])).stdout == digest
+                assert (await there.exec(["sh", "-c", f"kill -0 {pid} && echo alive"])).stdout == b"alive\n"
+                first = int((await there.exec(["cat", "/tmp/count"])).stdout)
+                await asyncio.sleep(0.6)
+                assert before <= first < int((await there.exec(["cat", "/tmp/count"])).stdout)
+            finished(home, s3, name)
         finally:
             if await rt.get(name) is not None:
                 await rt.remove(name, force=True)
-            if await target.get(name) is not None:
-                await target.remove(name, force=True)
+            for runner in runners:  # as the fixture gave them: running
+                if runner.proc is None or runner.proc.poll() is not None:
+                    runner.start()
+            async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
+                if await tgt.get(name) is not None:
+                    await tgt.remove(name, force=True)
