@@ -122,8 +122,16 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
             try:
                 for i in range(max(runs, import_runs)):  # interleaved: BoxLite, then boxvm, each round
                     with_import = [str(archive)] if i < import_runs else []
-                    add("boxlite_", boxlite.ask("round", *with_import))
-                    add("boxvm_", await boxvm_round(rt, box, i, archive if with_import else None))
+                    theirs = boxlite.ask("round", *with_import)
+                    ours = await boxvm_round(rt, box, i, archive if with_import else None)
+                    add("boxlite_", theirs)
+                    add("boxvm_", ours)
+                    load = os.getloadavg()[0]
+                    results.setdefault("load_1m", []).append(load)
+                    print(
+                        f"compare round {i}: load {load:.1f}",
+                        {k: f"{ours[k] / theirs[k]:.2f}x" for k in ours if theirs.get(k)},
+                    )
                     if with_import:
                         results.setdefault("import_baseline", []).append(ms(baseline_import(archive, work)))
                         for p in work.glob("baseline-*"):
@@ -134,6 +142,7 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
                         await box.clone_many(scale - count, boxvm.CloneOptions(from_snapshot="base"))
                     for i in range(runs):
                         add(f"boxvm_{scale}boxes_", await boxvm_round(rt, box, 1000 * scale + i, None))
+                    print(f"compare at {scale} boxes: load {os.getloadavg()[0]:.1f}")
             finally:
                 for info in await rt.list():
                     if info.name.startswith("bench-cmp"):

@@ -19,9 +19,11 @@ import errno
 import hashlib
 import json
 import os
+import queue
 import re
 import subprocess
 import tarfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,7 +423,7 @@ def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progre
     """Write the disk member (its sparse map's holes, and all-zero MiB, stay holes) and hash
     it as its expanded bytes. Once the qcow2 header has arrived, a member larger than a
     qcow2 of that virtual size can be is refused before the rest is read."""
-    h = hashlib.sha256()
+    h = _Hasher()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         pos, judged = 0, False
@@ -441,9 +443,43 @@ def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progre
         _hash_zeros(h, member.real_size - pos)
         os.ftruncate(fd, member.real_size)
         os.fsync(fd)
+        digest = h.hexdigest()
     finally:
+        h.close()
         os.close(fd)
-    return member.real_size, f"sha256:{h.hexdigest()}"
+    return member.real_size, f"sha256:{digest}"
+
+
+class _Hasher:
+    """SHA-256 in a second thread, beside the decompression (~55% of an import) and the
+    writes in the caller's: both release the GIL, so the hash (~24%) overlaps them instead
+    of adding to them. Every byte is still hashed, in order. At most ``_DEPTH`` chunks
+    (1 MiB each) wait, so memory stays bounded whatever the archive."""
+
+    _DEPTH = 8
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(self._DEPTH)
+        self._thread = threading.Thread(target=self._run, name="boxvm-import-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self._h.update(chunk)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        self._queue.put(chunk)
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread (after it has hashed what is queued); idempotent."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 def _hash_zeros(h: Any, count: int) -> None:

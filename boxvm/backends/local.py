@@ -161,6 +161,7 @@ class LocalBackend(templates.TemplateOps, Backend):
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         box_dir = self.home.box_dir(rec.id)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
+        await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
         opts = BoxOptions.from_dict(rec.options)
         warmed = None  # its machine's template, if it resumes one (a failed resume boots cold: fall_back)
         if warm and not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:

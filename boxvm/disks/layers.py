@@ -117,6 +117,18 @@ class LayerStore:
         """The backing reference to a layer from any box (or staged box) directory."""
         return f"../../layers/{self.layer_path(layer_id).relative_to(self.root)}"
 
+    def chain_of(self, top: Path | None, layers: list[str]) -> list[Path]:
+        """A chain as the store knows it (``layers``: top first, from ``Store.layer_chain``):
+        ``top``, the layers' files and the image base the bottom one backs onto -- one
+        header read, where reading the chain from the files costs one per layer."""
+        files = ([top] if top is not None else []) + [self.layer_path(layer) for layer in layers]
+        if files:
+            with contextlib.suppress(OSError, ValueError, StorageError):
+                backing = qcow2.read_header(files[-1]).backing_file
+                if backing is not None:
+                    files.append(Path(os.path.normpath(qcow2.resolve_backing(files[-1], backing))))
+        return files
+
     @staticmethod
     def live_link(box_dir: Path, serial: int) -> Path:
         """The name a running QEMU opens the ``serial``-th top of this run under."""
@@ -148,7 +160,12 @@ class LayerStore:
         pending = box_dir / PENDING
         if not pending.exists():
             return
-        header = qcow2.read_header(pending)
+        try:
+            header = qcow2.read_header(pending)
+        except ValueError:  # a fresh top written without a sync, cut by a crash: no data in it
+            log.warning("%s: dropping an unreadable pending top (a crash cut its writes)", box_dir.name)
+            pending.unlink()
+            return
         if header.backing_file is None:
             raise StorageError(f"{pending} has no backing layer: remove it by hand")
         target = Path(os.path.normpath(qcow2.resolve_backing(pending, header.backing_file)))
@@ -182,12 +199,36 @@ class LayerStore:
 
     def restore(self, box_dir: Path, layer_id: str, size: int) -> None:
         """Give the box a fresh empty top over ``layer_id`` (which the box's record holds
-        already); its later changes are dropped. ``size``: the disk's virtual size. The
-        box directory is not synced here: the layers this releases are deleted only after
-        it is (``collect(..., synced=[box_dir])``), and nothing else depends on it."""
-        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id))  # fails if one is pending
+        already, marked fresh); its later changes are dropped. ``size``: the disk's virtual
+        size. Nothing is synced here: the top is regenerable from the record (:meth:`renew`),
+        and the layers this releases are deleted only after the box directory is synced
+        (``collect(..., synced=[box_dir])``)."""
+        qcow2.write_overlay(box_dir / PENDING, size, self.reference(layer_id), sync=False)  # fails if one is pending
         faults.point("restore:pending-written")
         self.commit(box_dir, sync=False)
+
+    def repoint(self, box_dir: Path, layer_id: str, size: int) -> bool:
+        """A restore's files in one write, if the box's top holds no data (an empty overlay,
+        as the last restore, capture or clone left it; a crash cutting the write leaves a
+        fresh top that :meth:`renew` re-creates): the top is re-pointed at ``layer_id`` in
+        place. False if it holds data (the caller writes a new top and renames it)."""
+        done = qcow2.rewrite_empty(box_dir / TOP, size, self.reference(layer_id))
+        faults.point("restore:repointed")  # written, not committed (it runs inside the transaction)
+        return done
+
+    def renew(self, box_dir: Path, layer_id: str) -> bool:
+        """A fresh top (an empty overlay over ``layer_id``, as the box's record says, never
+        synced) that a crash lost or cut is written again; True if it was. Any other file
+        in its place is a state the record's commit superseded (a restore's old top)."""
+        top = box_dir / TOP
+        reference = self.reference(layer_id)
+        if qcow2.is_empty_overlay(top, reference):
+            return False
+        log.warning("%s: re-creating its fresh top over layer %s (a crash lost it)", box_dir.name, layer_id)
+        size = qcow2.read_header(self.layer_path(layer_id)).size
+        top.unlink(missing_ok=True)
+        qcow2.write_overlay(top, size, reference)
+        return True
 
     def new_top(self, box_dir: Path, layer_id: str, size: int, sync: bool = True) -> None:
         """A new box's (clone's) own top over a layer (held by a pin while it is staged);
@@ -195,13 +236,14 @@ class LayerStore:
         qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id), sync=sync)
 
     @staticmethod
-    def publish(moves: list[tuple[Path, Path]]) -> None:
+    def publish(moves: list[tuple[Path, Path]], sync: bool = True) -> None:
         """Rename staged box directories into ``boxes/``, durably (one directory sync for
-        all). Their layer is held (a pin, then their records), so nothing they back onto
-        can be collected meanwhile."""
+        all; ``sync=False``: regenerable from their records, see ``Staging.publish``). Their
+        layer is held (a pin, then their records), so nothing they back onto can be
+        collected meanwhile."""
         for staged, final in moves:
             staged.rename(final)
-        for parent in {final.parent for _staged, final in moves}:
+        for parent in {final.parent for _staged, final in moves} if sync else ():
             fsync_dir(parent)
 
     def _rmtree(self, layer: str) -> bool:

@@ -54,6 +54,70 @@ def write_overlay(path: Path, size: int, backing: str | None, backing_format: st
     """Write an empty qcow2 v3 image of virtual ``size`` over ``backing`` (a path relative
     to ``path``'s directory, or absolute) and fsync it (``sync=False``: the caller does, e.g.
     several files at once). Fails if ``path`` exists."""
+    writes, length = _overlay(size, backing, backing_format)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot create {path}: {exc.strerror}") from exc
+    try:
+        for offset, data in writes:
+            os.pwrite(fd, data, offset)
+        os.ftruncate(fd, length)
+        if sync:
+            os.fsync(fd)
+    except OSError as exc:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        if exc.errno == 28:
+            raise StorageError(f"no space left for {path.name}: free some disk space") from exc
+        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
+    os.close(fd)
+
+
+def is_empty_overlay(path: Path, backing: str | None, backing_format: str = "qcow2") -> bool:
+    """True if ``path`` is byte for byte what :func:`write_overlay` writes over ``backing``
+    (its size read from its own header): a top whose writes a crash may have lost (a
+    fresh top, never synced) passes only if nothing of it was lost. Reads ~3 small ranges."""
+    try:
+        size = read_header(path).size
+        writes, length = _overlay(size, backing, backing_format)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except (OSError, ValueError):
+        return False
+    try:
+        if os.fstat(fd).st_size != length:
+            return False
+        return all(os.pread(fd, len(data), offset) == data for offset, data in writes)
+    finally:
+        os.close(fd)
+
+
+def rewrite_empty(path: Path, size: int, backing: str) -> bool:
+    """Point an empty overlay (byte for byte what :func:`write_overlay` wrote: it holds no
+    data) of virtual ``size`` at another qcow2 ``backing``, in place: one write of its
+    header cluster, no new file and no rename. False (nothing written) if ``path`` is not
+    such an overlay. Not synced, not atomic: only for a top its record marks fresh, which a
+    cut write leaves regenerable."""
+    try:
+        header = read_header(path)
+    except (OSError, ValueError):
+        return False
+    if header.size != size or header.backing_file is None or not is_empty_overlay(path, header.backing_file):
+        return False
+    first = _overlay(size, backing, "qcow2")[0][0][1]
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        # the whole region the old header, extensions and name could span, so no byte of them is left
+        os.pwrite(fd, first + b"\0" * (HEADER_LENGTH + 64 + MAX_BACKING_NAME - len(first)), 0)
+    finally:
+        os.close(fd)
+    return True
+
+
+def _overlay(size: int, backing: str | None, backing_format: str) -> tuple[list[tuple[int, bytes]], int]:
+    """The writes (offset, bytes) and the length of an empty overlay; the rest is zeros."""
     if size <= 0 or size % 512:
         raise ValueError(f"virtual size must be a positive multiple of 512, not {size}")
     l2_entries = CLUSTER // 8
@@ -77,26 +141,12 @@ def write_overlay(path: Path, size: int, backing: str | None, backing_format: st
     )  # fmt: skip
     header += b"\0" * (HEADER_LENGTH - len(header))  # compression type 0 (zlib) + padding
     refcounts = struct.pack(f">{total_clusters}H", *([1] * total_clusters))
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise
-    except OSError as exc:
-        raise StorageError(f"cannot create {path}: {exc.strerror}") from exc
-    try:
-        os.pwrite(fd, header + extensions + name, 0)
-        os.pwrite(fd, struct.pack(">Q", refcount_block), refcount_table)
-        os.pwrite(fd, refcounts, refcount_block)
-        os.ftruncate(fd, total_clusters * CLUSTER)
-        if sync:
-            os.fsync(fd)
-    except OSError as exc:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        if exc.errno == 28:
-            raise StorageError(f"no space left for {path.name}: free some disk space") from exc
-        raise StorageError(f"cannot write {path}: {exc.strerror}") from exc
-    os.close(fd)
+    writes = [
+        (0, header + extensions + name),
+        (refcount_table, struct.pack(">Q", refcount_block)),
+        (refcount_block, refcounts),
+    ]
+    return writes, total_clusters * CLUSTER
 
 
 def read_header(path: Path) -> Header:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from boxvm import faults, publish
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP, Scan, layer_of
+from boxvm.disks.layers import GUEST_TOP, TOP, Scan, fsync_dir, fsync_files, layer_of
 from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, BoxNotFound, InvalidState, StorageError
 from boxvm.guest import bundle as bundle_mod
@@ -33,6 +33,7 @@ from boxvm.processes import alive as pid_alive
 from boxvm.state.context import Context
 from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord
+from boxvm.store.db import FRESH_BOTH
 
 log = logging.getLogger("boxvm")
 
@@ -61,13 +62,15 @@ class Staging:
         self.published: list[Path] = []
         self.committed = False
 
-    def publish(self, commit: Callable[[], None]) -> None:
-        """Rename every staged directory into ``boxes/`` (durably), then ``commit`` the records."""
+    def publish(self, commit: Callable[[], None], sync: bool = True) -> None:
+        """Rename every staged directory into ``boxes/`` (durably), then ``commit`` the records.
+        ``sync=False``: the directories hold only fresh tops, which their records (marked
+        :data:`FRESH_BOTH`) can regenerate, directory and all (:meth:`Boxes.renew_fresh`)."""
         for work in self.dirs:
             work.chmod(0o700)
             (work / OWNER).write_text(str(os.getpid()))
         try:
-            self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)))
+            self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)), sync)
         finally:
             self.published = [final for final in self.finals if final.exists()]
         faults.point(f"{self.kind}:renamed")
@@ -137,10 +140,7 @@ class Boxes:
     def info(self, rec: BoxRecord) -> BoxInfo:
         opts = BoxOptions.from_dict(rec.options)
         disk = self.home.box_dir(rec.id) / TOP
-        try:
-            depth = len(qcow2.chain(disk))
-        except (OSError, StorageError):
-            depth = 0
+        depth = len(self.layers.chain_of(disk, self.store.layer_chain(rec.layer)))  # from the store, O(1) reads
         return BoxInfo(
             id=rec.id,
             name=rec.name,
@@ -204,16 +204,23 @@ class Boxes:
         was lost: it is recorded. A layer that has a row wins over the record (a capture
         folded back, a restore that never reached its files). Otherwise the top backs
         onto a layer already released (a restore whose record committed): the restore is
-        finished, at rest; a running box's supervisor owns its top and it is left."""
+        finished, at rest; a running box's supervisor owns its top and it is left. A box
+        at rest whose record marks its top fresh: the record wins (its top is re-created
+        over the recorded layer), but for a capture its process did not record."""
         rec = self.store.get_box(box_id)
         box_dir = self.home.box_dir(box_id)
         if rec is None:
             return
+        renewable = bool(rec.fresh) and not rec.status.is_live
         try:
             actual = layer_of(box_dir / TOP)
         except (OSError, ValueError):
-            return  # no readable top: nothing to agree with (the consistency scan reports it)
+            if renewable:
+                self.renew_fresh(rec)
+            return  # else no readable top: nothing to agree with (the consistency scan reports it)
         if actual == rec.layer:
+            if renewable:
+                self.renew_fresh(rec)  # (a top over the right layer that a crash cut)
             return
         if actual is not None and not self.store.has_layer(actual):
             path = self.layers.layer_path(actual)
@@ -224,12 +231,49 @@ class Boxes:
             if parent == rec.layer and self.store.adopt_capture(box_id, actual, parent, path.exists):
                 log.warning("box %s: recorded a capture its process did not record", rec.name)
                 return
-        if actual is None or self.store.has_layer(actual):
+        if renewable:
+            self.renew_fresh(rec)
+        elif actual is None or self.store.has_layer(actual):
             log.warning("box %s: its record follows its disk (layer %s)", rec.name, actual)
             self.layers.collect(self.store, self.store.set_box_layer(box_id, actual), synced=[box_dir])
         elif not rec.status.is_live and rec.layer is not None:
             log.warning("box %s: finishing an interrupted restore", rec.name)
             self.layers.restore(box_dir, rec.layer, qcow2.read_header(box_dir / TOP).size)
+
+    def renew_fresh(self, rec: BoxRecord) -> None:
+        """Re-create the fresh tops of a box at rest (``rec.fresh``) that a crash lost or cut
+        (see "Fresh tops" in ``disks/layers.py``). Only with the box claimed, or starting."""
+        if not rec.fresh or rec.layer is None:
+            return
+        box_dir = self.home.box_dir(rec.id)
+        if rec.fresh == FRESH_BOTH and not box_dir.exists():  # a clone's rename a crash lost
+            log.warning("box %s: re-creating its directory (a crash lost it)", rec.name)
+            box_dir.mkdir(mode=0o700)
+        self.layers.renew(box_dir, rec.layer)
+        if rec.fresh == FRESH_BOTH:  # a clone never started: its guest top is an empty overlay too
+            bundle = bundle_mod.find(self.home, rec.guest_bundle)
+            guest = box_dir / GUEST_TOP
+            if bundle is None:
+                raise StorageError(f"box {rec.name!r}: its guest bundle is gone: run `boxvm setup`")
+            reference = os.path.relpath(bundle.rootfs, box_dir)
+            if not qcow2.is_empty_overlay(guest, reference, "raw"):
+                log.warning("box %s: re-creating its fresh guest top (a crash lost it)", rec.name)
+                guest.unlink(missing_ok=True)
+                qcow2.write_overlay(guest, bundle.rootfs.stat().st_size, reference, "raw")
+
+    def settle_fresh(self, rec: BoxRecord) -> None:
+        """Before a box's first boot since its tops were made: check (re-create) them and make
+        them durable, then record that they are no longer fresh -- from now on the guest
+        writes into them (one or two fsyncs and a directory's, where a boot costs seconds)."""
+        if not rec.fresh:
+            return
+        self.renew_fresh(rec)
+        box_dir = self.home.box_dir(rec.id)
+        fsync_files([box_dir / TOP, *([box_dir / GUEST_TOP] if rec.fresh == FRESH_BOTH else [])])
+        fsync_dir(box_dir)
+        if rec.fresh == FRESH_BOTH:  # a clone: its own entry in boxes/ too
+            fsync_dir(box_dir.parent)
+        self.store.settle_fresh(rec.id)
 
     # -- recovery ---------------------------------------------------------------------
     def recover(self) -> None:
@@ -279,7 +323,17 @@ class Boxes:
         return self.layers.collect(self.store, self.store.tombstones())
 
     def check_layers(self, repair: bool = False) -> Scan:
-        """The full consistency scan (``boxvm doctor``): see :meth:`LayerStore.scan`."""
+        """The full consistency scan (``boxvm doctor``): see :meth:`LayerStore.scan`. Fresh
+        tops a crash lost are re-created first (each box claimed meanwhile), so that their
+        chains can be read."""
+        allowed = RULES[Operation.RESTORE].allowed
+        for rec in self.store.list_boxes():
+            if rec.fresh and self.store.begin_operation(rec.id, Operation.RESTORE, allowed, os.getpid()):
+                try:
+                    self.layers.commit(self.home.box_dir(rec.id))
+                    self.renew_fresh(rec)
+                finally:
+                    self.store.end_operation(rec.id)
         return self.layers.scan(self.store, repair)
 
     async def disk_usage(self) -> DiskUsage:

@@ -12,12 +12,14 @@ from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP, fsync_files
 from boxvm.engine import qemu
-from boxvm.errors import InvalidArgument, NotFound
+from boxvm.errors import InvalidArgument, NotFound, StorageError
+from boxvm.guest import bundle as bundle_mod
 from boxvm.options import CloneOptions, check_name
 from boxvm.state.memory import fork_into
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
 from boxvm.store import BoxRecord
+from boxvm.store.db import FRESH_BOTH
 
 FORK_NEEDS_MEMORY = (
     "start_after_clone resumes the clones from a memory snapshot: name one in from_snapshot"
@@ -63,10 +65,14 @@ class Clones:
                     self.layers.collect(self.store, self.store.unpin(pin))
                     raise InvalidArgument(FORK_NEEDS_MEMORY)
                 forked_from = pinned[0].id
+        elif rec.layer is not None and (fresh_pin := self.snapshots.capture_fresh(rec, pin_pid=os.getpid())):
+            layer, pin = rec.layer, str(fresh_pin)  # at rest with a fresh top: its layer is its state
         else:
             async with self.boxes.claim(rec, Operation.CLONE) as claim:
                 cap = await self.snapshots.capture(rec, options.snapshot.validate())
-                pin = self.store.record_capture(rec.id, cap.layer, cap.parent, pin_pid=os.getpid(), release=True)
+                pin = self.store.record_capture(
+                    rec.id, cap.layer, cap.parent, pin_pid=os.getpid(), release=True, fresh=cap.at_rest
+                )
                 assert pin is not None
                 claim.ended = True
                 layer, timings = cap.layer, cap.timings
@@ -89,7 +95,10 @@ class Clones:
                 if forked_from is not None:
                     for r in records:
                         r.status = BoxStatus.SUSPENDED
-                stage.publish(lambda: self.store.insert_clones(records, pin))  # all clones appear at once
+                # all clones appear at once; copy-on-write clones (not forks) hold only fresh tops
+                stage.publish(
+                    lambda: self.store.insert_clones(records, pin), sync=forked_from is not None or not options.cow
+                )
         except BaseException as exc:
             self.layers.collect(self.store, self.store.unpin(pin))
             # A clone from a snapshot holds the layer, not the box: the source's own files
@@ -100,16 +109,23 @@ class Clones:
         return records
 
     def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool) -> None:
-        """Each clone's disks, in its staging directory, made durable together."""
-        guest_backing = qcow2.read_header(self.home.box_dir(src.id) / GUEST_TOP)
+        """Each clone's disks, in its staging directory. Copy-on-write clones get fresh tops
+        (empty overlays, recorded as such, regenerable: not synced); a full copy holds data
+        and is made durable (``qemu-img convert`` does not sync)."""
         size = qcow2.read_header(self.layers.layer_path(layer)).size
+        bundle = bundle_mod.find(self.home, src.guest_bundle)
+        if bundle is None:
+            raise StorageError(f"the guest bundle of box {src.name!r} is gone: run `boxvm setup`")
         for work in dirs:
             if cow:
                 self.layers.new_top(work, layer, size, sync=False)
             else:
                 qcow2.flatten(self.layers.layer_path(layer), work / TOP)
-            qcow2.write_overlay(work / GUEST_TOP, guest_backing.size, guest_backing.backing_file, "raw", sync=False)
-        fsync_files([work / name for work in dirs for name in (TOP, GUEST_TOP)])  # (qemu-img convert does not)
+            # (tmp/ and boxes/ sit at the same depth: the reference holds after the rename)
+            reference = os.path.relpath(bundle.rootfs, self.home.box_dir(src.id))
+            qcow2.write_overlay(work / GUEST_TOP, bundle.rootfs.stat().st_size, reference, "raw", sync=False)
+        if not cow:
+            fsync_files([work / name for work in dirs for name in (TOP, GUEST_TOP)])
 
 
 def _clone_record(src: BoxRecord, box_id: str, name: str, timings: dict[str, float], layer: str | None) -> BoxRecord:
@@ -124,4 +140,5 @@ def _clone_record(src: BoxRecord, box_id: str, name: str, timings: dict[str, flo
         guest_bundle=src.guest_bundle,
         timings=dict(timings),
         layer=layer,
+        fresh=FRESH_BOTH if layer is not None else 0,  # copy-on-write: both its tops are empty overlays
     )

@@ -24,7 +24,7 @@ from boxvm.errors import AlreadyExists, SnapshotNotFound
 from boxvm.options import BoxInfo, SnapshotInfo, SnapshotOptions, check_snapshot_name
 from boxvm.state import memory as box_memory
 from boxvm.state.boxes import Boxes
-from boxvm.status import RULES, BoxStatus, Operation, require
+from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord, SnapshotRecord
 
 
@@ -35,6 +35,11 @@ class Capture:
     consistency: str
     timings: dict[str, float]
     node: str | None  # the running VM's block node for the layer (None: captured at rest)
+
+    @property
+    def at_rest(self) -> bool:
+        """Captured at rest: the box's new top is an empty overlay (recorded as fresh)."""
+        return self.consistency == "stopped"
 
 
 class Snapshots:
@@ -62,6 +67,7 @@ class Snapshots:
             timings = {k: round(result[k], 2) for k in ("pause_ms", "switch_ms", "host_window_ms")}
             layer, parent, consistency, node = result["layer"], result["parent"], result["consistency"], result["node"]
         else:
+            self.boxes.sync_layer(rec.id)  # files a crash left ahead of (or behind) the record
             layer, parent = self.layers.prepare_capture(box_dir)
             faults.point("capture:pending-written")
             self.layers.commit(box_dir, sync=False)
@@ -80,6 +86,10 @@ class Snapshots:
             qemucaps.require_memory_state(self.home.cache, f"take a memory snapshot of box {rec.name!r}")
         if self.store.get_snapshot(rec.id, name) is not None:
             raise AlreadyExists(f"box {rec.name!r} already has a snapshot named {name!r}: choose another name")
+        if not options.memory:
+            snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, rec.layer or "", "stopped")
+            if self.capture_fresh(rec, snap):
+                return self.info(snap)
         async with self.boxes.claim(rec, operation) as claim:
             cap = await self.capture(rec, options)
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
@@ -87,13 +97,29 @@ class Snapshots:
                 snap.has_memory = True
                 box_memory.keep_capture(self.home.box_dir(rec.id), snap.id)
             try:
-                self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap, release=True)
+                self.store.record_capture(rec.id, cap.layer, cap.parent, snapshot=snap, release=True, fresh=cap.at_rest)
                 claim.ended = True
             except AlreadyExists:  # the name was taken meanwhile: the capture stays the box's
                 box_memory.drop_snapshot(self.home.box_dir(rec.id), snap.id)
-                self.store.record_capture(rec.id, cap.layer, cap.parent)
+                self.store.record_capture(rec.id, cap.layer, cap.parent, fresh=cap.at_rest)
                 raise
         return self.info(snap)
+
+    def capture_fresh(self, rec: BoxRecord, snap: SnapshotRecord | None = None, pin_pid: int = 0) -> str | bool:
+        """A capture with no file change, if the box is at rest with a fresh top (an empty
+        overlay over its record's layer, checked by one header read here and the record in
+        the transaction): the captured state is that layer itself. One transaction, no
+        claim; False if the box does not qualify (the caller captures the long way)."""
+        allowed = RULES[Operation.SNAPSHOT].allowed - LIVE  # (a live box's top is never fresh)
+        if not rec.fresh or rec.layer is None or rec.status not in allowed:
+            return False
+        quiet = self.layers.quiet_top(self.home.box_dir(rec.id))
+        if quiet is None or quiet[1] != rec.layer:
+            return False
+        if snap is not None:
+            snap.layer = rec.layer
+            snap.timings = {"pause_ms": 0.0, "capture_ms": 0.0}
+        return self.store.capture_fresh(rec.id, allowed, rec.layer, snap, pin_pid)
 
     def find(self, box_id: str, name: str) -> tuple[BoxRecord, SnapshotRecord]:
         rec = self.boxes.record(box_id)
@@ -105,11 +131,8 @@ class Snapshots:
         return rec, snap
 
     def info(self, snap: SnapshotRecord) -> SnapshotInfo:
-        path = self.layers.layer_path(snap.layer)
-        try:
-            chain = [p for p in qcow2.chain(path) if "layers" in p.parts or "images" in p.parts]
-        except (OSError, ValueError):
-            chain = []
+        chain = self.layers.chain_of(None, self.store.layer_chain(snap.layer))  # from the store, O(1) reads
+        path = chain[0] if chain else self.layers.layer_path(snap.layer)
         return SnapshotInfo(
             id=snap.id,
             name=snap.name,
@@ -138,13 +161,18 @@ class Snapshots:
         box_dir = self.home.box_dir(rec.id)
         # The record moves first (holding the snapshot's layer, found in the same
         # transaction); the files follow; recovery finishes a restore cut in between. A box
-        # whose files agree with its record is claimed in that same transaction.
+        # whose files agree with its record is claimed in that same transaction, and one
+        # whose top holds no data is re-pointed in it too (one transaction in all).
         quiet = self.layers.quiet_top(box_dir)
         restored = None
         if quiet is not None:
-            restored = self.store.restore_layer(
-                rec.id, snap.name, (RULES[Operation.RESTORE].allowed, os.getpid(), quiet[1])
-            )
+            claim = (RULES[Operation.RESTORE].allowed, os.getpid(), quiet[1])
+            repoint = None if snap.has_memory else (lambda layer: self.layers.repoint(box_dir, layer, quiet[0]))
+            restored = self.store.restore_layer(rec.id, snap.name, claim, repoint)
+        if restored is not None and restored[2]:
+            faults.point("restore:committed")
+            self.layers.collect(self.store, restored[1])  # (the box directory did not change)
+            return self.boxes.info(self.boxes.record(rec.id))
         async with self.boxes.claim(rec, Operation.RESTORE, held=restored is not None) as claim:
             if restored is None or quiet is None:
                 self.layers.commit(box_dir)  # a crashed one first

@@ -65,6 +65,7 @@ class Transfer:
                 top, consistency, timings = self.layers.layer_path(cap.layer), cap.consistency, cap.timings
             else:  # at rest, and the claim keeps it so: read its top directly, no capture
                 self.layers.commit(box_dir)
+                self.boxes.renew_fresh(self.store.get_box(rec.id) or rec)  # a fresh top a crash lost
                 top, consistency, timings = box_dir / TOP, "stopped", {"pause_ms": 0.0}
             manifest, memory = export_manifest(rec, consistency, options.include_metadata), None
             if rec.status == BoxStatus.SUSPENDED:  # its saved memory goes with its disk

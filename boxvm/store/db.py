@@ -114,6 +114,10 @@ MIGRATIONS: list[str] = [
         WHEN 'exporting' THEN 'export' WHEN 'removing' THEN 'remove' ELSE operation END
     WHERE operation IS NOT NULL;
     """,
+    # v9: boxes.fresh: 1 the box's top, 2 its top and its guest top, are empty overlays
+    # (over boxes.layer, over its bundle) not made durable yet (disks/layers.py, "Fresh
+    # tops"); readers re-create them if a crash lost them; start syncs them and sets 0.
+    "ALTER TABLE boxes ADD COLUMN fresh INTEGER NOT NULL DEFAULT 0;",
 ]
 
 
@@ -127,6 +131,7 @@ def _adopt(db: sqlite3.Connection, home: Path) -> None:
 AFTER_MIGRATION: dict[int, Callable[[sqlite3.Connection, Path], None]] = {5: _adopt}
 IDEMPOTENCY_TTL = 24 * 3600
 SCHEMA_VERSION = len(MIGRATIONS)
+FRESH_TOP, FRESH_BOTH = 1, 2  # boxes.fresh
 
 
 @dataclass
@@ -148,6 +153,7 @@ class BoxRecord:
     operation: Operation | None = None  # the state operation holding the box (its claim)
     operation_pid: int | None = None
     layer: str | None = None  # the layer the box's top backs onto (None: its image's base disk)
+    fresh: int = 0  # FRESH_TOP / FRESH_BOTH: empty tops not yet synced, regenerable (see the v9 step)
 
     @property
     def shown_status(self) -> BoxStatus:
@@ -466,12 +472,14 @@ class Store:
         snapshot: SnapshotRecord | None = None,
         pin_pid: int = 0,
         release: bool = False,
+        fresh: bool = False,
     ) -> str | None:
         """The box's top became ``layer`` (over ``parent``) and it has a new top over it: the
         box's reference moves to the new layer, which holds ``parent`` in its place. With a
         snapshot record, and/or a pin (for clones staged over the layer, returned), and/or
-        the end of this process's claim (``release``), in the same transaction. Idempotent
-        for recovery: a capture already recorded is left."""
+        the end of this process's claim (``release``), in the same transaction. ``fresh``:
+        the new top is an unsynced empty overlay (a capture at rest). Idempotent for
+        recovery: a capture already recorded is left."""
         with self._tx() as db:
             row = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()
             if row is None:
@@ -481,6 +489,8 @@ class Store:
                     raise StorageError(f"box {box_id}: its top backs onto {parent}, its record says {row[0]}")
                 db.execute("INSERT INTO layers VALUES (?, ?, 1)", (layer, parent))
                 db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer, box_id))
+            if fresh:
+                db.execute("UPDATE boxes SET fresh = max(fresh, 1) WHERE id = ?", (box_id,))
             if snapshot is not None:
                 try:
                     self._insert("snapshots", snapshot)
@@ -490,6 +500,36 @@ class Store:
             if release:
                 self._end_operation(db, box_id)
             return self._pin(db, layer, pin_pid) if pin_pid else None
+
+    def capture_fresh(
+        self,
+        box_id: str,
+        allowed: frozenset[BoxStatus],
+        layer: str,
+        snapshot: SnapshotRecord | None = None,
+        pin_pid: int = 0,
+    ) -> str | bool:
+        """A capture of a box at rest whose top is fresh (an empty overlay over ``layer``, the
+        layer its top was just read to back onto): its state *is* ``layer``, so the snapshot
+        (and/or the pin for clones) holds that layer and no file changes. One transaction,
+        which checks that no operation holds the box, its status is allowed and its record
+        still says fresh over ``layer``; False (nothing changed) if not. Returns the pin, or True."""
+        marks = ", ".join("?" for _ in allowed)
+        with self._tx() as db:
+            row = db.execute(
+                f"SELECT 1 FROM boxes WHERE id = ? AND operation IS NULL AND fresh > 0 AND layer IS ? "
+                f"AND status IN ({marks})",
+                (box_id, layer, *(s.value for s in allowed)),
+            ).fetchone()
+            if row is None:
+                return False
+            if snapshot is not None:
+                try:
+                    self._insert("snapshots", snapshot)
+                except sqlite3.IntegrityError as exc:
+                    raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
+                self._hold(db, layer)
+            return self._pin(db, layer, pin_pid) if pin_pid else True
 
     def adopt_capture(self, box_id: str, layer: str, parent: str | None, exists: Callable[[], bool]) -> bool:
         """Recovery: record a capture whose files were made but whose metadata was not. False
@@ -561,13 +601,25 @@ class Store:
             self._drop(db, row[0], dead)  # the clones hold it now: never the last reference
 
     def restore_layer(
-        self, box_id: str, name: str, claim: tuple[frozenset[BoxStatus], int, str | None] | None = None
-    ) -> tuple[SnapshotRecord, list[str]] | None:
+        self,
+        box_id: str,
+        name: str,
+        claim: tuple[frozenset[BoxStatus], int, str | None] | None = None,
+        rewrite: Callable[[str], bool] | None = None,
+    ) -> tuple[SnapshotRecord, list[str], bool] | None:
         """Point the box at a snapshot's layer (found in this transaction); its former
-        layer is released. The caller then gives the box a new top over the snapshot.
+        layer is released. The caller then gives the box a new (fresh) top over the snapshot.
         With ``claim`` (allowed statuses, pid, the layer its top backs onto), the box is
         claimed for the restore in the same transaction; None if it cannot be (or the
-        snapshot is gone): the caller then claims it the long way."""
+        snapshot is gone): the caller then claims it the long way. With ``rewrite`` too
+        (re-point the box's top at the snapshot's layer in place, if it holds no data:
+        ``disks/qcow2.rewrite_empty``), that runs inside the transaction, under SQLite's
+        write lock, so no start or operation can meet the top half-changed, only if the
+        record already marks the top fresh (re-created from the record if the write lands
+        and the commit does not), and a success
+        ends the claim in the same commit (the third item: True, the restore is done).
+        Crash ordering: the top is fresh (regenerable from the record) whichever of the
+        write and the commit reaches the disk first; see docs/ENGINEERING.md."""
         dead: list[str] = []
         with self._tx() as db:
             row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
@@ -576,11 +628,15 @@ class Store:
             if claim is not None and not self._claim_quiet(db, box_id, Operation.RESTORE, *claim):
                 return None
             snap = _snapshot(row)
-            old = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()[0]
+            old, fresh = db.execute("SELECT layer, fresh FROM boxes WHERE id = ?", (box_id,)).fetchone()
             self._hold(db, snap.layer)
-            db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (snap.layer, box_id))
+            db.execute("UPDATE boxes SET layer = ?, fresh = max(fresh, 1) WHERE id = ?", (snap.layer, box_id))
             self._drop(db, old, dead)
-        return snap, dead
+            # only over a fresh top: a write that lands without this commit is then re-created
+            done = claim is not None and rewrite is not None and fresh > 0 and rewrite(snap.layer)
+            if done:
+                self._end_operation(db, box_id)
+        return snap, dead, done
 
     def set_box_layer(self, box_id: str, layer: str | None) -> list[str]:
         """The box's top now backs onto ``layer`` (an export's capture folded back, a top
@@ -595,6 +651,13 @@ class Store:
             db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer, box_id))
             self._drop(db, row[0], dead)
         return dead
+
+    def settle_fresh(self, box_id: str) -> None:
+        """The box's tops are synced and about to take a guest's writes: no longer fresh.
+        Durable before the guest runs: a lost commit would leave the record calling a
+        top that holds data regenerable."""
+        with self._tx(durable=True) as db:
+            db.execute("UPDATE boxes SET fresh = 0 WHERE id = ?", (box_id,))
 
     def remove_snapshot(self, snapshot_id: str) -> list[str]:
         return self._delete_holder("DELETE FROM snapshots WHERE id = ? RETURNING layer", snapshot_id)
@@ -624,16 +687,17 @@ class Store:
     def has_layer(self, layer: str) -> bool:
         return self._db.execute("SELECT 1 FROM layers WHERE id = ?", (layer,)).fetchone() is not None
 
-    def layer_depth(self, layer: str | None) -> int:
-        """How many layers a chain has from ``layer`` down (the image base not counted)."""
+    def layer_chain(self, layer: str | None) -> list[str]:
+        """The layers of a chain from ``layer`` down, top first (one query, no file reads)."""
         if layer is None:
-            return 0
-        row = self._db.execute(
-            "WITH RECURSIVE up(id, parent) AS (SELECT id, parent FROM layers WHERE id = ? "
-            "UNION ALL SELECT l.id, l.parent FROM layers l JOIN up ON l.id = up.parent) SELECT count(*) FROM up",
+            return []
+        rows = self._db.execute(
+            "WITH RECURSIVE up(id, parent, n) AS (SELECT id, parent, 0 FROM layers WHERE id = ? "
+            "UNION ALL SELECT l.id, l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.parent) "
+            "SELECT id FROM up ORDER BY n",
             (layer,),
-        ).fetchone()
-        return int(row[0])
+        )
+        return [r[0] for r in rows]
 
     def tombstones(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM layer_tombstones")]

@@ -83,6 +83,16 @@ def _owned_by_live(entry: os.PathLike[str]) -> bool:
         return False
 
 
+def written(rt: boxvm.Runtime, home: Home, box: boxvm.Box) -> None:
+    """Make the box's top hold data, as a run of it would (its clone's, capture's or
+    restore's top is a fresh empty overlay, whose operations take the one-transaction
+    paths the unit tier crashes, tests/unit/test_fresh_tops.py): recorded as not fresh,
+    then a copy-on-read through it copies the disk's first clusters into it (the same bytes)."""
+    rt.backend.store.settle_fresh(box.id)  # type: ignore[attr-defined]
+    top = home.box_dir(box.id) / TOP
+    subprocess.run(["qemu-io", "-C", "-f", "qcow2", "-c", "read 0 1M", str(top)], check=True, capture_output=True)
+
+
 async def boots_with_data(rt: boxvm.Runtime, name: str) -> None:
     box = await rt.get(name)
     assert box is not None, name
@@ -113,11 +123,14 @@ async def test_crash_then_recover(rt: boxvm.Runtime, home: Home, template: boxvm
     tag = fault.replace(":", "-")[:30]
     box = await template.clone(f"f-{op}-{tag}"[:60])
     name = box.name
+    written(rt, home, box)
     if op in ("restore", "snapshot-remove"):
         await box.snapshot.create("s0")
+        written(rt, home, box)
     if op in ("remove", "snapshot-remove"):  # layers only this box holds, released by the operation
         await box.snapshot.create("s1")
         await box.snapshot.restore("s0" if op == "snapshot-remove" else "s1")
+        written(rt, home, box)
     code = {
         "snapshot": f"rt.get({name!r}).snapshot.create('s1')",
         "restore": f"rt.get({name!r}).snapshot.restore('s0')",

@@ -182,6 +182,7 @@ async def test_an_unreadable_chain_never_causes_a_deletion(home: Home) -> None:
         other = await backend.create(BoxOptions(disk_size_gb=1), "lr-other")
         await backend.snapshot_create(other.id, "s", SnapshotOptions())
         top = home.box_dir(victim.id) / TOP
+        backend.store.settle_fresh(victim.id)  # as a start does: a top a guest writes into, never re-created
         good = top.read_bytes()
         orphan = backend.layers.root / ("f" * 16)
         orphan.mkdir()
@@ -234,7 +235,8 @@ async def test_a_home_made_before_layer_rows_gets_them(home: Home, tmp_path: Pat
         with sqlite3.connect(copy.db) as db:
             db.executescript(
                 "DROP TABLE layers; DROP TABLE layer_pins; DROP TABLE layer_tombstones; DROP INDEX snapshots_layer;"
-                "ALTER TABLE boxes DROP COLUMN layer; UPDATE meta SET value = '5' WHERE key = 'schema_version';"
+                "ALTER TABLE boxes DROP COLUMN layer; ALTER TABLE boxes DROP COLUMN fresh;"
+                "UPDATE meta SET value = '5' WHERE key = 'schema_version';"
             )
         store = Store(copy.db)
         assert store.schema_version == SCHEMA_VERSION
