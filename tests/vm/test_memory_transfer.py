@@ -60,10 +60,12 @@ async def reading(box: boxvm.Box) -> tuple[str, int]:
     return boot_id, int(count)
 
 
-async def ask(port: int, tries: int = 60) -> tuple[int, int]:
-    """(pid, connections served) from the guest's TCP server through the published port."""
+async def ask(port: int, within: float = 60.0) -> tuple[int, int]:
+    """(pid, connections served) from the guest's TCP server through the published port
+    (a guest's first python3 may take tens of seconds on a loaded host: retried until then)."""
     last: object = None
-    for _ in range(tries):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             line = await asyncio.wait_for(reader.readline(), 10)
@@ -152,8 +154,9 @@ def _members(tar_bytes: bytes) -> tuple[list[str], dict]:
 async def test_a_suspended_box_travels_with_its_memory_through_export_rest_and_import(
     source: Source, server: Server
 ) -> None:
-    """Exported locally and over REST, imported over REST (the server runs the same import a
-    local runtime does): the copy resumes the source's processes where they were."""
+    """Exported locally, imported over REST (the server runs the same import a local runtime
+    does): the copy resumes the source's processes where they were. (An export over REST is
+    the fork's, in the last test.)"""
     await _ensure_suspended(source)
     t0 = time.monotonic()
     path = await source.box.export(source.archives / "suspended.boxsnap")
@@ -168,8 +171,6 @@ async def test_a_suspended_box_travels_with_its_memory_through_export_rest_and_i
     try:
         box = await remote.get(source.box.id)
         assert box is not None and (await box.info()).status == BoxStatus.SUSPENDED
-        rest_names, rest_manifest = _members(_plain(await box.export(source.archives / "rest.boxsnap")))
-        assert rest_names == names and rest_manifest["memory"] == manifest["memory"]
         t0 = time.monotonic()
         copy = await remote.import_box(path, name=f"{source.box.name}-copy", untrusted=True)
         import_s = time.monotonic() - t0
@@ -317,7 +318,7 @@ async def _refuse_corrupt_state(source: Source, home: Home) -> None:
 
 
 async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is_not_resumed(
-    source: Source, home: Home
+    source: Source, home: Home, server: Server
 ) -> None:
     """No API changes a box's memory size (options are fixed at create; an import is a new
     box), so a snapshot cannot meet another size through the API: the record is edited here,
@@ -331,7 +332,7 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
     await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 &")
     await box.snapshot.create("m", SnapshotOptions(memory=True))
     await box.stop()
-    await _a_fork_travels_with_its_memory(source, "m")
+    await _a_fork_travels_with_its_memory(source, "m", server)
     backend = LocalBackend(home)
     try:
         rec = backend.store.get_box(box.id)
@@ -345,19 +346,23 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
         await backend.close()
 
 
-async def _a_fork_travels_with_its_memory(source: Source, snapshot: str) -> None:
+async def _a_fork_travels_with_its_memory(source: Source, snapshot: str, server: Server) -> None:
     """A fork of a memory snapshot runs on the snapshot's RAM file mapped privately; its
-    suspend saves that private RAM inside the migration stream (``stream``), and its export,
-    import and start resume its processes where they were (issue 15: forks in archives)."""
+    suspend saves that private RAM inside the migration stream (``stream``), and its export
+    (over REST), import and start resume its processes where they were (issue 15: forks in
+    archives)."""
     t0 = time.monotonic()
     (fork,) = await source.box.clone_many(1, CloneOptions(from_snapshot=snapshot, start_after_clone=True))
     copy = None
+    remote = boxvm.Runtime.remote(server.url, token=TOKEN)
     try:
         boot_id, count = await reading(fork)  # the snapshot's counter, running on in the fork
         await asyncio.sleep(0.2)
         assert (await reading(fork))[1] > count
-        await fork.suspend()
-        path = await fork.export(source.archives / "fork.boxsnap")
+        fork_over_rest = await remote.get(fork.id)
+        assert fork_over_rest is not None
+        await fork_over_rest.suspend()
+        path = await fork_over_rest.export(source.archives / "fork.boxsnap")
         plain = _plain(path)
         _, manifest = _members(plain)
         assert manifest["memory"]["memory_mib"] == 256
@@ -372,6 +377,7 @@ async def _a_fork_travels_with_its_memory(source: Source, snapshot: str) -> None
         assert (await reading(copy))[1] > copy_count, "the counter did not survive the fork's export"
         print(f"\nfork, suspend, export, import, resume: {time.monotonic() - t0:.2f} s")
     finally:
+        await remote.close()
         for box in (fork, copy):
             if box is not None:
                 await source.rt.remove(box.id, force=True)
