@@ -10,10 +10,12 @@ import json
 import os
 import subprocess
 import tarfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import zstandard
 
 import boxvm
@@ -24,25 +26,49 @@ from tests.helpers import leftovers
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 WRITER = "i=0; while true; do i=$((i+1)); echo $i >> /root/counter; sync /root/counter; done"
+SLIM = boxvm.BoxOptions(image="boxvm/slim")  # busybox has every tool used here; its disk is 1/5 of the default's
+SOURCE = pytest.mark.xdist_group("archive-source")  # the tests reading one stopped source run on one worker
 
 
-async def test_stopped_round_trip_twice(rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path) -> None:
-    await fresh_box.start()
-    await fresh_box.exec(["sh", "-c", "dd if=/dev/urandom of=/root/blob bs=1M count=4 2>/dev/null"])
-    digest = (await fresh_box.exec(["sha256sum", "/root/blob"])).stdout.split()[0]
-    await fresh_box.stop()
-    path = await fresh_box.export(tmp_path)  # a directory: <name>.boxsnap inside it
-    assert path == tmp_path / f"{fresh_box.name}.boxsnap" and path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
+@dataclass(frozen=True)
+class Source:
+    box: boxvm.Box  # seen through the local backend
+    blob_sha256: bytes  # of /root/blob, 4 MiB of random bytes; /root/origin holds "made-in-boxlite"
+
+
+@pytest_asyncio.fixture(scope="module")
+async def source(local: LocalBackend) -> AsyncIterator[Source]:
+    """One stopped box with data, for the tests that only export it or read its disk (for
+    both backends: the remote one reaches it through the server over the same home)."""
+    rt = boxvm.Runtime(backend=local)
+    box = await rt.create(SLIM, name=f"archive-src-{os.urandom(2).hex()}")
+    try:
+        await box.start()
+        script = "dd if=/dev/urandom of=/root/blob bs=1M count=4 2>/dev/null; echo made-in-boxlite > /root/origin"
+        assert (await box.exec(["sh", "-c", script])).exit_code == 0
+        digest = (await box.exec(["sha256sum", "/root/blob"])).stdout.split()[0]
+        await box.stop()
+        yield Source(box, digest)
+    finally:
+        await rt.remove(box.id, force=True)
+
+
+@SOURCE
+async def test_stopped_round_trip_twice(rt: boxvm.Runtime, source: Source, tmp_path: Path, backend_kind: str) -> None:
+    src = await rt.get(source.box.id)
+    assert src is not None
+    path = await src.export(tmp_path)  # a directory: <name>.boxsnap inside it
+    assert path == tmp_path / f"{src.name}.boxsnap" and path.read_bytes()[:4] == b"\x28\xb5\x2f\xfd"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no partial files
     with pytest.raises(boxvm.AlreadyExists):
-        await fresh_box.export(path)
-    first = await rt.import_box(path, name=f"{fresh_box.name}-i1")
-    second = await rt.import_box(path, name=f"{fresh_box.name}-i2")
+        await src.export(path)
+    first = await rt.import_box(path, name=f"{src.name}-{backend_kind}-i1")
+    second = await rt.import_box(path, name=f"{src.name}-{backend_kind}-i2")
     try:
         assert first.id != second.id
         for box in (first, second):
             await box.start()
-            assert (await box.exec(["sha256sum", "/root/blob"])).stdout.split()[0] == digest
+            assert (await box.exec(["sha256sum", "/root/blob"])).stdout.split()[0] == source.blob_sha256
             assert (await box.exec(["cat", "/etc/hostname"])).stdout.decode().strip() == box.name
         await first.exec(["sh", "-c", "echo only-first > /root/mine"])
         assert (await second.exec(["test", "-e", "/root/mine"])).exit_code == 1
@@ -53,38 +79,38 @@ async def test_stopped_round_trip_twice(rt: boxvm.Runtime, fresh_box: boxvm.Box,
 
 @pytest.mark.backends("local")  # the REST path of this operation is covered elsewhere; the suite has a time budget
 async def test_running_export_is_point_in_time(
-    rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, tmp_path: Path
+    rt: boxvm.Runtime, home: Home, fresh_slim_box: boxvm.Box, tmp_path: Path
 ) -> None:
-    await fresh_box.start()
-    writer = await fresh_box.spawn(["sh", "-c", WRITER])
+    await fresh_slim_box.start()
+    writer = await fresh_slim_box.spawn(["sh", "-c", WRITER])
     await asyncio.sleep(1.5)
     layers = home.root / "layers"
-    depth, owned = (await fresh_box.info()).chain_depth, set(layers.iterdir())
-    before = len((await fresh_box.exec(["cat", "/root/counter"])).stdout.split())
-    path = await fresh_box.export(tmp_path / "live.boxsnap", boxvm.ExportOptions(compress=False))
-    after = len((await fresh_box.exec(["cat", "/root/counter"])).stdout.split())
-    info = await fresh_box.info()
+    depth, owned = (await fresh_slim_box.info()).chain_depth, set(layers.iterdir())
+    before = len((await fresh_slim_box.exec(["cat", "/root/counter"])).stdout.split())
+    path = await fresh_slim_box.export(tmp_path / "live.boxsnap", boxvm.ExportOptions(compress=False))
+    after = len((await fresh_slim_box.exec(["cat", "/root/counter"])).stdout.split())
+    info = await fresh_slim_box.info()
     assert info.status == boxvm.BoxStatus.RUNNING and info.timings["pause_ms"] < 1000
     # the capture is released in the background: the chain gets as long as before and
     # no layer is left behind
-    await released(fresh_box, depth)
+    await released(fresh_slim_box, depth)
     assert set(layers.iterdir()) == owned
     # and again, around a snapshot (which does keep its layer), while the writer runs on
-    await fresh_box.snapshot.create("mid")
-    depth = (await fresh_box.info()).chain_depth
-    again = await fresh_box.export(tmp_path / "again.boxsnap")
-    await released(fresh_box, depth)
+    await fresh_slim_box.snapshot.create("mid")
+    depth = (await fresh_slim_box.info()).chain_depth
+    again = await fresh_slim_box.export(tmp_path / "again.boxsnap")
+    await released(fresh_slim_box, depth)
     writer.kill()
     await writer.wait()
-    source = [int(x) for x in (await fresh_box.exec(["cat", "/root/counter"])).stdout.split()]
+    source = [int(x) for x in (await fresh_slim_box.exec(["cat", "/root/counter"])).stdout.split()]
     assert source == list(range(1, len(source) + 1))
-    await fresh_box.stop()
-    top = home.box_dir(fresh_box.id) / "disk.qcow2"
+    await fresh_slim_box.stop()
+    top = home.box_dir(fresh_slim_box.id) / "disk.qcow2"
     subprocess.run(["qemu-img", "check", "-q", str(top)], check=True)
-    await fresh_box.start()  # the source's own disk, after two releases, holds every write
-    assert [int(x) for x in (await fresh_box.exec(["cat", "/root/counter"])).stdout.split()] == source
-    imported = await rt.import_box(path, name=f"{fresh_box.name}-live")
-    second = await rt.import_box(again, name=f"{fresh_box.name}-again")
+    await fresh_slim_box.start()  # the source's own disk, after two releases, holds every write
+    assert [int(x) for x in (await fresh_slim_box.exec(["cat", "/root/counter"])).stdout.split()] == source
+    imported = await rt.import_box(path, name=f"{fresh_slim_box.name}-live")
+    second = await rt.import_box(again, name=f"{fresh_slim_box.name}-again")
     try:
         await imported.start()
         got = [int(x) for x in (await imported.exec(["cat", "/root/counter"])).stdout.split()]
@@ -299,16 +325,14 @@ async def test_export_to_a_full_disk_leaves_no_partial_file(rt: boxvm.Runtime, t
         await rt.remove(box.id)
 
 
+@SOURCE
 async def test_boxlite_archives_import_and_boot(
-    rt: boxvm.Runtime, fresh_box: boxvm.Box, tmp_path: Path, local: LocalBackend
+    rt: boxvm.Runtime, source: Source, tmp_path: Path, local: LocalBackend, backend_kind: str
 ) -> None:
     """BoxLite writes the manifest first, has no format field, checksums from v2, options
     from v3; its disk.qcow2 is a standalone qcow2 holding an ext4 root filesystem."""
-    await fresh_box.start()
-    await fresh_box.exec(["sh", "-c", "echo made-in-boxlite > /root/origin"])
-    await fresh_box.stop()
     disk = tmp_path / "disk.qcow2"
-    top = local.home.box_dir(fresh_box.id) / "disk.qcow2"
+    top = local.home.box_dir(source.box.id) / "disk.qcow2"
     subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(top), str(disk)], check=True)
     data = disk.read_bytes()
     checksum = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -334,7 +358,9 @@ async def test_boxlite_archives_import_and_boot(
     imported = []
     try:
         for version, compress in ((3, True), (1, False), (5, True)):
-            imported.append(await rt.import_box(boxlite(version, compress), name=f"t-boxlite-v{version}"))
+            imported.append(
+                await rt.import_box(boxlite(version, compress), name=f"t-boxlite-{backend_kind}-v{version}")
+            )
         box = imported[0]
         assert (await box.info()).memory_mib == 256
         await box.start()
