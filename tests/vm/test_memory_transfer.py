@@ -33,7 +33,7 @@ from boxvm.options import BoxOptions, CloneOptions, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from tests.conftest import TOKEN, Server
-from tests.helpers import rewrite_member, serving
+from tests.helpers import in_process, rewrite_member
 
 # One worker runs them all, in order: they share one box (make test: -n 2 --dist loadgroup).
 pytestmark = [pytest.mark.asyncio, pytest.mark.xdist_group("memory-transfer")]
@@ -276,8 +276,10 @@ async def test_a_host_whose_qemu_cannot_keep_memory_says_unsupported(
             await box.suspend()
         with pytest.raises(Unsupported, match="cannot keep memory state"):
             await box.snapshot.create("m", SnapshotOptions(memory=True))
-        with serving(home, TOKEN) as (url, _pid):  # a server on this host: the class travels over REST
-            remote = boxvm.Runtime.remote(url, token=TOKEN)
+        # The real app and client in this process (a server process would cost a start-up):
+        # its backend probes the QEMU on this PATH, and the class travels over REST.
+        async with in_process(home.root, TOKEN) as api:
+            remote = boxvm.Runtime(backend=api.client(TOKEN))
             try:
                 again = await remote.get(box.id)
                 assert again is not None
