@@ -9,7 +9,9 @@ checked) vs boto3's ``download_file`` of the object to a local file. Throughput 
 MB per second; the peak RSS growth of this process during the export shows the bounded memory.
 
 ``s3_export_file`` is the same export to a local file: producing the archive (flatten, hash,
-zstd) on its own, which the upload overlaps.
+zstd) on its own, which the upload overlaps. ``s3_import_file`` is the import of the same
+archive from a local file: the verifier on its own, the floor of an import that overlaps the
+download with it. Each run prints the host's load (1-minute average) beside its numbers.
 
 Run alone: ``python -m bench.s3 [--runs N]`` (it prints the medians).
 """
@@ -42,7 +44,8 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     os.environ.update(environment(port))
-    results: dict[str, list[float]] = {k: [] for k in ("s3_export", "s3_export_file", "s3_put", "s3_import", "s3_get")}
+    keys = ("s3_export", "s3_export_file", "s3_put", "s3_import", "s3_import_file", "s3_get", "s3_load_1min")
+    results: dict[str, list[float]] = {k: [] for k in keys}
     for k in ("s3_export_mb_s", "s3_put_baseline_mb_s", "s3_import_mb_s", "s3_get_baseline_mb_s"):
         results[k] = []
     results["s3_export_rss_growth_mb"] = []
@@ -79,6 +82,10 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                     t0 = time.perf_counter()
                     await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
                     t_put = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    copy = await rt.import_box(local)
+                    t_import_file = time.perf_counter() - t0
+                    await rt.remove(copy.id)
                     local.unlink()
                     t0 = time.perf_counter()
                     copy = await rt.import_box(str(url))
@@ -88,6 +95,7 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                         ("s3_export", t_export),
                         ("s3_put", t_put),
                         ("s3_import", t_import),
+                        ("s3_import_file", t_import_file),
                         ("s3_get", t_get),
                     ):
                         results[k].append(round(t * 1000, 1))
@@ -96,9 +104,11 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                     results["s3_import_mb_s"].append(round(size / MB / t_import, 1))
                     results["s3_get_baseline_mb_s"].append(round(size / MB / t_get, 1))
                     results["s3_export_rss_growth_mb"].append(round(rss.growth / MB, 1))
+                    results["s3_load_1min"].append(round(os.getloadavg()[0], 1))
                     print(
                         f"s3 run {i}: archive {size / MB:.0f} MB, export {t_export:.2f} s vs put {t_put:.2f} s, "
-                        f"import {t_import:.2f} s vs get {t_get:.2f} s, RSS +{rss.growth / MB:.0f} MB"
+                        f"import {t_import:.2f} s (from a file {t_import_file:.2f} s) vs get {t_get:.2f} s "
+                        f"({t_get / t_import:.2f}x), RSS +{rss.growth / MB:.0f} MB, load {results['s3_load_1min'][-1]}"
                     )
             finally:
                 await rt.remove(box.id, force=True)
