@@ -22,11 +22,13 @@ which resumes every process where it was (a suspended box stays suspended).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from boxvm.paths import Home
 from boxvm.status import BoxStatus
 
 _PHASES = ("started", "exported", "released", "imported")
+_START_SETTLES = 90.0  # seconds: longer than a target waits on a start whose process died
 _MOVABLE = frozenset(
     {BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.RUNNING, BoxStatus.PAUSED}
 )
@@ -158,11 +161,24 @@ async def _resume(source: Backend, target: Backend, path: Path, journal: Journal
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
-    moved = await target.get(journal.box_name)
-    if moved is None:
-        raise BoxNotFound(f"box {journal.box_name!r} vanished from the target right after its migration")
-    if journal.resume and moved.status == BoxStatus.SUSPENDED:
-        moved = await target.start(moved.id)  # resumes every process where it was
+    moved = await _settled(target, journal.box_name)
+    if journal.resume and moved.status in (BoxStatus.SUSPENDED, BoxStatus.FAILED):
+        moved = await target.start(moved.id)  # resumes every process where it was (a failed start: boots)
     await objstore.delete(url)
     path.unlink(missing_ok=True)
     return moved
+
+
+async def _settled(target: Backend, name: str) -> BoxInfo:
+    """The moved box on the target once no start of it is under way: a target killed while
+    it resumed the box leaves it ``starting`` until its supervisor (which runs on) finishes,
+    or, killed before the supervisor ran, until the target gives up on that start (a
+    minute) and calls it failed."""
+    deadline = time.monotonic() + _START_SETTLES
+    while True:
+        moved = await target.get(name)
+        if moved is None:
+            raise BoxNotFound(f"box {name!r} vanished from the target right after its migration")
+        if moved.status != BoxStatus.STARTING or time.monotonic() > deadline:
+            return moved
+        await asyncio.sleep(0.5)
