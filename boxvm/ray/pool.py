@@ -21,6 +21,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from boxvm import objstore
 from boxvm.errors import BoxvmError, EngineError, InvalidArgument
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.ray.errors import NoCapacity, RunnerUnavailable
@@ -343,6 +344,24 @@ class BoxPool:
             _names(names, count), size, exclude, f"a fork of {seed.url}",
             lambda r, share: r.fork.remote(seed.url, share, start),
         )  # fmt: skip
+
+    def retire(self, seed: Seed | str, *, delete_object: bool = True) -> list[str]:
+        """Garbage-collect a published seed: every node's imported copy of it is removed (the
+        boxes forked from it keep working), then, with ``delete_object``, the ``s3://`` archive
+        itself, so a later ``fork`` of it fails with NotFound. Returns the nodes that held a
+        copy. A node whose runner is lost keeps its copy: retire again once it is back."""
+        url = seed.url if isinstance(seed, Seed) else seed
+        refs = {node: runner.retire.remote(url) for node, runner in self._runners.items()}
+        held = []
+        for node, ref in refs.items():
+            try:
+                if _wait(ref, node, f"the seed of {url}"):
+                    held.append(node)
+            except RunnerUnavailable as exc:
+                self._drop(node, exc.message)
+        if delete_object and objstore.is_url(url):
+            _run(objstore.delete(objstore.parse(url)))
+        return held
 
     def clone(
         self, box: BoxRef, count: int = 1, *, from_snapshot: str | None = None, start: bool = True

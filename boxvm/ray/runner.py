@@ -239,6 +239,16 @@ class Runner:
                 raise
             return seed
 
+    async def retire(self, url: str) -> bool:
+        """Remove this node's seed of ``url``; False if it has none. Its forks keep working: a
+        layer goes only with its last user, so their disks keep what they share with it."""
+        async with self._seeding.setdefault(url, asyncio.Lock()):  # not halfway through a fork's import
+            seed = await self._rt.get(seed_name(url))
+            if seed is None:
+                return False
+            await self._rt.remove(seed.id, force=True)
+            return True
+
     async def seeds(self) -> list[str]:
         return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
 

@@ -185,3 +185,30 @@ async def test_failed_or_cancelled_upload_is_aborted(s3: S3Server, tmp_path: Any
     assert keys(client, s3.bucket, "aborted/") == []
     assert not [k for k in uploads(client, s3.bucket) if k.startswith("aborted/")]
     assert not list((tmp_path / "s3uploads").iterdir())
+
+
+async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server, source: str) -> None:
+    """``boxvm.ray``'s runner, here without a Ray cluster (test_ray runs it on one): forks of
+    a published archive import it once as the node's seed; retiring the seed removes that
+    copy while the forks keep their disks (the source's bytes, through the layers they share
+    with the seed: qemu-img judges); retiring it again finds nothing."""
+    from boxvm.ray.runner import Runner, seed_name
+
+    url = f"s3://{s3.bucket}/seeds/{os.urandom(3).hex()}.boxsnap"
+    async with boxvm.Runtime(home.root) as rt:
+        box = await rt.get(source)
+        assert box is not None
+        await box.export(url)
+        runner = Runner(str(home.root), "test-node", 4, 1024)
+        forks = await runner.fork(url, [f"{source}-fork1", f"{source}-fork2"], False)
+        try:
+            assert seed_name(url) in await runner.seeds()
+            assert await runner.retire(url) is True
+            assert seed_name(url) not in await runner.seeds() and await rt.get(seed_name(url)) is None
+            for fork in forks:
+                same_disk(home, box.id, fork.id)
+            assert await runner.retire(url) is False
+        finally:
+            for fork in forks:
+                await rt.remove(fork.id, force=True)
+            await runner.close(False)
