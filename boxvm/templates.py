@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -103,7 +104,13 @@ def adopt(home: Home, box_dir: Path, rec: BoxRecord) -> TemplateInfo:
         dest = root(home) / info.id
         with contextlib.suppress(FileNotFoundError):
             _discard(home, dest)
-        os.rename(work, dest)
+        try:
+            os.rename(work, dest)
+        except OSError as exc:  # another create of this machine published its template meanwhile
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+            return TemplateInfo(**json.loads((dest / INFO).read_text()))  # an equivalent one: kept
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

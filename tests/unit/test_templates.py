@@ -150,6 +150,25 @@ def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: St
     assert template.exists(), "a template made after the failed resume was removed"
 
 
+def test_two_creates_of_one_machine_at_once_keep_one_template(
+    home: Home, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second ``adopt`` finds the first's template published between its removal of the
+    old one and its own rename (the interleaving forced here): it keeps that one."""
+    rec, box_dir = fresh_box(home, store)
+    (box_dir / TOP).unlink()
+    qcow2.write_overlay(home.root / "base.qcow2", SIZE, None)
+    qcow2.write_overlay(box_dir / TOP, SIZE, "../../base.qcow2")  # one delta over the image, as a template's
+    memory.blank_ram(box_dir, 128)
+    (box_dir / f"{memory.STATE}.tmp").write_bytes(os.urandom(1000))
+    memory.seal(box_dir, {"memory_mib": 128, "cpus": 1, "guest_bundle": "bundle"})
+    first = make_template(home, rec)
+    monkeypatch.setattr(templates, "_discard", lambda home, path: None)  # the other create published after it
+    kept = templates.adopt(home, box_dir, rec)
+    assert kept.id == first.name and kept.created_at == 1.0 and [t.id for t in templates.list_all(home)] == [kept.id]
+    assert not [p for p in home.tmp.iterdir() if p.name.startswith("template-")], "the loser's files were left"
+
+
 def test_the_cli_lists_and_removes_templates_on_a_server(home: Home, store: Store) -> None:
     """``boxvm --remote URL template ls|rm|create`` against a real ``boxvm serve`` over this home."""
     rec, _ = fresh_box(home, store)
