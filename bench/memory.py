@@ -12,8 +12,11 @@ fork's own suspend saves it so): its resume to the first exec and its RSS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import statistics
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -37,6 +40,7 @@ async def one_size(rt: boxvm.Runtime, home: Home, mib: int, runs: int) -> dict[s
         f"cold_start_to_exec_{label}": [],
         f"suspend_{label}": [],
         f"resume_to_exec_{label}": [],
+        f"resume_to_exec_direct_supervisor_{label}": [],
         f"memory_snapshot_pause_{label}": [],
         f"memory_snapshot_{label}": [],
     }
@@ -64,10 +68,20 @@ async def one_size(rt: boxvm.Runtime, home: Home, mib: int, runs: int) -> dict[s
             await box.start()
             await _first_exec(box)
             out[f"resume_to_exec_{label}"].append(ms(time.perf_counter() - t))
+            await _print_phases(box, f"resume {label}", t)
             rec = rt.backend.store.get_box(box.id)  # type: ignore[attr-defined]
             if rec is not None and rec.qemu_pid:
                 rss = psutil.Process(rec.qemu_pid).memory_info().rss
                 sizes[f"resumed_qemu_rss_mib_{label}"].append(rss / (1 << 20))
+            # Interleaved baseline: the same resume with the supervisor started as a fresh
+            # interpreter (no zygote, engine/zygote).
+            await box.suspend()
+            with _direct_supervisors():
+                t = time.perf_counter()
+                await box.start()
+                await _first_exec(box)
+            out[f"resume_to_exec_direct_supervisor_{label}"].append(ms(time.perf_counter() - t))
+            await _print_phases(box, f"resume {label} (direct supervisor)", t)
         await box.stop()
         t = time.perf_counter()
         await box.start()
@@ -84,6 +98,25 @@ async def one_size(rt: boxvm.Runtime, home: Home, mib: int, runs: int) -> dict[s
 
 def _load() -> str:
     return f"load {os.getloadavg()[0]:.1f}"
+
+
+@contextlib.contextmanager
+def _direct_supervisors() -> Iterator[None]:
+    """Starts in this block run each supervisor as a fresh interpreter (the baseline)."""
+    os.environ["BOXVM_ZYGOTE"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["BOXVM_ZYGOTE"]
+
+
+async def _print_phases(box: boxvm.Box, what: str, t0: float) -> None:
+    """Where a resume's time went (the supervisor's timings, engine/memory_ops), with the load."""
+    total = ms(time.perf_counter() - t0)
+    timings = (await box.info()).timings
+    keys = ("start", "boot", "resume_qemu", "resume_load", "resume_guest", "resume_clock")
+    parts = ", ".join(f"{k} {timings[f'{k}_ms']:.0f}" for k in keys if f"{k}_ms" in timings)
+    print(f"{what}: to first exec {total:.0f} ms ({parts} ms; {_load()})")
 
 
 def _qemu(rt: boxvm.Runtime, box_id: str) -> psutil.Process:
@@ -105,6 +138,16 @@ def _ram_private_mib(pid: int) -> float:
     return total_kib / 1024
 
 
+async def _print_fork_phases(rt: boxvm.Runtime, boxes: list[boxvm.Box], label: str) -> None:
+    """The forks' median phases (engine/memory_ops timings) and their QEMUs' CPU so far."""
+    timings = [(await b.info()).timings for b in boxes]
+    keys = ("start", "boot", "resume_qemu", "resume_load", "resume_guest", "resume_clock")
+    med = {k: statistics.median(t.get(f"{k}_ms", 0.0) for t in timings) for k in keys}
+    cpu = [sum(_qemu(rt, b.id).cpu_times()[:2]) for b in boxes]
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in med.items())
+    print(f"forks {label} medians: {parts} ms; QEMU CPU {statistics.median(cpu):.2f} s each, {sum(cpu):.1f} s in all")
+
+
 async def _guest_used_mib(box: boxvm.Box) -> float:
     """MemTotal - MemAvailable in the guest: what it uses, page cache it could drop aside."""
     out = (await box.exec(["sh", "-c", "grep -E '^Mem(Total|Available):' /proc/meminfo"])).stdout.decode().split()
@@ -116,6 +159,7 @@ async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10
     out: dict[str, list[float]] = {
         f"warm_start_to_exec_{label}": [],
         f"forks_{forks}_to_running_{label}": [],
+        f"forks_{forks}_to_running_direct_supervisor_{label}": [],
         f"fork_rss_per_guest_used_{label}": [],
         f"fork_uss_per_guest_used_{label}": [],
         f"fork_ram_private_per_guest_used_{label}": [],
@@ -145,11 +189,21 @@ async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10
             await parent.snapshot.create("m", boxvm.SnapshotOptions(memory=True))
             used = await _guest_used_mib(parent)
             for _ in range(max(1, runs // 3)):
+                with _direct_supervisors():  # the interleaved baseline: a fresh interpreter per supervisor
+                    t = time.perf_counter()
+                    direct = await parent.clone_many(
+                        forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
+                    )
+                    out[f"forks_{forks}_to_running_direct_supervisor_{label}"].append(ms(time.perf_counter() - t))
+                await asyncio.gather(*(rt.remove(b.id, force=True) for b in direct))
+                direct_ms = out[f"forks_{forks}_to_running_direct_supervisor_{label}"][-1]
+                print(f"{forks} forks {label}, direct supervisors: {direct_ms:.0f} ms ({_load()})")
                 t = time.perf_counter()
                 boxes = await parent.clone_many(
                     forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
                 )
                 out[f"forks_{forks}_to_running_{label}"].append(ms(time.perf_counter() - t))
+                await _print_fork_phases(rt, boxes, label)
                 try:
                     await asyncio.gather(*(_first_exec(b) for b in boxes))
                     for b in boxes:
@@ -182,9 +236,11 @@ async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10
 
 
 async def run_memory(home: Home, runs: int) -> dict[str, list[float]]:
+    """``BOXVM_BENCH_MEMORY_MIB`` (default ``512,2048``) picks the guest sizes."""
     results: dict[str, list[float]] = {}
+    sizes = [int(mib) for mib in os.environ.get("BOXVM_BENCH_MEMORY_MIB", "512,2048").split(",")]
     async with boxvm.Runtime(home.root) as rt:
-        for mib in (512, 2048):
+        for mib in sizes:
             results.update(await one_size(rt, home, mib, runs))
             results.update(await forks_and_warm(rt, mib, runs))
     return results

@@ -12,8 +12,6 @@ import asyncio
 import json
 import logging
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ from boxvm import templates
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
-from boxvm.engine import console, hostclock, memory, qemu, qemucaps
+from boxvm.engine import console, hostclock, memory, qemu, qemucaps, zygote
 from boxvm.engine.client import Channel, Connection
 from boxvm.errors import EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.guest import bundle as bundle_mod
@@ -201,13 +199,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                     | {"incoming": resume, "resume": plan}
                 )
             )
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "boxvm.engine.supervisor", str(box_dir),
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )  # fmt: skip
-            if await proc.wait() != 0:
-                raise EngineError(f"the supervisor of box {rec.name!r} failed to start; see {box_dir}/supervisor.log")
+            await zygote.start_supervisor(self.home.root, box_dir, rec.name)
             conn = await self.state.conns.get(rec.id, rec.name)
             await conn.request("wait_ready", timeout=READY_TIMEOUT)
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)

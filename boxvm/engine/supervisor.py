@@ -10,7 +10,8 @@ records status changes in the store the moment they happen, keeps QEMU's serial 
 a capped log (``console``), and removes the sockets when QEMU exits. It speaks to QEMU
 only through the typed commands of ``qmp``.
 
-Run as ``python -m boxvm.engine.supervisor BOX_DIR``; ``BOX_DIR/vm.json`` says what to run.
+Forked by the home's zygote (``engine/zygote``, no interpreter start-up per box), or run as
+``python -m boxvm.engine.supervisor BOX_DIR``; ``BOX_DIR/vm.json`` says what to run.
 """
 
 from __future__ import annotations
@@ -67,13 +68,10 @@ class Supervisor(MemoryOps):
 
     # -- start-up ---------------------------------------------------------------------
     async def run(self, notify_fd: int) -> None:
-        server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
-        os.chmod(self.dir / "ctl.sock", 0o600)
-        self.store.update_box(self.box_id, supervisor_pid=os.getpid())
-        os.write(notify_fd, b"ok")
-        os.close(notify_fd)
+        # QEMU first: its start-up overlaps this process's own (the socket, the store's write).
         self.layers.clear_live_links(self.dir)  # a previous run's
         os.link(self.dir / TOP, self.live["data"])
+        failed = None
         try:
             # QEMU's stdout is the serial console (-serial stdio), its stderr its own messages.
             self.qemu = await asyncio.create_subprocess_exec(
@@ -84,13 +82,19 @@ class Supervisor(MemoryOps):
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
-            self.finish_failed(f"QEMU could not be started: {exc}")
+            failed = f"QEMU could not be started: {exc}"
+        server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
+        os.chmod(self.dir / "ctl.sock", 0o600)
+        self.store.update_box(self.box_id, supervisor_pid=os.getpid(), qemu_pid=self.qemu.pid if self.qemu else None)
+        os.write(notify_fd, b"ok")
+        os.close(notify_fd)
+        if self.qemu is None:
+            self.finish_failed(failed or "QEMU could not be started")
             return
         assert self.qemu.stdout is not None and self.qemu.stderr is not None
         limit = console.log_limit()
         for stream, name in ((self.qemu.stdout, "console.log"), (self.qemu.stderr, "qemu.log")):
             self.tasks.append(asyncio.create_task(console.pump(stream, console.RotatingLog(self.dir / name, limit))))
-        self.store.update_box(self.box_id, qemu_pid=self.qemu.pid)
         watcher = asyncio.create_task(self.watch_qemu())
         try:
             await self.connect()
@@ -412,13 +416,23 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def main() -> None:
-    box_dir = Path(sys.argv[1])
+def serve(box_dir: Path, notify_fd: int) -> None:
+    """Run ``box_dir``'s supervisor in this process, already detached; ``notify_fd`` gets
+    ``ok`` once the control socket listens (by ``main`` or a zygote's fork, engine/zygote)."""
     logging.basicConfig(
         filename=box_dir / "supervisor.log",
         level=logging.DEBUG if os.environ.get("BOXVM_DEBUG") else logging.INFO,
         format="%(asctime)s %(levelname)s %(message)s",
     )
+
+    async def run() -> None:
+        await Supervisor(box_dir).run(notify_fd)
+
+    asyncio.run(run())
+
+
+def main() -> None:
+    box_dir = Path(sys.argv[1])
     # Daemonize: the parent returns to the launcher once the control socket listens.
     notify_r, notify_w = os.pipe()
     if os.fork() > 0:
@@ -428,11 +442,7 @@ def main() -> None:
     os.close(notify_r)
     os.setsid()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-
-    async def run() -> None:
-        await Supervisor(box_dir).run(notify_w)
-
-    asyncio.run(run())
+    serve(box_dir, notify_w)
 
 
 if __name__ == "__main__":
