@@ -168,6 +168,23 @@ def worker(request: pytest.FixtureRequest) -> str:
 TOKEN = "test-" + os.urandom(8).hex()
 
 
+# Modules holding the longest tests (a minute or more under ``make test``): run first.
+LONG_FIRST = ("test_ray.py", "test_snapshots.py", "test_concurrency.py", "test_rest.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest modules first and the unit tier last (each module's own order kept):
+    xdist hands tests out in this order, so a ``-n 2`` run ends with short tests on both
+    workers instead of one long test on one while the other idles."""
+
+    def rank(item: pytest.Item) -> int:
+        if item.path.is_relative_to(REPO / "tests" / "unit"):
+            return 2
+        return 0 if item.path.name in LONG_FIRST else 1
+
+    items.sort(key=rank)
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked ``backends("local", "remote")`` run once per backend; others locally."""
     if "backend_kind" in metafunc.fixturenames:

@@ -23,6 +23,14 @@ from boxvm.status import BoxStatus
 
 pytestmark = [pytest.mark.asyncio]
 
+
+@pytest.fixture
+def fresh_box(cold_box: boxvm.Box) -> boxvm.Box:
+    """Booted, not resumed from the test home's template: these tests are about a box's own
+    RAM file (a warm-started box's RAM is the template's file mapped privately, as a fork's)."""
+    return cold_box
+
+
 # Writes an increasing number to /tmp/count every 50 ms (renamed into place: never half-written).
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
 

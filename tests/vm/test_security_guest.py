@@ -121,7 +121,7 @@ async def hostile_box(
         assert moved != args
         return [*moved, "-S"]
 
-    box = await rt.create(name=f"hostile-{os.urandom(3).hex()}")
+    box = await rt.create(boxvm.BoxOptions(warm=False), name=f"hostile-{os.urandom(3).hex()}")  # a boot, held by -S
     box_dir = rt.backend.home.box_dir(box.id)  # type: ignore[attr-defined]
     agent = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "from tests.vm.test_security_guest import hostile_agent_main; hostile_agent_main()",
@@ -237,18 +237,19 @@ async def test_silent_guest_is_given_up_on(rt: boxvm.Runtime, monkeypatch: pytes
         assert (await asyncio.wait_for(box.exec(["echo", "next"]), 10)).stdout == b"next"
 
 
-async def test_console_log_is_capped(rt: boxvm.Runtime, fresh_box: boxvm.Box, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_console_log_is_capped(rt: boxvm.Runtime, cold_box: boxvm.Box, monkeypatch: pytest.MonkeyPatch) -> None:
     cap = 256 << 10
     monkeypatch.setenv("BOXVM_CONSOLE_LOG_BYTES", str(cap))  # read by the supervisor at start
-    await fresh_box.start()
+    await cold_box.start()
+    assert "starting agent" in await cold_box.logs()  # booted, not resumed from a template
     # A real guest writes 3 caps' worth straight to its serial port.
     flood = "head -c 800000 /dev/zero | tr '\\0' x > /dev/ttyS0; echo END > /dev/ttyS0"
-    assert (await fresh_box.exec(["sh", "-c", flood], timeout=120)).exit_code == 0
-    box_dir = rt.backend.home.box_dir(fresh_box.id)  # type: ignore[attr-defined]
+    assert (await cold_box.exec(["sh", "-c", flood], timeout=120)).exit_code == 0
+    box_dir = rt.backend.home.box_dir(cold_box.id)  # type: ignore[attr-defined]
     log, rotated = box_dir / "console.log", box_dir / "console.log.1"
     assert log.stat().st_size <= cap and rotated.stat().st_size == cap
-    text = await fresh_box.logs()
+    text = await cold_box.logs()
     assert len(text) <= 2 * cap and text.rstrip().endswith("xEND")
     assert "starting agent" not in text  # the boot messages were rotated out
     assert len(console.tail(log, 1000)) == 1000  # readers take only the tail
-    assert (await fresh_box.exec(["echo", "ok"])).stdout == b"ok\n"
+    assert (await cold_box.exec(["echo", "ok"])).stdout == b"ok\n"
