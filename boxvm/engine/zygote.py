@@ -185,6 +185,7 @@ def main() -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for stdio in (0, 1, 2):
         os.dup2(devnull, stdio)
+    os.close(devnull)
     gc.freeze()  # the imported objects stay in pages the forked supervisors share
     listener.settimeout(CHECK_EVERY)
     last = time.monotonic()
