@@ -9,13 +9,13 @@ from typing import Any
 from boxvm.errors import InvalidArgument
 from boxvm.status import BoxStatus
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SNAPSHOT_NAME_RE = re.compile(r"^(?!\.)[A-Za-z0-9._-]{1,128}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SNAPSHOT_NAME_RE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,128}")
 
 
 def check_name(name: str, what: str = "box") -> str:
     """Names: 1..128 chars of ``[A-Za-z0-9._-]``, not starting with ``.``, ``-`` or ``_``."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid {what} name {name!r}: use 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
@@ -25,7 +25,7 @@ def check_name(name: str, what: str = "box") -> str:
 
 def check_snapshot_name(name: str) -> str:
     """Snapshot names: 1..128 chars of ``[A-Za-z0-9._-]``, not starting with ``.``."""
-    if not isinstance(name, str) or not SNAPSHOT_NAME_RE.match(name):
+    if not isinstance(name, str) or not SNAPSHOT_NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid snapshot name {name!r}: use 1-128 characters of letters, digits, '.', '_' or '-', "
             "not starting with '.'"

@@ -130,7 +130,7 @@ class Transfer:
         return self.boxes.info(rec)
 
     def _unused_name(self, wanted: str) -> str:
-        base = wanted if NAME_RE.match(wanted) else "imported"
+        base = wanted if NAME_RE.fullmatch(wanted) else "imported"
         name, n = base, 1
         while self.store.get_box(name) is not None:
             n += 1

@@ -151,3 +151,30 @@ def test_id_prefix_lookup_is_literal(tmp_path: Path) -> None:
     store.insert_box(BoxRecord("abc123" + "0" * 26, "one", BoxStatus.STOPPED, "img", {}, "52:54:00:00:00:04"))
     assert store.get_box("abc123").name == "one"  # type: ignore[union-attr]
     assert store.get_box("abc_23") is None and store.get_box("abc%") is None and store.get_box("ab%123") is None
+
+
+@pytest.mark.parametrize("name", ["box\n", "a\nb", "snap\r", "x" * 129, "", ".hidden", "-x"])
+def test_names_with_line_breaks_or_bad_shapes_are_refused(name: str) -> None:
+    """``$`` in a pattern accepts one final newline; names are matched whole."""
+    from boxvm.options import check_name
+
+    with pytest.raises(errors.InvalidArgument):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["snap\n", "a\nb", ".x", ""])
+def test_snapshot_names_with_line_breaks_are_refused(name: str) -> None:
+    from boxvm.options import check_snapshot_name
+
+    with pytest.raises(errors.InvalidArgument):
+        check_snapshot_name(name)
+
+
+@pytest.mark.parametrize(
+    "ref", ["alpine:3.19\n", "library/alpine\n/x", "localhost:5000\n/x:1", "a@sha256:" + "0" * 64 + "\n"]
+)
+def test_image_references_with_line_breaks_are_refused(ref: str) -> None:
+    from boxvm.images.reference import parse
+
+    with pytest.raises(errors.ImageError):
+        parse(ref)
