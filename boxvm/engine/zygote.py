@@ -201,7 +201,8 @@ def main() -> None:
             # (The caller found this socket by the fingerprint of the sources it sees now.)
             request = _read_request(conn)
             if request is not None and _still_current(path, inode, None):
-                _fork_supervisor(listener, conn, request, home_root, supervisor.serve)
+                with contextlib.suppress(OSError):  # fork() refused (EAGAIN): that start fails, we go on
+                    _fork_supervisor(listener, conn, request, home_root, supervisor.serve)
             elif request is not None:
                 break  # our socket was removed or replaced: the caller retries with the current one
     with contextlib.suppress(OSError):
