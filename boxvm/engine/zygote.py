@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boxvm
 from boxvm.errors import EngineError
 
 IDLE_EXIT = 600.0  # seconds without a request before a zygote exits
@@ -53,7 +52,7 @@ def fingerprint() -> str:
     """The interpreter and the boxvm sources a zygote would run: a change to either makes
     a new zygote (a stale one would start supervisors of the old code)."""
     h = hashlib.sha256(sys.executable.encode())
-    root = Path(boxvm.__file__).parent
+    root = Path(__file__).resolve().parent.parent  # the boxvm package (not `import boxvm`: a cycle)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
         for name in sorted(filenames):

@@ -67,7 +67,7 @@ def test_store_migrates_an_older_schema_forward(tmp_path: Path) -> None:
     path = tmp_path / "boxvm.db"
     _v1_database(path)
     store = Store(path)
-    assert store.schema_version == SCHEMA_VERSION == 8
+    assert store.schema_version == SCHEMA_VERSION == 9
     rec = store.get_box("old")
     assert rec is not None and rec.status == BoxStatus.STOPPED and rec.timings == {}
     store.add_timing("abc123", start_ms=12.5)
