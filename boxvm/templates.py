@@ -9,7 +9,8 @@ file, the device state and ``template.json``. ``templates/`` sits at the depth o
 ``boxes/``, so the deltas' relative backing paths hold in both.
 
 The first ``start()`` of a box whose machine has a template (and ``BoxOptions.warm``)
-copies the two deltas over its own fresh, never-written ones (same backing files: checked)
+copies the two deltas over its own fresh, never-written ones (same backing files, by name
+and by identity: ``backing.json``)
 and links the RAM as a fork's (``engine/memory.fork_into``): it resumes in well under a
 second instead of booting, and is re-identified (hostname, machine-id) like any fork.
 
@@ -63,6 +64,7 @@ from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
 
 INFO = "template.json"
+BACKING = "backing.json"  # which files the deltas were over (the same names can be rebuilt)
 log = logging.getLogger("boxvm")
 
 
@@ -100,6 +102,7 @@ def adopt(home: Home, box_dir: Path, rec: BoxRecord) -> TemplateInfo:
             shutil.copyfile(box_dir / name, work / name)
         os.link(box_dir / memory.RAM, work / memory.RAM)  # the box is removed after: no copy
         shutil.copyfile(box_dir / memory.META, work / memory.META)  # last of the memory files
+        (work / BACKING).write_text(json.dumps(_backing_files(box_dir)))
         info = TemplateInfo(id=key(spec), image=rec.image, created_at=time.time(), size_bytes=_allocated(work), **spec)
         (work / INFO).write_text(json.dumps(info.__dict__))
         work.chmod(0o700)
@@ -184,6 +187,8 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
         for name, header in fresh.items():  # the same backing files (relative paths at the same depth)
             if qcow2.read_header(src / name).backing_file != header.backing_file:
                 raise StorageError(f"its {name} is over another backing file than the box's")
+        if json.loads((src / BACKING).read_text()) != _backing_files(box_dir):
+            raise StorageError("the image's base disk or the guest bundle was rebuilt since it was made")
         warm = Warm(src, float(info["created_at"]), fresh, t0)
     except (OSError, ValueError, KeyError, TypeError, StorageError) as exc:
         _refuse(home, store, rec, src, info.get("created_at") if isinstance(info, dict) else None, exc, t0)
@@ -237,6 +242,21 @@ def _cold_again(box_dir: Path, fresh: dict[str, qcow2.Header]) -> None:
         qcow2.write_overlay(tmp, header.size, header.backing_file, header.backing_format or "qcow2")
         os.replace(tmp, box_dir / name)
     memory.discard(box_dir)
+
+
+def _backing_files(box_dir: Path) -> dict[str, list[int]]:
+    """The identity of the files under each delta. A template's RAM holds what its guest
+    read from them, so a base disk or bundle rebuilt under the same name (builds are not
+    byte-identical; an image removed and pulled again is rebuilt) must not be resumed over:
+    the names match, the inode and mtime do not (a hard link keeps both)."""
+    out = {}
+    for name in (TOP, GUEST_TOP):
+        backing = qcow2.read_header(box_dir / name).backing_file
+        if backing is None:
+            raise StorageError(f"its {name} has no backing file")
+        st = os.stat(qcow2.resolve_backing(box_dir / name, backing))
+        out[name] = [st.st_ino, st.st_size, st.st_mtime_ns]
+    return out
 
 
 def _allocated(path: Path) -> int:

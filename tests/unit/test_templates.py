@@ -65,7 +65,12 @@ def make_template(home: Home, rec: BoxRecord) -> Path:
     work = home.tmp / "t"
     work.mkdir()
     for name, (backing, fmt) in BACKING.items():
+        base = qcow2.resolve_backing(work / name, backing)
+        if not base.exists():  # the image's base disk and the bundle's root the deltas are over
+            base.parent.mkdir(parents=True, exist_ok=True)
+            base.write_bytes(b"base")
         qcow2.write_overlay(work / name, SIZE, backing, fmt)
+    (work / templates.BACKING).write_text(json.dumps(templates._backing_files(work)))
     with open(work / memory.RAM, "wb") as f:
         f.truncate(128 << 20)
         f.write(b"guest memory")
@@ -93,6 +98,12 @@ def flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def rebuild(path: Path) -> None:
+    """A file made again under its name, as a rebuild publishes it: same name and bytes, new inode."""
+    path.with_suffix(".new").write_bytes(path.read_bytes())
+    os.replace(path.with_suffix(".new"), path)
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "a byte of the device state changed": lambda t: flip_a_byte(t / memory.STATE),
     "the device state truncated": lambda t: os.truncate(t / memory.STATE, 1000),
@@ -102,6 +113,9 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "the template's record garbage": lambda t: (t / templates.INFO).write_text("{not json"),
     "the template's record not an object": lambda t: (t / templates.INFO).write_text("[1]"),
     "a disk delta missing": lambda t: (t / GUEST_TOP).unlink(),
+    "the image's base disk rebuilt since": lambda t: rebuild(t.parent.parent / "layers" / "all" / "base.qcow2"),
+    "the bundle's root rebuilt since": lambda t: rebuild(t.parent.parent / "guest" / "rootfs.ext4"),
+    "the backing files' record missing": lambda t: (t / templates.BACKING).unlink(),
     "a disk delta over another backing file": lambda t: (
         (t / TOP).unlink(),
         qcow2.write_overlay(t / TOP, SIZE, "../../layers/all/other.qcow2"),
