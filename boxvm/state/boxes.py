@@ -331,7 +331,11 @@ class Boxes:
             if rec.fresh and self.store.begin_operation(rec.id, Operation.RESTORE, allowed, os.getpid()):
                 try:
                     self.layers.commit(self.home.box_dir(rec.id))
-                    self.renew_fresh(rec)
+                    # Read again under the claim: the box may have been started (its top written,
+                    # no longer fresh) and stopped since the list above.
+                    now = self.store.get_box(rec.id)
+                    if now is not None:
+                        self.renew_fresh(now)
                 finally:
                     self.store.end_operation(rec.id)
         return self.layers.scan(self.store, repair)

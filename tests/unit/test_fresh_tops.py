@@ -167,6 +167,22 @@ def test_a_top_that_is_not_fresh_is_never_recreated(tmp_path: Path) -> None:
     assert scan.unreadable and top.stat().st_size == 0  # reported, never replaced; nothing deleted
 
 
+def test_doctor_reads_the_record_again_before_recreating(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan lists the boxes, then claims each: one started (written) and stopped between
+    the two is no longer fresh, and its top -- the guest's data -- is kept."""
+    boxes, _snapshots, _clones = make_home(tmp_path)
+    stale = boxes.store.list_boxes()
+    assert [rec.fresh for rec in stale] == [FRESH_TOP]
+    boxes.store.settle_fresh(BOX)  # started meanwhile: the guest writes into the top ...
+    top = boxes.home.box_dir(BOX) / TOP
+    with top.open("ab") as f:
+        f.write(b"guest data" * 100)  # ... which is no longer an empty overlay
+    written = top.read_bytes()
+    monkeypatch.setattr(boxes.store, "list_boxes", lambda: stale)
+    boxes.check_layers()
+    assert top.read_bytes() == written
+
+
 CHILD = """
 import asyncio, sys
 sys.path.insert(0, {repo!r})
