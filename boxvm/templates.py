@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.disks.layers import GUEST_TOP, TOP, fsync_dir, fsync_files
 from boxvm.engine import memory
 from boxvm.errors import NotFound, StorageError
 from boxvm.options import BoxInfo, BoxOptions, TemplateInfo, check_template_id
@@ -173,6 +173,8 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
         fresh = {name: qcow2.read_header(box_dir / name) for name in (TOP, GUEST_TOP)}
         if any(qcow2.check(box_dir / name) for name in fresh):  # never over data of the box's own
             return None
+        if len(qcow2.chain(box_dir / TOP)) != 2:  # over a layer (snapshotted, restored, a clone):
+            return None  # not the image's disk a template's deltas are over; the template is fine
     except (OSError, ValueError, StorageError):
         return None
     try:
@@ -198,7 +200,9 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
             tmp = box_dir / f"{name}.warm"
             tmp.unlink(missing_ok=True)
             shutil.copyfile(src / name, tmp)
+            fsync_files([tmp])  # the guest writes into it next: it must not be torn by a crash
             os.replace(tmp, box_dir / name)
+        fsync_dir(box_dir)
         memory.discard(box_dir)
         memory.fork_into(src, box_dir)
     except OSError:  # e.g. the template removed meanwhile: the box boots cold, as it was

@@ -164,6 +164,20 @@ def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: St
     assert template.exists(), "a template made after the failed resume was removed"
 
 
+def test_a_box_whose_disk_is_over_a_layer_boots_cold_and_keeps_the_template(home: Home, store: Store) -> None:
+    """A never-started box after a snapshot or restore, or a clone of one: its empty top is
+    over a layer, not the image's disk the template's deltas are over. The box is not warmed,
+    and the template -- nothing wrong with it -- stays for the next box."""
+    rec, box_dir = fresh_box(home, store)
+    template = make_template(home, rec)
+    layer = home.root / "layers" / "all" / "0123456789abcdef.qcow2"
+    qcow2.write_overlay(layer, SIZE, "base.qcow2")
+    (box_dir / TOP).unlink()
+    qcow2.write_overlay(box_dir / TOP, SIZE, "../../layers/all/0123456789abcdef.qcow2")
+    assert templates.warm_into(home, store, box_dir, rec) is None
+    assert template.exists() and "warm_fallback_ms" not in (store.get_box(rec.id) or rec).timings
+
+
 def test_two_creates_of_one_machine_at_once_keep_one_template(
     home: Home, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
