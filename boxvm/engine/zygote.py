@@ -45,6 +45,7 @@ CHECK_EVERY = 20.0  # how often an idle zygote checks its sources and its home
 MAX_REQUEST = 4 << 20  # an environment is rarely over a few KiB
 BOX_ID_ROOM = 64 + len("/boxes/")  # a box directory's length beyond the home's
 SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its terminating NUL
+BIND_ROOM = len(".") + len(".") + 7  # the zygote binds ".<name>.<pid>" first (pids: up to 7 digits)
 FORKED = b"F"  # sent before the fork: without it the caller may retry, with it never (no double start)
 
 
@@ -75,7 +76,7 @@ async def start_supervisor(home_root: Path, box_dir: Path, label: str) -> None:
     if os.environ.get("BOXVM_ZYGOTE") != "0":
         fp = await asyncio.to_thread(fingerprint)
         path = socket_path(home_root, fp)
-        if len(os.fsencode(path)) >= SUN_PATH_MAX:  # no socket can be bound there: start directly
+        if len(os.fsencode(path)) + BIND_ROOM >= SUN_PATH_MAX:  # no socket can be bound there: start directly
             return await _start_directly(box_dir, label)
         request = {"box_dir": str(box_dir), "env": dict(os.environ), "cwd": os.getcwd(), "umask": _umask()}
         payload = json.dumps(request).encode() + b"\n"
