@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,13 +74,18 @@ def gone(pid: int) -> bool:
 
 
 @pytest.fixture
-def home(tmp_path: Path) -> Iterator[Home]:
-    home = Home.default(tmp_path / "h")  # short: the sockets' paths must fit in 108 bytes
+def home() -> Iterator[Home]:
+    # Not under tmp_path: with xdist its path is too long for the zygote's socket (108 bytes
+    # with the name it binds first), and the supervisors would be started directly.
+    root = Path(tempfile.mkdtemp(prefix="bz-", dir="/tmp"))
+    home = Home.default(root)
     home.ensure()
+    assert len(os.fsencode(zygote.socket_path(home.root, zygote.fingerprint()))) + zygote.BIND_ROOM < 108
     yield home
     for sock in [*home.root.glob("zygote-*.sock"), *home.boxes.glob("*/ctl.sock")]:
         with contextlib.suppress(OSError):
             os.kill(peer_pid(sock), signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_boxes_outlive_the_caller_and_the_zygote_which_is_replaced_when_killed(home: Home) -> None:
