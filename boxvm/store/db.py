@@ -492,14 +492,18 @@ class Store:
             if fresh:
                 db.execute("UPDATE boxes SET fresh = max(fresh, 1) WHERE id = ?", (box_id,))
             if snapshot is not None:
-                try:
-                    self._insert("snapshots", snapshot)
-                except sqlite3.IntegrityError as exc:
-                    raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
-                self._hold(db, layer)
+                self._add_snapshot(db, snapshot, layer)
             if release:
                 self._end_operation(db, box_id)
             return self._pin(db, layer, pin_pid) if pin_pid else None
+
+    def _add_snapshot(self, db: sqlite3.Connection, snapshot: SnapshotRecord, layer: str) -> None:
+        """The snapshot row and its hold on ``layer``, inside the caller's transaction."""
+        try:
+            self._insert("snapshots", snapshot)
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
+        self._hold(db, layer)
 
     def capture_fresh(
         self,
@@ -524,11 +528,7 @@ class Store:
             if row is None:
                 return False
             if snapshot is not None:
-                try:
-                    self._insert("snapshots", snapshot)
-                except sqlite3.IntegrityError as exc:
-                    raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
-                self._hold(db, layer)
+                self._add_snapshot(db, snapshot, layer)
             return self._pin(db, layer, pin_pid) if pin_pid else True
 
     def adopt_capture(self, box_id: str, layer: str, parent: str | None, exists: Callable[[], bool]) -> bool:
