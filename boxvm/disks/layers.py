@@ -232,6 +232,14 @@ class LayerStore:
         qcow2.write_overlay(top, size, reference)
         return True
 
+    @staticmethod
+    def new_guest_top(box_dir: Path, rootfs: Path, sync: bool = True) -> None:
+        """A box's guest top: an empty overlay over the guest bundle's root filesystem (raw),
+        referenced relative to ``box_dir`` (a staging directory under ``tmp/`` is at the depth
+        of ``boxes/<id>``, so the reference holds after the rename)."""
+        reference = guest_reference(box_dir, rootfs)
+        qcow2.write_overlay(box_dir / GUEST_TOP, rootfs.stat().st_size, reference, "raw", sync=sync)
+
     def new_top(self, box_dir: Path, layer_id: str, size: int, sync: bool = True) -> None:
         """A new box's (clone's) own top over a layer (held by a pin while it is staged);
         ``sync=False``: the caller fsyncs it (:func:`fsync_files`) before publishing it."""
@@ -546,6 +554,11 @@ def _layer_files(chain: list[Path]) -> list[Path]:
 
 
 _SYNCERS = ThreadPoolExecutor(8, thread_name_prefix="boxvm-fsync")
+
+
+def guest_reference(box_dir: Path, rootfs: Path) -> str:
+    """How a box's guest top names the bundle's root filesystem it is over."""
+    return os.path.relpath(rootfs, box_dir)
 
 
 def fsync_files(paths: list[Path]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from boxvm import faults, publish
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP, Scan, fsync_dir, fsync_files, layer_of
+from boxvm.disks.layers import GUEST_TOP, TOP, Scan, fsync_dir, fsync_files, guest_reference, layer_of
 from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, BoxNotFound, InvalidState, StorageError
 from boxvm.guest import bundle as bundle_mod
@@ -255,11 +255,10 @@ class Boxes:
             guest = box_dir / GUEST_TOP
             if bundle is None:
                 raise StorageError(f"box {rec.name!r}: its guest bundle is gone: run `boxvm setup`")
-            reference = os.path.relpath(bundle.rootfs, box_dir)
-            if not qcow2.is_empty_overlay(guest, reference, "raw"):
+            if not qcow2.is_empty_overlay(guest, guest_reference(box_dir, bundle.rootfs), "raw"):
                 log.warning("box %s: re-creating its fresh guest top (a crash lost it)", rec.name)
                 guest.unlink(missing_ok=True)
-                qcow2.write_overlay(guest, bundle.rootfs.stat().st_size, reference, "raw")
+                self.layers.new_guest_top(box_dir, bundle.rootfs)
 
     def settle_fresh(self, rec: BoxRecord) -> None:
         """Before a box's first boot since its tops were made: check (re-create) them and make
@@ -384,8 +383,7 @@ class Boxes:
             # tmp/ and boxes/ sit at the same depth, so relative backing paths written
             # here stay valid after the rename (and when the whole home is moved).
             qcow2.write_overlay(work / TOP, qcow2.read_header(base).size, os.path.relpath(base, final))
-            rootfs = bundle.rootfs
-            qcow2.write_overlay(work / GUEST_TOP, rootfs.stat().st_size, os.path.relpath(rootfs, final), "raw")
+            self.layers.new_guest_top(work, bundle.rootfs)
             rec.timings = {"create_ms": round((time.monotonic() - t0) * 1000, 2)}
             stage.publish(lambda: self.store.insert_box(rec))
         return self.info(rec)

@@ -121,9 +121,7 @@ class Clones:
                 self.layers.new_top(work, layer, size, sync=False)
             else:
                 qcow2.flatten(self.layers.layer_path(layer), work / TOP)
-            # (tmp/ and boxes/ sit at the same depth: the reference holds after the rename)
-            reference = os.path.relpath(bundle.rootfs, self.home.box_dir(src.id))
-            qcow2.write_overlay(work / GUEST_TOP, bundle.rootfs.stat().st_size, reference, "raw", sync=False)
+            self.layers.new_guest_top(work, bundle.rootfs, sync=False)
         if not cow:
             fsync_files([work / name for work in dirs for name in (TOP, GUEST_TOP)])
 

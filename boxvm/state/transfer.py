@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from boxvm import archive, memarchive
-from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP
+from boxvm.disks.layers import TOP
 from boxvm.engine import qemu
 from boxvm.errors import ArchiveError, EngineError, InvalidArgument
 from boxvm.options import NAME_RE, BoxInfo, BoxOptions, ExportOptions, SnapshotOptions, check_name
@@ -109,10 +108,9 @@ class Transfer:
             options = options_from_manifest(manifest, untrusted)
             bundle = self.boxes.bundle()
             with self.boxes.staging([box_id], "import") as stage:
-                work, final = stage.dirs[0], stage.finals[0]
+                work = stage.dirs[0]
                 os.rename(verified.disk, work / TOP)
-                rootfs = bundle.rootfs
-                qcow2.write_overlay(work / GUEST_TOP, rootfs.stat().st_size, os.path.relpath(rootfs, final), "raw")
+                self.layers.new_guest_top(work, bundle.rootfs)
                 rec = BoxRecord(
                     id=box_id,
                     name=name or self._unused_name(str(manifest.get("box_name") or "imported")),
