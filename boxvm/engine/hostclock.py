@@ -21,6 +21,7 @@ import logging
 import mmap
 import os
 import re
+import secrets
 import subprocess
 import time
 from collections.abc import Callable
@@ -56,7 +57,8 @@ def tsc_khz(cache_dir: Path | None) -> int:
         pass
     khz, source = _measure()
     log.info("host TSC rate %d kHz (from %s)", khz, source)
-    tmp = cache.with_name(f".{CACHE_FILE}.{os.getpid()}")
+    # unique per call: concurrent starts in one process (threads) measure and write at once
+    tmp = cache.with_name(f".{CACHE_FILE}.{os.getpid()}.{secrets.token_hex(4)}")
     tmp.write_text(json.dumps({"boot_id": boot_id, "khz": khz, "source": source}))
     os.replace(tmp, cache)
     return khz
