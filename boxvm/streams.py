@@ -9,8 +9,12 @@ waits and memory stays at a few chunks whatever the size of the stream.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 _DEPTH = 8  # chunks in flight
@@ -21,8 +25,167 @@ class StreamAborted(OSError):
     """The other side of a bridge went away mid-stream."""
 
 
+class Reader(Protocol):
+    """A blocking reader a worker thread reads an archive from."""
+
+    def read(self, n: int = -1) -> bytes: ...
+
+    def peek(self, n: int = 1) -> bytes: ...
+
+    def abort(self) -> None:
+        """(From any thread.) Make the next read raise StreamAborted."""
+
+    def close(self) -> None:
+        """Release the source, and any thread reading ahead of the reader (joined)."""
+
+
+class Source(ABC):
+    """Bytes that an async consumer (an upload to a server) iterates chunk by chunk, and an
+    in-process worker thread instead ``open``s as a blocking reader: then no chunk passes
+    through the event loop (two hand-overs a MiB, ~0.4 s of loop CPU per 250 MB, taken
+    from the two cores the verifier's threads run on)."""
+
+    _chunks: AsyncIterator[bytes] | None = None
+
+    @abstractmethod
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The bytes as a fresh async iterator."""
+
+    @abstractmethod
+    def open(self) -> Reader:
+        """The bytes as a blocking reader (cheap to call on the loop: no I/O waits here)."""
+
+    def __aiter__(self) -> Source:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._chunks is None:
+            self._chunks = self.chunks()
+        return await anext(self._chunks)
+
+    async def aclose(self) -> None:
+        if self._chunks is not None:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+
+
+class FileSource(Source):
+    """A host file (an archive being imported)."""
+
+    def __init__(self, path: Path, chunk: int = 4 << 20) -> None:
+        self.path, self._chunk = path, chunk
+
+    async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        with self.path.open("rb") as f:
+            while chunk := await asyncio.to_thread(f.read, self._chunk):
+                yield chunk
+
+    def open(self) -> Reader:
+        return _FileReader(self.path)
+
+
+class _FileReader:
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("rb", buffering=1 << 20)
+        self._aborted = False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._aborted:
+            raise StreamAborted("the import was cancelled")
+        return self._file.read(n)
+
+    def peek(self, n: int = 1) -> bytes:
+        return self._file.peek(n)
+
+    def abort(self) -> None:
+        self._aborted = True
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class ReadAhead:
+    """A blocking reader fed by a thread of its own that runs ``produce`` (a download) at
+    most ``depth`` chunks ahead of the consumer, so fetching overlaps the consumer's work:
+    memory stays at ``depth`` chunks plus the one being read. An exception in ``produce`` is
+    raised by the read that reaches it (after the chunks before it); ``close`` (or ``abort``)
+    stops the thread at its next chunk and joins it."""
+
+    def __init__(
+        self, produce: Callable[[], Generator[bytes, None, None]], depth: int = 16, name: str = "boxvm-read-ahead"
+    ) -> None:
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._depth = depth
+        self._error: BaseException | None = None
+        self._done = self._stopped = False
+        self._buf, self._pos = b"", 0
+        self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, produce: Callable[[], Generator[bytes, None, None]]) -> None:
+        try:
+            chunks = produce()
+            try:
+                for chunk in chunks:
+                    with self._cond:
+                        while len(self._chunks) >= self._depth and not self._stopped:
+                            self._cond.wait()
+                        if self._stopped:
+                            return
+                        self._chunks.append(chunk)
+                        self._cond.notify_all()
+            finally:
+                chunks.close()  # the generator's own cleanup (a response closed)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _next(self) -> bool:
+        with self._cond:
+            while not self._chunks and not self._done and not self._stopped:
+                self._cond.wait()
+            if self._stopped:
+                raise StreamAborted("the import was cancelled")
+            if self._chunks:
+                self._buf, self._pos = self._buf[self._pos :] + self._chunks.popleft(), 0
+                self._cond.notify_all()
+                return True
+            if self._error is not None:
+                raise self._error
+            return False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._stopped:
+            raise StreamAborted("the import was cancelled")
+        if self._pos >= len(self._buf) and not self._next():
+            return b""
+        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
+        data = self._buf[self._pos : end]
+        self._pos = end
+        return data
+
+    def peek(self, n: int = 1) -> bytes:
+        while len(self._buf) - self._pos < n and self._next():
+            pass
+        return self._buf[self._pos :]
+
+    def abort(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._chunks.clear()
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self.abort()
+        self._thread.join()
+
+
 class ThreadReader:
-    """A blocking, file-like reader for a worker thread, fed chunk by chunk from the loop."""
+    """A blocking, file-like reader for a worker thread, fed chunk by chunk from the loop
+    (or, once ``pump`` attaches a ``Source``'s own reader, reading that directly)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -30,6 +193,7 @@ class ThreadReader:
         self._buf = b""
         self._pos = 0
         self._eof = False
+        self._direct: Reader | None = None
 
     async def feed(self, chunk: bytes) -> None:
         if chunk:
@@ -40,6 +204,9 @@ class ThreadReader:
 
     def abort(self) -> None:
         """(On the loop.) Make the reader's next read raise StreamAborted."""
+        if self._direct is not None:
+            self._direct.abort()
+            return
         while not self._queue.empty():
             self._queue.get_nowait()
         self._queue.put_nowait(None)
@@ -55,6 +222,8 @@ class ThreadReader:
         return True
 
     def read(self, n: int = -1) -> bytes:
+        if self._direct is not None:
+            return self._direct.read(n)
         # Readers take small pieces (zstd ~128 KiB, tar 512 B) of 1 MiB chunks: slice by
         # offset, since re-slicing the rest each time copied every chunk ~5 times.
         if self._pos >= len(self._buf) and (self._eof or not self._next()):
@@ -65,6 +234,8 @@ class ThreadReader:
         return data
 
     def peek(self, n: int = 1) -> bytes:
+        if self._direct is not None:
+            return self._direct.peek(n)
         while len(self._buf) - self._pos < n and not self._eof and self._next():
             pass
         return self._buf[self._pos :]
@@ -72,7 +243,10 @@ class ThreadReader:
 
 async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Awaitable[T]) -> T:
     """Feed ``chunks`` to a worker thread reading ``reader`` and return its result. If the
-    worker stops early its outcome wins; if the input fails, the worker is aborted."""
+    worker stops early its outcome wins; if the input fails, the worker is aborted. A
+    ``Source`` is read by the worker directly (``Source.open``), and closed when it is done."""
+    if isinstance(chunks, Source):
+        return await _direct(chunks, reader, worker)
     task: asyncio.Future[T] = asyncio.ensure_future(worker)
 
     async def hand_over(data: bytes) -> bool:
@@ -99,6 +273,19 @@ async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Await
         await asyncio.gather(task, return_exceptions=True)
         raise
     return await task
+
+
+async def _direct(source: Source, reader: ThreadReader, worker: Awaitable[T]) -> T:
+    direct = reader._direct = source.open()
+    task: asyncio.Future[T] = asyncio.ensure_future(worker)
+    try:
+        return await asyncio.shield(task)
+    except BaseException:
+        direct.abort()  # cancelled: the worker's next read fails, so it ends soon
+        await asyncio.gather(task, return_exceptions=True)
+        raise
+    finally:
+        await asyncio.shield(asyncio.to_thread(direct.close))
 
 
 class ThreadWriter:

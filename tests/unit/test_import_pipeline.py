@@ -1,0 +1,141 @@
+"""The import's pipeline (``archive._DiskSink``, ``streams.ReadAhead``, ``pump`` with a
+``Source``): a worker thread's failure is the import's error, a cancelled import stops
+every thread it started, and neither leaves anything in the home. No VM: the archives
+fail verification before a box would need a guest bundle."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import resource
+import signal
+import tarfile
+import threading
+import time
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
+
+import pytest
+
+from boxvm import archive
+from boxvm.disks import qcow2
+from boxvm.disks.layers import LayerStore
+from boxvm.errors import StorageError
+from boxvm.images import ImageStore
+from boxvm.paths import Home
+from boxvm.progress import silent
+from boxvm.state.boxes import Boxes
+from boxvm.state.context import Context
+from boxvm.state.snapshots import Snapshots
+from boxvm.state.transfer import Transfer
+from boxvm.store import Store
+from boxvm.streams import FileSource, ReadAhead, Source
+
+MIB = 1 << 20
+
+
+def _transfer(root: Path) -> Transfer:
+    home = Home.default(root)
+    home.ensure()
+    store = Store(home.db)
+    return Transfer(Snapshots(Boxes(Context(home, store, ImageStore(home, store), LayerStore(home), silent))))
+
+
+def _archive(tmp_path: Path, data_mib: int) -> bytes:
+    """A tar whose disk member starts with a real qcow2 header (so it is not refused early)
+    and goes on with ``data_mib`` MiB of random bytes."""
+    header = tmp_path / "header.qcow2"
+    qcow2.write_overlay(header, 4 << 30, None)
+    disk = header.read_bytes() + os.urandom(data_mib * MIB)
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(archive.DISK)
+        info.size = len(disk)
+        tar.addfile(info, io.BytesIO(disk))
+    return out.getvalue()
+
+
+def _import_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("boxvm-import", "boxvm-read-ahead", "test-"))]
+
+
+def _nothing_left(transfer: Transfer) -> None:
+    assert transfer.store.list_boxes() == []
+    assert [p.name for p in transfer.home.tmp.iterdir()] == []
+    assert list(transfer.home.boxes.iterdir()) == []
+    assert _import_threads() == []
+
+
+async def test_a_write_failure_in_the_disk_thread_is_the_imports_error_and_leaves_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "big.boxsnap"
+    path.write_bytes(_archive(tmp_path, 24))
+    transfer = _transfer(tmp_path / "home")
+    # A real write failure: past RLIMIT_FSIZE the kernel fails write(2) with EFBIG (SIGXFSZ
+    # ignored), as a full disk fails it with ENOSPC, in the thread that writes the disk.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * MIB, limits[1]))
+    try:
+        with pytest.raises(StorageError, match="could not write the imported disk: File too large"):
+            await transfer.import_stream(lambda: FileSource(path), None, True, path.name)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    _nothing_left(transfer)
+
+
+def test_a_write_failure_does_not_leave_the_reading_thread_blocked(tmp_path: Path) -> None:
+    """The disk thread keeps draining after its failure, so a reader far ahead of it (the
+    queue full) gets the error at its next put instead of waiting forever."""
+    fd = os.open(tmp_path / "ro", os.O_RDONLY | os.O_CREAT, 0o600)  # every write fails (EBADF)
+    sink = archive._DiskSink(fd)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match="could not write the imported disk"):
+            for i in range(64):
+                sink.put(i * MIB, b"\1" * MIB)
+            sink.finish()
+        assert time.monotonic() - t0 < 10
+    finally:
+        sink.close()
+        os.close(fd)
+    assert _import_threads() == []
+
+
+class Slow(Source):
+    """An archive arriving slowly through a read-ahead thread (a download)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.sent, self.closed = data, 0, threading.Event()
+
+    async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
+        raise AssertionError("an in-process import must read the source directly")
+        yield b""
+
+    def open(self) -> ReadAhead:
+        def produce() -> Generator[bytes, None, None]:
+            try:
+                for at in range(0, len(self.data), MIB):
+                    time.sleep(0.02)
+                    self.sent = at + MIB
+                    yield self.data[at : at + MIB]
+            finally:
+                self.closed.set()
+
+        return ReadAhead(produce, depth=4, name="test-download")
+
+
+async def test_a_cancelled_import_stops_its_threads_and_leaves_nothing(tmp_path: Path) -> None:
+    source = Slow(_archive(tmp_path, 48))
+    transfer = _transfer(tmp_path / "home")
+    task = asyncio.ensure_future(transfer.import_stream(lambda: source, None, True, "slow.boxsnap"))
+    while source.sent < 8 * MIB:  # well into the disk member: the disk thread is running
+        await asyncio.sleep(0.01)
+    assert "boxvm-import-disk" in _import_threads()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    assert source.closed.is_set()
+    assert source.sent < len(source.data)  # stopped, not read to the end
+    _nothing_left(transfer)
