@@ -31,7 +31,7 @@ from boxvm.options import (
     SnapshotOptions,
     TemplateInfo,
 )
-from boxvm.streams import ByteStream
+from boxvm.streams import ByteStream, FileSource
 from boxvm.tarstream import receive_tree, tree_chunks
 
 _READ = 4 << 20  # bytes per read of an archive file being imported
@@ -242,7 +242,5 @@ async def _tree(host_path: Path) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    with path.open("rb") as f:
-        while chunk := await asyncio.to_thread(f.read, _READ):
-            yield chunk
+def _file_chunks(path: Path) -> AsyncIterator[bytes]:
+    return FileSource(path, _READ)  # a local import reads it from its worker thread directly
