@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import NoReturn
 
-from boxvm import templates
+from boxvm import faults, templates
 from boxvm.backends.base import Backend, ProcessChannel
 from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
@@ -38,6 +39,7 @@ from boxvm.options import (
 )
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
+from boxvm.state import starting
 from boxvm.state.boxes import Boxes, pid_is
 from boxvm.state.clones import Clones
 from boxvm.state.context import Context
@@ -152,12 +154,14 @@ class LocalBackend(templates.TemplateOps, Backend):
             raise EngineError("the guest bundle is missing: run `boxvm setup`")
         if bundle.id != rec.guest_bundle:
             self.store.update_box(rec.id, guest_bundle=bundle.id)
+        box_dir = self.home.box_dir(rec.id)
+        token = time.time()  # what it started from, for recovery if this process dies before the supervisor runs
+        starting.record(box_dir, starting.Start(token, rec.status, rec.started_at, os.getpid()))
         if not self.store.transition(
-            rec.id, rule.holds, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None,
-            started_at=time.time(),
+            rec.id, rule.holds, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None, started_at=token,
         ):  # fmt: skip
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
-        box_dir = self.home.box_dir(rec.id)
+        faults.point("start:marked")
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
         await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
         opts = BoxOptions.from_dict(rec.options)
@@ -196,7 +200,7 @@ class LocalBackend(templates.TemplateOps, Backend):
             (box_dir / "vm.json").write_text(
                 json.dumps(
                     {"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)}
-                    | {"incoming": resume, "resume": plan}
+                    | {"incoming": resume, "resume": plan, "start": token}
                 )
             )
             await zygote.start_supervisor(self.home.root, box_dir, rec.name)

@@ -56,6 +56,7 @@ class Supervisor(MemoryOps):
         self.argv: list[str] = cfg["argv"]
         self.incoming = bool(cfg.get("incoming"))  # resume a saved memory state (engine/memory_ops)
         self.resume_plan: dict[str, Any] = cfg.get("resume") or {}  # how to resume it (engine/memory_ops)
+        self.start_token: float | None = cfg.get("start")  # the start that spawned it (state/starting)
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()
@@ -85,7 +86,18 @@ class Supervisor(MemoryOps):
             failed = f"QEMU could not be started: {exc}"
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
         os.chmod(self.dir / "ctl.sock", 0o600)
-        self.store.update_box(self.box_id, supervisor_pid=os.getpid(), qemu_pid=self.qemu.pid if self.qemu else None)
+        qemu_pid = self.qemu.pid if self.qemu else None
+        if self.start_token is None:  # a vm.json of an older boxvm
+            self.store.update_box(self.box_id, supervisor_pid=os.getpid(), qemu_pid=qemu_pid)
+        elif not self.store.register_supervisor(self.box_id, self.start_token, os.getpid(), qemu_pid):
+            # its start was undone (state/starting): killed before any resume begins
+            log.error("box %s: its start was undone before this supervisor ran; exiting", self.box_id)
+            if self.qemu is not None:
+                self.qemu.kill()
+                await self.qemu.wait()
+            server.close()
+            os.close(notify_fd)  # the starter, if alive, sees a failed start
+            return
         os.write(notify_fd, b"ok")
         os.close(notify_fd)
         if self.qemu is None:

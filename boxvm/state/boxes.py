@@ -30,6 +30,7 @@ from boxvm.errors import AlreadyExists, BoxNotFound, InvalidState, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.options import BoxInfo, BoxOptions, DiskUsage, check_name, default_command
 from boxvm.processes import alive as pid_alive
+from boxvm.state import starting
 from boxvm.state.context import Context
 from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
 from boxvm.store import BoxRecord
@@ -123,8 +124,16 @@ class Boxes:
         if not rec.status.is_live:
             return rec
         alive = rec.supervisor_pid is not None and pid_is(rec.supervisor_pid, rec.id)
-        if alive or (rec.supervisor_pid is None and rec.status == BoxStatus.STARTING and _recent(rec)):
+        if alive:
             return rec
+        if rec.supervisor_pid is None and rec.status == BoxStatus.STARTING:  # no supervisor took it (yet)
+            start = starting.read(self.home.box_dir(rec.id), rec.started_at)
+            if _recent(rec) and (start is None or pid_alive(start.owner)):
+                return rec  # under way
+            if start is not None:  # its process died first: back to where it was (state/starting)
+                if self.store.roll_back_start(rec.id, start.token, start.prior, start.prior_started_at):
+                    log.warning("box %s: a start interrupted before its supervisor ran was undone", rec.name)
+                return self.store.get_box(rec.id) or rec  # undone, or its supervisor came first
         if rec.qemu_pid is not None and pid_is(rec.qemu_pid, rec.id):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.qemu_pid, signal.SIGKILL)

@@ -327,6 +327,23 @@ class Store:
         cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}){unclaimed}", params)
         return cur.rowcount == 1
 
+    # The two ends of a start's window (``state/starting``): the start ``token`` (its
+    # started_at) still stands, with no supervisor yet. Only one of them can succeed.
+    _STANDS = "WHERE id = :_id AND status = 'starting' AND started_at = :_token AND supervisor_pid IS NULL"
+
+    def register_supervisor(self, box_id: str, token: float, pid: int, qemu_pid: int | None) -> bool:
+        """The start's supervisor takes the box (False: the start was rolled back)."""
+        params = {"pid": pid, "qemu": qemu_pid, "_id": box_id, "_token": token}
+        cur = self._db.execute(f"UPDATE boxes SET supervisor_pid = :pid, qemu_pid = :qemu {self._STANDS}", params)
+        return cur.rowcount == 1
+
+    def roll_back_start(self, box_id: str, token: float, prior: BoxStatus, prior_started_at: float | None) -> bool:
+        """Recovery puts a start no supervisor took back to the status it began from."""
+        params = {"prior": prior.value, "was": prior_started_at, "_id": box_id, "_token": token}
+        sets = "status = :prior, started_at = :was, qemu_pid = NULL, error = NULL"
+        cur = self._db.execute(f"UPDATE boxes SET {sets} {self._STANDS}", params)
+        return cur.rowcount == 1
+
     def begin_operation(self, box_id: str, operation: Operation, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
         """Claim the box for a state operation: True only if none is running and the
         lifecycle status allows it. Lifecycle transitions wait for the claim to end."""
