@@ -1,23 +1,54 @@
-"""Move a box (stopped, suspended, or running as a suspended one) to another runner through a bucket both reach,
-resumably (issue 16).
+"""Move a box (stopped, suspended, or running as a suspended one) to another runner,
+directly or through a bucket both reach, resumably (issue 16).
 
-The steps, each recorded in a journal (``<home>/migrations/<box name>.json``, the home of
-the process driving the move) before the next begins:
+Every move is driven by one process and recorded in a journal (``<home>/migrations/<box
+name>.json``, in the home of that process) before each next step; a lock beside it keeps a
+second driver of the same box out. A running (or paused) box is suspended first: its
+memory and device state travel in the archive, and once the move is done the target
+starts it, which resumes every process where it was (a suspended box stays suspended).
+Both ways keep the box's id: the target's box *is* the journal's box only if its id is
+the journal's, never merely because a box of that name is there.
 
-1. ``started``: the box's archive is exported to a new object ``<via><name>-<id>.boxsnap``
-   (create-only; a re-run that finds it complete moves on).
+**Directly** (no ``via``): the source's export stream is the body of the target's REST
+import (``Backend.import_stream`` with ``box_id``); nothing is written in between and the
+target verifies the whole archive before the box exists there.
+
+1. ``started``: the box is exported into the target's import, unless the target already
+   holds a box with the journal's id (an import that committed before its answer was lost).
+2. ``imported``: the target committed the box. From that commit on the **target owns the
+   box**: the source's copy is a leftover, never started by a move, and is removed.
+3. ``released``: the source's copy is gone; the target starts the box if it was running,
+   and the journal is deleted.
+
+Until the target's commit the source owns the box and the target has nothing of it (a
+killed export or import, on either side or in the driver, ends an unfinished upload that
+the target drops). From the commit until step 3 both list it, and the target's copy is
+the one that counts: the journal's id on the target says so even when the driver died
+before it recorded ``imported``, and a re-run records it then. The source removes its copy
+only after that commit, so a crash never leaves the box nowhere; and the target's copy is
+started only after the source's is removed (the source's is removed without force: one
+started there by hand meanwhile is refused, not destroyed), so a suspended box's memory
+is never resumed on both.
+
+**Through a bucket** (``via``, ``s3://bucket/prefix/``): the archive goes through a new
+object ``<via><name>-<random>.boxsnap``.
+
+1. ``started``: the box's archive is exported to the object (create-only; a re-run that
+   finds it complete moves on).
 2. ``exported``: the box is removed from the source. From here the object, named in the
    journal, holds the box: no runner lists it until step 3.
-3. ``released``: the target imports the object under the box's name (verified before it
-   exists; a re-run that finds the name there moves on).
+3. ``released``: the target imports the object under the box's name and id (verified
+   before it exists; a re-run that finds that id there moves on).
 4. ``imported``: the object is deleted and the journal with it.
 
 So at every instant exactly one of the source, the object (steps 2-3) or the target owns
 the box, whichever side is killed: a killed export leaves no object and the box at the
-source, a killed import leaves nothing at the target, and every step is idempotent, so
-running ``migrate`` again finishes the move. A running (or paused) box is suspended first:
-its memory and device state travel in the archive, and after step 4 the target starts it,
-which resumes every process where it was (a suspended box stays suspended).
+source, a killed import leaves nothing at the target.
+
+Every step of both is idempotent, so running ``migrate`` again finishes the move. A target
+killed while it starts the moved box leaves it ``starting`` until the box's supervisor, which
+runs on, has resumed it; killed before that supervisor ran, the target's recovery puts the box
+back to ``suspended`` with its memory state (``state/starting``), and the re-run resumes it.
 """
 
 from __future__ import annotations
@@ -25,11 +56,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +77,7 @@ _START_SETTLES = 90.0  # seconds: longer than a target waits on a start whose pr
 _MOVABLE = frozenset(
     {BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.RUNNING, BoxStatus.PAUSED}
 )
+_UP = (BoxStatus.RUNNING, BoxStatus.PAUSED)
 
 
 @dataclass
@@ -52,7 +85,7 @@ class Journal:
     box_id: str
     box_name: str
     target: str  # the target runner (its URL, or its home for a local one)
-    object: str  # s3://… of the archive in transit
+    object: str  # s3://… of the archive in transit; "" for a direct move
     phase: str = "started"
     resume: bool = False  # it was running: suspend at the source, start (resume) on the target
 
@@ -91,10 +124,11 @@ def _load(path: Path) -> Journal | None:
     return journal
 
 
-async def migrate(source: Backend, box: str, target: Backend, via: str) -> BoxInfo:
-    """Move ``box`` (id or name) from ``source`` to ``target`` through objects under ``via``
-    (``s3://bucket/prefix/``), or finish an interrupted move of it; the box on the target."""
-    if not objstore.is_url(via) or not via.endswith("/"):
+async def migrate(source: Backend, box: str, target: Backend, via: str | None = None) -> BoxInfo:
+    """Move ``box`` (id or name) from ``source`` to ``target``, directly (``via`` None) or
+    through objects under ``via`` (``s3://bucket/prefix/``), or finish an interrupted move
+    of it the way it was begun; the box on the target."""
+    if via is not None and (not objstore.is_url(via) or not via.endswith("/")):
         raise InvalidArgument(f"--via {via!r}: give an s3://bucket/prefix/ both runners can reach (ending in '/')")
     folder = _journal_dir(source)
     info = await source.get(box)
@@ -119,7 +153,9 @@ def _exclusive(lock: Path, name: str) -> Iterator[None]:
         os.close(fd)
 
 
-async def _migrate(source: Backend, target: Backend, via: str, path: Path, info: BoxInfo | None, name: str) -> BoxInfo:
+async def _migrate(
+    source: Backend, target: Backend, via: str | None, path: Path, info: BoxInfo | None, name: str
+) -> BoxInfo:
     journal = _load(path)
     if journal is None:
         if info is None:
@@ -128,57 +164,106 @@ async def _migrate(source: Backend, target: Backend, via: str, path: Path, info:
             raise InvalidState(f"box {name!r} is {info.status}: wait for its operation to end, then migrate it")
         if await target.get(name) is not None:
             raise AlreadyExists(f"the target already has a box named {name!r}: rename or remove one of them")
-        obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap"
-        objstore.parse(obj)
-        resume = info.status in (BoxStatus.RUNNING, BoxStatus.PAUSED)
-        journal = Journal(info.id, name, _where(target), obj, resume=resume)
+        obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap" if via is not None else ""
+        if obj:
+            objstore.parse(obj)
+        journal = Journal(info.id, name, _where(target), obj, resume=info.status in _UP)
         _save(path, journal)
     elif journal.target != _where(target):
         raise InvalidState(f"box {name!r} is being moved to {journal.target}: run migrate again with that target")
-    return await _resume(source, target, path, journal)
+    elif bool(journal.object) != (via is not None):
+        how = f"through {journal.object.rsplit('/', 1)[0]}/ (--via)" if journal.object else "directly (no --via)"
+        raise InvalidState(f"box {name!r} is being moved {how}: run migrate again that way to finish it")
+    if journal.object:
+        await _through_bucket(source, target, path, journal)
+    else:
+        await _directly(source, target, path, journal)
+    return await _finish(target, path, journal)
 
 
-async def _resume(source: Backend, target: Backend, path: Path, journal: Journal) -> BoxInfo:
+async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:
+    """The journal's box on ``backend``: by its id, not by a name someone else may hold."""
+    info = await backend.get(journal.box_id)
+    return info if info is not None and info.id == journal.box_id else None
+
+
+async def _suspend(source: Backend, journal: Journal) -> None:
+    current = await _this(source, journal)
+    if current is None:
+        raise BoxNotFound(f"box {journal.box_name!r} is on neither runner: was it removed during its migration?")
+    if current.status in _UP:
+        await source.suspend(journal.box_id)  # its memory and processes travel in the archive
+
+
+async def _directly(source: Backend, target: Backend, path: Path, journal: Journal) -> None:
+    if journal.phase == "started":
+        if await _this(target, journal) is None:
+            if await target.get(journal.box_name) is not None:  # checked before a byte is sent
+                raise AlreadyExists(f"the target has another box named {journal.box_name!r}: rename or remove it")
+            await _suspend(source, journal)
+            label = f"the archive of box {journal.box_name!r}"
+            archive = functools.partial(_exported, source, journal.box_id)  # called again by a retried upload
+            await target.import_stream(archive, journal.box_name, False, label, journal.box_id)
+        faults.point("migrate:imported")
+        journal.phase = "imported"
+        _save(path, journal)
+    if journal.phase == "imported":  # the target owns the box: the source's copy goes
+        if await _this(source, journal) is not None:
+            await source.remove(journal.box_id, False)  # refused if someone started it there meanwhile
+        faults.point("migrate:released")
+        journal.phase = "released"
+        _save(path, journal)
+
+
+async def _exported(source: Backend, box_id: str) -> AsyncIterator[bytes]:
+    """The box's archive as the source produces it: the body of the target's import."""
+    stream = await source.export_stream(box_id, ExportOptions())
+    async with contextlib.aclosing(stream):
+        async for chunk in stream:
+            yield chunk
+
+
+async def _through_bucket(source: Backend, target: Backend, path: Path, journal: Journal) -> None:
     url = objstore.parse(journal.object)
     if journal.phase == "started":
-        current = await source.get(journal.box_id)
-        if current is not None and current.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):
-            await source.suspend(journal.box_id)  # its memory and processes travel in the archive
+        await _suspend(source, journal)
         with contextlib.suppress(AlreadyExists):  # our own export completed before a crash (the key is ours)
             await source.export_object(journal.box_id, journal.object, ExportOptions())
         faults.point("migrate:exported")
         journal.phase = "exported"
         _save(path, journal)
     if journal.phase == "exported":
-        if await source.get(journal.box_id) is not None:
+        if await _this(source, journal) is not None:
             await source.remove(journal.box_id, False)
         faults.point("migrate:released")
         journal.phase = "released"
         _save(path, journal)
     if journal.phase == "released":
-        if await target.get(journal.box_name) is None:
-            await target.import_object(journal.object, journal.box_name, False)
+        if await _this(target, journal) is None:
+            await target.import_object(journal.object, journal.box_name, False, journal.box_id)
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
-    moved = await _settled(target, journal.box_name)
+    await objstore.delete(url)
+
+
+async def _finish(target: Backend, path: Path, journal: Journal) -> BoxInfo:
+    moved = await _settled(target, journal)
     if journal.resume and moved.status in (BoxStatus.SUSPENDED, BoxStatus.FAILED):
         moved = await target.start(moved.id)  # resumes every process where it was (a failed start: boots)
-    await objstore.delete(url)
     path.unlink(missing_ok=True)
     return moved
 
 
-async def _settled(target: Backend, name: str) -> BoxInfo:
+async def _settled(target: Backend, journal: Journal) -> BoxInfo:
     """The moved box on the target once no start of it is under way: a target killed while
-    it resumed the box leaves it ``starting`` until its supervisor (which runs on) finishes,
-    or, killed before the supervisor ran, until the target gives up on that start (a
-    minute) and calls it failed."""
+    it resumed the box leaves it ``starting`` until its supervisor (which runs on) finishes;
+    killed before the supervisor ran, the target's recovery puts it back (``state/starting``)."""
     deadline = time.monotonic() + _START_SETTLES
     while True:
-        moved = await target.get(name)
+        moved = await _this(target, journal)
         if moved is None:
-            raise BoxNotFound(f"box {name!r} vanished from the target right after its migration")
+            raise BoxNotFound(f"box {journal.box_name!r} vanished from the target right after its migration")
         if moved.status != BoxStatus.STARTING or time.monotonic() > deadline:
             return moved
         await asyncio.sleep(0.5)

@@ -34,6 +34,15 @@ def check_snapshot_name(name: str) -> str:
 
 
 TEMPLATE_ID_RE = re.compile(r"[0-9a-f]{16}")
+BOX_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+def check_box_id(box_id: str) -> str:
+    """A box id given by a caller (a box migrating keeps its own): 32 lowercase hex digits,
+    as boxvm makes them; it names the box's directory."""
+    if not isinstance(box_id, str) or not BOX_ID_RE.fullmatch(box_id):
+        raise InvalidArgument(f"invalid box id {box_id!r:.40}: it is 32 lowercase hex digits")
+    return box_id
 
 
 def check_template_id(template_id: str) -> str:

@@ -207,11 +207,12 @@ class Box:
             return await self._backend.export_object(self.id, str(dest), options or ExportOptions())
         return await self._backend.export(self.id, Path(dest), options or ExportOptions())
 
-    async def migrate(self, target: Runtime, *, via: str) -> Box:
-        """Move this box to ``target``'s runner through objects under ``via``
-        (``s3://bucket/prefix/`` both reach), journaled: calling it again after a crash
-        finishes the move (``boxvm.migrate``). A running box moves as a suspended one and
-        resumes there. Returns the box on the target."""
+    async def migrate(self, target: Runtime, *, via: str | None = None) -> Box:
+        """Move this box to ``target``'s runner: its archive streamed straight into the
+        target's import, or with ``via`` through objects under it (``s3://bucket/prefix/``
+        both reach). Journaled: calling it again after a crash finishes the move
+        (``boxvm.migrate``). A running box moves as a suspended one and resumes there.
+        Returns the box on the target (with the same id)."""
         from boxvm.migrate import migrate
 
         return Box(target.backend, await migrate(self._backend, self.name, target.backend, via))

@@ -87,6 +87,7 @@ class ObjectExport:
 class ObjectImport:
     url: str
     name: str | None = None
+    box_id: str | None = None  # the id the box keeps (a migration: ``boxvm.migrate``)
 
 
 @dataclass

@@ -123,9 +123,14 @@ class LocalBackend(templates.TemplateOps, Backend):
         return await self.transfer.export_stream(box_id, options)
 
     async def import_stream(
-        self, source: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
+        self,
+        source: Callable[[], AsyncIterator[bytes]],
+        name: str | None,
+        untrusted: bool,
+        label: str,
+        box_id: str | None = None,
     ) -> BoxInfo:
-        return await self.transfer.import_stream(source, name, untrusted, label)
+        return await self.transfer.import_stream(source, name, untrusted, label, box_id)
 
     async def suspend(self, box_id: str) -> BoxInfo:
         return await self.memory.suspend(box_id)

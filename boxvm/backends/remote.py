@@ -360,12 +360,18 @@ class RemoteBackend(Backend):
         return await self._download(request, f"the archive of {box_id!r}")
 
     async def import_stream(
-        self, archive: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
+        self,
+        archive: Callable[[], AsyncIterator[bytes]],
+        name: str | None,
+        untrusted: bool,
+        label: str,
+        box_id: str | None = None,
     ) -> BoxInfo:
         """Upload an archive; the server verifies it before the box appears (always as
         untrusted: it cannot trust a client's host-specific options)."""
-        params = {"name": name} if name else None
-        return wire.box_info(await self._send("POST", "/boxes/import", params=params, content=archive, idempotent=True))
+        params = {k: v for k, v in (("name", name), ("box_id", box_id)) if v}
+        reply = await self._send("POST", "/boxes/import", params=params or None, content=archive, idempotent=True)
+        return _kept(wire.box_info(reply), box_id, self.url)
 
     async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
         """The server uploads the archive with its own credentials, to a prefix its operator
@@ -375,10 +381,11 @@ class RemoteBackend(Backend):
         reply = await self._send("POST", f"/boxes/{box_id}/export-object", json_body=body, idempotent=True)
         return str(reply["url"])
 
-    async def import_object(self, url: str, name: str | None, untrusted: bool) -> BoxInfo:
+    async def import_object(self, url: str, name: str | None, untrusted: bool, box_id: str | None = None) -> BoxInfo:
         """The server reads the object itself (same prefixes; always as untrusted)."""
-        body = wire.body(wire.ObjectImport(url, name))
-        return wire.box_info(await self._send("POST", "/boxes/import-object", json_body=body, idempotent=True))
+        body = wire.body(wire.ObjectImport(url, name, box_id))
+        info = wire.box_info(await self._send("POST", "/boxes/import-object", json_body=body, idempotent=True))
+        return _kept(info, box_id, self.url)
 
     async def template_create(self, options: BoxOptions) -> TemplateInfo:
         """The server boots the template's box (a cold boot: seconds) and keeps it."""
@@ -434,3 +441,10 @@ async def _raise_for_stream_error(response: httpx.Response) -> None:
     if response.status_code >= 400:
         await response.aread()
         _raise_for_error(response)
+
+
+def _kept(info: BoxInfo, box_id: str | None, url: str) -> BoxInfo:
+    """An imported box that was to keep ``box_id`` did (a server too old to know it would not)."""
+    if box_id is not None and info.id != box_id:
+        raise Unsupported(f"the server at {url} cannot import a box under a given id: upgrade it")
+    return info

@@ -722,11 +722,14 @@ async def export(rt: boxvm.Runtime, box: str, dest: str, no_compress: bool, leve
 @click.argument("box")
 @click.option("--to", "to", required=True, metavar="URL", help="The target runner (`boxvm serve`).")
 @click.option("--to-token", envvar="BOXVM_TO_TOKEN", help="The target's token (default: BOXVM_TO_TOKEN).")
-@click.option("--via", required=True, metavar="s3://BUCKET/PREFIX/", help="Objects both runners reach.")
+@click.option(
+    "--via", metavar="s3://BUCKET/PREFIX/", help="Go through objects both runners reach (default: stream directly)."
+)
 @run_async
-async def migrate(rt: boxvm.Runtime, box: str, to: str, to_token: str | None, via: str) -> None:
-    """Move the stopped BOX to another runner through object storage. Journaled: after a
-    crash, run the same command again to finish the move."""
+async def migrate(rt: boxvm.Runtime, box: str, to: str, to_token: str | None, via: str | None) -> None:
+    """Move BOX (stopped, suspended or running: it resumes there) to another runner, its
+    archive streamed into the target's import, or through object storage with --via.
+    Journaled: after a crash, run the same command again to finish the move."""
     from boxvm.migrate import migrate as move
 
     async with boxvm.Runtime.remote(to, to_token) as target:

@@ -29,13 +29,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect
 
 import boxvm
-from boxvm import objstore, wire
+from boxvm import faults, objstore, wire
 from boxvm.backends.base import Backend
-from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, NotFound, SnapshotNotFound, Unauthorized
+from boxvm.errors import (
+    BoxNotFound,
+    BoxvmError,
+    EngineError,
+    InvalidArgument,
+    NotFound,
+    SnapshotNotFound,
+    Unauthorized,
+)
 from boxvm.images.registry import for_remote_caller
 from boxvm.options import (
     BoxInfo,
@@ -44,6 +53,7 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     TemplateInfo,
+    check_box_id,
     check_template_id,
 )
 from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports
@@ -295,14 +305,21 @@ def create_app(
         return StreamResponse(await backend.export_stream(box, body or ExportOptions()), "application/octet-stream")
 
     @v1.post("/boxes/import", status_code=201, response_model=BoxInfo)
-    async def import_box(request: Request, name: str | None = None, key: Key = None) -> Response:
+    async def import_box(
+        request: Request, name: str | None = None, box_id: str | None = None, key: Key = None
+    ) -> Response:
         """Create a box from the archive in the request body. The upload is verified
-        completely before the box exists, and always imported as untrusted."""
+        completely before the box exists, and always imported as untrusted. ``box_id``: the
+        id it keeps (a box migrating here, ``boxvm.migrate``; refused if taken)."""
+        if box_id is not None:
+            check_box_id(box_id)
 
         async def run() -> BoxInfo:
-            return await backend.import_stream(lambda: _body(request), name, True, "the upload")
+            info = await backend.import_stream(lambda: _body(request), name, True, "the upload", box_id)
+            faults.point("import:committed")  # the box exists, the caller has not heard yet
+            return info
 
-        return await idempotency.run(request, key, {"name": name}, run, 201)
+        return await idempotency.run(request, key, {"name": name, "box_id": box_id}, run, 201)
 
     @v1.post("/boxes/{box}/export-object", status_code=201)
     async def export_object(box: str, request: Request, body: ObjectExport, key: Key = None) -> Response:
@@ -320,7 +337,13 @@ def create_app(
         """Create a box from an archive object the server reads (same prefixes as export;
         always imported as untrusted)."""
         url = objstore.for_rest_caller(body.url)
-        return await idempotency.run(request, key, body, lambda: backend.import_object(url, body.name, True), 201)
+        if body.box_id is not None:
+            check_box_id(body.box_id)
+
+        async def run() -> BoxInfo:
+            return await backend.import_object(url, body.name, True, body.box_id)
+
+        return await idempotency.run(request, key, body, run, 201)
 
     # -- warm-start templates -----------------------------------------------------
     @v1.get("/templates")
@@ -453,9 +476,14 @@ def _for_caller(info: TemplateInfo) -> TemplateInfo:
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:
-    async for chunk in request.stream():
-        if chunk:
-            yield chunk
+    """The request's body; a caller gone mid-upload (a migration's source or driver killed)
+    is an ordinary failure of the upload, not a server error with a traceback."""
+    try:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+    except ClientDisconnect:
+        raise EngineError("the caller went away before the upload ended; nothing was kept") from None
 
 
 async def _fail(ws: WebSocket, exc: BoxvmError, scrub: Scrubber) -> None:

@@ -19,8 +19,8 @@ from typing import IO, Any
 from boxvm import archive, memarchive
 from boxvm.disks.layers import TOP
 from boxvm.engine import qemu
-from boxvm.errors import ArchiveError, EngineError, InvalidArgument
-from boxvm.options import NAME_RE, BoxInfo, BoxOptions, ExportOptions, SnapshotOptions, check_name
+from boxvm.errors import AlreadyExists, ArchiveError, EngineError, InvalidArgument
+from boxvm.options import NAME_RE, BoxInfo, BoxOptions, ExportOptions, SnapshotOptions, check_box_id, check_name
 from boxvm.state import memory_transfer
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
@@ -89,18 +89,28 @@ class Transfer:
 
     # -- import -----------------------------------------------------------------------
     async def import_stream(
-        self, source: Callable[[], AsyncIterator[bytes]], name: str | None, untrusted: bool, label: str
+        self,
+        source: Callable[[], AsyncIterator[bytes]],
+        name: str | None,
+        untrusted: bool,
+        label: str,
+        box_id: str | None = None,
     ) -> BoxInfo:
-        """Verify an archive completely, then create a new box from it; a failure leaves nothing."""
+        """Verify an archive completely, then create a new box from it; a failure leaves nothing.
+        ``box_id``: the id the box keeps when it moves here (``boxvm.migrate``), else a new one."""
         reader = ThreadReader(asyncio.get_running_loop())
-        return await pump(source(), reader, self._import(reader, label, name, untrusted))
+        return await pump(source(), reader, self._import(reader, label, name, untrusted, box_id))
 
-    async def _import(self, source: IO[bytes], label: str, name: str | None, untrusted: bool) -> BoxInfo:
+    async def _import(
+        self, source: IO[bytes], label: str, name: str | None, untrusted: bool, box_id: str | None
+    ) -> BoxInfo:
         """Import from a blocking byte stream, read exactly once."""
         if name is not None:
             self.boxes.check_free(check_name(name))
+        if box_id is not None and self.store.get_box(check_box_id(box_id)) is not None:
+            raise AlreadyExists(f"a box with id {box_id} already exists here")
         t0 = time.perf_counter()
-        box_id = secrets.token_hex(16)
+        box_id = box_id or secrets.token_hex(16)
         with self.home.staging("archive-") as scratch:
             verified = await asyncio.to_thread(archive.read_archive, source, scratch, IMPORT_LIMIT, None, label)
             manifest = verified.manifest

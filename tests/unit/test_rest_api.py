@@ -68,7 +68,7 @@ async def test_every_route_needs_the_token(api: InProcess) -> None:
 
 
 async def test_errors_carry_their_class_and_status(api: InProcess) -> None:
-    configured_box(api, "cfg")
+    cfg = configured_box(api, "cfg")
     api.http.headers.update(AUTH)
     cases = [
         ("GET", "/v1/boxes/nope", None, 404, "NotFound", "BoxNotFound"),
@@ -81,6 +81,10 @@ async def test_errors_carry_their_class_and_status(api: InProcess) -> None:
         ("POST", "/v1/boxes", {"name": "../evil"}, 400, "InvalidArgument", "InvalidArgument"),
         ("POST", "/v1/boxes", {"options": {"cpus": "many"}}, 400, "InvalidArgument", "InvalidArgument"),
         ("POST", "/v1/boxes/import", None, 422, "ArchiveError", "ArchiveError"),  # an empty upload
+        # the id a migrating box keeps: never a path, never one taken (checked before the upload is read)
+        ("POST", "/v1/boxes/import?box_id=..%2F..%2Fetc", None, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", f"/v1/boxes/import?box_id={cfg.upper()}", None, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", f"/v1/boxes/import?box_id={cfg}", None, 409, "AlreadyExists", "AlreadyExists"),
     ]
     for method, path, body, status, kind, code in cases:
         r = await api.http.request(method, path, json=body)

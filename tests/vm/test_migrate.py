@@ -1,10 +1,14 @@
-"""Migration to another ``boxvm serve`` runner (its own home, on loopback) through the test
-S3 server, under SIGKILL at each step on either side: the driving process after each
-journal step, the source runner while it suspends, uploads and removes, the target runner
-while it imports and resumes. After every kill exactly one holder has the box (the source,
-the object in transit, or the target); the killed runner is restarted on its home and
-running migrate again finishes the move with the box's data intact (``qemu-img compare``
-judges a stopped box's disk; a running box keeps its files and its counting process)."""
+"""Migration to another ``boxvm serve`` runner (its own home, on loopback), directly (the
+source's export streamed into the target's import) and through the test S3 server, under
+SIGKILL at each step on either side: the driving process after each journal step, the
+source runner while it suspends, exports, uploads and removes, the target runner while it
+imports, right after it committed the import, in the instant between marking the box
+``starting`` and spawning its supervisor, and while that supervisor resumes it. After every
+kill one holder owns the box (the source, the object in transit, or the target: the one
+holding the journal's box id once it committed); the killed runner is restarted on its home
+and running migrate again finishes the move with the box's data intact (``qemu-img
+compare`` judges a stopped box's disk; a running box keeps its files and its counting
+process)."""
 
 from __future__ import annotations
 
@@ -140,40 +144,67 @@ def finished(home: Home, s3: S3Server, name: str) -> None:
     assert not list((home.root / "migrations").glob(f"{name}*"))
 
 
+# Each way's driver kills (a stopped box, the driver on the source host): the fault point,
+# who holds the box after it, whether the CLI (else the API) drives. Directly, a driver
+# killed right after the target's commit leaves both listing it: the target's copy (the
+# journal's id) is the box; the re-run removes the source's.
+DRIVER_STEPS = {
+    "bucket": [
+        ("s3:part-uploaded", ["source"], True),  # killed mid-upload: the next export aborts its upload
+        ("migrate:exported", ["source"], False),
+        ("migrate:released", ["object"], True),
+        ("migrate:imported", ["target"], True),
+    ],
+    "direct": [
+        ("export:disk-streamed", ["source"], False),  # killed mid-stream: the target drops the upload
+        ("migrate:imported", ["source", "target"], True),
+        ("migrate:released", ["target"], True),
+    ],
+}
+
+
+@pytest.mark.parametrize("way", ["bucket", "direct"])
 async def test_driver_killed_after_each_step(
-    home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server
+    home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server, way: str
 ) -> None:
     """The process driving the move of a stopped box (on the source host: its home is the
-    source) is SIGKILLed after each journal step in turn, once through the API and then
-    through ``boxvm migrate``; after each kill one holder has the box, and the same call
-    again finishes the move: gone from the source, the same disk on the target."""
+    source) is SIGKILLed at each step in turn, through the API and ``boxvm migrate``; after
+    each kill the box is where it should be, and the same call again finishes the move: gone
+    from the source, the same disk and the same id on the target. Directly, a box of the same
+    name made on the target while the move is under way is not taken for the moved one."""
     target = runners[1]
     name = f"mig-drv-{os.urandom(2).hex()}"
+    via = VIA if way == "bucket" else None
     api = (
         "import asyncio, boxvm\n"
         "async def main():\n"
         "    async with boxvm.Runtime() as rt,"
         f" boxvm.Runtime.remote({target.url!r}, token={TOKEN!r}) as target:\n"
-        f"        await (await rt.get({name!r})).migrate(target, via={VIA!r})\n"
+        f"        await (await rt.get({name!r})).migrate(target, via={via!r})\n"
         "asyncio.run(main())\n"
     )
-    cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url, "--via", VIA]
+    cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url] + (
+        ["--via", VIA] if via else []
+    )
     async with boxvm.Runtime(home.root) as rt, boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
-        await a_box_with_data(rt, home, name)
+        box = await a_box_with_data(rt, home, name)
         ref = await rt.get(f"{name}-ref")
         assert ref is not None
         try:
-            for step, holder, argv in (
-                ("migrate:exported", "source", [sys.executable, "-c", api]),
-                ("migrate:released", "object", cli),
-                ("migrate:imported", "target", cli),
-            ):
+            for step, holder, by_cli in DRIVER_STEPS[way]:
                 env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_FAULT": step, "BOXVM_TO_TOKEN": TOKEN}
+                argv = cli if by_cli else [sys.executable, "-c", api]
                 proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
                 assert proc.returncode == -signal.SIGKILL, proc.stderr
-                assert await holders(rt.backend, tgt.backend, s3, name) == [holder], step
-            moved = await migrate(rt.backend, name, tgt.backend, VIA)
-            assert await rt.get(name) is None
+                assert await holders(rt.backend, tgt.backend, s3, name) == holder, step
+                if step == "export:disk-streamed":  # someone else's box under the name: refused, not adopted
+                    impostor = await tgt.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)
+                    with pytest.raises(boxvm.AlreadyExists):
+                        await migrate(rt.backend, name, tgt.backend, via)
+                    assert (await rt.get(name)) is not None
+                    await tgt.remove(impostor.id)
+            moved = await migrate(rt.backend, name, tgt.backend, via)
+            assert await rt.get(name) is None and moved.id == box.id
             same_content(home, ref.id, target_home, moved.id)
             finished(home, s3, name)
             with pytest.raises(boxvm.InvalidArgument):  # --via must name a prefix
@@ -188,23 +219,31 @@ async def test_driver_killed_after_each_step(
 async def test_running_box_moves_while_runners_are_killed(
     home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server
 ) -> None:
-    """A running box holding data and a counter process moves between two runners while each
-    is SIGKILLed at its steps: the source while it suspends the box, while it uploads (a part
-    stored) and while it removes the box, the target while it imports (verified, renamed
-    into place, not committed) and while the box's supervisor resumes it. Each killed runner is restarted
-    on its home, one holder has the box after each kill, and migrate run again ends with the
-    box running on the target, its file intact and the same process still counting."""
+    """A running box holding data and a counter process moves directly between two runners
+    while each is SIGKILLed at its steps: the source while it suspends the box, while it
+    streams the archive (the disk sent) and while it removes the box; the target while it
+    imports (verified, renamed into place, not committed), right after it committed the
+    import (before it answered), between marking the box ``starting`` and spawning its
+    supervisor, and while that supervisor resumes it. Each killed runner is restarted on its
+    home, the box is where it should be after each kill (a start killed before its supervisor
+    ran is undone at once: the box is ``suspended`` again, not ``starting`` and then
+    ``failed``), and migrate run again ends with the box running on the target with the same
+    id, its file intact and the same process still counting (resumed, not booted cold). It
+    then moves back through the bucket, and still counts."""
     source, target = runners
     name = f"mig-run-{os.urandom(2).hex()}"
     counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
 
-    async def attempt(kill: tuple[Runner, Callable[[boxvm.BoxInfo], bool]] | None = None) -> Any:
-        """Run migrate through both runners; ``kill``: SIGKILL that runner once its box passes the test."""
+    async def attempt(kill: tuple[Runner, Callable[[boxvm.BoxInfo], bool]] | None = None, back: bool = False) -> Any:
+        """Run migrate through both runners (``back``: target to source through the bucket);
+        ``kill``: SIGKILL that runner once its box passes the test."""
         async with (
             boxvm.Runtime.remote(source.url, token=TOKEN) as src,
             boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
         ):
-            move = asyncio.create_task(migrate(src.backend, name, tgt.backend, VIA))
+            move = asyncio.create_task(
+                migrate(tgt.backend, name, src.backend, VIA) if back else migrate(src.backend, name, tgt.backend)
+            )
             if kill is not None:
                 runner, when = kill
                 watch = src if runner is source else tgt
@@ -219,12 +258,26 @@ async def test_running_box_moves_while_runners_are_killed(
             except BoxvmError as exc:
                 return exc
 
-    async def check(expected: str) -> None:
+    async def check(expected: list[str]) -> None:
         async with (
             boxvm.Runtime.remote(source.url, token=TOKEN) as src,
             boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
         ):
-            assert await holders(src.backend, tgt.backend, s3, name) == [expected]
+            assert await holders(src.backend, tgt.backend, s3, name) == expected
+
+    def killed_then(runner: Runner, fault: str | None = None) -> None:
+        runner.was_killed()
+        runner.start(fault)
+
+    async def counting(runner: Runner, pid: str, digest: bytes, before: int) -> None:
+        async with boxvm.Runtime.remote(runner.url, token=TOKEN) as rt:
+            there = await rt.get(name)
+            assert there is not None and there.status == boxvm.BoxStatus.RUNNING
+            assert (await there.exec(["md5sum", "/root/data"])).stdout == digest
+            assert (await there.exec(["sh", "-c", f"kill -0 {pid} && echo alive"])).stdout == b"alive\n"
+            first = int((await there.exec(["cat", "/tmp/count"])).stdout)
+            await asyncio.sleep(0.6)
+            assert before <= first < int((await there.exec(["cat", "/tmp/count"])).stdout)
 
     async with boxvm.Runtime(home.root) as rt:
         box = await rt.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)  # warm: resumes the slim template
@@ -240,22 +293,27 @@ async def test_running_box_moves_while_runners_are_killed(
 
             suspending = (source, lambda info: info.status == boxvm.BoxStatus.SUSPENDING)
             assert isinstance(await attempt(suspending), BoxvmError)
-            source.start("s3:part-uploaded")
-            await check("source")
-            assert isinstance(await attempt(), BoxvmError)
-            source.was_killed()
-            source.start("remove:row-deleted")
-            await check("source")
-            assert isinstance(await attempt(), BoxvmError)
-            source.was_killed()
-            source.start()
-            await check("object")
+            source.start("export:disk-streamed")
+            await check(["source"])
+            assert isinstance(await attempt(), BoxvmError)  # the source dies mid-stream
+            killed_then(source, "remove:row-deleted")
+            await check(["source"])
             target.stop()
             target.start("import:renamed")
             assert isinstance(await attempt(), BoxvmError)
-            target.was_killed()
-            target.start()
-            await check("object")
+            killed_then(target, "import:committed")
+            await check(["source"])
+            assert isinstance(await attempt(), BoxvmError)  # committed, not answered
+            killed_then(target, "start:marked")
+            await check(["source", "target"])  # the target's is the box: it has the journal's id
+            assert isinstance(await attempt(), BoxvmError)  # the source dies removing its copy
+            killed_then(source)
+            await check(["target"])
+            assert isinstance(await attempt(), BoxvmError)  # the target dies with the box marked starting
+            killed_then(target)
+            async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
+                undone = await tgt.get(name)  # at once, with its memory state: not starting, then failed
+                assert undone is not None and undone.status == boxvm.BoxStatus.SUSPENDED, undone
             # once its supervisor runs (it made its control socket): it resumes the box on its own
             resuming = (
                 target,
@@ -263,26 +321,25 @@ async def test_running_box_moves_while_runners_are_killed(
             )
             assert isinstance(await attempt(resuming), BoxvmError)
             target.start()
-            await check("target")
+            await check(["target"])
 
             moved = await attempt()
             assert isinstance(moved, boxvm.BoxInfo), moved
-            assert moved.status == boxvm.BoxStatus.RUNNING
-            async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
-                there = await tgt.get(name)
-                assert there is not None
-                assert (await there.exec(["md5sum", "/root/data"])).stdout == digest
-                assert (await there.exec(["sh", "-c", f"kill -0 {pid} && echo alive"])).stdout == b"alive\n"
-                first = int((await there.exec(["cat", "/tmp/count"])).stdout)
-                await asyncio.sleep(0.6)
-                assert before <= first < int((await there.exec(["cat", "/tmp/count"])).stdout)
+            assert moved.status == boxvm.BoxStatus.RUNNING and moved.id == box.id
+            await counting(target, pid, digest, before)
+            finished(home, s3, name)
+
+            back = await attempt(back=True)  # and home again through the bucket
+            assert isinstance(back, boxvm.BoxInfo), back
+            await counting(source, pid, digest, before)
+            await check(["source"])
             finished(home, s3, name)
         finally:
-            if await rt.get(name) is not None:
-                await rt.remove(name, force=True)
             for runner in runners:  # as the fixture gave them: running
                 if runner.proc is None or runner.proc.poll() is not None:
                     runner.start()
+            if await rt.get(name) is not None:
+                await rt.remove(name, force=True)
             async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
                 if await tgt.get(name) is not None:
                     await tgt.remove(name, force=True)
