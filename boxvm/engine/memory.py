@@ -18,8 +18,9 @@ RAM that a fork maps ``share=off``: a private copy-on-write mapping, so every fo
 same page-cache pages and its writes stay in its own anonymous memory (the file is never
 written: a box has no balloon or virtio-mem, the only things that make QEMU punch holes in
 a RAM file); ``stream`` — inside the state file itself: a fork's RAM is private, so its own
-suspend or memory snapshot is QEMU's plain migration of the whole RAM (zero pages are a flag
-each), loaded into a fresh RAM file on resume, after which it is a ``file`` box again.
+suspend or memory snapshot is QEMU's migration of the whole RAM (zero pages are a flag each),
+live while the guest runs (``memory_live``), loaded into a fresh RAM file on resume, after
+which it is a ``file`` box again.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ MIGRATE_TIMEOUT = 60.0
 class Qmp(Protocol):
     """What this module needs of a monitor (``engine.qmp.QMP``)."""
 
+    async def status(self) -> str: ...
     async def stop(self) -> None: ...
     async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None: ...
     async def migrate(self, uri: str) -> None: ...
@@ -65,6 +67,8 @@ async def _wait_migration(qmp: Qmp, incoming: bool) -> dict[str, Any]:
         info = await qmp.query_migrate()
         status = info.get("status")
         if status == "completed":
+            if not incoming:
+                await settled(qmp)
             return info
         if status in ("failed", "cancelled"):
             what = "loading" if incoming else "saving"
@@ -75,9 +79,18 @@ async def _wait_migration(qmp: Qmp, incoming: bool) -> dict[str, Any]:
         delay = min(delay * 2, 0.02)
 
 
-async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any], private: bool = False) -> dict[str, float]:
-    """Stop the vCPUs and write the device state next to the RAM file (a suspend); with
-    ``private`` RAM (a fork's) the whole RAM goes into the state (``stream``).
+async def settled(qmp: Qmp) -> None:
+    """Wait until QEMU has left ``finish-migrate`` after a completed outgoing migration: it
+    sets ``postmigrate`` a moment after announcing completion (not under its lock), and a
+    ``cont`` in that moment would leave a running VM in ``postmigrate``."""
+    deadline = time.monotonic() + 5
+    while await qmp.status() == "finish-migrate" and time.monotonic() < deadline:
+        await asyncio.sleep(0.0005)
+
+
+async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, float]:
+    """Stop the vCPUs and write the device state next to the RAM file (a suspend). A box
+    whose RAM is private saves it with ``memory_live`` instead.
 
     The VM is left stopped (``postmigrate``) for the caller to quit. Timings in ms."""
     t0 = time.monotonic()
@@ -85,9 +98,9 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any], private: bool = F
     t_stop = time.monotonic()
     faults.point("memory:stopped")
     (box_dir / META).unlink(missing_ok=True)  # the old record must not vouch for the new state
-    tmp = await _write_state(qmp, box_dir, ignore_shared=not private)
+    tmp = await _write_state(qmp, box_dir)
     t_saved = time.monotonic()
-    await asyncio.to_thread(_publish, box_dir, tmp, shape, "stream" if private else "file")
+    await asyncio.to_thread(_publish, box_dir, tmp, shape)
     return {
         "stop_ms": (t_stop - t0) * 1000,
         "save_ms": (t_saved - t_stop) * 1000,
@@ -95,28 +108,28 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any], private: bool = F
     }
 
 
-async def _write_state(qmp: Qmp, directory: Path, ignore_shared: bool = True) -> Path:
-    """Migrate the stopped VM's device state (and, unless ``ignore_shared``, its RAM) into
-    a temporary file."""
+async def _write_state(qmp: Qmp, directory: Path) -> Path:
+    """Migrate the stopped VM's device state (not the RAM: it is in its file) into a
+    temporary file."""
     tmp = directory / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
-    await qmp.migrate_set_capabilities({"x-ignore-shared": ignore_shared})
+    await qmp.migrate_set_capabilities({"x-ignore-shared": True, "pause-before-switchover": False})
     await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
     await _wait_migration(qmp, incoming=False)
     return tmp
 
 
-async def write_state_to(qmp: Qmp, dest: Path, with_ram: bool = False) -> float:
-    """With the vCPUs already stopped: the device state (and the RAM if ``with_ram``) into
-    ``dest`` (a memory snapshot; the caller copies the RAM unless it is in the state, resumes
-    the VM, then calls :func:`seal`). Returns ms."""
+async def write_state_to(qmp: Qmp, dest: Path) -> float:
+    """With the vCPUs already stopped: the device state into ``dest`` (a memory snapshot;
+    the caller copies the RAM, resumes the VM, then calls :func:`seal`). Returns ms."""
     t0 = time.monotonic()
-    await _write_state(qmp, dest, ignore_shared=not with_ram)
+    await _write_state(qmp, dest)
     return (time.monotonic() - t0) * 1000
 
 
 def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
-    """Make a copied memory state durable and vouch for it (outside the guest's pause)."""
+    """Make the memory state written to ``dest`` durable and vouch for it (outside the
+    guest's pause): ``memory.state.tmp`` becomes ``memory.state``, the record is written last."""
     _publish(dest, dest / f"{STATE}.tmp", shape, ram)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from boxvm import faults
 from boxvm.disks.layers import PENDING, LayerStore
-from boxvm.engine import memory, memory_precopy
+from boxvm.engine import memory, memory_live, memory_precopy
 from boxvm.engine.agentlink import AgentLink
 from boxvm.engine.qmp import QMP
 from boxvm.errors import EngineError
@@ -62,7 +62,8 @@ class MemoryOps:
         """Save the memory and device state with the box, then let QEMU exit.
 
         The capture lock keeps a disk capture from switching the disk meanwhile. If saving
-        fails the VM runs on as before (QEMU is told ``cont`` if it was running)."""
+        fails the VM runs on as before (QEMU is told ``cont`` if it was running). A box
+        whose RAM is private (a fork, a warm start) saves it with a live pre-copy."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
@@ -70,7 +71,10 @@ class MemoryOps:
             await self.settle()  # a capture switched to but not yet published: none may outlive the VM
             was_running = await self.qmp.status() == "running"
             try:
-                timings = await memory.save(self.qmp, self.dir, shape, private=bool(self.resume_plan.get("private")))
+                if self.resume_plan.get("private"):
+                    timings = await _save_private(self, shape)
+                else:
+                    timings = await memory.save(self.qmp, self.dir, shape)
             except BaseException:
                 await asyncio.to_thread(memory.discard_state, self.dir)
                 if was_running:
@@ -137,73 +141,163 @@ class MemoryOps:
         """A memory snapshot's capture: the disk, the device state and the RAM at one
         instant, into ``memory.CAPTURE`` in the box directory; the VM then runs on.
 
-        The RAM is copied while the guest runs (``memory_precopy``); the vCPUs then stay
-        stopped through the disk switch, the copy of the pages written meanwhile and,
-        alongside it, the device state (the guest's pause); the fsyncs and the record follow the ``cont``.
-        The disk capture is published like any other (``settle``). A fork's RAM is private
-        (``memory.BASE`` mapped share=off): its RAM goes into the state instead (``stream``),
-        the guest paused for the whole migration."""
+        A box's own RAM file is copied while the guest runs (``memory_precopy``); the vCPUs
+        then stay stopped through the disk switch, the copy of the pages written meanwhile
+        and, alongside it, the device state (the guest's pause); the fsyncs and the record
+        follow the ``cont``. A fork's or warm-started box's RAM is private (``memory.BASE``
+        mapped share=off): QEMU's live migration puts it in the state (``stream``) while
+        the guest runs, and the disk is switched when QEMU stops the vCPUs for the
+        switch-over (``memory_live``). The disk capture is published like any other (``settle``)."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("a memory capture needs the machine's shape")
         if self.qemu is None:
             raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
-        ram, ram_copy = self.dir / memory.RAM, dest / memory.RAM
         private = bool(self.resume_plan.get("private"))
         async with self.capture_lock:
             await self.settle()
             await asyncio.to_thread(memory.fresh_dir, dest)
-            t_pre = time.monotonic()
-            pre = None if private else await asyncio.to_thread(memory_precopy.start, self.qemu.pid, ram, ram_copy)
-            precopy_ms = (time.monotonic() - t_pre) * 1000
-            # The pending top is a new file nothing uses yet: written (and fsynced) before the pause.
-            layer, parent = await asyncio.to_thread(self.layers.prepare_capture, self.dir)
-            was_running = await self.qmp.status() == "running"
-            t0 = time.monotonic()
+            capture = _capture_stream if private else _capture_file
             try:
-                await self.qmp.stop()
-                switched = await self.switch({"quiesce": False}, (layer, parent))
-                # The RAM copy (this process) and the device state (QEMU) overlap; both end
-                # before the ``cont`` (a migration still running then would stop the VM again).
-                ram_done, state_done = await asyncio.gather(
-                    _no_copy() if private else asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
-                    memory.write_state_to(self.qmp, dest, with_ram=private),
-                    return_exceptions=True,
-                )
-                for outcome in (ram_done, state_done):
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                (copied, mode), ram_copy_ms = ram_done  # type: ignore[misc]
-                state_ms = state_done
-                faults.point("memory:copied")
-                await _hold_at_stop()
+                result = await capture(self, dest)
             finally:
-                if was_running:
-                    await self.qmp.cont()
-                pause_ms = (time.monotonic() - t0) * 1000
                 if self.unpublished is None:  # the switch did not happen
                     (self.dir / PENDING).unlink(missing_ok=True)
                 await self.settle()
             await asyncio.to_thread(memory.seal, dest, shape, "stream" if private else "file")
-            log.info(
-                "memory snapshot: pause %.1f ms (switch %.1f, RAM %s %.1f ms %d bytes, device state %.1f ms)",
-                pause_ms, switched["switch_ms"], mode, ram_copy_ms, copied, state_ms,
-            )  # fmt: skip
-        return {
-            "layer": layer,
-            "parent": parent,
-            "consistency": switched["consistency"],
-            "node": switched["node"],
-            "pause_ms": pause_ms,
-            "switch_ms": switched["switch_ms"],
-            "host_window_ms": (time.monotonic() - t0) * 1000,
-            "precopy_ms": precopy_ms,
-            "ram_copy_ms": ram_copy_ms,
-            "ram_copied_bytes": float(copied),
-            "ram_copy_mode": mode,
-            "state_ms": state_ms,
-        }
+        return result
+
+
+async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
+    """The capture of a box whose RAM is its own file (see ``op_capture_memory``)."""
+    assert sup.qemu is not None
+    ram, ram_copy = sup.dir / memory.RAM, dest / memory.RAM
+    t_pre = time.monotonic()
+    pre = await asyncio.to_thread(memory_precopy.start, sup.qemu.pid, ram, ram_copy)
+    precopy_ms = (time.monotonic() - t_pre) * 1000
+    # The pending top is a new file nothing uses yet: written (and fsynced) before the pause.
+    layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
+    was_running = await sup.qmp.status() == "running"
+    t0 = time.monotonic()
+    try:
+        await sup.qmp.stop()
+        switched = await sup.switch({"quiesce": False}, (layer, parent))
+        # The RAM copy (this process) and the device state (QEMU) overlap; both end
+        # before the ``cont`` (a migration still running then would stop the VM again).
+        ram_done, state_done = await asyncio.gather(
+            asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
+            memory.write_state_to(sup.qmp, dest),
+            return_exceptions=True,
+        )
+        for outcome in (ram_done, state_done):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        (copied, mode), ram_copy_ms = ram_done  # type: ignore[misc]
+        state_ms = state_done
+        faults.point("memory:copied")
+        await _hold_at_stop()
+    finally:
+        if was_running:
+            await sup.qmp.cont()
+    pause_ms = (time.monotonic() - t0) * 1000
+    log.info(
+        "memory snapshot: pause %.1f ms (switch %.1f, RAM %s %.1f ms %d bytes, device state %.1f ms)",
+        pause_ms, switched["switch_ms"], mode, ram_copy_ms, copied, state_ms,
+    )  # fmt: skip
+    return {
+        "layer": layer,
+        "parent": parent,
+        "consistency": switched["consistency"],
+        "node": switched["node"],
+        "pause_ms": pause_ms,
+        "switch_ms": switched["switch_ms"],
+        "host_window_ms": (time.monotonic() - t0) * 1000,
+        "precopy_ms": precopy_ms,
+        "ram_copy_ms": ram_copy_ms,
+        "ram_copied_bytes": float(copied),
+        "ram_copy_mode": mode,
+        "state_ms": state_ms,
+    }
+
+
+async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
+    """The capture of a box whose RAM is private: QEMU's live pre-copy into the state, the
+    disk switched while QEMU holds the vCPUs stopped for the switch-over."""
+    layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
+    was_running = await sup.qmp.status() == "running"
+    switched: dict[str, Any] = {}
+
+    async def at_stop() -> None:
+        switched.update(await sup.switch({"quiesce": False}, (layer, parent)))
+
+    t0 = time.monotonic()
+    try:
+        saved = await memory_live.save(
+            sup.qmp, dest / f"{memory.STATE}.tmp", at_stop, resume=True, **memory_live.limits()
+        )
+    except BaseException:
+        if was_running:  # the migration was cancelled: the guest runs on
+            with contextlib.suppress(Exception):
+                await sup.qmp.cont()
+        raise
+    faults.point("memory:copied")
+    pause_ms = saved.pause_ms
+    _record_live(sup, "memory_snapshot", saved)
+    log.info(
+        "memory snapshot (RAM in the stream): pause %.1f ms (switch %.1f, QEMU's downtime %.0f, completion to cont"
+        " %.1f), pre-copy %.1f ms, %d passes, %d bytes%s",
+        pause_ms, switched["switch_ms"], saved.downtime_ms, saved.tail_ms, saved.precopy_ms, saved.passes,
+        saved.ram_bytes,
+        f"; stop-and-copy: {saved.fallback}" if saved.fallback else "",
+    )  # fmt: skip
+    return {
+        "layer": layer,
+        "parent": parent,
+        "consistency": switched["consistency"],
+        "node": switched["node"],
+        "pause_ms": pause_ms,
+        "switch_ms": switched["switch_ms"],
+        "host_window_ms": (time.monotonic() - t0) * 1000,
+        "precopy_ms": saved.precopy_ms,
+        "ram_copy_ms": 0.0,
+        "ram_copied_bytes": float(saved.ram_bytes),
+        "ram_copy_mode": "stop-and-copy" if saved.fallback else "live",
+        "state_ms": saved.state_ms,
+        "qemu_downtime_ms": saved.downtime_ms,
+    }
+
+
+async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, float]:
+    """A suspend's save of private RAM: live pre-copy into the state, then the record."""
+    (sup.dir / memory.META).unlink(missing_ok=True)  # the old record must not vouch for the new state
+
+    async def at_stop() -> None:
+        faults.point("memory:stopped")
+
+    saved = await memory_live.save(sup.qmp, sup.dir / f"{memory.STATE}.tmp", at_stop, **memory_live.limits())
+    t_saved = time.monotonic()
+    await asyncio.to_thread(memory.seal, sup.dir, shape, "stream")
+    _record_live(sup, "suspend", saved)
+    return {
+        "stopped_ms": saved.pause_ms,  # the vCPUs' stop to the migration's end
+        "save_ms": saved.state_ms,
+        "sync_ms": (time.monotonic() - t_saved) * 1000,
+    }
+
+
+def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome) -> None:
+    """Say in the box's timings how a live save went, and whether the guest had to be
+    stopped before QEMU converged (``<what>_stop_and_copy`` 1.0, the reason in the log)."""
+    sup.store.add_timing(
+        sup.box_id,
+        **{
+            f"{what}_precopy_ms": saved.precopy_ms,
+            f"{what}_precopy_passes": float(saved.passes),
+            f"{what}_qemu_downtime_ms": saved.downtime_ms,
+            f"{what}_stop_and_copy": 1.0 if saved.fallback else 0.0,
+        },
+    )
 
 
 async def _clock_probe(link: AgentLink) -> tuple[int, int] | None:
@@ -229,10 +323,6 @@ async def _step_clock(link: AgentLink, first: tuple[int, int] | None) -> None:
     answer = await link.request({"op": "clock", "step_ns": -offset}, RESUME_PING_TIMEOUT)
     if "error" in answer:
         log.warning("the resumed guest's clock was not set: %s", answer["error"]["message"])
-
-
-async def _no_copy() -> tuple[tuple[int, str], float]:
-    return (0, "in-state"), 0.0
 
 
 def _timed_finish(pre: memory_precopy.PreCopy | None, ram: Path, dest: Path) -> tuple[tuple[int, str], float]:

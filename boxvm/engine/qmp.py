@@ -12,17 +12,23 @@ may travel to a REST caller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient, QMPError
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
 
 from boxvm.errors import EngineError
 
 QUIT_TIMEOUT = 5.0  # QEMU exits at once; the supervisor kills it if not
 _PATH = re.compile(r"/[^\s'\",:]+")
+
+
+def without_paths(text: str) -> str:
+    """QEMU's message with every host path cut to its last component (it may reach a REST caller)."""
+    return _PATH.sub(lambda m: m.group(0).rsplit("/", 1)[-1], text)
 
 
 class QMPCommandError(EngineError):
@@ -38,7 +44,7 @@ class QMPCommandError(EngineError):
         if reply is None:
             message = f"QEMU did not answer {command!r}: its monitor closed (the VM exited)"
         else:
-            desc = _PATH.sub(lambda m: m.group(0).rsplit("/", 1)[-1], str(reply.get("desc", "")))
+            desc = without_paths(str(reply.get("desc", "")))
             message = f"QEMU refused {command!r} ({reply.get('class', 'error')}): {desc}"
         super().__init__(message)
 
@@ -66,6 +72,13 @@ class QMP:
         """QEMU's events, in order (``qemu.qmp`` queues them until consumed)."""
         async for event in self._client.events:
             yield dict(event)
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[Events]:
+        """QEMU's events of these names, queued from now until the block ends (besides
+        :meth:`events`, which sees every event)."""
+        with self._client.listener(names) as listener:
+            yield Events(listener)
 
     async def _run(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
@@ -150,6 +163,24 @@ class QMP:
         """Start receiving the state of a QEMU started with ``-incoming defer``."""
         await self._run("migrate-incoming", {"uri": uri})
 
+    async def migrate_continue(self, state: str) -> None:
+        """Let a migration paused in ``state`` (``pre-switchover``) go on."""
+        await self._run("migrate-continue", {"state": state})
+
+    async def migrate_cancel(self) -> None:
+        await self._run("migrate_cancel")
+
     async def query_migrate(self) -> dict[str, Any]:
         """The migration's ``status`` (``active``, ``completed``, ``failed``, ...) and figures."""
         return dict(await self._run("query-migrate"))
+
+
+class Events:
+    """A queue of some of QEMU's events (:meth:`QMP.listen`)."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def next(self, timeout: float) -> dict[str, Any]:
+        """The next event; TimeoutError if none comes within ``timeout`` seconds."""
+        return dict(await asyncio.wait_for(self._listener.get(), timeout))
