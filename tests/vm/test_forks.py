@@ -117,18 +117,27 @@ async def test_forks_resume_diverge_and_are_reidentified(
         await asyncio.gather(*(rt.remove(f.id, force=True) for f in forks))
 
 
-async def test_a_fork_snapshots_suspends_and_resumes_as_itself(rt: boxvm.Runtime, parent: Parent) -> None:
+async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
+    rt: boxvm.Runtime, parent: Parent, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fork's RAM is private (no file holds it): its own memory snapshot and suspend save
-    the RAM in the migration stream, and resume it into a RAM file of its own."""
+    the RAM in the migration stream, and resume it into a RAM file of its own. This fork's
+    supervisor is told to give the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``): both
+    take the stop-and-copy fallback, and the box's timings say so. (The live path: test_memory's
+    busy guest, test_memory_transfer's fork suspend.)"""
+    monkeypatch.setenv("BOXVM_PRECOPY_MAX_S", "0")  # inherited by the fork's supervisor only
     fork = await (await via(rt, parent)).clone("fork-own", CloneOptions(from_snapshot="m", start_after_clone=True))
+    monkeypatch.delenv("BOXVM_PRECOPY_MAX_S")
     try:
         # A plain suspend and start of the same box is not re-identified: a hostname set
         # in the guest survives it.
         await sh(fork, "hostname renamed-inside; echo mine > /tmp/who")
         assert (await fork.snapshot.create("own", SnapshotOptions(memory=True))).has_memory
+        assert (await fork.info()).timings["memory_snapshot_stop_and_copy"] == 1.0
         await sh(fork, "echo later > /tmp/who")
         _, before = (await sh(fork, "cat /proc/sys/kernel/random/boot_id /tmp/count")).split()
-        assert (await fork.suspend()).status == BoxStatus.SUSPENDED
+        suspended = await fork.suspend()
+        assert suspended.status == BoxStatus.SUSPENDED and suspended.timings["suspend_stop_and_copy"] == 1.0
         await fork.start()
         out = await sh(fork, "hostname; cat /tmp/who /proc/sys/kernel/random/boot_id /tmp/count")
         hostname, who, boot_id, count = out.split()
