@@ -465,13 +465,14 @@ def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progre
 
 
 class _DiskSink:
-    """SHA-256 and the writes of the disk in a second thread, while the caller's thread
-    parses the tar and decompresses (~half of an import's CPU): both release the GIL, so on
-    two cores they overlap instead of adding up. Every byte is still hashed, in order. At
-    most ``_DEPTH`` chunks (1 MiB each) wait, so memory stays bounded whatever the archive.
-    The written range is handed to writeback every ``_WRITEBACK`` bytes, so the final fsync
-    has little left to wait for. A failure in the thread (ENOSPC) is raised by the caller's
-    next ``put`` or by ``finish``."""
+    """SHA-256 and the writes of the disk, each in a thread of its own, while the caller's
+    thread parses the tar and decompresses: all three release the GIL, so on two cores they
+    overlap instead of adding up (decompression bounds a compressible disk, the hash an
+    incompressible one). Every byte is still hashed, in order. Each stage holds at most
+    ``_DEPTH`` chunks (1 MiB each, shared by both), so memory stays bounded whatever the
+    archive. The written range is handed to writeback every ``_WRITEBACK`` bytes, so the
+    final fsync has little left to wait for. A failure in a stage (ENOSPC) is raised by the
+    caller's next ``put`` or by ``finish``."""
 
     _DEPTH = 8
     _WRITEBACK = 32 << 20
@@ -479,53 +480,78 @@ class _DiskSink:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._h = hashlib.sha256()
-        self._error: BaseException | None = None
-        self._queue: queue.Queue[tuple[int, bytes | memoryview] | None] = queue.Queue(self._DEPTH)
-        self._thread = threading.Thread(target=self._run, name="boxvm-import-disk", daemon=True)
-        self._thread.start()
+        self._synced = self._written = 0  # [synced, written) is not yet handed to writeback
+        self._hash = _Stage(self._h.update, self._DEPTH, "boxvm-import-sha256")
+        self._write = _Stage(self._write_chunk, self._DEPTH, "boxvm-import-write")
 
-    def _run(self) -> None:
-        synced = written = 0  # the range [synced, written) has not been handed to writeback
-        while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue  # drain, so the caller is never left blocked on a full queue
-            offset, chunk = item
-            try:
-                self._h.update(chunk)
-                if offset >= 0 and chunk != _ZEROS:
-                    _pwrite_all(self._fd, chunk, offset)
-                    written = max(written, offset + len(chunk))
-                    if written - synced >= self._WRITEBACK:
-                        _start_writeback(self._fd, synced, written - synced)
-                        synced = written
-            except OSError as exc:
-                self._error = _write_error(exc)
-                self._error.__cause__ = exc
-            except BaseException as exc:
-                self._error = exc
+    def _write_chunk(self, item: tuple[int, bytes]) -> None:
+        offset, chunk = item
+        if chunk == _ZEROS:
+            return  # a hole
+        try:
+            _pwrite_all(self._fd, chunk, offset)
+            self._written = max(self._written, offset + len(chunk))
+            if self._written - self._synced >= self._WRITEBACK:
+                _start_writeback(self._fd, self._synced, self._written - self._synced)
+                self._synced = self._written
+        except OSError as exc:
+            raise _write_error(exc) from exc
 
     def put(self, offset: int, chunk: bytes) -> None:
         """Hash ``chunk`` and write it at ``offset`` (unless all zeros)."""
-        if self._error is not None:
-            raise self._error
-        self._queue.put((offset, chunk))
+        self._hash.put(chunk)
+        self._write.put((offset, chunk))
 
     def zeros(self, count: int) -> None:
         """Hash ``count`` zero bytes (a hole: nothing written)."""
         while count > 0:
             n = min(count, len(_ZEROS))
-            self._queue.put((-1, memoryview(_ZEROS)[:n]))
+            self._hash.put(memoryview(_ZEROS)[:n])
             count -= n
 
     def finish(self) -> str:
         """The digest, once everything queued is hashed and written."""
-        self.close()
-        if self._error is not None:
-            raise self._error
+        self._write.finish()
+        self._hash.finish()
         return self._h.hexdigest()
 
     def close(self) -> None:
-        """Stop the thread (after it has handled what is queued); idempotent."""
+        """Stop both threads (after what is queued); idempotent."""
+        self._write.close()
+        self._hash.close()
+
+
+class _Stage:
+    """``work(item)`` for each item put, in order, in a thread of its own, with at most
+    ``depth`` items waiting. After a failure it keeps draining (so a caller is never left
+    blocked on a full queue) and the failure is raised by the next ``put`` or ``finish``."""
+
+    def __init__(self, work: Callable[[Any], None], depth: int, name: str) -> None:
+        self._work = work
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[tuple[Any] | None] = queue.Queue(depth)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._work(item[0])
+                except BaseException as exc:
+                    self._error = exc
+
+    def put(self, item: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((item,))
+
+    def finish(self) -> None:
+        self.close()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()

@@ -132,7 +132,7 @@ async def test_a_cancelled_import_stops_its_threads_and_leaves_nothing(tmp_path:
     task = asyncio.ensure_future(transfer.import_stream(lambda: source, None, True, "slow.boxsnap"))
     while source.sent < 8 * MIB:  # well into the disk member: the disk thread is running
         await asyncio.sleep(0.01)
-    assert "boxvm-import-disk" in _import_threads()
+    assert "boxvm-import-write" in _import_threads()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, 30)
