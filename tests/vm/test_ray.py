@@ -1,6 +1,6 @@
 """boxvm.ray on a real local Ray cluster: three nodes (``ray.cluster_utils.Cluster``), one runner
 actor each with its own home, real slim-image VMs. Boxes spread by capacity, a Ray task on one node
-execs in a box on another, a published snapshot is forked on two other nodes, and a killed runner's
+execs in a box on another, a published snapshot is forked on two other nodes and retired, and a killed runner's
 boxes fail clearly while the pool keeps serving from the rest (and a new runner finds them again)."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from boxvm import BoxOptions
-from boxvm.errors import EngineError
+from boxvm.errors import EngineError, NotFound
 from boxvm.paths import Home
 from boxvm.ray import BoxPool, BoxRef, RunnerUnavailable
 from boxvm.ray.runner import seed_name
@@ -103,6 +103,13 @@ def snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: list[
         assert ray.get(runner.seeds.remote()) == ([seed_name(url)] if node in others else [])
     again[0].remove()
     assert all(f.info().chain_depth == 2 for f in forks)  # its own top on the imported layer: copy-on-write
+    # Retired: every node's copy goes, then the object; the forks keep their disks, new forks fail.
+    assert sorted(env.pool.retire(seed)) == sorted(others)
+    assert all(ray.get(env.pool._runners[node].seeds.remote()) == [] for node in env.nodes)
+    assert s3.client().list_objects_v2(Bucket=s3.bucket, Prefix=url.split("/", 3)[3])["KeyCount"] == 0
+    assert forks[0].exec(["cat", "/root/data"]).stdout == b"snapshot-data\n"
+    with pytest.raises(NotFound):
+        env.pool.fork(seed, 1, start=False)
 
 
 def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef]) -> None:
