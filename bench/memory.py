@@ -7,7 +7,11 @@ Forks and warm starts: a warm start (a first start resumed from the machine's te
 the first exec; 10 forks of one memory snapshot to all running; each fork's host memory
 (RSS, and USS: the pages only it holds) against the guest's used memory; and, as the
 baseline, QEMU's own ``migrate-incoming`` of the same state with the RAM in the stream (a
-fork's own suspend saves it so): its resume to the first exec and its RSS."""
+fork's own suspend saves it so): its resume to the first exec and its RSS.
+
+Warm-started boxes (private RAM, saved in the migration stream): the memory snapshot guest
+pause with QEMU's live pre-copy, against the stop-and-copy it replaced, interleaved in the
+same run; and the time a suspend keeps the guest stopped, each way."""
 
 from __future__ import annotations
 
@@ -167,80 +171,159 @@ async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10
         f"stream_resumed_rss_per_guest_used_{label}": [],
     }
     options = boxvm.BoxOptions(memory_mib=mib)
-    template = await rt.templates.create(options)
-    print(f"template {template.id} for {label}: {template.size_bytes / (1 << 20):.0f} MiB allocated ({_load()})")
-    try:
-        for i in range(runs):
-            box = await rt.create(options, name=f"bench-warm-{label}-{i}-{os.getpid()}")
-            try:
-                t = time.perf_counter()
-                await box.start()
-                await _first_exec(box)
-                out[f"warm_start_to_exec_{label}"].append(ms(time.perf_counter() - t))
-            finally:
-                await rt.remove(box.id, force=True)
-        print(f"warm starts {label}: {out[f'warm_start_to_exec_{label}']} ms ({_load()})")
-        # Booted cold: a warm-started box's RAM is private (a fork's), so its memory
-        # snapshot would hold the RAM in the stream and its forks share no pages.
-        cold = boxvm.BoxOptions(memory_mib=mib, warm=False)
-        parent = await rt.create(cold, name=f"bench-fork-parent-{label}-{os.getpid()}")
+    for i in range(runs):
+        box = await rt.create(options, name=f"bench-warm-{label}-{i}-{os.getpid()}")
         try:
-            await parent.start()
-            await parent.snapshot.create("m", boxvm.SnapshotOptions(memory=True))
-            used = await _guest_used_mib(parent)
-            for _ in range(max(1, runs // 3)):
-                with _direct_supervisors():  # the interleaved baseline: a fresh interpreter per supervisor
-                    t = time.perf_counter()
-                    direct = await parent.clone_many(
-                        forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
-                    )
-                    out[f"forks_{forks}_to_running_direct_supervisor_{label}"].append(ms(time.perf_counter() - t))
-                await asyncio.gather(*(rt.remove(b.id, force=True) for b in direct))
-                direct_ms = out[f"forks_{forks}_to_running_direct_supervisor_{label}"][-1]
-                print(f"{forks} forks {label}, direct supervisors: {direct_ms:.0f} ms ({_load()})")
+            t = time.perf_counter()
+            await box.start()
+            await _first_exec(box)
+            out[f"warm_start_to_exec_{label}"].append(ms(time.perf_counter() - t))
+        finally:
+            await rt.remove(box.id, force=True)
+    print(f"warm starts {label}: {out[f'warm_start_to_exec_{label}']} ms ({_load()})")
+    # Booted cold: a warm-started box's RAM is private (a fork's), so its memory
+    # snapshot would hold the RAM in the stream and its forks share no pages.
+    cold = boxvm.BoxOptions(memory_mib=mib, warm=False)
+    parent = await rt.create(cold, name=f"bench-fork-parent-{label}-{os.getpid()}")
+    try:
+        await parent.start()
+        await parent.snapshot.create("m", boxvm.SnapshotOptions(memory=True))
+        used = await _guest_used_mib(parent)
+        for _ in range(max(1, runs // 3)):
+            with _direct_supervisors():  # the interleaved baseline: a fresh interpreter per supervisor
                 t = time.perf_counter()
-                boxes = await parent.clone_many(
+                direct = await parent.clone_many(
                     forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
                 )
-                out[f"forks_{forks}_to_running_{label}"].append(ms(time.perf_counter() - t))
-                await _print_fork_phases(rt, boxes, label)
-                try:
-                    await asyncio.gather(*(_first_exec(b) for b in boxes))
-                    for b in boxes:
-                        mem = _qemu(rt, b.id).memory_full_info()
-                        out[f"fork_rss_per_guest_used_{label}"].append(round(mem.rss / (1 << 20) / used, 3))
-                        out[f"fork_uss_per_guest_used_{label}"].append(round(mem.uss / (1 << 20) / used, 3))
-                        private = _ram_private_mib(_qemu(rt, b.id).pid)
-                        out[f"fork_ram_private_per_guest_used_{label}"].append(round(private / used, 3))
-                    print(
-                        f"{forks} forks {label}: {out[f'forks_{forks}_to_running_{label}'][-1]:.0f} ms, guest used"
-                        f" {used:.0f} MiB ({_load()})"
-                    )
-                    # The baseline: the same guest state loaded by QEMU's own migrate-incoming,
-                    # RAM in the stream (a fork's own suspend writes it so).
-                    first = boxes[0]
-                    await first.suspend()
-                    t = time.perf_counter()
-                    await first.start()
-                    await _first_exec(first)
-                    out[f"stream_resume_to_exec_{label}"].append(ms(time.perf_counter() - t))
-                    rss = _qemu(rt, first.id).memory_info().rss / (1 << 20)
-                    out[f"stream_resumed_rss_per_guest_used_{label}"].append(round(rss / used, 3))
-                finally:
-                    await asyncio.gather(*(rt.remove(b.id, force=True) for b in boxes))
-        finally:
-            await rt.remove(parent.id, force=True)
+                out[f"forks_{forks}_to_running_direct_supervisor_{label}"].append(ms(time.perf_counter() - t))
+            await asyncio.gather(*(rt.remove(b.id, force=True) for b in direct))
+            direct_ms = out[f"forks_{forks}_to_running_direct_supervisor_{label}"][-1]
+            print(f"{forks} forks {label}, direct supervisors: {direct_ms:.0f} ms ({_load()})")
+            t = time.perf_counter()
+            boxes = await parent.clone_many(
+                forks, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
+            )
+            out[f"forks_{forks}_to_running_{label}"].append(ms(time.perf_counter() - t))
+            await _print_fork_phases(rt, boxes, label)
+            try:
+                await asyncio.gather(*(_first_exec(b) for b in boxes))
+                for b in boxes:
+                    mem = _qemu(rt, b.id).memory_full_info()
+                    out[f"fork_rss_per_guest_used_{label}"].append(round(mem.rss / (1 << 20) / used, 3))
+                    out[f"fork_uss_per_guest_used_{label}"].append(round(mem.uss / (1 << 20) / used, 3))
+                    private = _ram_private_mib(_qemu(rt, b.id).pid)
+                    out[f"fork_ram_private_per_guest_used_{label}"].append(round(private / used, 3))
+                print(
+                    f"{forks} forks {label}: {out[f'forks_{forks}_to_running_{label}'][-1]:.0f} ms, guest used"
+                    f" {used:.0f} MiB ({_load()})"
+                )
+                # The baseline: the same guest state loaded by QEMU's own migrate-incoming,
+                # RAM in the stream (a fork's own suspend writes it so).
+                first = boxes[0]
+                await first.suspend()
+                t = time.perf_counter()
+                await first.start()
+                await _first_exec(first)
+                out[f"stream_resume_to_exec_{label}"].append(ms(time.perf_counter() - t))
+                rss = _qemu(rt, first.id).memory_info().rss / (1 << 20)
+                out[f"stream_resumed_rss_per_guest_used_{label}"].append(round(rss / used, 3))
+            finally:
+                await asyncio.gather(*(rt.remove(b.id, force=True) for b in boxes))
     finally:
-        await rt.templates.remove(template.id)
+        await rt.remove(parent.id, force=True)
     return out
 
 
+@contextlib.contextmanager
+def _stop_and_copy() -> Iterator[None]:
+    """Boxes started in this block give the live pre-copy no time (``engine/memory_live``):
+    their memory snapshots stop the guest, then migrate (the baseline)."""
+    os.environ["BOXVM_PRECOPY_MAX_S"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["BOXVM_PRECOPY_MAX_S"]
+
+
+# Guest load while the snapshots are taken: 32 MiB written to /dev/shm once, then a counter
+# rewritten every 50 ms (what the issue measured the warm-start pause with).
+_WARM_LOAD = (
+    "dd if=/dev/urandom of=/dev/shm/fill bs=1M count=32 2>/dev/null;"
+    " nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.05; done' >/dev/null 2>&1 &"
+)
+
+
+async def warm_snapshot_pauses(rt: boxvm.Runtime, mib: int, runs: int) -> dict[str, list[float]]:
+    """Memory snapshot guest pause of warm-started boxes (private RAM: the RAM goes into the
+    state): QEMU's live pre-copy against the stop-and-copy it replaced, two boxes of the
+    machine, snapshots taken alternately; then one suspend of each."""
+    label = "2g" if mib >= 2048 else f"{mib}m"
+    live_key, base_key = f"memory_snapshot_pause_warm_{label}", f"memory_snapshot_pause_warm_stop_and_copy_{label}"
+    out: dict[str, list[float]] = {live_key: [], base_key: [], f"suspend_warm_stopped_{label}": []}
+    out[f"suspend_warm_stopped_stop_and_copy_{label}"] = []
+    options = boxvm.BoxOptions(memory_mib=mib)
+    live = await rt.create(options, name=f"bench-warm-live-{label}-{os.getpid()}")
+    base = await rt.create(options, name=f"bench-warm-base-{label}-{os.getpid()}")
+    try:
+        await live.start()
+        with _stop_and_copy():
+            await base.start()
+        for box in (live, base):
+            assert "resume_ms" in (await box.info()).timings, "not warm-started: no template for this machine"
+            await box.exec(["sh", "-c", _WARM_LOAD])
+        fallbacks = 0
+        for i in range(runs):
+            for box, key in ((live, live_key), (base, base_key)):
+                snap = await box.snapshot.create(f"w{i}", boxvm.SnapshotOptions(memory=True))
+                out[key].append(snap.timings["pause_ms"])
+                timings = (await box.info()).timings
+                if box is live:
+                    fallbacks += int(timings.get("memory_snapshot_stop_and_copy", 0))
+                pre, passes = timings["memory_snapshot_precopy_ms"], timings["memory_snapshot_precopy_passes"]
+                print(
+                    f"{key}: {snap.timings['pause_ms']:.0f} ms (pre-copy {pre:.0f} ms, {passes:.0f} passes,"
+                    f" QEMU's downtime {timings['memory_snapshot_qemu_downtime_ms']:.0f} ms; {_load()})"
+                )
+                await box.snapshot.remove(f"w{i}")
+        print(f"live pre-copies that fell back to stop-and-copy: {fallbacks} of {runs}")
+        for box, key in (
+            (live, f"suspend_warm_stopped_{label}"),
+            (base, f"suspend_warm_stopped_stop_and_copy_{label}"),
+        ):
+            info = await box.suspend()
+            out[key].append(info.timings["suspend_stopped_ms"])
+            print(f"{key}: {out[key][-1]:.0f} ms (suspend {info.timings['suspend_ms']:.0f} ms; {_load()})")
+    finally:
+        await asyncio.gather(rt.remove(live.id, force=True), rt.remove(base.id, force=True))
+    return out
+
+
+async def with_template(rt: boxvm.Runtime, mib: int, runs: int, parts: set[str]) -> dict[str, list[float]]:
+    """The parts that need the machine's warm-start template, made here and removed after."""
+    label = "2g" if mib >= 2048 else f"{mib}m"
+    template = await rt.templates.create(boxvm.BoxOptions(memory_mib=mib))
+    print(f"template {template.id} for {label}: {template.size_bytes / (1 << 20):.0f} MiB allocated ({_load()})")
+    results: dict[str, list[float]] = {}
+    try:
+        if "warm-pause" in parts:
+            results.update(await warm_snapshot_pauses(rt, mib, runs))
+        if "forks" in parts:
+            results.update(await forks_and_warm(rt, mib, runs))
+    finally:
+        await rt.templates.remove(template.id)
+    return results
+
+
 async def run_memory(home: Home, runs: int) -> dict[str, list[float]]:
-    """``BOXVM_BENCH_MEMORY_MIB`` (default ``512,2048``) picks the guest sizes."""
+    """``BOXVM_BENCH_MEMORY_MIB`` (default ``512,2048``) picks the guest sizes,
+    ``BOXVM_BENCH_MEMORY_PARTS`` (default ``resume,warm-pause,forks``) the parts."""
     results: dict[str, list[float]] = {}
     sizes = [int(mib) for mib in os.environ.get("BOXVM_BENCH_MEMORY_MIB", "512,2048").split(",")]
+    parts = set(os.environ.get("BOXVM_BENCH_MEMORY_PARTS", "resume,warm-pause,forks").split(","))
     async with boxvm.Runtime(home.root) as rt:
         for mib in sizes:
-            results.update(await one_size(rt, home, mib, runs))
-            results.update(await forks_and_warm(rt, mib, runs))
+            if "resume" in parts:
+                results.update(await one_size(rt, home, mib, runs))
+            if parts & {"warm-pause", "forks"}:
+                results.update(await with_template(rt, mib, runs, parts))
     return results
