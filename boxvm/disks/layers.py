@@ -107,6 +107,7 @@ class LayerStore:
         self.all = self.root / LAYER_DIR
         self.all.mkdir(parents=True, exist_ok=True)
         self.trash = Trash(home.tmp)
+        self._bases: dict[str, Path | None] = {}  # layer -> the file it backs onto (see _base_of)
 
     # -- naming -----------------------------------------------------------------------
     def layer_path(self, layer_id: str) -> Path:
@@ -116,20 +117,39 @@ class LayerStore:
         return path
 
     def reference(self, layer_id: str) -> str:
-        """The backing reference to a layer from any box (or staged box) directory."""
-        return f"../../layers/{self.layer_path(layer_id).relative_to(self.root)}"
+        """The backing reference to a layer from any box (or staged box) directory (as
+        :meth:`layer_path` decides, in strings: on every restore and clone's path)."""
+        current = f"{LAYER_DIR}/{layer_id}{LAYER_SUFFIX}"
+        if not os.path.exists(f"{self.root}/{current}") and os.path.isdir(f"{self.root}/{layer_id}"):
+            return f"../../layers/{layer_id}/{LAYER_FILE}"
+        return f"../../layers/{current}"
 
     def chain_of(self, top: Path | None, layers: list[str]) -> list[Path]:
         """A chain as the store knows it (``layers``: top first, from ``Store.layer_chain``):
         ``top``, the layers' files and the image base the bottom one backs onto -- one
         header read, where reading the chain from the files costs one per layer."""
         files = ([top] if top is not None else []) + [self.layer_path(layer) for layer in layers]
-        if files:
-            with contextlib.suppress(OSError, ValueError, StorageError):
-                backing = qcow2.read_header(files[-1]).backing_file
-                if backing is not None:
-                    files.append(Path(os.path.normpath(qcow2.resolve_backing(files[-1], backing))))
-        return files
+        base = self._base_of(layers[-1]) if layers else _base_of_file(top) if top is not None else None
+        return files if base is None else [*files, base]
+
+    def chain_depth(self, top: Path, layers: list[str]) -> int:
+        """``len(chain_of(top, layers))`` with no file read once the bottom layer is known."""
+        base = self._base_of(layers[-1]) if layers else _base_of_file(top)
+        return 1 + len(layers) + (base is not None)
+
+    def _base_of(self, layer: str) -> Path | None:
+        """The file a layer backs onto (its image base), remembered: a layer never changes
+        once it has its name (ids are random and never reused), so one header read serves
+        the process. One that cannot be read is not remembered."""
+        if layer not in self._bases:
+            try:
+                base = _backing_path(self.layer_path(layer))
+            except (OSError, ValueError, StorageError):
+                return None
+            if len(self._bases) >= 4096:  # bounded: a long-lived process meets many layers
+                self._bases.clear()
+            self._bases[layer] = base
+        return self._bases[layer]
 
     @staticmethod
     def live_link(box_dir: Path, serial: int) -> Path:
@@ -209,12 +229,16 @@ class LayerStore:
         faults.point("restore:pending-written")
         self.commit(box_dir, sync=False)
 
-    def repoint(self, box_dir: Path, layer_id: str, size: int) -> bool:
-        """A restore's files in one write, if the box's top holds no data (an empty overlay,
-        as the last restore, capture or clone left it; a crash cutting the write leaves a
-        fresh top that :meth:`renew` re-creates): the top is re-pointed at ``layer_id`` in
-        place. False if it holds data (the caller writes a new top and renames it)."""
-        done = qcow2.rewrite_empty(box_dir / TOP, size, self.reference(layer_id))
+    def repoint(self, box_dir: Path, old: str, layer_id: str) -> bool:
+        """A restore's files in one write, if the box's top holds no data (an empty overlay
+        over ``old``, as the last restore, capture or clone left it; a crash cutting the
+        write leaves a fresh top that :meth:`renew` re-creates): the top is re-pointed at
+        ``layer_id`` in place. False if it is not such a top, or a pending top lies beside it
+        (a crash left files to roll forward: the caller takes the long way, which does)."""
+        if os.path.lexists(box_dir / PENDING):
+            return False
+        over_old = lambda name: _layer_of_reference(name) == old  # noqa: E731
+        done = qcow2.repoint_empty(box_dir / TOP, over_old, self.reference(layer_id))
         faults.point("restore:repointed")  # written, not committed (it runs inside the transaction)
         return done
 
@@ -520,6 +544,20 @@ class Scan:
 def layer_of(path: Path) -> str | None:
     """The layer a qcow2 file backs onto (None: an image base or nothing); one header read."""
     return _layer_of_reference(qcow2.read_header(path).backing_file)
+
+
+def _base_of_file(path: Path) -> Path | None:
+    """The file a qcow2 backs onto (None: none, or it cannot be read)."""
+    try:
+        return _backing_path(path)
+    except (OSError, ValueError, StorageError):
+        return None
+
+
+def _backing_path(path: Path) -> Path | None:
+    """The file a qcow2 backs onto (None: none); one header read."""
+    backing = qcow2.read_header(path).backing_file
+    return None if backing is None else Path(os.path.normpath(qcow2.resolve_backing(path, backing)))
 
 
 def _layer_of_reference(backing: str | None) -> str | None:

@@ -12,11 +12,12 @@ table. The file is sparse: only the header and refcount entries are written.
 from __future__ import annotations
 
 import array
+import functools
 import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_DATA_FILE = 0x44415441
 INCOMPAT_DATA_FILE = 1 << 2
 MAX_BACKING_NAME = 1023
+_HEADER_REGION = HEADER_LENGTH + 64 + MAX_BACKING_NAME  # header, extensions (at most one of ours) and name
 
 
 @dataclass(frozen=True)
@@ -94,30 +96,51 @@ def is_empty_overlay(path: Path, backing: str | None, backing_format: str = "qco
         os.close(fd)
 
 
-def rewrite_empty(path: Path, size: int, backing: str) -> bool:
-    """Point an empty overlay (byte for byte what :func:`write_overlay` wrote: it holds no
-    data) of virtual ``size`` at another qcow2 ``backing``, in place: one write of its
-    header cluster, no new file and no rename. False (nothing written) if ``path`` is not
-    such an overlay. Not synced, not atomic: only for a top its record marks fresh, which a
-    cut write leaves regenerable."""
+def repoint_empty(path: Path, old_ok: Callable[[str], bool], backing: str) -> bool:
+    """Point an empty overlay (byte for byte what :func:`write_overlay` wrote over a
+    backing name ``old_ok`` accepts: it holds no data) at another qcow2 ``backing``, in
+    place: one open, three small reads and one write of its header region; no new file, no
+    rename. False (nothing written) if ``path`` is not such an overlay. Not synced, not
+    atomic: only for a top its record marks fresh, which a cut write leaves regenerable.
+    The file is checked here, from the one descriptor, before it is written: it is not
+    trusted to be what the record says (a crash may have cut it)."""
     try:
-        header = read_header(path)
-    except (OSError, ValueError):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
         return False
-    if header.size != size or header.backing_file is None or not is_empty_overlay(path, header.backing_file):
-        return False
-    first = _overlay(size, backing, "qcow2")[0][0][1]
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        # the whole region the old header, extensions and name could span, so no byte of them is left
-        os.pwrite(fd, first + b"\0" * (HEADER_LENGTH + 64 + MAX_BACKING_NAME - len(first)), 0)
+        head = os.pread(fd, _HEADER_REGION, 0)
+        if len(head) < HEADER_LENGTH or head[:8] != MAGIC + b"\0\0\0\3":
+            return False
+        name_at, name_len, size = struct.unpack_from(">QI4xQ", head, 8)
+        if not 0 < name_len <= MAX_BACKING_NAME or name_at + name_len > len(head):
+            return False
+        old = os.fsdecode(head[name_at : name_at + name_len])
+        if not old_ok(old):
+            return False
+        writes, length = _overlay(size, old, "qcow2")
+        if os.fstat(fd).st_size != length or head != _header_region(writes[0][1]):
+            return False
+        if any(os.pread(fd, len(data), offset) != data for offset, data in writes[1:]):
+            return False
+        os.pwrite(fd, _header_region(_overlay(size, backing, "qcow2")[0][0][1]), 0)
+        return True
+    except ValueError:  # a size _overlay refuses: not one we wrote
+        return False
     finally:
         os.close(fd)
-    return True
 
 
-def _overlay(size: int, backing: str | None, backing_format: str) -> tuple[list[tuple[int, bytes]], int]:
-    """The writes (offset, bytes) and the length of an empty overlay; the rest is zeros."""
+def _header_region(first: bytes) -> bytes:
+    """An overlay's first write padded with zeros over the whole region its header,
+    extensions and backing name can span (what :func:`repoint_empty` reads and writes)."""
+    return first + bytes(_HEADER_REGION - len(first))
+
+
+@functools.lru_cache(maxsize=64)
+def _overlay(size: int, backing: str | None, backing_format: str) -> tuple[tuple[tuple[int, bytes], ...], int]:
+    """The writes (offset, bytes) and the length of an empty overlay; the rest is zeros.
+    Cached: a pure function of its arguments, asked for the same few tops again and again."""
     if size <= 0 or size % 512:
         raise ValueError(f"virtual size must be a positive multiple of 512, not {size}")
     l2_entries = CLUSTER // 8
@@ -141,11 +164,11 @@ def _overlay(size: int, backing: str | None, backing_format: str) -> tuple[list[
     )  # fmt: skip
     header += b"\0" * (HEADER_LENGTH - len(header))  # compression type 0 (zlib) + padding
     refcounts = struct.pack(f">{total_clusters}H", *([1] * total_clusters))
-    writes = [
+    writes = (
         (0, header + extensions + name),
         (refcount_table, struct.pack(">Q", refcount_block)),
         (refcount_block, refcounts),
-    ]
+    )
     return writes, total_clusters * CLUSTER
 
 
@@ -154,8 +177,11 @@ def read_header(path: Path) -> Header:
 
     Raises ValueError for anything that is not a well-formed qcow2 header.
     """
-    with path.open("rb") as f:
-        head = f.read(CLUSTER)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (not a buffered file: half the system calls)
+    try:
+        head = os.pread(fd, CLUSTER, 0)
+    finally:
+        os.close(fd)
     if len(head) < 72 or head[:4] != MAGIC:
         raise ValueError(f"{path.name} is not a qcow2 image")
     version = struct.unpack_from(">I", head, 4)[0]

@@ -149,7 +149,7 @@ class Boxes:
     def info(self, rec: BoxRecord) -> BoxInfo:
         opts = BoxOptions.from_dict(rec.options)
         disk = self.home.box_dir(rec.id) / TOP
-        depth = len(self.layers.chain_of(disk, self.store.layer_chain(rec.layer)))  # from the store, O(1) reads
+        depth = self.layers.chain_depth(disk, self.store.layer_chain(rec.layer))  # from the store; no file read
         return BoxInfo(
             id=rec.id,
             name=rec.name,

@@ -17,9 +17,9 @@ from boxvm.guest import bundle as bundle_mod
 from boxvm.options import CloneOptions, check_name
 from boxvm.state.memory import fork_into
 from boxvm.state.snapshots import Snapshots
-from boxvm.status import BoxStatus, Operation
+from boxvm.status import LIVE, RULES, BoxStatus, Operation
 from boxvm.store import BoxRecord
-from boxvm.store.db import FRESH_BOTH
+from boxvm.store.db import FRESH_BOTH, SourceMoved
 
 FORK_NEEDS_MEMORY = (
     "start_after_clone resumes the clones from a memory snapshot: name one in from_snapshot"
@@ -49,9 +49,24 @@ class Clones:
             self.boxes.check_free(n)
         if options.start_after_clone and options.from_snapshot is None:
             raise InvalidArgument(FORK_NEEDS_MEMORY)
+        try:
+            return await self._clone(rec, ids, final_names, options, fast=True)
+        except SourceMoved:  # restored, started or claimed since its top was read: read it again
+            return await self._clone(self.boxes.record(rec.id), ids, final_names, options, fast=False)
+
+    async def _clone(
+        self, rec: BoxRecord, ids: list[str], final_names: list[str], options: CloneOptions, fast: bool
+    ) -> list[BoxRecord]:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         forked_from: str | None = None  # the memory snapshot the clones resume from
+        pin: str | None = None  # holds the layer while the clones are staged
+        source = None  # or: the source box holds it, checked in the clones' transaction
+        size = None
+        allowed = RULES[Operation.SNAPSHOT].allowed - LIVE  # (a live box's top is never fresh)
+        quiet = None
+        if options.from_snapshot is None and fast and rec.fresh and rec.layer is not None and rec.status in allowed:
+            quiet = self.layers.quiet_top(self.home.box_dir(rec.id))
         if options.from_snapshot is not None:
             # No claim on the box: the snapshot's layer is pinned in the transaction that
             # finds the snapshot, so removing either meanwhile cannot collect it.
@@ -65,8 +80,10 @@ class Clones:
                     self.layers.collect(self.store, self.store.unpin(pin))
                     raise InvalidArgument(FORK_NEEDS_MEMORY)
                 forked_from = pinned[0].id
-        elif rec.layer is not None and (fresh_pin := self.snapshots.capture_fresh(rec, pin_pid=os.getpid())):
-            layer, pin = rec.layer, str(fresh_pin)  # at rest with a fresh top: its layer is its state
+        elif rec.layer is not None and quiet is not None and quiet[1] == rec.layer:
+            # At rest with a fresh top: its layer is its state. No pin and no transaction
+            # here: the clones' own transaction checks the box still holds the layer.
+            layer, size, source = rec.layer, quiet[0], (rec.id, allowed, rec.layer)
         else:
             async with self.boxes.claim(rec, Operation.CLONE) as claim:
                 cap = await self.snapshots.capture(rec, options.snapshot.validate())
@@ -79,9 +96,9 @@ class Clones:
         try:
             with self.boxes.staging(ids, "clone") as stage:
                 if options.cow:
-                    self._write(rec, layer, stage.dirs, cow=True)
+                    self._write(rec, layer, stage.dirs, True, size)
                 else:  # a full copy of the chain: scales with the data
-                    await asyncio.to_thread(self._write, rec, layer, stage.dirs, False)
+                    await asyncio.to_thread(self._write, rec, layer, stage.dirs, False, size)
                 if forked_from is not None:  # the clones resume from it: forks
                     await asyncio.to_thread(fork_into, self.home.box_dir(rec.id), forked_from, stage.dirs)
                 faults.point("clone:staged")
@@ -97,10 +114,12 @@ class Clones:
                         r.status = BoxStatus.SUSPENDED
                 # all clones appear at once; copy-on-write clones (not forks) hold only fresh tops
                 stage.publish(
-                    lambda: self.store.insert_clones(records, pin), sync=forked_from is not None or not options.cow
+                    lambda: self.store.insert_clones(records, pin, source),
+                    sync=forked_from is not None or not options.cow,
                 )
         except BaseException as exc:
-            self.layers.collect(self.store, self.store.unpin(pin))
+            if pin is not None:
+                self.layers.collect(self.store, self.store.unpin(pin))
             # A clone from a snapshot holds the layer, not the box: the source's own files
             # (its guest-root overlay, a memory snapshot's state) go with a concurrent remove.
             if isinstance(exc, FileNotFoundError) and self.store.get_box(rec.id) is None:
@@ -108,11 +127,13 @@ class Clones:
             raise
         return records
 
-    def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool) -> None:
+    def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool, size: int | None) -> None:
         """Each clone's disks, in its staging directory. Copy-on-write clones get fresh tops
         (empty overlays, recorded as such, regenerable: not synced); a full copy holds data
-        and is made durable (``qemu-img convert`` does not sync)."""
-        size = qcow2.read_header(self.layers.layer_path(layer)).size
+        and is made durable (``qemu-img convert`` does not sync). ``size``: the disk's
+        virtual size if known (the source's top was just read), else read from the layer."""
+        if size is None:
+            size = qcow2.read_header(self.layers.layer_path(layer)).size
         bundle = bundle_mod.find(self.home, src.guest_bundle)
         if bundle is None:
             raise StorageError(f"the guest bundle of box {src.name!r} is gone: run `boxvm setup`")

@@ -105,21 +105,21 @@ class Snapshots:
                 raise
         return self.info(snap)
 
-    def capture_fresh(self, rec: BoxRecord, snap: SnapshotRecord | None = None, pin_pid: int = 0) -> str | bool:
+    def capture_fresh(self, rec: BoxRecord, snap: SnapshotRecord) -> bool:
         """A capture with no file change, if the box is at rest with a fresh top (an empty
         overlay over its record's layer, checked by one header read here and the record in
-        the transaction): the captured state is that layer itself. One transaction, no
-        claim; False if the box does not qualify (the caller captures the long way)."""
+        the transaction): the captured state is that layer itself, which the snapshot
+        holds. One transaction, no claim; False if the box does not qualify (the caller
+        captures the long way)."""
         allowed = RULES[Operation.SNAPSHOT].allowed - LIVE  # (a live box's top is never fresh)
         if not rec.fresh or rec.layer is None or rec.status not in allowed:
             return False
         quiet = self.layers.quiet_top(self.home.box_dir(rec.id))
         if quiet is None or quiet[1] != rec.layer:
             return False
-        if snap is not None:
-            snap.layer = rec.layer
-            snap.timings = {"pause_ms": 0.0, "capture_ms": 0.0}
-        return self.store.capture_fresh(rec.id, allowed, rec.layer, snap, pin_pid)
+        snap.layer = rec.layer
+        snap.timings = {"pause_ms": 0.0, "capture_ms": 0.0}
+        return self.store.capture_fresh(rec.id, allowed, rec.layer, snap)
 
     def find(self, box_id: str, name: str) -> tuple[BoxRecord, SnapshotRecord]:
         rec = self.boxes.record(box_id)
@@ -156,23 +156,25 @@ class Snapshots:
         return self.info(snap) if snap else None
 
     async def restore(self, box_id: str, name: str) -> BoxInfo:
+        # At rest with a fresh top: one transaction that reads the record, moves it and
+        # re-points the top in place (a memory snapshot takes the long way: the box resumes
+        # from it). By a name, or a box that does not qualify: the long way.
+        done = self.store.restore_fresh(box_id, name, RULES[Operation.RESTORE].allowed, self._repoint)
+        if done is not None:
+            faults.point("restore:committed")
+            self.layers.collect(self.store, done[2])  # (the box directory did not change)
+            return self.boxes.info(done[0])
         rec, snap = self.find(box_id, name)
         t0 = time.perf_counter()
         box_dir = self.home.box_dir(rec.id)
         # The record moves first (holding the snapshot's layer, found in the same
         # transaction); the files follow; recovery finishes a restore cut in between. A box
-        # whose files agree with its record is claimed in that same transaction, and one
-        # whose top holds no data is re-pointed in it too (one transaction in all).
+        # whose files agree with its record is claimed in that same transaction.
         quiet = self.layers.quiet_top(box_dir)
         restored = None
         if quiet is not None:
             claim = (RULES[Operation.RESTORE].allowed, os.getpid(), quiet[1])
-            repoint = None if snap.has_memory else (lambda layer: self.layers.repoint(box_dir, layer, quiet[0]))
-            restored = self.store.restore_layer(rec.id, snap.name, claim, repoint)
-        if restored is not None and restored[2]:
-            faults.point("restore:committed")
-            self.layers.collect(self.store, restored[1])  # (the box directory did not change)
-            return self.boxes.info(self.boxes.record(rec.id))
+            restored = self.store.restore_layer(rec.id, snap.name, claim)
         async with self.boxes.claim(rec, Operation.RESTORE, held=restored is not None) as claim:
             if restored is None or quiet is None:
                 self.layers.commit(box_dir)  # a crashed one first
@@ -191,6 +193,11 @@ class Snapshots:
                 await asyncio.to_thread(box_memory.restore_into, self.store, box_dir, rec, snap.id)
             claim.timings["restore_ms"] = (time.perf_counter() - t0) * 1000
         return self.boxes.info(self.boxes.record(rec.id))
+
+    def _repoint(self, rec: BoxRecord, snap: SnapshotRecord) -> bool:
+        """A fresh box's top re-pointed at the snapshot's layer, in place (see ``restore``)."""
+        assert rec.layer is not None
+        return not snap.has_memory and self.layers.repoint(self.home.box_dir(rec.id), rec.layer, snap.layer)
 
     async def remove(self, box_id: str, name: str) -> None:
         rec, snap = self.find(box_id, name)

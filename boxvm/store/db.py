@@ -186,6 +186,15 @@ class ImageRecord:
 _JSON_COLUMNS = {"options", "timings", "config"}
 
 
+class SourceMoved(Exception):
+    """A clone's source box changed between the read of its top and the commit (restored,
+    started, claimed): the clone is made the long way instead."""
+
+
+class _Declined(Exception):
+    """Rolls back a transaction whose file step declined (nothing was written)."""
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -522,19 +531,12 @@ class Store:
             raise AlreadyExists(f"the box already has a snapshot named {snapshot.name!r}") from exc
         self._hold(db, layer)
 
-    def capture_fresh(
-        self,
-        box_id: str,
-        allowed: frozenset[BoxStatus],
-        layer: str,
-        snapshot: SnapshotRecord | None = None,
-        pin_pid: int = 0,
-    ) -> str | bool:
-        """A capture of a box at rest whose top is fresh (an empty overlay over ``layer``, the
-        layer its top was just read to back onto): its state *is* ``layer``, so the snapshot
-        (and/or the pin for clones) holds that layer and no file changes. One transaction,
-        which checks that no operation holds the box, its status is allowed and its record
-        still says fresh over ``layer``; False (nothing changed) if not. Returns the pin, or True."""
+    def capture_fresh(self, box_id: str, allowed: frozenset[BoxStatus], layer: str, snapshot: SnapshotRecord) -> bool:
+        """A snapshot of a box at rest whose top is fresh (an empty overlay over ``layer``,
+        the layer its top was just read to back onto): its state *is* ``layer``, so the
+        snapshot holds that layer and no file changes. One transaction, which checks that no
+        operation holds the box, its status is allowed and its record still says fresh over
+        ``layer``; False (nothing changed) if not."""
         marks = ", ".join("?" for _ in allowed)
         with self._tx() as db:
             row = db.execute(
@@ -544,9 +546,8 @@ class Store:
             ).fetchone()
             if row is None:
                 return False
-            if snapshot is not None:
-                self._add_snapshot(db, snapshot, layer)
-            return self._pin(db, layer, pin_pid) if pin_pid else True
+            self._add_snapshot(db, snapshot, layer)
+            return True
 
     def adopt_capture(self, box_id: str, layer: str, parent: str | None, exists: Callable[[], bool]) -> bool:
         """Recovery: record a capture whose files were made but whose metadata was not. False
@@ -600,10 +601,24 @@ class Store:
                 dead += self.unpin(pin)
         return dead
 
-    def insert_clones(self, recs: list[BoxRecord], pin: str) -> None:
-        """Insert clones (each holding its layer) and release the pin they were staged under,
-        in one transaction: all of a batch appear, or none."""
+    def insert_clones(
+        self, recs: list[BoxRecord], pin: str | None, source: tuple[str, frozenset[BoxStatus], str] | None = None
+    ) -> None:
+        """Insert clones (each holding its layer), in one transaction: all of a batch appear,
+        or none. They were staged under ``pin`` (released here), or, with ``source`` (the box
+        they clone, its allowed statuses and the layer its fresh top is over), under no pin:
+        the box is checked here to be at rest and still fresh over that layer -- so it holds
+        the layer until the clones hold it too -- else :class:`SourceMoved` (nothing changed)."""
         with self._tx() as db:
+            if source is not None:
+                marks = ", ".join("?" for _ in source[1])
+                row = db.execute(
+                    "SELECT 1 FROM boxes WHERE id = ? AND operation IS NULL AND fresh > 0 AND layer IS ? "
+                    f"AND status IN ({marks})",
+                    (source[0], source[2], *(s.value for s in source[1])),
+                ).fetchone()
+                if row is None:
+                    raise SourceMoved(f"box {source[0]} changed while it was being cloned")
             for rec in recs:
                 try:
                     self._insert("boxes", rec)
@@ -611,32 +626,24 @@ class Store:
                     raise AlreadyExists(f"a box named {rec.name!r} already exists: choose another name") from exc
                 if rec.layer is not None:
                     self._hold(db, rec.layer)
-            row = db.execute("DELETE FROM layer_pins WHERE id = ? RETURNING layer", (pin,)).fetchone()
-            if row is None:
-                raise StorageError("the clones' layer pin vanished: run `boxvm doctor --repair`")
-            dead: list[str] = []
-            self._drop(db, row[0], dead)  # the clones hold it now: never the last reference
+            if pin is not None:
+                row = db.execute("DELETE FROM layer_pins WHERE id = ? RETURNING layer", (pin,)).fetchone()
+                if row is None:
+                    raise StorageError("the clones' layer pin vanished: run `boxvm doctor --repair`")
+                dead: list[str] = []
+                self._drop(db, row[0], dead)  # the clones hold it now: never the last reference
 
     def restore_layer(
         self,
         box_id: str,
         name: str,
         claim: tuple[frozenset[BoxStatus], int, str | None] | None = None,
-        rewrite: Callable[[str], bool] | None = None,
-    ) -> tuple[SnapshotRecord, list[str], bool] | None:
+    ) -> tuple[SnapshotRecord, list[str]] | None:
         """Point the box at a snapshot's layer (found in this transaction); its former
         layer is released. The caller then gives the box a new (fresh) top over the snapshot.
         With ``claim`` (allowed statuses, pid, the layer its top backs onto), the box is
         claimed for the restore in the same transaction; None if it cannot be (or the
-        snapshot is gone): the caller then claims it the long way. With ``rewrite`` too
-        (re-point the box's top at the snapshot's layer in place, if it holds no data:
-        ``disks/qcow2.rewrite_empty``), that runs inside the transaction, under SQLite's
-        write lock, so no start or operation can meet the top half-changed, only if the
-        record already marks the top fresh (re-created from the record if the write lands
-        and the commit does not), and a success
-        ends the claim in the same commit (the third item: True, the restore is done).
-        Crash ordering: the top is fresh (regenerable from the record) whichever of the
-        write and the commit reaches the disk first; see docs/ENGINEERING.md."""
+        snapshot is gone): the caller then claims it the long way."""
         dead: list[str] = []
         with self._tx() as db:
             row = db.execute("SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)).fetchone()
@@ -645,15 +652,52 @@ class Store:
             if claim is not None and not self._claim_quiet(db, box_id, Operation.RESTORE, *claim):
                 return None
             snap = _snapshot(row)
-            old, fresh = db.execute("SELECT layer, fresh FROM boxes WHERE id = ?", (box_id,)).fetchone()
+            old = db.execute("SELECT layer FROM boxes WHERE id = ?", (box_id,)).fetchone()[0]
             self._hold(db, snap.layer)
             db.execute("UPDATE boxes SET layer = ?, fresh = max(fresh, 1) WHERE id = ?", (snap.layer, box_id))
             self._drop(db, old, dead)
-            # only over a fresh top: a write that lands without this commit is then re-created
-            done = claim is not None and rewrite is not None and fresh > 0 and rewrite(snap.layer)
-            if done:
-                self._end_operation(db, box_id)
-        return snap, dead, done
+        return snap, dead
+
+    def restore_fresh(
+        self,
+        box_id: str,
+        name: str,
+        allowed: frozenset[BoxStatus],
+        repoint: Callable[[BoxRecord, SnapshotRecord], bool],
+    ) -> tuple[BoxRecord, SnapshotRecord, list[str]] | None:
+        """A whole restore of a box at rest whose top is fresh, in one transaction: if no
+        operation holds the box (``box_id``: its full id), its status is allowed and its
+        record says its top is fresh over a layer, the record moves to the snapshot's layer
+        (found here) and ``repoint`` re-points the top in place (``disks/qcow2.repoint_empty``)
+        inside the transaction, under SQLite's write lock, so no start or operation meets the
+        top half-changed. No claim: nothing sees the box between the check and the commit.
+        None, with nothing changed, if the box does not qualify, the snapshot is gone or
+        ``repoint`` declines (the caller restores the long way); else the box's record as
+        committed, the snapshot and the layers tombstoned. Crash ordering: the record says
+        fresh before and after, so whichever of the write and the commit reaches the disk
+        first, the top is regenerable from it (docs/ENGINEERING.md, "Fresh tops")."""
+        dead: list[str] = []
+        try:
+            with self._tx() as db:
+                row = db.execute("SELECT * FROM boxes WHERE id = ?", (box_id,)).fetchone()
+                if row is None or row["operation"] is not None or not row["fresh"] or row["layer"] is None:
+                    return None
+                rec = _box(row)
+                snap_row = db.execute(
+                    "SELECT * FROM snapshots WHERE box_id = ? AND name = ?", (box_id, name)
+                ).fetchone()
+                if rec.status not in allowed or snap_row is None:
+                    return None
+                snap = _snapshot(snap_row)
+                db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (snap.layer, box_id))
+                self._hold(db, snap.layer)
+                self._drop(db, rec.layer, dead)
+                if not repoint(rec, snap):  # the file last: nothing after it can fail the commit
+                    raise _Declined
+                rec.layer = snap.layer
+        except _Declined:
+            return None
+        return rec, snap, dead
 
     def set_box_layer(self, box_id: str, layer: str | None) -> list[str]:
         """The box's top now backs onto ``layer`` (an export's capture folded back, a top

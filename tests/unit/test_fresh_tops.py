@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, TOP, LayerStore
+from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore
 from boxvm.images import ImageStore
 from boxvm.options import CloneOptions, ExportOptions, SnapshotOptions
 from boxvm.paths import Home
@@ -232,3 +232,149 @@ def test_a_crash_around_the_one_commit_loses_nothing(tmp_path: Path, fault: str,
         assert fresh_over(boxes, r.id), r.name
     asyncio.run(snapshots.restore(BOX, "base"))  # and it works on
     assert fresh_over(boxes, BOX)
+
+
+@pytest.fixture
+def qcow2_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int]]]:
+    """Counts every ``os.open`` of a qcow2 file (name, flags) made by the code under test."""
+    calls: list[tuple[str, int]] = []
+    real = os.open
+
+    def counted(path: str | os.PathLike[str], flags: int, *args: int, **kwargs: int) -> int:
+        if os.fspath(path).endswith(".qcow2"):
+            calls.append((os.path.basename(os.fspath(path)), flags))
+        return real(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counted)
+    yield calls
+
+
+def test_restore_and_clone_of_a_fresh_box_do_the_minimum(tmp_path: Path, qcow2_opens: list[tuple[str, int]]) -> None:
+    """Restore: one open of the box's top (read, checked, re-pointed) and one write
+    transaction. Clone: one read of the source's top, the clone's two new files and one
+    write transaction (the source is checked in the clones' own transaction: no pin)."""
+    boxes, snapshots, clones = make_home(tmp_path)
+    asyncio.run(snapshots.restore(BOX, "base"))  # the process has read the bottom layer's header once
+    statements: list[str] = []
+    boxes.store._db.set_trace_callback(statements.append)
+    qcow2_opens.clear()
+
+    asyncio.run(snapshots.restore(BOX, "base"))
+    assert qcow2_opens == [(TOP, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)]
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == ["BEGIN IMMEDIATE", "COMMIT"]
+    assert fresh_over(boxes, BOX)
+
+    qcow2_opens.clear()
+    statements.clear()
+    (made,) = asyncio.run(clones.clone(BOX, ["c"], CloneOptions()))
+    assert [name for name, _flags in qcow2_opens] == [TOP, TOP, GUEST_TOP]  # the source's, the clone's two
+    assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == ["BEGIN IMMEDIATE", "COMMIT"]
+    assert boxes.store._db.execute("SELECT count(*) FROM layer_pins").fetchone()[0] == 0
+    assert fresh_over(boxes, made.id)
+    boxes.layers.trash.flush()
+    assert boxes.check_layers().clean
+
+
+def test_a_clone_whose_source_is_restored_meanwhile_is_made_the_long_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No pin holds the source's layer while a clone of a fresh box is staged: the clones'
+    transaction checks that the box still holds it. A restore in between releases that
+    layer (tombstoned, its file deleted); the clone is then made the long way, of the
+    box as restored, rather than recorded over a deleted layer."""
+    boxes, snapshots, clones = make_home(tmp_path)
+    boxes.store.settle_fresh(BOX)  # started: the next capture writes a layer
+    asyncio.run(snapshots.create(BOX, "s1", SnapshotOptions()))
+    asyncio.run(snapshots.remove(BOX, "s1"))  # its layer is now held by the box alone
+    rec = boxes.store.get_box(BOX)
+    base = boxes.store.get_snapshot(BOX, "base")
+    assert rec is not None and base is not None and rec.fresh and rec.layer != base.layer
+    real = boxes.layers.quiet_top
+
+    def read_then_restore(box_dir: Path) -> tuple[int, str | None] | None:
+        quiet = real(box_dir)
+        monkeypatch.setattr(boxes.layers, "quiet_top", real)
+        # a restore by another caller, between the clone's read of the top and its commit
+        done = boxes.store.restore_fresh(BOX, "base", frozenset({BoxStatus.STOPPED}), snapshots._repoint)
+        assert done is not None and done[2] == [rec.layer]  # the layer the clone was staged over goes
+        boxes.layers.collect(boxes.store, done[2])
+        boxes.layers.trash.flush()
+        return quiet
+
+    monkeypatch.setattr(boxes.layers, "quiet_top", read_then_restore)
+    (made,) = asyncio.run(clones.clone(BOX, ["c"], CloneOptions()))
+    chain = boxes.store.layer_chain(made.layer)
+    assert rec.layer not in chain and chain[1:] == [base.layer]  # a capture of the box as restored
+    assert [r.name for r in boxes.store.list_boxes()] == ["b", "c"]
+    assert [p.name for p in boxes.home.tmp.iterdir() if not p.name.startswith("trash-")] == []
+    boxes.layers.trash.flush()
+    assert boxes.check_layers().clean
+
+
+def test_a_pending_top_beside_a_fresh_one_is_rolled_forward_not_left(tmp_path: Path) -> None:
+    """A crash can leave a pending top beside a fresh one (a restore's renames lost, its
+    commits not): the in-place restore declines, and the long way rolls the pending top
+    forward first, so no stale pending top is left to be rolled over the restored one later."""
+    boxes, snapshots, _clones = make_home(tmp_path)
+    base = boxes.store.get_snapshot(BOX, "base")
+    assert base is not None
+    boxes.store.settle_fresh(BOX)  # started: the next capture writes a layer
+    asyncio.run(snapshots.create(BOX, "s1", SnapshotOptions()))
+    box_dir = boxes.home.box_dir(BOX)
+    qcow2.write_overlay(box_dir / PENDING, SIZE, boxes.layers.reference(base.layer))
+    asyncio.run(snapshots.restore(BOX, "s1"))
+    assert not (box_dir / PENDING).exists() and fresh_over(boxes, BOX)
+    assert boxes.store.get_box(BOX).layer == boxes.store.get_snapshot(BOX, "s1").layer  # type: ignore[union-attr]
+    boxes.layers.trash.flush()
+    assert boxes.check_layers().clean
+
+
+OLD = "../../layers/all/0123456789abcdef.qcow2"
+NEW = "../../layers/all/fedcba9876543210.qcow2"
+
+
+def _poke(offset: int, data: bytes) -> Callable[[Path], None]:
+    def poke(p: Path) -> None:
+        with p.open("r+b") as f:
+            f.seek(offset)
+            f.write(data)
+
+    return poke
+
+
+HOSTILE: dict[str, Callable[[Path], None]] = {
+    "data written": lambda p: p.open("ab").write(b"x" * qcow2.CLUSTER),
+    "refcounts changed": _poke(2 * qcow2.CLUSTER, b"\0\2"),
+    "name too long": _poke(16, (5000).to_bytes(4, "big")),
+    "name outside the header region": _poke(8, (4000).to_bytes(8, "big")),
+    "bytes after the name": _poke(1100, b"\1"),
+    "size not a multiple of 512": _poke(24, (SIZE + 1).to_bytes(8, "big")),
+    "version 2": _poke(4, (2).to_bytes(4, "big")),
+    "over another layer": _poke(qcow2.HEADER_LENGTH + 24 + len("../../layers/all/"), b"ff"),
+}
+
+
+@pytest.mark.parametrize("kind", list(HOSTILE))
+def test_repoint_refuses_a_top_it_did_not_write(tmp_path: Path, kind: str) -> None:
+    """The in-place restore writes only over a file that is byte for byte an empty overlay
+    over the recorded layer; anything else (a guest's data, a cut or tampered header) is
+    left untouched for the long path."""
+    top = tmp_path / TOP
+    qcow2.write_overlay(top, SIZE, OLD)
+    over_old = lambda name: name == OLD  # noqa: E731
+    HOSTILE[kind](top)
+    before = top.read_bytes()
+    assert not qcow2.repoint_empty(top, over_old, NEW)
+    assert top.read_bytes() == before
+
+
+def test_repoint_rewrites_an_empty_overlay_and_follows_no_link(tmp_path: Path) -> None:
+    top = tmp_path / TOP
+    qcow2.write_overlay(top, SIZE, OLD)
+    link = tmp_path / "link.qcow2"
+    link.symlink_to(top)
+    assert not qcow2.repoint_empty(link, lambda name: name == OLD, NEW)  # O_NOFOLLOW
+    assert qcow2.repoint_empty(top, lambda name: name == OLD, NEW)
+    assert qcow2.is_empty_overlay(top, NEW) and qcow2.read_header(top).backing_file == NEW
+    assert qcow2.repoint_empty(top, lambda name: name == NEW, OLD)  # and back: nothing of NEW's name is left
+    assert qcow2.is_empty_overlay(top, OLD)
