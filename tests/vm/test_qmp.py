@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from boxvm.engine import memory_live
 from boxvm.engine.qmp import QMP, QMPCommandError
 from boxvm.errors import EngineError
 
@@ -100,3 +101,38 @@ async def test_a_monitor_that_went_away_is_an_engine_error(qmp: tuple[QMP, Path]
         await monitor.status()
     assert gone.value.reply is None and gone.value.command == "query-status"
     assert "monitor closed" in gone.value.message
+
+
+async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: tuple[QMP, Path]) -> None:
+    """``memory_live``: QEMU holds the VM in ``finish-migrate`` with the migration in
+    ``pre-switchover`` while the caller's disk capture (a ``transaction``) runs; ``cont``
+    after completion runs it again. A capture that fails there cancels the migration and
+    the VM runs on; ``limit_s=0`` is the stop-and-copy, said so."""
+    monitor, work = qmp
+    await monitor.blockdev_add_qcow2("base", _qcow2(work / "base.qcow2"))
+    await monitor.blockdev_add_qcow2("top", _qcow2(work / "top.qcow2", work / "base.qcow2"))
+    seen: list[str] = []
+
+    async def at_stop() -> None:
+        seen.extend([await monitor.status(), (await monitor.query_migrate())["status"]])
+        await monitor.snapshot("base", "top")
+
+    saved = await memory_live.save(monitor, work / "state", at_stop, resume=True)
+    assert seen == ["finish-migrate", "pre-switchover"]
+    assert await monitor.status() == "running" and (await monitor.query_migrate())["status"] == "completed"
+    assert saved.fallback is None and saved.passes >= 1 and (work / "state").stat().st_size > 0
+    assert await monitor.backing_node("top") == "base"
+
+    async def failing() -> None:
+        raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        await memory_live.save(monitor, work / "state", failing, resume=True)
+    for _ in range(200):  # QEMU runs a VM it stopped for a cancelled migration again
+        if (await monitor.query_migrate())["status"] == "cancelled" and await monitor.status() == "running":
+            break
+        await asyncio.sleep(0.01)
+    assert (await monitor.query_migrate())["status"] == "cancelled" and await monitor.status() == "running"
+
+    saved = await memory_live.save(monitor, work / "state", None, resume=True, limit_s=0)
+    assert saved.fallback == "stop-and-copy asked for" and await monitor.status() == "running"
