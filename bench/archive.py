@@ -138,6 +138,12 @@ async def run_archive(
                 imported = await rt.import_box(dest, name=f"bench-archive-i{i}")
                 results["import_mb_s"].append(round(data_mb / (time.perf_counter() - t), 1))
                 results["import_baseline_mb_s"].append(round(data_mb / baseline_import(dest, work), 1))
+                results.setdefault("archive_load_1min", []).append(round(os.getloadavg()[0], 1))
+                print(
+                    f"archive run {i}: export {results['export_mb_s'][-1]} MB/s "
+                    f"(baseline {results['export_baseline_mb_s'][-1]}), import {results['import_mb_s'][-1]} MB/s "
+                    f"(baseline {results['import_baseline_mb_s'][-1]}), load {results['archive_load_1min'][-1]}"
+                )
                 await rt.remove(imported.id)
                 for p in work.glob("baseline-*"):
                     p.unlink()
