@@ -73,14 +73,15 @@ async def save(
     qmp: QMP,
     tmp: Path,
     at_stop: Callable[[], Awaitable[None]] | None = None,
-    resume: bool = False,
+    resume: Callable[[], bool] | None = None,
     limit_s: float = PRECOPY_SECONDS,
     passes: int = PRECOPY_PASSES,
 ) -> Outcome:
     """Migrate the VM, RAM included, into ``tmp`` while it runs; ``at_stop`` runs once the
-    vCPUs are stopped for the switch-over (block devices still active). With ``resume`` a
-    VM that was running runs again (``cont``) the moment the migration is done; else it is
-    left stopped (``postmigrate``, block devices inactive) for the caller to quit.
+    vCPUs are stopped for the switch-over (block devices still active). A VM that was
+    running runs again (``cont``) the moment the migration is done if ``resume()`` says so
+    then (not if a client paused it meanwhile); else it is left stopped (``postmigrate``,
+    block devices inactive) for the caller to quit or a client to ``cont``.
 
     ``limit_s`` <= 0 stops the guest first: the migration is then a plain stop-and-copy
     (the baseline this replaced). A failure cancels the migration and raises."""
@@ -135,7 +136,7 @@ async def save(
             else:
                 raise EngineError(f"the memory state migration did not finish in {MIGRATE_TIMEOUT:g} s")
             await memory.settled(qmp)
-            if resume and running:
+            if running and resume is not None and resume():
                 await qmp.cont()  # also reactivates the block devices QEMU inactivated at completion
             t_end = time.time()
         except BaseException:

@@ -44,6 +44,7 @@ class _Supervisor(Protocol):
     qemu: asyncio.subprocess.Process | None
     t0: float
     stop_requested: bool
+    client_paused: bool
     resume_plan: dict[str, Any]
     final_status: BoxStatus
     unpublished: tuple[str, str | None] | None
@@ -77,7 +78,7 @@ class MemoryOps:
                     timings = await memory.save(self.qmp, self.dir, shape)
             except BaseException:
                 await asyncio.to_thread(memory.discard_state, self.dir)
-                if was_running:
+                if was_running and not self.client_paused:
                     with contextlib.suppress(Exception):
                         await self.qmp.cont()
                 raise
@@ -198,7 +199,7 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
         faults.point("memory:copied")
         await _hold_at_stop()
     finally:
-        if was_running:
+        if was_running and not sup.client_paused:  # a client's pause meanwhile stands
             await sup.qmp.cont()
     pause_ms = (time.monotonic() - t0) * 1000
     log.info(
@@ -234,10 +235,10 @@ async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         saved = await memory_live.save(
-            sup.qmp, dest / f"{memory.STATE}.tmp", at_stop, resume=True, **memory_live.limits()
+            sup.qmp, dest / f"{memory.STATE}.tmp", at_stop, resume=lambda: not sup.client_paused, **memory_live.limits()
         )
     except BaseException:
-        if was_running:  # the migration was cancelled: the guest runs on
+        if was_running and not sup.client_paused:  # the migration was cancelled: the guest runs on
             with contextlib.suppress(Exception):
                 await sup.qmp.cont()
         raise

@@ -62,6 +62,7 @@ class Supervisor(MemoryOps):
         self.ready = asyncio.get_running_loop().create_future()
         self.exited = asyncio.Event()
         self.stop_requested = False
+        self.client_paused = False  # a client's pause: a memory save's end must not undo it
         self.qmp = QMP(f"boxvm-{self.box_id[:12]}")
         self.qemu: asyncio.subprocess.Process | None = None
         self.t0 = time.monotonic()
@@ -269,11 +270,13 @@ class Supervisor(MemoryOps):
             await self.exited.wait()
 
     async def op_pause(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.client_paused = True
         await self.qmp.stop()
         return {"ok": True}
 
     async def op_resume(self, req: dict[str, Any]) -> dict[str, Any]:
         await self.qmp.cont()
+        self.client_paused = False
         return {"ok": True}
 
     # -- live capture -----------------------------------------------------------------

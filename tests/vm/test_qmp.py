@@ -107,7 +107,7 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
     """``memory_live``: QEMU holds the VM in ``finish-migrate`` with the migration in
     ``pre-switchover`` while the caller's disk capture (a ``transaction``) runs; ``cont``
     after completion runs it again. A capture that fails there cancels the migration and
-    the VM runs on; ``limit_s=0`` is the stop-and-copy, said so."""
+    the VM runs on; ``limit_s=0`` is the stop-and-copy, said so; a pause meanwhile stands."""
     monitor, work = qmp
     await monitor.blockdev_add_qcow2("base", _qcow2(work / "base.qcow2"))
     await monitor.blockdev_add_qcow2("top", _qcow2(work / "top.qcow2", work / "base.qcow2"))
@@ -117,7 +117,7 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
         seen.extend([await monitor.status(), (await monitor.query_migrate())["status"]])
         await monitor.snapshot("base", "top")
 
-    saved = await memory_live.save(monitor, work / "state", at_stop, resume=True)
+    saved = await memory_live.save(monitor, work / "state", at_stop, resume=lambda: True)
     assert seen == ["finish-migrate", "pre-switchover"]
     assert await monitor.status() == "running" and (await monitor.query_migrate())["status"] == "completed"
     assert saved.fallback is None and saved.passes >= 1 and (work / "state").stat().st_size > 0
@@ -127,12 +127,18 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
         raise RuntimeError("capture failed")
 
     with pytest.raises(RuntimeError, match="capture failed"):
-        await memory_live.save(monitor, work / "state", failing, resume=True)
+        await memory_live.save(monitor, work / "state", failing, resume=lambda: True)
     for _ in range(200):  # QEMU runs a VM it stopped for a cancelled migration again
         if (await monitor.query_migrate())["status"] == "cancelled" and await monitor.status() == "running":
             break
         await asyncio.sleep(0.01)
     assert (await monitor.query_migrate())["status"] == "cancelled" and await monitor.status() == "running"
 
-    saved = await memory_live.save(monitor, work / "state", None, resume=True, limit_s=0)
+    saved = await memory_live.save(monitor, work / "state", None, resume=lambda: True, limit_s=0)
     assert saved.fallback == "stop-and-copy asked for" and await monitor.status() == "running"
+
+    # A client paused the box meanwhile (the supervisor's op_pause: ``resume()`` is False at the end).
+    await memory_live.save(monitor, work / "state", monitor.stop, resume=lambda: False)
+    assert await monitor.status() == "postmigrate"  # left stopped; the client's resume is a cont
+    await monitor.cont()
+    assert await monitor.status() == "running"
