@@ -42,6 +42,7 @@ references resolve the same through them; they are not roots for liveness or usa
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -59,7 +60,7 @@ from typing import Any, Protocol
 
 from boxvm import faults
 from boxvm.disks import qcow2
-from boxvm.errors import StorageError
+from boxvm.errors import AlreadyExists, StorageError
 from boxvm.paths import Home
 
 log = logging.getLogger("boxvm")
@@ -270,13 +271,21 @@ class LayerStore:
         qcow2.write_overlay(box_dir / TOP, size, self.reference(layer_id), sync=sync)
 
     @staticmethod
-    def publish(moves: list[tuple[Path, Path]], sync: bool = True) -> None:
+    def publish(moves: list[tuple[Path, Path]], renamed: list[Path], sync: bool = True) -> None:
         """Rename staged box directories into ``boxes/``, durably (one directory sync for
         all; ``sync=False``: regenerable from their records, see ``Staging.publish``). Their
         layer is held (a pin, then their records), so nothing they back onto can be
-        collected meanwhile."""
+        collected meanwhile. Each final path is appended to ``renamed`` as it is made, so a
+        failure part-way undoes exactly those: a final that already existed (another box's
+        directory under the same id) is never ours to remove."""
         for staged, final in moves:
-            staged.rename(final)
+            try:
+                staged.rename(final)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise AlreadyExists(f"box id {final.name} is taken: choose another id") from None
+                raise
+            renamed.append(final)
         for parent in {final.parent for _staged, final in moves} if sync else ():
             fsync_dir(parent)
 

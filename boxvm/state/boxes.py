@@ -70,10 +70,7 @@ class Staging:
         for work in self.dirs:
             work.chmod(0o700)
             (work / OWNER).write_text(str(os.getpid()))
-        try:
-            self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)), sync)
-        finally:
-            self.published = [final for final in self.finals if final.exists()]
+        self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)), self.published, sync)
         faults.point(f"{self.kind}:renamed")
         commit()  # the commit point: before it, recovery removes the directories
         self.committed = True

@@ -50,6 +50,23 @@ def test_staging_publishes_then_commits_and_leaves_nothing_when_the_commit_fails
     assert list(home.tmp.iterdir()) == []
 
 
+def test_a_second_staging_of_a_taken_id_fails_and_leaves_the_first_box_whole(tmp_path: Path) -> None:
+    """Two imports of one caller-chosen id (a migration's re-run while the first upload is
+    still verifying on the target) pass the id check before either commits: the loser's
+    undo removes only what it renamed, never the winner's directory."""
+    boxes = _boxes(tmp_path)
+    box_id = "e" * 32
+    with boxes.staging([box_id], "import") as first, boxes.staging([box_id], "import") as second:
+        (first.dirs[0] / "top.qcow2").write_bytes(b"winner")
+        (second.dirs[0] / "top.qcow2").write_bytes(b"loser")
+        first.publish(lambda: boxes.store.insert_box(_record(box_id, "winner")))
+        with pytest.raises(AlreadyExists, match="is taken"):
+            second.publish(lambda: boxes.store.insert_box(_record(box_id, "loser")))
+    assert (boxes.home.box_dir(box_id) / "top.qcow2").read_bytes() == b"winner"
+    assert boxes.store.get_box(box_id).name == "winner"
+    assert list(boxes.home.tmp.iterdir()) == []
+
+
 def test_a_v7_claim_reads_as_its_operation_and_is_shown_as_its_status(tmp_path: Path) -> None:
     path = tmp_path / "boxvm.db"
     db = sqlite3.connect(path)

@@ -229,7 +229,7 @@ def test_scan_keeps_what_a_staged_box_reaches(tmp_path: Path) -> None:
     staged = home.staging_dir("clone-")
     layers.new_top(staged, snap, 64 << 20)
     assert _collect(home, layers) == []
-    layers.publish([(staged, home.box_dir("c1"))])
+    layers.publish([(staged, home.box_dir("c1"))], [])
     assert all(p.exists() for p in qcow2.chain(home.box_dir("c1") / TOP))
 
 
