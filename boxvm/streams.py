@@ -106,7 +106,7 @@ class _FileReader:
 class ReadAhead:
     """A blocking reader fed by a thread of its own that runs ``produce`` (a download) at
     most ``depth`` chunks ahead of the consumer, so fetching overlaps the consumer's work:
-    memory stays at ``depth`` chunks plus the one being read. An exception in ``produce`` is
+    memory stays at ``depth`` chunks, plus the one being read and the one being fetched. An exception in ``produce`` is
     raised by the read that reaches it (after the chunks before it); ``close`` (or ``abort``)
     stops the thread at its next chunk and joins it."""
 
@@ -276,7 +276,12 @@ async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Await
 
 
 async def _direct(source: Source, reader: ThreadReader, worker: Awaitable[T]) -> T:
-    direct = reader._direct = source.open()
+    try:
+        direct = reader._direct = source.open()
+    except BaseException:
+        if asyncio.iscoroutine(worker):
+            worker.close()  # never started: nothing to wait for
+        raise
     task: asyncio.Future[T] = asyncio.ensure_future(worker)
     try:
         return await asyncio.shield(task)

@@ -202,3 +202,14 @@ async def test_a_file_source_reads_directly_in_process_and_by_chunks_for_a_remot
     assert got == path.read_bytes()
     reader = ThreadReader(asyncio.get_running_loop())
     assert await pump(FileSource(path), reader, asyncio.to_thread(lambda: reader.read())) == path.read_bytes()
+
+
+async def test_a_source_that_cannot_be_opened_fails_before_the_worker_starts(tmp_path: Path) -> None:
+    started: list[int] = []
+
+    async def worker() -> None:
+        started.append(1)
+
+    with pytest.raises(FileNotFoundError):
+        await pump(FileSource(tmp_path / "gone.boxsnap"), ThreadReader(asyncio.get_running_loop()), worker())
+    assert started == []
