@@ -6,15 +6,21 @@ name>.json``, in the home of that process) before each next step; a lock beside 
 second driver of the same box out. A running (or paused) box is suspended first: its
 memory and device state travel in the archive, and once the move is done the target
 starts it, which resumes every process where it was (a suspended box stays suspended).
-Both ways keep the box's id: the target's box *is* the journal's box only if its id is
-the journal's, never merely because a box of that name is there.
+Both ways keep the box's id, and the move marks its import with a random nonce it keeps in
+the journal (the target stores it in the box's record, ``BoxInfo.migration``): the target's
+box *is* the journal's box only if its id, name and nonce are the journal's, never merely
+because a box of that name or id is there (a REST caller may import any archive under a
+given id; only the driver knows the nonce). A move is not begun if the target already has a
+box of that name or id, or is too old to keep the id and nonce.
 
 **Directly** (no ``via``): the source's export stream is the body of the target's REST
 import (``Backend.import_stream`` with ``box_id``); nothing is written in between and the
 target verifies the whole archive before the box exists there.
 
 1. ``started``: the box is exported into the target's import, unless the target already
-   holds a box with the journal's id (an import that committed before its answer was lost).
+   holds the journal's box (an import that committed before its answer was lost, or before
+   a retried upload was refused as a duplicate). Another box under that id stops the move
+   here, with the box still at the source.
 2. ``imported``: the target committed the box. From that commit on the **target owns the
    box**: the source's copy is a leftover, never started by a move, and is removed.
 3. ``released``: the source's copy is gone; the target starts the box if it was running,
@@ -23,7 +29,7 @@ target verifies the whole archive before the box exists there.
 Until the target's commit the source owns the box and the target has nothing of it (a
 killed export or import, on either side or in the driver, ends an unfinished upload that
 the target drops). From the commit until step 3 both list it, and the target's copy is
-the one that counts: the journal's id on the target says so even when the driver died
+the one that counts: the journal's box on the target says so even when the driver died
 before it recorded ``imported``, and a re-run records it then. The source removes its copy
 only after that commit, so a crash never leaves the box nowhere; and the target's copy is
 started only after the source's is removed (the source's is removed without force: one
@@ -37,8 +43,9 @@ object ``<via><name>-<random>.boxsnap``.
    finds it complete moves on).
 2. ``exported``: the box is removed from the source. From here the object, named in the
    journal, holds the box: no runner lists it until step 3.
-3. ``released``: the target imports the object under the box's name and id (verified
-   before it exists; a re-run that finds that id there moves on).
+3. ``released``: the target imports the object under the box's name, id and nonce (verified
+   before it exists; a re-run that finds the journal's box there moves on; another box under
+   that id stops the move with the object kept).
 4. ``imported``: the object is deleted and the journal with it.
 
 So at every instant exactly one of the source, the object (steps 2-3) or the target owns
@@ -61,13 +68,13 @@ import json
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from boxvm import faults, objstore
 from boxvm.backends.base import Backend
-from boxvm.errors import AlreadyExists, BoxNotFound, InvalidArgument, InvalidState
+from boxvm.errors import AlreadyExists, BoxNotFound, InvalidArgument, InvalidState, Unsupported
 from boxvm.options import BoxInfo, ExportOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
@@ -88,6 +95,7 @@ class Journal:
     object: str  # s3://… of the archive in transit; "" for a direct move
     phase: str = "started"
     resume: bool = False  # it was running: suspend at the source, start (resume) on the target
+    nonce: str = ""  # this move's mark on the target's box (random; "" only in a journal from before nonces)
 
 
 def _where(backend: Backend) -> str:
@@ -162,14 +170,21 @@ async def _migrate(
             raise BoxNotFound(f"no box named or with id {name!r} on the source, and no unfinished migration of it")
         if info.status not in _MOVABLE:
             raise InvalidState(f"box {name!r} is {info.status}: wait for its operation to end, then migrate it")
+        if not await target.receives_migrations():
+            raise Unsupported(f"the target {_where(target)} cannot keep a migrating box's id: upgrade it first")
         if await target.get(name) is not None:
             raise AlreadyExists(f"the target already has a box named {name!r}: rename or remove one of them")
+        if await target.get(info.id) is not None:
+            raise AlreadyExists(f"the target already has a box with the id of {name!r}: remove it there first")
         obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap" if via is not None else ""
         if obj:
             objstore.parse(obj)
-        journal = Journal(info.id, name, _where(target), obj, resume=info.status in _UP)
+        journal = Journal(info.id, name, _where(target), obj, resume=info.status in _UP, nonce=secrets.token_hex(16))
         _save(path, journal)
-    elif journal.target != _where(target):
+    elif not journal.nonce:  # begun before moves had nonces: one now (that version's import is not adopted)
+        journal.nonce = secrets.token_hex(16)
+        _save(path, journal)
+    if journal.target != _where(target):
         raise InvalidState(f"box {name!r} is being moved to {journal.target}: run migrate again with that target")
     elif bool(journal.object) != (via is not None):
         how = f"through {journal.object.rsplit('/', 1)[0]}/ (--via)" if journal.object else "directly (no --via)"
@@ -182,9 +197,36 @@ async def _migrate(
 
 
 async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:
-    """The journal's box on ``backend``: by its id, not by a name someone else may hold."""
+    """The journal's box on the source: by its id, not by a name someone else may hold."""
     info = await backend.get(journal.box_id)
     return info if info is not None and info.id == journal.box_id else None
+
+
+async def _moved(target: Backend, journal: Journal) -> BoxInfo | None:
+    """The journal's box on the target: this move's import of it (id, name and nonce), not
+    a box someone else imported under its id."""
+    info = await _this(target, journal)
+    if info is None or info.name != journal.box_name or info.migration != journal.nonce:
+        return None
+    return info
+
+
+async def _imported(target: Backend, journal: Journal, where: str, run: Callable[[], Awaitable[object]]) -> None:
+    """Run the target's import, unless this move's import is there already; a refused one
+    (the id taken) is this move's only if the box under the id is (an upload retried after
+    the target committed it), else the move stops with the box kept ``where`` it is."""
+    if await _moved(target, journal) is not None:
+        return
+    if await target.get(journal.box_id) is None:
+        if await target.get(journal.box_name) is not None:  # checked before a byte is sent
+            raise AlreadyExists(f"the target has another box named {journal.box_name!r}: rename or remove it")
+        with contextlib.suppress(AlreadyExists):
+            await run()
+    if await _moved(target, journal) is None:
+        raise AlreadyExists(
+            f"the target has another box with the id or name of {journal.box_name!r}, not imported by this migration: "
+            f"the box stays {where}; remove that box on the target, then run migrate again"
+        )
 
 
 async def _suspend(source: Backend, journal: Journal) -> None:
@@ -197,13 +239,14 @@ async def _suspend(source: Backend, journal: Journal) -> None:
 
 async def _directly(source: Backend, target: Backend, path: Path, journal: Journal) -> None:
     if journal.phase == "started":
-        if await _this(target, journal) is None:
-            if await target.get(journal.box_name) is not None:  # checked before a byte is sent
-                raise AlreadyExists(f"the target has another box named {journal.box_name!r}: rename or remove it")
+
+        async def run() -> None:
             await _suspend(source, journal)
             label = f"the archive of box {journal.box_name!r}"
             archive = functools.partial(_exported, source, journal.box_id)  # called again by a retried upload
-            await target.import_stream(archive, journal.box_name, False, label, journal.box_id)
+            await target.import_stream(archive, journal.box_name, False, label, journal.box_id, journal.nonce)
+
+        await _imported(target, journal, "at the source", run)
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
@@ -239,8 +282,11 @@ async def _through_bucket(source: Backend, target: Backend, path: Path, journal:
         journal.phase = "released"
         _save(path, journal)
     if journal.phase == "released":
-        if await _this(target, journal) is None:
-            await target.import_object(journal.object, journal.box_name, False, journal.box_id)
+
+        async def run() -> None:
+            await target.import_object(journal.object, journal.box_name, False, journal.box_id, journal.nonce)
+
+        await _imported(target, journal, f"in {journal.object}", run)
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
@@ -261,7 +307,7 @@ async def _settled(target: Backend, journal: Journal) -> BoxInfo:
     killed before the supervisor ran, the target's recovery puts it back (``state/starting``)."""
     deadline = time.monotonic() + _START_SETTLES
     while True:
-        moved = await _this(target, journal)
+        moved = await _moved(target, journal)
         if moved is None:
             raise BoxNotFound(f"box {journal.box_name!r} vanished from the target right after its migration")
         if moved.status != BoxStatus.STARTING or time.monotonic() > deadline:

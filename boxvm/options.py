@@ -45,6 +45,13 @@ def check_box_id(box_id: str) -> str:
     return box_id
 
 
+def check_migration_nonce(nonce: str) -> str:
+    """The nonce a migration imports its box with (``boxvm.migrate``): 32 lowercase hex digits."""
+    if not isinstance(nonce, str) or not BOX_ID_RE.fullmatch(nonce):
+        raise InvalidArgument(f"invalid migration nonce {nonce!r:.40}: it is 32 lowercase hex digits")
+    return nonce
+
+
 def check_template_id(template_id: str) -> str:
     """Template ids: 16 lowercase hex digits (a hash of the machine), nothing else: they
     name a directory on the server and a URL path segment in the client."""
@@ -283,6 +290,7 @@ class BoxInfo:
     error: str | None
     timings: dict[str, float]  # milliseconds of the last create/start/stop, boot, ...
     command: list[str]  # the default command: entrypoint + cmd, from the options or the image
+    migration: str | None = None  # the nonce of the migration that brought the box here (``boxvm.migrate``)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ CAPABILITIES = (
     "lifecycle", "exec-ws", "files", "snapshots", "clone", "export-stream", "import-stream", "idempotency", "images",
 )  # fmt: skip
 
+# Offered by a server that imports a box under its id with a migration's nonce (``boxvm.migrate``
+# checks it before it begins a move to the server; an older client need not know it).
+MIGRATION_CAPABILITY = "import-migration"
+
 # Idle HTTP connections: the client drops them well before the server does. With both at
 # 5 s (the httpx and uvicorn defaults) a request sent on a connection the server was just
 # closing failed with a ReadError, and a start or stop cannot be retried blindly.
@@ -88,6 +92,7 @@ class ObjectImport:
     url: str
     name: str | None = None
     box_id: str | None = None  # the id the box keeps (a migration: ``boxvm.migrate``)
+    nonce: str | None = None  # the migration's own mark on the box, required with box_id
 
 
 @dataclass

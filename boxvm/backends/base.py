@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import tarfile
 from abc import ABC, abstractmethod
@@ -172,11 +173,17 @@ class Backend(ABC):
         untrusted: bool,
         label: str,
         box_id: str | None = None,
+        nonce: str | None = None,
     ) -> BoxInfo:
         """Create a box from the archive ``archive()`` yields, verified completely before the
         box exists. ``archive`` may be called again when a remote backend retries the upload;
         ``label`` names the archive in errors. ``box_id``: the id the box keeps (a migration
-        names this box by it on the target: ``boxvm.migrate``); AlreadyExists if it is taken."""
+        names this box by it on the target: ``boxvm.migrate``); AlreadyExists if it is taken.
+        ``nonce``: the migration's mark, kept in the box's record (``BoxInfo.migration``)."""
+
+    async def receives_migrations(self) -> bool:
+        """Whether this runner imports a box under its id with a migration's nonce."""
+        return True
 
     async def export(self, box_id: str, dest: Path, options: ExportOptions) -> Path:
         """Write the box's archive to ``dest`` (a file, or a directory to hold ``<name>.boxsnap``)."""
@@ -210,11 +217,14 @@ class Backend(ABC):
             await objstore.upload(stream, target, self.journal_dir)
         return str(target)
 
-    async def import_object(self, url: str, name: str | None, untrusted: bool, box_id: str | None = None) -> BoxInfo:
+    async def import_object(
+        self, url: str, name: str | None, untrusted: bool, box_id: str | None = None, nonce: str | None = None
+    ) -> BoxInfo:
         """Create a box from the archive object at ``s3://bucket/key``, streamed into the verifier."""
         source = objstore.parse(url)
         await objstore.size(source)  # NotFound before any box work starts
-        return await self.import_stream(lambda: objstore.download(source), name, untrusted, str(source), box_id)
+        download = functools.partial(objstore.download, source)
+        return await self.import_stream(download, name, untrusted, str(source), box_id, nonce)
 
     async def import_box(self, path: Path, name: str | None, untrusted: bool) -> BoxInfo:
         """Create a box from the archive at ``path``."""

@@ -129,8 +129,9 @@ class LocalBackend(templates.TemplateOps, Backend):
         untrusted: bool,
         label: str,
         box_id: str | None = None,
+        nonce: str | None = None,
     ) -> BoxInfo:
-        return await self.transfer.import_stream(source, name, untrusted, label, box_id)
+        return await self.transfer.import_stream(source, name, untrusted, label, box_id, nonce)
 
     async def suspend(self, box_id: str) -> BoxInfo:
         return await self.memory.suspend(box_id)

@@ -366,12 +366,17 @@ class RemoteBackend(Backend):
         untrusted: bool,
         label: str,
         box_id: str | None = None,
+        nonce: str | None = None,
     ) -> BoxInfo:
         """Upload an archive; the server verifies it before the box appears (always as
         untrusted: it cannot trust a client's host-specific options)."""
-        params = {k: v for k, v in (("name", name), ("box_id", box_id)) if v}
+        params = {k: v for k, v in (("name", name), ("box_id", box_id), ("nonce", nonce)) if v}
         reply = await self._send("POST", "/boxes/import", params=params or None, content=archive, idempotent=True)
         return _kept(wire.box_info(reply), box_id, self.url)
+
+    async def receives_migrations(self) -> bool:
+        """A server too old to keep a migrating box's id and nonce would import it under a new id."""
+        return wire.MIGRATION_CAPABILITY in (await self.server_config()).get("capabilities", [])
 
     async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
         """The server uploads the archive with its own credentials, to a prefix its operator
@@ -381,9 +386,11 @@ class RemoteBackend(Backend):
         reply = await self._send("POST", f"/boxes/{box_id}/export-object", json_body=body, idempotent=True)
         return str(reply["url"])
 
-    async def import_object(self, url: str, name: str | None, untrusted: bool, box_id: str | None = None) -> BoxInfo:
+    async def import_object(
+        self, url: str, name: str | None, untrusted: bool, box_id: str | None = None, nonce: str | None = None
+    ) -> BoxInfo:
         """The server reads the object itself (same prefixes; always as untrusted)."""
-        body = wire.body(wire.ObjectImport(url, name, box_id))
+        body = wire.body(wire.ObjectImport(url, name, box_id, nonce))
         info = wire.box_info(await self._send("POST", "/boxes/import-object", json_body=body, idempotent=True))
         return _kept(info, box_id, self.url)
 

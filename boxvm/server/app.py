@@ -54,6 +54,7 @@ from boxvm.options import (
     SnapshotInfo,
     TemplateInfo,
     check_box_id,
+    check_migration_nonce,
     check_template_id,
 )
 from boxvm.server.guard import HostOriginGuard, Scrubber, check_ports
@@ -208,7 +209,7 @@ def create_app(
 
     @v1.get("/config")
     async def config() -> ServerConfig:
-        return ServerConfig(boxvm.__version__, wire.API_VERSION, list(wire.CAPABILITIES))
+        return ServerConfig(boxvm.__version__, wire.API_VERSION, [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY])
 
     # -- boxes ----------------------------------------------------------------------
     @v1.get("/boxes")
@@ -306,20 +307,20 @@ def create_app(
 
     @v1.post("/boxes/import", status_code=201, response_model=BoxInfo)
     async def import_box(
-        request: Request, name: str | None = None, box_id: str | None = None, key: Key = None
+        request: Request, name: str | None = None, box_id: str | None = None, nonce: str | None = None, key: Key = None
     ) -> Response:
         """Create a box from the archive in the request body. The upload is verified
         completely before the box exists, and always imported as untrusted. ``box_id``: the
-        id it keeps (a box migrating here, ``boxvm.migrate``; refused if taken)."""
-        if box_id is not None:
-            check_box_id(box_id)
+        id it keeps (a box migrating here, ``boxvm.migrate``; refused if taken), given only
+        with ``nonce``, the migration's mark on the box."""
+        _check_migration(box_id, nonce)
 
         async def run() -> BoxInfo:
-            info = await backend.import_stream(lambda: _body(request), name, True, "the upload", box_id)
+            info = await backend.import_stream(lambda: _body(request), name, True, "the upload", box_id, nonce)
             faults.point("import:committed")  # the box exists, the caller has not heard yet
             return info
 
-        return await idempotency.run(request, key, {"name": name, "box_id": box_id}, run, 201)
+        return await idempotency.run(request, key, {"name": name, "box_id": box_id, "nonce": nonce}, run, 201)
 
     @v1.post("/boxes/{box}/export-object", status_code=201)
     async def export_object(box: str, request: Request, body: ObjectExport, key: Key = None) -> Response:
@@ -336,12 +337,11 @@ def create_app(
     async def import_object(request: Request, body: ObjectImport, key: Key = None) -> Response:
         """Create a box from an archive object the server reads (same prefixes as export;
         always imported as untrusted)."""
+        _check_migration(body.box_id, body.nonce)
         url = objstore.for_rest_caller(body.url)
-        if body.box_id is not None:
-            check_box_id(body.box_id)
 
         async def run() -> BoxInfo:
-            return await backend.import_object(url, body.name, True, body.box_id)
+            return await backend.import_object(url, body.name, True, body.box_id, body.nonce)
 
         return await idempotency.run(request, key, body, run, 201)
 
@@ -473,6 +473,16 @@ def _for_caller(info: TemplateInfo) -> TemplateInfo:
     if info.image.startswith(("/", ".", "~")):
         return dataclasses.replace(info, image="<server path>")
     return info
+
+
+def _check_migration(box_id: str | None, nonce: str | None) -> None:
+    """A caller-chosen id only with a migration's nonce: the nonce, stored in the box's record,
+    is what tells the migration its own import from a box someone else put under that id."""
+    if (box_id is None) != (nonce is None):
+        raise InvalidArgument("box_id and nonce go together (a migration's import): give both or neither")
+    if box_id is not None and nonce is not None:
+        check_box_id(box_id)
+        check_migration_nonce(nonce)
 
 
 async def _body(request: Request) -> AsyncIterator[bytes]:

@@ -164,6 +164,7 @@ class Boxes:
             error=rec.error,
             timings=dict(rec.timings),
             command=default_command(opts, rec.options.get("image_config") or {}),
+            migration=rec.options.get("migration"),
         )
 
     def listed(self, rec: BoxRecord) -> BoxInfo:

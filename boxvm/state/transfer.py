@@ -20,7 +20,16 @@ from boxvm import archive, memarchive
 from boxvm.disks.layers import TOP
 from boxvm.engine import qemu
 from boxvm.errors import AlreadyExists, ArchiveError, EngineError, InvalidArgument
-from boxvm.options import NAME_RE, BoxInfo, BoxOptions, ExportOptions, SnapshotOptions, check_box_id, check_name
+from boxvm.options import (
+    NAME_RE,
+    BoxInfo,
+    BoxOptions,
+    ExportOptions,
+    SnapshotOptions,
+    check_box_id,
+    check_migration_nonce,
+    check_name,
+)
 from boxvm.state import memory_transfer
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
@@ -95,14 +104,16 @@ class Transfer:
         untrusted: bool,
         label: str,
         box_id: str | None = None,
+        nonce: str | None = None,
     ) -> BoxInfo:
         """Verify an archive completely, then create a new box from it; a failure leaves nothing.
-        ``box_id``: the id the box keeps when it moves here (``boxvm.migrate``), else a new one."""
+        ``box_id``: the id the box keeps when it moves here (``boxvm.migrate``), else a new one;
+        ``nonce``: that migration's mark, kept in the record's options (never taken from an archive)."""
         reader = ThreadReader(asyncio.get_running_loop())
-        return await pump(source(), reader, self._import(reader, label, name, untrusted, box_id))
+        return await pump(source(), reader, self._import(reader, label, name, untrusted, box_id, nonce))
 
     async def _import(
-        self, source: IO[bytes], label: str, name: str | None, untrusted: bool, box_id: str | None
+        self, source: IO[bytes], label: str, name: str | None, untrusted: bool, box_id: str | None, nonce: str | None
     ) -> BoxInfo:
         """Import from a blocking byte stream, read exactly once."""
         if name is not None:
@@ -116,6 +127,9 @@ class Transfer:
             manifest = verified.manifest
             digest = manifest.get("image_digest")
             options = options_from_manifest(manifest, untrusted)
+            options.pop("migration", None)
+            if nonce is not None:
+                options["migration"] = check_migration_nonce(nonce)
             bundle = self.boxes.bundle()
             with self.boxes.staging([box_id], "import") as stage:
                 work = stage.dirs[0]

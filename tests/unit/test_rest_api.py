@@ -20,9 +20,11 @@ import pytest
 from fastapi import FastAPI
 
 import boxvm
-from boxvm import errors, templates, wire
+from boxvm import errors, migrate, templates, wire
+from boxvm.backends.local import LocalBackend
 from boxvm.backends.remote import RemoteBackend
 from boxvm.options import TemplateInfo
+from boxvm.paths import Home
 from boxvm.server.app import Idempotency
 from boxvm.store import BoxRecord
 from tests.helpers import InProcess, in_process
@@ -69,6 +71,7 @@ async def test_every_route_needs_the_token(api: InProcess) -> None:
 
 async def test_errors_carry_their_class_and_status(api: InProcess) -> None:
     cfg = configured_box(api, "cfg")
+    nonce, imp = secrets.token_hex(16), "/v1/boxes/import?"
     api.http.headers.update(AUTH)
     cases = [
         ("GET", "/v1/boxes/nope", None, 404, "NotFound", "BoxNotFound"),
@@ -82,9 +85,9 @@ async def test_errors_carry_their_class_and_status(api: InProcess) -> None:
         ("POST", "/v1/boxes", {"options": {"cpus": "many"}}, 400, "InvalidArgument", "InvalidArgument"),
         ("POST", "/v1/boxes/import", None, 422, "ArchiveError", "ArchiveError"),  # an empty upload
         # the id a migrating box keeps: never a path, never one taken (checked before the upload is read)
-        ("POST", "/v1/boxes/import?box_id=..%2F..%2Fetc", None, 400, "InvalidArgument", "InvalidArgument"),
-        ("POST", f"/v1/boxes/import?box_id={cfg.upper()}", None, 400, "InvalidArgument", "InvalidArgument"),
-        ("POST", f"/v1/boxes/import?box_id={cfg}", None, 409, "AlreadyExists", "AlreadyExists"),
+        ("POST", f"{imp}box_id=..%2F..%2Fetc&nonce={nonce}", None, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", f"{imp}box_id={cfg.upper()}&nonce={nonce}", None, 400, "InvalidArgument", "InvalidArgument"),
+        ("POST", f"{imp}box_id={cfg}&nonce={nonce}", None, 409, "AlreadyExists", "AlreadyExists"),
     ]
     for method, path, body, status, kind, code in cases:
         r = await api.http.request(method, path, json=body)
@@ -227,7 +230,8 @@ async def test_openapi_document_is_served_and_committed(api: InProcess) -> None:
 
 async def test_server_config_is_the_protocol_module(api: InProcess) -> None:
     r = await api.http.get("/v1/config", headers=AUTH)
-    assert r.json() == {"version": boxvm.__version__, "api": wire.API_VERSION, "capabilities": list(wire.CAPABILITIES)}
+    capabilities = [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY]
+    assert r.json() == {"version": boxvm.__version__, "api": wire.API_VERSION, "capabilities": capabilities}
 
 
 async def test_client_refuses_an_older_server() -> None:
@@ -243,3 +247,77 @@ async def test_client_refuses_an_older_server() -> None:
             await client.list()
     finally:
         await client.close()
+
+
+def _record(backend: LocalBackend, name: str, box_id: str, options: dict[str, object] | None = None) -> None:
+    status, mac = boxvm.BoxStatus.STOPPED, "52:54:00:00:00:02"
+    backend.store.insert_box(BoxRecord(id=box_id, name=name, status=status, image="x", options=options or {}, mac=mac))
+
+
+async def test_a_migration_adopts_only_its_own_import_never_a_box_a_caller_put_under_its_id(
+    api: InProcess, tmp_path: Path
+) -> None:
+    """A REST caller on the target who can list the source imports any archive under the
+    moving box's id: the move refuses to begin, or stops with the box kept where it is
+    (the source's copy, or the object of the bucket way), and adopts only the box its own
+    import marked with the journal's nonce."""
+    source, target = LocalBackend(Home.default(tmp_path / "source")), api.client(TOKEN)
+    folder = tmp_path / "source" / "migrations"
+    try:
+        mover = secrets.token_hex(16)
+        _record(source, "mover", mover)
+        _record(api.backend, "decoy", mover)  # imported there under the mover's id, another name
+        with pytest.raises(boxvm.AlreadyExists, match="id of 'mover'"):
+            await migrate.migrate(source, "mover", target)
+        assert (await source.get("mover")) is not None and not (folder / "mover.json").exists()
+        # begun before the decoy came, with the same name even: neither way adopts it
+        await api.backend.remove(mover, True)
+        _record(api.backend, "mover", mover, {"migration": secrets.token_hex(16)})
+        for obj, phase in (("", "started"), ("s3://bucket/p/mover-1.boxsnap", "released")):
+            journal = migrate.Journal(mover, "mover", target.url, obj, phase, nonce=secrets.token_hex(16))
+            migrate._save(folder / "mover.json", journal)
+            with pytest.raises(boxvm.AlreadyExists, match="not imported by this migration"):
+                await migrate.migrate(source, "mover", target, via="s3://bucket/p/" if obj else None)
+            assert migrate._load(folder / "mover.json") == journal  # the object, named in it, is not deleted
+        assert (await source.get("mover")) is not None
+        # the move's own import (an answer lost, or a retried upload refused as a duplicate): adopted
+        await api.backend.remove(mover, True)
+        _record(api.backend, "mover", mover, {"migration": journal.nonce})
+        migrate._save(folder / "mover.json", dataclasses.replace(journal, object="", phase="started"))
+        moved = await migrate.migrate(source, "mover", target)
+        assert moved.id == mover and moved.migration == journal.nonce
+        assert (await source.get(mover)) is None and not (folder / "mover.json").exists()
+    finally:
+        await target.close()
+        await source.close()
+
+
+async def test_rest_import_takes_a_box_id_only_with_a_migration_nonce(api: InProcess) -> None:
+    api.http.headers.update(AUTH)
+    box_id, nonce = secrets.token_hex(16), secrets.token_hex(16)
+    for params in ({"box_id": box_id}, {"nonce": nonce}, {"box_id": box_id, "nonce": "x" * 32}):
+        r = await api.http.post("/v1/boxes/import", params=params, content=b"")
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument", (params, r.text)
+    for body in ({"box_id": box_id}, {"nonce": nonce}, {"box_id": box_id, "nonce": nonce.upper()}):
+        r = await api.http.post("/v1/boxes/import-object", json={"url": "s3://b/k.boxsnap", **body})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "InvalidArgument", (body, r.text)
+    assert await api.backend.list() == []
+
+
+async def test_a_migration_to_a_server_that_cannot_keep_the_id_is_refused_before_it_begins(tmp_path: Path) -> None:
+    old = FastAPI()
+
+    @old.get("/v1/config")
+    async def config() -> dict[str, object]:
+        return {"version": "0.1.0", "api": wire.API_VERSION, "capabilities": list(wire.CAPABILITIES)}
+
+    source = LocalBackend(Home.default(tmp_path / "source"))
+    target = RemoteBackend("http://127.0.0.1", "t", transport=httpx.ASGITransport(app=old))
+    try:
+        _record(source, "mover", secrets.token_hex(16))
+        with pytest.raises(boxvm.Unsupported, match="cannot keep a migrating box's id: upgrade it"):
+            await migrate.migrate(source, "mover", target)
+        assert not (tmp_path / "source" / "migrations" / "mover.json").exists()
+    finally:
+        await target.close()
+        await source.close()
