@@ -57,7 +57,7 @@ def limits() -> dict[str, float]:
 
 @dataclass
 class Outcome:
-    """How a live save went (times in ms; ``stopped_at`` is the host's wall clock)."""
+    """How a live save went (times in ms)."""
 
     pause_ms: float  # the vCPUs' stop (QEMU's STOP event or its downtime's start) to ``cont`` done or to completed
     precopy_ms: float  # from the migrate to the vCPUs' stop: the guest ran meanwhile
@@ -67,6 +67,7 @@ class Outcome:
     ram_bytes: int  # what the stream carried of RAM
     downtime_ms: float  # QEMU's own figure: from just before its stop to completed
     tail_ms: float  # from QEMU's completion to ``cont`` done (or to the state's end)
+    start_pause_ms: float  # the guest's short stop across the migration's start
 
 
 async def save(
@@ -92,14 +93,17 @@ async def save(
     live = running and limit_s > 0  # the guest runs during the copy (until QEMU or we stop it)
     fallback = "stop-and-copy asked for" if running and not live else None
     stopped_at = None if running else time.time()
-    seen, completed_at = 0, 0.0
+    seen, completed_at, start_pause_ms = 0, 0.0, 0.0
     with qmp.listen("MIGRATION", "MIGRATION_PASS", "STOP") as events:
         t0 = time.monotonic()
         try:
-            if fallback is not None:
-                await qmp.stop()
+            # Stopped across the migration's start: QEMU starts its dirty log and flushes the
+            # vCPUs' TLBs (TCG tracks writes through them) as queued work that a running vCPU
+            # takes up only at its next exit; its stores meanwhile marked nothing dirty.
+            await qmp.stop()
             await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
             iterating = None  # when the first pass over all of RAM ended (stopping sooner saves nothing)
+            started_paused = live
             while True:  # until the switch-over
                 end = t0 + MIGRATE_TIMEOUT if iterating is None or not live else iterating + limit_s
                 event = await _next(events, end - time.monotonic())
@@ -110,10 +114,14 @@ async def save(
                 if event is None:
                     raise EngineError(f"the memory state migration did not finish in {MIGRATE_TIMEOUT:g} s")
                 name, data = event.get("event"), event.get("data") or {}
-                if name == "STOP":
+                if name == "STOP" and not started_paused:
                     stopped_at = _stamp(event)
                 elif name == "MIGRATION_PASS":
                     seen = int(data.get("pass", seen))
+                    if started_paused:  # the dirty log is on: the guest runs during the copy
+                        started_paused = False
+                        await qmp.cont()
+                        start_pause_ms = (time.monotonic() - t0) * 1000
                     if seen >= 2 and iterating is None:  # pass 1 is the sync before the first pass
                         iterating = time.monotonic()
                     if seen > passes and live:
@@ -160,6 +168,7 @@ async def save(
         ram_bytes=int((info.get("ram") or {}).get("transferred", 0)),
         downtime_ms=float(downtime) if isinstance(downtime, int) else 0.0,
         tail_ms=(t_end - completed_at) * 1000,
+        start_pause_ms=start_pause_ms,
     )
 
 

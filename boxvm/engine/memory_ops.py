@@ -296,6 +296,7 @@ def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome) -> Non
             f"{what}_precopy_ms": saved.precopy_ms,
             f"{what}_precopy_passes": float(saved.passes),
             f"{what}_qemu_downtime_ms": saved.downtime_ms,
+            f"{what}_start_pause_ms": saved.start_pause_ms,
             f"{what}_stop_and_copy": 1.0 if saved.fallback else 0.0,
         },
     )
