@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.engine import memory
-from boxvm.engine.qmp import QMP, Events, without_paths
+from boxvm.engine.qmp import QMP, Events, QMPCommandError, without_paths
 from boxvm.errors import EngineError
 
 log = logging.getLogger("boxvm.memory")
@@ -95,7 +95,7 @@ async def save(
     stopped_at = None if running else time.time()
     seen, completed_at, start_pause_ms = 0, 0.0, 0.0
     with qmp.listen("MIGRATION", "MIGRATION_PASS", "STOP") as events:
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()
         try:
             # Stopped across the migration's start: QEMU starts its dirty log and flushes the
             # vCPUs' TLBs (TCG tracks writes through them) as queued work that a running vCPU
@@ -120,8 +120,13 @@ async def save(
                     seen = int(data.get("pass", seen))
                     if started_paused:  # the dirty log is on: the guest runs during the copy
                         started_paused = False
-                        await qmp.cont()
-                        start_pause_ms = (time.monotonic() - t0) * 1000
+                        try:
+                            await qmp.cont()
+                            start_pause_ms = (time.monotonic() - t0) * 1000
+                        except QMPCommandError:  # too late: QEMU converged at once and holds it for the switch-over
+                            if await qmp.status() != "finish-migrate":
+                                raise
+                            stopped_at = t0_wall
                     if seen >= 2 and iterating is None:  # pass 1 is the sync before the first pass
                         iterating = time.monotonic()
                     if seen > passes and live:
