@@ -194,6 +194,7 @@ class ThreadReader:
         self._pos = 0
         self._eof = False
         self._direct: Reader | None = None
+        self.aborted = False  # set on the loop: an importer checks it on the loop before its commit
 
     async def feed(self, chunk: bytes) -> None:
         if chunk:
@@ -204,6 +205,7 @@ class ThreadReader:
 
     def abort(self) -> None:
         """(On the loop.) Make the reader's next read raise StreamAborted."""
+        self.aborted = True
         if self._direct is not None:
             self._direct.abort()
             return
@@ -286,7 +288,7 @@ async def _direct(source: Source, reader: ThreadReader, worker: Awaitable[T]) ->
     try:
         return await asyncio.shield(task)
     except BaseException:
-        direct.abort()  # cancelled: the worker's next read fails, so it ends soon
+        reader.abort()  # cancelled: the worker's next read fails, and it checks before a commit
         await asyncio.gather(task, return_exceptions=True)
         raise
     finally:

@@ -34,7 +34,7 @@ from boxvm.state import memory_transfer
 from boxvm.state.snapshots import Snapshots
 from boxvm.status import BoxStatus, Operation
 from boxvm.store import BoxRecord
-from boxvm.streams import ByteStream, ThreadReader, produced, pump
+from boxvm.streams import ByteStream, StreamAborted, ThreadReader, produced, pump
 
 log = logging.getLogger("boxvm")
 IMPORT_LIMIT = int(os.environ.get("BOXVM_IMPORT_LIMIT_BYTES", 256 << 30))
@@ -113,7 +113,7 @@ class Transfer:
         return await pump(source(), reader, self._import(reader, label, name, untrusted, box_id, nonce))
 
     async def _import(
-        self, source: IO[bytes], label: str, name: str | None, untrusted: bool, box_id: str | None, nonce: str | None
+        self, source: ThreadReader, label: str, name: str | None, untrusted: bool, box_id: str | None, nonce: str | None
     ) -> BoxInfo:
         """Import from a blocking byte stream, read exactly once."""
         if name is not None:
@@ -124,6 +124,8 @@ class Transfer:
         box_id = box_id or secrets.token_hex(16)
         with self.home.staging("archive-") as scratch:
             verified = await asyncio.to_thread(archive.read_archive, source, scratch, IMPORT_LIMIT, None, label)
+            if source.aborted:  # cancelled after its last read: from here to the commit is one step of the loop
+                raise StreamAborted("the import was cancelled")
             manifest = verified.manifest
             digest = manifest.get("image_digest")
             options = options_from_manifest(manifest, untrusted)

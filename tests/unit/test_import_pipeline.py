@@ -13,6 +13,7 @@ import signal
 import tarfile
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 
@@ -138,4 +139,34 @@ async def test_a_cancelled_import_stops_its_threads_and_leaves_nothing(tmp_path:
         await asyncio.wait_for(task, 30)
     assert source.closed.is_set()
     assert source.sent < len(source.data)  # stopped, not read to the end
+    _nothing_left(transfer)
+
+
+async def test_an_import_cancelled_after_its_last_read_commits_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its checks run (the input all read, the archive not yet a box): a
+    ``Source`` is read by the worker itself, which the cancel does not stop, so the worker
+    must see the cancel before its commit; else the caller sees CancelledError and the box
+    exists anyway."""
+    path = tmp_path / "in.boxsnap"
+    path.write_bytes(b"x" * MIB)
+    checking, reached = threading.Event(), []
+
+    def read_archive(source: io.RawIOBase, *_: object) -> object:
+        while source.read(MIB):
+            pass
+        checking.set()
+        time.sleep(0.3)  # qemu-img check and the qcow2 walk
+        return types.SimpleNamespace(manifest={"disk_virtual_size": 1 << 30}, memory=None, disk=tmp_path / "none")
+
+    transfer = _transfer(tmp_path / "home")
+    monkeypatch.setattr(archive, "read_archive", read_archive)
+    monkeypatch.setattr(Boxes, "bundle", lambda self: reached.append("bundle"))
+    task = asyncio.ensure_future(transfer.import_stream(lambda: FileSource(path), None, True, "in.boxsnap"))
+    await asyncio.to_thread(checking.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    assert reached == []  # it stopped before building the box
     _nothing_left(transfer)
