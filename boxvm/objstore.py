@@ -321,10 +321,16 @@ class Download(Source):
 
     async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         fetch = self._fetch()
+        read: asyncio.Future[bytes] | None = None
         try:
-            while chunk := await asyncio.to_thread(next, fetch, b""):
+            while True:
+                read = asyncio.ensure_future(asyncio.to_thread(next, fetch, b""))
+                if not (chunk := await asyncio.shield(read)):
+                    break
                 yield chunk
         finally:
+            if read is not None:  # cancelled mid-read: its thread still runs the generator
+                await asyncio.gather(read, return_exceptions=True)
             await asyncio.to_thread(fetch.close)
 
     def open(self) -> Reader:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import Generator
+
 import pytest
 
 from boxvm import objstore
@@ -38,3 +43,31 @@ def test_part_sizes_stay_bounded() -> None:
     sizes = [objstore._part_size(n) for n in range(1, 10_001)]
     assert sizes[0] == 8 << 20 and max(sizes) == 64 << 20
     assert all(s >= 5 << 20 for s in sizes) and sum(sizes) > 400 * 10**9
+
+
+async def test_a_download_iterated_on_the_loop_and_cancelled_mid_read_ends_cancelled() -> None:
+    """A remote backend uploads an object's bytes by iterating them on the loop; cancelled
+    while a read runs in its thread, the download waits for that read before it closes
+    the generator (closing it meanwhile raised "generator already executing")."""
+    reading, closed = threading.Event(), threading.Event()
+
+    class Slow(objstore.Download):
+        def _fetch(self) -> Generator[bytes, None, None]:
+            try:
+                yield b"first"
+                reading.set()
+                time.sleep(0.3)
+                yield b"second"
+            finally:
+                closed.set()
+
+    async def drain() -> None:
+        async for _ in Slow(objstore.parse("s3://bucket/key")).chunks():
+            pass
+
+    task = asyncio.ensure_future(drain())
+    await asyncio.to_thread(reading.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert closed.is_set()
