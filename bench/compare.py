@@ -140,6 +140,9 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
                     count = len(await rt.list())
                     if scale > count:
                         await box.clone_many(scale - count, boxvm.CloneOptions(from_snapshot="base"))
+                        # The rows measure a home of this size, not the kernel writing back the
+                        # ~2 files per clone the filling just made (it did, 30 s later, inside them).
+                        await asyncio.to_thread(os.sync)
                     for i in range(runs):
                         add(f"boxvm_{scale}boxes_", await boxvm_round(rt, box, 1000 * scale + i, None))
                     print(f"compare at {scale} boxes: load {os.getloadavg()[0]:.1f}")
