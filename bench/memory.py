@@ -259,7 +259,8 @@ async def warm_snapshot_pauses(rt: boxvm.Runtime, mib: int, runs: int) -> dict[s
     machine, snapshots taken alternately; then one suspend of each."""
     label = "2g" if mib >= 2048 else f"{mib}m"
     live_key, base_key = f"memory_snapshot_pause_warm_{label}", f"memory_snapshot_pause_warm_stop_and_copy_{label}"
-    out: dict[str, list[float]] = {live_key: [], base_key: [], f"suspend_warm_stopped_{label}": []}
+    start_key = f"memory_snapshot_start_pause_warm_{label}"  # the live save's short stop across its start
+    out: dict[str, list[float]] = {live_key: [], start_key: [], base_key: [], f"suspend_warm_stopped_{label}": []}
     out[f"suspend_warm_stopped_stop_and_copy_{label}"] = []
     options = boxvm.BoxOptions(memory_mib=mib)
     live = await rt.create(options, name=f"bench-warm-live-{label}-{os.getpid()}")
@@ -279,10 +280,12 @@ async def warm_snapshot_pauses(rt: boxvm.Runtime, mib: int, runs: int) -> dict[s
                 timings = (await box.info()).timings
                 if box is live:
                     fallbacks += int(timings.get("memory_snapshot_stop_and_copy", 0))
+                    out[start_key].append(timings["memory_snapshot_start_pause_ms"])
                 pre, passes = timings["memory_snapshot_precopy_ms"], timings["memory_snapshot_precopy_passes"]
                 print(
                     f"{key}: {snap.timings['pause_ms']:.0f} ms (pre-copy {pre:.0f} ms, {passes:.0f} passes,"
-                    f" QEMU's downtime {timings['memory_snapshot_qemu_downtime_ms']:.0f} ms; {_load()})"
+                    f" QEMU's downtime {timings['memory_snapshot_qemu_downtime_ms']:.0f} ms, start pause"
+                    f" {timings.get('memory_snapshot_start_pause_ms', 0):.0f} ms; {_load()})"
                 )
                 await box.snapshot.remove(f"w{i}")
         print(f"live pre-copies that fell back to stop-and-copy: {fallbacks} of {runs}")
