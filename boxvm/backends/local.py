@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -162,12 +161,14 @@ class LocalBackend(templates.TemplateOps, Backend):
             self.store.update_box(rec.id, guest_bundle=bundle.id)
         box_dir = self.home.box_dir(rec.id)
         token = time.time()  # what it started from, for recovery if this process dies before the supervisor runs
-        starting.record(box_dir, starting.Start(token, rec.status, rec.started_at, os.getpid()))
+        await asyncio.to_thread(starting.record, box_dir, starting.mine(token, rec.status, rec.started_at))
         if not self.store.transition(
             rec.id, rule.holds, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None, started_at=token,
         ):  # fmt: skip
+            starting.discard(box_dir, token)  # a racing start won: its own record stays
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         faults.point("start:marked")
+        starting.discard_leftovers(box_dir, token)
         await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
         await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
         opts = BoxOptions.from_dict(rec.options)
@@ -215,7 +216,7 @@ class LocalBackend(templates.TemplateOps, Backend):
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
-            await self._abort_start(rec, exc)
+            await self._abort_start(rec, token, exc)
             if (
                 warmed is not None
                 and isinstance(exc, Exception)
@@ -225,11 +226,17 @@ class LocalBackend(templates.TemplateOps, Backend):
             if isinstance(exc, Exception) and self.store.get_box(rec.id) is None:
                 raise NotFound(f"box {rec.name!r} was removed while it was starting") from exc
             raise
+        starting.discard(box_dir, token)  # its supervisor took the box
         self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
         return self.boxes.info(self.boxes.record(rec.id))
 
-    async def _abort_start(self, rec: BoxRecord, exc: BaseException) -> None:
-        fresh = self.store.get_box(rec.id) or rec
+    async def _abort_start(self, rec: BoxRecord, token: float, exc: BaseException) -> None:
+        """Stop what this start ran and mark the box failed -- only while the box is still this
+        start's (its token): never another start's processes, nor a box undone or removed."""
+        starting.discard(self.home.box_dir(rec.id), token)
+        fresh = self.store.get_box(rec.id)
+        if fresh is None or fresh.started_at != token:
+            return
         await self.boxes.kill(fresh)
         await self.state.conns.drop(rec.id)
         tail = _tail(self.home.box_dir(rec.id) / "console.log")
@@ -237,7 +244,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         # FAILED -> FAILED too: the supervisor may have recorded QEMU's exit first; keep the
         # console tail. A box stopped (or started again) meanwhile is left as it is.
         self.store.transition(
-            rec.id, BoxStatus.FAILED, {BoxStatus.STOPPING, BoxStatus.FAILED}, during_operation=True,
+            rec.id, BoxStatus.FAILED, {BoxStatus.STOPPING, BoxStatus.FAILED}, during_operation=True, token=token,
             supervisor_pid=None, qemu_pid=None, error=message,
         )  # fmt: skip
         if isinstance(exc, EngineError):

@@ -125,11 +125,14 @@ class Boxes:
             return rec
         if rec.supervisor_pid is None and rec.status == BoxStatus.STARTING:  # no supervisor took it (yet)
             start = starting.read(self.home.box_dir(rec.id), rec.started_at)
-            if _recent(rec) and (start is None or pid_alive(start.owner)):
-                return rec  # under way
+            if start is None and _recent(rec):
+                return rec  # under way, as far as anyone knows
+            if start is not None and starting.owner_alive(start):
+                return rec  # under way, however slow: undone under a live starter, it would act on the box
             if start is not None:  # its process died first: back to where it was (state/starting)
                 if self.store.roll_back_start(rec.id, start.token, start.prior, start.prior_started_at):
                     log.warning("box %s: a start interrupted before its supervisor ran was undone", rec.name)
+                    starting.discard(self.home.box_dir(rec.id), start.token)
                 return self.store.get_box(rec.id) or rec  # undone, or its supervisor came first
         if rec.qemu_pid is not None and pid_is(rec.qemu_pid, rec.id):
             with contextlib.suppress(ProcessLookupError):

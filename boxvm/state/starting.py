@@ -1,17 +1,22 @@
 """What a start began from, so that a start whose process died before its supervisor ran
 can be undone (issue 16: the starting window of a migration's resume).
 
-A start writes ``start.json`` in the box's directory (the status it starts from, its own
-pid, and the ``started_at`` it is about to write: the start's token) before it marks the
-box ``starting``. Two parties may then settle that start, each by a compare-and-set on
-the box's row (``starting``, that token, no supervisor yet), so exactly one of them wins:
+A start writes ``start-<token>.json`` in the box's directory, made durable (the status it
+starts from, its owner: its pid and that process's start time, and the ``started_at`` it is
+about to write: the start's token) before it marks the box ``starting``. The file is named
+by the token, so a start that loses the mark to a racing one replaces nothing of the
+winner's (it removes its own). Two parties may then settle the winning start, each by a
+compare-and-set on the box's row (``starting``, that token, no supervisor yet), so exactly
+one of them wins:
 
-- the supervisor the start spawned registers itself (``Store.register_supervisor``); one
-  that finds its start gone kills its QEMU before the guest resumes anything and exits;
+- the supervisor the start spawned registers itself (``Store.register_supervisor``) before
+  it touches anything of the box; one that finds its start gone exits;
 - recovery (``Boxes.reconcile``) puts a ``starting`` box with no supervisor back to the
-  recorded status (``Store.roll_back_start``) once the start's process is dead, or the
-  start is a minute old: a suspended box stays suspended with its memory state intact,
-  instead of being called failed and later booted cold without its processes.
+  recorded status (``Store.roll_back_start``) once the start's process is gone -- the same
+  pid with the same start time, so a reused pid is not taken for it; never while it lives,
+  however slow (a start undone under a live starter would go on to act on the box, over a
+  later start's). A suspended box stays suspended with its memory state intact, instead of
+  being called failed and later booted cold without its processes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from pathlib import Path
 
 from boxvm.status import BoxStatus
 
-FILE = "start.json"
+_PREFIX, _SUFFIX = "start-", ".json"
+_LEFTOVER_S = 60.0  # a record this much older than a start that won the mark is no start's
 
 
 @dataclass(frozen=True)
@@ -33,23 +39,83 @@ class Start:
     prior: BoxStatus  # the status it started from
     prior_started_at: float | None
     owner: int  # the pid of the process that started it
+    owner_since: int | None = None  # that process's start time (/proc/<pid>/stat field 22)
+
+
+def mine(token: float, prior: BoxStatus, prior_started_at: float | None) -> Start:
+    """The record of a start this process makes."""
+    return Start(token, prior, prior_started_at, os.getpid(), process_start(os.getpid()))
+
+
+def _path(box_dir: Path, token: float) -> Path:
+    return box_dir / f"{_PREFIX}{token!r}{_SUFFIX}"
 
 
 def record(box_dir: Path, start: Start) -> None:
-    """Written before the box is marked ``starting`` (a crash before the mark leaves a
-    record no start matches, which is never read)."""
-    tmp = box_dir / f".{FILE}.{os.getpid()}"
+    """Written, durably, before the box is marked ``starting`` (a crash before the mark
+    leaves a record no start matches, which is never read)."""
+    tmp = box_dir / f".{_PREFIX}{os.getpid()}.tmp"
     data = {"token": start.token, "prior": start.prior.value, "prior_started_at": start.prior_started_at}
-    tmp.write_text(json.dumps(data | {"owner": start.owner}))
-    os.replace(tmp, box_dir / FILE)
+    with tmp.open("w") as f:
+        json.dump(data | {"owner": start.owner, "owner_since": start.owner_since}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, _path(box_dir, start.token))
+    fd = os.open(box_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read(box_dir: Path, token: float | None) -> Start | None:
-    """The record of the start whose token is ``token``, if it is the one on file."""
+    """The record of the start whose token is ``token``."""
+    if token is None:
+        return None
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        data = json.loads((box_dir / FILE).read_text())
+        data = json.loads(_path(box_dir, token).read_text())
         was = None if data["prior_started_at"] is None else float(data["prior_started_at"])
-        start = Start(float(data["token"]), BoxStatus(data["prior"]), was, int(data["owner"]))
-        if token is not None and start.token == token and not start.prior.is_live:
+        since = None if data.get("owner_since") is None else int(data["owner_since"])
+        start = Start(float(data["token"]), BoxStatus(data["prior"]), was, int(data["owner"]), since)
+        if start.token == token and not start.prior.is_live:
             return start
     return None
+
+
+def discard(box_dir: Path, token: float) -> None:
+    """The start is settled (its supervisor runs, it failed, or it was undone)."""
+    _path(box_dir, token).unlink(missing_ok=True)
+
+
+def discard_leftovers(box_dir: Path, token: float) -> None:
+    """Records of starts settled without their process (killed after the supervisor took
+    the box), removed by the next start once it holds the mark."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(box_dir):
+            if entry.name.startswith(_PREFIX) and entry.name.endswith(_SUFFIX):
+                with contextlib.suppress(ValueError):
+                    other = float(entry.name[len(_PREFIX) : -len(_SUFFIX)])
+                    if other < token - _LEFTOVER_S:
+                        Path(entry.path).unlink(missing_ok=True)
+
+
+def owner_alive(start: Start) -> bool:
+    """The start's own process still runs: its pid, with the start time it had then."""
+    since = process_start(start.owner)
+    return since is not None and (start.owner_since is None or since == start.owner_since)
+
+
+def process_start(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks after boot, /proc/<pid>/stat field 22); None if it
+    is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 on
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None

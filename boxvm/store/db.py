@@ -321,9 +321,11 @@ class Store:
         allowed_from: frozenset[BoxStatus] | set[BoxStatus],
         *,
         during_operation: bool = False,
+        token: float | None = None,
         **fields: Any,
     ) -> bool:
-        """Compare-and-set the status: True only if the box was in ``allowed_from``.
+        """Compare-and-set the status: True only if the box was in ``allowed_from`` (and, with
+        ``token``, still holds that start's started_at: another start's box is left alone).
 
         Requests (start, stop, pause, ...) wait for a state operation's claim to end; a
         fact (the VM exited, a start was aborted) is recorded even during one
@@ -333,6 +335,9 @@ class Store:
         marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
         params = {**values, "_id": box_id, **{f"_from{i}": s.value for i, s in enumerate(allowed_from)}}
         unclaimed = "" if during_operation else " AND operation IS NULL"
+        if token is not None:
+            unclaimed += " AND started_at = :_token"
+            params["_token"] = token
         cur = self._db.execute(f"UPDATE boxes SET {sets} WHERE id = :_id AND status IN ({marks}){unclaimed}", params)
         return cur.rowcount == 1
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from boxvm.backends.local import LocalBackend
 from boxvm.disks.layers import LayerStore
 from boxvm.images import ImageStore
 from boxvm.paths import Home
@@ -33,9 +34,12 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def _marked(boxes: Boxes, owner: int, age: float = 0.0, recorded: bool = True) -> tuple[str, float]:
-    """A suspended box marked ``starting`` by a start of ``owner`` (``age`` seconds ago) whose
-    supervisor never registered: what a runner killed at ``start:marked`` leaves."""
+def _marked(
+    boxes: Boxes, owner: int, age: float = 0.0, recorded: bool = True, since: int | None = None
+) -> tuple[str, float]:
+    """A suspended box marked ``starting`` by a start of ``owner`` (``age`` seconds ago; its
+    process started at ``since``, else as ``owner`` did) whose supervisor never registered:
+    what a runner killed at ``start:marked`` leaves."""
     box_id = os.urandom(16).hex()
     rec = BoxRecord(id=box_id, name=f"b-{box_id[:6]}", status=BoxStatus.SUSPENDED, image="x", options={}, mac="m")
     rec.started_at = 1000.0
@@ -43,7 +47,9 @@ def _marked(boxes: Boxes, owner: int, age: float = 0.0, recorded: bool = True) -
     boxes.home.box_dir(box_id).mkdir(parents=True)
     token = time.time() - age
     if recorded:
-        starting.record(boxes.home.box_dir(box_id), starting.Start(token, BoxStatus.SUSPENDED, 1000.0, owner))
+        since = since if since is not None else starting.process_start(owner)
+        start = starting.Start(token, BoxStatus.SUSPENDED, 1000.0, owner, since)
+        starting.record(boxes.home.box_dir(box_id), start)
     assert boxes.store.transition(box_id, BoxStatus.STARTING, {BoxStatus.SUSPENDED}, started_at=token)
     return box_id, token
 
@@ -68,15 +74,45 @@ def test_a_start_under_way_is_left_alone_and_once_its_supervisor_registered_it_c
     assert boxes.store.get_box(box_id).status == BoxStatus.STARTING  # type: ignore[union-attr]
 
 
-def test_a_start_a_minute_old_that_no_supervisor_took_is_undone_even_if_its_process_lives(tmp_path: Path) -> None:
+def test_a_slow_start_is_never_undone_while_its_process_lives_but_a_reused_pid_is_not_it(tmp_path: Path) -> None:
+    """Undone under a live starter, the start would go on (removing a later start's sockets,
+    its supervisor's abort killing that start's box): a minute is no proof of death."""
     boxes = _boxes(tmp_path)
     box_id, _ = _marked(boxes, os.getpid(), age=120)
-    assert boxes.record(box_id).status == BoxStatus.SUSPENDED
+    assert boxes.record(box_id).status == BoxStatus.STARTING
+    since = starting.process_start(os.getpid())
+    assert since is not None
+    reused, _ = _marked(boxes, os.getpid(), age=120, since=since + 1)  # the pid of another process now
+    assert boxes.record(reused).status == BoxStatus.SUSPENDED
 
 
-def test_without_a_record_of_that_start_a_stale_one_fails_as_before(tmp_path: Path) -> None:
+def test_a_start_that_lost_the_mark_leaves_the_winners_record_to_undo_it(tmp_path: Path) -> None:
     boxes = _boxes(tmp_path)
-    box_id, _ = _marked(boxes, _dead_pid(), recorded=False)
-    assert boxes.record(box_id).status == BoxStatus.STARTING  # recent: under way, as far as anyone knows
-    old, _ = _marked(boxes, _dead_pid(), age=120, recorded=False)
-    assert boxes.record(old).status == BoxStatus.FAILED
+    box_id, token = _marked(boxes, _dead_pid())  # the winner, killed before its supervisor ran
+    box_dir = boxes.home.box_dir(box_id)
+    loser = starting.Start(token + 0.5, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None)
+    starting.record(box_dir, loser)  # written before its compare-and-set, which fails
+    assert not boxes.store.transition(box_id, BoxStatus.STARTING, {BoxStatus.SUSPENDED}, started_at=loser.token)
+    starting.discard(box_dir, loser.token)
+    assert boxes.record(box_id).status == BoxStatus.SUSPENDED  # the winner's record undid it at once
+    assert not [p for p in box_dir.iterdir() if p.name.startswith(("start", ".start"))]  # settled: none left
+
+
+async def test_an_aborted_start_leaves_a_later_starts_box_alone(tmp_path: Path) -> None:
+    """A start's abort reads the box again: once another start holds it (its token), the
+    processes recorded there are that start's, never killed, and the box is not marked failed."""
+    backend = LocalBackend(Home.default(tmp_path))
+    box_id, token = _marked(backend.boxes, os.getpid())
+    rec = backend.store.get_box(box_id)
+    assert rec is not None
+    later = subprocess.Popen(["sh", "-c", "sleep 30", box_id])  # "its supervisor": the box's id in its argv
+    try:
+        assert backend.store.register_supervisor(box_id, token, later.pid, None)
+        await backend._abort_start(rec, token - 5, RuntimeError("the earlier start failed late"))
+        assert later.poll() is None
+        now = backend.store.get_box(box_id)
+        assert now is not None and now.status == BoxStatus.STARTING and now.supervisor_pid == later.pid
+    finally:
+        later.kill()
+        later.wait()
+        await backend.close()
