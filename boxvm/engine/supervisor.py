@@ -70,7 +70,14 @@ class Supervisor(MemoryOps):
 
     # -- start-up ---------------------------------------------------------------------
     async def run(self, notify_fd: int) -> None:
-        # QEMU first: its start-up overlaps this process's own (the socket, the store's write).
+        # The box first (state/starting): a supervisor whose start was undone, or lost to
+        # another start, touches nothing of it (links, sockets, QEMU and its disk lock).
+        if self.start_token is None:  # a vm.json of an older boxvm
+            self.store.update_box(self.box_id, supervisor_pid=os.getpid())
+        elif not self.store.register_supervisor(self.box_id, self.start_token, os.getpid(), None):
+            log.error("box %s: its start was undone before this supervisor ran; exiting", self.box_id)
+            os.close(notify_fd)  # the starter, if alive, sees a failed start
+            return
         self.layers.clear_live_links(self.dir)  # a previous run's
         os.link(self.dir / TOP, self.live["data"])
         failed = None
@@ -87,18 +94,7 @@ class Supervisor(MemoryOps):
             failed = f"QEMU could not be started: {exc}"
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
         os.chmod(self.dir / "ctl.sock", 0o600)
-        qemu_pid = self.qemu.pid if self.qemu else None
-        if self.start_token is None:  # a vm.json of an older boxvm
-            self.store.update_box(self.box_id, supervisor_pid=os.getpid(), qemu_pid=qemu_pid)
-        elif not self.store.register_supervisor(self.box_id, self.start_token, os.getpid(), qemu_pid):
-            # its start was undone (state/starting): killed before any resume begins
-            log.error("box %s: its start was undone before this supervisor ran; exiting", self.box_id)
-            if self.qemu is not None:
-                self.qemu.kill()
-                await self.qemu.wait()
-            server.close()
-            os.close(notify_fd)  # the starter, if alive, sees a failed start
-            return
+        self.store.update_box(self.box_id, qemu_pid=self.qemu.pid if self.qemu else None)
         os.write(notify_fd, b"ok")
         os.close(notify_fd)
         if self.qemu is None:

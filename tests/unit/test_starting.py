@@ -4,13 +4,16 @@ supervisor's registration exclude each other (one compare-and-set on the start's
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import time
 from pathlib import Path
 
 from boxvm.backends.local import LocalBackend
-from boxvm.disks.layers import LayerStore
+from boxvm.disks.layers import TOP, LayerStore
+from boxvm.engine.supervisor import Supervisor
 from boxvm.images import ImageStore
 from boxvm.paths import Home
 from boxvm.progress import silent
@@ -116,3 +119,34 @@ async def test_an_aborted_start_leaves_a_later_starts_box_alone(tmp_path: Path) 
         later.kill()
         later.wait()
         await backend.close()
+
+
+async def test_a_supervisor_whose_start_was_undone_touches_nothing_of_the_box(tmp_path: Path) -> None:
+    """Registered before any side effect: no live link cleared or made, no QEMU (here a
+    command that would leave a mark), no control socket bound."""
+    boxes = _boxes(tmp_path)
+    box_id, token = _marked(boxes, _dead_pid())
+    box_dir = boxes.home.box_dir(box_id)
+    (box_dir / TOP).write_bytes(b"")
+    mark = tmp_path / "qemu-ran"
+    config = {"box_id": box_id, "argv": ["sh", "-c", f"touch {mark}"], "db": str(boxes.home.db)}
+    (box_dir / "vm.json").write_text(json.dumps(config | {"home": str(boxes.home.root), "start": token}))
+    assert boxes.record(box_id).status == BoxStatus.SUSPENDED  # undone: its starter died
+    before = sorted(p.name for p in box_dir.iterdir())
+    notify_r, notify_w = os.pipe()
+    try:
+        await Supervisor(box_dir).run(notify_w)
+        assert os.read(notify_r, 2) == b""  # closed without "ok": the starter sees a failed start
+    finally:
+        os.close(notify_r)
+    await asyncio.sleep(0.2)
+    assert not mark.exists() and sorted(p.name for p in box_dir.iterdir()) == before
+    assert boxes.store.get_box(box_id).supervisor_pid is None  # type: ignore[union-attr]
+
+
+def test_without_a_record_of_that_start_a_stale_one_fails_as_before(tmp_path: Path) -> None:
+    boxes = _boxes(tmp_path)
+    box_id, _ = _marked(boxes, _dead_pid(), recorded=False)
+    assert boxes.record(box_id).status == BoxStatus.STARTING  # recent: under way, as far as anyone knows
+    old, _ = _marked(boxes, _dead_pid(), age=120, recorded=False)
+    assert boxes.record(old).status == BoxStatus.FAILED
