@@ -321,3 +321,29 @@ async def test_a_migration_to_a_server_that_cannot_keep_the_id_is_refused_before
     finally:
         await target.close()
         await source.close()
+
+
+async def test_a_retried_upload_refused_as_a_duplicate_is_the_moves_own_import(api: InProcess, tmp_path: Path) -> None:
+    """The target committed the first upload and restarted before it answered; the client's
+    retry is refused (the id is taken): the move finds its own import there and goes on."""
+
+    class Retried(RemoteBackend):
+        async def import_stream(self, archive, name, untrusted, label, box_id=None, nonce=None):  # type: ignore[no-untyped-def]
+            assert box_id is not None and name is not None
+            _record(api.backend, name, box_id, {"migration": nonce})  # the first attempt's commit
+            # the retry (its body never read: the server refuses the taken id first)
+            return await super().import_stream(_empty, name, untrusted, label, box_id, nonce)
+
+    async def _empty() -> AsyncIterator[bytes]:
+        yield b""
+
+    source = LocalBackend(Home.default(tmp_path / "source"))
+    target = Retried("http://127.0.0.1", TOKEN, transport=httpx.ASGITransport(app=api.app))
+    try:
+        mover = secrets.token_hex(16)
+        _record(source, "mover", mover)
+        moved = await migrate.migrate(source, "mover", target)
+        assert moved.id == mover and moved.name == "mover" and await source.get(mover) is None
+    finally:
+        await target.close()
+        await source.close()
