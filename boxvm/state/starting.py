@@ -89,7 +89,9 @@ def discard(box_dir: Path, token: float) -> None:
 
 def discard_leftovers(box_dir: Path, token: float) -> None:
     """Records of starts settled without their process (killed after the supervisor took
-    the box), removed by the next start once it holds the mark."""
+    the box), removed by the next start once it holds the mark (and an older boxvm's
+    ``start.json``, never read now)."""
+    (box_dir / "start.json").unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         for entry in os.scandir(box_dir):
             if entry.name.startswith(_PREFIX) and entry.name.endswith(_SUFFIX):
