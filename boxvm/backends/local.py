@@ -168,38 +168,43 @@ class LocalBackend(templates.TemplateOps, Backend):
             starting.discard(box_dir, token)  # a racing start won: its own record stays
             raise InvalidState(f"box {rec.name!r} changed status while starting: try again")
         faults.point("start:marked")
-        starting.discard_leftovers(box_dir, token)
-        await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
-        await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
-        opts = BoxOptions.from_dict(rec.options)
-        warmed = None  # its machine's template, if it resumes one (a failed resume boots cold: fall_back)
-        if warm and not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:
-            warmed = await asyncio.to_thread(templates.warm_into, self.home, self.store, box_dir, rec)
-            resume = warmed is not None
-        ram_file, ram_shared, plan = box_dir / memory.RAM, True, {}
-        if resume:
-            ram_file, ram_shared, plan = await asyncio.to_thread(resume_plan, box_dir, rec)
-        else:  # a cold boot starts from fresh, empty RAM
-            await asyncio.to_thread(memory.fresh_ram, box_dir, opts.memory_mib)
-        accel = self._accel_choice()
-        spec = qemu.VmSpec(
-            box_dir=box_dir,
-            kernel=bundle.kernel,
-            initramfs=bundle.initramfs,
-            disk=self.layers.live_link(box_dir, 0),  # the supervisor links it to the top
-            guest_disk=box_dir / "guest-rootfs.qcow2",
-            cpus=opts.cpus,
-            memory_mib=opts.memory_mib,
-            network=opts.network,
-            ports=opts.ports,
-            mac=rec.mac,
-            hostname=rec.name,
-            machine_id=rec.id,
-            memory_file=ram_file,
-            memory_shared=ram_shared,
-            incoming=resume,
-            tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
-        )
+        try:  # nothing runs yet: a failure here puts the box back (its owner lives on: never undone by recovery)
+            starting.discard_leftovers(box_dir, token)
+            await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
+            await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
+            opts = BoxOptions.from_dict(rec.options)
+            warmed = None  # its machine's template, if it resumes one (a failed resume boots cold: fall_back)
+            if warm and not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:
+                warmed = await asyncio.to_thread(templates.warm_into, self.home, self.store, box_dir, rec)
+                resume = warmed is not None
+            ram_file, ram_shared, plan = box_dir / memory.RAM, True, {}
+            if resume:
+                ram_file, ram_shared, plan = await asyncio.to_thread(resume_plan, box_dir, rec)
+            else:  # a cold boot starts from fresh, empty RAM
+                await asyncio.to_thread(memory.fresh_ram, box_dir, opts.memory_mib)
+            accel = self._accel_choice()
+            spec = qemu.VmSpec(
+                box_dir=box_dir,
+                kernel=bundle.kernel,
+                initramfs=bundle.initramfs,
+                disk=self.layers.live_link(box_dir, 0),  # the supervisor links it to the top
+                guest_disk=box_dir / "guest-rootfs.qcow2",
+                cpus=opts.cpus,
+                memory_mib=opts.memory_mib,
+                network=opts.network,
+                ports=opts.ports,
+                mac=rec.mac,
+                hostname=rec.name,
+                machine_id=rec.id,
+                memory_file=ram_file,
+                memory_shared=ram_shared,
+                incoming=resume,
+                tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
+            )
+        except BaseException:
+            if self.store.roll_back_start(rec.id, token, rec.status, rec.started_at):
+                starting.discard(box_dir, token)
+            raise
         try:
             argv = qemu.argv(spec, accel)
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
