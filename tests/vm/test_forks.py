@@ -122,9 +122,9 @@ async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
 ) -> None:
     """A fork's RAM is private (no file holds it): its own memory snapshot and suspend save
     the RAM in the migration stream, and resume it into a RAM file of its own. This fork's
-    supervisor is told to give the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``): both
-    take the stop-and-copy fallback, and the box's timings say so. (The live path: test_memory's
-    busy guest, test_memory_transfer's fork suspend.)"""
+    supervisor is told to give the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``): its
+    memory snapshot takes the stop-and-copy fallback (a suspend always does), and the box's
+    timings say so. (The live path: test_memory's busy guest.)"""
     monkeypatch.setenv("BOXVM_PRECOPY_MAX_S", "0")  # inherited by the fork's supervisor only
     fork = await (await via(rt, parent)).clone("fork-own", CloneOptions(from_snapshot="m", start_after_clone=True))
     monkeypatch.delenv("BOXVM_PRECOPY_MAX_S")

@@ -124,9 +124,9 @@ async def test_damaged_state_leaves_a_stopped_box_that_boots_cold(fresh_box: box
 async def test_sigkill_during_suspend_or_memory_snapshot_leaves_a_box_that_boots_cold(
     rt: boxvm.Runtime, local: LocalBackend, monkeypatch: pytest.MonkeyPatch, point: str, warm: bool
 ) -> None:
-    """``warm``: a warm-started box (private RAM): killed in its live save's switch-over
-    (QEMU holding the vCPUs stopped in ``pre-switchover``) or after it; its first start is
-    a resume, not a boot."""
+    """``warm``: a warm-started box (private RAM, saved in the migration stream): killed in
+    its save's switch-over (QEMU holding the vCPUs stopped in ``pre-switchover``) or after
+    it; its first start is a resume, not a boot."""
     options = boxvm.BoxOptions(image="boxvm/slim") if warm else boxvm.BoxOptions(warm=False)
     box = await rt.create(options, name=f"t-sigkill-{os.urandom(3).hex()}")
     try:
