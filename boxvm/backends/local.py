@@ -262,6 +262,9 @@ class LocalBackend(templates.TemplateOps, Backend):
         rule = require(Operation.STOP, rec.name, rec.status, rec.operation)
         if not self.store.transition(rec.id, rule.holds, {rec.status}):
             raise InvalidState(f"box {rec.name!r} changed status while stopping: try again")
+        # Read again now that it left ``starting``: a supervisor may have registered since;
+        # none can register, nor record its QEMU, from now on, so these pids are final.
+        rec = self.store.get_box(rec.id) or rec
         try:
             conn = await self.state.conns.get(rec.id, rec.name)
             await conn.request("stop", timeout=timeout)

@@ -94,7 +94,19 @@ class Supervisor(MemoryOps):
             failed = f"QEMU could not be started: {exc}"
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
         os.chmod(self.dir / "ctl.sock", 0o600)
-        self.store.update_box(self.box_id, qemu_pid=self.qemu.pid if self.qemu else None)
+        qemu_pid = self.qemu.pid if self.qemu else None
+        if self.start_token is None:
+            self.store.update_box(self.box_id, qemu_pid=qemu_pid)
+        elif not self.store.record_start_qemu(self.box_id, self.start_token, os.getpid(), qemu_pid):
+            # A stop or remove --force took the box after this supervisor registered: it
+            # killed with the pids it read then, so this VM must not outlive it.
+            log.error("box %s: stopped while starting; its QEMU is killed", self.box_id)
+            if self.qemu is not None and self.qemu.returncode is None:
+                self.qemu.kill()
+                await self.qemu.wait()
+            server.close()
+            os.close(notify_fd)  # the starter, if alive, sees a failed start
+            return
         os.write(notify_fd, b"ok")
         os.close(notify_fd)
         if self.qemu is None:

@@ -425,14 +425,19 @@ class Boxes:
         """Force a running box down (remove --force, a failed start or stop). If it is no
         longer live, whoever moved it on owns it; the pids are checked before any kill."""
         self.store.transition(rec.id, BoxStatus.STOPPING, LIVE, during_operation=True)
-        for pid in (rec.qemu_pid, rec.supervisor_pid):
+        # Read again after the box left ``starting``: a supervisor may have registered since
+        # ``rec`` was read, and none can register (nor record its QEMU) from now on.
+        now = self.store.get_box(rec.id)
+        pids = {rec.qemu_pid, rec.supervisor_pid}
+        if now is not None and now.started_at == rec.started_at:  # still that start's (not a later one's)
+            pids |= {now.qemu_pid, now.supervisor_pid}
+        pids.discard(None)
+        for pid in pids:
             if pid is not None and pid_is(pid, rec.id):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(
-            p is not None and pid_is(p, rec.id) for p in (rec.qemu_pid, rec.supervisor_pid)
-        ):
+        while time.monotonic() < deadline and any(p is not None and pid_is(p, rec.id) for p in pids):
             await asyncio.sleep(0.02)
 
 

@@ -351,6 +351,17 @@ class Store:
         cur = self._db.execute(f"UPDATE boxes SET supervisor_pid = :pid, qemu_pid = :qemu {self._STANDS}", params)
         return cur.rowcount == 1
 
+    def record_start_qemu(self, box_id: str, token: float, pid: int, qemu_pid: int | None) -> bool:
+        """The registered supervisor records its QEMU -- only while the box is still its start's
+        (False: a stop or remove --force took the box meanwhile and killed with the pids it read)."""
+        params = {"qemu": qemu_pid, "_id": box_id, "_token": token, "_pid": pid}
+        cur = self._db.execute(
+            "UPDATE boxes SET qemu_pid = :qemu WHERE id = :_id AND status = 'starting' AND started_at = :_token"
+            " AND supervisor_pid = :_pid",
+            params,
+        )
+        return cur.rowcount == 1
+
     def roll_back_start(self, box_id: str, token: float, prior: BoxStatus, prior_started_at: float | None) -> bool:
         """Recovery puts a start no supervisor took back to the status it began from."""
         params = {"prior": prior.value, "was": prior_started_at, "_id": box_id, "_token": token}

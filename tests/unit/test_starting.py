@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,3 +152,61 @@ def test_without_a_record_of_that_start_a_stale_one_fails_as_before(tmp_path: Pa
     assert boxes.record(box_id).status == BoxStatus.STARTING  # recent: under way, as far as anyone knows
     old, _ = _marked(boxes, _dead_pid(), age=120, recorded=False)
     assert boxes.record(old).status == BoxStatus.FAILED
+
+
+async def test_a_stop_during_a_start_kills_a_supervisor_that_registered_after_the_box_was_read(
+    tmp_path: Path,
+) -> None:
+    """Stop (or remove --force) reads the box with no supervisor yet; the supervisor then
+    registers; the kill must use the pids read after the box left ``starting``, or a VM runs
+    on while the box says stopped."""
+    boxes = _boxes(tmp_path)
+    box_id, token = _marked(boxes, os.getpid())
+    rec = boxes.store.get_box(box_id)
+    assert rec is not None and rec.supervisor_pid is None
+    late = subprocess.Popen(["sh", "-c", "sleep 30", box_id])  # "its supervisor": the box's id in its argv
+    try:
+        assert boxes.store.register_supervisor(box_id, token, late.pid, None)
+        await boxes.kill(rec)
+        assert late.wait(timeout=5) is not None
+    finally:
+        late.kill()
+        late.wait()
+    assert not boxes.store.record_start_qemu(box_id, token, late.pid, 4242)  # no QEMU recorded once stopping
+
+
+class _StoppedOnRegistration(Store):
+    """A stop that lands right after the supervisor registered (the box leaves ``starting``)."""
+
+    def register_supervisor(self, box_id: str, token: float, pid: int, qemu_pid: int | None) -> bool:
+        ok = super().register_supervisor(box_id, token, pid, qemu_pid)
+        assert self.transition(box_id, BoxStatus.STOPPING, {BoxStatus.STARTING})
+        return ok
+
+
+async def test_a_supervisor_whose_box_was_stopped_after_it_registered_kills_its_qemu(tmp_path: Path) -> None:
+    short = Path(tempfile.mkdtemp(prefix="sf", dir="/tmp"))  # its ctl.sock path must fit AF_UNIX
+    try:
+        await _stopped_after_registration(_boxes(short), tmp_path)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+
+
+async def _stopped_after_registration(boxes: Boxes, tmp_path: Path) -> None:
+    box_id, token = _marked(boxes, os.getpid())
+    box_dir = boxes.home.box_dir(box_id)
+    (box_dir / TOP).write_bytes(b"")
+    pidfile = tmp_path / "qemu.pid"
+    config = {"box_id": box_id, "argv": ["sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"], "db": str(boxes.home.db)}
+    (box_dir / "vm.json").write_text(json.dumps(config | {"home": str(boxes.home.root), "start": token}))
+    supervisor = Supervisor(box_dir)
+    supervisor.store = _StoppedOnRegistration(boxes.home.db)
+    notify_r, notify_w = os.pipe()
+    try:
+        await asyncio.wait_for(supervisor.run(notify_w), 10)
+        assert os.read(notify_r, 2) == b""  # no "ok": the starter sees a failed start
+    finally:
+        os.close(notify_r)
+    assert supervisor.qemu is not None and supervisor.qemu.returncode is not None  # its "QEMU" is gone
+    rec = boxes.store.get_box(box_id)
+    assert rec is not None and rec.status == BoxStatus.STOPPING and rec.qemu_pid is None
