@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from boxvm import faults
-from boxvm.errors import EngineError, StorageError
+from boxvm.errors import EngineError, InvalidState, StorageError
 
 RAM = "memory.ram"
 BASE = "memory.base"  # a fork's read-only view of a snapshot's RAM (mapped share=off)
@@ -88,6 +88,19 @@ async def settled(qmp: Qmp) -> None:
         await asyncio.sleep(0.0005)
 
 
+async def check_savable(qmp: Qmp) -> None:
+    """Refuse a save of a VM an earlier save left stopped (``postmigrate``: a memory snapshot
+    of a paused box, or a client's pause during one). QEMU 7.2 refuses another migration then
+    ("paused due to previous migration"), and only ``cont``, which runs the guest, makes it
+    migratable again and reactivates its block devices (``blockdev-set-active`` is QEMU 10):
+    boxvm never runs a guest a client paused, so the client resumes it first."""
+    if await qmp.status() == "postmigrate":
+        raise InvalidState(
+            "the box is paused since a memory snapshot and QEMU cannot save its memory again until it runs: "
+            "resume the box, then snapshot or suspend it"
+        )
+
+
 async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, float]:
     """Stop the vCPUs and write the device state next to the RAM file (a suspend). A box
     whose RAM is private saves it with ``memory_live`` instead.
@@ -111,6 +124,7 @@ async def save(qmp: Qmp, box_dir: Path, shape: dict[str, Any]) -> dict[str, floa
 async def _write_state(qmp: Qmp, directory: Path) -> Path:
     """Migrate the stopped VM's device state (not the RAM: it is in its file) into a
     temporary file."""
+    await check_savable(qmp)
     tmp = directory / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
     await qmp.migrate_set_capabilities({"x-ignore-shared": True, "pause-before-switchover": False})

@@ -85,7 +85,9 @@ async def save(
     block devices inactive) for the caller to quit or a client to ``cont``.
 
     ``limit_s`` <= 0 stops the guest first: the migration is then a plain stop-and-copy
-    (the baseline this replaced). A failure cancels the migration and raises."""
+    (the baseline this replaced). A failure cancels the migration and raises; a VM an
+    earlier save left stopped is refused (``memory.check_savable``)."""
+    await memory.check_savable(qmp)
     tmp.unlink(missing_ok=True)
     await qmp.migrate_set_capabilities({"x-ignore-shared": False, "pause-before-switchover": True, "events": True})
     await qmp.migrate_set_parameters({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH})

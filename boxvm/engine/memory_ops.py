@@ -157,6 +157,7 @@ class MemoryOps:
         dest = self.dir / memory.CAPTURE
         private = bool(self.resume_plan.get("private"))
         async with self.capture_lock:
+            await memory.check_savable(self.qmp)  # before the RAM copy of a box whose RAM is its own
             await self.settle()
             await asyncio.to_thread(memory.fresh_dir, dest)
             capture = _capture_stream if private else _capture_file
