@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,13 +55,18 @@ def _path(box_dir: Path, token: float) -> Path:
 def record(box_dir: Path, start: Start) -> None:
     """Written, durably, before the box is marked ``starting`` (a crash before the mark
     leaves a record no start matches, which is never read)."""
-    tmp = box_dir / f".{_PREFIX}{os.getpid()}.tmp"
+    # A temp name of its own: two starts of one box in one process (threads) must not share one.
+    fd, tmp = tempfile.mkstemp(prefix=f".{_PREFIX}", suffix=".tmp", dir=box_dir)
     data = {"token": start.token, "prior": start.prior.value, "prior_started_at": start.prior_started_at}
-    with tmp.open("w") as f:
-        json.dump(data | {"owner": start.owner, "owner_since": start.owner_since}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, _path(box_dir, start.token))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data | {"owner": start.owner, "owner_since": start.owner_since}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, _path(box_dir, start.token))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     fd = os.open(box_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

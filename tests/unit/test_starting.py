@@ -5,6 +5,7 @@ supervisor's registration exclude each other (one compare-and-set on the start's
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -210,3 +211,19 @@ async def _stopped_after_registration(boxes: Boxes, tmp_path: Path) -> None:
     assert supervisor.qemu is not None and supervisor.qemu.returncode is not None  # its "QEMU" is gone
     rec = boxes.store.get_box(box_id)
     assert rec is not None and rec.status == BoxStatus.STOPPING and rec.qemu_pid is None
+
+
+def test_two_starts_of_one_box_in_one_process_each_write_their_own_record(tmp_path: Path) -> None:
+    """Threads of one server share its pid: a temp name made from the pid alone was shared
+    (FileNotFoundError for one, the other's record under the wrong token)."""
+    for _ in range(100):
+        box_dir = Path(tempfile.mkdtemp(dir=tmp_path))
+        tokens = [time.time(), time.time() + 1]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(starting.record, box_dir, starting.mine(t, BoxStatus.SUSPENDED, None)) for t in tokens]
+            for future in done:
+                future.result()
+        for token in tokens:
+            start = starting.read(box_dir, token)
+            assert start is not None and start.token == token
+        assert not [p for p in box_dir.iterdir() if p.name.endswith(".tmp")]
