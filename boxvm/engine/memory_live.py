@@ -80,8 +80,9 @@ async def save(
 ) -> Outcome:
     """Migrate the VM, RAM included, into ``tmp`` while it runs; ``at_stop`` runs once the
     vCPUs are stopped for the switch-over (block devices still active). A VM that was
-    running runs again (``cont``) the moment the migration is done if ``resume()`` says so
-    then (not if a client paused it meanwhile); else it is left stopped (``postmigrate``,
+    running runs again (``cont``) after the start's short stop and the moment the migration
+    is done if ``resume()`` says so then (not if a client paused it meanwhile: the copy then
+    goes on as a stop-and-copy); else it is left stopped (``postmigrate``,
     block devices inactive) for the caller to quit or a client to ``cont``.
 
     ``limit_s`` <= 0 stops the guest first: the migration is then a plain stop-and-copy
@@ -120,6 +121,8 @@ async def save(
                     stopped_at = _stamp(event)
                 elif name == "MIGRATION_PASS":
                     seen = int(data.get("pass", seen))
+                    if started_paused and resume is not None and not resume():  # a client paused it meanwhile
+                        started_paused, live, fallback, stopped_at = False, False, "paused by a client", t0_wall
                     if started_paused:  # the dirty log is on: the guest runs during the copy
                         started_paused = False
                         try:

@@ -139,8 +139,13 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
     saved = await memory_live.save(monitor, work / "state", None, resume=lambda: True, limit_s=0)
     assert saved.fallback == "stop-and-copy asked for" and await monitor.status() == "running"
 
-    # A client paused the box meanwhile (the supervisor's op_pause: ``resume()`` is False at the end).
-    await memory_live.save(monitor, work / "state", monitor.stop, resume=lambda: False)
+    # A client paused the box meanwhile, here during the stop across the migration's start
+    # (the supervisor's op_pause: ``resume()`` is False from then on): the guest never runs again.
+    with monitor.listen("RESUME") as resumed:
+        saved = await memory_live.save(monitor, work / "state", monitor.stop, resume=lambda: False)
+        with pytest.raises(TimeoutError):
+            await resumed.next(0.2)
+    assert saved.fallback == "paused by a client"
     assert await monitor.status() == "postmigrate"  # left stopped; the client's resume is a cont
     # QEMU 7.2 refuses to migrate it again ("paused due to previous migration"): boxvm says to
     # resume the box first rather than run the guest itself; a disk capture still works.
