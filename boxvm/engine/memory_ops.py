@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,12 +163,16 @@ class MemoryOps:
             await asyncio.to_thread(memory.fresh_dir, dest)
             capture = _capture_stream if private else _capture_file
             try:
-                result = await capture(self, dest)
-            finally:
-                if self.unpublished is None:  # the switch did not happen
-                    (self.dir / PENDING).unlink(missing_ok=True)
-                await self.settle()
-            await asyncio.to_thread(memory.seal, dest, shape, "stream" if private else "file")
+                try:
+                    result = await capture(self, dest)
+                finally:
+                    if self.unpublished is None:  # the switch did not happen
+                        (self.dir / PENDING).unlink(missing_ok=True)
+                    await self.settle()
+                await asyncio.to_thread(memory.seal, dest, shape, "stream" if private else "file")
+            except BaseException:  # the state or the RAM copy is RAM-sized: not kept until the next capture
+                await asyncio.to_thread(shutil.rmtree, dest, True)
+                raise
         return result
 
 
