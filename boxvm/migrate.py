@@ -181,8 +181,8 @@ async def _migrate(
             objstore.parse(obj)
         journal = Journal(info.id, name, _where(target), obj, resume=info.status in _UP, nonce=secrets.token_hex(16))
         _save(path, journal)
-    elif not journal.nonce:  # begun before moves had nonces: one now (that version's import is not adopted)
-        journal.nonce = secrets.token_hex(16)
+    elif not journal.nonce and not _past_import(journal):  # begun before moves had nonces: one now
+        journal.nonce = secrets.token_hex(16)  # (an import that version did but did not record is not adopted)
         _save(path, journal)
     if journal.target != _where(target):
         raise InvalidState(f"box {name!r} is being moved to {journal.target}: run migrate again with that target")
@@ -202,11 +202,17 @@ async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:
     return info if info is not None and info.id == journal.box_id else None
 
 
+def _past_import(journal: Journal) -> bool:
+    """Whether the journal records the target's import as done."""
+    return journal.phase in (("imported",) if journal.object else ("imported", "released"))
+
+
 async def _moved(target: Backend, journal: Journal) -> BoxInfo | None:
     """The journal's box on the target: this move's import of it (id, name and nonce), not
-    a box someone else imported under its id."""
+    a box someone else imported under its id. A journal from before nonces is past its
+    import (else it has one now): its box is the one under its id and name with no nonce."""
     info = await _this(target, journal)
-    if info is None or info.name != journal.box_name or info.migration != journal.nonce:
+    if info is None or info.name != journal.box_name or info.migration != (journal.nonce or None):
         return None
     return info
 

@@ -292,6 +292,35 @@ async def test_a_migration_adopts_only_its_own_import_never_a_box_a_caller_put_u
         await source.close()
 
 
+async def test_a_migration_journaled_before_nonces_past_its_import_finishes(api: InProcess, tmp_path: Path) -> None:
+    """A journal an older boxvm wrote (no nonce) after the target's import: its box there has
+    no nonce either; the re-run adopts it (and removes the source's copy if still there),
+    never a box under its id and name that another move marked."""
+    source, target = LocalBackend(Home.default(tmp_path / "source")), api.client(TOKEN)
+    path = tmp_path / "source" / "migrations" / "mover.json"
+    path.parent.mkdir(parents=True)
+    try:
+        for phase in ("imported", "released"):
+            mover = secrets.token_hex(16)
+            if phase == "imported":  # the source's copy is removed after this step
+                _record(source, "mover", mover)
+            _record(api.backend, "mover", mover)  # what the old version's import left: no nonce
+            migrate._save(path, migrate.Journal(mover, "mover", target.url, "", phase))
+            moved = await migrate.migrate(source, "mover", target)
+            assert moved.id == mover and moved.migration is None, phase
+            assert await source.get(mover) is None and not path.exists()
+            await api.backend.remove(mover, True)
+        _record(api.backend, "mover", mover, {"migration": secrets.token_hex(16)})
+        journal = migrate.Journal(mover, "mover", target.url, "", "released")
+        migrate._save(path, journal)
+        with pytest.raises(boxvm.BoxNotFound, match="vanished from the target"):
+            await migrate.migrate(source, "mover", target)
+        assert migrate._load(path) == journal  # no nonce made up past the import
+    finally:
+        await target.close()
+        await source.close()
+
+
 async def test_rest_import_takes_a_box_id_only_with_a_migration_nonce(api: InProcess) -> None:
     api.http.headers.update(AUTH)
     box_id, nonce = secrets.token_hex(16), secrets.token_hex(16)
