@@ -26,6 +26,7 @@ from boxvm.backends.remote import RemoteBackend
 from boxvm.options import TemplateInfo
 from boxvm.paths import Home
 from boxvm.server.app import Idempotency
+from boxvm.state import clones
 from boxvm.store import BoxRecord
 from tests.helpers import InProcess, in_process
 
@@ -319,6 +320,16 @@ async def test_a_migration_journaled_before_nonces_past_its_import_finishes(api:
     finally:
         await target.close()
         await source.close()
+
+
+def test_a_clone_of_a_migrated_box_carries_no_migration_nonce() -> None:
+    """The nonce marks the import of one box: a clone that kept it would be that import to a
+    move re-run with its journal."""
+    options = {"memory_mib": 256, "migration": secrets.token_hex(16)}
+    status, mac = boxvm.BoxStatus.STOPPED, "52:54:00:00:00:03"
+    src = BoxRecord(id=secrets.token_hex(16), name="m", status=status, image="x", options=options, mac=mac)
+    made = clones._clone_record(src, secrets.token_hex(16), "c", {}, None)
+    assert made.options == {"memory_mib": 256} and src.options["migration"]
 
 
 async def test_rest_import_takes_a_box_id_only_with_a_migration_nonce(api: InProcess) -> None:
