@@ -221,7 +221,8 @@ class LocalBackend(templates.TemplateOps, Backend):
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
-            await self._abort_start(rec, token, exc)
+            if await self._abort_start(rec, token, exc):
+                raise  # nothing ran: the box is where it began (a template's disks stay for the next start)
             if (
                 warmed is not None
                 and isinstance(exc, Exception)
@@ -235,13 +236,18 @@ class LocalBackend(templates.TemplateOps, Backend):
         self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
         return self.boxes.info(self.boxes.record(rec.id))
 
-    async def _abort_start(self, rec: BoxRecord, token: float, exc: BaseException) -> None:
-        """Stop what this start ran and mark the box failed -- only while the box is still this
-        start's (its token): never another start's processes, nor a box undone or removed."""
+    async def _abort_start(self, rec: BoxRecord, token: float, exc: BaseException) -> bool:
+        """Put the box back where it began if no supervisor took it (True); else stop what this
+        start ran and mark the box failed -- only while the box is still this start's (its
+        token): never another start's processes, nor a box undone or removed."""
+        rolled_back = self.store.roll_back_start(rec.id, token, rec.status, rec.started_at)
         starting.discard(self.home.box_dir(rec.id), token)
+        if rolled_back:  # a supervisor spawned but not registered yet finds its start gone and exits
+            await self.state.conns.drop(rec.id)
+            return True
         fresh = self.store.get_box(rec.id)
         if fresh is None or fresh.started_at != token:
-            return
+            return False
         await self.boxes.kill(fresh)
         await self.state.conns.drop(rec.id)
         tail = _tail(self.home.box_dir(rec.id) / "console.log")
@@ -255,6 +261,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         if isinstance(exc, EngineError):
             exc.message = message
             exc.args = (message,)
+        return False
 
     async def stop(self, box_id: str, timeout: float) -> BoxInfo:
         t0 = time.monotonic()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from boxvm.images import ImageStore
 from boxvm.paths import Home
 from boxvm.progress import silent
 from boxvm.state import starting
-from boxvm.state.boxes import Boxes
+from boxvm.state.boxes import Boxes, pid_is
 from boxvm.state.context import Context
 from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
@@ -38,6 +39,16 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def _fake_supervisor(box_id: str) -> subprocess.Popen[bytes]:
+    """A process that passes for the box's supervisor (the box's id in its argv; the shell
+    stays), once it does."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 30; exit 0", box_id])
+    deadline = time.monotonic() + 5
+    while not pid_is(proc.pid, box_id) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
 
 
 def _marked(
@@ -165,11 +176,11 @@ async def test_a_stop_during_a_start_kills_a_supervisor_that_registered_after_th
     box_id, token = _marked(boxes, os.getpid())
     rec = boxes.store.get_box(box_id)
     assert rec is not None and rec.supervisor_pid is None
-    late = subprocess.Popen(["sh", "-c", "sleep 30", box_id])  # "its supervisor": the box's id in its argv
+    late = _fake_supervisor(box_id)
     try:
         assert boxes.store.register_supervisor(box_id, token, late.pid, None)
         await boxes.kill(rec)
-        assert late.wait(timeout=5) is not None
+        assert not pid_is(late.pid, box_id)  # killed (kill waits for it)
     finally:
         late.kill()
         late.wait()
@@ -227,3 +238,35 @@ def test_two_starts_of_one_box_in_one_process_each_write_their_own_record(tmp_pa
             start = starting.read(box_dir, token)
             assert start is not None and start.token == token
         assert not [p for p in box_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_a_start_that_fails_before_its_supervisor_took_the_box_puts_it_back(tmp_path: Path) -> None:
+    """A failure in the starter itself (QEMU's argv, vm.json, the zygote refusing a fork, a
+    supervisor that died before registering): a suspended box stays suspended with its memory
+    state, not failed. Once a supervisor registered, the abort kills it and marks the box failed."""
+    backend = LocalBackend(Home.default(tmp_path))
+    try:
+        box_id, token = _marked(backend.boxes, os.getpid())
+        now = backend.store.get_box(box_id)
+        assert now is not None
+        prior = dataclasses.replace(now, status=BoxStatus.SUSPENDED, started_at=1000.0)  # what the start read
+        assert await backend._abort_start(prior, token, RuntimeError("the zygote refused to fork"))
+        back = backend.store.get_box(box_id)
+        assert back is not None and back.status == BoxStatus.SUSPENDED and back.started_at == 1000.0
+        assert starting.read(backend.home.box_dir(box_id), token) is None  # settled
+        assert not backend.store.register_supervisor(box_id, token, os.getpid(), None)  # a late one exits
+
+        box_id, token = _marked(backend.boxes, os.getpid())
+        sup = _fake_supervisor(box_id)
+        try:
+            assert backend.store.register_supervisor(box_id, token, sup.pid, None)
+            prior = dataclasses.replace(prior, id=box_id)
+            assert not await backend._abort_start(prior, token, RuntimeError("wait_ready timed out"))
+            assert not pid_is(sup.pid, box_id)
+        finally:
+            sup.kill()
+            sup.wait()
+        failed = backend.store.get_box(box_id)
+        assert failed is not None and failed.status == BoxStatus.FAILED
+    finally:
+        await backend.close()
