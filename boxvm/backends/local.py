@@ -9,6 +9,7 @@ to it over the box's control socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -161,7 +162,13 @@ class LocalBackend(templates.TemplateOps, Backend):
             self.store.update_box(rec.id, guest_bundle=bundle.id)
         box_dir = self.home.box_dir(rec.id)
         token = time.time()  # what it started from, for recovery if this process dies before the supervisor runs
-        await asyncio.to_thread(starting.record, box_dir, starting.mine(token, rec.status, rec.started_at))
+        mine = starting.mine(token, rec.status, rec.started_at)
+        write = asyncio.ensure_future(asyncio.to_thread(starting.record, box_dir, mine))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:  # the thread writes on: its record goes once written (nothing is marked)
+            write.add_done_callback(lambda _: starting.discard(box_dir, token))
+            raise
         if not self.store.transition(
             rec.id, rule.holds, {rec.status}, supervisor_pid=None, qemu_pid=None, error=None, started_at=token,
         ):  # fmt: skip
@@ -202,8 +209,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                 tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
             )
         except BaseException:
-            if self.store.roll_back_start(rec.id, token, rec.status, rec.started_at):
-                starting.discard(box_dir, token)
+            self._roll_back(rec, mine)  # no supervisor was spawned: its record goes whatever happened
             raise
         try:
             argv = qemu.argv(spec, accel)
@@ -221,7 +227,7 @@ class LocalBackend(templates.TemplateOps, Backend):
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
-            if await self._abort_start(rec, token, exc):
+            if await self._abort_start(rec, mine, exc):
                 raise  # nothing ran: the box is where it began (a template's disks stay for the next start)
             if (
                 warmed is not None
@@ -236,13 +242,26 @@ class LocalBackend(templates.TemplateOps, Backend):
         self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
         return self.boxes.info(self.boxes.record(rec.id))
 
-    async def _abort_start(self, rec: BoxRecord, token: float, exc: BaseException) -> bool:
+    def _roll_back(self, rec: BoxRecord, start: starting.Start) -> bool:
+        """Put the box back where the start began if no supervisor took it (True); its record
+        goes either way. If the store fails here, the record names no owner any more, so
+        recovery undoes the start instead of leaving it ``starting`` for this process's life."""
+        box_dir = self.home.box_dir(rec.id)
+        try:
+            back = self.store.roll_back_start(rec.id, start.token, start.prior, start.prior_started_at)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                starting.give_up(box_dir, start)  # (its record stays, for recovery)
+            raise
+        starting.discard(box_dir, start.token)
+        return back
+
+    async def _abort_start(self, rec: BoxRecord, start: starting.Start, exc: BaseException) -> bool:
         """Put the box back where it began if no supervisor took it (True); else stop what this
         start ran and mark the box failed -- only while the box is still this start's (its
         token): never another start's processes, nor a box undone or removed."""
-        rolled_back = self.store.roll_back_start(rec.id, token, rec.status, rec.started_at)
-        starting.discard(self.home.box_dir(rec.id), token)
-        if rolled_back:  # a supervisor spawned but not registered yet finds its start gone and exits
+        token = start.token
+        if self._roll_back(rec, start):  # a supervisor spawned but not registered yet finds its start gone and exits
             await self.state.conns.drop(rec.id)
             return True
         fresh = self.store.get_box(rec.id)

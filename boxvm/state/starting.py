@@ -74,6 +74,13 @@ def record(box_dir: Path, start: Start) -> None:
         os.close(fd)
 
 
+def give_up(box_dir: Path, start: Start) -> None:
+    """The start's own roll-back failed (the store raised): its record names no owner now
+    (pid 0, never a process's), so recovery undoes the start at the next look at the box
+    instead of waiting for this long-lived process to die."""
+    record(box_dir, Start(start.token, start.prior, start.prior_started_at, 0, None))
+
+
 def read(box_dir: Path, token: float | None) -> Start | None:
     """The record of the start whose token is ``token``."""
     if token is None:
@@ -109,7 +116,7 @@ def discard_leftovers(box_dir: Path, token: float) -> None:
 
 def owner_alive(start: Start) -> bool:
     """The start's own process still runs: its pid, with the start time it had then."""
-    since = process_start(start.owner)
+    since = process_start(start.owner) if start.owner > 0 else None
     return since is not None and (start.owner_since is None or since == start.owner_since)
 
 

@@ -10,10 +10,13 @@ import dataclasses
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import pytest
 
 from boxvm.backends.local import LocalBackend
 from boxvm.disks.layers import TOP, LayerStore
@@ -125,7 +128,8 @@ async def test_an_aborted_start_leaves_a_later_starts_box_alone(tmp_path: Path) 
     later = subprocess.Popen(["sh", "-c", "sleep 30", box_id])  # "its supervisor": the box's id in its argv
     try:
         assert backend.store.register_supervisor(box_id, token, later.pid, None)
-        await backend._abort_start(rec, token - 5, RuntimeError("the earlier start failed late"))
+        earlier = starting.Start(token - 5, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None)
+        await backend._abort_start(rec, earlier, RuntimeError("the earlier start failed late"))
         assert later.poll() is None
         now = backend.store.get_box(box_id)
         assert now is not None and now.status == BoxStatus.STARTING and now.supervisor_pid == later.pid
@@ -250,7 +254,8 @@ async def test_a_start_that_fails_before_its_supervisor_took_the_box_puts_it_bac
         now = backend.store.get_box(box_id)
         assert now is not None
         prior = dataclasses.replace(now, status=BoxStatus.SUSPENDED, started_at=1000.0)  # what the start read
-        assert await backend._abort_start(prior, token, RuntimeError("the zygote refused to fork"))
+        mine = starting.Start(token, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None)
+        assert await backend._abort_start(prior, mine, RuntimeError("the zygote refused to fork"))
         back = backend.store.get_box(box_id)
         assert back is not None and back.status == BoxStatus.SUSPENDED and back.started_at == 1000.0
         assert starting.read(backend.home.box_dir(box_id), token) is None  # settled
@@ -261,12 +266,45 @@ async def test_a_start_that_fails_before_its_supervisor_took_the_box_puts_it_bac
         try:
             assert backend.store.register_supervisor(box_id, token, sup.pid, None)
             prior = dataclasses.replace(prior, id=box_id)
-            assert not await backend._abort_start(prior, token, RuntimeError("wait_ready timed out"))
+            mine = starting.Start(token, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None)
+            assert not await backend._abort_start(prior, mine, RuntimeError("wait_ready timed out"))
             assert not pid_is(sup.pid, box_id)
         finally:
             sup.kill()
             sup.wait()
         failed = backend.store.get_box(box_id)
         assert failed is not None and failed.status == BoxStatus.FAILED
+    finally:
+        await backend.close()
+
+
+async def test_a_roll_back_that_raises_leaves_the_start_to_recovery_and_a_lost_one_leaves_no_record(
+    tmp_path: Path,
+) -> None:
+    """The starter's own roll-back failed (the store raised): the record must not keep naming
+    this live process, or the box stays ``starting`` for the server's life. One that lost (a
+    stop took the box first) removes its record all the same."""
+    backend = LocalBackend(Home.default(tmp_path))
+    try:
+        box_id, token = _marked(backend.boxes, os.getpid())
+        prior = backend.store.get_box(box_id)
+        assert prior is not None
+        mine = starting.Start(token, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None)
+
+        def broken(*_: object) -> bool:
+            raise sqlite3.OperationalError("database is locked")
+
+        backend.store.roll_back_start = broken  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            backend._roll_back(prior, mine)
+        del backend.store.roll_back_start
+        back = backend.boxes.record(box_id)  # the next look at the box undoes it
+        assert back.status == BoxStatus.SUSPENDED and back.started_at == 1000.0
+
+        box_id, token = _marked(backend.boxes, os.getpid())
+        assert backend.store.transition(box_id, BoxStatus.STOPPING, {BoxStatus.STARTING})  # a stop came first
+        prior = dataclasses.replace(prior, id=box_id)
+        assert not backend._roll_back(prior, starting.Start(token, BoxStatus.SUSPENDED, 1000.0, os.getpid(), None))
+        assert not [p for p in backend.home.box_dir(box_id).iterdir() if p.name.startswith("start")]
     finally:
         await backend.close()
