@@ -25,12 +25,14 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from boxvm.status import BoxStatus
 
 _PREFIX, _SUFFIX = "start-", ".json"
+_LEGACY = "start.json"  # an older boxvm's single record (its owner by pid alone)
 _LEFTOVER_S = 60.0  # a record this much older than a start that won the mark is no start's
 
 
@@ -82,16 +84,21 @@ def give_up(box_dir: Path, start: Start) -> None:
 
 
 def read(box_dir: Path, token: float | None) -> Start | None:
-    """The record of the start whose token is ``token``."""
+    """The record of the start whose token is ``token`` (or an older boxvm's ``start.json``
+    of it: a box that boxvm left ``starting``)."""
     if token is None:
         return None
-    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-        data = json.loads(_path(box_dir, token).read_text())
-        was = None if data["prior_started_at"] is None else float(data["prior_started_at"])
-        since = None if data.get("owner_since") is None else int(data["owner_since"])
-        start = Start(float(data["token"]), BoxStatus(data["prior"]), was, int(data["owner"]), since)
-        if start.token == token and not start.prior.is_live:
-            return start
+    for path in (_path(box_dir, token), box_dir / _LEGACY):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            data = json.loads(path.read_text())
+            was = None if data["prior_started_at"] is None else float(data["prior_started_at"])
+            since = None if data.get("owner_since") is None else int(data["owner_since"])
+            owner = int(data["owner"])
+            if path.name == _LEGACY and time.time() - token >= _LEFTOVER_S:
+                owner = 0  # its owner is known by pid alone: after its minute, no start (its rule then)
+            start = Start(float(data["token"]), BoxStatus(data["prior"]), was, owner, since)
+            if start.token == token and not start.prior.is_live:
+                return start
     return None
 
 
@@ -103,8 +110,8 @@ def discard(box_dir: Path, token: float) -> None:
 def discard_leftovers(box_dir: Path, token: float) -> None:
     """Records of starts settled without their process (killed after the supervisor took
     the box), removed by the next start once it holds the mark (and an older boxvm's
-    ``start.json``, never read now)."""
-    (box_dir / "start.json").unlink(missing_ok=True)
+    ``start.json``)."""
+    (box_dir / _LEGACY).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         for entry in os.scandir(box_dir):
             if entry.name.startswith(_PREFIX) and entry.name.endswith(_SUFFIX):

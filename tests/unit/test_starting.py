@@ -308,3 +308,18 @@ async def test_a_roll_back_that_raises_leaves_the_start_to_recovery_and_a_lost_o
         assert not [p for p in backend.home.box_dir(box_id).iterdir() if p.name.startswith("start")]
     finally:
         await backend.close()
+
+
+def test_a_start_an_older_boxvm_left_is_undone_from_its_start_json(tmp_path: Path) -> None:
+    """An older boxvm wrote one ``start.json`` (owner by pid alone): a box it left ``starting``
+    goes back to where it began (its owner dead, or its minute over), not to ``failed``."""
+    boxes = _boxes(tmp_path)
+    for owner, age, after in (
+        (_dead_pid(), 0, BoxStatus.SUSPENDED),
+        (os.getpid(), 120, BoxStatus.SUSPENDED),  # a live pid after a minute: its rule then
+        (os.getpid(), 0, BoxStatus.STARTING),
+    ):
+        box_id, token = _marked(boxes, owner, age=age, recorded=False)
+        legacy = {"token": token, "prior": "suspended", "prior_started_at": 1000.0, "owner": owner}
+        (boxes.home.box_dir(box_id) / "start.json").write_text(json.dumps(legacy))
+        assert boxes.record(box_id).status == after
