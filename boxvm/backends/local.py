@@ -211,6 +211,14 @@ class LocalBackend(templates.TemplateOps, Backend):
         except BaseException:
             self._roll_back(rec, mine)  # no supervisor was spawned: its record goes whatever happened
             raise
+        now = self.store.get_box(rec.id)
+        if now is None or now.status != BoxStatus.STARTING or now.started_at != token:
+            # A stop (or remove --force) took the box while this start prepared it: the sockets
+            # and vm.json may be a later start's by now, so this start touches nothing more.
+            starting.discard(box_dir, token)
+            if now is None:
+                raise NotFound(f"box {rec.name!r} was removed while it was starting")
+            raise InvalidState(f"box {rec.name!r} was stopped while it was starting: start it again")
         try:
             argv = qemu.argv(spec, accel)
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
