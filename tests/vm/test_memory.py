@@ -179,6 +179,14 @@ async def test_memory_snapshot_keeps_the_box_running_and_restore_resumes_it(fres
     await asyncio.sleep(0.5)
     _, running_on = await reading(box)
     assert running_on > before  # the box kept running
+    # A paused box's memory snapshot leaves QEMU unable to save it again until it runs
+    # (``postmigrate``): the next is refused, not run by boxvm, and the box stays paused.
+    await box.pause()
+    await box.snapshot.create("p", SnapshotOptions(memory=True))
+    with pytest.raises(InvalidState, match="resume the box"):
+        await box.snapshot.create("p2", SnapshotOptions(memory=True))
+    assert (await box.info()).status == BoxStatus.PAUSED and await box.snapshot.get("p2") is None
+    await box.resume()
     await box.stop()
     seen = set()
     for _ in range(2):  # the same saved state, resumed twice: its RNG must not repeat
