@@ -185,8 +185,12 @@ async def test_memory_snapshot_keeps_the_box_running_and_restore_resumes_it(fres
     await box.snapshot.create("p", SnapshotOptions(memory=True))
     with pytest.raises(InvalidState, match="resume the box"):
         await box.snapshot.create("p2", SnapshotOptions(memory=True))
+    with pytest.raises(InvalidState, match="resume the box"):
+        await box.suspend()
     assert (await box.info()).status == BoxStatus.PAUSED and await box.snapshot.get("p2") is None
+    await box.snapshot.create("d")  # a disk capture works there (QEMU's nodes inactive until the cont)
     await box.resume()
+    await sh(box, "echo on > /root/after-resume && sync")  # the disk as switched there takes writes
     await box.stop()
     seen = set()
     for _ in range(2):  # the same saved state, resumed twice: its RNG must not repeat
