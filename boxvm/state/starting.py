@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from boxvm.disks.layers import fsync_dir
 from boxvm.status import BoxStatus
 
 _PREFIX, _SUFFIX = "start-", ".json"
@@ -69,11 +70,7 @@ def record(box_dir: Path, start: Start) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fd = os.open(box_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(box_dir)
 
 
 def give_up(box_dir: Path, start: Start) -> None:
