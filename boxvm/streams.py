@@ -103,7 +103,36 @@ class _FileReader:
         self._file.close()
 
 
-class ReadAhead:
+class _Chunked:
+    """A blocking reader over chunks that ``_next`` appends one at a time. Readers take small
+    pieces (zstd ~128 KiB, tar 512 B) of 1 MiB chunks: slice by offset, since re-slicing the
+    rest each time copied every chunk ~5 times."""
+
+    _buf = b""
+    _pos = 0
+
+    def _next(self) -> bool:
+        """Append the next chunk (``_append``); False at the end of the input."""
+        raise NotImplementedError
+
+    def _append(self, chunk: bytes) -> None:
+        self._buf, self._pos = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pos >= len(self._buf) and not self._next():
+            return b""
+        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
+        data = self._buf[self._pos : end]
+        self._pos = end
+        return data
+
+    def peek(self, n: int = 1) -> bytes:
+        while len(self._buf) - self._pos < n and self._next():
+            pass
+        return self._buf[self._pos :]
+
+
+class ReadAhead(_Chunked):
     """A blocking reader fed by a thread of its own that runs ``produce`` (a download) at
     most ``depth`` chunks ahead of the consumer, so fetching overlaps the consumer's work:
     memory stays at ``depth`` chunks, plus the one being read and the one being fetched. An exception in ``produce`` is
@@ -118,7 +147,6 @@ class ReadAhead:
         self._depth = depth
         self._error: BaseException | None = None
         self._done = self._stopped = False
-        self._buf, self._pos = b"", 0
         self._thread = threading.Thread(target=self._run, args=(produce,), name=name, daemon=True)
         self._thread.start()
 
@@ -150,7 +178,7 @@ class ReadAhead:
             if self._stopped:
                 raise StreamAborted("the import was cancelled")
             if self._chunks:
-                self._buf, self._pos = self._buf[self._pos :] + self._chunks.popleft(), 0
+                self._append(self._chunks.popleft())
                 self._cond.notify_all()
                 return True
             if self._error is not None:
@@ -160,17 +188,7 @@ class ReadAhead:
     def read(self, n: int = -1) -> bytes:
         if self._stopped:
             raise StreamAborted("the import was cancelled")
-        if self._pos >= len(self._buf) and not self._next():
-            return b""
-        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
-        data = self._buf[self._pos : end]
-        self._pos = end
-        return data
-
-    def peek(self, n: int = 1) -> bytes:
-        while len(self._buf) - self._pos < n and self._next():
-            pass
-        return self._buf[self._pos :]
+        return super().read(n)
 
     def abort(self) -> None:
         with self._cond:
@@ -183,15 +201,13 @@ class ReadAhead:
         self._thread.join()
 
 
-class ThreadReader:
+class ThreadReader(_Chunked):
     """A blocking, file-like reader for a worker thread, fed chunk by chunk from the loop
     (or, once ``pump`` attaches a ``Source``'s own reader, reading that directly)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(_DEPTH)
-        self._buf = b""
-        self._pos = 0
         self._eof = False
         self._direct: Reader | None = None
         self.aborted = False  # set on the loop: an importer checks it on the loop before its commit
@@ -214,33 +230,22 @@ class ThreadReader:
         self._queue.put_nowait(None)
 
     def _next(self) -> bool:
+        if self._eof:
+            return False
         chunk = asyncio.run_coroutine_threadsafe(self._queue.get(), self._loop).result()
         if chunk is None:
             raise StreamAborted("the input stream was cut off")
         if not chunk:
             self._eof = True
             return False
-        self._buf, self._pos = self._buf[self._pos :] + chunk if self._pos < len(self._buf) else chunk, 0
+        self._append(chunk)
         return True
 
     def read(self, n: int = -1) -> bytes:
-        if self._direct is not None:
-            return self._direct.read(n)
-        # Readers take small pieces (zstd ~128 KiB, tar 512 B) of 1 MiB chunks: slice by
-        # offset, since re-slicing the rest each time copied every chunk ~5 times.
-        if self._pos >= len(self._buf) and (self._eof or not self._next()):
-            return b""
-        end = len(self._buf) if n < 0 else min(len(self._buf), self._pos + n)
-        data = self._buf[self._pos : end]
-        self._pos = end
-        return data
+        return self._direct.read(n) if self._direct is not None else super().read(n)
 
     def peek(self, n: int = 1) -> bytes:
-        if self._direct is not None:
-            return self._direct.peek(n)
-        while len(self._buf) - self._pos < n and not self._eof and self._next():
-            pass
-        return self._buf[self._pos :]
+        return self._direct.peek(n) if self._direct is not None else super().peek(n)
 
 
 async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Awaitable[T]) -> T:
