@@ -24,6 +24,7 @@ from boxvm.disks.layers import TRASH_PREFIX
 from boxvm.images import oci
 from boxvm.paths import Home
 from boxvm.server.run import local_app
+from boxvm.state.boxes import owner_of
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,8 +63,7 @@ def leftovers(home: Home, pids: list[int]) -> list[Path]:
     its deletions finish in the background: ``boxvm.disks.layers.Trash``)."""
     tags = [f"-{pid}-" for pid in pids]
     staged = [p for p in home.tmp.iterdir() if any(t in p.name for t in tags) and not p.name.startswith(TRASH_PREFIX)]
-    owners = [p / ".owner" for p in home.boxes.iterdir()]
-    owned = [o.parent for o in owners if o.is_file() and o.read_text() in {str(pid) for pid in pids}]
+    owned = [p for p in home.boxes.iterdir() if owner_of(p) in pids]
     return staged + owned
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -38,7 +39,10 @@ from boxvm.store.db import FRESH_BOTH
 
 log = logging.getLogger("boxvm")
 
-OWNER = ".owner"  # in a box directory renamed into boxes/ whose record is not committed yet
+# A box directory renamed into boxes/ whose record is not committed yet names its process:
+# in an extended attribute, else (a filesystem without user xattrs) in a file.
+OWNER_XATTR = "user.boxvm.owner"
+OWNER = ".owner"
 
 
 @dataclass
@@ -51,7 +55,7 @@ class Staging:
     """New box directories, one per id, written under ``tmp/`` where nobody sees them.
     :meth:`publish` renames them into ``boxes/`` and commits their records: the
     directories, then the records (the commit point); until the records are committed,
-    each directory names its process (``OWNER``) so that recovery leaves it alone while
+    each directory names its process (:func:`mark_owner`) so that recovery leaves it alone while
     the process lives and removes it once it is dead."""
 
     def __init__(self, ctx: Context, ids: list[str], kind: str) -> None:
@@ -62,6 +66,7 @@ class Staging:
         self.finals = [ctx.home.box_dir(box_id) for box_id in ids]
         self.published: list[Path] = []
         self.committed = False
+        self.owner_files = False  # the owner is named by a file (no xattrs here)
 
     def publish(self, commit: Callable[[], None], sync: bool = True) -> None:
         """Rename every staged directory into ``boxes/`` (durably), then ``commit`` the records.
@@ -69,7 +74,7 @@ class Staging:
         :data:`FRESH_BOTH`) can regenerate, directory and all (:meth:`Boxes.renew_fresh`)."""
         for work in self.dirs:
             work.chmod(0o700)
-            (work / OWNER).write_text(str(os.getpid()))
+            self.owner_files |= mark_owner(work)
         self.ctx.layers.publish(list(zip(self.dirs, self.finals, strict=True)), self.published, sync)
         faults.point(f"{self.kind}:renamed")
         commit()  # the commit point: before it, recovery removes the directories
@@ -81,7 +86,7 @@ class Staging:
 
     def _release(self) -> None:
         for final in self.published:
-            (final / OWNER).unlink(missing_ok=True)
+            clear_owner(final, self.owner_files)
 
 
 class Boxes:
@@ -252,7 +257,8 @@ class Boxes:
 
     def renew_fresh(self, rec: BoxRecord) -> None:
         """Re-create the fresh tops of a box at rest (``rec.fresh``) that a crash lost or cut
-        (see "Fresh tops" in ``disks/layers.py``). Only with the box claimed, or starting."""
+        (see "Fresh tops" in ``disks/layers.py``), and make a copy-on-write clone's guest top
+        (a clone is made without it). Only with the box claimed, or starting."""
         if not rec.fresh or rec.layer is None:
             return
         box_dir = self.home.box_dir(rec.id)
@@ -266,9 +272,10 @@ class Boxes:
             if bundle is None:
                 raise StorageError(f"box {rec.name!r}: its guest bundle is gone: run `boxvm setup`")
             if not qcow2.is_empty_overlay(guest, guest_reference(box_dir, bundle.rootfs), "raw"):
-                log.warning("box %s: re-creating its fresh guest top (a crash lost it)", rec.name)
-                guest.unlink(missing_ok=True)
-                self.layers.new_guest_top(box_dir, bundle.rootfs)
+                if os.path.lexists(guest):  # (a copy-on-write clone's is made here, at first use)
+                    log.warning("box %s: re-creating its fresh guest top (a crash cut it)", rec.name)
+                    guest.unlink()
+                self.layers.new_guest_top(box_dir, bundle.rootfs, sync=False)  # (synced by settle_fresh)
 
     def settle_fresh(self, rec: BoxRecord) -> None:
         """Before a box's first boot since its tops were made: check (re-create) them and make
@@ -304,7 +311,7 @@ class Boxes:
                 log.info("removing orphaned box directory %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
             else:
-                (entry / OWNER).unlink(missing_ok=True)
+                clear_owner(entry, True)
         for rec in records:
             self.finish_crashed_operation(rec)
         self.gc()
@@ -441,12 +448,45 @@ class Boxes:
             await asyncio.sleep(0.02)
 
 
-def _owner_alive(directory: Path) -> bool:
+def mark_owner(directory: Path) -> bool:
+    """Name this process as the owner of a staged box directory (``OWNER_XATTR``: no new
+    file, where a file's inode allocation was the dearest step of a clone on a full
+    filesystem); True if it had to be a file (``OWNER``) instead."""
+    pid = str(os.getpid()).encode()
     try:
-        pid = int((directory / OWNER).read_text())
-    except (OSError, ValueError):
+        os.setxattr(directory, OWNER_XATTR, pid)
         return False
-    return pid_alive(pid)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+    (directory / OWNER).write_bytes(pid)
+    return True
+
+
+def clear_owner(directory: Path, file: bool) -> None:
+    """The directory's record is committed: nobody owns it any more (``file``: look for the
+    ``OWNER`` file too)."""
+    with contextlib.suppress(OSError):  # (none: an older boxvm's, or another filesystem's)
+        os.removexattr(directory, OWNER_XATTR)
+    if file:
+        (directory / OWNER).unlink(missing_ok=True)
+
+
+def owner_of(directory: Path) -> int | None:
+    """The process that staged this box directory and has not committed its record yet."""
+    try:
+        return int(os.getxattr(directory, OWNER_XATTR))
+    except (OSError, ValueError):
+        pass
+    try:
+        return int((directory / OWNER).read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_alive(directory: Path) -> bool:
+    pid = owner_of(directory)
+    return pid is not None and pid_alive(pid)
 
 
 def pid_is(pid: int, box_id: str) -> bool:

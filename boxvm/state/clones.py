@@ -96,7 +96,7 @@ class Clones:
         try:
             with self.boxes.staging(ids, "clone") as stage:
                 if options.cow:
-                    self._write(rec, layer, stage.dirs, True, size)
+                    self._write(rec, layer, stage.dirs, True, size, guest=forked_from is not None)
                 else:  # a full copy of the chain: scales with the data
                     await asyncio.to_thread(self._write, rec, layer, stage.dirs, False, size)
                 if forked_from is not None:  # the clones resume from it: forks
@@ -127,22 +127,28 @@ class Clones:
             raise
         return records
 
-    def _write(self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool, size: int | None) -> None:
+    def _write(
+        self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool, size: int | None, guest: bool = True
+    ) -> None:
         """Each clone's disks, in its staging directory. Copy-on-write clones get fresh tops
         (empty overlays, recorded as such, regenerable: not synced); a full copy holds data
         and is made durable (``qemu-img convert`` does not sync). ``size``: the disk's
-        virtual size if known (the source's top was just read), else read from the layer."""
+        virtual size if known (the source's top was just read), else read from the layer.
+        ``guest=False`` (a copy-on-write clone, not a fork): no guest top; like any fresh
+        guest top it is made before the first boot (``Boxes.renew_fresh``), and nothing
+        reads it before -- one file fewer, and a file's creation is most of a clone's time."""
         if size is None:
             size = qcow2.read_header(self.layers.layer_path(layer)).size
-        bundle = bundle_mod.find(self.home, src.guest_bundle)
-        if bundle is None:
+        bundle = bundle_mod.find(self.home, src.guest_bundle) if guest or not cow else None
+        if bundle is None and (guest or not cow):
             raise StorageError(f"the guest bundle of box {src.name!r} is gone: run `boxvm setup`")
         for work in dirs:
             if cow:
                 self.layers.new_top(work, layer, size, sync=False)
             else:
                 qcow2.flatten(self.layers.layer_path(layer), work / TOP)
-            self.layers.new_guest_top(work, bundle.rootfs, sync=False)
+            if bundle is not None:
+                self.layers.new_guest_top(work, bundle.rootfs, sync=False)
         if not cow:
             fsync_files([work / name for work in dirs for name in (TOP, GUEST_TOP)])
 

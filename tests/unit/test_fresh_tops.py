@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import signal
@@ -158,6 +159,25 @@ def test_every_reader_recreates_a_lost_fresh_top(tmp_path: Path, kind: str) -> N
     assert fresh_over(boxes, clone.id) and qcow2.read_header(guest).backing_format == "raw"
 
 
+def test_a_clone_gets_its_guest_top_at_its_first_start(
+    tmp_path: Path, fsyncs: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A copy-on-write clone is made with its top only; the start before its first boot
+    makes its guest top (an empty overlay over the bundle's root), syncs both tops and the
+    directories once each, and records it as no longer fresh -- with no crash warning."""
+    boxes, _snapshots, clones = make_home(tmp_path)
+    (made,) = asyncio.run(clones.clone(BOX, ["c"], CloneOptions()))
+    box_dir = boxes.home.box_dir(made.id)
+    assert sorted(p.name for p in box_dir.iterdir()) == [TOP] and fresh_over(boxes, made.id)
+    fsyncs.clear()
+    with caplog.at_level(logging.WARNING, logger="boxvm"):
+        boxes.settle_fresh(boxes.store.get_box(made.id))  # type: ignore[arg-type]
+    rootfs = boxes.home.guest / "b1" / "rootfs.ext4"
+    assert qcow2.is_empty_overlay(box_dir / GUEST_TOP, os.path.relpath(rootfs, box_dir), "raw")
+    assert caplog.records == [] and len(fsyncs) == 4  # the two tops, the directory, its entry in boxes/
+    assert boxes.store.get_box(made.id).fresh == 0  # type: ignore[union-attr]
+
+
 def test_a_top_that_is_not_fresh_is_never_recreated(tmp_path: Path) -> None:
     boxes, _snapshots, _clones = make_home(tmp_path)
     boxes.store.settle_fresh(BOX)  # as a start does: from now on the guest writes into it
@@ -251,7 +271,7 @@ def qcow2_opens(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, int
 
 def test_restore_and_clone_of_a_fresh_box_do_the_minimum(tmp_path: Path, qcow2_opens: list[tuple[str, int]]) -> None:
     """Restore: one open of the box's top (read, checked, re-pointed) and one write
-    transaction. Clone: one read of the source's top, the clone's two new files and one
+    transaction. Clone: one read of the source's top, the clone's one new file and one
     write transaction (the source is checked in the clones' own transaction: no pin)."""
     boxes, snapshots, clones = make_home(tmp_path)
     asyncio.run(snapshots.restore(BOX, "base"))  # the process has read the bottom layer's header once
@@ -267,7 +287,7 @@ def test_restore_and_clone_of_a_fresh_box_do_the_minimum(tmp_path: Path, qcow2_o
     qcow2_opens.clear()
     statements.clear()
     (made,) = asyncio.run(clones.clone(BOX, ["c"], CloneOptions()))
-    assert [name for name, _flags in qcow2_opens] == [TOP, TOP, GUEST_TOP]  # the source's, the clone's two
+    assert [name for name, _flags in qcow2_opens] == [TOP, TOP]  # the source's, the clone's (its guest top: at start)
     assert [s for s in statements if s.startswith(("BEGIN", "COMMIT"))] == ["BEGIN IMMEDIATE", "COMMIT"]
     assert boxes.store._db.execute("SELECT count(*) FROM layer_pins").fetchone()[0] == 0
     assert fresh_over(boxes, made.id)

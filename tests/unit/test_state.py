@@ -3,7 +3,9 @@ store (schema v8) and the guard's message while an operation holds a box."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from boxvm.errors import AlreadyExists, InvalidState
 from boxvm.images import ImageStore
 from boxvm.paths import Home
 from boxvm.progress import silent
-from boxvm.state.boxes import OWNER, Boxes
+from boxvm.state.boxes import OWNER, OWNER_XATTR, Boxes, owner_of
 from boxvm.state.context import Context
 from boxvm.status import BoxStatus, Operation, require
 from boxvm.store import BoxRecord, Store
@@ -39,7 +41,7 @@ def test_staging_publishes_then_commits_and_leaves_nothing_when_the_commit_fails
             (work / "disk.qcow2").write_bytes(b"x")
         stage.publish(lambda: boxes.store.insert_boxes([_record("a" * 32, "a"), _record("b" * 32, "b")]))
     assert sorted(p.name for p in home.boxes.iterdir()) == ["a" * 32, "b" * 32]
-    assert not any((p / OWNER).exists() for p in home.boxes.iterdir())  # committed: recovery may judge them
+    assert not any(owner_of(p) for p in home.boxes.iterdir())  # committed: recovery may judge them
     assert list(home.tmp.iterdir()) == []
 
     with pytest.raises(AlreadyExists), boxes.staging(["c" * 32], "create") as stage:
@@ -65,6 +67,38 @@ def test_a_second_staging_of_a_taken_id_fails_and_leaves_the_first_box_whole(tmp
     assert (boxes.home.box_dir(box_id) / "top.qcow2").read_bytes() == b"winner"
     assert boxes.store.get_box(box_id).name == "winner"
     assert list(boxes.home.tmp.iterdir()) == []
+
+
+def test_recovery_keeps_a_published_directory_its_live_owner_has_not_committed(tmp_path: Path) -> None:
+    """Between the rename into boxes/ and the commit, another process's recovery must leave
+    the directory to its owner (named in an xattr, or in the older ``.owner`` file), and
+    remove one whose owner died; once committed, the directory names no owner."""
+    boxes = _boxes(tmp_path)
+    home = boxes.home
+    dead = _dead_pid()
+    ghost, legacy = home.box_dir("f" * 32), home.box_dir("9" * 32)
+    ghost.mkdir()
+    os.setxattr(ghost, OWNER_XATTR, str(dead).encode())  # a clone whose process died before its commit
+    legacy.mkdir()
+    (legacy / OWNER).write_text(str(os.getpid()))  # staged by an older boxvm, still running
+
+    def commit() -> None:
+        assert owner_of(home.box_dir("a" * 32)) == os.getpid()
+        boxes.recover()  # as a process starting up meanwhile
+        assert home.box_dir("a" * 32).is_dir() and legacy.is_dir() and not ghost.exists()
+        boxes.store.insert_box(_record("a" * 32, "a"))
+
+    with boxes.staging(["a" * 32], "clone") as stage:
+        (stage.dirs[0] / "disk.qcow2").write_bytes(b"x")
+        stage.publish(commit)
+    assert owner_of(home.box_dir("a" * 32)) is None and not stage.owner_files
+    assert owner_of(legacy) == os.getpid()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
 
 
 def test_a_v7_claim_reads_as_its_operation_and_is_shown_as_its_status(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import boxvm
 from boxvm import archive
 from boxvm.disks.layers import PENDING, TOP
 from boxvm.paths import Home
+from boxvm.state.boxes import owner_of
 
 pytestmark = pytest.mark.asyncio
 DATA = b"precious\n"
@@ -76,11 +77,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _owned_by_live(entry: os.PathLike[str]) -> bool:
-    try:
-        return _alive(int(open(os.path.join(entry, ".owner")).read()))
-    except (OSError, ValueError):
-        return False
+def _owned_by_live(entry: Path) -> bool:
+    pid = owner_of(entry)
+    return pid is not None and _alive(pid)
 
 
 def written(rt: boxvm.Runtime, home: Home, box: boxvm.Box) -> None:
