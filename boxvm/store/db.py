@@ -202,6 +202,7 @@ class Store:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[tuple[weakref.ref[threading.Thread], sqlite3.Connection]] = []
+        self._chains: dict[str, tuple[str, ...]] = {}  # layer -> its chain (layer_chain)
         try:
             self._migrate()
         except sqlite3.Error as exc:
@@ -765,16 +766,27 @@ class Store:
         return self._db.execute("SELECT 1 FROM layers WHERE id = ?", (layer,)).fetchone() is not None
 
     def layer_chain(self, layer: str | None) -> list[str]:
-        """The layers of a chain from ``layer`` down, top first (one query, no file reads)."""
+        """The layers of a chain from ``layer`` down, top first (one query, no file reads).
+        Remembered per process: a layer's parent never changes and ids are never reused,
+        and whoever holds a layer holds the layers below it, so the chain of a layer a box
+        or snapshot names stays what it was (infos read it on every operation)."""
         if layer is None:
             return []
+        known = self._chains.get(layer)
+        if known is not None:
+            return list(known)
         rows = self._db.execute(
             "WITH RECURSIVE up(id, parent, n) AS (SELECT id, parent, 0 FROM layers WHERE id = ? "
             "UNION ALL SELECT l.id, l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.parent) "
             "SELECT id FROM up ORDER BY n",
             (layer,),
         )
-        return [r[0] for r in rows]
+        chain = [r[0] for r in rows]
+        if chain:  # (none: a layer with no row, not remembered)
+            if len(self._chains) >= 4096:  # bounded: a long-lived process meets many layers
+                self._chains.clear()
+            self._chains[layer] = tuple(chain)
+        return chain
 
     def tombstones(self) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT id FROM layer_tombstones")]
