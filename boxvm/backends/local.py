@@ -211,14 +211,16 @@ class LocalBackend(templates.TemplateOps, Backend):
         except BaseException:
             self._roll_back(rec, mine)  # no supervisor was spawned: its record goes whatever happened
             raise
-        now = self.store.get_box(rec.id)
-        if now is None or now.status != BoxStatus.STARTING or now.started_at != token:
-            # A stop (or remove --force) took the box while this start prepared it: the sockets
-            # and vm.json may be a later start's by now, so this start touches nothing more.
-            starting.discard(box_dir, token)
-            if now is None:
-                raise NotFound(f"box {rec.name!r} was removed while it was starting")
-            raise InvalidState(f"box {rec.name!r} was stopped while it was starting: start it again")
+        try:
+            spawning = await starting.SpawnLock.acquire(box_dir)
+        except FileNotFoundError:  # its directory went with a remove --force: the record says so
+            self._check_still_starting(rec, box_dir, token)
+            raise
+        try:
+            self._check_still_starting(rec, box_dir, token)
+        except BaseException:
+            spawning.release()
+            raise
         try:
             argv = qemu.argv(spec, accel)
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
@@ -230,11 +232,13 @@ class LocalBackend(templates.TemplateOps, Backend):
                 )
             )
             await zygote.start_supervisor(self.home.root, box_dir, rec.name)
+            spawning.release()  # its supervisor took the box (or refused it: then this start failed)
             conn = await self.state.conns.get(rec.id, rec.name)
             await conn.request("wait_ready", timeout=READY_TIMEOUT)
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
+            spawning.release()  # before a cold start again (below) takes it
             if await self._abort_start(rec, mine, exc):
                 raise  # nothing ran: the box is where it began (a template's disks stay for the next start)
             if (
@@ -249,6 +253,16 @@ class LocalBackend(templates.TemplateOps, Backend):
         starting.discard(box_dir, token)  # its supervisor took the box
         self.store.add_timing(rec.id, start_ms=(time.monotonic() - t0) * 1000)
         return self.boxes.info(self.boxes.record(rec.id))
+
+    def _check_still_starting(self, rec: BoxRecord, box_dir: Path, token: float) -> None:
+        """Under the spawn lock: a stop (or remove --force) took the box while this start
+        prepared it, so this start touches nothing more (a later start may hold it)."""
+        now = self.store.get_box(rec.id)
+        if now is None or now.status != BoxStatus.STARTING or now.started_at != token:
+            starting.discard(box_dir, token)
+            if now is None:
+                raise NotFound(f"box {rec.name!r} was removed while it was starting")
+            raise InvalidState(f"box {rec.name!r} was stopped while it was starting: start it again")
 
     def _roll_back(self, rec: BoxRecord, start: starting.Start) -> bool:
         """Put the box back where the start began if no supervisor took it (True); its record

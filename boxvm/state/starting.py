@@ -21,7 +21,9 @@ one of them wins:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -35,6 +37,7 @@ from boxvm.status import BoxStatus
 _PREFIX, _SUFFIX = "start-", ".json"
 _LEGACY = "start.json"  # an older boxvm's single record (its owner by pid alone)
 _LEFTOVER_S = 60.0  # a record this much older than a start that won the mark is no start's
+_SPAWN_LOCK = "spawn.lock"
 
 
 @dataclass(frozen=True)
@@ -138,3 +141,36 @@ def process_start(pid: int) -> int | None:
         return int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+class SpawnLock:
+    """Held by a start from its last read of the box's record until its supervisor has
+    taken the box (or failed to): the span in which it clears the box's sockets, writes
+    ``vm.json`` and spawns. A stop plus a second start landing after that read would
+    otherwise have their sockets unlinked and ``vm.json`` replaced by the first start; with
+    the lock the second start reads the record (and finds itself the start) only after the
+    first's supervisor has refused the box. A ``flock`` on a file of the box's directory:
+    the kernel drops it when its holder dies, so a killed start blocks nobody."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    async def acquire(cls, box_dir: Path) -> SpawnLock:
+        fd = os.open(box_dir / _SPAWN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            while True:  # polled, not a blocking flock in a thread: a cancelled start must not take it later
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return cls(fd)
+                except BlockingIOError:
+                    await asyncio.sleep(0.02)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self) -> None:
+        """Idempotent: the lock goes with the descriptor."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)

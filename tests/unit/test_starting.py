@@ -323,3 +323,41 @@ def test_a_start_an_older_boxvm_left_is_undone_from_its_start_json(tmp_path: Pat
         legacy = {"token": token, "prior": "suspended", "prior_started_at": 1000.0, "owner": owner}
         (boxes.home.box_dir(box_id) / "start.json").write_text(json.dumps(legacy))
         assert boxes.record(box_id).status == after
+
+
+async def test_a_second_start_spawns_only_after_the_first_ones_supervisor_took_the_box(tmp_path: Path) -> None:
+    """The spawn lock: a second start (after a stop) reads the record, clears the sockets and
+    spawns only once the first start is past its spawn; a cancelled waiter leaves it free, and
+    a holder that was SIGKILLed holds nothing."""
+    first = await starting.SpawnLock.acquire(tmp_path)
+    second = asyncio.ensure_future(starting.SpawnLock.acquire(tmp_path))
+    await asyncio.sleep(0.2)
+    assert not second.done()
+    first.release()
+    first.release()  # idempotent: the error paths release again
+    (await asyncio.wait_for(second, 2)).release()
+
+    held = await starting.SpawnLock.acquire(tmp_path)
+    waiter = asyncio.ensure_future(starting.SpawnLock.acquire(tmp_path))
+    await asyncio.sleep(0.1)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    held.release()
+    (await asyncio.wait_for(starting.SpawnLock.acquire(tmp_path), 2)).release()
+
+    holder = subprocess.Popen(
+        ["python3", "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1],os.O_RDWR|os.O_CREAT);"
+         " fcntl.flock(fd,fcntl.LOCK_EX); print('held',flush=True); time.sleep(60)", str(tmp_path / "spawn.lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        blocked = asyncio.ensure_future(starting.SpawnLock.acquire(tmp_path))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()
+        holder.kill()
+        (await asyncio.wait_for(blocked, 2)).release()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -68,7 +68,7 @@ class Runner:
 
     def was_killed(self) -> None:
         """It died of SIGKILL (at its fault point)."""
-        assert self.proc is not None and self.proc.wait(60) == -signal.SIGKILL
+        assert self.proc is not None and self.proc.wait(180) == -signal.SIGKILL
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -238,7 +238,8 @@ async def test_running_box_moves_while_runners_are_killed(
     home, the box is where it should be after each kill (a start killed before its supervisor
     ran is undone at once: the box is ``suspended`` again, not ``starting`` and then
     ``failed``), and migrate run again ends with the box running on the target with the same
-    id, its file intact and the same process still counting (resumed, not booted cold)."""
+    id, its file intact and the same process still counting (resumed, not booted cold). It
+    then moves back through the bucket, still running, and counts on in the source runner."""
     source, target = runners
     name = f"mig-run-{os.urandom(2).hex()}"
     counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done"
@@ -334,6 +335,16 @@ async def test_running_box_moves_while_runners_are_killed(
             assert isinstance(moved, boxvm.BoxInfo), moved
             assert moved.status == boxvm.BoxStatus.RUNNING and moved.id == box.id
             await counting(target, pid, digest, before)
+            finished(home, s3, name)
+
+            async with (  # and back through the bucket, running: suspended, an object, resumed there
+                boxvm.Runtime.remote(source.url, token=TOKEN) as src,
+                boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
+            ):
+                back = await migrate(tgt.backend, name, src.backend, VIA)
+                assert back.status == boxvm.BoxStatus.RUNNING and back.id == box.id
+                assert await holders(src.backend, tgt.backend, s3, name) == ["source"]
+            await counting(source, pid, digest, before)
             finished(home, s3, name)
         finally:
             for runner in runners:  # as the fixture gave them: running
