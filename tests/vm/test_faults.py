@@ -87,7 +87,8 @@ def written(rt: boxvm.Runtime, home: Home, box: boxvm.Box) -> None:
     restore's top is a fresh empty overlay, whose operations take the one-transaction
     paths the unit tier crashes, tests/unit/test_fresh_tops.py): recorded as not fresh,
     then a copy-on-read through it copies the disk's first clusters into it (the same bytes)."""
-    rt.backend.store.settle_fresh(box.id)  # type: ignore[attr-defined]
+    backend = rt.backend
+    backend.boxes.settle_fresh(backend.store.get_box(box.id))  # type: ignore[attr-defined]  # as a start does
     top = home.box_dir(box.id) / TOP
     subprocess.run(["qemu-io", "-C", "-f", "qcow2", "-c", "read 0 1M", str(top)], check=True, capture_output=True)
 
