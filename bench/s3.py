@@ -3,10 +3,17 @@ same bytes, in the same run, against a real S3 server (SeaweedFS on loopback, as
 
 Data: a 4 GiB box holding 256 MiB (half random, half files from /usr), as ``bench/archive.py``.
 Export: ``box.export("s3://…")`` (capture + archive + streamed multipart upload) vs boto3's
-``upload_file`` of that very archive (its TransferManager: 8 MiB parts, 10 threads). Import:
-``rt.import_box("s3://…")`` (download streamed into the verifier, the disk written and
-checked) vs boto3's ``download_file`` of the object to a local file. Throughput is archive
-MB per second; the peak RSS growth of this process during the export shows the bounded memory.
+``upload_file`` of an archive of the same box, the same size to a few bytes (its TransferManager:
+8 MiB parts, 10 threads). Import: ``rt.import_box("s3://…")`` (download streamed into the
+verifier, the disk written, synced and checked) vs boto3's ``download_file`` of that object to a
+local file (TransferManager: 8 MiB ranged GETs, 10 threads; the file is not synced). Throughput is
+archive MB per second; the peak RSS growth of this process during the export shows the bounded
+memory.
+
+Each pair (export and upload; import and download) runs back to back, its order alternating
+from run to run, so both sides of a ratio meet the same host load and the same dirty page cache
+(this host is shared: the load swings 2-3x within a minute). Beside each time, the CPU seconds
+it cost: this process (every thread) plus the SeaweedFS server, the load-independent measure.
 
 ``s3_export_file`` is the same export to a local file: producing the archive (flatten, hash,
 zstd) on its own, which the upload overlaps. ``s3_import_file`` is the import of the same
@@ -21,12 +28,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import socket
 import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+
+import psutil
 
 import boxvm
 from bench.archive import fill_disk
@@ -39,6 +49,24 @@ from tests.s3server import BUCKET, environment, running
 MB = 1_000_000
 
 
+class Cost:
+    """Wall seconds and CPU seconds (this process, every thread, plus the S3 server) of a block."""
+
+    def __init__(self, server: psutil.Process) -> None:
+        self.server = server
+
+    def _cpu(self) -> float:
+        mine, theirs = resource.getrusage(resource.RUSAGE_SELF), self.server.cpu_times()
+        return mine.ru_utime + mine.ru_stime + theirs.user + theirs.system
+
+    def __enter__(self) -> Cost:
+        self.t0, self.c0 = time.perf_counter(), self._cpu()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.t0, self._cpu() - self.c0
+
+
 async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,9 +76,12 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
     results: dict[str, list[float]] = {k: [] for k in keys}
     for k in ("s3_export_mb_s", "s3_put_baseline_mb_s", "s3_import_mb_s", "s3_get_baseline_mb_s"):
         results[k] = []
+    for k in ("s3_export_cpu_s", "s3_put_cpu_s", "s3_import_cpu_s", "s3_get_cpu_s"):
+        results[k] = []
     results["s3_export_rss_growth_mb"] = []
     with tempfile.TemporaryDirectory(dir=home.tmp) as tmp, running(Path(tmp), port) as server:
         client = server.client()
+        seaweed = psutil.Process(server.pid)
         # warm up: SeaweedFS grows its first volumes on the first writes, and boxvm's first
         # upload imports boto3 and builds its client; neither belongs to a run
         for i in range(4):
@@ -64,51 +95,65 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
             box = await rt.create(name=f"bench-s3-{os.urandom(2).hex()}")
             try:
                 fill_disk(home.box_dir(box.id) / TOP, Path(tmp), 128, 128)
+                local = Path(tmp) / "archive.boxsnap"
+                await box.export(local)  # what the first upload sends; later ones send the run before's download
                 for i in range(runs):
                     key = f"bench/{i}-{os.urandom(3).hex()}.boxsnap"
-                    async with RssWatch(os.getpid()) as rss:
-                        t0 = time.perf_counter()
-                        url = await box.export(f"s3://{BUCKET}/{key}")
-                        t_export = time.perf_counter() - t0
+                    url = f"s3://{BUCKET}/{key}"
+                    export, put, put_size = Cost(seaweed), Cost(seaweed), local.stat().st_size
+
+                    async def do_export(cost: Cost = export, url: str = url) -> None:
+                        async with RssWatch(os.getpid()) as rss:
+                            with cost:
+                                await box.export(url)
+                        results["s3_export_rss_growth_mb"].append(round(rss.growth / MB, 1))
+
+                    async def do_put(cost: Cost = put, key: str = key) -> None:
+                        with cost:
+                            await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
+
+                    for step in (do_export, do_put) if i % 2 == 0 else (do_put, do_export):
+                        await step()
                     size = client.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
-                    local = Path(tmp) / "archive.boxsnap"
-                    t0 = time.perf_counter()
-                    await box.export(local)  # what producing the archive costs, without the network
-                    results["s3_export_file"].append(round((time.perf_counter() - t0) * 1000, 1))
                     local.unlink()
+                    exported = Path(tmp) / "export.boxsnap"
                     t0 = time.perf_counter()
-                    await asyncio.to_thread(client.download_file, BUCKET, key, str(local))
-                    t_get = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
-                    t_put = time.perf_counter() - t0
+                    await box.export(exported)  # what producing the archive costs, without the network
+                    results["s3_export_file"].append(round((time.perf_counter() - t0) * 1000, 1))
+                    exported.unlink()
+                    imp, get = Cost(seaweed), Cost(seaweed)
+
+                    async def do_import(cost: Cost = imp, url: str = url) -> None:
+                        with cost:
+                            copy = await rt.import_box(url)
+                        await rt.remove(copy.id)
+
+                    async def do_get(cost: Cost = get, key: str = key) -> None:
+                        with cost:
+                            await asyncio.to_thread(client.download_file, BUCKET, key, str(local))
+
+                    for step in (do_get, do_import) if i % 2 == 0 else (do_import, do_get):
+                        await step()
                     t0 = time.perf_counter()
                     copy = await rt.import_box(local)
                     t_import_file = time.perf_counter() - t0
                     await rt.remove(copy.id)
-                    local.unlink()
-                    t0 = time.perf_counter()
-                    copy = await rt.import_box(str(url))
-                    t_import = time.perf_counter() - t0
-                    await rt.remove(copy.id)
-                    for k, t in (
-                        ("s3_export", t_export),
-                        ("s3_put", t_put),
-                        ("s3_import", t_import),
-                        ("s3_import_file", t_import_file),
-                        ("s3_get", t_get),
-                    ):
-                        results[k].append(round(t * 1000, 1))
-                    results["s3_export_mb_s"].append(round(size / MB / t_export, 1))
-                    results["s3_put_baseline_mb_s"].append(round(size / MB / t_put, 1))
-                    results["s3_import_mb_s"].append(round(size / MB / t_import, 1))
-                    results["s3_get_baseline_mb_s"].append(round(size / MB / t_get, 1))
-                    results["s3_export_rss_growth_mb"].append(round(rss.growth / MB, 1))
+                    for k, cost in (("s3_export", export), ("s3_put", put), ("s3_import", imp), ("s3_get", get)):
+                        results[k].append(round(cost.wall * 1000, 1))
+                        results[f"{k}_cpu_s"].append(round(cost.cpu, 2))
+                    results["s3_import_file"].append(round(t_import_file * 1000, 1))
+                    results["s3_export_mb_s"].append(round(size / MB / export.wall, 1))
+                    results["s3_put_baseline_mb_s"].append(round(put_size / MB / put.wall, 1))
+                    results["s3_import_mb_s"].append(round(size / MB / imp.wall, 1))
+                    results["s3_get_baseline_mb_s"].append(round(size / MB / get.wall, 1))
                     results["s3_load_1min"].append(round(os.getloadavg()[0], 1))
                     print(
-                        f"s3 run {i}: archive {size / MB:.0f} MB, export {t_export:.2f} s vs put {t_put:.2f} s, "
-                        f"import {t_import:.2f} s (from a file {t_import_file:.2f} s) vs get {t_get:.2f} s "
-                        f"({t_get / t_import:.2f}x), RSS +{rss.growth / MB:.0f} MB, load {results['s3_load_1min'][-1]}"
+                        f"s3 run {i}: archive {size / MB:.0f} MB, export {export.wall:.2f} s ({export.cpu:.2f} CPU s) "
+                        f"vs put {put.wall:.2f} s ({put.cpu:.2f}), import {imp.wall:.2f} s ({imp.cpu:.2f} CPU s; "
+                        f"from a file {t_import_file:.2f} s) vs get {get.wall:.2f} s ({get.cpu:.2f}) "
+                        f"= {get.wall / imp.wall:.2f}x, RSS +{results['s3_export_rss_growth_mb'][-1]:.0f} MB, "
+                        f"load {results['s3_load_1min'][-1]}",
+                        flush=True,
                     )
             finally:
                 await rt.remove(box.id, force=True)
