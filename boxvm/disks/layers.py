@@ -109,21 +109,32 @@ class LayerStore:
         self.all.mkdir(parents=True, exist_ok=True)
         self.trash = Trash(home.tmp)
         self._bases: dict[str, Path | None] = {}  # layer -> the file it backs onto (see _base_of)
+        self._current: set[str] = set()  # layers seen in layers/all/ (see _legacy)
 
     # -- naming -----------------------------------------------------------------------
     def layer_path(self, layer_id: str) -> Path:
-        path = self.all / f"{layer_id}{LAYER_SUFFIX}"
-        if not path.exists() and (self.root / layer_id).is_dir():
+        if self._legacy(layer_id):
             return self.root / layer_id / LAYER_FILE  # made before layers/all/
-        return path
+        return self.all / f"{layer_id}{LAYER_SUFFIX}"
 
     def reference(self, layer_id: str) -> str:
         """The backing reference to a layer from any box (or staged box) directory (as
         :meth:`layer_path` decides, in strings: on every restore and clone's path)."""
-        current = f"{LAYER_DIR}/{layer_id}{LAYER_SUFFIX}"
-        if not os.path.exists(f"{self.root}/{current}") and os.path.isdir(f"{self.root}/{layer_id}"):
+        if self._legacy(layer_id):
             return f"../../layers/{layer_id}/{LAYER_FILE}"
-        return f"../../layers/{current}"
+        return f"../../layers/{LAYER_DIR}/{layer_id}{LAYER_SUFFIX}"
+
+    def _legacy(self, layer_id: str) -> bool:
+        """The layer is laid out as before layers/all/ (its own directory). One seen in
+        layers/all/ is remembered: it never moves and ids are never reused."""
+        if layer_id in self._current:
+            return False
+        if os.path.exists(f"{self.all}/{layer_id}{LAYER_SUFFIX}"):
+            if len(self._current) >= 4096:  # bounded, like _bases
+                self._current.clear()
+            self._current.add(layer_id)
+            return False
+        return os.path.isdir(f"{self.root}/{layer_id}")
 
     def chain_of(self, top: Path | None, layers: list[str]) -> list[Path]:
         """A chain as the store knows it (``layers``: top first, from ``Store.layer_chain``):
