@@ -304,13 +304,14 @@ class Boxes:
         records = self.store.list_boxes()
         known = {rec.id for rec in records}
         for entry in self.home.boxes.iterdir():
-            if _owner_alive(entry):
+            owner = owner_of(entry)
+            if owner is not None and pid_alive(owner):
                 continue  # another process is about to commit this box
             # (``known`` may predate a box another process committed, then un-owned, since)
             if entry.name not in known and self.store.get_box(entry.name) is None:
                 log.info("removing orphaned box directory %s", entry)
                 shutil.rmtree(entry, ignore_errors=True)
-            else:
+            elif owner is not None:  # committed by a process that died before it cleared its mark
                 clear_owner(entry, True)
         for rec in records:
             self.finish_crashed_operation(rec)
@@ -482,11 +483,6 @@ def owner_of(directory: Path) -> int | None:
         return int((directory / OWNER).read_bytes())
     except (OSError, ValueError):
         return None
-
-
-def _owner_alive(directory: Path) -> bool:
-    pid = owner_of(directory)
-    return pid is not None and pid_alive(pid)
 
 
 def pid_is(pid: int, box_id: str) -> bool:

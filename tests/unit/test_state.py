@@ -81,6 +81,10 @@ def test_recovery_keeps_a_published_directory_its_live_owner_has_not_committed(t
     os.setxattr(ghost, OWNER_XATTR, str(dead).encode())  # a clone whose process died before its commit
     legacy.mkdir()
     (legacy / OWNER).write_text(str(os.getpid()))  # staged by an older boxvm, still running
+    marked = home.box_dir("8" * 32)
+    marked.mkdir()
+    os.setxattr(marked, OWNER_XATTR, str(dead).encode())  # committed; its process died before it cleared the mark
+    boxes.store.insert_box(_record("8" * 32, "marked"))
 
     def commit() -> None:
         assert owner_of(home.box_dir("a" * 32)) == os.getpid()
@@ -93,6 +97,7 @@ def test_recovery_keeps_a_published_directory_its_live_owner_has_not_committed(t
         stage.publish(commit)
     assert owner_of(home.box_dir("a" * 32)) is None and not stage.owner_files
     assert owner_of(legacy) == os.getpid()
+    assert marked.is_dir() and owner_of(marked) is None
 
 
 def _dead_pid() -> int:
