@@ -60,7 +60,7 @@ from boxvm.engine import memory
 from boxvm.errors import NotFound, StorageError
 from boxvm.options import BoxInfo, BoxOptions, TemplateInfo, check_template_id
 from boxvm.paths import Home
-from boxvm.status import BoxStatus
+from boxvm.status import BoxStatus, Operation
 from boxvm.store import BoxRecord, Store
 
 INFO = "template.json"
@@ -216,8 +216,15 @@ def fall_back(home: Home, store: Store, box_dir: Path, rec: BoxRecord, warm: War
     remove that template, give the box its fresh disks back and leave it ``configured``,
     so that ``start`` boots it cold. False if the box changed meanwhile (removed, started)."""
     _refuse(home, store, rec, warm.template, warm.created_at, exc, warm.t0)
-    _cold_again(box_dir, warm.fresh)
-    return store.transition(rec.id, BoxStatus.CONFIGURED, {BoxStatus.FAILED}, error=None)
+    # Claimed while its files are replaced: a ``failed`` box may be started, and a start
+    # landing meanwhile would boot on disks being rewritten under it (starts wait for a claim).
+    if not store.begin_operation(rec.id, Operation.RESTORE, frozenset({BoxStatus.FAILED}), os.getpid()):
+        return False
+    try:
+        _cold_again(box_dir, warm.fresh)
+        return store.transition(rec.id, BoxStatus.CONFIGURED, {BoxStatus.FAILED}, during_operation=True, error=None)
+    finally:
+        store.end_operation(rec.id)
 
 
 def _refuse(

@@ -208,19 +208,16 @@ class LocalBackend(templates.TemplateOps, Backend):
                 incoming=resume,
                 tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
             )
+            spawning = await _spawn_lock(box_dir, rec.name)
         except BaseException:
             self._roll_back(rec, mine)  # no supervisor was spawned: its record goes whatever happened
-            raise
-        try:
-            spawning = await starting.SpawnLock.acquire(box_dir)
-        except FileNotFoundError:  # its directory went with a remove --force: the record says so
-            self._check_still_starting(rec, box_dir, token)
             raise
         try:
             self._check_still_starting(rec, box_dir, token)
         except BaseException:
             spawning.release()
             raise
+        spawn: asyncio.Future[None] | None = None
         try:
             argv = qemu.argv(spec, accel)
             for name in ("ctl.sock", "qmp.sock", "agent.sock", "console.log"):
@@ -231,14 +228,24 @@ class LocalBackend(templates.TemplateOps, Backend):
                     | {"incoming": resume, "resume": plan, "start": token}
                 )
             )
-            await zygote.start_supervisor(self.home.root, box_dir, rec.name)
-            spawning.release()  # its supervisor took the box (or refused it: then this start failed)
+            # Shielded, the lock released when it ends: a start cancelled meanwhile must not let
+            # a retry rewrite vm.json before the supervisor spawned here has read it.
+            spawn = asyncio.ensure_future(zygote.start_supervisor(self.home.root, box_dir, rec.name))
+
+            def spawned(done: asyncio.Future[None]) -> None:
+                spawning.release()
+                if not done.cancelled():
+                    done.exception()  # retrieved: a cancelled start's spawn may fail with no one awaiting it
+
+            spawn.add_done_callback(spawned)
+            await asyncio.shield(spawn)  # its supervisor took the box (or refused it: then this start failed)
             conn = await self.state.conns.get(rec.id, rec.name)
             await conn.request("wait_ready", timeout=READY_TIMEOUT)
             if not resume:  # a resume's supervisor set it before answering ready (engine/memory_ops)
                 await _set_guest_time(conn, rec.name)
         except BaseException as exc:
-            spawning.release()  # before a cold start again (below) takes it
+            if spawn is None:
+                spawning.release()  # (else released when the spawn ends: before any cold start again below)
             if await self._abort_start(rec, mine, exc):
                 raise  # nothing ran: the box is where it began (a template's disks stay for the next start)
             if (
@@ -475,6 +482,16 @@ class LocalBackend(templates.TemplateOps, Backend):
         await self.state.conns.close()
         await asyncio.to_thread(self.layers.trash.flush)
         self.store.close()
+
+
+async def _spawn_lock(box_dir: Path, label: str) -> starting.SpawnLock:
+    """The box's spawn lock (``starting.SpawnLock``), waited for at most ``READY_TIMEOUT``."""
+    try:
+        return await asyncio.wait_for(starting.SpawnLock.acquire(box_dir), READY_TIMEOUT)
+    except FileNotFoundError:  # its directory went with a remove --force
+        raise NotFound(f"box {label!r} was removed while it was starting") from None
+    except TimeoutError:
+        raise InvalidState(f"another start of box {label!r} is still spawning its VM: try again") from None
 
 
 async def _set_guest_time(conn: Connection, label: str, probes: int = 3) -> None:

@@ -14,10 +14,12 @@ import sqlite3
 import subprocess
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
 
+from boxvm.backends import local as local_mod
 from boxvm.backends.local import LocalBackend
 from boxvm.disks.layers import TOP, LayerStore
 from boxvm.engine.supervisor import Supervisor
@@ -361,3 +363,37 @@ async def test_a_second_start_spawns_only_after_the_first_ones_supervisor_took_t
     finally:
         holder.kill()
         holder.wait()
+
+
+async def test_a_start_cancelled_while_another_spawns_the_box_puts_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start waiting for the spawn lock (another process's start holds it) and cancelled
+    there leaves the box where it was, not ``starting`` for the life of this process. (No
+    guest bundle in this tier: the start is stopped before anything would use one.)"""
+    backend = LocalBackend(Home.default(tmp_path))
+    try:
+        box_id = os.urandom(16).hex()
+        backend.store.insert_box(
+            BoxRecord(id=box_id, name="b1", status=BoxStatus.STOPPED, image="x", options={}, mac="m", guest_bundle="g")
+        )
+        box_dir = backend.home.box_dir(box_id)
+        box_dir.mkdir(parents=True)
+        bundle = types.SimpleNamespace(id="g", kernel=Path("/k"), initramfs=Path("/i"), rootfs=Path("/r"))
+        monkeypatch.setattr(local_mod.bundle_mod, "find", lambda *a, **k: bundle)
+        monkeypatch.setattr(local_mod.memory, "fresh_ram", lambda *a, **k: None)
+        backend._accel = types.SimpleNamespace(name="kvm")  # (no TSC probe)
+        other = await starting.SpawnLock.acquire(box_dir)
+        try:
+            start = asyncio.ensure_future(backend.start(box_id))
+            await asyncio.sleep(0.5)
+            assert not start.done()
+            start.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await start
+        finally:
+            other.release()
+        assert backend.boxes.record(box_id).status == BoxStatus.STOPPED
+        assert not list(box_dir.glob("start-*.json"))
+    finally:
+        await backend.close()
