@@ -3,6 +3,7 @@ store (schema v8) and the guard's message while an operation holds a box."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -98,6 +99,28 @@ def test_recovery_keeps_a_published_directory_its_live_owner_has_not_committed(t
     assert owner_of(home.box_dir("a" * 32)) is None and not stage.owner_files
     assert owner_of(legacy) == os.getpid()
     assert marked.is_dir() and owner_of(marked) is None
+
+
+def test_without_user_xattrs_the_owner_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses user xattrs (none here does: the refusal is simulated)
+    gets the ``.owner`` file, which recovery honours and the commit removes."""
+    boxes = _boxes(tmp_path)
+    final = boxes.home.box_dir("a" * 32)
+
+    def refused(*_args: object) -> None:
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", refused)
+
+    def commit() -> None:
+        assert (final / OWNER).read_text() == str(os.getpid()) and owner_of(final) == os.getpid()
+        boxes.recover()
+        assert final.is_dir()
+        boxes.store.insert_box(_record("a" * 32, "a"))
+
+    with boxes.staging(["a" * 32], "clone") as stage:
+        stage.publish(commit)
+    assert stage.owner_files and not (final / OWNER).exists() and owner_of(final) is None
 
 
 def _dead_pid() -> int:
