@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import secrets
@@ -457,9 +456,8 @@ def mark_owner(directory: Path) -> bool:
     try:
         os.setxattr(directory, OWNER_XATTR, pid)
         return False
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
-            raise
+    except OSError:  # refused (ENOTSUP, EPERM, an LSM's EACCES, ENOSPC for a small inode's xattr block)
+        pass
     (directory / OWNER).write_bytes(pid)
     return True
 

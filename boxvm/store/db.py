@@ -778,11 +778,12 @@ class Store:
         rows = self._db.execute(
             "WITH RECURSIVE up(id, parent, n) AS (SELECT id, parent, 0 FROM layers WHERE id = ? "
             "UNION ALL SELECT l.id, l.parent, up.n + 1 FROM layers l JOIN up ON l.id = up.parent) "
-            "SELECT id FROM up ORDER BY n",
+            "SELECT id, parent FROM up ORDER BY n",
             (layer,),
         )
-        chain = [r[0] for r in rows]
-        if chain:  # (none: a layer with no row, not remembered)
+        found = rows.fetchall()
+        chain = [r[0] for r in found]
+        if found and found[-1][1] is None:  # whole (a missing parent row, a damaged store: not remembered)
             if len(self._chains) >= 4096:  # bounded: a long-lived process meets many layers
                 self._chains.clear()
             self._chains[layer] = tuple(chain)

@@ -101,14 +101,16 @@ def test_recovery_keeps_a_published_directory_its_live_owner_has_not_committed(t
     assert marked.is_dir() and owner_of(marked) is None
 
 
-def test_without_user_xattrs_the_owner_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A filesystem that refuses user xattrs (none here does: the refusal is simulated)
-    gets the ``.owner`` file, which recovery honours and the commit removes."""
+@pytest.mark.parametrize("refusal", [errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.ENOSPC])
+def test_without_user_xattrs_the_owner_is_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: int) -> None:
+    """A filesystem that refuses user xattrs (none here does: the refusal is simulated; an
+    LSM's EACCES, ENOSPC where a small inode has no room for one) gets the ``.owner`` file,
+    which recovery honours and the commit removes."""
     boxes = _boxes(tmp_path)
     final = boxes.home.box_dir("a" * 32)
 
     def refused(*_args: object) -> None:
-        raise OSError(errno.ENOTSUP, "Operation not supported")
+        raise OSError(refusal, os.strerror(refusal))
 
     monkeypatch.setattr(os, "setxattr", refused)
 
