@@ -4,17 +4,18 @@
 
 Reads one command per line on stdin and answers one JSON line: ``setup ARCHIVE`` creates
 the subject box (its ``start()`` fails without hardware virtualization, after the disk
-is made), exports it to ARCHIVE and snapshots it as ``base``; ``round [ARCHIVE]`` times
-snapshot create and restore, a clone and its removal, the removal of another snapshot
-(after restoring ``base``: BoxLite refuses to remove one the disk depends on) and an
-import of ARCHIVE; ``boxes N`` grows the home to N boxes with clones. Only host-side
-operations on stopped boxes are timed, as for boxvm.
+is made), exports it to ARCHIVE and snapshots it as ``base``; ``round [ARCHIVE EXPORT]``
+times snapshot create and restore, a clone and its removal, the removal of another snapshot
+(after restoring ``base``: BoxLite refuses to remove one the disk depends on), an import of
+ARCHIVE and an export of the subject to EXPORT (then deleted); ``boxes N`` grows the home to
+N boxes with clones. Only host-side operations on stopped boxes are timed, as for boxvm.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 
@@ -70,6 +71,10 @@ async def main(home: str, layout: str) -> None:
                 imported = await rt.import_box(args[0], name=f"bench-i{n}")
                 out["import"] = ms(time.perf_counter() - t)
                 await rt.remove(imported.id)
+                t = time.perf_counter()
+                await box.export(dest=args[1])
+                out["export"] = ms(time.perf_counter() - t)
+                os.unlink(args[1])
         elif cmd == "boxes":
             assert box is not None
             while len(extra) + 1 < int(args[0]):

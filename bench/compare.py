@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import boxvm
-from bench.archive import baseline_import
+from bench.archive import baseline_export, baseline_import
+from boxvm.disks.layers import TOP
 from boxvm.images.default import ensure_default
 from boxvm.paths import Home
 
@@ -94,6 +95,11 @@ async def boxvm_round(rt: boxvm.Runtime, box: boxvm.Box, n: int, archive: Path |
         imported = await rt.import_box(archive, name=f"bench-cmp-i{n}")
         out["import"] = ms(time.perf_counter() - t)
         await rt.remove(imported.id)
+        dest = archive.with_name("boxvm-export.tar.zst")
+        t = time.perf_counter()
+        await box.export(dest)
+        out["export"] = ms(time.perf_counter() - t)
+        dest.unlink()
     # Deletions run in the background, after the call returns; let them finish here, untimed,
     # so they do not land in BoxLite's next round.
     await asyncio.to_thread(rt.backend.layers.trash.flush)  # type: ignore[attr-defined]
@@ -121,7 +127,7 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
             await box.snapshot.create("base")
             try:
                 for i in range(max(runs, import_runs)):  # interleaved: BoxLite, then boxvm, each round
-                    with_import = [str(archive)] if i < import_runs else []
+                    with_import = [str(archive), str(work / "boxlite-export")] if i < import_runs else []
                     theirs = boxlite.ask("round", *with_import)
                     ours = await boxvm_round(rt, box, i, archive if with_import else None)
                     add("boxlite_", theirs)
@@ -134,6 +140,8 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
                     )
                     if with_import:
                         results.setdefault("import_baseline", []).append(ms(baseline_import(archive, work)))
+                        top = home.box_dir(box.id) / TOP  # the same data, read through its chain
+                        results.setdefault("export_baseline", []).append(ms(baseline_export(top)))
                         for p in work.glob("baseline-*"):
                             p.unlink()
                 for scale in SCALES:  # boxvm with this many boxes in the home
@@ -160,11 +168,13 @@ async def run_compare(home: Home, runs: int, import_runs: int = 3) -> dict[str, 
 
 def ratios(med: dict[str, float]) -> dict[str, float]:
     out = {}
-    for op in [*OPS, "import"]:
+    for op in [*OPS, "import", "export"]:
         if f"boxvm_{op}" in med and f"boxlite_{op}" in med:
             out[f"boxvm_{op} / boxlite_{op}"] = med[f"boxvm_{op}"] / med[f"boxlite_{op}"]
     if "boxvm_import" in med and "import_baseline" in med:
         out["import_baseline / boxvm_import (throughput vs baseline)"] = med["import_baseline"] / med["boxvm_import"]
+    if "boxvm_export" in med and "export_baseline" in med:
+        out["export_baseline / boxvm_export (throughput vs baseline)"] = med["export_baseline"] / med["boxvm_export"]
     for op in OPS:
         first, last = f"boxvm_{SCALES[0]}boxes_{op}", f"boxvm_{SCALES[-1]}boxes_{op}"
         if first in med and last in med:

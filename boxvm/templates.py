@@ -211,17 +211,25 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
     return warm
 
 
-def fall_back(home: Home, store: Store, box_dir: Path, rec: BoxRecord, warm: Warm, exc: BaseException) -> bool:
+def fall_back(
+    home: Home, store: Store, box_dir: Path, rec: BoxRecord, warm: Warm, exc: BaseException, token: float
+) -> bool:
     """After the resume of a template failed (``start`` aborted it: the box is ``failed``):
     remove that template, give the box its fresh disks back and leave it ``configured``,
-    so that ``start`` boots it cold. False if the box changed meanwhile (removed, started)."""
+    so that ``start`` boots it cold. False if the box changed meanwhile (removed, stopped,
+    or started again: then its failure is another start's, ``token`` being this one's)."""
     _refuse(home, store, rec, warm.template, warm.created_at, exc, warm.t0)
     # Claimed while its files are replaced: a ``failed`` box may be started, and a start
-    # landing meanwhile would boot on disks being rewritten under it (starts wait for a claim).
+    # landing meanwhile would boot on disks being rewritten under it (starts are refused
+    # while a claim stands).
     if not store.begin_operation(rec.id, Operation.RESTORE, frozenset({BoxStatus.FAILED}), os.getpid()):
         return False
     try:
+        now = store.get_box(rec.id)
+        if now is None or now.started_at != token:
+            return False
         _cold_again(box_dir, warm.fresh)
+        fsync_dir(box_dir)  # the renames before the record that says the box is cold again
         return store.transition(rec.id, BoxStatus.CONFIGURED, {BoxStatus.FAILED}, during_operation=True, error=None)
     finally:
         store.end_operation(rec.id)

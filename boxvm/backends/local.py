@@ -230,7 +230,9 @@ class LocalBackend(templates.TemplateOps, Backend):
             )
             # Shielded, the lock released when it ends: a start cancelled meanwhile must not let
             # a retry rewrite vm.json before the supervisor spawned here has read it.
-            spawn = asyncio.ensure_future(zygote.start_supervisor(self.home.root, box_dir, rec.name))
+            spawn = asyncio.ensure_future(
+                asyncio.wait_for(zygote.start_supervisor(self.home.root, box_dir, rec.name), READY_TIMEOUT)
+            )  # bounded: a wedged zygote must not hold the lock for the life of this process
 
             def spawned(done: asyncio.Future[None]) -> None:
                 spawning.release()
@@ -251,7 +253,9 @@ class LocalBackend(templates.TemplateOps, Backend):
             if (
                 warmed is not None
                 and isinstance(exc, Exception)
-                and await asyncio.to_thread(templates.fall_back, self.home, self.store, box_dir, rec, warmed, exc)
+                and await asyncio.to_thread(
+                    templates.fall_back, self.home, self.store, box_dir, rec, warmed, exc, token
+                )
             ):
                 return await self._start(box_id, warm=False)
             if isinstance(exc, Exception) and self.store.get_box(rec.id) is None:

@@ -143,8 +143,13 @@ def test_a_failed_resume_gives_the_box_its_fresh_disks_back_and_removes_the_temp
     warm = templates.warm_into(home, store, box_dir, rec)
     assert warm is not None and (box_dir / memory.BASE).samefile(template / memory.RAM)
     assert (box_dir / TOP).read_bytes() == (template / TOP).read_bytes()
-    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED}, error="QEMU refused the state")
-    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("loading the memory state failed"))
+    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED}, error="QEMU refused the state", started_at=7.0)
+    # a failure another start left (stopped, started again, failed) is not this start's to undo
+    warmed = (box_dir / TOP).read_bytes()
+    assert not templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("late"), 6.0)
+    assert (box_dir / TOP).read_bytes() == warmed and (box_dir / memory.BASE).exists()
+    assert (store.get_box(rec.id) or rec).operation is None
+    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("loading the memory state failed"), 7.0)
     after = store.get_box(rec.id)
     assert after is not None and after.status == BoxStatus.CONFIGURED and after.error is None
     assert "warm_fallback_ms" in after.timings and not template.exists()
@@ -159,8 +164,8 @@ def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: St
     assert warm is not None
     info = json.loads((template / templates.INFO).read_text())
     (template / templates.INFO).write_text(json.dumps({**info, "created_at": 2.0}))  # a new template
-    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED})
-    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("x"))
+    store.transition(rec.id, BoxStatus.FAILED, {BoxStatus.CONFIGURED}, started_at=7.0)
+    assert templates.fall_back(home, store, box_dir, rec, warm, RuntimeError("x"), 7.0)
     assert template.exists(), "a template made after the failed resume was removed"
 
 
