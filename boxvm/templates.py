@@ -173,8 +173,11 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
         fresh = {name: qcow2.read_header(box_dir / name) for name in (TOP, GUEST_TOP)}
         if any(qcow2.check(box_dir / name) for name in fresh):  # never over data of the box's own
             return None
-        if len(qcow2.chain(box_dir / TOP)) != 2:  # over a layer (snapshotted, restored, a clone):
-            return None  # not the image's disk a template's deltas are over; the template is fine
+        disk = qcow2.chain(box_dir / TOP)
+        if len(disk) != 2 or disk[1].parent.parent != Path(os.path.normpath(home.images)):
+            # over a layer (snapshotted, restored, a clone, an import's disk): not the image's
+            # base disk a template's deltas are over; the template is fine
+            return None
     except (OSError, ValueError, StorageError):
         return None
     try:

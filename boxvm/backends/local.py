@@ -519,7 +519,11 @@ async def _set_guest_time(conn: Connection, label: str, probes: int = 3) -> None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
+    """The console's last lines, after its earlier boxvm messages and kernel panic line: a
+    panic's trace alone fills the tail and hides why the guest stopped."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    marks = [line for line in text[:-lines] if "boxvm:" in line or "Kernel panic" in line][-5:]
+    return "\n".join([*marks, *text[-lines:]])

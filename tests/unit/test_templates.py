@@ -28,7 +28,8 @@ from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
 from tests.helpers import serving
 
-BACKING = {TOP: ("../../layers/all/base.qcow2", "qcow2"), GUEST_TOP: ("../../guest/rootfs.ext4", "raw")}
+# The image's base disk and the guest bundle's root, where a box's deltas are over them.
+BACKING = {TOP: (f"../../images/{'1' * 64}/base-1g.qcow2", "qcow2"), GUEST_TOP: ("../../guest/rootfs.ext4", "raw")}
 SIZE = 1 << 30
 
 
@@ -113,7 +114,7 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "the template's record garbage": lambda t: (t / templates.INFO).write_text("{not json"),
     "the template's record not an object": lambda t: (t / templates.INFO).write_text("[1]"),
     "a disk delta missing": lambda t: (t / GUEST_TOP).unlink(),
-    "the image's base disk rebuilt since": lambda t: rebuild(t.parent.parent / "layers" / "all" / "base.qcow2"),
+    "the image's base disk rebuilt since": lambda t: rebuild(t.parent.parent / "images" / ("1" * 64) / "base-1g.qcow2"),
     "the bundle's root rebuilt since": lambda t: rebuild(t.parent.parent / "guest" / "rootfs.ext4"),
     "the backing files' record missing": lambda t: (t / templates.BACKING).unlink(),
     "a disk delta over another backing file": lambda t: (
@@ -169,14 +170,20 @@ def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: St
     assert template.exists(), "a template made after the failed resume was removed"
 
 
-def test_a_box_whose_disk_is_over_a_layer_boots_cold_and_keeps_the_template(home: Home, store: Store) -> None:
+@pytest.mark.parametrize("below", ["base.qcow2", None])
+def test_a_box_whose_disk_is_over_a_layer_boots_cold_and_keeps_the_template(
+    home: Home, store: Store, below: str | None
+) -> None:
     """A never-started box after a snapshot or restore, or a clone of one: its empty top is
     over a layer, not the image's disk the template's deltas are over. The box is not warmed,
-    and the template -- nothing wrong with it -- stays for the next box."""
+    and the template -- nothing wrong with it -- stays for the next box. Also when the layer
+    backs onto nothing (an imported box's disk: a Ray pool's forks are clones of one), where
+    the chain is two files long like a box's over the image."""
     rec, box_dir = fresh_box(home, store)
     template = make_template(home, rec)
     layer = home.root / "layers" / "all" / "0123456789abcdef.qcow2"
-    qcow2.write_overlay(layer, SIZE, "base.qcow2")
+    layer.parent.mkdir(parents=True, exist_ok=True)
+    qcow2.write_overlay(layer, SIZE, below)
     (box_dir / TOP).unlink()
     qcow2.write_overlay(box_dir / TOP, SIZE, "../../layers/all/0123456789abcdef.qcow2")
     assert templates.warm_into(home, store, box_dir, rec) is None
