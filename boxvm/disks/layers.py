@@ -91,6 +91,7 @@ class Refs(Protocol):
     def forget_tombstones(self, layers: list[str]) -> None: ...
     def layer_rows(self) -> dict[str, tuple[str | None, int]]: ...
     def expected_refs(self) -> dict[str, int]: ...
+    def layer_counts(self) -> tuple[dict[str, tuple[str | None, int]], dict[str, int]]: ...
     def repair_layers(self, adopt: dict[str, str | None], reached: set[str], may_delete: bool) -> None: ...
 
 
@@ -392,13 +393,12 @@ class LayerStore:
                 if layer is not None:
                     reached.add(layer)
                     parents.setdefault(layer, ids[i + 1] if i + 1 < len(ids) else None)
-        rows = store.layer_rows()
+        rows, expected = store.layer_counts()
         on_disk = self.layer_ids()
         tombs = set(result.tombstoned)
         for layer in sorted(on_disk - set(rows) - tombs):
             (result.adopted if layer in reached else result.orphans).append(layer)
         result.missing = sorted(set(rows) - on_disk)
-        expected = store.expected_refs()
         result.miscounted = {
             layer: (refs, expected.get(layer, 0))
             for layer, (_p, refs) in rows.items()

@@ -802,6 +802,17 @@ class Store:
         """id -> (parent, refs), for the consistency scan."""
         return {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT id, parent, refs FROM layers")}
 
+    def layer_counts(self) -> tuple[dict[str, tuple[str | None, int]], dict[str, int]]:
+        """``layer_rows`` and ``expected_refs`` read in one transaction: the scan compares
+        them, and an operation of another process committing between two reads (a box
+        removed, its layer's row gone with it) made a count look wrong that was not."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            return self.layer_rows(), self.expected_refs()
+        finally:
+            db.execute("COMMIT")
+
     def expected_refs(self) -> dict[str, int]:
         """What every layer's count should be, from the rows that hold it."""
         rows = self._db.execute(
