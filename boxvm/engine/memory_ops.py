@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import secrets
@@ -241,7 +242,11 @@ async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         saved = await memory_live.save(
-            sup.qmp, dest / f"{memory.STATE}.tmp", at_stop, resume=lambda: not sup.client_paused, **memory_live.limits()
+            sup.qmp,
+            dest / f"{memory.STATE}.tmp",
+            at_stop,
+            resume=lambda: not sup.client_paused,
+            **memory_live.limits(kvm=_on_kvm(sup.argv)),
         )
     except BaseException:
         if was_running and not sup.client_paused:  # the migration was cancelled: the guest runs on
@@ -273,6 +278,11 @@ async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
         "state_ms": saved.state_ms,
         "qemu_downtime_ms": saved.downtime_ms,
     }
+
+
+def _on_kvm(argv: list[str]) -> bool:
+    """Whether the box's QEMU runs on KVM (``-accel kvm``), which tracks dirty pages itself."""
+    return any(a == "-accel" and b == "kvm" for a, b in itertools.pairwise(argv))
 
 
 async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, float]:
