@@ -177,6 +177,24 @@ def sparse_copy(src: Path, dst: Path) -> int:
     return total
 
 
+def read_through(path: Path) -> None:
+    """Read ``path`` once, so that every page of it, holes included, is in the page cache.
+
+    A fork maps ``BASE`` privately, and QEMU's save reads every page of that mapping: a
+    page of a hole not yet cached is then a fault that zero-fills one page, 4-6 s for the
+    holes of a 2 GiB guest, all with the guest stopped. One buffered read of the file
+    fills the same pages in 0.3-0.8 s (cached: 0.15 s), and the faults then find them
+    (0.04 s). ``POSIX_FADV_WILLNEED`` does not fill holes (measured: no faster)."""
+    buf = bytearray(8 << 20)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while n := os.preadv(fd, [buf], offset):
+            offset += n
+    finally:
+        os.close(fd)
+
+
 def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """fsync the state and the RAM, rename the state into place, then write the record."""
     size, digest = _digest(tmp)

@@ -56,6 +56,7 @@ class Supervisor(MemoryOps):
         self.argv: list[str] = cfg["argv"]
         self.incoming = bool(cfg.get("incoming"))  # resume a saved memory state (engine/memory_ops)
         self.resume_plan: dict[str, Any] = cfg.get("resume") or {}  # how to resume it (engine/memory_ops)
+        self.base_cached = False  # its private RAM's file read into the page cache (engine/memory_ops)
         self.start_token: float | None = cfg.get("start")  # the start that spawned it (state/starting)
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
