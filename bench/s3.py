@@ -55,16 +55,21 @@ class Cost:
     def __init__(self, server: psutil.Process) -> None:
         self.server = server
 
-    def _cpu(self) -> float:
+    def _cpu(self) -> tuple[float, float]:
         mine, theirs = resource.getrusage(resource.RUSAGE_SELF), self.server.cpu_times()
-        return mine.ru_utime + mine.ru_stime + theirs.user + theirs.system
+        return mine.ru_utime + mine.ru_stime, theirs.user + theirs.system
 
     def __enter__(self) -> Cost:
         self.t0, self.c0 = time.perf_counter(), self._cpu()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.wall, self.cpu = time.perf_counter() - self.t0, self._cpu() - self.c0
+        (mine, theirs), (mine0, theirs0) = self._cpu(), self.c0
+        self.wall, self.mine, self.theirs = time.perf_counter() - self.t0, mine - mine0, theirs - theirs0
+        self.cpu = self.mine + self.theirs
+
+    def __str__(self) -> str:
+        return f"{self.wall:.2f} s ({self.mine:.2f} + {self.theirs:.2f} CPU s)"
 
 
 async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
@@ -148,9 +153,8 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                     results["s3_get_baseline_mb_s"].append(round(size / MB / get.wall, 1))
                     results["s3_load_1min"].append(round(os.getloadavg()[0], 1))
                     print(
-                        f"s3 run {i}: archive {size / MB:.0f} MB, export {export.wall:.2f} s ({export.cpu:.2f} CPU s) "
-                        f"vs put {put.wall:.2f} s ({put.cpu:.2f}), import {imp.wall:.2f} s ({imp.cpu:.2f} CPU s; "
-                        f"from a file {t_import_file:.2f} s) vs get {get.wall:.2f} s ({get.cpu:.2f}) "
+                        f"s3 run {i}: archive {size / MB:.0f} MB, export {export} vs put {put}, import {imp} "
+                        f"(from a file {t_import_file:.2f} s) vs get {get} "
                         f"= {get.wall / imp.wall:.2f}x, RSS +{results['s3_export_rss_growth_mb'][-1]:.0f} MB, "
                         f"load {results['s3_load_1min'][-1]}",
                         flush=True,
