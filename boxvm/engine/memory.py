@@ -5,7 +5,8 @@ A box's guest RAM is a ``memory-backend-file`` in its directory (``memory.ram``,
 ``migrate`` writes only the device state (tens of KB) to ``memory.state`` while the vCPUs
 are stopped, and a new QEMU with the same command line plus ``-incoming defer`` maps the
 same file and loads that state back (``migrate-incoming``). QEMU 7.2 has no ``file:``
-migration URI, so both directions go through ``exec:cat``.
+migration URI: a save writes a file descriptor boxvm hands over (``QMP.migrate_to_file``),
+a load reads through ``exec:cat``.
 
 ``memory.json`` records the state file's size and SHA-256 and the shape of the machine it
 belongs to, written last (after an fsync of both files): a state without a matching
@@ -128,7 +129,7 @@ async def _write_state(qmp: Qmp, directory: Path) -> Path:
     tmp = directory / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
     await qmp.migrate_set_capabilities({"x-ignore-shared": True, "pause-before-switchover": False})
-    await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
+    await qmp.migrate_to_file(tmp)
     await _wait_migration(qmp, incoming=False)
     return tmp
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -108,7 +107,7 @@ async def save(
             # vCPUs' TLBs (TCG tracks writes through them) as queued work that a running vCPU
             # takes up only at its next exit; its stores meanwhile marked nothing dirty.
             await qmp.stop()
-            await qmp.migrate(f"exec:cat > {shlex.quote(str(tmp))}")
+            await qmp.migrate_to_file(tmp)
             iterating = None  # when the first pass over all of RAM ended (stopping sooner saves nothing)
             started_paused = live
             while True:  # until the switch-over

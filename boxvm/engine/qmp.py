@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from boxvm.errors import EngineError
 
 QUIT_TIMEOUT = 5.0  # QEMU exits at once; the supervisor kills it if not
 _PATH = re.compile(r"/[^\s'\",:]+")
+_MIGRATION_FD = "boxvm-migration"
 
 
 def without_paths(text: str) -> str:
@@ -155,9 +157,18 @@ class QMP:
     async def migrate_set_parameters(self, parameters: dict[str, Any]) -> None:
         await self._run("migrate-set-parameters", parameters)
 
-    async def migrate(self, uri: str) -> None:
-        """Start an outgoing migration (returns at once; poll :meth:`query_migrate`)."""
-        await self._run("migrate", {"uri": uri})
+    async def migrate_to_file(self, path: Path) -> None:
+        """Start an outgoing migration (returns at once; poll :meth:`query_migrate`) into
+        ``path``, a new file. QEMU 7.2 has no ``file:`` URI: the file is opened here and its
+        descriptor handed over (``getfd``, then ``fd:``), so QEMU writes it itself, without
+        the shell and the pipe of ``exec:cat``."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._client.send_fd_scm(fd)
+        finally:
+            os.close(fd)  # QEMU holds its own copy now (or none: getfd then fails)
+        await self._run("getfd", {"fdname": _MIGRATION_FD})
+        await self._run("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
 
     async def migrate_incoming(self, uri: str) -> None:
         """Start receiving the state of a QEMU started with ``-incoming defer``."""
