@@ -5,7 +5,7 @@ A box's guest RAM is a ``memory-backend-file`` in its directory (``memory.ram``,
 ``migrate`` writes only the device state (tens of KB) to ``memory.state`` while the vCPUs
 are stopped, and a new QEMU with the same command line plus ``-incoming defer`` maps the
 same file and loads that state back (``migrate-incoming``). QEMU 7.2 has no ``file:``
-migration URI: a save writes a file descriptor boxvm hands over (``QMP.migrate_to_file``),
+migration URI: a save writes to a file descriptor boxvm hands over (``QMP.migrate_to_file``),
 a load reads through ``exec:cat``.
 
 ``memory.json`` records the state file's size and SHA-256 and the shape of the machine it
@@ -33,6 +33,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,7 +56,7 @@ class Qmp(Protocol):
     async def status(self) -> str: ...
     async def stop(self) -> None: ...
     async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None: ...
-    async def migrate(self, uri: str) -> None: ...
+    async def migrate_to_file(self, path: Path) -> None: ...
     async def migrate_incoming(self, uri: str) -> None: ...
     async def query_migrate(self) -> dict[str, Any]: ...
 
@@ -187,10 +188,13 @@ def read_through(path: Path) -> None:
     fills the same pages in 0.3-0.8 s (cached: 0.15 s), and the faults then find them
     (0.04 s). ``POSIX_FADV_WILLNEED`` does not fill holes (measured: no faster)."""
     buf = bytearray(8 << 20)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EngineError(f"{path.name} is not a regular file")
         offset = 0
-        while n := os.preadv(fd, [buf], offset):
+        while offset < st.st_size and (n := os.preadv(fd, [buf], offset)):
             offset += n
     finally:
         os.close(fd)

@@ -71,12 +71,13 @@ class MemoryOps:
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
+        cache_ms = await _cache_base(self)  # outside the lock: nothing writes the file
         async with self.capture_lock:
             await self.settle()  # a capture switched to but not yet published: none may outlive the VM
             was_running = await self.qmp.status() == "running"
             try:
                 if self.resume_plan.get("private"):
-                    timings = await _save_private(self, shape)
+                    timings = await _save_private(self, shape, cache_ms)
                 else:
                     timings = await memory.save(self.qmp, self.dir, shape)
             except BaseException:
@@ -159,14 +160,17 @@ class MemoryOps:
             raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
         private = bool(self.resume_plan.get("private"))
+        cache_ms = await _cache_base(self)  # outside the lock: nothing writes the file
         async with self.capture_lock:
             await memory.check_savable(self.qmp)  # before the RAM copy of a box whose RAM is its own
             await self.settle()
             await asyncio.to_thread(memory.fresh_dir, dest)
-            capture = _capture_stream if private else _capture_file
             try:
                 try:
-                    result = await capture(self, dest)
+                    if private:
+                        result = await _capture_stream(self, dest, cache_ms)
+                    else:
+                        result = await _capture_file(self, dest)
                 finally:
                     if self.unpublished is None:  # the switch did not happen
                         (self.dir / PENDING).unlink(missing_ok=True)
@@ -230,10 +234,9 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     }
 
 
-async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
+async def _capture_stream(sup: _Supervisor, dest: Path, cache_ms: float) -> dict[str, Any]:
     """The capture of a box whose RAM is private: QEMU's live pre-copy into the state, the
     disk switched while QEMU holds the vCPUs stopped for the switch-over."""
-    cache_ms = await _cache_base(sup)
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
     was_running = await sup.qmp.status() == "running"
     switched: dict[str, Any] = {}
@@ -287,13 +290,12 @@ def _on_kvm(argv: list[str]) -> bool:
     return any(a == "-accel" and b == "kvm" for a, b in itertools.pairwise(argv))
 
 
-async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, float]:
+async def _save_private(sup: _Supervisor, shape: dict[str, Any], cache_ms: float) -> dict[str, float]:
     """A suspend's save of private RAM into the state, then the record: a stop-and-copy. A
     pre-copy would only let the guest run on a little longer before the same freeze while
     the suspend as a whole took longer, and a live save of a fork just resumed was seen to
     lose guest writes once (ENGINEERING, "Live pre-copy of private RAM")."""
     (sup.dir / memory.META).unlink(missing_ok=True)  # the old record must not vouch for the new state
-    cache_ms = await _cache_base(sup)
 
     async def at_stop() -> None:
         faults.point("memory:stopped")
@@ -310,12 +312,12 @@ async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, fl
 
 
 async def _cache_base(sup: _Supervisor) -> float:
-    """Before the first save of private RAM, have its file in the page cache while the guest
-    still runs (``memory.read_through``), so the save's pass over it, which a stop-and-copy
-    makes with the guest stopped, does not fault in the holes one page at a time. Once per
-    supervisor: the pages stay cached, shared by every box mapping the file, unless
-    reclaimed. Returns the milliseconds it took."""
-    if sup.base_cached:
+    """Before the first save of private RAM, have its file in the page cache before the
+    guest is stopped (``memory.read_through``), so the save's pass over it, which a
+    stop-and-copy makes with the guest stopped, does not fault in the holes one page at a
+    time. Once per supervisor: the pages stay cached, shared by every box mapping the file,
+    unless reclaimed. Returns the milliseconds it took (0 for a box whose RAM is its own)."""
+    if sup.base_cached or not sup.resume_plan.get("private"):
         return 0.0
     t0 = time.monotonic()
     await asyncio.to_thread(memory.read_through, sup.dir / memory.BASE)

@@ -161,14 +161,24 @@ class QMP:
         """Start an outgoing migration (returns at once; poll :meth:`query_migrate`) into
         ``path``, a new file. QEMU 7.2 has no ``file:`` URI: the file is opened here and its
         descriptor handed over (``getfd``, then ``fd:``), so QEMU writes it itself, without
-        the shell and the pipe of ``exec:cat``."""
+        the shell and the pipe of ``exec:cat``. The migration owns the descriptor once it
+        starts and closes it when it ends."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             self._client.send_fd_scm(fd)
+        except (OSError, AssertionError, QMPError) as exc:  # qemu.qmp asserts it is connected
+            raise QMPCommandError("getfd", {"fdname": _MIGRATION_FD}, None) from exc
         finally:
-            os.close(fd)  # QEMU holds its own copy now (or none: getfd then fails)
+            os.close(fd)  # sent: QEMU has its own copy
         await self._run("getfd", {"fdname": _MIGRATION_FD})
-        await self._run("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
+        try:
+            await self._run("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
+        except QMPCommandError:
+            # A refused migrate leaves the descriptor with the monitor, holding the file
+            # (which the caller removes) until QEMU exits: give it back.
+            with contextlib.suppress(QMPCommandError):
+                await self._run("closefd", {"fdname": _MIGRATION_FD})
+            raise
 
     async def migrate_incoming(self, uri: str) -> None:
         """Start receiving the state of a QEMU started with ``-incoming defer``."""

@@ -159,3 +159,48 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
     assert await monitor.status() == "running"
     await memory_live.save(monitor, work / "state", None, resume=lambda: True)
     assert await monitor.status() == "running"
+
+
+def _qemu_holds(work: Path, path: Path) -> bool:
+    """Whether the QEMU serving ``work``'s monitor has ``path`` open."""
+    import psutil
+
+    (qemu,) = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
+    return any(f.path.startswith(str(path)) for f in qemu.open_files())
+
+
+async def test_a_save_hands_qemu_its_file_and_a_refused_one_takes_it_back(qmp: tuple[QMP, Path]) -> None:
+    """``migrate_to_file``: QEMU writes the file boxvm opened and closes it when the
+    migration ends; a second ``migrate`` while one is held in ``pre-switchover`` is refused,
+    and QEMU does not keep that file open (``closefd``). The file must be new (O_EXCL)."""
+    monitor, work = qmp
+    done = work / "done.state"
+    await monitor.migrate_to_file(done)
+    for _ in range(500):
+        if (await monitor.query_migrate())["status"] == "completed":
+            break
+        await asyncio.sleep(0.01)
+    assert done.stat().st_size > 0 and done.stat().st_mode & 0o777 == 0o600
+    assert not _qemu_holds(work, done)
+    with pytest.raises(FileExistsError):
+        await monitor.migrate_to_file(done)
+    await monitor.cont()
+
+    await monitor.migrate_set_capabilities({"pause-before-switchover": True})
+    held, refused = work / "held.state", work / "refused.state"
+    await monitor.migrate_to_file(held)
+    for _ in range(500):
+        if (await monitor.query_migrate())["status"] == "pre-switchover":
+            break
+        await asyncio.sleep(0.01)
+    assert (await monitor.query_migrate())["status"] == "pre-switchover" and _qemu_holds(work, held)
+    with pytest.raises(QMPCommandError) as second:
+        await monitor.migrate_to_file(refused)
+    assert second.value.command == "migrate" and refused.exists()
+    assert not _qemu_holds(work, refused)
+    await monitor.migrate_cancel()
+    for _ in range(500):
+        if (await monitor.query_migrate())["status"] == "cancelled":
+            break
+        await asyncio.sleep(0.01)
+    assert not _qemu_holds(work, held)
