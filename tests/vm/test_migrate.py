@@ -66,9 +66,15 @@ class Runner:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 
-    def was_killed(self) -> None:
-        """It died of SIGKILL (at its fault point)."""
-        assert self.proc is not None and self.proc.wait(180) == -signal.SIGKILL
+    def was_killed(self, after: object = None) -> None:
+        """It died of SIGKILL (at its fault point); ``after``: what the attempt returned, for
+        the failure message when it did not."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(180)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the runner never reached its fault point; the attempt returned {after!r}") from None
+        assert code == -signal.SIGKILL, (code, after)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -272,9 +278,21 @@ async def test_running_box_moves_while_runners_are_killed(
         ):
             assert await holders(src.backend, tgt.backend, s3, name) == expected
 
-    def killed_then(runner: Runner, fault: str | None = None) -> None:
-        runner.was_killed()
+    def killed_then(runner: Runner, fault: str | None = None, after: object = None) -> None:
+        runner.was_killed(after)
         runner.start(fault)
+
+    async def suspended_at(runner: Runner) -> None:
+        """The suspend a killed runner asked for is finished by the box's supervisor, which
+        outlives the runner: until then the box is ``suspending`` and a migrate is refused
+        ("wait for its operation to end")."""
+        async with boxvm.Runtime.remote(runner.url, token=TOKEN) as rt:
+            for _ in range(600):
+                info = await rt.get(name)
+                if info is not None and info.status != boxvm.BoxStatus.SUSPENDING:
+                    break
+                await asyncio.sleep(0.1)
+            assert info is not None and info.status == boxvm.BoxStatus.SUSPENDED, info
 
     async def counting(runner: Runner, pid: str, digest: bytes, before: int) -> None:
         """The box runs there with its file and the same process, still counting."""
@@ -303,8 +321,10 @@ async def test_running_box_moves_while_runners_are_killed(
             assert isinstance(await attempt(suspending), BoxvmError)
             source.start("export:disk-streamed")
             await check(["source"])
-            assert isinstance(await attempt(), BoxvmError)  # the source dies mid-stream
-            killed_then(source, "remove:row-deleted")
+            await suspended_at(source)
+            mid_stream = await attempt()
+            assert isinstance(mid_stream, BoxvmError)  # the source dies mid-stream
+            killed_then(source, "remove:row-deleted", mid_stream)
             await check(["source"])
             target.stop()
             target.start("import:renamed")
