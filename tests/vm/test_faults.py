@@ -5,6 +5,7 @@ data, no operation claim, no pending top, no orphaned directory or layer."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
@@ -65,6 +66,11 @@ async def recovered(home: Home) -> boxvm.Runtime:
             assert not entry.exists() or entry.name in records, f"orphaned box directory {entry.name}"
     assert backend.boxes.gc() == []  # type: ignore[attr-defined]  # recovery already collected everything
     scan = backend.check_layers()  # type: ignore[attr-defined]  # every count and file agrees with the chains
+    for _ in range(100):  # another worker's deletion in flight: its tombstone goes once its files are gone
+        if scan.clean or not scan.tombstoned or not dataclasses.replace(scan, tombstoned=[]).clean:
+            break
+        await asyncio.sleep(0.1)
+        scan = backend.check_layers()  # type: ignore[attr-defined]
     assert scan.clean, scan
     return fresh
 
