@@ -71,13 +71,13 @@ class MemoryOps:
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
-        cache_ms = await _cache_base(self)  # outside the lock: nothing writes the file
+        await _cache_base(self, "suspend")  # outside the lock: nothing writes the file
         async with self.capture_lock:
             await self.settle()  # a capture switched to but not yet published: none may outlive the VM
             was_running = await self.qmp.status() == "running"
             try:
                 if self.resume_plan.get("private"):
-                    timings = await _save_private(self, shape, cache_ms)
+                    timings = await _save_private(self, shape)
                 else:
                     timings = await memory.save(self.qmp, self.dir, shape)
             except BaseException:
@@ -160,7 +160,7 @@ class MemoryOps:
             raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
         private = bool(self.resume_plan.get("private"))
-        cache_ms = await _cache_base(self)  # outside the lock: nothing writes the file
+        await _cache_base(self, "memory_snapshot")  # outside the lock: nothing writes the file
         async with self.capture_lock:
             await memory.check_savable(self.qmp)  # before the RAM copy of a box whose RAM is its own
             await self.settle()
@@ -168,7 +168,7 @@ class MemoryOps:
             try:
                 try:
                     if private:
-                        result = await _capture_stream(self, dest, cache_ms)
+                        result = await _capture_stream(self, dest)
                     else:
                         result = await _capture_file(self, dest)
                 finally:
@@ -234,7 +234,7 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     }
 
 
-async def _capture_stream(sup: _Supervisor, dest: Path, cache_ms: float) -> dict[str, Any]:
+async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     """The capture of a box whose RAM is private: QEMU's live pre-copy into the state, the
     disk switched while QEMU holds the vCPUs stopped for the switch-over."""
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
@@ -260,7 +260,7 @@ async def _capture_stream(sup: _Supervisor, dest: Path, cache_ms: float) -> dict
         raise
     faults.point("memory:copied")
     pause_ms = saved.pause_ms
-    _record_live(sup, "memory_snapshot", saved, cache_ms)
+    _record_live(sup, "memory_snapshot", saved)
     log.info(
         "memory snapshot (RAM in the stream): pause %.1f ms (switch %.1f, QEMU's downtime %.0f, completion to cont"
         " %.1f), pre-copy %.1f ms, %d passes, %d bytes%s",
@@ -290,7 +290,7 @@ def _on_kvm(argv: list[str]) -> bool:
     return any(a == "-accel" and b == "kvm" for a, b in itertools.pairwise(argv))
 
 
-async def _save_private(sup: _Supervisor, shape: dict[str, Any], cache_ms: float) -> dict[str, float]:
+async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, float]:
     """A suspend's save of private RAM into the state, then the record: a stop-and-copy. A
     pre-copy would only let the guest run on a little longer before the same freeze while
     the suspend as a whole took longer, and a live save of a fork just resumed was seen to
@@ -303,7 +303,7 @@ async def _save_private(sup: _Supervisor, shape: dict[str, Any], cache_ms: float
     saved = await memory_live.save(sup.qmp, sup.dir / f"{memory.STATE}.tmp", at_stop, limit_s=0)
     t_saved = time.monotonic()
     await asyncio.to_thread(memory.seal, sup.dir, shape, "stream")
-    _record_live(sup, "suspend", saved, cache_ms)
+    _record_live(sup, "suspend", saved)
     return {
         "stopped_ms": saved.pause_ms,  # the vCPUs' stop to the migration's end
         "save_ms": saved.state_ms,
@@ -311,24 +311,24 @@ async def _save_private(sup: _Supervisor, shape: dict[str, Any], cache_ms: float
     }
 
 
-async def _cache_base(sup: _Supervisor) -> float:
+async def _cache_base(sup: _Supervisor, what: str) -> None:
     """Before the first save of private RAM, have its file in the page cache before the
     guest is stopped (``memory.read_through``), so the save's pass over it, which a
     stop-and-copy makes with the guest stopped, does not fault in the holes one page at a
     time. Once per supervisor: the pages stay cached, shared by every box mapping the file,
-    unless reclaimed. Returns the milliseconds it took (0 for a box whose RAM is its own)."""
-    if sup.base_cached or not sup.resume_plan.get("private"):
-        return 0.0
+    unless reclaimed. Timed as ``<what>_base_cache_ms`` (nothing for a box whose RAM is its own)."""
+    if not sup.resume_plan.get("private"):
+        return
     t0 = time.monotonic()
-    await asyncio.to_thread(memory.read_through, sup.dir / memory.BASE)
-    sup.base_cached = True
-    return (time.monotonic() - t0) * 1000
+    if not sup.base_cached:
+        await asyncio.to_thread(memory.read_through, sup.dir / memory.BASE)
+        sup.base_cached = True
+    sup.store.add_timing(sup.box_id, **{f"{what}_base_cache_ms": (time.monotonic() - t0) * 1000})
 
 
-def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome, cache_ms: float) -> None:
+def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome) -> None:
     """Say in the box's timings how a live save went, and whether the guest had to be
-    stopped before QEMU converged (``<what>_stop_and_copy`` 1.0, the reason in the log);
-    ``cache_ms``: the read of the RAM's file before it (``_cache_base``)."""
+    stopped before QEMU converged (``<what>_stop_and_copy`` 1.0, the reason in the log)."""
     sup.store.add_timing(
         sup.box_id,
         **{
@@ -337,7 +337,6 @@ def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome, cache_
             f"{what}_qemu_downtime_ms": saved.downtime_ms,
             f"{what}_start_pause_ms": saved.start_pause_ms,
             f"{what}_stop_and_copy": 1.0 if saved.fallback else 0.0,
-            f"{what}_base_cache_ms": cache_ms,
         },
     )
 

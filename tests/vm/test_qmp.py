@@ -53,6 +53,14 @@ def _qcow2(path: Path, backing: Path | None = None) -> Path:
     return path
 
 
+async def _until(monitor: QMP, status: str) -> None:
+    """Poll the migration until its status is ``status`` (for up to ~5 s)."""
+    for _ in range(500):
+        if (await monitor.query_migrate())["status"] == status:
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_run_state_and_block_commands(qmp: tuple[QMP, Path]) -> None:
     monitor, work = qmp
     assert await monitor.status() == "running"
@@ -128,10 +136,7 @@ async def test_a_live_save_switches_the_disk_in_pre_switchover_and_runs_on(qmp: 
 
     with pytest.raises(RuntimeError, match="capture failed"):
         await memory_live.save(monitor, work / "state", failing, resume=lambda: True)
-    for _ in range(200):
-        if (await monitor.query_migrate())["status"] == "cancelled":
-            break
-        await asyncio.sleep(0.01)
+    await _until(monitor, "cancelled")
     assert (await monitor.query_migrate())["status"] == "cancelled"
     await monitor.cont()  # as the supervisor does after a failed save (QEMU restarts only a VM it stopped itself)
     assert await monitor.status() == "running"
@@ -176,10 +181,7 @@ async def test_a_save_hands_qemu_its_file_and_a_refused_one_takes_it_back(qmp: t
     monitor, work = qmp
     done = work / "done.state"
     await monitor.migrate_to_file(done)
-    for _ in range(500):
-        if (await monitor.query_migrate())["status"] == "completed":
-            break
-        await asyncio.sleep(0.01)
+    await _until(monitor, "completed")
     assert done.stat().st_size > 0 and done.stat().st_mode & 0o777 == 0o600
     assert not _qemu_holds(work, done)
     with pytest.raises(FileExistsError):
@@ -189,18 +191,12 @@ async def test_a_save_hands_qemu_its_file_and_a_refused_one_takes_it_back(qmp: t
     await monitor.migrate_set_capabilities({"pause-before-switchover": True})
     held, refused = work / "held.state", work / "refused.state"
     await monitor.migrate_to_file(held)
-    for _ in range(500):
-        if (await monitor.query_migrate())["status"] == "pre-switchover":
-            break
-        await asyncio.sleep(0.01)
+    await _until(monitor, "pre-switchover")
     assert (await monitor.query_migrate())["status"] == "pre-switchover" and _qemu_holds(work, held)
     with pytest.raises(QMPCommandError) as second:
         await monitor.migrate_to_file(refused)
     assert second.value.command == "migrate" and refused.exists()
     assert not _qemu_holds(work, refused)
     await monitor.migrate_cancel()
-    for _ in range(500):
-        if (await monitor.query_migrate())["status"] == "cancelled":
-            break
-        await asyncio.sleep(0.01)
+    await _until(monitor, "cancelled")
     assert not _qemu_holds(work, held)
