@@ -285,7 +285,9 @@ async def warm_snapshot_pauses(rt: boxvm.Runtime, mib: int, runs: int) -> dict[s
                 print(
                     f"{key}: {snap.timings['pause_ms']:.0f} ms (pre-copy {pre:.0f} ms, {passes:.0f} passes,"
                     f" QEMU's downtime {timings['memory_snapshot_qemu_downtime_ms']:.0f} ms, start pause"
-                    f" {timings.get('memory_snapshot_start_pause_ms', 0):.0f} ms; {_load()})"
+                    f" {timings.get('memory_snapshot_start_pause_ms', 0):.0f} ms; state"
+                    f" {timings.get('memory_snapshot_stream_mib', 0):.0f} MiB, its prefill before the stop"
+                    f" {timings.get('memory_snapshot_prefill_ms', 0):.0f} ms; {_load()})"
                 )
                 await box.snapshot.remove(f"w{i}")
         print(f"live pre-copies that fell back to stop-and-copy: {fallbacks} of {runs}")

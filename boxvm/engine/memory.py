@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -214,6 +215,40 @@ def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any], ram: str = "file")
     os.replace(tmp, box_dir / STATE)
     meta = {"version": 1, "state_bytes": size, "state_sha256": digest, "ram": ram, **shape}
     _write_durably(box_dir / META, json.dumps(meta).encode())
+
+
+class StateFile:
+    """A new state file (O_EXCL, 0600) whose descriptor QEMU's migration writes
+    (``QMP.migrate_to_fd``), optionally *prefilled*: ``prefill`` zero bytes written
+    before the save, so that QEMU, writing with the guest stopped, overwrites pages
+    already in the page cache instead of having each one allocated and reserved on disk
+    as it goes (a stop-and-copy of a warm box's RAM wrote ~180 MiB in ~65 ms into a new
+    file, ~40 ms over written pages). Blocking: open it in a thread, before the stop.
+    :meth:`finish` cuts the file where QEMU's stream ended (the shared file offset)."""
+
+    _ZEROS = bytes(1 << 20)
+
+    def __init__(self, path: Path, prefill: int = 0) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            done = 0
+            while done < prefill:
+                done += os.pwrite(self.fd, memoryview(self._ZEROS)[: prefill - done], done)
+        except OSError as exc:  # nothing half-written stays: the file is ours (O_EXCL)
+            os.close(self.fd)
+            path.unlink(missing_ok=True)
+            raise (StorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EngineError)(
+                f"could not write the memory state: {exc.strerror or exc}"
+            ) from exc
+
+    def finish(self) -> int:
+        """Truncate the file at the end of QEMU's stream (its migration completed); its size."""
+        end = os.lseek(self.fd, 0, os.SEEK_CUR)
+        os.ftruncate(self.fd, end)
+        return end
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _digest(path: Path) -> tuple[int, str]:

@@ -22,6 +22,7 @@ stopped, as a stop-and-copy would; the outcome says so. QEMU's events (capabilit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -71,6 +72,8 @@ class Outcome:
     downtime_ms: float  # QEMU's own figure: from just before its stop to completed
     tail_ms: float  # from QEMU's completion to ``cont`` done (or to the state's end)
     start_pause_ms: float  # the guest's short stop across the migration's start
+    prefill_ms: float = 0.0  # writing the state file's prefill, before the guest stopped
+    stream_bytes: int = 0  # the state file as QEMU left it
 
 
 async def save(
@@ -80,6 +83,7 @@ async def save(
     resume: Callable[[], bool] | None = None,
     limit_s: float = PRECOPY_SECONDS,
     passes: int = PRECOPY_PASSES,
+    prefill: int = 0,
 ) -> Outcome:
     """Migrate the VM, RAM included, into ``tmp`` while it runs; ``at_stop`` runs once the
     vCPUs are stopped for the switch-over (block devices still active). A VM that was
@@ -89,10 +93,31 @@ async def save(
     block devices inactive) for the caller to quit or a client to ``cont``.
 
     ``limit_s`` <= 0 stops the guest first: the migration is then a plain stop-and-copy
-    (the baseline this replaced). A failure cancels the migration and raises; a VM an
-    earlier save left stopped is refused (``memory.check_savable``)."""
+    (the baseline this replaced). ``prefill``: bytes of the file written before the guest
+    stops (``memory.StateFile``; the stream's expected size). A failure cancels the
+    migration and raises; a VM an earlier save left stopped is refused (``memory.check_savable``)."""
     await memory.check_savable(qmp)
     tmp.unlink(missing_ok=True)
+    t0 = time.monotonic()
+    state = await asyncio.to_thread(memory.StateFile, tmp, prefill)
+    prefill_ms = (time.monotonic() - t0) * 1000
+    try:
+        outcome = await _save(qmp, state, at_stop, resume, limit_s, passes)
+        outcome.stream_bytes = await asyncio.to_thread(state.finish)  # a prefill's unused tail goes
+    finally:
+        state.close()
+    outcome.prefill_ms = prefill_ms
+    return outcome
+
+
+async def _save(
+    qmp: QMP,
+    state: memory.StateFile,
+    at_stop: Callable[[], Awaitable[None]] | None,
+    resume: Callable[[], bool] | None,
+    limit_s: float,
+    passes: int,
+) -> Outcome:
     await qmp.migrate_set_capabilities({"x-ignore-shared": False, "pause-before-switchover": True, "events": True})
     await qmp.migrate_set_parameters({"downtime-limit": DOWNTIME_LIMIT_MS, "max-bandwidth": MAX_BANDWIDTH})
     running = await qmp.status() == "running"
@@ -107,7 +132,7 @@ async def save(
             # vCPUs' TLBs (TCG tracks writes through them) as queued work that a running vCPU
             # takes up only at its next exit; its stores meanwhile marked nothing dirty.
             await qmp.stop()
-            await qmp.migrate_to_file(tmp)
+            await qmp.migrate_to_fd(state.fd)
             iterating = None  # when the first pass over all of RAM ended (stopping sooner saves nothing)
             started_paused = live
             while True:  # until the switch-over

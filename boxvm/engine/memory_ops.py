@@ -168,7 +168,7 @@ class MemoryOps:
             try:
                 try:
                     if private:
-                        result = await _capture_stream(self, dest)
+                        result = await _capture_stream(self, dest, shape)
                     else:
                         result = await _capture_file(self, dest)
                 finally:
@@ -234,9 +234,11 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
     }
 
 
-async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
+async def _capture_stream(sup: _Supervisor, dest: Path, shape: dict[str, Any]) -> dict[str, Any]:
     """The capture of a box whose RAM is private: QEMU's live pre-copy into the state, the
     disk switched while QEMU holds the vCPUs stopped for the switch-over."""
+    limits = memory_live.limits(kvm=_on_kvm(sup.argv))
+    prefill = await asyncio.to_thread(_expected_stream, sup, shape) if limits["limit_s"] <= 0 else 0
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
     was_running = await sup.qmp.status() == "running"
     switched: dict[str, Any] = {}
@@ -251,7 +253,8 @@ async def _capture_stream(sup: _Supervisor, dest: Path) -> dict[str, Any]:
             dest / f"{memory.STATE}.tmp",
             at_stop,
             resume=lambda: not sup.client_paused,
-            **memory_live.limits(kvm=_on_kvm(sup.argv)),
+            prefill=prefill,
+            **limits,
         )
     except BaseException:
         if was_running and not sup.client_paused:  # the migration was cancelled: the guest runs on
@@ -300,7 +303,8 @@ async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, fl
     async def at_stop() -> None:
         faults.point("memory:stopped")
 
-    saved = await memory_live.save(sup.qmp, sup.dir / f"{memory.STATE}.tmp", at_stop, limit_s=0)
+    prefill = await asyncio.to_thread(_expected_stream, sup, shape)
+    saved = await memory_live.save(sup.qmp, sup.dir / f"{memory.STATE}.tmp", at_stop, limit_s=0, prefill=prefill)
     t_saved = time.monotonic()
     await asyncio.to_thread(memory.seal, sup.dir, shape, "stream")
     _record_live(sup, "suspend", saved)
@@ -309,6 +313,20 @@ async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, fl
         "save_ms": saved.state_ms,
         "sync_ms": (time.monotonic() - t_saved) * 1000,
     }
+
+
+def _expected_stream(sup: _Supervisor, shape: dict[str, Any]) -> int:
+    """About what a stop-and-copy of this box's private RAM writes, to prefill the state
+    file with (``memory.StateFile``): every page the template's file holds data for plus
+    every page the guest wrote, 8 bytes of header each, a 9-byte record per zero page,
+    and room for the device state. Too much costs a truncation, too little the old cost
+    for the rest."""
+    assert sup.qemu is not None
+    ram = int(shape.get("memory_mib", 0)) << 20
+    base = sup.dir / memory.BASE
+    data = min(os.stat(base).st_blocks * 512 + memory_precopy.written_bytes(sup.qemu.pid, base), ram)
+    pages = ram // memory_precopy.PAGE
+    return data + data // memory_precopy.PAGE * 8 + pages * 9 + (1 << 20)
 
 
 async def _cache_base(sup: _Supervisor, what: str) -> None:
@@ -337,6 +355,8 @@ def _record_live(sup: _Supervisor, what: str, saved: memory_live.Outcome) -> Non
             f"{what}_qemu_downtime_ms": saved.downtime_ms,
             f"{what}_start_pause_ms": saved.start_pause_ms,
             f"{what}_stop_and_copy": 1.0 if saved.fallback else 0.0,
+            f"{what}_prefill_ms": saved.prefill_ms,
+            f"{what}_stream_mib": saved.stream_bytes / (1 << 20),
         },
     )
 

@@ -125,20 +125,43 @@ def data_extents(path: Path) -> list[tuple[int, int]]:
 def ram_vmas(pid: int, ram: Path) -> list[tuple[int, int, int]]:
     """QEMU's mappings of the RAM file as (start, end, file offset), found by the file's
     device and inode (a path in /proc/<pid>/maps can be renamed, deleted or spoofed)."""
-    st = os.stat(ram)
-    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-    out = []
+    want, out = _file_id(ram), []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             fields = line.split(maxsplit=5)
-            if len(fields) < 5:
-                continue
-            major, minor = fields[3].split(":")
-            if (int(major, 16), int(minor, 16), int(fields[4])) != want:
-                continue
-            lo, hi = fields[0].split("-")
-            out.append((int(lo, 16), int(hi, 16), int(fields[2], 16)))
+            if _maps(fields, want):
+                lo, hi = fields[0].split("-")
+                out.append((int(lo, 16), int(hi, 16), int(fields[2], 16)))
     return out
+
+
+def written_bytes(pid: int, ram: Path) -> int:
+    """How much of QEMU's private mappings of ``ram`` the guest has written: the pages
+    copied on write (``Anonymous`` in /proc/<pid>/smaps), which only its RAM holds."""
+    want, total, inside = _file_id(ram), 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if not fields:
+                continue
+            if "-" in fields[0]:  # a mapping's first line; its fields follow
+                inside = _maps(fields, want)
+            elif inside and fields[0] == "Anonymous:":
+                total += int(fields[1]) << 10  # kB
+    return total
+
+
+def _file_id(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
+
+
+def _maps(fields: list[str], want: tuple[int, int, int]) -> bool:
+    """Whether a mapping's line of /proc/<pid>/maps (or smaps), split, maps that file."""
+    if len(fields) < 5 or ":" not in fields[3] or not fields[4].isdigit():
+        return False
+    major, minor = fields[3].split(":")
+    return (int(major, 16), int(minor, 16), int(fields[4])) == want
 
 
 def soft_dirty_map(pagemap: bytes) -> bytes:

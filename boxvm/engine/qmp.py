@@ -159,17 +159,23 @@ class QMP:
 
     async def migrate_to_file(self, path: Path) -> None:
         """Start an outgoing migration (returns at once; poll :meth:`query_migrate`) into
-        ``path``, a new file. QEMU 7.2 has no ``file:`` URI: the file is opened here and its
-        descriptor handed over (``getfd``, then ``fd:``), so QEMU writes it itself, without
-        the shell and the pipe of ``exec:cat``. The migration owns the descriptor once it
-        starts and closes it when it ends."""
+        ``path``, a new file (O_EXCL, 0600): :meth:`migrate_to_fd` of its descriptor."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            await self.migrate_to_fd(fd)
+        finally:
+            os.close(fd)  # sent: QEMU has its own copy
+
+    async def migrate_to_fd(self, fd: int) -> None:
+        """Start an outgoing migration into the open file ``fd``, from its current offset.
+        QEMU 7.2 has no ``file:`` URI: the descriptor is handed over (``getfd``, then
+        ``fd:``), so QEMU writes the file itself, without the shell and the pipe of
+        ``exec:cat``. QEMU's copy shares the caller's file offset (one open file), which
+        shows where the stream ended; the migration closes its copy when it ends."""
         try:
             self._client.send_fd_scm(fd)
         except (OSError, AssertionError, QMPError) as exc:  # qemu.qmp asserts it is connected
             raise QMPCommandError("getfd", {"fdname": _MIGRATION_FD}, None) from exc
-        finally:
-            os.close(fd)  # sent: QEMU has its own copy
         await self._run("getfd", {"fdname": _MIGRATION_FD})
         try:
             await self._run("migrate", {"uri": f"fd:{_MIGRATION_FD}"})

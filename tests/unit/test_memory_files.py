@@ -8,6 +8,7 @@ import json
 import mmap
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,51 @@ def test_stopped_fixup_copies_everything_when_soft_dirty_cannot_vouch(tmp_path: 
     assert memory_precopy.finish(pre, ram, dest) == (2 * PAGE, "full")
     assert dest.read_bytes() == ram.read_bytes()
     assert memory_precopy.finish(None, ram, tmp_path / "fresh")[1] == "full"
+
+
+def test_a_state_file_is_prefilled_and_cut_where_the_stream_ends(tmp_path: Path) -> None:
+    """``StateFile``: the prefill is zeros the writer (QEMU, through the shared file
+    offset) overwrites from the start; ``finish`` cuts the file at the writer's offset."""
+    path = tmp_path / "memory.state.tmp"
+    state = memory.StateFile(path, (3 << 20) + 5)
+    try:
+        assert path.stat().st_size == (3 << 20) + 5 and stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert os.lseek(state.fd, 0, os.SEEK_CUR) == 0
+        stream = os.urandom((1 << 20) + 17)
+        writer = os.dup(state.fd)  # what QEMU holds: the same open file
+        try:
+            os.write(writer, stream)
+        finally:
+            os.close(writer)
+        assert state.finish() == len(stream)
+    finally:
+        state.close()
+    assert path.read_bytes() == stream
+    with pytest.raises(FileExistsError):
+        memory.StateFile(path)
+
+
+def test_a_state_file_that_cannot_be_prefilled_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
+    assert os.geteuid() == 0, "this test mounts a small tmpfs and needs root (CI runs as root)"
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    try:
+        with pytest.raises(StorageError, match="could not write the memory state: No space left") as err:
+            memory.StateFile(small / "memory.state.tmp", 4 << 20)
+        assert str(small) not in str(err.value)
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_written_bytes_counts_the_pages_a_private_mapping_copied(tmp_path: Path) -> None:
+    """What the guest wrote of a privately mapped RAM file is its anonymous pages there."""
+    base = tmp_path / "memory.base"
+    base.write_bytes(os.urandom(64 * PAGE))
+    with open(base, "rb") as f, mmap.mmap(f.fileno(), 64 * PAGE, flags=mmap.MAP_PRIVATE) as ram:
+        assert memory_precopy.written_bytes(os.getpid(), base) == 0
+        for page in range(0, 40, 2):
+            ram[page * PAGE] = 1
+        assert memory_precopy.written_bytes(os.getpid(), base) == 20 * PAGE
+    assert memory_precopy.written_bytes(os.getpid(), base) == 0

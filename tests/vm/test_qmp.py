@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from boxvm.engine import memory_live
+from boxvm.engine import memory, memory_live
 from boxvm.engine.qmp import QMP, QMPCommandError
 from boxvm.errors import EngineError, InvalidState
 
@@ -172,6 +172,30 @@ def _qemu_holds(work: Path, path: Path) -> bool:
 
     (qemu,) = [p for p in psutil.process_iter(["cmdline"]) if str(work) in " ".join(p.info["cmdline"] or [])]
     return any(f.path.startswith(str(path)) for f in qemu.open_files())
+
+
+async def test_a_prefilled_state_file_holds_exactly_the_stream(qmp: tuple[QMP, Path]) -> None:
+    """QEMU writes a prefilled ``memory.StateFile`` from its start through the shared file
+    offset, and ``finish`` cuts it there: a stream of the length of a save into a new file,
+    ending in the same device description (the clocks inside differ from save to save)."""
+    monitor, work = qmp
+    plain = work / "plain.state"
+    await monitor.migrate_to_file(plain)
+    await _until(monitor, "completed")
+    await monitor.cont()
+    path = work / "prefilled.state"
+    state = memory.StateFile(path, 1 << 20)
+    try:
+        await monitor.migrate_to_fd(state.fd)
+        await _until(monitor, "completed")
+        assert path.stat().st_size == 1 << 20
+        assert state.finish() == plain.stat().st_size > 0
+    finally:
+        state.close()
+    saved, fresh = path.read_bytes(), plain.read_bytes()
+    assert saved[:8] == fresh[:8] == b"QEVM\0\0\0\3" and saved[-256:] == fresh[-256:]
+    assert saved[-1:] == b"}"  # the JSON description: no zeros of the prefill after it
+    await monitor.cont()
 
 
 async def test_a_save_hands_qemu_its_file_and_a_refused_one_takes_it_back(qmp: tuple[QMP, Path]) -> None:
