@@ -161,3 +161,10 @@ def rewrite_member(tar_bytes: bytes, member: str, change: Callable[[bytes], byte
                 info.size = len(body)
             dst.addfile(info, io.BytesIO(body))
     return out.getvalue()
+
+
+def started(path: str) -> str:
+    """A guest shell wait (up to 30 s) for a background loop's first write of ``path``:
+    under load its first round can take longer than any fixed sleep; a file still missing
+    then fails the read that follows, with its name."""
+    return f"i=0; while [ ! -e {path} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"

@@ -5,7 +5,7 @@ A box's guest RAM is a ``memory-backend-file`` in its directory (``memory.ram``,
 ``migrate`` writes only the device state (tens of KB) to ``memory.state`` while the vCPUs
 are stopped, and a new QEMU with the same command line plus ``-incoming defer`` maps the
 same file and loads that state back (``migrate-incoming``). QEMU 7.2 has no ``file:``
-migration URI: a save writes to a file descriptor boxvm hands over (``QMP.migrate_to_file``),
+migration URI: a save writes to a file descriptor boxvm hands over (``QMP.migrate_to_fd``),
 a load reads through ``exec:cat``.
 
 ``memory.json`` records the state file's size and SHA-256 and the shape of the machine it
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -57,7 +56,7 @@ class Qmp(Protocol):
     async def status(self) -> str: ...
     async def stop(self) -> None: ...
     async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None: ...
-    async def migrate_to_file(self, path: Path) -> None: ...
+    async def migrate_to_fd(self, fd: int) -> None: ...
     async def migrate_incoming(self, uri: str) -> None: ...
     async def query_migrate(self) -> dict[str, Any]: ...
 
@@ -131,7 +130,11 @@ async def _write_state(qmp: Qmp, directory: Path) -> Path:
     tmp = directory / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
     await qmp.migrate_set_capabilities({"x-ignore-shared": True, "pause-before-switchover": False})
-    await qmp.migrate_to_file(tmp)
+    state = StateFile(tmp)
+    try:
+        await qmp.migrate_to_fd(state.fd)
+    finally:
+        state.close()  # QEMU has its own copy
     await _wait_migration(qmp, incoming=False)
     return tmp
 
@@ -219,30 +222,35 @@ def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any], ram: str = "file")
 
 class StateFile:
     """A new state file (O_EXCL, 0600) whose descriptor QEMU's migration writes
-    (``QMP.migrate_to_fd``), optionally *prefilled*: ``prefill`` zero bytes written
-    before the save, so that QEMU, writing with the guest stopped, overwrites pages
-    already in the page cache instead of having each one allocated and reserved on disk
-    as it goes (a stop-and-copy of a warm box's RAM wrote ~180 MiB in ~65 ms into a new
-    file, ~40 ms over written pages). Blocking: open it in a thread, before the stop.
-    :meth:`finish` cuts the file where QEMU's stream ended (the shared file offset)."""
+    (``QMP.migrate_to_fd``), from offset 0 through the file offset it shares with ours."""
 
     _ZEROS = bytes(1 << 20)
 
-    def __init__(self, path: Path, prefill: int = 0) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    def __init__(self, path: Path) -> None:
         try:
-            done = 0
-            while done < prefill:
-                done += os.pwrite(self.fd, memoryview(self._ZEROS)[: prefill - done], done)
-        except OSError as exc:  # nothing half-written stays: the file is ours (O_EXCL)
-            os.close(self.fd)
-            path.unlink(missing_ok=True)
-            raise (StorageError if exc.errno in (errno.ENOSPC, errno.EDQUOT) else EngineError)(
-                f"could not write the memory state: {exc.strerror or exc}"
-            ) from exc
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise EngineError(f"could not create the memory state file: {exc.strerror or exc}") from exc
+
+    def prefill(self, size: int) -> int:
+        """Write ``size`` zero bytes (blocking; before the guest stops), so that QEMU,
+        writing with the guest stopped, overwrites pages already in the page cache instead
+        of having each allocated and reserved on disk as it goes (~180 MiB took ~65 ms
+        into a new file here, ~40 ms over written pages). Only a speed-up: none when the
+        filesystem has less than twice ``size`` free (it must not fill the disk for other
+        writers), and it stops at the first failed write. Returns the bytes written."""
+        st = os.fstatvfs(self.fd)
+        if size * 2 > st.f_bavail * st.f_frsize:
+            return 0
+        done = 0
+        with contextlib.suppress(OSError):  # ENOSPC, EFBIG, ...: QEMU's own writes will say
+            while done < size:
+                done += os.pwrite(self.fd, memoryview(self._ZEROS)[: size - done], done)
+        return done
 
     def finish(self) -> int:
-        """Truncate the file at the end of QEMU's stream (its migration completed); its size."""
+        """Cut the file where QEMU's stream ended (its migration completed: the shared
+        offset), dropping what is left of a prefill; the stream's size."""
         end = os.lseek(self.fd, 0, os.SEEK_CUR)
         os.ftruncate(self.fd, end)
         return end

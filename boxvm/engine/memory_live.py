@@ -29,13 +29,14 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from boxvm.engine import memory
 from boxvm.engine.qmp import QMP, Events, QMPCommandError, without_paths
 from boxvm.errors import EngineError
 
 log = logging.getLogger("boxvm.memory")
+T = TypeVar("T")
 
 DOWNTIME_LIMIT_MS = 50  # what QEMU may leave for the switch-over, by its bandwidth estimate
 MAX_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) is for networks, this is a local file
@@ -98,16 +99,29 @@ async def save(
     migration and raises; a VM an earlier save left stopped is refused (``memory.check_savable``)."""
     await memory.check_savable(qmp)
     tmp.unlink(missing_ok=True)
-    t0 = time.monotonic()
-    state = await asyncio.to_thread(memory.StateFile, tmp, prefill)
-    prefill_ms = (time.monotonic() - t0) * 1000
+    state = memory.StateFile(tmp)
     try:
+        t0 = time.monotonic()
+        if prefill > 0:
+            await _to_end(state.prefill, prefill)
+        prefill_ms = (time.monotonic() - t0) * 1000
         outcome = await _save(qmp, state, at_stop, resume, limit_s, passes)
-        outcome.stream_bytes = await asyncio.to_thread(state.finish)  # a prefill's unused tail goes
+        outcome.stream_bytes = await _to_end(state.finish)  # a prefill's unused tail goes
     finally:
         state.close()
     outcome.prefill_ms = prefill_ms
     return outcome
+
+
+async def _to_end(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` in a thread, awaited to its end even if the caller is cancelled
+    meanwhile: it uses the state file's descriptor, which the caller closes next."""
+    future = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        raise
 
 
 async def _save(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -157,17 +156,9 @@ class QMP:
     async def migrate_set_parameters(self, parameters: dict[str, Any]) -> None:
         await self._run("migrate-set-parameters", parameters)
 
-    async def migrate_to_file(self, path: Path) -> None:
-        """Start an outgoing migration (returns at once; poll :meth:`query_migrate`) into
-        ``path``, a new file (O_EXCL, 0600): :meth:`migrate_to_fd` of its descriptor."""
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            await self.migrate_to_fd(fd)
-        finally:
-            os.close(fd)  # sent: QEMU has its own copy
-
     async def migrate_to_fd(self, fd: int) -> None:
-        """Start an outgoing migration into the open file ``fd``, from its current offset.
+        """Start an outgoing migration (returns at once; poll :meth:`query_migrate`) into
+        the open file ``fd`` (``memory.StateFile``), from its current offset.
         QEMU 7.2 has no ``file:`` URI: the descriptor is handed over (``getfd``, then
         ``fd:``), so QEMU writes the file itself, without the shell and the pipe of
         ``exec:cat``. QEMU's copy shares the caller's file offset (one open file), which

@@ -7,14 +7,15 @@ import hashlib
 import json
 import mmap
 import os
+import resource
+import signal
 import stat
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from boxvm.engine import memory, memory_precopy
-from boxvm.errors import StorageError
+from boxvm.errors import EngineError, StorageError
 
 PAGE = memory_precopy.PAGE
 SHAPE = {"memory_mib": 1, "cpus": 1, "guest_bundle": "b" * 16}
@@ -150,38 +151,53 @@ def test_stopped_fixup_copies_everything_when_soft_dirty_cannot_vouch(tmp_path: 
 
 def test_a_state_file_is_prefilled_and_cut_where_the_stream_ends(tmp_path: Path) -> None:
     """``StateFile``: the prefill is zeros the writer (QEMU, through the shared file
-    offset) overwrites from the start; ``finish`` cuts the file at the writer's offset."""
-    path = tmp_path / "memory.state.tmp"
-    state = memory.StateFile(path, (3 << 20) + 5)
-    try:
-        assert path.stat().st_size == (3 << 20) + 5 and stat.S_IMODE(path.stat().st_mode) == 0o600
-        assert os.lseek(state.fd, 0, os.SEEK_CUR) == 0
-        stream = os.urandom((1 << 20) + 17)
-        writer = os.dup(state.fd)  # what QEMU holds: the same open file
+    offset) overwrites from the start; ``finish`` cuts the file at the writer's offset,
+    also when the stream outgrew the prefill."""
+    for prefill, stream in (((3 << 20) + 5, os.urandom((1 << 20) + 17)), (4096, os.urandom(3 * 4096 + 1))):
+        path = tmp_path / f"state-{prefill}"
+        state = memory.StateFile(path)
         try:
-            os.write(writer, stream)
+            assert state.prefill(prefill) == prefill
+            assert path.stat().st_size == prefill and stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert os.lseek(state.fd, 0, os.SEEK_CUR) == 0
+            writer = os.dup(state.fd)  # what QEMU holds: the same open file
+            try:
+                os.write(writer, stream)
+            finally:
+                os.close(writer)
+            assert state.finish() == len(stream)
         finally:
-            os.close(writer)
-        assert state.finish() == len(stream)
+            state.close()
+        assert path.read_bytes() == stream
+    with pytest.raises(EngineError, match="could not create the memory state file: File exists") as err:
+        memory.StateFile(path)
+    assert str(tmp_path) not in str(err.value)
+
+
+def test_a_prefill_never_fills_the_disk_and_stops_at_a_failed_write(tmp_path: Path) -> None:
+    """The prefill is a speed-up only: none where the filesystem has less than twice its
+    size free, and a write that fails (here past RLIMIT_FSIZE, as ENOSPC would) ends it
+    without an error; QEMU's own writes then meet the real limit."""
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    state = memory.StateFile(tmp_path / "big")
+    try:
+        assert state.prefill(free // 2 + (1 << 30)) == 0 and (tmp_path / "big").stat().st_size == 0
     finally:
         state.close()
-    assert path.read_bytes() == stream
-    with pytest.raises(FileExistsError):
-        memory.StateFile(path)
-
-
-def test_a_state_file_that_cannot_be_prefilled_is_an_error_and_leaves_nothing(tmp_path: Path) -> None:
-    assert os.geteuid() == 0, "this test mounts a small tmpfs and needs root (CI runs as root)"
-    small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], check=True)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, limits[1]))
     try:
-        with pytest.raises(StorageError, match="could not write the memory state: No space left") as err:
-            memory.StateFile(small / "memory.state.tmp", 4 << 20)
-        assert str(small) not in str(err.value)
-        assert os.listdir(small) == []
+        state = memory.StateFile(tmp_path / "limited")
+        try:
+            assert state.prefill(4 << 20) == 1 << 20
+            assert state.finish() == 0  # nothing was streamed: the prefill goes
+        finally:
+            state.close()
     finally:
-        subprocess.run(["umount", str(small)], check=True)
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, previous)
+    assert (tmp_path / "limited").stat().st_size == 0
 
 
 def test_written_bytes_counts_the_pages_a_private_mapping_copied(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from boxvm.errors import InvalidArgument
 from boxvm.options import BoxOptions, CloneOptions, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
+from tests.helpers import started
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -58,8 +59,7 @@ async def parent(home: Home) -> AsyncIterator[Parent]:
     async with boxvm.Runtime(home.root) as local_rt:
         box = await local_rt.create(SMALL, name=f"fork-parent-{os.urandom(2).hex()}")
         await box.start()
-        started = "until [ -e /tmp/count ]; do sleep 0.05; done"  # its first round may take a while under load
-        await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & {started}; echo parent > /tmp/who")
+        await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & {started('/tmp/count')}; echo parent > /tmp/who")
         boot_id, count = (await sh(box, "cat /proc/sys/kernel/random/boot_id /tmp/count")).split()
         # An old snapshot without waiting: the guest's clock is two minutes behind in it.
         await sh(box, "date -s @$(( $(date +%s) - 120 )) >/dev/null")

@@ -20,6 +20,7 @@ from boxvm.errors import InvalidState, StorageError
 from boxvm.options import SnapshotOptions
 from boxvm.state import memory as box_memory
 from boxvm.status import BoxStatus
+from tests.helpers import started
 
 pytestmark = [pytest.mark.asyncio]
 
@@ -42,7 +43,7 @@ async def sh(box: boxvm.Box, script: str) -> str:
 
 
 async def start_counter(box: boxvm.Box) -> None:
-    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & until [ -e /tmp/count ]; do sleep 0.05; done")
+    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & {started('/tmp/count')}")
 
 
 async def reading(box: boxvm.Box) -> tuple[str, int]:
@@ -321,7 +322,7 @@ async def test_memory_snapshot_of_a_busy_guest_resumes_consistent(
     await box.start()
     box_dir = local.home.box_dir(box.id)
     assert (box_dir / memory.BASE).exists(), "not warm-started: no private RAM to test"
-    await sh(box, f"nohup sh -c '{TWIN}' >/dev/null 2>&1 & until [ -e /root/c ]; do sleep 0.05; done")
+    await sh(box, f"nohup sh -c '{TWIN}' >/dev/null 2>&1 & {started('/root/c')}")
     for name, ram in (("live", "stream"), ("own-file", "file")):
         before = int(await sh(box, "cat /root/c"))
         snap = await box.snapshot.create(name, SnapshotOptions(memory=True))

@@ -33,7 +33,7 @@ from boxvm.options import BoxOptions, CloneOptions, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from tests.conftest import TOKEN, Server
-from tests.helpers import in_process, rewrite_member
+from tests.helpers import in_process, rewrite_member, started
 
 # One worker runs them all, in order: they share one box (make test: -n 2 --dist loadgroup).
 pytestmark = [pytest.mark.asyncio, pytest.mark.xdist_group("memory-transfer")]
@@ -331,7 +331,7 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
     await box.start()  # a cold boot, with its disk
     assert await sh(box, "cat /root/marker") == source.marker
     assert await sh(box, "cat /proc/sys/kernel/random/boot_id") != source.boot_id
-    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 &")
+    await sh(box, f"nohup sh -c '{COUNTER}' >/dev/null 2>&1 & {started('/tmp/count')}")  # running in the snapshot
     await box.snapshot.create("m", SnapshotOptions(memory=True))
     await box.stop()
     await _a_fork_travels_with_its_memory(source, "m", server)

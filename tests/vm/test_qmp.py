@@ -174,51 +174,70 @@ def _qemu_holds(work: Path, path: Path) -> bool:
     return any(f.path.startswith(str(path)) for f in qemu.open_files())
 
 
-async def test_a_prefilled_state_file_holds_exactly_the_stream(qmp: tuple[QMP, Path]) -> None:
-    """QEMU writes a prefilled ``memory.StateFile`` from its start through the shared file
-    offset, and ``finish`` cuts it there: a stream of the length of a save into a new file,
-    ending in the same device description (the clocks inside differ from save to save)."""
-    monitor, work = qmp
-    plain = work / "plain.state"
-    await monitor.migrate_to_file(plain)
-    await _until(monitor, "completed")
-    await monitor.cont()
-    path = work / "prefilled.state"
-    state = memory.StateFile(path, 1 << 20)
+async def _save_into(monitor: QMP, path: Path, prefill: int = 0) -> int:
+    """A whole migration into a new ``memory.StateFile`` prefilled with ``prefill`` bytes;
+    the stream's size. The VM runs again after (a completed migration leaves it stopped)."""
+    state = memory.StateFile(path)
     try:
+        assert state.prefill(prefill) == prefill
         await monitor.migrate_to_fd(state.fd)
         await _until(monitor, "completed")
-        assert path.stat().st_size == 1 << 20
-        assert state.finish() == plain.stat().st_size > 0
+        written = path.stat().st_size
+        size = state.finish()
+        assert written == max(prefill, size)
     finally:
         state.close()
-    saved, fresh = path.read_bytes(), plain.read_bytes()
-    assert saved[:8] == fresh[:8] == b"QEVM\0\0\0\3" and saved[-256:] == fresh[-256:]
-    assert saved[-1:] == b"}"  # the JSON description: no zeros of the prefill after it
     await monitor.cont()
+    return size
+
+
+async def test_a_prefilled_state_file_holds_exactly_the_stream(qmp: tuple[QMP, Path]) -> None:
+    """QEMU writes a prefilled ``memory.StateFile`` from its start through the shared file
+    offset, and ``finish`` cuts it there, the prefill longer or shorter than the stream: a
+    stream of the length of a save into a file not prefilled, ending in the same device
+    description (the clocks inside differ from save to save)."""
+    monitor, work = qmp
+    fresh = work / "fresh.state"
+    size = await _save_into(monitor, fresh)
+    assert size == fresh.stat().st_size > 64
+    for prefill in (1 << 20, 16):
+        path = work / f"prefilled-{prefill}.state"
+        assert await _save_into(monitor, path, prefill) == size
+        saved, plain = path.read_bytes(), fresh.read_bytes()
+        assert saved[:8] == plain[:8] == b"QEVM\0\0\0\3" and saved[-256:] == plain[-256:]
+        assert saved[-1:] == b"}"  # the JSON description: no zeros of the prefill after it
+
+
+async def _migrate_to(monitor: QMP, path: Path) -> None:
+    """``migrate_to_fd`` of a new state file, whose descriptor is then closed here: QEMU holds its own."""
+    state = memory.StateFile(path)
+    try:
+        await monitor.migrate_to_fd(state.fd)
+    finally:
+        state.close()
 
 
 async def test_a_save_hands_qemu_its_file_and_a_refused_one_takes_it_back(qmp: tuple[QMP, Path]) -> None:
-    """``migrate_to_file``: QEMU writes the file boxvm opened and closes it when the
+    """``migrate_to_fd``: QEMU writes the file boxvm opened and closes it when the
     migration ends; a second ``migrate`` while one is held in ``pre-switchover`` is refused,
     and QEMU does not keep that file open (``closefd``). The file must be new (O_EXCL)."""
     monitor, work = qmp
     done = work / "done.state"
-    await monitor.migrate_to_file(done)
+    await _migrate_to(monitor, done)
     await _until(monitor, "completed")
     assert done.stat().st_size > 0 and done.stat().st_mode & 0o777 == 0o600
     assert not _qemu_holds(work, done)
-    with pytest.raises(FileExistsError):
-        await monitor.migrate_to_file(done)
+    with pytest.raises(EngineError, match="File exists"):
+        await _migrate_to(monitor, done)
     await monitor.cont()
 
     await monitor.migrate_set_capabilities({"pause-before-switchover": True})
     held, refused = work / "held.state", work / "refused.state"
-    await monitor.migrate_to_file(held)
+    await _migrate_to(monitor, held)
     await _until(monitor, "pre-switchover")
     assert (await monitor.query_migrate())["status"] == "pre-switchover" and _qemu_holds(work, held)
     with pytest.raises(QMPCommandError) as second:
-        await monitor.migrate_to_file(refused)
+        await _migrate_to(monitor, refused)
     assert second.value.command == "migrate" and refused.exists()
     assert not _qemu_holds(work, refused)
     await monitor.migrate_cancel()
