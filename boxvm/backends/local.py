@@ -184,9 +184,10 @@ class LocalBackend(templates.TemplateOps, Backend):
             if warm and not resume and rec.status == BoxStatus.CONFIGURED and opts.warm:
                 warmed = await asyncio.to_thread(templates.warm_into, self.home, self.store, box_dir, rec)
                 resume = warmed is not None
-            ram_file, ram_shared, plan = box_dir / memory.RAM, True, {}
+            ram_file, ram_shared, plan, configured = box_dir / memory.RAM, True, {}, True
             if resume:
                 ram_file, ram_shared, plan = await asyncio.to_thread(resume_plan, box_dir, rec)
+                configured = await asyncio.to_thread(memory.has_configuration, box_dir / memory.STATE)
             else:  # a cold boot starts from fresh, empty RAM
                 await asyncio.to_thread(memory.fresh_ram, box_dir, opts.memory_mib)
             accel = self._accel_choice()
@@ -206,6 +207,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                 memory_file=ram_file,
                 memory_shared=ram_shared,
                 incoming=resume,
+                send_configuration=configured,
                 tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
             )
             spawning = await _spawn_lock(box_dir, rec.name)

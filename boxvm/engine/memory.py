@@ -48,6 +48,7 @@ META = "memory.json"
 CAPTURE = "memory-capture"  # a memory snapshot's files, until the snapshot's record takes them
 MAX_STATE = 64 << 20  # device state is tens of KB; anything near this is not ours
 MIGRATE_TIMEOUT = 60.0
+_QEMU_VM_CONFIGURATION = 0x07  # the section type after the stream's magic and version (8 bytes)
 
 
 class Qmp(Protocol):
@@ -57,6 +58,7 @@ class Qmp(Protocol):
     async def stop(self) -> None: ...
     async def migrate_set_capabilities(self, capabilities: dict[str, bool]) -> None: ...
     async def migrate_to_fd(self, fd: int) -> None: ...
+    async def save_devices(self, path: Path) -> None: ...
     async def migrate_incoming(self, uri: str) -> None: ...
     async def query_migrate(self) -> dict[str, Any]: ...
 
@@ -147,6 +149,30 @@ async def write_state_to(qmp: Qmp, dest: Path) -> float:
     return (time.monotonic() - t0) * 1000
 
 
+async def write_devices_to(qmp: Qmp, dest: Path) -> float:
+    """With the vCPUs already stopped: the device state alone into ``dest`` (a memory
+    snapshot of private RAM, whose pages the caller copies itself; ``QMP.save_devices``).
+    Returns ms."""
+    t0 = time.monotonic()
+    tmp = dest / f"{STATE}.tmp"
+    tmp.unlink(missing_ok=True)
+    StateFile(tmp).close()  # new and 0600; QEMU opens it by its path
+    await qmp.save_devices(tmp)
+    return (time.monotonic() - t0) * 1000
+
+
+def has_configuration(state: Path) -> bool:
+    """Whether a saved device state begins with QEMU's configuration section (a migration's
+    does; ``QMP.save_devices``' does not, and its loader must be told so). Unreadable: True
+    (the default; the load then fails on its own)."""
+    try:
+        with open(state, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return True
+    return len(head) < 9 or head[8] == _QEMU_VM_CONFIGURATION
+
+
 def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """Make the memory state written to ``dest`` durable and vouch for it (outside the
     guest's pause): ``memory.state.tmp`` becomes ``memory.state``, the record is written last."""
@@ -228,7 +254,7 @@ class StateFile:
 
     def __init__(self, path: Path) -> None:
         try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             raise EngineError(f"could not create the memory state file: {exc.strerror or exc}") from exc
 

@@ -152,9 +152,13 @@ class MemoryOps:
         then stay stopped through the disk switch, the copy of the pages written meanwhile
         and, alongside it, the device state (the guest's pause); the fsyncs and the record
         follow the ``cont``. A fork's or warm-started box's RAM is private (``memory.BASE``
-        mapped share=off): QEMU's live migration puts it in the state (``stream``) while
-        the guest runs, and the disk is switched when QEMU stops the vCPUs for the
-        switch-over (``memory_live``). The disk capture is published like any other (``settle``)."""
+        mapped share=off): the template's file is copied while the guest runs, and with the
+        vCPUs stopped the pages the guest wrote are copied over it from QEMU's memory and
+        QEMU saves its devices alone (``_written_pages``), so the snapshot is a RAM file
+        like a booted box's. Where that cannot be done, and on KVM, QEMU's migration puts
+        the RAM in the state (``stream``; live while the guest runs under KVM), the disk
+        switched when QEMU stops the vCPUs for the switch-over (``memory_live``). The disk
+        capture is published like any other (``settle``)."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("a memory capture needs the machine's shape")
@@ -162,34 +166,74 @@ class MemoryOps:
             raise EngineError("QEMU is not running")
         dest = self.dir / memory.CAPTURE
         private = bool(self.resume_plan.get("private"))
-        await _cache_base(self, "memory_snapshot")  # outside the lock: nothing writes the file
-        async with self.capture_lock:
-            await memory.check_savable(self.qmp)  # before the RAM copy of a box whose RAM is its own
-            await self.settle()
-            await asyncio.to_thread(memory.fresh_dir, dest)
+        live = private and memory_live.limits(kvm=_on_kvm(self.argv))["limit_s"] > 0
+        written = await _written_pages(self) if private and not live else None
+        try:
+            if private and written is None:
+                await _cache_base(self, "memory_snapshot")  # outside the lock: nothing writes the file
+            return await _capture_memory(self, dest, shape, written)
+        finally:
+            if written is not None:
+                written.close()
+
+
+async def _capture_memory(
+    sup: _Supervisor, dest: Path, shape: dict[str, Any], written: memory_precopy.WrittenPages | None
+) -> dict[str, Any]:
+    """``op_capture_memory`` under the capture lock: a RAM file (the box's own, or the
+    template's with the ``written`` pages of a private RAM over it) or, for private RAM
+    whose pages cannot be read here, the migration stream."""
+    stream = bool(sup.resume_plan.get("private")) and written is None
+    async with sup.capture_lock:
+        await memory.check_savable(sup.qmp)  # before the RAM copy of a box whose RAM is its own
+        await sup.settle()
+        await asyncio.to_thread(memory.fresh_dir, dest)
+        try:
             try:
-                try:
-                    if private:
-                        result = await _capture_stream(self, dest, shape)
-                    else:
-                        result = await _capture_file(self, dest)
-                finally:
-                    if self.unpublished is None:  # the switch did not happen
-                        (self.dir / PENDING).unlink(missing_ok=True)
-                    await self.settle()
-                await asyncio.to_thread(memory.seal, dest, shape, "stream" if private else "file")
-            except BaseException:  # the state or the RAM copy is RAM-sized: not kept until the next capture
-                await asyncio.to_thread(shutil.rmtree, dest, True)
-                raise
-        return result
+                result = await (_capture_stream(sup, dest, shape) if stream else _capture_file(sup, dest, written))
+            finally:
+                if sup.unpublished is None:  # the switch did not happen
+                    (sup.dir / PENDING).unlink(missing_ok=True)
+                await sup.settle()
+            await asyncio.to_thread(memory.seal, dest, shape, "stream" if stream else "file")
+        except BaseException:  # the state or the RAM copy is RAM-sized: not kept until the next capture
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise
+    return result
 
 
-async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
-    """The capture of a box whose RAM is its own file (see ``op_capture_memory``)."""
+async def _written_pages(sup: _Supervisor) -> memory_precopy.WrittenPages | None:
+    """What the guest wrote of its private RAM, for ``_capture_file`` to copy with the
+    vCPUs stopped over a copy of the template's RAM file made while it runs, instead of
+    QEMU migrating all of its RAM (which reads every page and writes every non-zero one
+    while the guest is stopped). None where this QEMU cannot save its devices alone or
+    its memory cannot be read here: the RAM then goes in the migration stream."""
     assert sup.qemu is not None
-    ram, ram_copy = sup.dir / memory.RAM, dest / memory.RAM
+    if os.environ.get("BOXVM_MEMORY_STREAM") == "1":  # benchmarks: the migration stream as the baseline
+        return None
+    if "xen-save-devices-state" not in await sup.qmp.commands():
+        log.info("memory snapshot: QEMU cannot save its device state alone; the RAM goes in the migration stream")
+        return None
+    try:
+        return await asyncio.to_thread(memory_precopy.WrittenPages, sup.qemu.pid, sup.dir / memory.BASE)
+    except memory_precopy.Unavailable as exc:
+        log.info("memory snapshot: %s; the RAM goes in the migration stream", exc)
+        return None
+
+
+async def _capture_file(
+    sup: _Supervisor, dest: Path, written: memory_precopy.WrittenPages | None = None
+) -> dict[str, Any]:
+    """The capture of a box whose RAM is its own file, or of private RAM whose ``written``
+    pages are copied over the template's file (see ``op_capture_memory``): the same RAM
+    file and device state either way."""
+    assert sup.qemu is not None
+    ram, ram_copy = sup.dir / (memory.BASE if written else memory.RAM), dest / memory.RAM
     t_pre = time.monotonic()
-    pre = await asyncio.to_thread(memory_precopy.start, sup.qemu.pid, ram, ram_copy)
+    if written is None:
+        pre = await asyncio.to_thread(memory_precopy.start, sup.qemu.pid, ram, ram_copy)
+    else:  # the template's data while the guest runs; what it wrote, once stopped
+        await asyncio.to_thread(memory.sparse_copy, ram, ram_copy)
     precopy_ms = (time.monotonic() - t_pre) * 1000
     # The pending top is a new file nothing uses yet: written (and fsynced) before the pause.
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
@@ -201,8 +245,10 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
         # The RAM copy (this process) and the device state (QEMU) overlap; both end
         # before the ``cont`` (a migration still running then would stop the VM again).
         ram_done, state_done = await asyncio.gather(
-            asyncio.to_thread(_timed_finish, pre, ram, ram_copy),
-            memory.write_state_to(sup.qmp, dest),
+            asyncio.to_thread(_timed_finish, pre, ram, ram_copy)
+            if written is None
+            else asyncio.to_thread(_timed_written, written, ram_copy),
+            memory.write_state_to(sup.qmp, dest) if written is None else memory.write_devices_to(sup.qmp, dest),
             return_exceptions=True,
         )
         for outcome in (ram_done, state_done):
@@ -216,6 +262,13 @@ async def _capture_file(sup: _Supervisor, dest: Path) -> dict[str, Any]:
         if was_running and not sup.client_paused:  # a client's pause meanwhile stands
             await sup.qmp.cont()
     pause_ms = (time.monotonic() - t0) * 1000
+    if written is not None:
+        sup.store.add_timing(
+            sup.box_id,
+            memory_snapshot_base_copy_ms=precopy_ms,
+            memory_snapshot_written_ms=ram_copy_ms,
+            memory_snapshot_written_mib=copied / (1 << 20),
+        )
     log.info(
         "memory snapshot: pause %.1f ms (switch %.1f, RAM %s %.1f ms %d bytes, device state %.1f ms)",
         pause_ms, switched["switch_ms"], mode, ram_copy_ms, copied, state_ms,
@@ -395,6 +448,11 @@ async def _step_clock(link: AgentLink, first: tuple[int, int] | None) -> None:
 def _timed_finish(pre: memory_precopy.PreCopy | None, ram: Path, dest: Path) -> tuple[tuple[int, str], float]:
     t0 = time.monotonic()
     return memory_precopy.finish(pre, ram, dest), (time.monotonic() - t0) * 1000
+
+
+def _timed_written(written: memory_precopy.WrittenPages, dest: Path) -> tuple[tuple[int, str], float]:
+    t0 = time.monotonic()
+    return (written.copy_to(dest), "written"), (time.monotonic() - t0) * 1000
 
 
 async def _hold_at_stop() -> None:

@@ -36,6 +36,9 @@ SOFT_DIRTY = 1 << 55
 # One byte per pagemap entry (its byte 6) mapped to 1 where bit 55 is set, else 0.
 _SD_BYTE = bytes(1 if b & 0x80 else 0 for b in range(256))
 _RUN = re.compile(rb"[^\x00]+")
+# One byte per pagemap entry (its byte 7) mapped to 1 where the page is the mapping's own:
+# swapped out (bit 62), or present (bit 63) and not a file or shared page (bit 61).
+_WRITTEN_BYTE = bytes(1 if (b & 0x40) or (b & 0xA0) == 0x80 else 0 for b in range(256))
 
 
 class Unavailable(Exception):
@@ -171,18 +174,31 @@ def soft_dirty_map(pagemap: bytes) -> bytes:
 
 def _changed_runs(pre: PreCopy) -> list[tuple[int, int]]:
     """Byte ranges of the RAM file that may differ from the running copy."""
-    size = os.stat(pre.ram).st_size
-    pages = size // PAGE
+    pages = os.stat(pre.ram).st_size // PAGE
     if _reclaimed() != pre.reclaimed:
         raise Unavailable("the host reclaimed pages meanwhile (their soft-dirty bits are lost)")
+    dirty = _page_flags(pre.pid, pre.ram, ram_vmas_checked(pre.pid, pre.ram), 6, _SD_BYTE)
+    changed = dirty | (_extent_bits(pre.extents, pages) ^ _extent_bits(data_extents(pre.ram), pages))
+    return _runs(changed, pages)
+
+
+def ram_vmas_checked(pid: int, ram: Path) -> list[tuple[int, int, int]]:
+    """``ram_vmas``, or Unavailable if /proc cannot tell."""
     try:
-        vmas = ram_vmas(pre.pid, pre.ram)
+        return ram_vmas(pid, ram)
     except OSError as exc:
         raise Unavailable(f"QEMU's mappings are unreadable ({exc.strerror})") from exc
-    dirty = 0
+
+
+def _page_flags(pid: int, ram: Path, vmas: list[tuple[int, int, int]], byte: int, table: bytes) -> int:
+    """One byte per page of the RAM file, ``table`` applied to byte ``byte`` of each page's
+    pagemap entry in QEMU's mappings, packed into an int (for |, ^); Unavailable unless
+    the mappings cover the whole file."""
+    pages = os.stat(ram).st_size // PAGE
+    flags = 0
     covered = bytearray(pages)
     try:
-        with open(f"/proc/{pre.pid}/pagemap", "rb") as f:
+        with open(f"/proc/{pid}/pagemap", "rb") as f:
             for lo, hi, offset in vmas:
                 first, n = offset // PAGE, (hi - lo) // PAGE
                 n = min(n, pages - first)
@@ -191,15 +207,72 @@ def _changed_runs(pre: PreCopy) -> list[tuple[int, int]]:
                 entries = os.pread(f.fileno(), n * ENTRY, lo // PAGE * ENTRY)
                 if len(entries) != n * ENTRY:
                     raise Unavailable("QEMU's pagemap was short")
-                dirty |= int.from_bytes(soft_dirty_map(entries), "little") << (first * 8)
+                flags |= int.from_bytes(entries[byte::ENTRY].translate(table), "little") << (first * 8)
                 covered[first : first + n] = b"\1" * n
     except OSError as exc:
         raise Unavailable(f"QEMU's pagemap is unreadable ({exc.strerror})") from exc
     if covered.count(0):
         raise Unavailable("QEMU does not map the whole RAM file")
-    changed = dirty | (_extent_bits(pre.extents, pages) ^ _extent_bits(data_extents(pre.ram), pages))
-    bits = changed.to_bytes(pages, "little")
-    return [(m.start() * PAGE, m.end() * PAGE) for m in _RUN.finditer(bits)]
+    return flags
+
+
+def _runs(flags: int, pages: int) -> list[tuple[int, int]]:
+    """The byte ranges of the pages whose flag byte is set."""
+    return [(m.start() * PAGE, m.end() * PAGE) for m in _RUN.finditer(flags.to_bytes(pages, "little"))]
+
+
+class WrittenPages:
+    """The pages a guest wrote to a privately mapped RAM file (a fork's or warm-started
+    box's ``memory.base``): a write to a ``share=off`` mapping copies the page, so they are
+    exactly QEMU's anonymous pages there (pagemap: present and not a file page, or swapped
+    out), and only QEMU's memory holds them. Opening ``/proc/<pid>/mem`` needs ptrace
+    access to QEMU (its parent has it); that and the mappings are checked here, before
+    the guest stops, so a host that denies them gets Unavailable at once."""
+
+    def __init__(self, pid: int, ram: Path) -> None:
+        self.pid, self.ram = pid, ram
+        self.vmas = ram_vmas_checked(pid, ram)
+        _page_flags(pid, ram, self.vmas, 7, _WRITTEN_BYTE)  # readable, and the whole file mapped
+        try:
+            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Unavailable(f"QEMU's memory is not readable here ({exc.strerror})") from exc
+
+    def copy_to(self, dest: Path) -> int:
+        """With the vCPUs stopped: write every page the guest wrote over the same offset of
+        ``dest`` (a copy of the RAM file); the bytes copied."""
+        pages = os.stat(self.ram).st_size // PAGE
+        runs = _runs(_page_flags(self.pid, self.ram, self.vmas, 7, _WRITTEN_BYTE), pages)
+        buf = memoryview(bytearray(1 << 20))
+        out = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        total = 0
+        try:
+            for start, end in runs:
+                off = start
+                while off < end:
+                    addr, mapped = self._address(off)
+                    n = min(end - off, len(buf), mapped)
+                    if os.preadv(self._mem, [buf[:n]], addr) != n:
+                        raise OSError(f"QEMU's memory ended inside its RAM mapping at offset {off}")
+                    done = 0
+                    while done < n:
+                        done += os.pwrite(out, buf[done:n], off + done)
+                    off += n
+                total += end - start
+        finally:
+            os.close(out)
+        return total
+
+    def _address(self, offset: int) -> tuple[int, int]:
+        """QEMU's address of the file's byte ``offset`` and how many bytes are mapped
+        contiguously from there."""
+        for lo, hi, first in self.vmas:
+            if first <= offset < first + (hi - lo):
+                return lo + offset - first, first + (hi - lo) - offset
+        raise Unavailable(f"QEMU does not map the RAM file at offset {offset}")
+
+    def close(self) -> None:
+        os.close(self._mem)
 
 
 def _extent_bits(extents: list[tuple[int, int]], pages: int) -> int:

@@ -35,6 +35,8 @@ class VmSpec:
     memory_file: Path | None = None
     memory_shared: bool = True
     incoming: bool = False  # wait for ``migrate-incoming`` (a resume) instead of booting
+    # False: the state to load has no configuration section (``memory.has_configuration``)
+    send_configuration: bool = True
 
 
 def new_mac() -> str:
@@ -96,6 +98,8 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
         ]
     if spec.incoming:
         args += ["-incoming", "defer"]
+    if not spec.send_configuration:
+        args += ["-global", "migration.send-configuration=off"]
     if spec.network == "nat":
         fwd = "".join(f",hostfwd=tcp:127.0.0.1:{host}-:{guest}" for host, guest in spec.ports)
         args += ["-netdev", f"user,id=net0{fwd}", "-device", f"virtio-net-device,netdev=net0,mac={spec.mac}"]

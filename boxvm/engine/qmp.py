@@ -177,6 +177,22 @@ class QMP:
                 await self._run("closefd", {"fdname": _MIGRATION_FD})
             raise
 
+    async def save_devices(self, path: Path) -> None:
+        """Write the device state alone, no RAM at all, into ``path`` (returns when written;
+        the VM keeps its run state and its block devices stay active). QEMU 7.2's only way
+        to leave out a RAM block mapped ``share=off``, which ``x-ignore-shared`` does not
+        skip, is ``xen-save-devices-state`` (it works with any accelerator). It opens the
+        path itself (``O_TRUNC``): create the file first, with the mode it must keep. A
+        descriptor through ``add-fd`` would stay open in QEMU while the VM is stopped (7.2
+        closes a removed fdset's descriptors only while it runs). The stream has no
+        configuration section: whoever loads it is started with ``-global
+        migration.send-configuration=off`` (``memory.has_configuration``)."""
+        await self._run("xen-save-devices-state", {"filename": str(path), "live": False})
+
+    async def commands(self) -> set[str]:
+        """The names of the commands this QEMU has."""
+        return {str(c["name"]) for c in await self._run("query-commands")}
+
     async def migrate_incoming(self, uri: str) -> None:
         """Start receiving the state of a QEMU started with ``-incoming defer``."""
         await self._run("migrate-incoming", {"uri": uri})

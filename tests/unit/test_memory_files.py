@@ -210,3 +210,43 @@ def test_written_bytes_counts_the_pages_a_private_mapping_copied(tmp_path: Path)
             ram[page * PAGE] = 1
         assert memory_precopy.written_bytes(os.getpid(), base) == 20 * PAGE
     assert memory_precopy.written_bytes(os.getpid(), base) == 0
+
+
+def test_written_pages_are_what_a_private_mapping_copied_and_only_those(tmp_path: Path) -> None:
+    """``WrittenPages`` (here of this very process): the pages written through a private
+    mapping of a RAM file, found by pagemap and read from /proc/<pid>/mem, copied over a
+    copy of the file make it what the mapping shows; the file itself is never written."""
+    ram, copy = tmp_path / "memory.base", tmp_path / "memory.ram"
+    pages = 64
+    with open(ram, "wb") as f:  # data in the first half, a hole after
+        f.write(os.urandom(32 * PAGE))
+        f.truncate(pages * PAGE)
+    original = ram.read_bytes()
+    with open(ram, "rb") as f, mmap.mmap(f.fileno(), pages * PAGE, flags=mmap.MAP_PRIVATE) as view:
+        view[: pages * PAGE : PAGE]  # every page read: mapped, but none of them written
+        for page in (0, 1, 2, 17, 40, 63):  # runs, data and hole pages alike
+            view[page * PAGE + 5] = (view[page * PAGE + 5] + 1) % 256
+        written = memory_precopy.WrittenPages(os.getpid(), ram)
+        try:
+            memory.sparse_copy(ram, copy)
+            assert written.copy_to(copy) == 6 * PAGE
+        finally:
+            written.close()
+        assert copy.read_bytes() == view[:]
+    assert ram.read_bytes() == original
+
+
+def test_written_pages_need_qemus_mapping_of_the_whole_file(tmp_path: Path) -> None:
+    ram = tmp_path / "memory.base"
+    ram.write_bytes(os.urandom(8 * PAGE))
+    with pytest.raises(memory_precopy.Unavailable, match="does not map the whole RAM file"):
+        memory_precopy.WrittenPages(os.getpid(), ram)  # nothing of this process maps it
+
+
+def test_a_state_says_whether_it_has_a_configuration_section(tmp_path: Path) -> None:
+    state = tmp_path / memory.STATE
+    state.write_bytes(b"QEVM\0\0\0\3\x07\0\0\0\x07microvm")  # a migration's: the configuration first
+    assert memory.has_configuration(state)
+    state.write_bytes(b"QEVM\0\0\0\3\x04\0\0\0\x01")  # the devices alone: a section at once
+    assert not memory.has_configuration(state)
+    assert memory.has_configuration(tmp_path / "missing")  # the default; its load fails on its own

@@ -121,11 +121,12 @@ async def test_forks_resume_diverge_and_are_reidentified(
 async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
     rt: boxvm.Runtime, parent: Parent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A fork's RAM is private (no file holds it): its own memory snapshot and suspend save
-    the RAM in the migration stream, and resume it into a RAM file of its own. This fork's
-    supervisor is told to give the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``): its
-    memory snapshot takes the stop-and-copy fallback (a suspend always does), and the box's
-    timings say so. (The live path: test_memory's busy guest.)"""
+    """A fork's RAM is private (no file holds it). This fork's supervisor is told to give
+    the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``, as under TCG): its own memory
+    snapshot copies the pages it wrote over its snapshot's RAM file with the guest stopped,
+    its suspend saves the RAM in the migration stream (a stop-and-copy), and the box's
+    timings say so; it resumes from either into a RAM file of its own. (The live path:
+    test_memory's busy guest under KVM.)"""
     monkeypatch.setenv("BOXVM_PRECOPY_MAX_S", "0")  # inherited by the fork's supervisor only
     fork = await (await via(rt, parent)).clone("fork-own", CloneOptions(from_snapshot="m", start_after_clone=True))
     monkeypatch.delenv("BOXVM_PRECOPY_MAX_S")
@@ -134,7 +135,7 @@ async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
         # in the guest survives it.
         await sh(fork, "hostname renamed-inside; echo mine > /tmp/who")
         assert (await fork.snapshot.create("own", SnapshotOptions(memory=True))).has_memory
-        assert (await fork.info()).timings["memory_snapshot_stop_and_copy"] == 1.0
+        assert (await fork.info()).timings["memory_snapshot_written_mib"] > 0
         await sh(fork, "echo later > /tmp/who")
         _, before = (await sh(fork, "cat /proc/sys/kernel/random/boot_id /tmp/count")).split()
         suspended = await fork.suspend()

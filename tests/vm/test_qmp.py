@@ -21,30 +21,36 @@ from boxvm.engine.qmp import QMP, QMPCommandError
 from boxvm.errors import EngineError, InvalidState
 
 
+@contextlib.asynccontextmanager
+async def _qemu(work: Path, *extra: str, name: str = "qmp") -> AsyncIterator[QMP]:
+    """A QEMU with ``-machine none`` (plus ``extra``) and its monitor, killed at the end."""
+    sock = work / f"{name}.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+        "-qmp", f"unix:{sock},server=on,wait=off", *extra,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    monitor = QMP("test")
+    for _ in range(500):  # QEMU binds the socket a moment before it listens
+        with contextlib.suppress(EngineError):
+            await monitor.connect(sock)
+            break
+        await asyncio.sleep(0.01)
+    try:
+        yield monitor
+    finally:
+        with contextlib.suppress(Exception):
+            await monitor.disconnect()
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+
+
 @pytest_asyncio.fixture
 async def qmp() -> AsyncIterator[tuple[QMP, Path]]:
     with tempfile.TemporaryDirectory(prefix="qmp-") as tmp:  # short: a socket path has ~108 bytes
-        work = Path(tmp)
-        sock = work / "qmp.sock"
-        proc = await asyncio.create_subprocess_exec(
-            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-            "-qmp", f"unix:{sock},server=on,wait=off",
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        monitor = QMP("test")
-        for _ in range(500):  # QEMU binds the socket a moment before it listens
-            with contextlib.suppress(EngineError):
-                await monitor.connect(sock)
-                break
-            await asyncio.sleep(0.01)
-        try:
-            yield monitor, work
-        finally:
-            with contextlib.suppress(Exception):
-                await monitor.disconnect()
-            if proc.returncode is None:
-                proc.kill()
-            await proc.wait()
+        async with _qemu(Path(tmp)) as monitor:
+            yield monitor, Path(tmp)
 
 
 def _qcow2(path: Path, backing: Path | None = None) -> Path:
@@ -56,7 +62,7 @@ def _qcow2(path: Path, backing: Path | None = None) -> Path:
 async def _until(monitor: QMP, status: str) -> None:
     """Poll the migration until its status is ``status`` (for up to ~5 s)."""
     for _ in range(500):
-        if (await monitor.query_migrate())["status"] == status:
+        if (await monitor.query_migrate()).get("status") == status:
             return
         await asyncio.sleep(0.01)
 
@@ -206,6 +212,35 @@ async def test_a_prefilled_state_file_holds_exactly_the_stream(qmp: tuple[QMP, P
         saved, plain = path.read_bytes(), fresh.read_bytes()
         assert saved[:8] == plain[:8] == b"QEVM\0\0\0\3" and saved[-256:] == plain[-256:]
         assert saved[-1:] == b"}"  # the JSON description: no zeros of the prefill after it
+
+
+async def test_the_devices_alone_are_saved_and_load_where_the_loader_expects_no_configuration(
+    qmp: tuple[QMP, Path],
+) -> None:
+    """``save_devices`` (a private RAM's memory snapshot): the VM stays paused with its
+    block devices active, the file keeps the mode it was made with, and its stream has no
+    configuration section: a QEMU started with ``migration.send-configuration=off`` loads
+    it, one started without does not."""
+    monitor, work = qmp
+    await monitor.blockdev_add_qcow2("base", _qcow2(work / "base.qcow2"))
+    await monitor.stop()
+    state = work / "devices.state"
+    memory.StateFile(state).close()
+    await monitor.save_devices(state)
+    assert await monitor.status() == "paused" and state.stat().st_mode & 0o777 == 0o600
+    assert not memory.has_configuration(state)
+    await monitor.blockdev_add_qcow2("top", _qcow2(work / "top.qcow2", work / "base.qcow2"))
+    await monitor.snapshot("base", "top")  # a disk switch needs the nodes active
+    await monitor.cont()
+    assert await monitor.status() == "running"
+    async with _qemu(work, "-incoming", "defer", "-global", "migration.send-configuration=off", name="l") as loader:
+        await loader.migrate_incoming(f"exec:cat {state}")
+        await _until(loader, "completed")
+        assert (await loader.query_migrate())["status"] == "completed"
+    async with _qemu(work, "-incoming", "defer", name="strict") as strict:
+        await strict.migrate_incoming(f"exec:cat {state}")
+        with pytest.raises(EngineError, match="monitor closed"):  # 7.2 exits on a failed incoming migration
+            await _until(strict, "completed")
 
 
 async def _migrate_to(monitor: QMP, path: Path) -> None:
