@@ -113,6 +113,7 @@ class AgentLink:
         self.greeted = False
         self.complaints = 0
         self.owing: set[Route] = set()
+        self._held: list[bytes] | None = None  # frames kept back while a capture reads guest RAM
 
     def attach(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> list[asyncio.Task[None]]:
         self.writer = writer
@@ -120,8 +121,24 @@ class AgentLink:
 
     # -- host -> guest ----------------------------------------------------------------
     def _send(self, frame: bytes) -> None:
-        if self.failed is None and self.writer is not None and not self.writer.is_closing():
+        if self._held is not None:
+            self._held.append(frame)
+        elif self.failed is None and self.writer is not None and not self.writer.is_closing():
             self.writer.write(frame)
+
+    def hold(self) -> None:
+        """Keep frames to the guest back, in order, until :meth:`release`. QEMU copies what
+        arrives on the agent's socket into guest RAM even while the vCPUs are stopped
+        (virtio-serial does not wait for a running VM), so a capture that reads RAM and
+        device state one after the other holds them across its pause."""
+        if self._held is None:
+            self._held = []
+
+    def release(self) -> None:
+        """Send what :meth:`hold` kept back."""
+        held, self._held = self._held, None
+        for frame in held or ():
+            self._send(frame)
 
     def _add(self, target: Client | asyncio.Future[dict[str, Any]], cid: int, req: dict[str, Any]) -> Route:
         route = Route(self.next_gid, str(req.get("op"))[:40], target, cid)

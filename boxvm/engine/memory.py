@@ -18,10 +18,13 @@ Where the RAM is (the record's ``ram``): ``file`` — ``memory.ram``, the box's 
 RAM that a fork maps ``share=off``: a private copy-on-write mapping, so every fork reads the
 same page-cache pages and its writes stay in its own anonymous memory (the file is never
 written: a box has no balloon or virtio-mem, the only things that make QEMU punch holes in
-a RAM file); ``stream`` — inside the state file itself: a fork's RAM is private, so its own
-suspend or memory snapshot is QEMU's migration of the whole RAM (zero pages are a flag each),
-live while the guest runs (``memory_live``), loaded into a fresh RAM file on resume, after
-which it is a ``file`` box again.
+a RAM file). A fork's own suspend or memory snapshot copies the base with the pages the guest
+wrote over it (read out of QEMU: ``memory_precopy.WrittenPages``) into a ``file`` RAM, beside
+a state of the devices alone (``QMP.save_devices``, which has no configuration section: see
+``has_configuration``). Where those pages cannot be read, and for a memory snapshot under KVM,
+``stream`` — inside the state file itself: QEMU's migration of the whole RAM (zero pages are
+a flag each), live while the guest runs under KVM (``memory_live``), loaded into a fresh RAM
+file on resume, after which it is a ``file`` box again.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import shlex
 import shutil
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from boxvm import faults
 from boxvm.errors import EngineError, InvalidState, StorageError
@@ -48,6 +52,7 @@ META = "memory.json"
 CAPTURE = "memory-capture"  # a memory snapshot's files, until the snapshot's record takes them
 MAX_STATE = 64 << 20  # device state is tens of KB; anything near this is not ours
 MIGRATE_TIMEOUT = 60.0
+T = TypeVar("T")
 _QEMU_VM_CONFIGURATION = 0x07  # the section type after the stream's magic and version (8 bytes)
 
 
@@ -173,6 +178,15 @@ def has_configuration(state: Path) -> bool:
     return len(head) < 9 or head[8] == _QEMU_VM_CONFIGURATION
 
 
+def adopt_ram(box_dir: Path, ram: Path, shape: dict[str, Any]) -> None:
+    """A private RAM's suspend (``memory_ops._save_written``): ``ram`` becomes the box's own
+    RAM file and the device state written beside it is sealed with it; the link to the
+    template's or snapshot's RAM (``BASE``) goes last (QEMU's mapping of it stays valid)."""
+    os.replace(ram, box_dir / RAM)
+    seal(box_dir, shape, "file")
+    (box_dir / BASE).unlink(missing_ok=True)
+
+
 def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """Make the memory state written to ``dest`` durable and vouch for it (outside the
     guest's pause): ``memory.state.tmp`` becomes ``memory.state``, the record is written last."""
@@ -244,6 +258,20 @@ def _publish(box_dir: Path, tmp: Path, shape: dict[str, Any], ram: str = "file")
     os.replace(tmp, box_dir / STATE)
     meta = {"version": 1, "state_bytes": size, "state_sha256": digest, "ram": ram, **shape}
     _write_durably(box_dir / META, json.dumps(meta).encode())
+
+
+async def run_to_end(work: Callable[..., T], *args: Any, undo: Callable[[T], object] | None = None) -> T:
+    """``work(*args)`` in a thread, awaited to its end even if the caller is cancelled
+    meanwhile: work on a descriptor the caller closes next (a state file's, QEMU's memory).
+    Cancelled, what it made is given to ``undo`` (an object holding a descriptor: closed)."""
+    future = asyncio.ensure_future(asyncio.to_thread(work, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait([future])
+        if undo is not None and not future.cancelled() and future.exception() is None:
+            undo(future.result())
+        raise
 
 
 class StateFile:
@@ -380,7 +408,7 @@ def discard_state(box_dir: Path) -> None:
 def discard(box_dir: Path) -> None:
     """Forget a box's memory state and RAM (a cold boot starts from fresh, empty RAM)."""
     discard_state(box_dir)
-    for name in (RAM, BASE):
+    for name in (RAM, BASE, f"{RAM}.tmp"):
         with contextlib.suppress(FileNotFoundError):
             (box_dir / name).unlink()
 

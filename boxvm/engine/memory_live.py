@@ -1,9 +1,11 @@
 """Save a running guest's private RAM with QEMU's own live pre-copy, stopping it only at the end.
 
 A fork's or warm-started box's RAM is a private (``share=off``) mapping of a snapshot's or
-template's RAM file: its written pages exist only in QEMU's memory, so its suspend or memory
-snapshot puts the RAM in the migration stream (``ram: stream``). Migrated with the guest
-stopped throughout, that paused a warm-started guest for seconds. Here the ``migrate`` starts
+template's RAM file: its written pages exist only in QEMU's memory. Where boxvm cannot read
+them out of QEMU itself (``memory_precopy.WrittenPages``), and for a memory snapshot under
+KVM, its suspend or memory snapshot puts the RAM in the migration stream (``ram: stream``).
+Migrated with the guest stopped throughout, that paused a warm-started guest for seconds
+(a stop-and-copy, still what TCG gets in this fallback). Here the ``migrate`` starts
 while the guest runs: QEMU sends every page once, then again the pages its dirty bitmap saw
 written (it works under TCG), until what is left fits the ``downtime-limit``. With the
 ``pause-before-switchover`` capability QEMU then stops the vCPUs and waits in
@@ -22,21 +24,19 @@ stopped, as a stop-and-copy would; the outcome says so. QEMU's events (capabilit
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from boxvm.engine import memory
 from boxvm.engine.qmp import QMP, Events, QMPCommandError, without_paths
 from boxvm.errors import EngineError
 
 log = logging.getLogger("boxvm.memory")
-T = TypeVar("T")
 
 DOWNTIME_LIMIT_MS = 50  # what QEMU may leave for the switch-over, by its bandwidth estimate
 MAX_BANDWIDTH = 1 << 40  # bytes/s; QEMU's default (32 MiB/s) is for networks, this is a local file
@@ -103,25 +103,14 @@ async def save(
     try:
         t0 = time.monotonic()
         if prefill > 0:
-            await _to_end(state.prefill, prefill)
+            await memory.run_to_end(state.prefill, prefill)
         prefill_ms = (time.monotonic() - t0) * 1000
         outcome = await _save(qmp, state, at_stop, resume, limit_s, passes)
-        outcome.stream_bytes = await _to_end(state.finish)  # a prefill's unused tail goes
+        outcome.stream_bytes = await memory.run_to_end(state.finish)  # a prefill's unused tail goes
     finally:
         state.close()
     outcome.prefill_ms = prefill_ms
     return outcome
-
-
-async def _to_end(work: Callable[..., T], *args: Any) -> T:
-    """``work(*args)`` in a thread, awaited to its end even if the caller is cancelled
-    meanwhile: it uses the state file's descriptor, which the caller closes next."""
-    future = asyncio.ensure_future(asyncio.to_thread(work, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        await asyncio.wait([future])
-        raise
 
 
 async def _save(

@@ -69,31 +69,44 @@ class MemoryOps:
 
         The capture lock keeps a disk capture from switching the disk meanwhile. If saving
         fails the VM runs on as before (QEMU is told ``cont`` if it was running). A box
-        whose RAM is private (a fork, a warm start) saves it with a live pre-copy."""
+        whose RAM is private (a fork, a warm start) gets a RAM file of its own: the
+        template's with the pages the guest wrote over it (``_save_written``), or, where
+        those cannot be read, its RAM goes in the migration stream (``_save_private``)."""
         shape = req.get("shape")
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
-        await _cache_base(self, "suspend")  # outside the lock: nothing writes the file
-        async with self.capture_lock:
-            await self.settle()  # a capture switched to but not yet published: none may outlive the VM
-            was_running = await self.qmp.status() == "running"
-            try:
-                if self.resume_plan.get("private"):
-                    timings = await _save_private(self, shape)
-                else:
-                    timings = await memory.save(self.qmp, self.dir, shape)
-            except BaseException:
-                await asyncio.to_thread(memory.discard_state, self.dir)
-                if was_running and not self.client_paused:
-                    with contextlib.suppress(Exception):
-                        await self.qmp.cont()
-                raise
-            faults.point("suspend:saved")
-            self.stop_requested = True
-            self.final_status = BoxStatus.SUSPENDED
-            t_quit = time.monotonic()
-            await self.quit()
-            timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
+        private = bool(self.resume_plan.get("private"))
+        written = await _written_pages(self) if private else None
+        try:
+            if private and written is None:
+                await _cache_base(self, "suspend")  # outside the lock: nothing writes the file
+            async with self.capture_lock:
+                await self.settle()  # a capture switched to but not yet published: none may outlive the VM
+                was_running = await self.qmp.status() == "running"
+                self.link.hold()  # QEMU would copy frames into guest RAM after the state was saved
+                try:
+                    if written is not None:
+                        timings = await _save_written(self, shape, written)
+                    elif private:
+                        timings = await _save_private(self, shape)
+                    else:
+                        timings = await memory.save(self.qmp, self.dir, shape)
+                except BaseException:
+                    await asyncio.to_thread(memory.discard_state, self.dir)
+                    if was_running and not self.client_paused:
+                        with contextlib.suppress(Exception):
+                            await self.qmp.cont()
+                    self.link.release()
+                    raise
+                faults.point("suspend:saved")
+                self.stop_requested = True
+                self.final_status = BoxStatus.SUSPENDED
+                t_quit = time.monotonic()
+                await self.quit()
+                timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
+        finally:
+            if written is not None:
+                written.close()
         return {"ok": True, **timings}
 
     async def resume_incoming(self: _Supervisor) -> None:
@@ -206,16 +219,16 @@ async def _written_pages(sup: _Supervisor) -> memory_precopy.WrittenPages | None
     """What the guest wrote of its private RAM, for ``_capture_file`` to copy with the
     vCPUs stopped over a copy of the template's RAM file made while it runs, instead of
     QEMU migrating all of its RAM (which reads every page and writes every non-zero one
-    while the guest is stopped). None where this QEMU cannot save its devices alone or
-    its memory cannot be read here: the RAM then goes in the migration stream."""
+    while the guest is stopped). None where QEMU's memory cannot be read here (or for the
+    benchmarks' baseline): the RAM then goes in the migration stream. (Every QEMU with
+    ``x-ignore-shared``, which memory state needs, has ``xen-save-devices-state``.)"""
     assert sup.qemu is not None
     if os.environ.get("BOXVM_MEMORY_STREAM") == "1":  # benchmarks: the migration stream as the baseline
         return None
-    if "xen-save-devices-state" not in await sup.qmp.commands():
-        log.info("memory snapshot: QEMU cannot save its device state alone; the RAM goes in the migration stream")
-        return None
     try:
-        return await asyncio.to_thread(memory_precopy.WrittenPages, sup.qemu.pid, sup.dir / memory.BASE)
+        return await memory.run_to_end(
+            memory_precopy.WrittenPages, sup.qemu.pid, sup.dir / memory.BASE, undo=memory_precopy.WrittenPages.close
+        )
     except memory_precopy.Unavailable as exc:
         log.info("memory snapshot: %s; the RAM goes in the migration stream", exc)
         return None
@@ -239,15 +252,16 @@ async def _capture_file(
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
     was_running = await sup.qmp.status() == "running"
     t0 = time.monotonic()
+    sup.link.hold()  # nothing for QEMU to copy into guest RAM between the RAM copy and the device state
     try:
         await sup.qmp.stop()
         switched = await sup.switch({"quiesce": False}, (layer, parent))
         # The RAM copy (this process) and the device state (QEMU) overlap; both end
         # before the ``cont`` (a migration still running then would stop the VM again).
         ram_done, state_done = await asyncio.gather(
-            asyncio.to_thread(_timed_finish, pre, ram, ram_copy)
+            memory.run_to_end(_timed_finish, pre, ram, ram_copy)
             if written is None
-            else asyncio.to_thread(_timed_written, written, ram_copy),
+            else memory.run_to_end(_timed_written, written, ram_copy),
             memory.write_state_to(sup.qmp, dest) if written is None else memory.write_devices_to(sup.qmp, dest),
             return_exceptions=True,
         )
@@ -259,8 +273,11 @@ async def _capture_file(
         faults.point("memory:copied")
         await _hold_at_stop()
     finally:
-        if was_running and not sup.client_paused:  # a client's pause meanwhile stands
-            await sup.qmp.cont()
+        try:
+            if was_running and not sup.client_paused:  # a client's pause meanwhile stands
+                await sup.qmp.cont()
+        finally:
+            sup.link.release()
     pause_ms = (time.monotonic() - t0) * 1000
     if written is not None:
         sup.store.add_timing(
@@ -346,6 +363,44 @@ async def _capture_stream(sup: _Supervisor, dest: Path, shape: dict[str, Any]) -
 def _on_kvm(argv: list[str]) -> bool:
     """Whether the box's QEMU runs on KVM (``-accel kvm``), which tracks dirty pages itself."""
     return any(a == "-accel" and b == "kvm" for a, b in itertools.pairwise(argv))
+
+
+async def _save_written(
+    sup: _Supervisor, shape: dict[str, Any], written: memory_precopy.WrittenPages
+) -> dict[str, float]:
+    """A suspend of private RAM into a RAM file of the box's own, so that it resumes like a
+    booted box (mapping the file) instead of loading all of its RAM from a stream: the
+    template's file copied while the guest runs, then, stopped, the pages the guest wrote
+    over the copy and the devices alone beside it; the copy becomes ``memory.RAM``, and
+    ``memory.BASE`` goes once the record vouches for the state."""
+    (sup.dir / memory.META).unlink(missing_ok=True)  # the old record must not vouch for the new state
+    tmp = sup.dir / f"{memory.RAM}.tmp"
+    try:
+        t0 = time.monotonic()
+        await asyncio.to_thread(memory.sparse_copy, sup.dir / memory.BASE, tmp)
+        t_copied = time.monotonic()
+        await sup.qmp.stop()
+        t_stop = time.monotonic()
+        faults.point("memory:stopped")
+        ram_done, state_done = await asyncio.gather(
+            memory.run_to_end(written.copy_to, tmp), memory.write_devices_to(sup.qmp, sup.dir), return_exceptions=True
+        )
+        for outcome in (ram_done, state_done):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(ram_done, int)
+        t_saved = time.monotonic()
+        await asyncio.to_thread(memory.adopt_ram, sup.dir, tmp, shape)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sup.store.add_timing(sup.box_id, suspend_written_mib=ram_done / (1 << 20))
+    return {
+        "base_copy_ms": (t_copied - t0) * 1000,
+        "stopped_ms": (t_saved - t_stop) * 1000,  # the vCPUs' stop to the state's end, as _save_private's
+        "save_ms": (t_saved - t_stop) * 1000,
+        "sync_ms": (time.monotonic() - t_saved) * 1000,
+    }
 
 
 async def _save_private(sup: _Supervisor, shape: dict[str, Any]) -> dict[str, float]:

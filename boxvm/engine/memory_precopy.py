@@ -12,6 +12,9 @@ reclaimed any page meanwhile (which drops a page's table entry and its bit) the 
 is copied while stopped, as it is when the kernel lacks soft-dirty (built without
 ``CONFIG_MEM_SOFT_DIRTY``, as here) or QEMU's mapping of the file cannot be found.
 
+A private (``share=off``) mapping needs no soft-dirty: what its guest wrote is what the
+kernel copied on write, QEMU's anonymous pages there (``WrittenPages``).
+
 Written by hand: no library reads pagemap, and this is a few reads of /proc.
 """
 

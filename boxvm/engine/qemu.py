@@ -35,7 +35,8 @@ class VmSpec:
     memory_file: Path | None = None
     memory_shared: bool = True
     incoming: bool = False  # wait for ``migrate-incoming`` (a resume) instead of booting
-    # False: the state to load has no configuration section (``memory.has_configuration``)
+    # False: the state to load has no configuration section (``memory.has_configuration``),
+    # nor the description a migration ends with (its loader would report it missing)
     send_configuration: bool = True
 
 
@@ -66,7 +67,8 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
     args = [
         qemu_binary(),
         "-name", f"boxvm-{d.name}",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on" + (",memory-backend=mem" if spec.memory_file else ""),
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on" + (",memory-backend=mem" if spec.memory_file else "")
+        + ("" if spec.send_configuration else ",suppress-vmdesc=on"),
         "-accel", accel.name,
         "-cpu", "host" if accel.name == "kvm" else "max",
         "-smp", str(spec.cpus),

@@ -189,10 +189,6 @@ class QMP:
         migration.send-configuration=off`` (``memory.has_configuration``)."""
         await self._run("xen-save-devices-state", {"filename": str(path), "live": False})
 
-    async def commands(self) -> set[str]:
-        """The names of the commands this QEMU has."""
-        return {str(c["name"]) for c in await self._run("query-commands")}
-
     async def migrate_incoming(self, uri: str) -> None:
         """Start receiving the state of a QEMU started with ``-incoming defer``."""
         await self._run("migrate-incoming", {"uri": uri})

@@ -236,6 +236,30 @@ def test_written_pages_are_what_a_private_mapping_copied_and_only_those(tmp_path
     assert ram.read_bytes() == original
 
 
+def test_written_pages_of_a_file_mapped_in_pieces_land_at_their_file_offsets(tmp_path: Path) -> None:
+    """Two mappings of one RAM file's halves, wherever the kernel puts them: each written
+    page is found and copied at its own offset in the file."""
+    ram, copy = tmp_path / "memory.base", tmp_path / "memory.ram"
+    half = 16 * PAGE
+    ram.write_bytes(os.urandom(2 * half))
+    with open(ram, "rb") as f:
+        high = mmap.mmap(f.fileno(), half, flags=mmap.MAP_PRIVATE, offset=0)
+        low = mmap.mmap(f.fileno(), half, flags=mmap.MAP_PRIVATE, offset=half)
+    try:
+        high[3 * PAGE] = (high[3 * PAGE] + 1) % 256
+        low[7 * PAGE + 9] = (low[7 * PAGE + 9] + 1) % 256
+        written = memory_precopy.WrittenPages(os.getpid(), ram)
+        try:
+            memory.sparse_copy(ram, copy)
+            assert written.copy_to(copy) == 2 * PAGE
+        finally:
+            written.close()
+        assert copy.read_bytes() == high[:] + low[:]
+    finally:
+        high.close()
+        low.close()
+
+
 def test_written_pages_need_qemus_mapping_of_the_whole_file(tmp_path: Path) -> None:
     ram = tmp_path / "memory.base"
     ram.write_bytes(os.urandom(8 * PAGE))

@@ -143,6 +143,11 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     kvm = qemu.argv(_spec(tmp_path, network="none", ports=[]), accel.Accel("kvm", ""))
     assert "tsc_early_khz" not in kvm[kvm.index("-append") + 1]
     assert not any("netdev" in a for a in kvm) and kvm[kvm.index("-cpu") + 1] == "host"
+    # A QEMU loading the devices alone (memory.has_configuration False) is told what not to expect.
+    assert "-global" not in args and "suppress-vmdesc" not in args[args.index("-M") + 1]
+    devices = qemu.argv(_spec(tmp_path, incoming=True, send_configuration=False), accel.Accel("tcg", ""))
+    assert devices[devices.index("-global") + 1] == "migration.send-configuration=off"
+    assert devices[devices.index("-M") + 1].endswith(",suppress-vmdesc=on")
 
 
 def test_id_prefix_lookup_is_literal(tmp_path: Path) -> None:

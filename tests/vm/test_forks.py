@@ -123,10 +123,9 @@ async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
 ) -> None:
     """A fork's RAM is private (no file holds it). This fork's supervisor is told to give
     the live pre-copy no time (``BOXVM_PRECOPY_MAX_S=0``, as under TCG): its own memory
-    snapshot copies the pages it wrote over its snapshot's RAM file with the guest stopped,
-    its suspend saves the RAM in the migration stream (a stop-and-copy), and the box's
-    timings say so; it resumes from either into a RAM file of its own. (The live path:
-    test_memory's busy guest under KVM.)"""
+    snapshot and its suspend copy the pages it wrote over a copy of its snapshot's RAM file
+    with the guest stopped (the box's timings say so), and it resumes from either with a
+    RAM file of its own. (The live path: test_memory's busy guest under KVM.)"""
     monkeypatch.setenv("BOXVM_PRECOPY_MAX_S", "0")  # inherited by the fork's supervisor only
     fork = await (await via(rt, parent)).clone("fork-own", CloneOptions(from_snapshot="m", start_after_clone=True))
     monkeypatch.delenv("BOXVM_PRECOPY_MAX_S")
@@ -139,7 +138,7 @@ async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
         await sh(fork, "echo later > /tmp/who")
         _, before = (await sh(fork, "cat /proc/sys/kernel/random/boot_id /tmp/count")).split()
         suspended = await fork.suspend()
-        assert suspended.status == BoxStatus.SUSPENDED and suspended.timings["suspend_stop_and_copy"] == 1.0
+        assert suspended.status == BoxStatus.SUSPENDED and suspended.timings["suspend_written_mib"] > 0
         await fork.start()
         out = await sh(fork, "hostname; cat /tmp/who /proc/sys/kernel/random/boot_id /tmp/count")
         hostname, who, boot_id, count = out.split()

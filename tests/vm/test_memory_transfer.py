@@ -350,9 +350,9 @@ async def test_after_that_it_boots_cold_and_a_snapshot_of_another_memory_size_is
 
 async def _a_fork_travels_with_its_memory(source: Source, snapshot: str, server: Server) -> None:
     """A fork of a memory snapshot runs on the snapshot's RAM file mapped privately; its
-    suspend saves that private RAM inside the migration stream (``stream``), and its export
-    (over REST), import and start resume its processes where they were (issue 15: forks in
-    archives)."""
+    suspend gives it a RAM file of its own (the snapshot's with the pages the fork wrote
+    over it) and a state of its devices alone, and its export (over REST), import and
+    start resume its processes where they were (issue 15: forks in archives)."""
     t0 = time.monotonic()
     (fork,) = await source.box.clone_many(1, CloneOptions(from_snapshot=snapshot, start_after_clone=True))
     copy = None
@@ -369,7 +369,8 @@ async def _a_fork_travels_with_its_memory(source: Source, snapshot: str, server:
         _, manifest = _members(plain)
         assert manifest["memory"]["memory_mib"] == 256
         at = plain.index(memarchive.MAGIC)
-        assert int.from_bytes(plain[at + 12 : at + 16], "little") == memarchive.STREAM, "not the fork's private RAM"
+        assert int.from_bytes(plain[at + 12 : at + 16], "little") == 0, "the fork's RAM is not a file of its own"
+        assert (await fork_over_rest.info()).timings["suspend_written_mib"] > 0
         copy = await source.rt.import_box(path, name=f"{fork.name}-copy")
         await copy.start()
         copy_boot, copy_count = await reading(copy)
