@@ -212,6 +212,16 @@ def test_written_bytes_counts_the_pages_a_private_mapping_copied(tmp_path: Path)
     assert memory_precopy.written_bytes(os.getpid(), base) == 0
 
 
+def _copied_written(ram: Path, copy: Path) -> int:
+    """``copy`` made a copy of ``ram`` with this process's written pages of it over it."""
+    written = memory_precopy.WrittenPages(os.getpid(), ram)
+    try:
+        memory.sparse_copy(ram, copy)
+        return written.copy_to(copy)
+    finally:
+        written.close()
+
+
 def test_written_pages_are_what_a_private_mapping_copied_and_only_those(tmp_path: Path) -> None:
     """``WrittenPages`` (here of this very process): the pages written through a private
     mapping of a RAM file, found by pagemap and read from /proc/<pid>/mem, copied over a
@@ -226,12 +236,7 @@ def test_written_pages_are_what_a_private_mapping_copied_and_only_those(tmp_path
         view[: pages * PAGE : PAGE]  # every page read: mapped, but none of them written
         for page in (0, 1, 2, 17, 40, 63):  # runs, data and hole pages alike
             view[page * PAGE + 5] = (view[page * PAGE + 5] + 1) % 256
-        written = memory_precopy.WrittenPages(os.getpid(), ram)
-        try:
-            memory.sparse_copy(ram, copy)
-            assert written.copy_to(copy) == 6 * PAGE
-        finally:
-            written.close()
+        assert _copied_written(ram, copy) == 6 * PAGE
         assert copy.read_bytes() == view[:]
     assert ram.read_bytes() == original
 
@@ -248,12 +253,7 @@ def test_written_pages_of_a_file_mapped_in_pieces_land_at_their_file_offsets(tmp
     try:
         high[3 * PAGE] = (high[3 * PAGE] + 1) % 256
         low[7 * PAGE + 9] = (low[7 * PAGE + 9] + 1) % 256
-        written = memory_precopy.WrittenPages(os.getpid(), ram)
-        try:
-            memory.sparse_copy(ram, copy)
-            assert written.copy_to(copy) == 2 * PAGE
-        finally:
-            written.close()
+        assert _copied_written(ram, copy) == 2 * PAGE
         assert copy.read_bytes() == high[:] + low[:]
     finally:
         high.close()
