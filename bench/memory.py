@@ -218,8 +218,12 @@ async def forks_and_warm(rt: boxvm.Runtime, mib: int, runs: int, forks: int = 10
                     f" {used:.0f} MiB ({_load()})"
                 )
                 # The baseline: the same guest state loaded by QEMU's own migrate-incoming,
-                # RAM in the stream (a fork's own suspend writes it so).
-                first = boxes[0]
+                # RAM in the stream (what a fork's own suspend writes with BOXVM_MEMORY_STREAM).
+                with _stream():
+                    (first,) = await parent.clone_many(
+                        1, options=boxvm.CloneOptions(from_snapshot="m", start_after_clone=True)
+                    )
+                boxes.append(first)  # removed with the others
                 await first.suspend()
                 t = time.perf_counter()
                 await first.start()
