@@ -307,8 +307,10 @@ async def _capture_file(
 
 
 async def _capture_stream(sup: _Supervisor, dest: Path, shape: dict[str, Any]) -> dict[str, Any]:
-    """The capture of a box whose RAM is private: QEMU's live pre-copy into the state, the
-    disk switched while QEMU holds the vCPUs stopped for the switch-over."""
+    """The capture of a box whose RAM is private into QEMU's migration stream (under KVM,
+    or where its written pages cannot be read): the live pre-copy (KVM) or a stop-and-copy
+    into a prefilled state file, the disk switched while QEMU holds the vCPUs stopped for
+    the switch-over."""
     limits = memory_live.limits(kvm=_on_kvm(sup.argv))
     prefill = await asyncio.to_thread(_expected_stream, sup, shape) if limits["limit_s"] <= 0 else 0
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
@@ -383,7 +385,9 @@ async def _save_written(
         t_stop = time.monotonic()
         faults.point("memory:stopped")
         ram_done, state_done = await asyncio.gather(
-            memory.run_to_end(written.copy_to, tmp), memory.write_devices_to(sup.qmp, sup.dir), return_exceptions=True
+            memory.run_to_end(_copy_written, written, tmp),
+            memory.write_devices_to(sup.qmp, sup.dir),
+            return_exceptions=True,
         )
         for outcome in (ram_done, state_done):
             if isinstance(outcome, BaseException):
@@ -507,7 +511,16 @@ def _timed_finish(pre: memory_precopy.PreCopy | None, ram: Path, dest: Path) -> 
 
 def _timed_written(written: memory_precopy.WrittenPages, dest: Path) -> tuple[tuple[int, str], float]:
     t0 = time.monotonic()
-    return (written.copy_to(dest), "written"), (time.monotonic() - t0) * 1000
+    return (_copy_written(written, dest), "written"), (time.monotonic() - t0) * 1000
+
+
+def _copy_written(written: memory_precopy.WrittenPages, dest: Path) -> int:
+    """``written.copy_to(dest)``, its failures (QEMU's mappings changed or its memory gone,
+    with the guest stopped) an EngineError the capture or suspend reports."""
+    try:
+        return written.copy_to(dest)
+    except (memory_precopy.Unavailable, OSError) as exc:
+        raise EngineError(f"the guest's written memory could not be copied: {exc}") from exc
 
 
 async def _hold_at_stop() -> None:

@@ -45,7 +45,8 @@ _WRITTEN_BYTE = bytes(1 if (b & 0x40) or (b & 0xA0) == 0x80 else 0 for b in rang
 
 
 class Unavailable(Exception):
-    """Soft-dirty tracking cannot vouch for this copy (the message says why)."""
+    """What /proc tells cannot vouch for this copy (soft-dirty bits, or a private mapping's
+    written pages; the message says why)."""
 
 
 @dataclass
