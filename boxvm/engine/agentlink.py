@@ -127,17 +127,26 @@ class AgentLink:
             self.writer.write(frame)
 
     def hold(self) -> None:
-        """Keep frames to the guest back, in order, until :meth:`release`. QEMU copies what
-        arrives on the agent's socket into guest RAM even while the vCPUs are stopped
-        (virtio-serial does not wait for a running VM), so a capture that reads RAM and
-        device state one after the other holds them across its pause."""
+        """Keep the agent's socket still, both ways, until :meth:`release`: frames to the
+        guest are kept back in order, and the socket is not read. QEMU moves data between
+        that socket and guest RAM even while the vCPUs are stopped (virtio-serial fills the
+        guest's receive buffers, and a send throttled by a full socket resumes once it is
+        read), so a capture that takes RAM and device state one after the other, not under
+        QEMU's lock as a migration does, holds it across its pause. Not nested: callers
+        hold the capture lock."""
         if self._held is None:
             self._held = []
+            if self.writer is not None:
+                self.writer.transport.pause_reading()
 
     def release(self) -> None:
-        """Send what :meth:`hold` kept back."""
+        """Read the socket again and send what :meth:`hold` kept back."""
         held, self._held = self._held, None
-        for frame in held or ():
+        if held is None:
+            return
+        if self.writer is not None and not self.writer.is_closing():
+            self.writer.transport.resume_reading()
+        for frame in held:
             self._send(frame)
 
     def _add(self, target: Client | asyncio.Future[dict[str, Any]], cid: int, req: dict[str, Any]) -> Route:

@@ -83,20 +83,22 @@ class MemoryOps:
             async with self.capture_lock:
                 await self.settle()  # a capture switched to but not yet published: none may outlive the VM
                 was_running = await self.qmp.status() == "running"
-                self.link.hold()  # QEMU would copy frames into guest RAM after the state was saved
                 try:
                     if written is not None:
                         timings = await _save_written(self, shape, written)
                     elif private:
                         timings = await _save_private(self, shape)
                     else:
+                        self.link.hold()  # QEMU would move agent data in guest RAM after the state was saved
                         timings = await memory.save(self.qmp, self.dir, shape)
                 except BaseException:
-                    await asyncio.to_thread(memory.discard_state, self.dir)
-                    if was_running and not self.client_paused:
-                        with contextlib.suppress(Exception):
-                            await self.qmp.cont()
-                    self.link.release()
+                    try:
+                        await asyncio.to_thread(memory.discard_state, self.dir)
+                        if was_running and not self.client_paused:
+                            with contextlib.suppress(Exception):
+                                await self.qmp.cont()
+                    finally:
+                        self.link.release()
                     raise
                 faults.point("suspend:saved")
                 self.stop_requested = True
@@ -252,7 +254,7 @@ async def _capture_file(
     layer, parent = await asyncio.to_thread(sup.layers.prepare_capture, sup.dir)
     was_running = await sup.qmp.status() == "running"
     t0 = time.monotonic()
-    sup.link.hold()  # nothing for QEMU to copy into guest RAM between the RAM copy and the device state
+    sup.link.hold()  # the agent's socket still: QEMU moves nothing in guest RAM between the RAM copy and the devices
     try:
         await sup.qmp.stop()
         switched = await sup.switch({"quiesce": False}, (layer, parent))
@@ -381,7 +383,9 @@ async def _save_written(
         t0 = time.monotonic()
         await asyncio.to_thread(memory.sparse_copy, sup.dir / memory.BASE, tmp)
         t_copied = time.monotonic()
+        sup.link.hold()  # QEMU would move agent data in guest RAM between the copy and the device state
         await sup.qmp.stop()
+        await sup.qmp.status()  # a turn of QEMU's main loop: what the socket held at the stop is in RAM
         t_stop = time.monotonic()
         faults.point("memory:stopped")
         ram_done, state_done = await asyncio.gather(
@@ -394,11 +398,13 @@ async def _save_written(
                 raise outcome
         assert isinstance(ram_done, int)
         t_saved = time.monotonic()
-        await asyncio.to_thread(memory.adopt_ram, sup.dir, tmp, shape)
+        sup.store.add_timing(sup.box_id, suspend_written_mib=ram_done / (1 << 20))
+        await memory.run_to_end(memory.adopt_ram, sup.dir, tmp, shape)  # the commit: nothing may fail after it
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if (sup.dir / memory.BASE).exists():  # not committed: QEMU runs on from the base; a RAM copy is no use
+            (sup.dir / memory.RAM).unlink(missing_ok=True)
         raise
-    sup.store.add_timing(sup.box_id, suspend_written_mib=ram_done / (1 << 20))
     return {
         "base_copy_ms": (t_copied - t0) * 1000,
         "stopped_ms": (t_saved - t_stop) * 1000,  # the vCPUs' stop to the state's end, as _save_private's

@@ -125,9 +125,10 @@ async def test_damaged_state_leaves_a_stopped_box_that_boots_cold(fresh_box: box
 async def test_sigkill_during_suspend_or_memory_snapshot_leaves_a_box_that_boots_cold(
     rt: boxvm.Runtime, local: LocalBackend, monkeypatch: pytest.MonkeyPatch, point: str, warm: bool
 ) -> None:
-    """``warm``: a warm-started box (private RAM, saved in the migration stream): killed in
-    its save's switch-over (QEMU holding the vCPUs stopped in ``pre-switchover``) or after
-    it; its first start is a resume, not a boot."""
+    """``warm``: a warm-started box (private RAM: the template's file copied, then the pages
+    the guest wrote over it, into ``memory.ram.tmp``): killed with the guest stopped, or
+    once the state is sealed. Whatever the kill left, the box then starts with its disk, and
+    no RAM-sized copy stays behind."""
     options = boxvm.BoxOptions(image="boxvm/slim") if warm else boxvm.BoxOptions(warm=False)
     box = await rt.create(options, name=f"t-sigkill-{os.urandom(3).hex()}")
     try:
@@ -161,6 +162,7 @@ async def _killed_and_booted_cold(
     assert status in (BoxStatus.FAILED, BoxStatus.STOPPED), status
     await box.start()
     assert await sh(box, "cat /root/marker") == marker
+    assert not (local.home.box_dir(box.id) / f"{memory.RAM}.tmp").exists()
 
 
 async def urandom(box: boxvm.Box) -> str:

@@ -1,0 +1,48 @@
+"""The supervisor's end of the agent channel (``engine/agentlink.py``) over a real socket pair."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+
+import pytest
+
+from boxvm.engine.agentlink import AgentLink
+from boxvm.guest import protocol as P
+
+
+async def test_a_held_link_neither_sends_nor_reads_until_released() -> None:
+    """``hold``: a capture's pause, during which QEMU must move no agent data in guest RAM:
+    frames to the guest wait (in order), and nothing the guest sent is read; ``release``
+    sends them and reads again."""
+    host, guest = socket.socketpair()
+    guest.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=host)
+    hellos: list[dict[str, object]] = []
+    link = AgentLink(hellos.append, lambda _why: None)
+    tasks = link.attach(reader, writer)
+    try:
+        link.hold()
+        pings = [asyncio.ensure_future(link.request({"op": "ping", "n": n}, 5)) for n in range(3)]
+        guest.send(P.pack_json(0, P.HELLO, {"version": 1, "uptime": 1.0}))
+        await asyncio.sleep(0.2)
+        with pytest.raises(BlockingIOError):
+            guest.recv(1 << 16)  # nothing sent while held
+        assert hellos == []  # nothing read while held
+        link.release()
+        await asyncio.sleep(0.2)
+        assert hellos == [{"version": 1, "uptime": 1.0}]
+        frames = P.Decoder().feed(guest.recv(1 << 16))
+        assert [(t, json.loads(p)["n"]) for _g, t, p in frames] == [(P.OPEN, 0), (P.OPEN, 1), (P.OPEN, 2)]
+        for gid, _t, _p in frames:
+            guest.send(P.pack_json(gid, P.RESULT, {"ok": True}))
+        assert [await p for p in pings] == [{"ok": True}] * 3
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        writer.close()
+        guest.close()
