@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -76,39 +77,32 @@ class MemoryOps:
         if not isinstance(shape, dict):
             raise EngineError("suspend needs the machine's shape")
         private = bool(self.resume_plan.get("private"))
-        written = await _written_pages(self) if private else None
-        try:
-            if private and written is None:
-                await _cache_base(self, "suspend")  # outside the lock: nothing writes the file
-            async with self.capture_lock:
-                await self.settle()  # a capture switched to but not yet published: none may outlive the VM
-                was_running = await self.qmp.status() == "running"
+        async with _private_ram(self, "suspend") as written, self.capture_lock:
+            await self.settle()  # a capture switched to but not yet published: none may outlive the VM
+            was_running = await self.qmp.status() == "running"
+            try:
+                if written is not None:
+                    timings = await _save_written(self, shape, written)
+                elif private:
+                    timings = await _save_private(self, shape)
+                else:
+                    self.link.hold()  # QEMU would move agent data in guest RAM after the state was saved
+                    timings = await memory.save(self.qmp, self.dir, shape)
+            except BaseException:
                 try:
-                    if written is not None:
-                        timings = await _save_written(self, shape, written)
-                    elif private:
-                        timings = await _save_private(self, shape)
-                    else:
-                        self.link.hold()  # QEMU would move agent data in guest RAM after the state was saved
-                        timings = await memory.save(self.qmp, self.dir, shape)
-                except BaseException:
-                    try:
-                        await asyncio.to_thread(memory.discard_state, self.dir)
-                        if was_running and not self.client_paused:
-                            with contextlib.suppress(Exception):
-                                await self.qmp.cont()
-                    finally:
-                        self.link.release()
-                    raise
-                faults.point("suspend:saved")
-                self.stop_requested = True
-                self.final_status = BoxStatus.SUSPENDED
-                t_quit = time.monotonic()
-                await self.quit()
-                timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
-        finally:
-            if written is not None:
-                written.close()
+                    await asyncio.to_thread(memory.discard_state, self.dir)
+                    if was_running and not self.client_paused:
+                        with contextlib.suppress(Exception):
+                            await self.qmp.cont()
+                finally:
+                    self.link.release()
+                raise
+            faults.point("suspend:saved")
+            self.stop_requested = True
+            self.final_status = BoxStatus.SUSPENDED
+            t_quit = time.monotonic()
+            await self.quit()
+            timings["quit_ms"] = (time.monotonic() - t_quit) * 1000
         return {"ok": True, **timings}
 
     async def resume_incoming(self: _Supervisor) -> None:
@@ -179,17 +173,28 @@ class MemoryOps:
             raise EngineError("a memory capture needs the machine's shape")
         if self.qemu is None:
             raise EngineError("QEMU is not running")
-        dest = self.dir / memory.CAPTURE
-        private = bool(self.resume_plan.get("private"))
-        live = private and memory_live.limits(kvm=_on_kvm(self.argv))["limit_s"] > 0
-        written = await _written_pages(self) if private and not live else None
-        try:
-            if private and written is None:
-                await _cache_base(self, "memory_snapshot")  # outside the lock: nothing writes the file
-            return await _capture_memory(self, dest, shape, written)
-        finally:
-            if written is not None:
-                written.close()
+        live = memory_live.limits(kvm=_on_kvm(self.argv))["limit_s"] > 0  # QEMU's pre-copy (KVM)
+        async with _private_ram(self, "memory_snapshot", readable=not live) as written:
+            return await _capture_memory(self, self.dir / memory.CAPTURE, shape, written)
+
+
+@contextlib.asynccontextmanager
+async def _private_ram(
+    sup: _Supervisor, what: str, readable: bool = True
+) -> AsyncIterator[memory_precopy.WrittenPages | None]:
+    """Before a save, outside the capture lock: for a box whose RAM is private, the pages
+    its guest wrote (``_written_pages``; unless not ``readable``: the stream is wanted),
+    or else its base file read into the page cache for the stream (``_cache_base``).
+    None for the stream and for a box whose RAM is its own."""
+    private = bool(sup.resume_plan.get("private"))
+    written = await _written_pages(sup) if private and readable else None
+    try:
+        if private and written is None:
+            await _cache_base(sup, what)  # nothing writes the file
+        yield written
+    finally:
+        if written is not None:
+            written.close()
 
 
 async def _capture_memory(

@@ -25,6 +25,7 @@ import logging
 import mmap
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -176,17 +177,22 @@ def soft_dirty_map(pagemap: bytes) -> bytes:
     return pagemap[6::ENTRY].translate(_SD_BYTE)
 
 
+def _written_map(pagemap: bytes) -> bytes:
+    """One byte per pagemap entry: 1 where the page is the mapping's own (written)."""
+    return pagemap[7::ENTRY].translate(_WRITTEN_BYTE)
+
+
 def _changed_runs(pre: PreCopy) -> list[tuple[int, int]]:
     """Byte ranges of the RAM file that may differ from the running copy."""
     pages = os.stat(pre.ram).st_size // PAGE
     if _reclaimed() != pre.reclaimed:
         raise Unavailable("the host reclaimed pages meanwhile (their soft-dirty bits are lost)")
-    dirty = _page_flags(pre.pid, pre.ram, ram_vmas_checked(pre.pid, pre.ram), 6, _SD_BYTE)
+    dirty = _page_flags(pre.pid, pre.ram, _vmas_checked(pre.pid, pre.ram), soft_dirty_map)
     changed = dirty | (_extent_bits(pre.extents, pages) ^ _extent_bits(data_extents(pre.ram), pages))
     return _runs(changed, pages)
 
 
-def ram_vmas_checked(pid: int, ram: Path) -> list[tuple[int, int, int]]:
+def _vmas_checked(pid: int, ram: Path) -> list[tuple[int, int, int]]:
     """``ram_vmas``, or Unavailable if /proc cannot tell."""
     try:
         return ram_vmas(pid, ram)
@@ -194,10 +200,10 @@ def ram_vmas_checked(pid: int, ram: Path) -> list[tuple[int, int, int]]:
         raise Unavailable(f"QEMU's mappings are unreadable ({exc.strerror})") from exc
 
 
-def _page_flags(pid: int, ram: Path, vmas: list[tuple[int, int, int]], byte: int, table: bytes) -> int:
-    """One byte per page of the RAM file, ``table`` applied to byte ``byte`` of each page's
-    pagemap entry in QEMU's mappings, packed into an int (for |, ^); Unavailable unless
-    the mappings cover the whole file."""
+def _page_flags(pid: int, ram: Path, vmas: list[tuple[int, int, int]], flags_of: Callable[[bytes], bytes]) -> int:
+    """One byte per page of the RAM file, ``flags_of`` its pagemap entries in QEMU's
+    mappings (``soft_dirty_map``, ``_written_map``), packed into an int (for |, ^);
+    Unavailable unless the mappings cover the whole file."""
     pages = os.stat(ram).st_size // PAGE
     flags = 0
     covered = bytearray(pages)
@@ -211,7 +217,7 @@ def _page_flags(pid: int, ram: Path, vmas: list[tuple[int, int, int]], byte: int
                 entries = os.pread(f.fileno(), n * ENTRY, lo // PAGE * ENTRY)
                 if len(entries) != n * ENTRY:
                     raise Unavailable("QEMU's pagemap was short")
-                flags |= int.from_bytes(entries[byte::ENTRY].translate(table), "little") << (first * 8)
+                flags |= int.from_bytes(flags_of(entries), "little") << (first * 8)
                 covered[first : first + n] = b"\1" * n
     except OSError as exc:
         raise Unavailable(f"QEMU's pagemap is unreadable ({exc.strerror})") from exc
@@ -235,8 +241,8 @@ class WrittenPages:
 
     def __init__(self, pid: int, ram: Path) -> None:
         self.pid, self.ram = pid, ram
-        self.vmas = ram_vmas_checked(pid, ram)
-        _page_flags(pid, ram, self.vmas, 7, _WRITTEN_BYTE)  # readable, and the whole file mapped
+        self.vmas = _vmas_checked(pid, ram)
+        _page_flags(pid, ram, self.vmas, _written_map)  # readable, and the whole file mapped
         try:
             self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -246,7 +252,7 @@ class WrittenPages:
         """With the vCPUs stopped: write every page the guest wrote over the same offset of
         ``dest`` (a copy of the RAM file); the bytes copied."""
         pages = os.stat(self.ram).st_size // PAGE
-        runs = _runs(_page_flags(self.pid, self.ram, self.vmas, 7, _WRITTEN_BYTE), pages)
+        runs = _runs(_page_flags(self.pid, self.ram, self.vmas, _written_map), pages)
         buf = memoryview(bytearray(1 << 20))
         out = os.open(dest, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         total = 0
