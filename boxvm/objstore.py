@@ -213,19 +213,20 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
                 task.result()  # a failed part fails the upload now
         running.add(asyncio.create_task(send(number, body)))
 
-    number, buffer = 1, bytearray()
+    number, pending, held = 1, list[bytes](), 0  # chunks not yet in a part, and their bytes
     try:
         async for chunk in chunks:
-            buffer += chunk
-            while len(buffer) >= _part_size(number):
+            pending.append(chunk)
+            held += len(chunk)
+            while held >= _part_size(number):
                 size = _part_size(number)
-                with memoryview(buffer) as view:  # one copy of the part, not two
-                    part = bytes(view[:size])
-                del buffer[:size]
+                data = b"".join(pending)  # one copy into the part (the compressor's chunks fill parts exactly)
+                part, rest = data[:size], data[size:]
+                pending, held = ([rest] if rest else []), len(rest)
                 await start(number, part)
                 number += 1
-        if buffer or number == 1:  # the last part (S3 wants at least one, even empty)
-            await start(number, bytes(buffer))
+        if held or number == 1:  # the last part (S3 wants at least one, even empty)
+            await start(number, b"".join(pending))
         if running:
             await asyncio.gather(*running)
     finally:

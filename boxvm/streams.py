@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 _DEPTH = 8  # chunks in flight
-_BATCH = 1 << 20  # bytes per chunk handed across: per-chunk costs (HTTP framing, wakeups) stay small
+BATCH = 1 << 20  # bytes per chunk handed across: per-chunk costs (HTTP framing, wakeups) stay small
 
 
 class StreamAborted(OSError):
@@ -268,7 +268,7 @@ async def pump(chunks: AsyncIterator[bytes], reader: ThreadReader, worker: Await
         batch = bytearray()  # network reads are small (~64 KiB): hand over ~1 MiB at a time
         async for chunk in chunks:
             batch += chunk
-            if len(batch) >= _BATCH:
+            if len(batch) >= BATCH:
                 if not await hand_over(bytes(batch)):
                     return await task
                 batch.clear()
@@ -312,8 +312,11 @@ class ThreadWriter:
     def write(self, data: Any) -> int:
         if self._closed:
             raise StreamAborted("the reader of this stream went away")
+        if not self._buf and type(data) is bytes and len(data) >= BATCH:
+            self._hand_over(data)  # a whole chunk (the archive's compressor writes them): no copy
+            return len(data)
         self._buf += data
-        if len(self._buf) >= _BATCH:
+        if len(self._buf) >= BATCH:
             self.flush()
         return len(data)
 
@@ -321,7 +324,10 @@ class ThreadWriter:
         """Hand what is buffered to the loop (writers call it when they are done)."""
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()
-            asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
+            self._hand_over(data)
+
+    def _hand_over(self, data: bytes) -> None:
+        asyncio.run_coroutine_threadsafe(self._queue.put(data), self._loop).result()
 
     def abort(self) -> None:
         """(On the loop.) The consumer is gone: unblock the writer and fail its next write."""
