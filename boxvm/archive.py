@@ -141,8 +141,8 @@ def write_stream(
 
 
 class _Compressing:
-    """One zstd frame, written to ``raw`` in whole pieces of ``streams.BATCH`` bytes that
-    zstd compressed straight into: the archive's readers (``streams.ThreadWriter``, then a
+    """One zstd frame, written to ``raw`` in whole pieces of ``streams.BATCH`` bytes, each a
+    new ``bytes`` copied once from zstd's output buffer: the archive's readers (``streams.ThreadWriter``, then a
     file, an HTTP response or an S3 part) take those bytes as they are, where a
     ``stream_writer``'s ~128 KiB writes were copied twice more on their way to a sink.
     Multithreaded, with 2 MiB jobs: the default job size made the compressor hold ~60 MB
@@ -460,6 +460,15 @@ def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progre
     qcow2 of that virtual size can be is refused before the rest is read. Not yet durable:
     ``read_archive`` syncs it beside the checks."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        digest = _write_disk(tar, member, fd, label, progress)
+        os.ftruncate(fd, member.real_size)
+    finally:
+        os.close(fd)
+    return member.real_size, f"sha256:{digest}"
+
+
+def _write_disk(tar: TarReader, member: Member, fd: int, label: str, progress: Progress | None) -> str:
     sink = _DiskSink(fd)
     try:
         pos, head = 0, bytearray(qcow2.CLUSTER)  # the file's first cluster, holes as zeros
@@ -479,12 +488,9 @@ def _receive_disk(tar: TarReader, member: Member, path: Path, label: str, progre
                 if progress is not None:
                     progress(pos)
         sink.zeros(member.real_size - pos)
-        digest = sink.finish()
-        os.ftruncate(fd, member.real_size)
+        return sink.finish()
     finally:
         sink.close()
-        os.close(fd)
-    return member.real_size, f"sha256:{digest}"
 
 
 class _DiskSink:
@@ -501,8 +507,16 @@ class _DiskSink:
     def __init__(self, fd: int) -> None:
         self._h = hashlib.sha256()
         self._file = _DiskWriter(fd)
-        self._hash = _Stage(self._h.update, self._DEPTH, "boxvm-import-sha256")
-        self._write = _Stage(self._write_chunk, self._DEPTH, "boxvm-import-write")
+        try:
+            self._hash = _Stage(self._h.update, self._DEPTH, "boxvm-import-sha256")
+            try:
+                self._write = _Stage(self._write_chunk, self._DEPTH, "boxvm-import-write")
+            except BaseException:
+                self._hash.close()
+                raise
+        except BaseException:
+            self._file.close()
+            raise
 
     def _write_chunk(self, item: tuple[int, bytes] | None) -> None:
         """Write a chunk, or (``None``, the last item) what is still pending."""
@@ -535,9 +549,11 @@ class _DiskSink:
 
     def close(self) -> None:
         """Stop both threads (after what is queued) and the writer; idempotent."""
-        self._write.close()
-        self._hash.close()
-        self._file.close()
+        try:
+            self._write.close()
+            self._hash.close()
+        finally:
+            self._file.close()
 
 
 class _DiskWriter:
@@ -549,8 +565,9 @@ class _DiskWriter:
     cache, which was half of an import's CPU here (a VM whose host reclaims the guest's free
     memory, so that memory faults in again on first touch), leaves it to be written back
     later, and evicts pages other boxes use for a disk that is read again only as the box
-    needs it. No direct run and no buffered write share a block, so the two never meet in
-    the page cache; the fsync that follows makes both durable."""
+    needs it. No direct run and no buffered write share a 4 KiB block; where they share a
+    larger page, the kernel writes the cached page back and drops it before the direct
+    write. The fsync that follows makes both durable."""
 
     _ALIGN = 4096  # the largest logical block size in use: aligned for any device
     _RUN = 4 << 20
@@ -559,7 +576,12 @@ class _DiskWriter:
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._direct = _reopen_direct(fd)
-        self._bounce = mmap.mmap(-1, self._RUN) if self._direct is not None else None
+        self._bounce: mmap.mmap | None = None
+        if self._direct is not None:
+            try:
+                self._bounce = mmap.mmap(-1, self._RUN)
+            except OSError:  # no memory for it: buffered writes
+                self.close()
         self._start = self._fill = 0  # the pending direct run: its file offset and length
         self._synced = self._written = 0  # buffered bytes [synced, written) not yet handed to writeback
 
@@ -585,14 +607,16 @@ class _DiskWriter:
             try:
                 done = os.pwrite(self._direct, run, self._start)
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
-                done, refused = 0, True  # the device wants another alignment: buffered from now on
-            if done < len(run):  # short (a full disk says so on the next write) or refused
-                self._buffered(self._start + done, run[done:])
-        self._fill = 0
+                done, refused = 0, True  # another alignment, or no direct writes after all
+            # the rest as a copy: a failing write's traceback must not pin the buffer
+            rest = bytes(run[done:])
+        start, self._fill = self._start + done, 0
         if refused:
-            self.close()
+            self.close()  # buffered from now on
+        if rest:  # short (a full disk says so on the buffered write) or refused
+            self._buffered(start, rest)
 
     def _buffered(self, offset: int, data: bytes | memoryview) -> None:
         _pwrite_all(self._fd, data, offset)
@@ -609,7 +633,8 @@ class _DiskWriter:
             os.close(self._direct)
             self._direct = None
         if self._bounce is not None:
-            self._bounce.close()
+            with contextlib.suppress(BufferError):  # a view still held: freed with the last one
+                self._bounce.close()
             self._bounce = None
 
 

@@ -307,7 +307,7 @@ class ThreadWriter:
         self._loop = loop
         self._queue: asyncio.Queue[bytes] = asyncio.Queue(_DEPTH)
         self._closed = False
-        self._buf = bytearray()  # small writes (zstd emits ~128 KiB) are batched
+        self._buf = bytearray()  # small writes (tar headers, the last piece) are batched
 
     def write(self, data: Any) -> int:
         if self._closed:

@@ -70,7 +70,12 @@ def _nothing_left(transfer: Transfer) -> None:
     assert _import_threads() == []
 
 
-async def test_a_write_failure_in_the_disk_thread_is_the_imports_error_and_leaves_nothing(tmp_path: Path) -> None:
+# 8 MiB: a direct run meets the limit at its start; 6 MiB: in its middle, so the direct write
+# is short and its rest, written buffered, fails
+@pytest.mark.parametrize("limit_mib", [8, 6])
+async def test_a_write_failure_in_the_disk_thread_is_the_imports_error_and_leaves_nothing(
+    tmp_path: Path, limit_mib: int
+) -> None:
     path = tmp_path / "big.boxsnap"
     path.write_bytes(_archive(tmp_path, 24))
     transfer = _transfer(tmp_path / "home")
@@ -78,7 +83,8 @@ async def test_a_write_failure_in_the_disk_thread_is_the_imports_error_and_leave
     # ignored), as a full disk fails it with ENOSPC, in the thread that writes the disk.
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (8 * MIB, limits[1]))
+    descriptors = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mib * MIB, limits[1]))
     try:
         with pytest.raises(StorageError, match="could not write the imported disk: File too large"):
             await transfer.import_stream(lambda: FileSource(path), None, True, path.name)
@@ -86,6 +92,7 @@ async def test_a_write_failure_in_the_disk_thread_is_the_imports_error_and_leave
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, previous)
     _nothing_left(transfer)
+    assert len(os.listdir("/proc/self/fd")) == descriptors  # the disk's descriptors were closed
 
 
 def test_a_write_failure_does_not_leave_the_reading_thread_blocked(tmp_path: Path) -> None:
