@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import io
@@ -14,6 +15,7 @@ import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -168,3 +170,14 @@ def started(path: str) -> str:
     under load its first round can take longer than any fixed sleep; a file still missing
     then fails the read that follows, with its name."""
     return f"i=0; while [ ! -e {path} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"
+
+
+async def released(box: Any, depth: int | None = None) -> None:
+    """Wait until the supervisor has folded an export's capture back (it does so in the
+    background after the export) and, with ``depth``, the chain is that long again."""
+    for _ in range(300):
+        info = await box.info()
+        if (depth is None or info.chain_depth == depth) and "release_ms" in info.timings:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the export's capture was not released: chain depth {info.chain_depth}, not {depth}")

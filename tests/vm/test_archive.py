@@ -22,7 +22,7 @@ import boxvm
 from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.paths import Home
-from tests.helpers import leftovers
+from tests.helpers import leftovers, released
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.backends("local", "remote")]
 WRITER = "i=0; while true; do i=$((i+1)); echo $i >> /root/counter; sync /root/counter; done"
@@ -122,15 +122,6 @@ async def test_running_export_is_point_in_time(
     finally:
         await rt.remove(imported.id, force=True)
         await rt.remove(second.id, force=True)
-
-
-async def released(box: boxvm.Box, depth: int) -> None:
-    for _ in range(300):
-        info = await box.info()
-        if info.chain_depth == depth and "release_ms" in info.timings:
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the export's capture was not released: chain depth {info.chain_depth}, not {depth}")
 
 
 # -- the adversarial corpus (no VM needed: import refuses before any box exists) ---------
