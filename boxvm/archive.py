@@ -560,7 +560,7 @@ class _DiskWriter:
     """The imported disk's bytes into its file. Runs of whole 4 KiB blocks go with O_DIRECT
     through one reused, page-aligned bounce buffer, up to ``_RUN`` bytes a write (one call
     the device splits into concurrent requests); anything else, or a file system that takes
-    no direct I/O (tmpfs), is written through the page cache with writeback started every
+    no direct I/O (tmpfs before Linux 6.6), is written through the page cache with writeback started every
     ``_WRITEBACK`` bytes. Why: a buffered write copies every byte into newly allocated page
     cache, which was half of an import's CPU here (a VM whose host reclaims the guest's free
     memory, so that memory faults in again on first touch), leaves it to be written back

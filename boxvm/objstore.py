@@ -220,8 +220,9 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
             held += len(chunk)
             while held >= _part_size(number):
                 size = _part_size(number)
-                # the compressor's 1 MiB chunks fill a part exactly: one copy, the join
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
+                # the compressor's 1 MiB chunks fill a part exactly: one copy, the join (none
+                # for a single chunk: join returns it as it is)
+                data = b"".join(pending)
                 part, rest = data[:size], data[size:]
                 del data  # not held while the part waits for a slot
                 pending, held = ([rest] if rest else []), len(rest)
