@@ -72,6 +72,19 @@ class Cost:
         return f"{self.wall:.2f} s ({self.mine:.2f} + {self.theirs:.2f} CPU s)"
 
 
+async def settle(server: psutil.Process) -> None:
+    """Start a step once the step before is really over: its writeback synced and the S3
+    server idle (SeaweedFS goes on working for a while after an upload, and that work made
+    the CPU and time of whichever step came next, whatever it was, up to ~1 s higher)."""
+    await asyncio.to_thread(os.sync)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        before = sum(server.cpu_times()[:2])
+        await asyncio.sleep(0.2)
+        if sum(server.cpu_times()[:2]) - before < 0.01:
+            return
+
+
 async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +131,7 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                             await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
 
                     for step in (do_export, do_put) if i % 2 == 0 else (do_put, do_export):
+                        await settle(seaweed)
                         await step()
                     size = client.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
                     local.unlink()
@@ -138,6 +152,7 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                             await asyncio.to_thread(client.download_file, BUCKET, key, str(local))
 
                     for step in (do_get, do_import) if i % 2 == 0 else (do_import, do_get):
+                        await settle(seaweed)
                         await step()
                     t0 = time.perf_counter()
                     copy = await rt.import_box(local)

@@ -146,12 +146,14 @@ class _Compressing:
     file, an HTTP response or an S3 part) take those bytes as they are, where a
     ``stream_writer``'s ~128 KiB writes were copied twice more on their way to a sink.
     Multithreaded, with 2 MiB jobs: the default job size made the compressor hold ~60 MB
-    (measured) for no gain in speed here."""
+    (measured) for no gain in speed here. Each job starts from the smallest overlap with the
+    one before (``overlap_log=1``): reloading the default 256 KiB cost 11 % of the level-3
+    compressor's CPU on the S3 bench's disk, for archives 0.15 % smaller."""
 
     def __init__(self, raw: IO[bytes], level: int) -> None:
         import zstandard
 
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=-1, job_size=2 << 20)
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=-1, job_size=2 << 20, overlap_log=1)
         self._chunker = zstandard.ZstdCompressor(compression_params=params).chunker(chunk_size=BATCH)
         self._raw = raw
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boxvm.errors import ArchiveError
+from boxvm.streams import pread_views
 
 MAGIC = b"BOXVMMEM"
 VERSION = 1
@@ -75,8 +76,9 @@ class Plan:
         """The member's exact size: known before any RAM is read (a tar header needs it first)."""
         return HEADER_BYTES + self.state_bytes + _EXTENT.size * len(self.extents) + sum(n for _, n in self.extents)
 
-    def chunks(self) -> Iterator[bytes]:
-        """The member's bytes, in order; raises ArchiveError if a file changed meanwhile."""
+    def chunks(self) -> Iterator[bytes | memoryview]:
+        """The member's bytes, in order (the files' as views of one reused buffer:
+        ``streams.pread_views``); raises ArchiveError if a file changed meanwhile."""
         flags = STREAM if self.ram is None else 0
         yield _HEADER.pack(MAGIC, VERSION, flags, self.ram_bytes, self.state_bytes, len(self.extents))
         yield from _read(self.state, ((0, self.state_bytes),))
@@ -87,16 +89,14 @@ class Plan:
             yield from _read(self.ram, self.extents)
 
 
-def _read(path: Path, extents: Iterable[tuple[int, int]]) -> Iterator[bytes]:
+def _read(path: Path, extents: Iterable[tuple[int, int]]) -> Iterator[memoryview]:
+    buf = memoryview(bytearray(CHUNK))
     with open(path, "rb") as f:
         for off, length in extents:
-            done = 0
-            while done < length:
-                chunk = os.pread(f.fileno(), min(CHUNK, length - done), off + done)
-                if not chunk:
-                    raise ArchiveError(f"{path.name} shrank while it was being exported")
-                done += len(chunk)
-                yield chunk
+            try:
+                yield from pread_views(f.fileno(), off, length, buf)
+            except EOFError:
+                raise ArchiveError(f"{path.name} shrank while it was being exported") from None
 
 
 def plan(state: Path, ram: Path | None, ram_bytes: int) -> Plan:

@@ -9,16 +9,32 @@ waits and memory stays at a few chunks whatever the size of the stream.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 _DEPTH = 8  # chunks in flight
 BATCH = 1 << 20  # bytes per chunk handed across: per-chunk costs (HTTP framing, wakeups) stay small
+
+
+def pread_views(fd: int, offset: int, length: int, buf: memoryview) -> Iterator[memoryview]:
+    """``length`` bytes of ``fd`` from ``offset``, read into ``buf`` a piece at a time: each
+    piece is a view the next one overwrites, for readers that hash and compress it at once
+    (one that keeps a piece copies it). A new ``bytes`` per read faulted in fresh pages
+    whenever an upload held the archive's chunks (6 % of an S3 export's CPU, perf).
+    EOFError if the file ends first."""
+    end = offset + length
+    while offset < end:
+        n = os.preadv(fd, [buf[: end - offset]], offset)
+        if not n:
+            raise EOFError(f"the file ends {end - offset} bytes short")
+        yield buf[:n]
+        offset += n
 
 
 class StreamAborted(OSError):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from boxvm.errors import StorageError
+from boxvm.streams import pread_views
 
 MAGIC = b"QFI\xfb"
 CLUSTER_BITS = 16
@@ -445,24 +446,21 @@ class FlatImage:
     _runs: list[tuple[int, Path, int, int]]  # (guest index, file, host offset, clusters)
     _head: bytes  # header, L1, refcount table and blocks, L2 tables
 
-    def chunks(self, max_chunk: int = 4 << 20) -> Iterator[bytes]:
-        """The file's bytes in order: metadata first, then data clusters by guest index."""
+    def chunks(self, max_chunk: int = 4 << 20) -> Iterator[bytes | memoryview]:
+        """The file's bytes in order: metadata first, then data clusters by guest index, as
+        views of one buffer that each next piece overwrites (``streams.pread_views``)."""
         yield self._head
+        buf = memoryview(bytearray(min(max_chunk, self.data_bytes)))
         files: dict[Path, int] = {}
         try:
             for _idx, path, offset, count in self._runs:
                 fd = files.get(path)
                 if fd is None:
                     fd = files[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                remaining, pos = count * CLUSTER, offset
-                while remaining:
-                    n = min(remaining, max_chunk)
-                    data = os.pread(fd, n, pos)
-                    if len(data) != n:
-                        raise StorageError(f"{path.name} is shorter than its tables say")
-                    yield data
-                    remaining -= n
-                    pos += n
+                try:
+                    yield from pread_views(fd, offset, count * CLUSTER, buf)
+                except EOFError:
+                    raise StorageError(f"{path.name} is shorter than its tables say") from None
         finally:
             for fd in files.values():
                 os.close(fd)

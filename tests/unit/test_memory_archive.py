@@ -247,3 +247,14 @@ def test_a_suspended_box_exported_without_its_options_gets_its_machine_size() ->
     options = options_from_manifest(manifest, untrusted=False)
     assert (options["memory_mib"], options["cpus"]) == (RAM_MIB, 2)
     memarchive.require_fits("a", {**SECTION, "cpus": 2}, {"guest_bundle": "bundle-1", **options})
+
+
+def test_a_ram_file_cut_short_while_exported_is_an_archive_error(tmp_path: Path) -> None:
+    """The RAM is read in pieces of one reused buffer (``streams.pread_views``): a file that
+    ends before its planned extents is a clear error, never a short member."""
+    plan = memarchive.plan(_state(tmp_path), _ram(tmp_path), RAM_MIB << 20)
+    assert plan.ram is not None
+    os.truncate(plan.ram, 6 << 20)  # inside the extent at 5 MiB
+    with pytest.raises(ArchiveError, match="shrank while it was being exported"):
+        for _ in plan.chunks():
+            pass

@@ -5,6 +5,7 @@ create-only keys, and what REST callers may name. ``qemu-img compare`` judges th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import subprocess
@@ -151,6 +152,36 @@ async def test_object_created_during_upload_is_never_replaced(s3: S3Server, tmp_
     assert client.get_object(Bucket=s3.bucket, Key=key)["Body"].read() == b"theirs"
     assert key not in uploads(client, s3.bucket)
     assert not list((tmp_path / "s3uploads").iterdir())
+
+
+async def test_chunks_of_any_size_become_whole_parts_each_signed(s3: S3Server, tmp_path: Any) -> None:
+    """Chunks of odd sizes (one bigger than a part) are cut into 8 MiB parts, the last
+    shorter, stored as sent. Over plain HTTP each part carries the SHA-256 of exactly its
+    bytes in its signature and no CRC32 of them (``objstore._client``)."""
+    pieces = [os.urandom(n) for n in (1, 3 << 20, (20 << 20) + 5, 7, 1 << 20, (5 << 20) - 3)]
+    whole = b"".join(pieces)
+    sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        sent.append({k.lower(): v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()})
+
+    async def archive() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    key = f"parts/{os.urandom(3).hex()}"
+    client = objstore.client()
+    client.meta.events.register("before-send.s3.UploadPart", record)
+    try:
+        await objstore.upload(archive(), objstore.parse(f"s3://{s3.bucket}/{key}"), tmp_path)
+    finally:
+        client.meta.events.unregister("before-send.s3.UploadPart", record)
+    assert s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read() == whole
+    part = 8 << 20
+    assert sorted(int(h["content-length"]) for h in sent) == sorted([part] * 3 + [len(whole) - 3 * part])
+    digests = {hashlib.sha256(whole[at : at + part]).hexdigest() for at in range(0, len(whole), part)}
+    assert {h["x-amz-content-sha256"] for h in sent} == digests
+    assert not [h for h in sent if any(name.startswith("x-amz-checksum-") for name in h)]
 
 
 async def test_failed_or_cancelled_upload_is_aborted(s3: S3Server, tmp_path: Any) -> None:

@@ -325,7 +325,7 @@ def seed(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     raw = io.BytesIO()
     manifest = archive.write_stream(top, raw, {"box_name": "fuzz", "image": "x"}, compress=False, level=3)
     flat = d / "flat.qcow2"
-    flat.write_bytes(b"".join(qcow2.flatten_plan(top).chunks()))
+    flat.write_bytes(b"".join(bytes(c) for c in qcow2.flatten_plan(top).chunks()))
     assert manifest["members"]["disk.qcow2"] == flat.stat().st_size
     return flat.read_bytes(), raw.getvalue()
 
