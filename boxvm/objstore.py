@@ -121,10 +121,10 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
     session = boto3.session.Session()
     s3 = session.client("s3", endpoint_url=endpoint_url, config=Config(**options))
     if s3.meta.endpoint_url.startswith("http://"):
-        # Over plain HTTP botocore signs each body's SHA-256, which the server checks; the
-        # CRC32 it adds by default (since 1.36) covers the same bytes again, for ~0.1 CPU s
-        # per 227 MB on either side here. Over HTTPS the body is unsigned and that CRC32 is
-        # its check, so it stays.
+        # Over plain HTTP botocore signs each body's SHA-256 (AWS S3 and MinIO check it; so
+        # does every import, end to end, against the manifest's SHA-256s); the CRC32 it adds
+        # by default (since 1.36) covers the same bytes again, for ~0.1 CPU s per 227 MB here.
+        # Over HTTPS the body is unsigned and that CRC32 is its check, so it stays.
         s3 = session.client(
             "s3", endpoint_url=endpoint_url, config=Config(**options, request_checksum_calculation="when_required")
         )
@@ -226,7 +226,7 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
                 task.result()  # a failed part fails the upload now
         running.add(asyncio.create_task(send(number, body)))
 
-    number, pending, held = 1, list[bytes](), 0  # chunks not yet in a part, and their bytes
+    number, pending, held = 1, list[bytes | memoryview](), 0  # chunks not yet in a part, and their bytes
     try:
         async for chunk in chunks:
             pending.append(chunk)
@@ -234,10 +234,10 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
             while held >= _part_size(number):
                 size = _part_size(number)
                 if held > size:  # a chunk straddles the part's end (the compressor's 1 MiB chunks never do)
-                    last = pending.pop()
+                    last = memoryview(pending.pop())  # views: a chunk spanning many parts is not copied for each
                     cut = len(last) - (held - size)
                     pending.append(last[:cut])
-                    rest = [last[cut:]]
+                    rest: list[bytes | memoryview] = [last[cut:]]
                 else:
                     rest = []
                 await start(number, PartBody(pending))
@@ -255,13 +255,14 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
 
 
 class PartBody:
-    """A part's bytes as the seekable file botocore reads three times (SHA-256 for the
-    signature, CRC32 over HTTPS, then the send in 128 KiB blocks), over the archive's chunks
-    as they are. Given ``bytes``, botocore wraps them in a ``BytesIO`` whose every read
-    copies, and joining the chunks copied each part once more (~8 % of an export's CPU
-    here, perf). A read returns a whole chunk itself or a view of a piece of one."""
+    """A part's bytes as the seekable file botocore reads (over HTTP: for the SHA-256 it
+    signs, then to send them in 128 KiB blocks; over HTTPS: once, 1 MiB per aws-chunk with
+    the CRC32), over the archive's chunks as they are. Given ``bytes``, botocore wraps them
+    in a ``BytesIO`` whose every read copies, and joining the chunks copied each part once
+    more (~8 % of an export's CPU here, perf). A read inside one chunk returns the chunk
+    itself or a view of it; only a read across chunks joins."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: list[bytes | memoryview]) -> None:
         self._chunks = chunks
         self._starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
         self._pos = 0
@@ -278,13 +279,18 @@ class PartBody:
         return self._pos
 
     def read(self, size: int | None = -1) -> bytes | memoryview:
-        if self._pos >= self._starts[-1]:
-            return b""
-        index = bisect.bisect_right(self._starts, self._pos) - 1
-        chunk, at = self._chunks[index], self._pos - self._starts[index]
-        end = len(chunk) if size is None or size < 0 else min(len(chunk), at + size)
-        self._pos += end - at
-        return chunk if at == 0 and end == len(chunk) else memoryview(chunk)[at:end]
+        """Exactly ``size`` bytes (what is left if fewer; all of it without a size): over
+        HTTPS each read is sent as one aws-chunk, and S3 refuses one under 8 KiB but the last."""
+        total = self._starts[-1]
+        end = total if size is None or size < 0 else min(total, self._pos + size)
+        pieces: list[bytes | memoryview] = []
+        while self._pos < end:
+            index = bisect.bisect_right(self._starts, self._pos) - 1
+            chunk, at = self._chunks[index], self._pos - self._starts[index]
+            stop = min(len(chunk), at + end - self._pos)
+            pieces.append(chunk if at == 0 and stop == len(chunk) else memoryview(chunk)[at:stop])
+            self._pos += stop - at
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _abort(s3: Any, url: ObjectURL, upload_id: str) -> bool:

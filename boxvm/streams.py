@@ -328,8 +328,10 @@ class ThreadWriter:
     def write(self, data: Any) -> int:
         if self._closed:
             raise StreamAborted("the reader of this stream went away")
-        if not self._buf and type(data) is bytes and len(data) >= BATCH:
-            self._hand_over(data)  # a whole chunk (the archive's compressor writes them): no copy
+        if not self._buf and len(data) >= BATCH:
+            # a whole chunk (the archive's compressor writes them): no copy; a view of a
+            # reused buffer (an uncompressed export's disk): one
+            self._hand_over(data if type(data) is bytes else bytes(data))
             return len(data)
         self._buf += data
         if len(self._buf) >= BATCH:
