@@ -511,17 +511,13 @@ class _DiskSink:
 
     def __init__(self, fd: int) -> None:
         self._h = hashlib.sha256()
-        self._file = _DiskWriter(fd)
-        try:
+        with contextlib.ExitStack() as undo:  # a part that fails to start stops those before it
+            self._file = _DiskWriter(fd)
+            undo.callback(self._file.close)
             self._hash = _Stage(self._h.update, self._DEPTH, "boxvm-import-sha256")
-            try:
-                self._write = _Stage(self._write_chunk, self._DEPTH, "boxvm-import-write")
-            except BaseException:
-                self._hash.close()
-                raise
-        except BaseException:
-            self._file.close()
-            raise
+            undo.callback(self._hash.close)
+            self._write = _Stage(self._write_chunk, self._DEPTH, "boxvm-import-write")
+            undo.pop_all()
 
     def _write_chunk(self, item: tuple[int, bytes] | None) -> None:
         """Write a chunk, or (``None``, the last item) what is still pending."""
