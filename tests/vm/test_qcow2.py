@@ -267,3 +267,20 @@ def test_scan_meanwhile_boxes_come_and_go(tmp_path: Path) -> None:
         stop.set()
         worker.join()
     assert errors == []
+
+
+def test_a_layer_cut_short_while_exported_is_a_storage_error(tmp_path: Path) -> None:
+    """The flattened stream reads the data into one reused buffer (``streams.pread_views``):
+    a layer that ends before the clusters its tables list is a clear error, never a short
+    stream."""
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(top), "64M")
+    qemu_io(top, "write -P 0x5a 0 8M")
+    plan = qcow2.flatten_plan(top)
+    pieces = [bytes(c) for c in plan.chunks()]
+    assert sum(len(p) for p in pieces) == plan.size and pieces[-1] == b"\x5a" * len(pieces[-1])
+    with top.open("r+b") as f:
+        f.truncate(f.seek(0, 2) - (1 << 20))
+    with pytest.raises(StorageError, match="shorter than its tables say"):
+        for _ in plan.chunks():
+            pass
