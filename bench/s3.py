@@ -20,6 +20,13 @@ zstd) on its own, which the upload overlaps. ``s3_import_file`` is the import of
 archive from a local file: the verifier on its own, the floor of an import that overlaps the
 download with it. Each run prints the host's load (1-minute average) beside its numbers.
 
+``s3_capped_*``: the same four steps through ``tests/throttle.py``, a proxy that serves each
+connection at ``CAP`` bytes a second, as a remote store does (AWS S3 serves one at ~50-100
+MB/s; scaled down so the proxy's own CPU stays small here). The import runs
+``objstore._CONNECTIONS`` ranged GETs and the export as many parts at once
+(``$BOXVM_S3_CONNECTIONS``: the proxy is on loopback, where they would otherwise run one GET
+and 3 parts), as boto3's transfers run their ten connections.
+
 Run alone: ``python -m bench.s3 [--runs N]`` (it prints the medians).
 """
 
@@ -27,15 +34,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import resource
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import boto3
 import psutil
 
 import boxvm
@@ -45,8 +54,11 @@ from boxvm import objstore
 from boxvm.disks.layers import TOP
 from boxvm.paths import Home
 from tests.s3server import BUCKET, environment, running
+from tests.throttle import Throttle
 
 MB = 1_000_000
+Results = dict[str, list[float]]
+CAP = 40 * MB  # bytes a second per connection through the capped link
 
 
 class Cost:
@@ -174,9 +186,69 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                         f"load {results['s3_load_1min'][-1]}",
                         flush=True,
                     )
+                await capped(box, rt, port, seaweed, Path(tmp), max(2, runs // 3), results)
             finally:
                 await rt.remove(box.id, force=True)
     return results
+
+
+async def capped(
+    box: boxvm.Box, rt: boxvm.Runtime, port: int, seaweed: psutil.Process, tmp: Path, runs: int, results: Results
+) -> None:
+    """``runs`` pairs of each step through a link capped at ``CAP`` a connection (module doc)."""
+    local = tmp / "capped.boxsnap"
+    remote = {objstore.CONNECTIONS_ENV: str(objstore._CONNECTIONS)}  # the link stands for a store on another host
+    with Throttle(port, CAP) as link, _env(AWS_ENDPOINT_URL=link.url, **remote):
+        client = boto3.client("s3", endpoint_url=link.url)
+
+        async def step(name: str, key: str) -> None:
+            if name == "s3_capped_export":
+                await box.export(f"s3://{BUCKET}/{key}")
+            elif name == "s3_capped_put":
+                await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
+            elif name == "s3_capped_import":
+                await rt.remove((await rt.import_box(f"s3://{BUCKET}/{key}")).id)
+            else:
+                await asyncio.to_thread(client.download_file, BUCKET, key, str(tmp / "got"))
+
+        for i in range(runs):
+            key = f"capped/{i}-{os.urandom(3).hex()}.boxsnap"
+            await box.export(local)
+            pairs = [("s3_capped_export", "s3_capped_put"), ("s3_capped_import", "s3_capped_get")]
+            walls = {}
+            for name in (n for pair in pairs for n in (pair if i % 2 == 0 else pair[::-1])):
+                await settle(seaweed)
+                cost = Cost(seaweed)
+                with cost:
+                    await step(name, key)
+                walls[name] = cost.wall
+            size = local.stat().st_size
+            local.unlink()
+            (tmp / "got").unlink()
+            for name, wall in walls.items():
+                results.setdefault(name, []).append(round(wall * 1000, 1))
+                mb_s = name.replace("_put", "_put_baseline").replace("_get", "_get_baseline") + "_mb_s"
+                results.setdefault(mb_s, []).append(round(size / MB / wall, 1))
+            print(
+                f"s3 capped run {i} ({CAP / MB:.0f} MB/s a connection): export {walls['s3_capped_export']:.2f} s "
+                f"vs put {walls['s3_capped_put']:.2f} s, import {walls['s3_capped_import']:.2f} s vs get "
+                f"{walls['s3_capped_get']:.2f} s, up to {link.peak} connections",
+                flush=True,
+            )
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main() -> None:
@@ -190,7 +262,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
         f"export/put {med['s3_export_mb_s'] / med['s3_put_baseline_mb_s']:.2f}x, "
-        f"import/get {med['s3_import_mb_s'] / med['s3_get_baseline_mb_s']:.2f}x"
+        f"import/get {med['s3_import_mb_s'] / med['s3_get_baseline_mb_s']:.2f}x; capped link: "
+        f"export/put {med['s3_capped_export_mb_s'] / med['s3_capped_put_baseline_mb_s']:.2f}x, "
+        f"import/get {med['s3_capped_import_mb_s'] / med['s3_capped_get_baseline_mb_s']:.2f}x"
     )
 
 

@@ -1,9 +1,9 @@
 """Archives in S3-compatible object storage: the ``s3://bucket/key`` form of export and import paths.
 
 An export is a streamed multipart upload: parts are cut from the archive stream as it is
-produced (no temporary file) and at most ``_INFLIGHT`` of them are uploading while the next
-fills, so memory stays under ``(_INFLIGHT + 1) * part size`` (8 MiB parts, growing only past
-1000 parts, capped at 64 MiB). It is create-only: CompleteMultipartUpload
+produced (no temporary file) and ``connections()`` of them upload at once while the next
+fills (3 to a store on this host, 10 to any other), so memory stays under one more part than
+that (8 MiB parts, growing only past 1000 parts, capped at 64 MiB). It is create-only: CompleteMultipartUpload
 carries ``If-None-Match: *`` (AWS S3 and SeaweedFS honour it), so an object that appears
 meanwhile is never replaced; ``refuse_existing`` (a HEAD) only refuses early, before an
 archive is produced. A store that ignored the header would leave a HEAD-to-complete race.
@@ -11,7 +11,8 @@ Any failure or cancellation aborts the upload; a process killed mid-way cannot, 
 upload is journaled in the home (``tmp/s3uploads/<pid>-<n>``) and the next S3 export from
 that home aborts the uploads of dead processes (a bucket lifecycle rule with
 AbortIncompleteMultipartUpload is the backstop for a home that never exports again). An
-import streams the object into the verifying archive reader, one read at a time.
+import streams the object into the verifying archive reader: one GET from a store on this
+host, ``connections()`` ranged GETs handed over in order from any other (``Download``).
 
 Client: boto3 (botocore). Measured here against SeaweedFS with 128 MiB of random bytes,
 boto3 and obstore ran at the same speed (upload ~2.5-2.9 s, download ~0.3-0.4 s each: the
@@ -28,15 +29,19 @@ import asyncio
 import bisect
 import contextlib
 import io
+import ipaddress
 import itertools
 import json
 import logging
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Generator
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +55,13 @@ SCHEME = "s3://"
 _MIB = 1 << 20
 _PART = 8 * _MIB  # S3's minimum is 5 MiB (except the last part)
 _PART_MAX = 64 * _MIB
-_INFLIGHT = 3  # parts uploading at once while the next one fills
+_INFLIGHT = 3  # parts uploading at once to a store on this host while the next one fills
 _READ = _MIB  # bytes per read of a downloading object
 _AHEAD = 16  # reads a download runs ahead of the import verifying it
+_RANGE = 8 * _MIB  # bytes of one ranged GET
+_CONNECTIONS = 10  # parts or ranged GETs at once with a store on another host, as boto3's transfers run
+_MAX_CONNECTIONS = 32
+CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
 _JOURNAL = "s3uploads"  # a sub-directory of the home's tmp/ (its name keeps start-up recovery off it)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -116,7 +125,7 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
         "retries": {"mode": "standard", "max_attempts": 5},
         "connect_timeout": 10,
         "read_timeout": 120,
-        "max_pool_connections": _INFLIGHT + 2,
+        "max_pool_connections": _MAX_CONNECTIONS + 2,
     }
     session = boto3.session.Session()
     s3 = session.client("s3", endpoint_url=endpoint_url, config=Config(**options))
@@ -166,6 +175,7 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
     if journal_dir is not None:
         await asyncio.to_thread(recover, journal_dir)
     s3 = client()
+    inflight = connections(s3, _INFLIGHT)
     try:
         created = await asyncio.to_thread(s3.create_multipart_upload, Bucket=url.bucket, Key=url.key)
     except Exception as exc:
@@ -173,7 +183,7 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
     upload_id = created["UploadId"]
     journal = _journal(journal_dir, s3, url, upload_id)
     try:
-        parts = await _parts(s3, url, upload_id, chunks)
+        parts = await _parts(s3, url, upload_id, chunks, inflight)
         await asyncio.to_thread(
             s3.complete_multipart_upload,
             Bucket=url.bucket,
@@ -206,8 +216,10 @@ async def refuse_existing(url: ObjectURL) -> None:
     raise AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
 
 
-async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes]) -> list[dict[str, object]]:
-    """Cut ``chunks`` into parts and upload them, ``_INFLIGHT`` at a time."""
+async def _parts(
+    s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes], inflight: int
+) -> list[dict[str, object]]:
+    """Cut ``chunks`` into parts and upload them, ``inflight`` at a time."""
     done: dict[int, str] = {}
     running: set[asyncio.Task[None]] = set()
 
@@ -219,7 +231,7 @@ async def _parts(s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[
         faults.point("s3:part-uploaded")
 
     async def start(number: int, body: PartBody) -> None:
-        while len(running) >= _INFLIGHT:
+        while len(running) >= inflight:
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             running.difference_update(finished)
             for task in finished:
@@ -371,12 +383,17 @@ def download(url: ObjectURL) -> Download:
 class Download(Source):
     """An object's bytes. An import in this process reads them from a download thread that
     stays up to ``_AHEAD`` reads of ``_READ`` bytes ahead of the verifier (``open``), so
-    the import takes about as long as the slower of the two, not their sum, and holds at
-    most ``(_AHEAD + 1) * _READ`` bytes; iterated on the event loop (a remote backend
-    uploading them), one ``_READ`` at a time. One GET for the whole object: 2-4 ranged GETs
-    of 8 MiB in flight cost this process and SeaweedFS ~0.1 s of CPU more each per 227 MB and
-    made the import slower here (a real S3 endpoint, where one connection is the bound, may
-    differ)."""
+    the import takes about as long as the slower of the two, not their sum; iterated on the
+    event loop (a remote backend uploading them), one ``_READ`` at a time.
+
+    From a store on another host the object comes as ``_RANGE`` pieces, ``connections()`` of
+    them fetched at once and handed over in order (``_Ranges``), as boto3's own downloads do:
+    AWS S3 serves one connection at ~50-100 MB/s, and a single GET made an import 6x slower
+    than ``download_file`` through a link capped at 40 MB/s a connection. From a store on
+    this host, one GET for the whole object: the server shares this host's CPU, and ranged
+    GETs cost both ends more of it (on loopback, 2 of them in flight made an import ~15 %
+    slower; timing the first MiBs of the GET to choose was wrong 3 times in 8 on this busy
+    host, where a loopback connection measured 34-1500 MB/s)."""
 
     def __init__(self, url: ObjectURL) -> None:
         self.url = url
@@ -399,22 +416,169 @@ class Download(Source):
         return ReadAhead(self._fetch, _AHEAD, name="boxvm-s3-download")
 
     def _fetch(self) -> Generator[bytes, None, None]:
+        s3 = client()
+        count = connections(s3, 1)
+        reply = self._get(s3, f"bytes=0-{_RANGE - 1}" if count > 1 else None)
+        if reply is None:
+            return  # an empty object: it has no byte 0 to ask for
+        if "ContentRange" not in reply:  # one GET, or a store that ignores ranges
+            body = reply["Body"]
+            try:
+                yield from iter(partial(self._read, body), b"")
+            finally:
+                with contextlib.suppress(Exception):
+                    body.close()
+            return
+        with _Ranges(self, s3, reply, count) as pieces:
+            yield from pieces
+
+    def _get(self, s3: Any, span: str | None, etag: str | None = None) -> dict[str, Any] | None:
+        """GET the object, or the bytes ``span`` of it (only while its ETag is ``etag``);
+        None if ``span`` starts past its end."""
+        extra = {"Range": span} if span else {}
+        if etag:
+            extra["IfMatch"] = etag
         try:
-            body = client().get_object(Bucket=self.url.bucket, Key=self.url.key)["Body"]
+            return s3.get_object(Bucket=self.url.bucket, Key=self.url.key, **extra)  # type: ignore[no-any-return]
+        except Exception as exc:
+            if _status(exc) == 416:
+                return None
+            if _status(exc) == 412:
+                raise StorageError(f"{self.url} changed while it was imported: import it again") from exc
+            raise _error(exc, self.url) from exc
+
+    def _read(self, body: Any, most: int = _READ) -> bytes:
+        try:
+            return body.read(min(most, _READ))  # type: ignore[no-any-return]
         except Exception as exc:
             raise _error(exc, self.url) from exc
-        try:
-            while True:
-                try:
-                    chunk = body.read(_READ)
-                except Exception as exc:
-                    raise _error(exc, self.url) from exc
-                if not chunk:
-                    return
-                yield chunk
-        finally:
+
+
+def connections(s3: Any, local: int) -> int:
+    """How many requests an export (parts) or an import (ranged GETs) runs at once:
+    ``$BOXVM_S3_CONNECTIONS`` (1-32) if set, else ``_CONNECTIONS`` with a store on another
+    host and ``local`` with one on this host (its endpoint a loopback address or
+    ``localhost``), which shares this host's CPU: more requests cost both ends more of it."""
+    if (value := os.environ.get(CONNECTIONS_ENV)) is not None:
+        if not (value.isdigit() and 1 <= int(value) <= _MAX_CONNECTIONS):
+            raise InvalidArgument(f"{CONNECTIONS_ENV} must be a number from 1 to {_MAX_CONNECTIONS}, not {value!r:.32}")
+        return int(value)
+    host = urllib.parse.urlsplit(s3.meta.endpoint_url).hostname or ""
+    try:
+        here = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name
+        here = False
+    return local if here else _CONNECTIONS
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")
+
+
+class _Ranges:
+    """An object as ``_RANGE`` pieces, ``count`` of them being fetched at once (the next
+    starts when the reader has taken the oldest), each handed to the reader in order as its
+    bytes arrive. Every piece after the first is asked for only while the object's ETag is
+    the first piece's (``If-Match``): an object replaced meanwhile fails the import instead
+    of mixing two archives. Memory: at most ``count`` pieces. Closing stops every GET at its
+    next read and waits for them."""
+
+    def __init__(self, download: Download, s3: Any, first: dict[str, Any], count: int) -> None:
+        url = download.url
+        found = _CONTENT_RANGE.fullmatch(str(first["ContentRange"]))
+        size = int(found[3]) if found else 0
+        if not found or int(found[1]) != 0 or int(found[2]) != min(_RANGE, size) - 1:
             with contextlib.suppress(Exception):
-                body.close()
+                first["Body"].close()
+            raise StorageError(f"object storage sent another range of {url} than the one asked for")
+        self._download, self._s3, self._etag, self._size = download, s3, first.get("ETag"), size
+        self._offsets = iter(range(_RANGE, size, _RANGE))
+        self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(count, thread_name_prefix="boxvm-s3-range")
+        self._pieces: deque[_Piece] = deque([_Piece()])
+        self._pool.submit(self._fetch, self._pieces[0], 0, first)
+        for _ in range(count - 1):
+            self._start_next()
+
+    def _start_next(self) -> None:
+        if (at := next(self._offsets, None)) is not None:
+            self._pieces.append(_Piece())
+            self._pool.submit(self._fetch, self._pieces[-1], at, None)
+
+    def __enter__(self) -> _Ranges:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while self._pieces:
+            yield from self._pieces[0]
+            self._pieces.popleft()
+            self._start_next()
+
+    def _fetch(self, piece: _Piece, at: int, reply: dict[str, Any] | None) -> None:
+        """Fill ``piece`` with bytes ``at`` to the end of its range (``reply``: already asked for)."""
+        download, length = self._download, min(_RANGE, self._size - at)
+        try:
+            if reply is None:
+                reply = download._get(self._s3, f"bytes={at}-{at + length - 1}", self._etag)
+            if reply is None:
+                raise StorageError(f"object storage says {download.url} ends before byte {at}, past its size")
+            try:
+                if reply.get("ContentRange") != f"bytes {at}-{at + length - 1}/{self._size}":
+                    raise StorageError(f"object storage sent another range of {download.url} than the one asked for")
+                n = 0
+                while not self._stop.is_set() and (chunk := download._read(reply["Body"], length - n)):
+                    piece.put(chunk)
+                    n += len(chunk)
+                if n < length and not self._stop.is_set():
+                    raise StorageError(f"object storage cut a piece of {download.url} short")
+            finally:
+                with contextlib.suppress(Exception):
+                    reply["Body"].close()
+        except BaseException as exc:
+            piece.end(exc)
+        else:
+            piece.end(None)
+
+
+class _Piece:
+    """One ranged GET's bytes as they arrive, taken by one reader in order."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._chunks: deque[bytes] = deque()
+        self._done = False
+        self._error: BaseException | None = None
+
+    def put(self, chunk: bytes) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+            self._cond.notify()
+
+    def end(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._done, self._error = True, error
+            self._cond.notify()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            with self._cond:
+                while not self._chunks and not self._done:
+                    self._cond.wait()
+                if not self._chunks:
+                    if self._error is not None:
+                        raise self._error
+                    return
+                chunk = self._chunks.popleft()
+            yield chunk
+
+
+def _status(exc: Exception) -> int | None:
+    """The HTTP status of a botocore ClientError, else None."""
+    response = getattr(exc, "response", None)
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
 
 
 async def delete(url: ObjectURL) -> None:

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from boxvm.errors import AlreadyExists, ArchiveError, InvalidArgument, StorageEr
 from boxvm.paths import Home
 from tests.helpers import leftovers
 from tests.s3server import REST_PREFIX, S3Server
+from tests.throttle import Throttle
 
 pytestmark = pytest.mark.asyncio
 
@@ -106,6 +108,61 @@ async def test_tampered_object_is_refused(home: Home, s3: S3Server, source: str)
             await rt.import_box(f"{url}.bad", name=f"{source}-bad")
         # Only this process's work counts: other workers share the home.
         assert await rt.get(f"{source}-bad") is None and leftovers(home, [os.getpid()]) == []
+
+
+async def test_an_import_through_a_capped_link_runs_its_gets_at_once(
+    home: Home, s3: S3Server, source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store that serves each connection slowly, as AWS S3 serves one at ~50-100 MB/s
+    (``tests/throttle.py``, 1 MiB pieces here): the import's 8 ranged GETs take a fraction of
+    what one GET of the whole object takes, and the disk is the same."""
+    client, url = s3.client(), f"s3://{s3.bucket}/capped/{os.urandom(3).hex()}.boxsnap"
+    async with boxvm.Runtime(home.root) as rt:
+        box = await rt.get(source)
+        assert box is not None
+        await box.export(url)
+        size = client.head_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])["ContentLength"]
+        one_get = 4.0  # seconds: what the cap makes a single GET of the object take
+        monkeypatch.setattr(objstore, "_RANGE", 1 << 20)
+        monkeypatch.setenv(objstore.CONNECTIONS_ENV, "8")
+        with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), int(size / one_get)) as link:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
+            began = time.monotonic()
+            copy = await rt.import_box(url, name=f"{source}-capped")
+            took = time.monotonic() - began
+        try:
+            same_disk(home, box.id, copy.id)
+            assert link.peak >= 6, link.peak
+            assert took < one_get / 2, f"{size} bytes took {took:.2f} s through {link.peak} connections"
+        finally:
+            await rt.remove(copy.id, force=True)
+
+
+async def test_an_export_through_a_capped_link_sends_its_parts_at_once(
+    s3: S3Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Six 8 MiB parts through a link that carries one in ~1 s a connection: with 6
+    connections (a store on another host; 3 is the default on this one) they go at once,
+    and the object is whole."""
+    part, rate = 8 << 20, 8_000_000
+    data = os.urandom(6 * part)
+
+    async def archive() -> AsyncIterator[bytes]:
+        for at in range(0, len(data), 1 << 20):
+            yield data[at : at + (1 << 20)]
+
+    monkeypatch.setenv(objstore.CONNECTIONS_ENV, "6")
+    key = f"capped/parts-{os.urandom(3).hex()}"
+    with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), rate) as link:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
+        began = time.monotonic()
+        await objstore.upload(archive(), objstore.parse(f"s3://{s3.bucket}/{key}"), tmp_path)
+        took = time.monotonic() - began
+    assert link.peak >= 6, link.peak
+    assert took < 3 * part / rate, f"6 parts took {took:.2f} s"  # one at a time: six parts' time
+    assert hashlib.sha256(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()).digest() == (
+        hashlib.sha256(data).digest()
+    )
 
 
 async def test_killed_upload_leaves_no_object_and_is_aborted_next_run(home: Home, s3: S3Server, source: str) -> None:

@@ -1,0 +1,166 @@
+"""An import's download (``objstore.Download``): from a store on another host, ranged GETs in
+parallel, handed over in order and pinned to one version of the object; against the tests'
+real SeaweedFS, and against a hostile server that answers with other ranges or short bodies."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from boxvm import objstore
+from boxvm.errors import InvalidArgument, StorageError
+from tests.s3server import S3Server
+
+RANGE = 64 << 10
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of 64 KiB read 16 KiB at a time, 3 in flight: many pieces from a small object."""
+    monkeypatch.setattr(objstore, "_RANGE", RANGE)
+    monkeypatch.setattr(objstore, "_READ", 16 << 10)
+    monkeypatch.setenv(objstore.CONNECTIONS_ENV, "3")
+
+
+def range_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("boxvm-s3-range")]
+
+
+def fetch(url: str) -> Iterator[bytes]:
+    return objstore.download(objstore.parse(url))._fetch()
+
+
+def test_the_number_of_connections_follows_where_the_store_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's number (one GET, 3 parts) with a store on this host, which shares the CPU
+    more requests would cost; ten with any other; ``BOXVM_S3_CONNECTIONS`` overrides both and
+    is checked."""
+
+    class Client:
+        def __init__(self, endpoint: str) -> None:
+            self.meta = type("Meta", (), {"endpoint_url": endpoint})
+
+    monkeypatch.delenv(objstore.CONNECTIONS_ENV, raising=False)
+    for local in ("http://127.0.0.1:9000", "http://localhost:9000", "http://[::1]:9000", "http://127.8.0.1"):
+        assert objstore.connections(Client(local), 3) == 3
+    for remote in ("https://s3.us-east-1.amazonaws.com", "http://10.0.0.5:9000", "http://minio.internal"):
+        assert objstore.connections(Client(remote), 3) == 10
+    monkeypatch.setenv(objstore.CONNECTIONS_ENV, "4")
+    assert objstore.connections(Client("http://127.0.0.1:9000"), 3) == 4
+    for bad in ("0", "33", "-1", "four", ""):
+        monkeypatch.setenv(objstore.CONNECTIONS_ENV, bad)
+        with pytest.raises(InvalidArgument, match=objstore.CONNECTIONS_ENV):
+            objstore.connections(Client("http://127.0.0.1:9000"), 3)
+
+
+@pytest.mark.parametrize("size", [0, 1, RANGE - 1, RANGE, RANGE + 1, 7 * RANGE + 5])
+def test_ranged_gets_give_the_object_whole_and_in_order(s3: S3Server, small_ranges: None, size: int) -> None:
+    """Every size around the piece boundaries, empty included: the bytes come back exactly,
+    and no range thread outlives the download."""
+    data = os.urandom(size)
+    key = f"ranges/{size}-{os.urandom(3).hex()}"
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=data)
+    assert b"".join(fetch(f"s3://{s3.bucket}/{key}")) == data
+    assert range_threads() == []
+
+
+def test_an_object_replaced_mid_download_fails_it(s3: S3Server, small_ranges: None) -> None:
+    """The object is replaced once its first bytes have arrived: the next piece asked for
+    carries the first one's ETag, so the download fails clearly instead of mixing two
+    archives (which the import's checksum would refuse later, as a corrupt archive)."""
+    client, key = s3.client(), f"ranges/replaced-{os.urandom(3).hex()}"
+    client.put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(8 * RANGE))
+    chunks = fetch(f"s3://{s3.bucket}/{key}")
+    next(chunks)  # pieces 0-2 are asked for; piece 3 only once piece 0 is taken
+    client.put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(8 * RANGE))
+    with pytest.raises(StorageError, match="changed while it was imported"):
+        for _ in chunks:
+            pass
+    assert range_threads() == []
+
+
+def test_closing_a_download_stops_its_ranged_gets(s3: S3Server, small_ranges: None) -> None:
+    """An import cancelled mid-download: closing the generator stops and joins every GET."""
+    key = f"ranges/closed-{os.urandom(3).hex()}"
+    s3.client().put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(16 * RANGE))
+    chunks = fetch(f"s3://{s3.bucket}/{key}")
+    next(chunks)
+    assert range_threads()
+    chunks.close()
+    assert range_threads() == []
+
+
+class Hostile(BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every GET with ``mode``'s lie about the range it sends."""
+
+    mode = ""
+    size = 4 * RANGE
+
+    def do_GET(self) -> None:
+        asked = self.headers.get("Range", "")
+        first, last = (int(x) for x in asked.removeprefix("bytes=").split("-")) if asked else (0, self.size - 1)
+        last = min(last, self.size - 1)
+        body = bytes([first % 251]) * (last + 1 - first)
+        status, claim = 206, f"bytes {first}-{last}/{self.size}"
+        if self.mode == "other range":
+            claim = f"bytes {first + 1}-{last + 1}/{self.size}"
+        elif self.mode == "short range" and first > 0:
+            body = body[: len(body) // 2]
+            claim = f"bytes {first}-{first + len(body) - 1}/{self.size}"
+        elif self.mode == "short body" and first > 0:
+            body = body[: len(body) // 2]  # the range claimed, fewer bytes sent (and said)
+        elif self.mode == "huge size":
+            claim = f"bytes {first}-{last}/{10**18}"
+        elif self.mode == "ignores ranges":
+            status, body = 200, b"".join(bytes([i * RANGE % 251]) * RANGE for i in range(4))
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", claim)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", '"hostile"')
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile(monkeypatch: pytest.MonkeyPatch, small_ranges: None) -> Iterator[type[Hostile]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        yield Hostile
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"),
+    [
+        ("other range", "another range"),
+        ("short range", "another range"),
+        ("short body", "cut a piece .* short"),
+        ("huge size", "another range"),
+    ],
+)
+def test_a_server_lying_about_ranges_fails_the_download(hostile: type[Hostile], mode: str, error: str) -> None:
+    """Another range than asked for, a piece cut short, a size that does not match the
+    pieces: a clear StorageError, and every range thread is gone."""
+    hostile.mode = mode
+    with pytest.raises(StorageError, match=error):
+        for _ in fetch("s3://bucket/key"):
+            pass
+    assert range_threads() == []
+
+
+def test_a_server_that_ignores_ranges_is_read_as_one_stream(hostile: type[Hostile]) -> None:
+    """A store that answers a ranged GET with the whole object (200) is read whole."""
+    hostile.mode = "ignores ranges"
+    assert b"".join(fetch("s3://bucket/key")) == b"".join(bytes([i * RANGE % 251]) * RANGE for i in range(4))
