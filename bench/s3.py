@@ -201,15 +201,16 @@ async def capped(
     with Throttle(port, CAP) as link, _env(AWS_ENDPOINT_URL=link.url, **remote):
         client = boto3.client("s3", endpoint_url=link.url)
 
-        async def step(name: str, key: str) -> None:
+        async def step(name: str, key: str) -> boxvm.Box | None:
             if name == "s3_capped_export":
                 await box.export(f"s3://{BUCKET}/{key}")
             elif name == "s3_capped_put":
                 await asyncio.to_thread(client.upload_file, str(local), BUCKET, key + ".plain")
             elif name == "s3_capped_import":
-                await rt.remove((await rt.import_box(f"s3://{BUCKET}/{key}")).id)
+                return await rt.import_box(f"s3://{BUCKET}/{key}")
             else:
                 await asyncio.to_thread(client.download_file, BUCKET, key, str(tmp / "got"))
+            return None
 
         for i in range(runs):
             key = f"capped/{i}-{os.urandom(3).hex()}.boxsnap"
@@ -220,8 +221,10 @@ async def capped(
                 await settle(seaweed)
                 cost = Cost(seaweed)
                 with cost:
-                    await step(name, key)
+                    made = await step(name, key)
                 walls[name] = cost.wall
+                if made is not None:
+                    await rt.remove(made.id)
             size = local.stat().st_size
             local.unlink()
             (tmp / "got").unlink()

@@ -47,7 +47,7 @@ from typing import Any
 
 from boxvm import faults
 from boxvm.errors import AlreadyExists, BoxvmError, InvalidArgument, NotFound, StorageError, Unauthorized
-from boxvm.streams import ReadAhead, Reader, Source
+from boxvm.streams import ReadAhead, Reader, Source, StreamAborted
 
 log = logging.getLogger("boxvm")
 
@@ -56,6 +56,7 @@ _MIB = 1 << 20
 _PART = 8 * _MIB  # S3's minimum is 5 MiB (except the last part)
 _PART_MAX = 64 * _MIB
 _INFLIGHT = 3  # parts uploading at once to a store on this host while the next one fills
+_INFLIGHT_BYTES = 80 * _MIB  # at most this much in parts uploading at once (10 parts of 8 MiB)
 _READ = _MIB  # bytes per read of a downloading object
 _AHEAD = 16  # reads a download runs ahead of the import verifying it
 _RANGE = 8 * _MIB  # bytes of one ranged GET
@@ -182,8 +183,16 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
         raise _error(exc, url) from exc
     upload_id = created["UploadId"]
     journal = _journal(journal_dir, s3, url, upload_id)
+    # parts upload on threads of their own: seconds each on a slow link, they would hold
+    # the loop's default executor that the archive's writer and every other call share
+    pool = ThreadPoolExecutor(inflight, thread_name_prefix="boxvm-s3-part")
+
+    def stop_and_abort() -> bool:
+        pool.shutdown(wait=True, cancel_futures=True)  # a part stored after the abort would stay
+        return _abort(s3, url, upload_id)
+
     try:
-        parts = await _parts(s3, url, upload_id, chunks, inflight)
+        parts = await _parts(s3, url, upload_id, chunks, pool, inflight)
         await asyncio.to_thread(
             s3.complete_multipart_upload,
             Bucket=url.bucket,
@@ -193,12 +202,13 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
             IfNoneMatch="*",
         )
     except BaseException as exc:
-        aborted = await asyncio.shield(asyncio.to_thread(_abort, s3, url, upload_id))
+        aborted = await asyncio.shield(asyncio.to_thread(stop_and_abort))
         if aborted and journal is not None:
             journal.unlink(missing_ok=True)
         if isinstance(exc, Exception):
             raise _error(exc, url) from exc
         raise
+    pool.shutdown(wait=False)
     if journal is not None:
         journal.unlink(missing_ok=True)
 
@@ -217,21 +227,23 @@ async def refuse_existing(url: ObjectURL) -> None:
 
 
 async def _parts(
-    s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes], inflight: int
+    s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes], pool: ThreadPoolExecutor, inflight: int
 ) -> list[dict[str, object]]:
-    """Cut ``chunks`` into parts and upload them, ``inflight`` at a time."""
+    """Cut ``chunks`` into parts and upload them on ``pool``, ``inflight`` at a time (fewer
+    once parts grow: at most ``_INFLIGHT_BYTES`` of them)."""
     done: dict[int, str] = {}
     running: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
 
     async def send(number: int, body: PartBody) -> None:
-        reply = await asyncio.to_thread(
+        upload_part = partial(
             s3.upload_part, Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=number, Body=body
         )
-        done[number] = reply["ETag"]
+        done[number] = (await loop.run_in_executor(pool, upload_part))["ETag"]
         faults.point("s3:part-uploaded")
 
     async def start(number: int, body: PartBody) -> None:
-        while len(running) >= inflight:
+        while len(running) >= max(1, min(inflight, _INFLIGHT_BYTES // _part_size(number))):
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             running.difference_update(finished)
             for task in finished:
@@ -381,22 +393,28 @@ def download(url: ObjectURL) -> Download:
 
 
 class Download(Source):
-    """An object's bytes. An import in this process reads them from a download thread that
-    stays up to ``_AHEAD`` reads of ``_READ`` bytes ahead of the verifier (``open``), so
-    the import takes about as long as the slower of the two, not their sum; iterated on the
-    event loop (a remote backend uploading them), one ``_READ`` at a time.
+    """An object's bytes, read once. An import in this process reads them from a download
+    thread that stays up to ``_AHEAD`` reads of ``_READ`` bytes ahead of the verifier
+    (``open``), so the import takes about as long as the slower of the two, not their sum;
+    iterated on the event loop (a remote backend uploading them), one ``_READ`` at a time.
 
     From a store on another host the object comes as ``_RANGE`` pieces, ``connections()`` of
     them fetched at once and handed over in order (``_Ranges``), as boto3's own downloads do:
-    AWS S3 serves one connection at ~50-100 MB/s, and a single GET made an import 6x slower
+    AWS S3 serves one connection at ~50-100 MB/s, and a single GET made an import 7x slower
     than ``download_file`` through a link capped at 40 MB/s a connection. From a store on
     this host, one GET for the whole object: the server shares this host's CPU, and ranged
     GETs cost both ends more of it (on loopback, 2 of them in flight made an import ~15 %
     slower; timing the first MiBs of the GET to choose was wrong 3 times in 8 on this busy
-    host, where a loopback connection measured 34-1500 MB/s)."""
+    host, where a loopback connection measured 34-1500 MB/s). Memory: the read-ahead, plus
+    the pieces in flight (96 MiB with 10 connections). An abort (a cancelled import) shuts
+    the sockets being read, so it does not wait for a slow or stalled store."""
 
     def __init__(self, url: ObjectURL) -> None:
         self.url = url
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._bodies: set[Any] = set()  # responses being read: an abort shuts their sockets
+        self._ranges: _Ranges | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         fetch = self._fetch()
@@ -409,11 +427,25 @@ class Download(Source):
                 yield chunk
         finally:
             if read is not None:  # cancelled mid-read: its thread still runs the generator
+                self._abort()
                 await asyncio.gather(read, return_exceptions=True)
             await asyncio.to_thread(fetch.close)
 
     def open(self) -> Reader:
-        return ReadAhead(self._fetch, _AHEAD, name="boxvm-s3-download")
+        return ReadAhead(self._fetch, _AHEAD, name="boxvm-s3-download", interrupt=self._abort)
+
+    def _abort(self) -> None:
+        """(Any thread.) Stop now: reads in progress fail at once, no new request starts."""
+        self._stopped.set()
+        with self._lock:
+            bodies, ranges = list(self._bodies), self._ranges
+        for body in bodies:
+            # botocore's StreamingBody has no way to interrupt a read; urllib3's response
+            # (>= 2.3) shuts its socket down, which ends a read blocked in another thread
+            with contextlib.suppress(Exception):
+                body._raw_stream.shutdown()
+        if ranges is not None:
+            ranges.wake()
 
     def _fetch(self) -> Generator[bytes, None, None]:
         s3 = client()
@@ -421,53 +453,83 @@ class Download(Source):
         reply = self._get(s3, f"bytes=0-{_RANGE - 1}" if count > 1 else None)
         if reply is None:
             return  # an empty object: it has no byte 0 to ask for
-        if "ContentRange" not in reply:  # one GET, or a store that ignores ranges
-            body = reply["Body"]
-            try:
-                yield from iter(partial(self._read, body), b"")
-            finally:
-                with contextlib.suppress(Exception):
-                    body.close()
+        pin = _pin(reply)
+        if reply["ResponseMetadata"]["HTTPStatusCode"] != 206:  # one GET, or a store that ignores ranges
+            yield from self._body(reply)
             return
-        with _Ranges(self, s3, reply, count) as pieces:
+        if pin is None:  # nothing would hold the pieces to one version (a rare store): one GET
+            self._release(reply)
+            if (reply := self._get(s3, None)) is not None:
+                yield from self._body(reply)
+            return
+        with _Ranges(self, s3, reply, pin, count) as pieces:
             yield from pieces
 
-    def _get(self, s3: Any, span: str | None, etag: str | None = None) -> dict[str, Any] | None:
-        """GET the object, or the bytes ``span`` of it (only while its ETag is ``etag``);
-        None if ``span`` starts past its end."""
+    def _get(self, s3: Any, span: str | None, pin: dict[str, str] | None = None) -> dict[str, Any] | None:
+        """GET the object, or the bytes ``span`` of it (of the version ``pin`` names); None
+        if ``span`` starts past its end. Its body is shut down by an abort until released."""
+        if self._stopped.is_set():
+            raise StreamAborted("the download was stopped")
         extra = {"Range": span} if span else {}
-        if etag:
-            extra["IfMatch"] = etag
         try:
-            return s3.get_object(Bucket=self.url.bucket, Key=self.url.key, **extra)  # type: ignore[no-any-return]
+            reply = s3.get_object(Bucket=self.url.bucket, Key=self.url.key, **extra, **(pin or {}))
         except Exception as exc:
-            if _status(exc) == 416:
+            if _status(exc) == 416 and span:
                 return None
             if _status(exc) == 412:
                 raise StorageError(f"{self.url} changed while it was imported: import it again") from exc
             raise _error(exc, self.url) from exc
+        with self._lock:
+            self._bodies.add(reply["Body"])
+        if self._stopped.is_set():
+            self._abort()  # stopped while the request ran
+        return reply  # type: ignore[no-any-return]
+
+    def _release(self, reply: dict[str, Any]) -> None:
+        with self._lock:
+            self._bodies.discard(reply["Body"])
+        with contextlib.suppress(Exception):
+            reply["Body"].close()
+
+    def _body(self, reply: dict[str, Any]) -> Iterator[bytes]:
+        try:
+            yield from iter(partial(self._read, reply["Body"]), b"")
+        finally:
+            self._release(reply)
 
     def _read(self, body: Any, most: int = _READ) -> bytes:
         try:
             return body.read(min(most, _READ))  # type: ignore[no-any-return]
         except Exception as exc:
+            if self._stopped.is_set():
+                raise StreamAborted("the download was stopped") from exc
             raise _error(exc, self.url) from exc
+
+
+def _pin(reply: dict[str, Any]) -> dict[str, str] | None:
+    """What holds later GETs to the version ``reply`` came from: its version id (a versioned
+    bucket), else its ETag if strong (``If-Match`` never matches a weak one), else None."""
+    if version := reply.get("VersionId"):
+        return {"VersionId": str(version)}
+    etag = reply.get("ETag")
+    return {"IfMatch": etag} if isinstance(etag, str) and etag and not etag.startswith("W/") else None
 
 
 def connections(s3: Any, local: int) -> int:
     """How many requests an export (parts) or an import (ranged GETs) runs at once:
     ``$BOXVM_S3_CONNECTIONS`` (1-32) if set, else ``_CONNECTIONS`` with a store on another
-    host and ``local`` with one on this host (its endpoint a loopback address or
-    ``localhost``), which shares this host's CPU: more requests cost both ends more of it."""
+    host and ``local`` with one on this host (its endpoint a loopback address or a
+    ``localhost`` name), which shares this host's CPU: more requests cost both ends more of it."""
     if (value := os.environ.get(CONNECTIONS_ENV)) is not None:
-        if not (value.isdigit() and 1 <= int(value) <= _MAX_CONNECTIONS):
+        if not (value.isascii() and value.isdecimal() and 1 <= int(value) <= _MAX_CONNECTIONS):
             raise InvalidArgument(f"{CONNECTIONS_ENV} must be a number from 1 to {_MAX_CONNECTIONS}, not {value!r:.32}")
         return int(value)
-    host = urllib.parse.urlsplit(s3.meta.endpoint_url).hostname or ""
+    host = (urllib.parse.urlsplit(s3.meta.endpoint_url).hostname or "").lower()
     try:
-        here = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
+        here = address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
     except ValueError:  # a name
-        here = False
+        here = host == "localhost" or host.endswith(".localhost")
     return local if here else _CONNECTIONS
 
 
@@ -477,39 +539,65 @@ _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")
 class _Ranges:
     """An object as ``_RANGE`` pieces, ``count`` of them being fetched at once (the next
     starts when the reader has taken the oldest), each handed to the reader in order as its
-    bytes arrive. Every piece after the first is asked for only while the object's ETag is
-    the first piece's (``If-Match``): an object replaced meanwhile fails the import instead
-    of mixing two archives. Memory: at most ``count`` pieces. Closing stops every GET at its
-    next read and waits for them."""
+    bytes arrive. Every piece after the first is asked for from the first one's version
+    (``pin``): an object replaced meanwhile fails the import instead of mixing two archives.
+    Memory: at most ``count`` pieces. Leaving early stops every GET (``Download._abort``)."""
 
-    def __init__(self, download: Download, s3: Any, first: dict[str, Any], count: int) -> None:
-        url = download.url
-        found = _CONTENT_RANGE.fullmatch(str(first["ContentRange"]))
+    def __init__(self, download: Download, s3: Any, first: dict[str, Any], pin: dict[str, str], count: int) -> None:
+        self._download, self._s3, self._pin = download, s3, pin
+        try:
+            self._size = self.check(download, first)
+            self._offsets = iter(range(_RANGE, self._size, _RANGE))
+            self._pool = ThreadPoolExecutor(count, thread_name_prefix="boxvm-s3-range")
+        except BaseException:
+            download._release(first)
+            raise
+        self._pieces: deque[_Piece] = deque([_Piece()])
+        with download._lock:
+            download._ranges = self
+        try:
+            self._pool.submit(self._fetch, self._pieces[0], 0, first)
+        except BaseException:  # no thread for it ("can't start new thread")
+            download._release(first)
+            self.__exit__(None, None, None)
+            raise
+        try:
+            for _ in range(count - 1):
+                self._start_next()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    @staticmethod
+    def check(download: Download, first: dict[str, Any]) -> int:
+        """The object's size, from the first piece's Content-Range (which must be bytes 0 to
+        ``_RANGE - 1``, or to the end of a smaller object)."""
+        found = _CONTENT_RANGE.fullmatch(str(first.get("ContentRange")))
         size = int(found[3]) if found else 0
         if not found or int(found[1]) != 0 or int(found[2]) != min(_RANGE, size) - 1:
-            with contextlib.suppress(Exception):
-                first["Body"].close()
-            raise StorageError(f"object storage sent another range of {url} than the one asked for")
-        self._download, self._s3, self._etag, self._size = download, s3, first.get("ETag"), size
-        self._offsets = iter(range(_RANGE, size, _RANGE))
-        self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(count, thread_name_prefix="boxvm-s3-range")
-        self._pieces: deque[_Piece] = deque([_Piece()])
-        self._pool.submit(self._fetch, self._pieces[0], 0, first)
-        for _ in range(count - 1):
-            self._start_next()
+            raise StorageError(f"object storage sent another range of {download.url} than the one asked for")
+        return size
 
     def _start_next(self) -> None:
         if (at := next(self._offsets, None)) is not None:
             self._pieces.append(_Piece())
             self._pool.submit(self._fetch, self._pieces[-1], at, None)
 
+    def wake(self) -> None:
+        """(Any thread.) End every piece: the reader waiting for one raises StreamAborted."""
+        for piece in list(self._pieces):
+            piece.end(StreamAborted("the download was stopped"))
+
     def __enter__(self) -> _Ranges:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        done = not self._pieces
+        if not done:
+            self._download._abort()  # left early: a failure, or the reader stopped
+        self._pool.shutdown(wait=done, cancel_futures=True)  # an abort does not wait for a stalled store
+        with self._download._lock:
+            self._download._ranges = None
 
     def __iter__(self) -> Iterator[bytes]:
         while self._pieces:
@@ -522,21 +610,20 @@ class _Ranges:
         download, length = self._download, min(_RANGE, self._size - at)
         try:
             if reply is None:
-                reply = download._get(self._s3, f"bytes={at}-{at + length - 1}", self._etag)
-            if reply is None:
-                raise StorageError(f"object storage says {download.url} ends before byte {at}, past its size")
+                reply = download._get(self._s3, f"bytes={at}-{at + length - 1}", self._pin)
+                if reply is None:
+                    raise StorageError(f"object storage says {download.url} ends before byte {at}, within its size")
             try:
                 if reply.get("ContentRange") != f"bytes {at}-{at + length - 1}/{self._size}":
                     raise StorageError(f"object storage sent another range of {download.url} than the one asked for")
                 n = 0
-                while not self._stop.is_set() and (chunk := download._read(reply["Body"], length - n)):
+                while chunk := download._read(reply["Body"], length - n):
                     piece.put(chunk)
                     n += len(chunk)
-                if n < length and not self._stop.is_set():
+                if n < length:
                     raise StorageError(f"object storage cut a piece of {download.url} short")
             finally:
-                with contextlib.suppress(Exception):
-                    reply["Body"].close()
+                download._release(reply)
         except BaseException as exc:
             piece.end(exc)
         else:
@@ -544,7 +631,8 @@ class _Ranges:
 
 
 class _Piece:
-    """One ranged GET's bytes as they arrive, taken by one reader in order."""
+    """One ranged GET's bytes as they arrive, taken by one reader in order; once ended,
+    nothing more is added."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -554,13 +642,17 @@ class _Piece:
 
     def put(self, chunk: bytes) -> None:
         with self._cond:
-            self._chunks.append(chunk)
-            self._cond.notify()
+            if not self._done:
+                self._chunks.append(chunk)
+                self._cond.notify()
 
     def end(self, error: BaseException | None) -> None:
         with self._cond:
-            self._done, self._error = True, error
-            self._cond.notify()
+            if not self._done:
+                self._done, self._error = True, error
+                if error is not None:
+                    self._chunks.clear()
+                self._cond.notify()
 
     def __iter__(self) -> Iterator[bytes]:
         while True:

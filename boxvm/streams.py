@@ -153,11 +153,17 @@ class ReadAhead(_Chunked):
     most ``depth`` chunks ahead of the consumer, so fetching overlaps the consumer's work:
     memory stays at ``depth`` chunks, plus the one being read and the one being fetched. An exception in ``produce`` is
     raised by the read that reaches it (after the chunks before it); ``close`` (or ``abort``)
-    stops the thread at its next chunk and joins it."""
+    stops the thread at its next chunk and joins it; ``interrupt``, if given, is called by
+    ``abort`` to cut short whatever ``produce`` is waiting for (a network read)."""
 
     def __init__(
-        self, produce: Callable[[], Generator[bytes, None, None]], depth: int = 16, name: str = "boxvm-read-ahead"
+        self,
+        produce: Callable[[], Generator[bytes, None, None]],
+        depth: int = 16,
+        name: str = "boxvm-read-ahead",
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
+        self._interrupt = interrupt  # called by abort, to wake a producer blocked outside this reader
         self._cond = threading.Condition()
         self._chunks: deque[bytes] = deque()
         self._depth = depth
@@ -211,6 +217,8 @@ class ReadAhead(_Chunked):
             self._stopped = True
             self._chunks.clear()
             self._cond.notify_all()
+        if self._interrupt is not None:
+            self._interrupt()
 
     def close(self) -> None:
         self.abort()

@@ -42,13 +42,19 @@ class Throttle:
     def __enter__(self) -> Throttle:
         self._process.start()
         if not self._ready.wait(30):
-            self._process.kill()
+            self._stop()
             raise RuntimeError("the throttling proxy did not start")
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
         self._process.terminate()
         self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
 
 
 def _serve(server_port: int, rate: int, port: Synchronized[int], peak: Synchronized[int], ready: Event) -> None:

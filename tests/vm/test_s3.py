@@ -115,14 +115,15 @@ async def test_an_import_through_a_capped_link_runs_its_gets_at_once(
 ) -> None:
     """A store that serves each connection slowly, as AWS S3 serves one at ~50-100 MB/s
     (``tests/throttle.py``, 1 MiB pieces here): the import's 8 ranged GETs take a fraction of
-    what one GET of the whole object takes, and the disk is the same."""
+    what one GET of the whole object takes (~0.75 s against 6 s here), and the disk is the same."""
     client, url = s3.client(), f"s3://{s3.bucket}/capped/{os.urandom(3).hex()}.boxsnap"
     async with boxvm.Runtime(home.root) as rt:
         box = await rt.get(source)
         assert box is not None
         await box.export(url)
         size = client.head_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])["ContentLength"]
-        one_get = 4.0  # seconds: what the cap makes a single GET of the object take
+        assert size > 8 << 20  # more 1 MiB pieces than connections
+        one_get = 6.0  # seconds: what the cap makes a single GET of the object take
         monkeypatch.setattr(objstore, "_RANGE", 1 << 20)
         monkeypatch.setenv(objstore.CONNECTIONS_ENV, "8")
         with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), int(size / one_get)) as link:

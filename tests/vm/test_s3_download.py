@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -26,8 +27,15 @@ def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(objstore.CONNECTIONS_ENV, "3")
 
 
-def range_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("boxvm-s3-range")]
+def range_threads(within: float = 5.0) -> list[threading.Thread]:
+    """The download's range threads still alive after ``within`` seconds (a download left
+    early does not wait for its GETs: they end at their next read, or once their reply comes)."""
+    deadline = time.monotonic() + within
+    while (alive := [t for t in threading.enumerate() if t.name.startswith("boxvm-s3-range")]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    return alive
 
 
 def fetch(url: str) -> Iterator[bytes]:
@@ -88,23 +96,32 @@ def test_closing_a_download_stops_its_ranged_gets(s3: S3Server, small_ranges: No
     s3.client().put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(16 * RANGE))
     chunks = fetch(f"s3://{s3.bucket}/{key}")
     next(chunks)
-    assert range_threads()
+    assert range_threads(within=0)
     chunks.close()
     assert range_threads() == []
 
 
+def whole(size: int) -> bytes:
+    """What the hostile server holds: byte i is (i // RANGE) % 251."""
+    return b"".join(bytes([n % 251]) * min(RANGE, size - at) for n, at in enumerate(range(0, size, RANGE)))
+
+
 class Hostile(BaseHTTPRequestHandler):
-    """An S3 endpoint that answers every GET with ``mode``'s lie about the range it sends."""
+    """An S3 endpoint that answers GETs as ``mode`` says: lying about the range it sends,
+    ignoring ranges, giving only a weak ETag, or stalling in the middle of a piece."""
 
     mode = ""
     size = 4 * RANGE
+    ranged: list[bool] = []  # per GET: whether it asked for a range
+    release = threading.Event()  # ends a stall
 
     def do_GET(self) -> None:
         asked = self.headers.get("Range", "")
+        self.ranged.append(bool(asked))
         first, last = (int(x) for x in asked.removeprefix("bytes=").split("-")) if asked else (0, self.size - 1)
         last = min(last, self.size - 1)
-        body = bytes([first % 251]) * (last + 1 - first)
-        status, claim = 206, f"bytes {first}-{last}/{self.size}"
+        body = whole(self.size)[first : last + 1]
+        status, claim, etag = 206 if asked else 200, f"bytes {first}-{last}/{self.size}", '"hostile"'
         if self.mode == "other range":
             claim = f"bytes {first + 1}-{last + 1}/{self.size}"
         elif self.mode == "short range" and first > 0:
@@ -115,13 +132,19 @@ class Hostile(BaseHTTPRequestHandler):
         elif self.mode == "huge size":
             claim = f"bytes {first}-{last}/{10**18}"
         elif self.mode == "ignores ranges":
-            status, body = 200, b"".join(bytes([i * RANGE % 251]) * RANGE for i in range(4))
+            status, body = 200, whole(self.size)
+        elif self.mode == "weak etag":
+            etag = 'W/"hostile"'
         self.send_response(status)
         if status == 206:
             self.send_header("Content-Range", claim)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", '"hostile"')
+        self.send_header("ETag", etag)
         self.end_headers()
+        if self.mode == "stall" and first > 0:  # half a piece, then nothing
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.release.wait(60)
         self.wfile.write(body)
 
     def log_message(self, *args: object) -> None:
@@ -134,9 +157,11 @@ def hostile(monkeypatch: pytest.MonkeyPatch, small_ranges: None) -> Iterator[typ
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    Hostile.mode, Hostile.ranged, Hostile.release = "", [], threading.Event()
     try:
         yield Hostile
     finally:
+        Hostile.release.set()
         server.shutdown()
         server.server_close()
 
@@ -163,4 +188,31 @@ def test_a_server_lying_about_ranges_fails_the_download(hostile: type[Hostile], 
 def test_a_server_that_ignores_ranges_is_read_as_one_stream(hostile: type[Hostile]) -> None:
     """A store that answers a ranged GET with the whole object (200) is read whole."""
     hostile.mode = "ignores ranges"
-    assert b"".join(fetch("s3://bucket/key")) == b"".join(bytes([i * RANGE % 251]) * RANGE for i in range(4))
+    assert b"".join(fetch("s3://bucket/key")) == whole(hostile.size)
+    assert hostile.ranged == [True]
+
+
+def test_a_weak_etag_makes_it_one_get(hostile: type[Hostile]) -> None:
+    """``If-Match`` never matches a weak ETag, and nothing else would hold the pieces to one
+    version: the object is read with one GET of the whole, and comes back whole."""
+    hostile.mode = "weak etag"
+    assert b"".join(fetch("s3://bucket/key")) == whole(hostile.size)
+    assert hostile.ranged == [True, False]
+    assert range_threads() == []
+
+
+def test_closing_an_import_does_not_wait_for_a_stalled_store(hostile: type[Hostile]) -> None:
+    """Every piece after the first stalls halfway (the server keeps its connections open):
+    closing the import's reader, as a cancelled import does, returns at once instead of
+    waiting out the read timeout (120 s), and the range threads end."""
+    hostile.mode = "stall"
+    reader = objstore.download(objstore.parse("s3://bucket/key")).open()
+    got = b""
+    while len(got) < RANGE:
+        got += reader.read(RANGE - len(got))
+    assert got == whole(hostile.size)[:RANGE]
+    time.sleep(0.3)  # the other pieces' halves arrive, then nothing
+    began = time.monotonic()
+    reader.close()
+    assert time.monotonic() - began < 5
+    assert range_threads() == []
