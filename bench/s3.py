@@ -15,6 +15,10 @@ from run to run, so both sides of a ratio meet the same host load and the same d
 (this host is shared: the load swings 2-3x within a minute). Beside each time, the CPU seconds
 it cost: this process (every thread) plus the SeaweedFS server, the load-independent measure.
 
+``s3_get_fsync``: the fsync of ``download_file``'s file after it (not in ``s3_get``): what a
+download as durable as an import (which syncs its disk before the box exists) would add; the
+settling before each step otherwise flushes those bytes outside any timing.
+
 ``s3_export_file`` is the same export to a local file: producing the archive (flatten, hash,
 zstd) on its own, which the upload overlaps. ``s3_import_file`` is the import of the same
 archive from a local file: the verifier on its own, the floor of an import that overlaps the
@@ -102,7 +106,8 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     os.environ.update(environment(port))
-    keys = ("s3_export", "s3_export_file", "s3_put", "s3_import", "s3_import_file", "s3_get", "s3_load_1min")
+    keys = ("s3_export", "s3_export_file", "s3_put", "s3_import", "s3_import_file", "s3_get", "s3_get_fsync")
+    keys += ("s3_load_1min",)
     results: dict[str, list[float]] = {k: [] for k in keys}
     for k in ("s3_export_mb_s", "s3_put_baseline_mb_s", "s3_import_mb_s", "s3_get_baseline_mb_s"):
         results[k] = []
@@ -162,6 +167,9 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                     async def do_get(cost: Cost = get, key: str = key) -> None:
                         with cost:
                             await asyncio.to_thread(client.download_file, BUCKET, key, str(local))
+                        t0 = time.perf_counter()  # what making it durable would add, as the import does
+                        await asyncio.to_thread(_fsync, local)
+                        results["s3_get_fsync"].append(round((time.perf_counter() - t0) * 1000, 1))
 
                     for step in (do_get, do_import) if i % 2 == 0 else (do_import, do_get):
                         await settle(seaweed)
@@ -240,6 +248,14 @@ async def capped(
             )
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in values}
@@ -265,7 +281,8 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in results.items()}
     print(
         f"export/put {med['s3_export_mb_s'] / med['s3_put_baseline_mb_s']:.2f}x, "
-        f"import/get {med['s3_import_mb_s'] / med['s3_get_baseline_mb_s']:.2f}x; capped link: "
+        f"import/get {med['s3_import_mb_s'] / med['s3_get_baseline_mb_s']:.2f}x "
+        f"(/get+fsync {(med['s3_get'] + med['s3_get_fsync']) / med['s3_import']:.2f}x); capped link: "
         f"export/put {med['s3_capped_export_mb_s'] / med['s3_capped_put_baseline_mb_s']:.2f}x, "
         f"import/get {med['s3_capped_import_mb_s'] / med['s3_capped_get_baseline_mb_s']:.2f}x"
     )

@@ -552,6 +552,7 @@ class _Ranges:
         except BaseException:
             download._release(first)
             raise
+        self._lock = threading.Lock()  # the pieces change on the reader's thread; an abort reads them on another
         self._pieces: deque[_Piece] = deque([_Piece()])
         with download._lock:
             download._ranges = self
@@ -580,12 +581,16 @@ class _Ranges:
 
     def _start_next(self) -> None:
         if (at := next(self._offsets, None)) is not None:
-            self._pieces.append(_Piece())
-            self._pool.submit(self._fetch, self._pieces[-1], at, None)
+            piece = _Piece()
+            with self._lock:
+                self._pieces.append(piece)
+            self._pool.submit(self._fetch, piece, at, None)
 
     def wake(self) -> None:
         """(Any thread.) End every piece: the reader waiting for one raises StreamAborted."""
-        for piece in list(self._pieces):
+        with self._lock:
+            pieces = list(self._pieces)
+        for piece in pieces:
             piece.end(StreamAborted("the download was stopped"))
 
     def __enter__(self) -> _Ranges:
@@ -602,7 +607,8 @@ class _Ranges:
     def __iter__(self) -> Iterator[bytes]:
         while self._pieces:
             yield from self._pieces[0]
-            self._pieces.popleft()
+            with self._lock:
+                self._pieces.popleft()
             self._start_next()
 
     def _fetch(self, piece: _Piece, at: int, reply: dict[str, Any] | None) -> None:
