@@ -56,7 +56,6 @@ _MIB = 1 << 20
 _PART = 8 * _MIB  # S3's minimum is 5 MiB (except the last part)
 _PART_MAX = 64 * _MIB
 _INFLIGHT = 3  # parts uploading at once to a store on this host while the next one fills
-_INFLIGHT_BYTES = 80 * _MIB  # at most this much in parts uploading at once (10 parts of 8 MiB)
 _READ = _MIB  # bytes per read of a downloading object
 _AHEAD = 16  # reads a download runs ahead of the import verifying it
 _RANGE = 8 * _MIB  # bytes of one ranged GET
@@ -182,25 +181,19 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
     except Exception as exc:
         raise _error(exc, url) from exc
     upload_id = created["UploadId"]
-    journal = _journal(journal_dir, s3, url, upload_id)
     # parts upload on threads of their own: seconds each on a slow link, they would hold
     # the loop's default executor that the archive's writer and every other call share
     pool = ThreadPoolExecutor(inflight, thread_name_prefix="boxvm-s3-part")
+    journal: Path | None = None
 
     def stop_and_abort() -> bool:
         pool.shutdown(wait=True, cancel_futures=True)  # a part stored after the abort would stay
         return _abort(s3, url, upload_id)
 
     try:
+        journal = _journal(journal_dir, s3, url, upload_id)
         parts = await _parts(s3, url, upload_id, chunks, pool, inflight)
-        await asyncio.to_thread(
-            s3.complete_multipart_upload,
-            Bucket=url.bucket,
-            Key=url.key,
-            UploadId=upload_id,
-            MultipartUpload={"Parts": parts},
-            IfNoneMatch="*",
-        )
+        await _complete(s3, url, upload_id, parts)
     except BaseException as exc:
         aborted = await asyncio.shield(asyncio.to_thread(stop_and_abort))
         if aborted and journal is not None:
@@ -211,6 +204,40 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
     pool.shutdown(wait=False)
     if journal is not None:
         journal.unlink(missing_ok=True)
+
+
+async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[str, object]]) -> None:
+    """CompleteMultipartUpload, create-only. Cancelled while the store completes it, the
+    object it may still make is deleted (by whichever of the call's thread and the
+    cancelled caller learns last of the other): a cancelled export leaves no object."""
+    lock, state = threading.Lock(), {"cancelled": False, "made": False}
+
+    def complete() -> None:
+        s3.complete_multipart_upload(
+            Bucket=url.bucket, Key=url.key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+        )
+        with lock:
+            state["made"] = True
+            undo = state["cancelled"]
+        if undo:
+            _delete_made(s3, url)
+
+    try:
+        await asyncio.shield(asyncio.to_thread(complete))
+    except asyncio.CancelledError:
+        with lock:
+            state["cancelled"] = True
+            undo = state["made"]
+        if undo:
+            await asyncio.shield(asyncio.to_thread(_delete_made, s3, url))
+        raise
+
+
+def _delete_made(s3: Any, url: ObjectURL) -> None:
+    try:
+        s3.delete_object(Bucket=url.bucket, Key=url.key)
+    except Exception as exc:
+        log.warning("a cancelled export of %s completed meanwhile and could not be deleted (%s)", url, exc)
 
 
 async def refuse_existing(url: ObjectURL) -> None:
@@ -229,8 +256,9 @@ async def refuse_existing(url: ObjectURL) -> None:
 async def _parts(
     s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes], pool: ThreadPoolExecutor, inflight: int
 ) -> list[dict[str, object]]:
-    """Cut ``chunks`` into parts and upload them on ``pool``, ``inflight`` at a time (fewer
-    once parts grow: at most ``_INFLIGHT_BYTES`` of them)."""
+    """Cut ``chunks`` into parts and upload them on ``pool``, ``inflight`` at a time; once
+    parts grow past 8 MiB (archives over ~8 GB), fewer: no more bytes than ``inflight``
+    parts of 8 MiB."""
     done: dict[int, str] = {}
     running: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
@@ -243,7 +271,7 @@ async def _parts(
         faults.point("s3:part-uploaded")
 
     async def start(number: int, body: PartBody) -> None:
-        while len(running) >= max(1, min(inflight, _INFLIGHT_BYTES // _part_size(number))):
+        while len(running) >= max(1, inflight * _PART // _part_size(number)):
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             running.difference_update(finished)
             for task in finished:
@@ -411,6 +439,7 @@ class Download(Source):
 
     def __init__(self, url: ObjectURL) -> None:
         self.url = url
+        _configured()  # a bad setting fails the import before it starts
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._bodies: set[Any] = set()  # responses being read: an abort shuts their sockets
@@ -426,9 +455,9 @@ class Download(Source):
                     break
                 yield chunk
         finally:
-            if read is not None:  # cancelled mid-read: its thread still runs the generator
+            if read is not None and not read.done():  # cancelled mid-read: its thread still runs the generator
                 self._abort()
-                await asyncio.gather(read, return_exceptions=True)
+                await asyncio.wait({read})  # not cancelled by a second cancel, unlike a gather
             await asyncio.to_thread(fetch.close)
 
     def open(self) -> Reader:
@@ -508,11 +537,14 @@ class Download(Source):
 
 def _pin(reply: dict[str, Any]) -> dict[str, str] | None:
     """What holds later GETs to the version ``reply`` came from: its version id (a versioned
-    bucket), else its ETag if strong (``If-Match`` never matches a weak one), else None."""
-    if version := reply.get("VersionId"):
-        return {"VersionId": str(version)}
-    etag = reply.get("ETag")
-    return {"IfMatch": etag} if isinstance(etag, str) and etag and not etag.startswith("W/") else None
+    bucket; "null" names whatever version is unversioned now, so it holds nothing) and its
+    ETag if strong (``If-Match`` never matches a weak one); None if neither."""
+    pin = {}
+    if (version := reply.get("VersionId")) and version != "null":
+        pin["VersionId"] = str(version)
+    if isinstance(etag := reply.get("ETag"), str) and etag and not etag.startswith("W/"):
+        pin["IfMatch"] = etag
+    return pin or None
 
 
 def connections(s3: Any, local: int) -> int:
@@ -520,10 +552,8 @@ def connections(s3: Any, local: int) -> int:
     ``$BOXVM_S3_CONNECTIONS`` (1-32) if set, else ``_CONNECTIONS`` with a store on another
     host and ``local`` with one on this host (its endpoint a loopback address or a
     ``localhost`` name), which shares this host's CPU: more requests cost both ends more of it."""
-    if (value := os.environ.get(CONNECTIONS_ENV)) is not None:
-        if not (value.isascii() and value.isdecimal() and 1 <= int(value) <= _MAX_CONNECTIONS):
-            raise InvalidArgument(f"{CONNECTIONS_ENV} must be a number from 1 to {_MAX_CONNECTIONS}, not {value!r:.32}")
-        return int(value)
+    if (value := _configured()) is not None:
+        return value
     host = (urllib.parse.urlsplit(s3.meta.endpoint_url).hostname or "").lower()
     try:
         address = ipaddress.ip_address(host)
@@ -533,6 +563,16 @@ def connections(s3: Any, local: int) -> int:
     return local if here else _CONNECTIONS
 
 
+def _configured() -> int | None:
+    """``$BOXVM_S3_CONNECTIONS``, checked; None if unset."""
+    if (value := os.environ.get(CONNECTIONS_ENV)) is None:
+        return None
+    if not (value.isascii() and value.isdecimal() and 1 <= int(value) <= _MAX_CONNECTIONS):
+        raise InvalidArgument(f"{CONNECTIONS_ENV} must be a number from 1 to {_MAX_CONNECTIONS}, not {value!r:.32}")
+    return int(value)
+
+
+_PINNED = (("ETag", "IfMatch"), ("VersionId", "VersionId"))  # what a piece's reply must repeat of the pin
 _CONTENT_RANGE = re.compile(r"bytes (\d{1,20})-(\d{1,20})/(\d{1,20})")
 
 
@@ -541,23 +581,23 @@ class _Ranges:
     starts when the reader has taken the oldest), each handed to the reader in order as its
     bytes arrive. Every piece after the first is asked for from the first one's version
     (``pin``): an object replaced meanwhile fails the import instead of mixing two archives.
-    Memory: at most ``count`` pieces. Leaving early stops every GET (``Download._abort``)."""
+    Memory: at most ``count`` pieces. Leaving early stops every GET (``Download._abort``)
+    without waiting for them."""
 
     def __init__(self, download: Download, s3: Any, first: dict[str, Any], pin: dict[str, str], count: int) -> None:
         self._download, self._s3, self._pin = download, s3, pin
         try:
             self._size = self.check(download, first)
-            self._offsets = iter(range(_RANGE, self._size, _RANGE))
-            self._pool = ThreadPoolExecutor(count, thread_name_prefix="boxvm-s3-range")
         except BaseException:
             download._release(first)
             raise
+        self._offsets = iter(range(_RANGE, self._size, _RANGE))
         self._lock = threading.Lock()  # the pieces change on the reader's thread; an abort reads them on another
         self._pieces: deque[_Piece] = deque([_Piece()])
         with download._lock:
             download._ranges = self
         try:
-            self._pool.submit(self._fetch, self._pieces[0], 0, first)
+            self._run(self._pieces[0], 0, first)
         except BaseException:  # no thread for it ("can't start new thread")
             download._release(first)
             self.__exit__(None, None, None)
@@ -568,6 +608,11 @@ class _Ranges:
         except BaseException:
             self.__exit__(None, None, None)
             raise
+
+    def _run(self, piece: _Piece, at: int, reply: dict[str, Any] | None) -> None:
+        # a daemon thread per piece (at most ``count`` at a time): a GET still waiting for a
+        # store that never answers must not hold the interpreter's exit, as a pool's would
+        threading.Thread(target=self._fetch, args=(piece, at, reply), name="boxvm-s3-range", daemon=True).start()
 
     @staticmethod
     def check(download: Download, first: dict[str, Any]) -> int:
@@ -584,7 +629,7 @@ class _Ranges:
             piece = _Piece()
             with self._lock:
                 self._pieces.append(piece)
-            self._pool.submit(self._fetch, piece, at, None)
+            self._run(piece, at, None)
 
     def wake(self) -> None:
         """(Any thread.) End every piece: the reader waiting for one raises StreamAborted."""
@@ -597,10 +642,8 @@ class _Ranges:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        done = not self._pieces
-        if not done:
-            self._download._abort()  # left early: a failure, or the reader stopped
-        self._pool.shutdown(wait=done, cancel_futures=True)  # an abort does not wait for a stalled store
+        if self._pieces:
+            self._download._abort()  # left early (a failure, or the reader stopped): the GETs end at once
         with self._download._lock:
             self._download._ranges = None
 
@@ -622,6 +665,8 @@ class _Ranges:
             try:
                 if reply.get("ContentRange") != f"bytes {at}-{at + length - 1}/{self._size}":
                     raise StorageError(f"object storage sent another range of {download.url} than the one asked for")
+                if any(reply.get(k) != self._pin.get(pin) for k, pin in _PINNED if pin in self._pin):
+                    raise StorageError(f"{download.url} changed while it was imported: import it again")
                 n = 0
                 while chunk := download._read(reply["Body"], length - n):
                     piece.put(chunk)

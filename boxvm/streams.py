@@ -221,8 +221,13 @@ class ReadAhead(_Chunked):
             self._interrupt()
 
     def close(self) -> None:
+        """Abort, and wait for the thread: ``_LINGER`` seconds at most, since a producer can be
+        blocked where neither the stop nor ``interrupt`` reaches (a request a store never
+        answers, bounded by its own timeouts): it is a daemon, and what it produces is dropped."""
         self.abort()
-        self._thread.join()
+        self._thread.join(self._LINGER)
+
+    _LINGER = 30.0
 
 
 class ThreadReader(_Chunked):

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from boxvm import objstore
+from boxvm import objstore, streams
 from boxvm.errors import InvalidArgument, StorageError
 from tests.s3server import S3Server
 
@@ -91,7 +91,7 @@ def test_an_object_replaced_mid_download_fails_it(s3: S3Server, small_ranges: No
 
 
 def test_closing_a_download_stops_its_ranged_gets(s3: S3Server, small_ranges: None) -> None:
-    """An import cancelled mid-download: closing the generator stops and joins every GET."""
+    """An import cancelled mid-download: closing the generator ends every GET."""
     key = f"ranges/closed-{os.urandom(3).hex()}"
     s3.client().put_object(Bucket=s3.bucket, Key=key, Body=os.urandom(16 * RANGE))
     chunks = fetch(f"s3://{s3.bucket}/{key}")
@@ -120,6 +120,9 @@ class Hostile(BaseHTTPRequestHandler):
         self.ranged.append(bool(asked))
         first, last = (int(x) for x in asked.removeprefix("bytes=").split("-")) if asked else (0, self.size - 1)
         last = min(last, self.size - 1)
+        if (self.mode == "silent" and first > 0) or self.mode == "silent first":  # no reply at all
+            self.release.wait(60)
+            return
         body = whole(self.size)[first : last + 1]
         status, claim, etag = 206 if asked else 200, f"bytes {first}-{last}/{self.size}", '"hostile"'
         if self.mode == "other range":
@@ -216,3 +219,29 @@ def test_closing_an_import_does_not_wait_for_a_stalled_store(hostile: type[Hosti
     reader.close()
     assert time.monotonic() - began < 5
     assert range_threads() == []
+
+
+def test_closing_an_import_does_not_wait_for_a_store_that_never_answers(
+    hostile: type[Hostile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reply at all to the pieces after the first, then to the first GET itself: a closed
+    import's reader returns at once in the first case (the reader waits on a piece, which
+    the abort ends) and after ``ReadAhead._LINGER`` in the second (a request no stop
+    reaches); what is left waiting is daemon threads, which end with their requests."""
+    hostile.mode = "silent"
+    reader = objstore.download(objstore.parse("s3://bucket/key")).open()
+    assert reader.read(1)
+    began = time.monotonic()
+    reader.close()
+    assert time.monotonic() - began < 5
+    assert all(t.daemon for t in range_threads(within=0))
+    monkeypatch.setattr(streams.ReadAhead, "_LINGER", 1.0)
+    hostile.mode = "silent first"
+    reader = objstore.download(objstore.parse("s3://bucket/key")).open()
+    time.sleep(0.3)
+    began = time.monotonic()
+    reader.close()
+    assert time.monotonic() - began < 3
+    assert all(t.daemon for t in threading.enumerate() if t.name == "boxvm-s3-download")
+    hostile.release.set()
+    assert range_threads(within=10) == []
