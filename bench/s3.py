@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import resource
 import socket
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from unittest import mock
 
 import boto3
 import psutil
@@ -55,7 +55,7 @@ import boxvm
 from bench.archive import fill_disk
 from bench.rest import RssWatch
 from boxvm import objstore
-from boxvm.disks.layers import TOP
+from boxvm.disks.layers import TOP, fsync_files
 from boxvm.paths import Home
 from tests.s3server import BUCKET, environment, running
 from tests.throttle import Throttle
@@ -168,7 +168,7 @@ async def run_s3(home: Home, runs: int) -> dict[str, list[float]]:
                         with cost:
                             await asyncio.to_thread(client.download_file, BUCKET, key, str(local))
                         t0 = time.perf_counter()  # what making it durable would add, as the import does
-                        await asyncio.to_thread(_fsync, local)
+                        await asyncio.to_thread(fsync_files, [local])
                         results["s3_get_fsync"].append(round((time.perf_counter() - t0) * 1000, 1))
 
                     for step in (do_get, do_import) if i % 2 == 0 else (do_import, do_get):
@@ -206,7 +206,7 @@ async def capped(
     """``runs`` pairs of each step through a link capped at ``CAP`` a connection (module doc)."""
     local = tmp / "capped.boxsnap"
     remote = {objstore.CONNECTIONS_ENV: str(objstore._CONNECTIONS)}  # the link stands for a store on another host
-    with Throttle(port, CAP) as link, _env(AWS_ENDPOINT_URL=link.url, **remote):
+    with Throttle(port, CAP) as link, mock.patch.dict(os.environ, AWS_ENDPOINT_URL=link.url, **remote):
         client = boto3.client("s3", endpoint_url=link.url)
 
         async def step(name: str, key: str) -> boxvm.Box | None:
@@ -246,28 +246,6 @@ async def capped(
                 f"{walls['s3_capped_get']:.2f} s, up to {link.peak} connections",
                 flush=True,
             )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main() -> None:

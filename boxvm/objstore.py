@@ -598,15 +598,11 @@ class _Ranges:
             download._ranges = self
         try:
             self._run(self._pieces[0], 0, first)
-        except BaseException:  # no thread for it ("can't start new thread")
-            download._release(first)
-            self.__exit__(None, None, None)
-            raise
-        try:
             for _ in range(count - 1):
                 self._start_next()
-        except BaseException:
+        except BaseException:  # no thread for one ("can't start new thread"): stop those started
             self.__exit__(None, None, None)
+            download._release(first)  # if its own thread never started (else a second release does nothing)
             raise
 
     def _run(self, piece: _Piece, at: int, reply: dict[str, Any] | None) -> None:

@@ -8,12 +8,12 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from boxvm import objstore, streams
 from boxvm.errors import InvalidArgument, StorageError
+from tests.fakehttp import Fake, Handler, fakes, reply
 from tests.s3server import S3Server
 
 RANGE = 64 << 10
@@ -110,17 +110,19 @@ def whole(size: int) -> bytes:
     return b"".join(bytes([n % 251]) * min(RANGE, size - at) for n, at in enumerate(range(0, size, RANGE)))
 
 
-class Hostile(BaseHTTPRequestHandler):
-    """An S3 endpoint that answers GETs as ``mode`` says: lying about the range it sends,
-    ignoring ranges, giving only a weak ETag, or stalling in the middle of a piece."""
+class Hostile:
+    """An S3 endpoint's route (``tests/fakehttp.py``) that answers GETs as ``mode`` says:
+    lying about the range it sends, ignoring ranges, giving only a weak ETag, or stalling
+    in the middle of a piece or before any reply."""
 
-    mode = ""
-    size = 4 * RANGE
-    ranged: list[bool] = []  # per GET: whether it asked for a range
-    release = threading.Event()  # ends a stall
+    def __init__(self) -> None:
+        self.mode = ""
+        self.size = 4 * RANGE
+        self.ranged: list[bool] = []  # per GET: whether it asked for a range
+        self.release = threading.Event()  # ends a stall
 
-    def do_GET(self) -> None:
-        asked = self.headers.get("Range", "")
+    def __call__(self, fake: Fake, h: Handler) -> None:
+        asked = h.headers.get("Range", "")
         self.ranged.append(bool(asked))
         first, last = (int(x) for x in asked.removeprefix("bytes=").split("-")) if asked else (0, self.size - 1)
         last = min(last, self.size - 1)
@@ -142,35 +144,24 @@ class Hostile(BaseHTTPRequestHandler):
             status, body = 200, whole(self.size)
         elif self.mode == "weak etag":
             etag = 'W/"hostile"'
-        self.send_response(status)
-        if status == 206:
-            self.send_header("Content-Range", claim)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", etag)
-        self.end_headers()
-        if self.mode == "stall" and first > 0:  # half a piece, then nothing
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
+        headers = {"ETag": etag, **({"Content-Range": claim} if status == 206 else {})}
+        if self.mode == "stall" and first > 0:  # the whole length said, half a piece sent, then nothing
+            reply(h, status, body[: len(body) // 2], {**headers, "Content-Length": str(len(body))})
+            h.wfile.flush()
             self.release.wait(60)
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+            return
+        reply(h, status, body, headers)
 
 
 @pytest.fixture
-def hostile(monkeypatch: pytest.MonkeyPatch, small_ranges: None) -> Iterator[type[Hostile]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    Hostile.mode, Hostile.ranged, Hostile.release = "", [], threading.Event()
-    try:
-        yield Hostile
-    finally:
-        Hostile.release.set()
-        server.shutdown()
-        server.server_close()
+def hostile(monkeypatch: pytest.MonkeyPatch, small_ranges: None) -> Iterator[Hostile]:
+    store = Hostile()
+    with fakes(store) as [fake]:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{fake.host}")
+        try:
+            yield store
+        finally:
+            store.release.set()
 
 
 @pytest.mark.parametrize(
@@ -182,7 +173,7 @@ def hostile(monkeypatch: pytest.MonkeyPatch, small_ranges: None) -> Iterator[typ
         ("huge size", "another range"),
     ],
 )
-def test_a_server_lying_about_ranges_fails_the_download(hostile: type[Hostile], mode: str, error: str) -> None:
+def test_a_server_lying_about_ranges_fails_the_download(hostile: Hostile, mode: str, error: str) -> None:
     """Another range than asked for, a piece cut short, a size that does not match the
     pieces: a clear StorageError, and every range thread is gone."""
     hostile.mode = mode
@@ -192,14 +183,14 @@ def test_a_server_lying_about_ranges_fails_the_download(hostile: type[Hostile], 
     assert range_threads() == []
 
 
-def test_a_server_that_ignores_ranges_is_read_as_one_stream(hostile: type[Hostile]) -> None:
+def test_a_server_that_ignores_ranges_is_read_as_one_stream(hostile: Hostile) -> None:
     """A store that answers a ranged GET with the whole object (200) is read whole."""
     hostile.mode = "ignores ranges"
     assert b"".join(fetch("s3://bucket/key")) == whole(hostile.size)
     assert hostile.ranged == [True]
 
 
-def test_a_weak_etag_makes_it_one_get(hostile: type[Hostile]) -> None:
+def test_a_weak_etag_makes_it_one_get(hostile: Hostile) -> None:
     """``If-Match`` never matches a weak ETag, and nothing else would hold the pieces to one
     version: the object is read with one GET of the whole, and comes back whole."""
     hostile.mode = "weak etag"
@@ -208,7 +199,7 @@ def test_a_weak_etag_makes_it_one_get(hostile: type[Hostile]) -> None:
     assert range_threads() == []
 
 
-def test_closing_an_import_does_not_wait_for_a_stalled_store(hostile: type[Hostile]) -> None:
+def test_closing_an_import_does_not_wait_for_a_stalled_store(hostile: Hostile) -> None:
     """Every piece after the first stalls halfway (the server keeps its connections open):
     closing the import's reader, as a cancelled import does, returns at once instead of
     waiting out the read timeout (120 s), and the range threads end."""
@@ -226,7 +217,7 @@ def test_closing_an_import_does_not_wait_for_a_stalled_store(hostile: type[Hosti
 
 
 def test_closing_an_import_does_not_wait_for_a_store_that_never_answers(
-    hostile: type[Hostile], monkeypatch: pytest.MonkeyPatch
+    hostile: Hostile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No reply at all to the pieces after the first, then to the first GET itself: a closed
     import's reader returns at once in the first case (the reader waits on a piece, which

@@ -1,8 +1,7 @@
 """A hostile registry, token service or redirect target against boxvm's registry client.
 
-The attacker's servers are hand-written here on purpose (stdlib ``http.server`` on
-127.0.0.1): they answer what an attacker would and record every ``Authorization``
-header they receive. Pulls go through the public API (local runtime, and a real
+The attacker's servers (``tests/fakehttp.py``) answer what an attacker would and record
+every ``Authorization`` header they receive. Pulls go through the public API (local runtime, and a real
 ``boxvm serve`` for the REST cases).
 """
 
@@ -12,89 +11,25 @@ import base64
 import contextlib
 import datetime
 import hashlib
-import http.server
 import json
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import boxvm
 from boxvm.paths import Home
+from tests.fakehttp import Fake, Handler, Route, fakes, reply
 from tests.helpers import rss_mib, serving
 from tests.registry import OCI_CONFIG, OCI_LAYER_GZ, OCI_MANIFEST, layer
 
 USER, PASSWORD = "tester", "s3cret-" + "x" * 8
 BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 SECRET = "internal-secret-7f3a9c"
-
-Handler = http.server.BaseHTTPRequestHandler
-Route = Callable[["Fake", Handler], None]
-
-
-@dataclass
-class Fake:
-    """An attacker's HTTP(S) server: ``route`` answers; every request is recorded."""
-
-    route: Route
-    bind: str = "127.0.0.1"
-    tls: ssl.SSLContext | None = None
-    seen: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization)
-    server: http.server.ThreadingHTTPServer | None = None
-
-    @property
-    def host(self) -> str:
-        assert self.server is not None
-        return f"{self.bind}:{self.server.server_address[1]}"
-
-    def authorizations(self) -> list[str]:
-        return [auth for _, auth in self.seen if auth]
-
-    def start(self) -> Fake:
-        fake = self
-
-        class Answer(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                fake.seen.append((self.path, self.headers.get("Authorization")))
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
-                    fake.route(fake, self)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((self.bind, 0), Answer)
-        self.server.daemon_threads, self.server.block_on_close = True, False
-        if self.tls is not None:
-            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-
-@contextlib.contextmanager
-def fakes(*routes: Route, bind: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Iterator[list[Fake]]:
-    started = [Fake(r, bind, tls).start() for r in routes]
-    try:
-        yield started
-    finally:
-        for f in started:
-            f.stop()
-
-
-def reply(h: Handler, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-    h.send_response(status)
-    for k, v in {"Content-Length": str(len(body)), **(headers or {})}.items():
-        h.send_header(k, v)
-    h.end_headers()
-    h.wfile.write(body)
 
 
 def endless(h: Handler, status: int, headers: dict[str, str] | None = None, chunk: bytes = b" " * (1 << 20)) -> None:
