@@ -7,10 +7,12 @@ that (8 MiB parts, growing only past 1000 parts, capped at 64 MiB). It is create
 carries ``If-None-Match: *`` (AWS S3 and SeaweedFS honour it), so an object that appears
 meanwhile is never replaced; ``refuse_existing`` (a HEAD) only refuses early, before an
 archive is produced. A store that ignored the header would leave a HEAD-to-complete race.
-Any failure or cancellation aborts the upload; a process killed mid-way cannot, so each
-upload is journaled in the home (``tmp/s3uploads/<pid>-<n>``) and the next S3 export from
-that home aborts the uploads of dead processes (a bucket lifecycle rule with
-AbortIncompleteMultipartUpload is the backstop for a home that never exports again). An
+Any failure or cancellation aborts the upload (``_stop_and_abort``: parts being sent are
+cut, and a store that does not answer the others holds it ``_LINGER`` at most); a process
+killed mid-way cannot, so each upload is journaled in the home (``tmp/s3uploads/<pid>-<n>``)
+and the next S3 export from that home aborts the uploads of dead processes (a bucket
+lifecycle rule with AbortIncompleteMultipartUpload is the backstop for a home that never
+exports again). An
 import streams the object into the verifying archive reader: one GET from a store on this
 host, ``connections()`` ranged GETs handed over in order from any other (``Download``).
 
@@ -39,7 +41,7 @@ import threading
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -62,6 +64,7 @@ _RANGE = 8 * _MIB  # bytes of one ranged GET
 _CONNECTIONS = 10  # parts or ranged GETs at once with a store on another host, as boto3's transfers run
 _MAX_CONNECTIONS = 32
 CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
+_LINGER = 10.0  # seconds a cancelled export waits for the store to answer parts it has whole
 _JOURNAL = "s3uploads"  # a sub-directory of the home's tmp/ (its name keeps start-up recovery off it)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -137,7 +140,32 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
         s3 = session.client(
             "s3", endpoint_url=endpoint_url, config=Config(**options, request_checksum_calculation="when_required")
         )
+    s3.meta.events.register("before-send.s3", _refuse_when_stopped)
     return s3
+
+
+# -- stopping a transfer's requests ---------------------------------------------------
+_stopping = threading.local()
+
+
+@contextlib.contextmanager
+def _stoppable(stopped: threading.Event) -> Iterator[None]:
+    """Requests this thread makes inside fail with StreamAborted once ``stopped`` is set,
+    including the retries of one under way: botocore retries a failed request up to 5 times,
+    each up to its 120 s read timeout, long after a cancelled transfer gave it up."""
+    _stopping.event = stopped
+    try:
+        yield
+    finally:
+        _stopping.event = None
+
+
+def _refuse_when_stopped(**_: object) -> None:
+    """botocore's ``before-send`` hook, run before every attempt of a request (``_stoppable``).
+    StreamAborted is no error botocore retries, so the call raises it at once."""
+    stopped = getattr(_stopping, "event", None)
+    if stopped is not None and stopped.is_set():
+        raise StreamAborted("the transfer was stopped")
 
 
 def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
@@ -180,30 +208,38 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
         created = await asyncio.to_thread(s3.create_multipart_upload, Bucket=url.bucket, Key=url.key)
     except Exception as exc:
         raise _error(exc, url) from exc
-    upload_id = created["UploadId"]
-    # parts upload on threads of their own: seconds each on a slow link, they would hold
-    # the loop's default executor that the archive's writer and every other call share
-    pool = ThreadPoolExecutor(inflight, thread_name_prefix="boxvm-s3-part")
+    sender = _Sender(s3, url, created["UploadId"])
     journal: Path | None = None
-
-    def stop_and_abort() -> bool:
-        pool.shutdown(wait=True, cancel_futures=True)  # a part stored after the abort would stay
-        return _abort(s3, url, upload_id)
-
     try:
-        journal = _journal(journal_dir, s3, url, upload_id)
-        parts = await _parts(s3, url, upload_id, chunks, pool, inflight)
-        await _complete(s3, url, upload_id, parts)
+        journal = _journal(journal_dir, s3, url, sender.upload_id)
+        parts = await _parts(sender, chunks, inflight)
+        await _complete(s3, url, sender.upload_id, parts)
     except BaseException as exc:
-        aborted = await asyncio.shield(asyncio.to_thread(stop_and_abort))
-        if aborted and journal is not None:
-            journal.unlink(missing_ok=True)
+        await asyncio.shield(asyncio.to_thread(_stop_and_abort, sender, journal))
         if isinstance(exc, Exception):
             raise _error(exc, url) from exc
         raise
-    pool.shutdown(wait=False)
     if journal is not None:
         journal.unlink(missing_ok=True)
+
+
+def _stop_and_abort(sender: _Sender, journal: Path | None) -> None:
+    """Abort the upload once its parts in flight end (a part stored after the abort would
+    stay), waiting ``_LINGER`` at most: a store that went silent would hold the cancel for
+    its read timeout. Parts still unanswered then abort it again as the last of them ends,
+    and the journal stays until an abort after them succeeds (or the next export from this
+    home makes one)."""
+    s3, url, upload_id = sender.s3, sender.url, sender.upload_id
+
+    def abort() -> None:
+        if _abort(s3, url, upload_id) and journal is not None:
+            journal.unlink(missing_ok=True)
+
+    if sender.stop(_LINGER):
+        abort()
+    else:
+        _abort(s3, url, upload_id)
+        sender.when_idle(abort)
 
 
 async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[str, object]]) -> None:
@@ -253,24 +289,17 @@ async def refuse_existing(url: ObjectURL) -> None:
     raise AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
 
 
-async def _parts(
-    s3: Any, url: ObjectURL, upload_id: str, chunks: AsyncIterator[bytes], pool: ThreadPoolExecutor, inflight: int
-) -> list[dict[str, object]]:
-    """Cut ``chunks`` into parts and upload them on ``pool``, ``inflight`` at a time; once
-    parts grow past 8 MiB (archives over ~8 GB), fewer: no more bytes than ``inflight``
-    parts of 8 MiB."""
+async def _parts(sender: _Sender, chunks: AsyncIterator[bytes], inflight: int) -> list[dict[str, object]]:
+    """Cut ``chunks`` into parts and upload them, ``inflight`` at a time; once parts grow
+    past 8 MiB (archives over ~8 GB), fewer: no more bytes than ``inflight`` parts of 8 MiB."""
     done: dict[int, str] = {}
     running: set[asyncio.Task[None]] = set()
-    loop = asyncio.get_running_loop()
 
-    async def send(number: int, body: PartBody) -> None:
-        upload_part = partial(
-            s3.upload_part, Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=number, Body=body
-        )
-        done[number] = (await loop.run_in_executor(pool, upload_part))["ETag"]
+    async def send(number: int, body: list[bytes | memoryview]) -> None:
+        done[number] = await sender.send(number, body)
         faults.point("s3:part-uploaded")
 
-    async def start(number: int, body: PartBody) -> None:
+    async def start(number: int, body: list[bytes | memoryview]) -> None:
         while len(running) >= max(1, inflight * _PART // _part_size(number)):
             finished, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
             running.difference_update(finished)
@@ -292,11 +321,11 @@ async def _parts(
                     rest: list[bytes | memoryview] = [last[cut:]]
                 else:
                     rest = []
-                await start(number, PartBody(pending))
+                await start(number, pending)
                 pending, held = rest, held - size
                 number += 1
         if held or number == 1:  # the last part (S3 wants at least one, even empty)
-            await start(number, PartBody(pending))
+            await start(number, pending)
         if running:
             await asyncio.gather(*running)
     finally:
@@ -304,6 +333,75 @@ async def _parts(
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
     return [{"PartNumber": n, "ETag": done[n]} for n in sorted(done)]
+
+
+class _Sender:
+    """One multipart upload's part requests, each on a daemon thread of its own (``_parts``
+    runs at most ``connections()`` at once). Not the loop's default executor: seconds per
+    part on a slow link, they would hold it from the archive's writer and every other call.
+    Not a ``ThreadPoolExecutor`` either: the interpreter joins its threads at exit, and a
+    part a silent store never answers would hold a stopped process there."""
+
+    def __init__(self, s3: Any, url: ObjectURL, upload_id: str) -> None:
+        self.s3, self.url, self.upload_id = s3, url, upload_id
+        self.stopped = threading.Event()
+        self._idle = threading.Condition()
+        self._running = 0
+        self._then: Callable[[], None] | None = None  # run by the last part to end after a stop
+
+    async def send(self, number: int, chunks: list[bytes | memoryview]) -> str:
+        """Upload part ``number``; its ETag."""
+        body, result = PartBody(chunks, self.stopped), Future[str]()
+
+        def run() -> None:
+            if not result.set_running_or_notify_cancel():  # the upload failed before this part began
+                self._ended()
+                return
+            try:
+                with _stoppable(self.stopped):
+                    reply = self.s3.upload_part(
+                        Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id, PartNumber=number, Body=body
+                    )
+                result.set_result(reply["ETag"])
+            except BaseException as exc:
+                result.set_exception(exc)
+            finally:
+                self._ended()
+
+        with self._idle:
+            self._running += 1
+        try:
+            threading.Thread(target=run, name="boxvm-s3-part", daemon=True).start()
+        except BaseException:
+            self._ended()
+            raise
+        return await asyncio.wrap_future(result)
+
+    def _ended(self) -> None:
+        then = None
+        with self._idle:
+            self._running -= 1
+            if not self._running:
+                then, self._then = self._then, None
+            self._idle.notify_all()
+        if then is not None:
+            then()
+
+    def stop(self, linger: float) -> bool:
+        """No part starts another request, and one still being sent is cut (a store keeps
+        no part it did not get whole); True once none is in flight, False if some still are
+        after ``linger`` seconds (sent whole, their answers not come)."""
+        self.stopped.set()
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._running, linger)
+
+    def when_idle(self, then: Callable[[], None]) -> None:
+        """Run ``then`` once no part is in flight: now, or on the thread of the last to end."""
+        with self._idle:
+            if self._running:
+                self._then = then
+                return
+        then()
 
 
 class PartBody:
@@ -314,8 +412,8 @@ class PartBody:
     more (~8 % of an export's CPU here, perf). A read inside one chunk returns the chunk
     itself or a view of it; only a read across chunks joins."""
 
-    def __init__(self, chunks: list[bytes | memoryview]) -> None:
-        self._chunks = chunks
+    def __init__(self, chunks: list[bytes | memoryview], stopped: threading.Event) -> None:
+        self._chunks, self._stopped = chunks, stopped
         self._starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
         self._pos = 0
 
@@ -332,7 +430,11 @@ class PartBody:
 
     def read(self, size: int | None = -1) -> bytes | memoryview:
         """Exactly ``size`` bytes (what is left if fewer; all of it without a size): over
-        HTTPS each read is sent as one aws-chunk, and S3 refuses one under 8 KiB but the last."""
+        HTTPS each read is sent as one aws-chunk, and S3 refuses one under 8 KiB but the last.
+        StreamAborted once the upload is stopped: the request fails mid-body, and a store
+        keeps no part it did not get whole."""
+        if self._stopped.is_set():
+            raise StreamAborted("the upload was stopped")
         total = self._starts[-1]
         end = total if size is None or size < 0 else min(total, self._pos + size)
         pieces: list[bytes | memoryview] = []
@@ -501,8 +603,11 @@ class Download(Source):
             raise StreamAborted("the download was stopped")
         extra = {"Range": span} if span else {}
         try:
-            reply = s3.get_object(Bucket=self.url.bucket, Key=self.url.key, **extra, **(pin or {}))
+            with _stoppable(self._stopped):
+                reply = s3.get_object(Bucket=self.url.bucket, Key=self.url.key, **extra, **(pin or {}))
         except Exception as exc:
+            if self._stopped.is_set():
+                raise StreamAborted("the download was stopped") from exc
             if _status(exc) == 416 and span:
                 return None
             if _status(exc) == 412:

@@ -1,5 +1,5 @@
 """An attacker's HTTP(S) server for the tests (stdlib ``http.server`` on 127.0.0.1): a
-``route`` answers each GET as an attacker would, and every request is recorded. Written by
+``route`` answers each request as an attacker would, and every request is recorded. Written by
 hand on purpose: a hostile peer must be free to lie in ways no real server library allows."""
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ class Fake:
                 fake.seen.append((self.path, self.headers.get("Authorization")))
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError, ssl.SSLError):
                     fake.route(fake, self)
+
+            do_HEAD = do_POST = do_PUT = do_DELETE = do_GET  # the route reads the method
 
             def log_message(self, *args: object) -> None:
                 pass

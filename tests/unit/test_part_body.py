@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from boxvm import objstore
-from boxvm.streams import pread_views
+from boxvm.streams import StreamAborted, pread_views
 
 _chunks = st.lists(st.binary(min_size=1, max_size=300), max_size=8)
 
@@ -22,7 +23,7 @@ _chunks = st.lists(st.binary(min_size=1, max_size=300), max_size=8)
 def test_reads_of_any_size_give_exactly_the_bytes_asked_for(chunks: list[bytes], sizes: list[int | None]) -> None:
     """A read gives exactly ``size`` bytes (what is left if fewer; all without a size) and,
     inside one chunk, the chunk itself or a view of it: nothing copied."""
-    body, whole = objstore.PartBody(list(chunks)), b"".join(chunks)
+    body, whole = objstore.PartBody(list(chunks), threading.Event()), b"".join(chunks)
     ends = [sum(len(c) for c in chunks[: i + 1]) for i in range(len(chunks))]
     got = bytearray()
     for i in range(60):
@@ -50,7 +51,7 @@ def test_over_https_every_aws_chunk_but_the_last_is_whole() -> None:
     from botocore.httpchecksum import AwsChunkedWrapper, Crc32Checksum
 
     chunks = [os.urandom(n) for n in (512, 1 << 20, 3000, (1 << 20) - 7, 700, 5 << 20)]
-    wire = AwsChunkedWrapper(objstore.PartBody(list(chunks)), checksum_cls=Crc32Checksum).read()
+    wire = AwsChunkedWrapper(objstore.PartBody(list(chunks), threading.Event()), checksum_cls=Crc32Checksum).read()
     sizes, data, at = [], bytearray(), 0
     while True:
         line_end = wire.index(b"\r\n", at)
@@ -68,7 +69,7 @@ def test_seek_and_tell_behave_as_botocore_needs() -> None:
     """botocore measures the length (seek to the end), hashes from the start, rewinds, and
     rewinds again for a retry."""
     chunks = [b"abc", b"defgh", b"ij"]
-    body = objstore.PartBody(chunks)
+    body = objstore.PartBody(chunks, threading.Event())
     assert body.seekable()
     assert body.seek(0, io.SEEK_END) == 10 and body.tell() == 10
     assert body.seek(0) == 0
@@ -79,8 +80,19 @@ def test_seek_and_tell_behave_as_botocore_needs() -> None:
     for _ in range(2):  # a retry reads it all again
         body.seek(0)
         assert b"".join(bytes(p) for p in iter(lambda: body.read(1 << 20), b"")) == b"abcdefghij"
-    empty = objstore.PartBody([])
+    empty = objstore.PartBody([], threading.Event())
     assert empty.read() == b"" and empty.seek(0, io.SEEK_END) == 0
+
+
+def test_a_stopped_upload_s_body_fails_its_next_read() -> None:
+    """Once the upload is stopped, the next read of a part's body fails: the request being
+    sent breaks off mid-body, and a store keeps no part it did not get whole."""
+    stopped = threading.Event()
+    body = objstore.PartBody([b"abc", b"def"], stopped)
+    assert body.read(2) == b"ab"
+    stopped.set()
+    with pytest.raises(StreamAborted):
+        body.read(2)
 
 
 def test_the_crc32_is_left_out_only_where_the_signature_covers_the_body(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -275,12 +275,12 @@ async def test_failed_or_cancelled_upload_is_aborted(s3: S3Server, tmp_path: Any
     assert not list((tmp_path / "s3uploads").iterdir())
 
 
-async def test_a_cancel_with_parts_on_a_slow_link_aborts_after_them(
+async def test_a_cancel_cuts_the_parts_on_a_slow_link_and_leaves_nothing(
     s3: S3Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two 8 MiB parts crossing a link of 4 MB/s a connection when the export is cancelled:
-    the abort waits for both (a part stored after AbortMultipartUpload would stay), then
-    nothing is left: no object, no upload, no journal entry."""
+    """Two 8 MiB parts crossing a link of 1 MB/s a connection when the export is cancelled:
+    both break off mid-body (~7 s before they would end), which the store does not keep,
+    and the abort follows: no object, no upload, no journal entry."""
     client, sent = s3.client(), asyncio.Event()
 
     async def stalled() -> AsyncIterator[bytes]:
@@ -292,16 +292,16 @@ async def test_a_cancel_with_parts_on_a_slow_link_aborts_after_them(
 
     monkeypatch.setenv(objstore.CONNECTIONS_ENV, "2")
     target = objstore.parse(f"s3://{s3.bucket}/aborted-slow/{os.urandom(3).hex()}")
-    with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), 4_000_000) as link:
+    with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), 1_000_000) as link:
         monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
         task = asyncio.create_task(objstore.upload(stalled(), target, tmp_path))
         await sent.wait()
-        await asyncio.sleep(0.5)  # both parts are ~1/4 through
+        await asyncio.sleep(0.5)  # both parts are under way
         began = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert time.monotonic() - began > 1  # it waited for the parts
+        assert time.monotonic() - began < 3
     assert keys(client, s3.bucket, "aborted-slow/") == []
     assert not [k for k in uploads(client, s3.bucket) if k.startswith("aborted-slow/")]
     assert not list((tmp_path / "s3uploads").iterdir())

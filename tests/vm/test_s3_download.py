@@ -112,8 +112,8 @@ def whole(size: int) -> bytes:
 
 class Hostile:
     """An S3 endpoint's route (``tests/fakehttp.py``) that answers GETs as ``mode`` says:
-    lying about the range it sends, ignoring ranges, giving only a weak ETag, or stalling
-    in the middle of a piece or before any reply."""
+    lying about the range it sends, ignoring ranges, giving only a weak ETag, stalling in
+    the middle of a piece or before any reply, or slow to refuse."""
 
     def __init__(self) -> None:
         self.mode = ""
@@ -128,6 +128,10 @@ class Hostile:
         last = min(last, self.size - 1)
         if (self.mode == "silent" and first > 0) or self.mode == "silent first":  # no reply at all
             self.release.wait(60)
+            return
+        if self.mode == "busy" and first > 0:  # a second, then 503 (which botocore retries)
+            time.sleep(1)
+            reply(h, 503, b"<Error><Code>SlowDown</Code></Error>")
             return
         body = whole(self.size)[first : last + 1]
         status, claim, etag = 206 if asked else 200, f"bytes {first}-{last}/{self.size}", '"hostile"'
@@ -240,3 +244,18 @@ def test_closing_an_import_does_not_wait_for_a_store_that_never_answers(
     assert all(t.daemon for t in threading.enumerate() if t.name == "boxvm-s3-download")
     hostile.release.set()
     assert range_threads(within=10) == []
+
+
+def test_a_closed_import_retries_no_get(hostile: Hostile) -> None:
+    """The store refuses every piece after the first with 503, a second after being asked:
+    an import closed meanwhile sends no GET after those (botocore would retry each, four
+    more times), and its range threads end with the refusals."""
+    hostile.mode = "busy"
+    reader = objstore.download(objstore.parse("s3://bucket/key")).open()
+    assert reader.read(1)
+    time.sleep(0.3)  # the pieces in flight are asked for
+    asked = len(hostile.ranged)
+    reader.close()
+    assert range_threads() == []
+    time.sleep(1.5)  # a retry's backoff is under a second
+    assert len(hostile.ranged) == asked
