@@ -141,6 +141,7 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
             "s3", endpoint_url=endpoint_url, config=Config(**options, request_checksum_calculation="when_required")
         )
     s3.meta.events.register("before-send.s3", _refuse_when_stopped)
+    s3.meta.events.register_first("needs-retry.s3", _no_retry_when_stopped)  # before the retry handler
     return s3
 
 
@@ -151,8 +152,8 @@ _stopping = threading.local()
 @contextlib.contextmanager
 def _stoppable(stopped: threading.Event) -> Iterator[None]:
     """Requests this thread makes inside fail with StreamAborted once ``stopped`` is set,
-    including the retries of one under way: botocore retries a failed request up to 5 times,
-    each up to its 120 s read timeout, long after a cancelled transfer gave it up."""
+    including one under way: botocore makes up to 5 attempts of a failed request, each up to
+    its 120 s read timeout, long after a cancelled transfer gave it up."""
     _stopping.event = stopped
     try:
         yield
@@ -162,10 +163,19 @@ def _stoppable(stopped: threading.Event) -> Iterator[None]:
 
 def _refuse_when_stopped(**_: object) -> None:
     """botocore's ``before-send`` hook, run before every attempt of a request (``_stoppable``).
-    StreamAborted is no error botocore retries, so the call raises it at once."""
+    StreamAborted is no error botocore retries: the call raises it."""
     stopped = getattr(_stopping, "event", None)
     if stopped is not None and stopped.is_set():
         raise StreamAborted("the transfer was stopped")
+
+
+def _no_retry_when_stopped(response: Any = None, caught_exception: Any = None, **_: object) -> None:
+    """botocore's ``needs-retry`` hook, run ahead of its retry handler after every attempt: a
+    failed attempt of a stopped transfer raises StreamAborted instead of sleeping a backoff
+    and spending the client's retry quota (a part cut mid-body counts as a transient error).
+    A successful one is left alone: its reply may hold a connection to release."""
+    if caught_exception is not None or (response is not None and response[0].status_code >= 400):
+        _refuse_when_stopped()
 
 
 def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
@@ -388,7 +398,7 @@ class _Sender:
             then()
 
     def stop(self, linger: float) -> bool:
-        """No part starts another request, and one still being sent is cut (a store keeps
+        """No part makes another attempt, and one still being sent is cut (a store keeps
         no part it did not get whole); True once none is in flight, False if some still are
         after ``linger`` seconds (sent whole, their answers not come)."""
         self.stopped.set()
@@ -431,9 +441,10 @@ class PartBody:
     def read(self, size: int | None = -1) -> bytes | memoryview:
         """Exactly ``size`` bytes (what is left if fewer; all of it without a size): over
         HTTPS each read is sent as one aws-chunk, and S3 refuses one under 8 KiB but the last.
-        StreamAborted once the upload is stopped: the request fails mid-body, and a store
-        keeps no part it did not get whole."""
-        if self._stopped.is_set():
+        StreamAborted once the upload is stopped, while bytes remain: the request fails
+        mid-body, and a store keeps no part it did not get whole (a body sent whole waits
+        for its answer, as the store may keep it)."""
+        if self._stopped.is_set() and self._pos < self._starts[-1]:
             raise StreamAborted("the upload was stopped")
         total = self._starts[-1]
         end = total if size is None or size < 0 else min(total, self._pos + size)

@@ -85,14 +85,20 @@ def test_seek_and_tell_behave_as_botocore_needs() -> None:
 
 
 def test_a_stopped_upload_s_body_fails_its_next_read() -> None:
-    """Once the upload is stopped, the next read of a part's body fails: the request being
-    sent breaks off mid-body, and a store keeps no part it did not get whole."""
+    """Once the upload is stopped, the next read of a part's body fails while bytes remain:
+    the request being sent breaks off mid-body, and a store keeps no part it did not get
+    whole; the read that ends a whole body does not fail."""
     stopped = threading.Event()
     body = objstore.PartBody([b"abc", b"def"], stopped)
     assert body.read(2) == b"ab"
     stopped.set()
     with pytest.raises(StreamAborted):
         body.read(2)
+    body.seek(0)
+    stopped.clear()
+    assert body.read(6) == b"abcdef"
+    stopped.set()
+    assert body.read(1) == b""  # a body sent whole is not cut: the store may keep it
 
 
 def test_the_crc32_is_left_out_only_where_the_signature_covers_the_body(monkeypatch: pytest.MonkeyPatch) -> None:

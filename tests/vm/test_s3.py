@@ -278,19 +278,21 @@ async def test_failed_or_cancelled_upload_is_aborted(s3: S3Server, tmp_path: Any
 async def test_a_cancel_cuts_the_parts_on_a_slow_link_and_leaves_nothing(
     s3: S3Server, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two 8 MiB parts crossing a link of 1 MB/s a connection when the export is cancelled:
-    both break off mid-body (~7 s before they would end), which the store does not keep,
+    """Two 32 MiB parts crossing a link of 1 MB/s a connection when the export is cancelled
+    (larger than loopback's socket buffers, which can take most of an 8 MiB part at once):
+    both break off mid-body, ~30 s before they would end, which the store does not keep,
     and the abort follows: no object, no upload, no journal entry."""
     client, sent = s3.client(), asyncio.Event()
 
     async def stalled() -> AsyncIterator[bytes]:
-        for _ in range(17):
+        for _ in range(65):
             yield os.urandom(1 << 20)
         sent.set()
         await asyncio.sleep(3600)
         yield b""
 
     monkeypatch.setenv(objstore.CONNECTIONS_ENV, "2")
+    monkeypatch.setattr(objstore, "_PART", 32 << 20)
     target = objstore.parse(f"s3://{s3.bucket}/aborted-slow/{os.urandom(3).hex()}")
     with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), 1_000_000) as link:
         monkeypatch.setenv("AWS_ENDPOINT_URL", link.url)
