@@ -309,6 +309,39 @@ async def test_a_cancel_cuts_the_parts_on_a_slow_link_and_leaves_nothing(
     assert not list((tmp_path / "s3uploads").iterdir())
 
 
+async def test_ctrl_c_on_an_export_to_s3_aborts_it(home: Home, s3: S3Server, source: str) -> None:
+    """``boxvm export BOX s3://...`` interrupted (SIGINT) while its parts cross a link of
+    1 MB/s a connection: it exits 130 once the parts handed to the kernel whole are answered
+    (``_LINGER`` at most; parts still being read break off at once), leaving no object, no
+    multipart upload and no journal entry, and the box as it was."""
+    client = s3.client()
+    key = f"interrupted/{os.urandom(3).hex()}.boxsnap"
+    with Throttle(int(s3.endpoint.rsplit(":", 1)[1]), 1_000_000) as link:
+        env = {**os.environ, "BOXVM_HOME": str(home.root), "AWS_ENDPOINT_URL": link.url, objstore.CONNECTIONS_ENV: "2"}
+        command = ["export", "--no-compress", source, f"s3://{s3.bucket}/{key}"]  # ~50 MB: ~25 s through the link
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from boxvm.cli.main import main; main()", *command],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while key not in uploads(client, s3.bucket):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)  # its first parts are on their way
+        began = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - began
+    assert proc.returncode == 130, err
+    assert took < objstore._LINGER + 5, err
+    assert keys(client, s3.bucket, "interrupted/") == []
+    assert key not in uploads(client, s3.bucket)
+    assert not [e for e in (home.tmp / "s3uploads").iterdir() if e.name.startswith(f"{proc.pid}-")]
+    async with boxvm.Runtime(home.root) as rt:
+        box = await rt.get(source)
+        assert box is not None and (await box.info()).status == boxvm.BoxStatus.CONFIGURED
+
+
 async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server, source: str) -> None:
     """``boxvm.ray``'s runner, here without a Ray cluster (test_ray runs it on one): forks of
     a published archive import it once as the node's seed; retiring the seed removes that
