@@ -3,7 +3,8 @@ directly or through a bucket both reach, resumably (issue 16).
 
 Every move is driven by one process and recorded in a journal (``<home>/migrations/<box
 name>.json``, in the home of that process) before each next step; a lock beside it keeps a
-second driver of the same box out. A running (or paused) box is suspended first: its
+second driver of the same box out. A re-run may name the box by its id even once the
+source no longer has it (the journals say which name it had). A running (or paused) box is suspended first: its
 memory and device state travel in the archive, and once the move is done the target
 starts it, which resumes every process where it was (a suspended box stays suspended).
 Both ways keep the box's id, and the move marks its import with a random nonce it keeps in
@@ -39,14 +40,17 @@ is never resumed on both.
 **Through a bucket** (``via``, ``s3://bucket/prefix/``): the archive goes through a new
 object ``<via><name>-<random>.boxsnap``.
 
-1. ``started``: the box's archive is exported to the object (create-only; a re-run that
-   finds it complete moves on).
+1. ``started``: the box's archive is exported to the object (create-only). A re-run exports
+   to a new object (the old one deleted at the end): an earlier run may have exported and
+   died before recording it, and the box, still the source's, may have run there since.
 2. ``exported``: the box is removed from the source. From here the object, named in the
    journal, holds the box: no runner lists it until step 3.
 3. ``released``: the target imports the object under the box's name, id and nonce (verified
    before it exists; a re-run that finds the journal's box there moves on; another box under
    that id stops the move with the object kept).
-4. ``imported``: the object is deleted and the journal with it.
+4. ``imported``: the target starts the box if it was running; then the objects are deleted
+   with this process's S3 settings (a failure is warned of: the box is moved) and the
+   journal with them.
 
 So at every instant exactly one of the source, the object (steps 2-3) or the target owns
 the box, whichever side is killed: a killed export leaves no object and the box at the
@@ -65,19 +69,22 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging
 import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from boxvm import faults, objstore
 from boxvm.backends.base import Backend
-from boxvm.errors import AlreadyExists, BoxNotFound, InvalidArgument, InvalidState, Unsupported
+from boxvm.errors import AlreadyExists, BoxNotFound, BoxvmError, InvalidArgument, InvalidState, Unsupported
 from boxvm.options import BoxInfo, ExportOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
+
+log = logging.getLogger("boxvm")
 
 _PHASES = ("started", "exported", "released", "imported")
 _START_SETTLES = 90.0  # seconds: longer than a target waits on a start whose process died
@@ -96,6 +103,7 @@ class Journal:
     phase: str = "started"
     resume: bool = False  # it was running: suspend at the source, start (resume) on the target
     nonce: str = ""  # this move's mark on the target's box (random; "" only in a journal from before nonces)
+    stale: list[str] = field(default_factory=list)  # objects of earlier export attempts, deleted at the end
 
 
 def _where(backend: Backend) -> str:
@@ -140,9 +148,21 @@ async def migrate(source: Backend, box: str, target: Backend, via: str | None = 
         raise InvalidArgument(f"--via {via!r}: give an s3://bucket/prefix/ both runners can reach (ending in '/')")
     folder = _journal_dir(source)
     info = await source.get(box)
-    name = info.name if info is not None else box
+    name = info.name if info is not None else _journaled(folder, box)
     with _exclusive(folder / f"{name}.lock", name):
         return await _migrate(source, target, via, folder / f"{name}.json", info, name)
+
+
+def _journaled(folder: Path, box: str) -> str:
+    """The name of the box ``box`` (a name or an id) by the journals in ``folder``: once
+    the source no longer has the box, only its journal says which name an id had."""
+    if (folder / f"{box}.json").exists():
+        return box
+    for path in folder.glob("*.json"):
+        with contextlib.suppress(InvalidState):
+            if (journal := _load(path)) is not None and journal.box_id == box:
+                return journal.box_name
+    return box
 
 
 @contextlib.contextmanager
@@ -164,7 +184,7 @@ def _exclusive(lock: Path, name: str) -> Iterator[None]:
 async def _migrate(
     source: Backend, target: Backend, via: str | None, path: Path, info: BoxInfo | None, name: str
 ) -> BoxInfo:
-    journal = _load(path)
+    journal, begun = _load(path), False
     if journal is None:
         if info is None:
             raise BoxNotFound(f"no box named or with id {name!r} on the source, and no unfinished migration of it")
@@ -176,11 +196,10 @@ async def _migrate(
             raise AlreadyExists(f"the target already has a box named {name!r}: rename or remove one of them")
         if await target.get(info.id) is not None:
             raise AlreadyExists(f"the target already has a box with the id of {name!r}: remove it there first")
-        obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap" if via is not None else ""
-        if obj:
-            objstore.parse(obj)
+        obj = _object(via, name) if via is not None else ""
         journal = Journal(info.id, name, _where(target), obj, resume=info.status in _UP, nonce=secrets.token_hex(16))
         _save(path, journal)
+        begun = True
     elif not journal.nonce and not _past_import(journal):  # begun before moves had nonces: one now
         journal.nonce = secrets.token_hex(16)  # (an import that version did but did not record is not adopted)
         _save(path, journal)
@@ -190,7 +209,7 @@ async def _migrate(
         how = f"through {journal.object.rsplit('/', 1)[0]}/ (--via)" if journal.object else "directly (no --via)"
         raise InvalidState(f"box {name!r} is being moved {how}: run migrate again that way to finish it")
     if journal.object:
-        await _through_bucket(source, target, path, journal)
+        await _through_bucket(source, target, path, journal, begun)
     else:
         await _directly(source, target, path, journal)
     return await _finish(target, path, journal)
@@ -272,12 +291,17 @@ async def _exported(source: Backend, box_id: str) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _through_bucket(source: Backend, target: Backend, path: Path, journal: Journal) -> None:
-    url = objstore.parse(journal.object)
+async def _through_bucket(source: Backend, target: Backend, path: Path, journal: Journal, begun: bool) -> None:
     if journal.phase == "started":
         await _suspend(source, journal)
-        with contextlib.suppress(AlreadyExists):  # our own export completed before a crash (the key is ours)
-            await source.export_object(journal.box_id, journal.object, ExportOptions())
+        if not begun:
+            # An earlier run may have exported to the object and died before it recorded
+            # so; the box stayed the source's, may have run there since, and must not be
+            # moved as that older state: export to a new object, the old one deleted at the end.
+            journal.stale.append(journal.object)
+            journal.object = _object(journal.object.rsplit("/", 1)[0] + "/", journal.box_name)
+            _save(path, journal)
+        await source.export_object(journal.box_id, journal.object, ExportOptions())
         faults.point("migrate:exported")
         journal.phase = "exported"
         _save(path, journal)
@@ -296,15 +320,32 @@ async def _through_bucket(source: Backend, target: Backend, path: Path, journal:
         faults.point("migrate:imported")
         journal.phase = "imported"
         _save(path, journal)
-    await objstore.delete(url)
 
 
 async def _finish(target: Backend, path: Path, journal: Journal) -> BoxInfo:
     moved = await _settled(target, journal)
     if journal.resume and moved.status in (BoxStatus.SUSPENDED, BoxStatus.FAILED):
         moved = await target.start(moved.id)  # resumes every process where it was (a failed start: boots)
+    for obj in filter(None, (journal.object, *journal.stale)):
+        await _discard(obj)
     path.unlink(missing_ok=True)
     return moved
+
+
+async def _discard(obj: str) -> None:
+    """Delete an object the move is done with, with this process's S3 settings (the runners
+    did the transfers with theirs): a failure is warned of, not raised, once the box is moved."""
+    try:
+        await objstore.delete(objstore.parse(obj))
+    except BoxvmError as exc:
+        log.warning("box moved, but %s could not be deleted (%s): delete it with the runners' credentials", obj, exc)
+
+
+def _object(via: str, name: str) -> str:
+    """A new object under ``via`` for the archive of box ``name`` in transit."""
+    obj = f"{via}{name}-{secrets.token_hex(8)}.boxsnap"
+    objstore.parse(obj)
+    return obj
 
 
 async def _settled(target: Backend, journal: Journal) -> BoxInfo:

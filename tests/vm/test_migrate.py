@@ -150,6 +150,25 @@ def finished(home: Home, s3: S3Server, name: str) -> None:
     assert not list((home.root / "migrations").glob(f"{name}*"))
 
 
+def killed_driver(home: Home, target: Runner, box: str, via: str | None, step: str, by_cli: bool) -> None:
+    """Drive the move of ``box`` from the test home to ``target`` in a process of its own,
+    through ``boxvm migrate`` or the API, and see it SIGKILLed at the fault point ``step``."""
+    api = (
+        "import asyncio, boxvm\n"
+        "async def main():\n"
+        "    async with boxvm.Runtime() as rt,"
+        f" boxvm.Runtime.remote({target.url!r}, token={TOKEN!r}) as target:\n"
+        f"        await (await rt.get({box!r})).migrate(target, via={via!r})\n"
+        "asyncio.run(main())\n"
+    )
+    cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", box, "--to", target.url] + (["--via", via] if via else [])
+    env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_FAULT": step, "BOXVM_TO_TOKEN": TOKEN}
+    proc = subprocess.run(
+        cli if by_cli else [sys.executable, "-c", api], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
 # Each way's driver kills (a stopped box, the driver on the source host): the fault point,
 # who holds the box after it, whether the CLI (else the API) drives. Directly, a driver
 # killed right after the target's commit leaves both listing it: the target's copy (the
@@ -183,27 +202,13 @@ async def test_driver_killed_after_each_step(
     target = runners[1]
     name = f"mig-drv-{os.urandom(2).hex()}"
     via = VIA if way == "bucket" else None
-    api = (
-        "import asyncio, boxvm\n"
-        "async def main():\n"
-        "    async with boxvm.Runtime() as rt,"
-        f" boxvm.Runtime.remote({target.url!r}, token={TOKEN!r}) as target:\n"
-        f"        await (await rt.get({name!r})).migrate(target, via={via!r})\n"
-        "asyncio.run(main())\n"
-    )
-    cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url] + (
-        ["--via", VIA] if via else []
-    )
     async with boxvm.Runtime(home.root) as rt, boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
         box = await a_box_with_data(rt, home, name)
         ref = await rt.get(f"{name}-ref")
         assert ref is not None
         try:
             for step, holder, by_cli in DRIVER_STEPS[way]:
-                env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_FAULT": step, "BOXVM_TO_TOKEN": TOKEN}
-                argv = cli if by_cli else [sys.executable, "-c", api]
-                proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
-                assert proc.returncode == -signal.SIGKILL, proc.stderr
+                killed_driver(home, target, name, via, step, by_cli)
                 assert await holders(rt.backend, tgt.backend, s3, name) == holder, step
                 if step == "export:disk-streamed":  # someone else's box under the name: refused, not adopted
                     impostor = await tgt.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)
@@ -230,6 +235,44 @@ async def test_driver_killed_after_each_step(
             for runtime in (rt, tgt):
                 if await runtime.get(name) is not None:
                     await runtime.remove(name, force=True)
+
+
+async def test_a_rerun_moves_the_box_as_it_is_now_and_knows_it_by_id(
+    home: Home, target_home: Home, runners: tuple[Runner, Runner], s3: S3Server
+) -> None:
+    """Through the bucket, the driver dies right after its export completed, before it
+    recorded that (the box is still the source's), and the box runs at the source and
+    writes a file: the re-run moves the box as it is now, not the older archive. That run
+    dies once the source's copy is gone; a run naming the box by its id, which the source
+    no longer knows, finishes the move, and both objects are deleted."""
+    target = runners[1]
+    name = f"mig-again-{os.urandom(2).hex()}"
+
+    async def write(box: boxvm.Box, path: str) -> None:
+        await box.start()
+        r = await box.exec(["sh", "-c", f"head -c 300000 /dev/urandom > {path} && sync"])
+        assert r.exit_code == 0, r.stderr
+        await box.stop()
+
+    async with boxvm.Runtime(home.root) as rt, boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
+        box = await rt.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)
+        try:
+            await write(box, "/root/before")
+            killed_driver(home, target, name, VIA, "migrate:exported", False)
+            assert await holders(rt.backend, tgt.backend, s3, name) == ["source"] and len(in_transit(s3)) == 1
+            await write(box, "/root/after")
+            now = await box.clone(f"{name}-now")
+            killed_driver(home, target, name, VIA, "migrate:released", True)
+            assert await holders(rt.backend, tgt.backend, s3, name) == ["object"]
+            moved = await migrate(rt.backend, box.id, tgt.backend, VIA)
+            assert moved.id == box.id and moved.name == name
+            same_content(home, now.id, target_home, moved.id)
+            finished(home, s3, name)
+        finally:
+            for runtime in (rt, tgt):
+                for left in (name, f"{name}-now"):
+                    if await runtime.get(left) is not None:
+                        await runtime.remove(left, force=True)
 
 
 async def test_running_box_moves_while_runners_are_killed(
