@@ -13,6 +13,7 @@ process)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -273,6 +274,38 @@ async def test_a_rerun_moves_the_box_as_it_is_now_and_knows_it_by_id(
                 for left in (name, f"{name}-now"):
                     if await runtime.get(left) is not None:
                         await runtime.remove(left, force=True)
+
+
+async def test_a_driver_without_s3_credentials_still_finishes_a_bucket_move(
+    home: Home, runners: tuple[Runner, Runner], s3: S3Server, monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """The runners move the bytes with their own S3 settings; the process driving the move
+    has no credentials (another host, say): the move still ends, the box on the target and
+    the journal gone, and a warning names the object it could not delete."""
+    source, target = runners
+    name = f"mig-nokey-{os.urandom(2).hex()}"
+    client = s3.client()  # the tests' own credentials, taken before the driver loses them
+    async with boxvm.Runtime(home.root) as rt:
+        await rt.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    async with (
+        boxvm.Runtime.remote(source.url, token=TOKEN) as src,
+        boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
+    ):
+        try:
+            with caplog.at_level(logging.WARNING, logger="boxvm"):
+                moved = await migrate(src.backend, name, tgt.backend, VIA)
+            assert moved.name == name and await src.get(name) is None
+            [left] = in_transit(s3)
+            assert left in caplog.text and "could not be deleted" in caplog.text
+            assert not list((home.root / "migrations").glob(f"{name}*"))
+        finally:
+            for key in in_transit(s3):
+                client.delete_object(Bucket=s3.bucket, Key=key)
+            for runtime in (src, tgt):
+                if await runtime.get(name) is not None:
+                    await runtime.remove(name, force=True)
 
 
 async def test_running_box_moves_while_runners_are_killed(
