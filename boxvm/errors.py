@@ -115,8 +115,10 @@ def _classes(cls: type[BoxvmError]) -> list[type[BoxvmError]]:
 KINDS = {cls.kind(): cls for cls in _classes(BoxvmError)}
 
 
-def from_dict(data: dict[str, object]) -> BoxvmError:
+def from_dict(data: object) -> BoxvmError:
     """Rebuild the exception a peer serialised with :meth:`BoxvmError.to_dict`: the class its
     ``code`` names, else (a peer without codes) the top-level class its ``type`` names."""
+    if not isinstance(data, dict):
+        return BoxvmError(f"a peer sent a malformed error: {str(data)[:200]!r}")
     cls = KINDS.get(str(data.get("code"))) or KINDS.get(str(data.get("type"))) or BoxvmError
     return cls(str(data.get("message", "")))

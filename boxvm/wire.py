@@ -47,6 +47,7 @@ CLIENT_KEEPALIVE_SECS = 10
 # control messages with a "type" (client: close_stdin, signal, resize; server: started,
 # exit, error).
 STDIN, STDOUT, STDERR = 0, 1, 2
+WS_MAX_MESSAGE = 16 << 20  # bytes of one exec WebSocket message from a server (its output chunks are <= 1 MiB)
 WS_POLICY_VIOLATION = 1008  # the close code of an exec WebSocket refused for its token
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 

@@ -55,6 +55,8 @@ from boxvm.streams import ByteStream
 
 RETRIES = 3
 _CHUNK = 1 << 20
+_REPLY_MAX = 64 << 20  # bytes of a JSON reply (a list of 10 000 boxes is ~10 MB)
+_ERROR_MAX = 64 << 10  # bytes of an error reply
 
 
 class RemoteProcess(ProcessChannel):
@@ -196,25 +198,40 @@ class RemoteBackend(Backend):
         attempts = RETRIES if idempotent or method == "GET" else 1
         for attempt in range(attempts):
             try:
-                response = await self._http.request(
-                    method,
-                    path,
-                    json=json_body,
-                    params=params,
-                    headers=headers,
-                    content=content() if content else None,
+                request = self._http.build_request(
+                    method, path, json=json_body, params=params, headers=headers, content=content() if content else None
                 )
+                response = await self._http.send(request, stream=True)
+                try:
+                    body = await self._bounded(response)
+                finally:
+                    await response.aclose()
                 break
             except httpx.TransportError as exc:
                 if attempt == attempts - 1:
                     raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
                 await asyncio.sleep(0.2 * (attempt + 1))
-        _raise_for_error(response)
-        if response.status_code == 204 or not response.content:
+        _raise_for_error(response.status_code, body)
+        if response.status_code == 204 or not body:
             return None
         if response.headers.get("content-type", "").startswith("application/json"):
-            return response.json()
-        return response.text
+            try:
+                return json.loads(body)
+            except ValueError as exc:
+                raise EngineError(f"the boxvm server at {self.url} sent malformed JSON") from exc
+        return body.decode(errors="replace")
+
+    async def _bounded(self, response: httpx.Response) -> bytes:
+        """A reply's body (decoded), refused past ``_REPLY_MAX`` bytes (``_ERROR_MAX`` for an
+        error): a server, or anyone on an http:// path to it, could otherwise send without
+        end into this process's memory."""
+        most = _ERROR_MAX if response.status_code >= 400 else _REPLY_MAX
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > most:
+                raise EngineError(f"the boxvm server at {self.url} sent a reply of over {most} bytes: refused")
+        return bytes(body)
 
     # -- lifecycle ----------------------------------------------------------------------
     async def create(self, options: BoxOptions, name: str | None) -> BoxInfo:
@@ -271,7 +288,7 @@ class RemoteBackend(Backend):
             ws = await connect(
                 url,
                 additional_headers=self._headers,
-                max_size=None,
+                max_size=wire.WS_MAX_MESSAGE,
                 open_timeout=30,
                 ssl=self._tls if url.startswith("wss:") else None,
             )
@@ -311,7 +328,8 @@ class RemoteBackend(Backend):
         except httpx.TransportError as exc:
             raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
         try:
-            await _raise_for_stream_error(response)
+            if response.status_code >= 400:
+                _raise_for_error(response.status_code, await self._bounded(response))
         except BaseException:
             await response.aclose()
             raise
@@ -434,20 +452,15 @@ def _unauthorized() -> BoxvmError:
     return Unauthorized("the server refused the token: pass the right one (token= or BOXVM_TOKEN)")
 
 
-def _raise_for_error(response: httpx.Response) -> None:
-    if response.status_code < 400:
+def _raise_for_error(status: int, body: bytes) -> None:
+    """The server's error, if the reply is one: its JSON envelope's, else the status."""
+    if status < 400:
         return
     try:
-        error = response.json()["error"]
+        error = json.loads(body)["error"]
     except (ValueError, KeyError, TypeError):
-        raise BoxvmError(f"HTTP {response.status_code} from the server: {response.text[:200]}") from None
+        raise BoxvmError(f"HTTP {status} from the server: {body[:200].decode(errors='replace')}") from None
     raise from_dict(error)
-
-
-async def _raise_for_stream_error(response: httpx.Response) -> None:
-    if response.status_code >= 400:
-        await response.aread()
-        _raise_for_error(response)
 
 
 def _kept(info: BoxInfo, box_id: str | None, url: str) -> BoxInfo:

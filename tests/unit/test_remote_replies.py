@@ -1,0 +1,87 @@
+"""A client of a hostile boxvm server (``Runtime.remote``; a migration's driver talks to
+two): a reply is read to a bound, not into memory without end, and an error envelope
+of the wrong shape, or JSON that is not, fails as a BoxvmError. Against an attacker's
+HTTP server (``tests/fakehttp.py``)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from boxvm import wire
+from boxvm.backends import remote
+from boxvm.backends.remote import RemoteBackend
+from boxvm.errors import BoxvmError, EngineError
+from tests.fakehttp import Fake, Handler, fakes, reply
+
+JSON = {"Content-Type": "application/json"}
+CONFIG = json.dumps({"api": wire.API_VERSION, "version": "hostile", "capabilities": list(wire.CAPABILITIES)}).encode()
+
+
+class Server:
+    """Answers ``/v1/config`` truthfully and a few paths as an attacker would; counts the
+    bytes it sent of endless bodies."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def __call__(self, fake: Fake, h: Handler) -> None:
+        path = h.path.split("?")[0]
+        if path == "/v1/config":
+            reply(h, 200, CONFIG, JSON)
+        elif path in ("/v1/boxes", "/v1/boxes/endless-error"):
+            h.send_response(200 if path == "/v1/boxes" else 404)
+            h.send_header("Content-Type", "application/json")
+            h.send_header("Content-Length", str(1 << 40))
+            h.end_headers()
+            block = b"[" + b" " * (64 << 10)
+            while True:  # until the client hangs up
+                h.wfile.write(block)
+                self.sent += len(block)
+        elif path == "/v1/boxes/odd-error":
+            reply(
+                h, 500, json.dumps({"error": ["not", "an", "envelope"]}).encode(), {"Content-Type": "application/json"}
+            )
+        elif path == "/v1/boxes/not-json":
+            reply(h, 200, b"{not json", JSON)
+        else:
+            reply(h, 404, b"")
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, str]]:
+    monkeypatch.setattr(remote, "_REPLY_MAX", 1 << 20)
+    route = Server()
+    with fakes(route) as [fake]:
+        yield route, f"http://{fake.host}"
+
+
+async def test_an_endless_reply_is_refused_at_its_bound(server: tuple[Server, str]) -> None:
+    """A body that never ends, as a list of boxes or as an error: refused past the bound
+    (1 MiB here, 64 KiB for an error), the connection dropped long before the server is done."""
+    route, url = server
+    client = RemoteBackend(url, "token")
+    try:
+        with pytest.raises(EngineError, match="over 1048576 bytes"):
+            await client.list()
+        with pytest.raises(EngineError, match="over 65536 bytes"):
+            await client.get("endless-error")
+    finally:
+        await client.close()
+    assert route.sent < 64 << 20  # the server found the client gone
+
+
+async def test_misshapen_replies_fail_as_boxvm_errors(server: tuple[Server, str]) -> None:
+    """An error whose envelope is not an object, and JSON that does not parse: BoxvmErrors
+    (not an AttributeError or a ValueError from deep inside the client)."""
+    _, url = server
+    client = RemoteBackend(url, "token")
+    try:
+        with pytest.raises(BoxvmError, match="malformed error"):
+            await client.get("odd-error")
+        with pytest.raises(EngineError, match="malformed JSON"):
+            await client.get("not-json")
+    finally:
+        await client.close()
