@@ -179,8 +179,16 @@ def _no_retry_when_stopped(response: Any = None, caught_exception: Any = None, *
 
 
 def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
-    """A botocore failure as a boxvm error naming the object and what to do."""
-    from botocore.exceptions import ClientError, NoCredentialsError
+    """A botocore failure as a boxvm error naming the object and what to do. Never botocore's
+    own text, which a REST caller would see: it names the store's endpoint or a config file
+    of this host (that detail goes to this host's log)."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
     if isinstance(exc, BoxvmError):
         return exc
@@ -198,7 +206,12 @@ def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
             return Unauthorized(f"object storage refused access to {url} ({code}): check the AWS credentials")
         return StorageError(f"object storage failed on {url}: {code or status}")
-    return StorageError(f"object storage failed on {url}: {exc}")
+    log.warning("object storage failed on %s: %s", url, exc)
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        return StorageError(f"cannot reach the object storage of {url}: check its endpoint and the network")
+    if isinstance(exc, ReadTimeoutError):
+        return StorageError(f"object storage did not answer in time on {url}: try again")
+    return StorageError(f"object storage failed on {url} ({type(exc).__name__}; the server's log has more)")
 
 
 # -- export -------------------------------------------------------------------------

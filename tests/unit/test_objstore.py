@@ -71,3 +71,19 @@ async def test_a_download_iterated_on_the_loop_and_cancelled_mid_read_ends_cance
     with pytest.raises(asyncio.CancelledError):
         await task
     assert closed.is_set()
+
+
+def test_failures_name_neither_the_endpoint_nor_a_config_file() -> None:
+    """botocore's own text names the store's endpoint or a config file of this host; a REST
+    caller gets the error's message, so it says what happened without them."""
+    from botocore.exceptions import ConfigParseError, EndpointConnectionError, ReadTimeoutError
+
+    url = objstore.parse("s3://bucket/key")
+    for exc, said in (
+        (EndpointConnectionError(endpoint_url="http://10.9.8.7:8333/bucket/key"), "cannot reach"),
+        (ReadTimeoutError(endpoint_url="http://10.9.8.7:8333/bucket/key"), "did not answer in time"),
+        (ConfigParseError(path="/root/.aws/config"), "ConfigParseError"),
+    ):
+        message = objstore._error(exc, url).message
+        assert said in message and "s3://bucket/key" in message
+        assert "10.9.8.7" not in message and "/root" not in message
