@@ -532,13 +532,23 @@ def recover(journal_dir: Path, alive: Callable[[int], bool] | None = None) -> No
 
 
 # -- import -------------------------------------------------------------------------
-async def size(url: ObjectURL) -> int:
-    """The object's size; NotFound if it does not exist."""
+async def _head(url: ObjectURL) -> dict[str, Any]:
     try:
-        head = await asyncio.to_thread(client().head_object, Bucket=url.bucket, Key=url.key)
+        return await asyncio.to_thread(client().head_object, Bucket=url.bucket, Key=url.key)  # type: ignore[no-any-return]
     except Exception as exc:
         raise _error(exc, url) from exc
-    return int(head["ContentLength"])
+
+
+async def size(url: ObjectURL) -> int:
+    """The object's size; NotFound if it does not exist."""
+    return int((await _head(url))["ContentLength"])
+
+
+async def identity(url: ObjectURL) -> str:
+    """What tells this object from another one put at the same key later (its ETag and
+    version id); NotFound if it does not exist."""
+    head = await _head(url)
+    return f"{head.get('ETag', '')}/{head.get('VersionId', '')}"
 
 
 def download(url: ObjectURL) -> Download:

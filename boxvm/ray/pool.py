@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -18,11 +19,11 @@ from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from boxvm import objstore
-from boxvm.errors import BoxvmError, EngineError, InvalidArgument
+from boxvm.errors import AlreadyExists, BoxvmError, EngineError, InvalidArgument
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.ray.errors import NoCapacity, RunnerUnavailable
 from boxvm.ray.placement import plan
@@ -30,6 +31,7 @@ from boxvm.ray.runner import NodeLoad, Runner, collect, home_for
 from boxvm.tarstream import receive_tree, tree_chunks
 
 T = TypeVar("T")
+log = logging.getLogger("boxvm.ray")
 RUNNER_PREFIX = "boxvm-runner-"
 
 
@@ -38,18 +40,18 @@ def _wait(ref: ray.ObjectRef, node_id: str, what: str) -> Any:
     as RunnerUnavailable naming the node and what was asked of it."""
     try:
         return ray.get(ref)
-    except RayActorError as exc:
+    except RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BoxvmError):
+            raise cause from None
+        raise EngineError(f"{what} failed in the runner of Ray node {node_id[:12]}: {cause!r}") from exc
+    except RayError as exc:  # the actor died, or the result went with its node (ObjectLostError, OwnerDiedError)
         detail = (str(exc).strip().splitlines() or ["no detail"])[0]
         raise RunnerUnavailable(
             f"{what} is on Ray node {node_id[:12]}, whose boxvm runner is gone ({type(exc).__name__}: {detail}): "
             "its boxes cannot be reached until a runner runs there again (BoxPool.start_runners); "
             "boxes on other nodes are unaffected"
         ) from None
-    except RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, BoxvmError):
-            raise cause from None
-        raise EngineError(f"{what} failed in the runner of Ray node {node_id[:12]}: {cause!r}") from exc
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -230,21 +232,36 @@ class BoxPool:
         self._runners.pop(node_id, None)
         self.lost[node_id] = why
 
+    def _ask_all(
+        self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """``call`` on every live runner at once; their answers by node. A runner that is gone,
+        or does not answer within ``timeout`` (``probe_timeout`` by default; hung, not dead:
+        Ray would wait forever), leaves the pool (``lost`` says why; ``start_runners`` takes a
+        live one back) and the others keep serving; any other failure raises, once every
+        runner has been heard."""
+        timeout = self._timeout if timeout is None else timeout
+        refs = {node: call(runner) for node, runner in self._runners.items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
+        answers, failure = {}, None
+        for node, ref in refs.items():
+            if ref not in ready:
+                self._drop(node, f"no answer within {timeout:g} s")
+                continue
+            try:
+                answers[node] = _wait(ref, node, what)
+            except RunnerUnavailable as exc:
+                self._drop(node, exc.message)
+            except BoxvmError as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+        return answers
+
     def loads(self) -> list[NodeLoad]:
         """Every live runner's capacity and use; a runner that is gone or does not answer within
         ``probe_timeout`` leaves the pool (``lost`` says why) and the others keep serving."""
-        refs = {node: runner.load.remote() for node, runner in self._runners.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self._timeout)
-        loads = []
-        for node, ref in refs.items():
-            if ref not in ready:
-                self._drop(node, f"no answer within {self._timeout:g} s")
-                continue
-            try:
-                loads.append(_wait(ref, node, "the runner"))
-            except BoxvmError as exc:
-                self._drop(node, exc.message)
-        return loads
+        return list(self._ask_all(lambda runner: runner.load.remote(), "the runner").values())
 
     # -- boxes ------------------------------------------------------------------------
     def create(self, options: BoxOptions | None = None, name: str | None = None, *, start: bool = True) -> BoxRef:
@@ -279,6 +296,8 @@ class BoxPool:
         """Place ``names`` by ``plan`` and run ``call`` on each chosen node's runner at once. A
         node that turns out full or gone passes its share on to the others; any other failure,
         or no room left, removes what was made and raises."""
+        if (wanted := {n for n in names if n}) and (taken := wanted & {b.name for b in self.boxes()}):
+            raise AlreadyExists(f"the pool already has boxes named {sorted(taken)}: choose other names")
         pending, skip, made = list(names), set(exclude), []
         try:
             while pending:
@@ -309,19 +328,17 @@ class BoxPool:
 
     def boxes(self) -> list[BoxRef]:
         """The boxes of every live node."""
-        refs = {node: runner.list.remote() for node, runner in self._runners.items()}
-        found = []
-        for node, ref in refs.items():
-            try:
-                infos = _wait(ref, node, "the runner")
-            except RunnerUnavailable as exc:
-                self._drop(node, exc.message)
-                continue
-            found += [BoxRef(node, i.id, i.name, self._runners[node]) for i in infos]
-        return found
+        listed = self._ask_all(lambda runner: runner.list.remote(), "the runner")
+        return [BoxRef(node, i.id, i.name, self._runners[node]) for node, infos in listed.items() for i in infos]
 
     def get(self, id_or_name: str) -> BoxRef | None:
-        return next((b for b in self.boxes() if id_or_name in (b.id, b.name)), None)
+        """The box with that id or name; InvalidArgument if a name is on several nodes (made
+        by another pool, or while a node was out of this one: names are unique per node)."""
+        found = [b for b in self.boxes() if id_or_name in (b.id, b.name)]
+        if len(found) > 1:
+            where = ", ".join(b.node_id[:12] for b in found)
+            raise InvalidArgument(f"boxes named {id_or_name!r} are on several nodes ({where}): use the id")
+        return found[0] if found else None
 
     def publish(self, box: BoxRef, url: str, snapshot: str | None = None) -> Seed:
         """Export the box (or its snapshot) once to object storage, for ``fork`` on any node."""
@@ -351,14 +368,9 @@ class BoxPool:
         itself, so a later ``fork`` of it fails with NotFound. Returns the nodes that held a
         copy. A node whose runner is lost keeps its copy: retire again once it is back."""
         url = seed.url if isinstance(seed, Seed) else seed
-        refs = {node: runner.retire.remote(url) for node, runner in self._runners.items()}
-        held = []
-        for node, ref in refs.items():
-            try:
-                if _wait(ref, node, f"the seed of {url}"):
-                    held.append(node)
-            except RunnerUnavailable as exc:
-                self._drop(node, exc.message)
+        # a retire waits for a fork importing the seed there: the start timeout, not the probe's
+        answers = self._ask_all(lambda runner: runner.retire.remote(url), f"the seed of {url}", self._start_timeout)
+        held = [node for node, had in answers.items() if had]
         if delete_object and objstore.is_url(url):
             _run(objstore.delete(objstore.parse(url)))
         return held
@@ -375,13 +387,21 @@ class BoxPool:
             if self._store is None:
                 raise
         url = f"{self._store}/{box.id}-{uuid.uuid4().hex}.boxsnap"
-        return self.fork(self.publish(box, url, from_snapshot), count, start=start)
+        seed = self.publish(box, url, from_snapshot)
+        try:
+            return self.fork(seed, count, start=start)
+        finally:  # the forks keep their disks; the object and each node's import of it are this call's own
+            try:
+                self.retire(seed)
+            except BoxvmError as exc:  # the forks are made: say what is left rather than lose them
+                log.warning("could not retire %s after the clones it made (%s): retire it again", seed.url, exc)
 
     def shutdown(self, *, remove_boxes: bool = False) -> None:
         """End every runner of the pool (their boxes keep running unless ``remove_boxes``)."""
-        refs = {node: runner.close.remote(remove_boxes) for node, runner in self._runners.items()}
-        for node, ref in refs.items():
-            with contextlib.suppress(RunnerUnavailable):  # already gone
-                _wait(ref, node, "the runner")
-            ray.kill(self._runners[node], no_restart=True)
-        self._runners.clear()
+        runners = dict(self._runners)
+        try:
+            self._ask_all(lambda runner: runner.close.remote(remove_boxes), "the runner", self._start_timeout)
+        finally:
+            for runner in runners.values():  # also those that were gone or did not answer
+                ray.kill(runner, no_restart=True)
+            self._runners.clear()

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import re
 import secrets
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from boxvm import objstore
 from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.ray.errors import NoCapacity
@@ -34,7 +36,7 @@ from boxvm.status import BoxStatus
 log = logging.getLogger("boxvm.ray")
 COPY_LIMIT = 256 << 20  # bytes of one copy_in/copy_out tar: it crosses Ray in memory
 SEED_NAME = re.compile(r"seed-[0-9a-f]{24}")  # the boxes a fork imports, one per archive URL; never started
-SEED_SNAPSHOT = "seed"
+SEED_SNAPSHOT = "seed"  # a seed's snapshot: this and which archive it holds (``_mark``)
 # A box holds its node's cpus and memory while its VM may run; at rest it holds none.
 _AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.FAILED})
 
@@ -63,9 +65,22 @@ class NodeLoad:
 
 
 def seed_name(url: str) -> str:
-    """The name of the box an archive URL is imported as on a node: found again by any later
-    fork of the same URL (objects are create-only, so a URL always names the same bytes)."""
+    """The name of the box an archive URL is imported as on a node, found again by any later
+    fork of the same URL (its snapshot says which object at the URL it holds: ``_mark``)."""
     return "seed-" + hashlib.sha256(url.encode()).hexdigest()[:24]
+
+
+async def _mark(url: str) -> str:
+    """The name of a seed's snapshot: which archive at ``url`` it was imported from. Objects
+    are create-only, but a retired one is deleted and its URL may be published again (and
+    a node whose runner was lost at the retire still holds the old import): a seed is
+    reused only for the same object (ETag and version id) or file (inode, size, mtime)."""
+    if objstore.is_url(url):
+        what = await objstore.identity(objstore.parse(url))
+    else:
+        st = await asyncio.to_thread(os.stat, url)
+        what = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{SEED_SNAPSHOT}-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
 
 
 class Runner:
@@ -219,25 +234,28 @@ class Runner:
     async def fork(self, url: str, names: list[str | None], start: bool) -> list[BoxInfo]:
         """Clones of the archive at ``url``: imported once per node (the seed box), then
         cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk."""
-        seed = await self._seed(url)
+        seed, mark = await self._seed(url)
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
-        return await self.clone(seed.id, names, CloneOptions(from_snapshot=SEED_SNAPSHOT, start_after_clone=start))
+        return await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
 
-    async def _seed(self, url: str) -> Box:
-        name = seed_name(url)
+    async def _seed(self, url: str) -> tuple[Box, str]:
+        """The node's seed of ``url`` and its snapshot's name (``_mark``). The archive is
+        imported untrusted: whoever can write the bucket chooses its contents, and its port
+        forwards would clash between two forks on one node."""
+        name, mark = seed_name(url), await _mark(url)
         async with self._seeding.setdefault(url, asyncio.Lock()):
             seed = await self._rt.get(name)
-            if seed is not None and await seed.snapshot.get(SEED_SNAPSHOT) is not None:
-                return seed
-            if seed is not None:  # an import whose snapshot a crash prevented
+            if seed is not None and await seed.snapshot.get(mark) is not None:
+                return seed, mark
+            if seed is not None:  # an import a crash cut short, or of an object since replaced at the URL
                 await self._rt.remove(seed.id, force=True)
-            seed = await self._rt.import_box(url, name)
+            seed = await self._rt.import_box(url, name, untrusted=True)
             try:
-                await seed.snapshot.create(SEED_SNAPSHOT)
+                await seed.snapshot.create(mark)
             except BaseException:
                 await self._rt.remove(seed.id, force=True)
                 raise
-            return seed
+            return seed, mark
 
     async def retire(self, url: str) -> bool:
         """Remove this node's seed of ``url``; False if it has none. Its forks keep working: a

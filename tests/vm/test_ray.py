@@ -16,7 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from boxvm import BoxOptions
-from boxvm.errors import EngineError, NotFound
+from boxvm.errors import AlreadyExists, EngineError, NotFound
 from boxvm.paths import Home
 from boxvm.ray import BoxPool, BoxRef, RunnerUnavailable
 from boxvm.ray.runner import seed_name
@@ -57,7 +57,7 @@ def test_pool_on_three_nodes(env: Env, boxes: list[BoxRef], tmp_path: Path, s3: 
     (as separate tests, xdist could run them on two workers with two clusters)."""
     boxes_spread_and_a_task_on_one_node_execs_on_another(env, boxes, tmp_path)
     snapshot_published_once_and_forked_on_two_other_nodes(env, boxes, s3)
-    a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env, boxes)
+    a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env, boxes, s3)
 
 
 def boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: list[BoxRef], tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def snapshot_published_once_and_forked_on_two_other_nodes(env: Env, boxes: list[
         env.pool.fork(seed, 1, start=False)
 
 
-def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef]) -> None:
+def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, boxes: list[BoxRef], s3: S3Server) -> None:
     victim = next(b.node_id for b in boxes if b.node_id != boxes[0].node_id)  # it holds two forks too
     ray.kill(env.pool._runners[victim], no_restart=True)
     for box in [b for b in boxes if b.node_id == victim]:
@@ -131,6 +131,11 @@ def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, box
     (moved,) = env.pool.clone(full)
     assert moved.node_id == fresh.node_id != full.node_id
     assert moved.exec(["cat", "/root/c"]).stdout == b"cloned\n"
+    # ... and what it published for that goes: the object and every node's import of it.
+    assert s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="ray/")["KeyCount"] == 0
+    assert all(ray.get(env.pool._runners[node].seeds.remote()) == [] for node in survivors)
+    with pytest.raises(AlreadyExists):  # a name is the pool's, not a node's
+        env.pool.create(OPTS, "after-kill")
     for box in boxes:
         if box.node_id != victim:
             assert box.exec(["true"]).exit_code == 0

@@ -342,6 +342,38 @@ async def test_ctrl_c_on_an_export_to_s3_aborts_it(home: Home, s3: S3Server, sou
         assert box is not None and (await box.info()).status == boxvm.BoxStatus.CONFIGURED
 
 
+async def test_a_seed_follows_the_object_at_its_url(home: Home, s3: S3Server, source: str) -> None:
+    """``boxvm.ray``'s runner without a Ray cluster: a node holds its import of an archive
+    URL when the object there is deleted and another box published at the same URL (its
+    runner was lost while the seed was retired elsewhere): the next fork there imports the
+    new object instead of reusing the old import (qemu-img judges)."""
+    from boxvm.ray.runner import Runner, seed_name
+
+    url = f"s3://{s3.bucket}/seeds/{os.urandom(3).hex()}.boxsnap"
+    async with boxvm.Runtime(home.root) as rt:
+        box = await rt.get(source)
+        other = await rt.create(boxvm.BoxOptions(image="boxvm/slim"), name=f"{source}-other")
+        assert box is not None
+        await box.export(url)
+        runner = Runner(str(home.root), "test-node", 4, 1024)
+        forks = []
+        try:
+            forks += await runner.fork(url, [f"{source}-old"], False)
+            same_disk(home, box.id, forks[0].id)
+            s3.client().delete_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])
+            await other.export(url)
+            forks += await runner.fork(url, [f"{source}-new"], False)
+            same_disk(home, other.id, forks[1].id)
+            assert await runner.seeds() == [seed_name(url)]  # the old import went
+            same_disk(home, box.id, forks[0].id)  # its fork keeps its disk
+        finally:
+            await runner.retire(url)
+            for made in (*forks, other):
+                await rt.remove(made.id, force=True)
+            s3.client().delete_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])
+            await runner.close(False)
+
+
 async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server, source: str) -> None:
     """``boxvm.ray``'s runner, here without a Ray cluster (test_ray runs it on one): forks of
     a published archive import it once as the node's seed; retiring the seed removes that
