@@ -191,12 +191,18 @@ class Runner:
 
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
         """Copy-on-write clones on this node; with ``start_after_clone`` they must fit (else
-        NoCapacity) and start together (the backend would start them one by one); all or none."""
+        NoCapacity) and start together (the backend would start them one by one); all or none.
+        Clones of a memory snapshot are started by the backend, which resumes each one's
+        processes from it (a start of a clone would boot it from its disk)."""
         box = await self._box(box_id)
         info = await box.info()
         start = options.start_after_clone
         ticket = await self._reserve(info.cpus, info.memory_mib, len(names)) if start else None
         try:
+            if start and options.from_snapshot is not None:
+                snapshot = await box.snapshot.get(options.from_snapshot)
+                if snapshot is not None and snapshot.has_memory:
+                    return await self._resumed(box, info, names, options)
             clones = await box.clone_many(len(names), dataclasses.replace(options, start_after_clone=False), names)
             if not start:
                 return [await c.info() for c in clones]
@@ -209,6 +215,19 @@ class Runner:
                 await self._discard(c, failed=isinstance(r, BaseException))
             raise next(r for r in results if isinstance(r, BaseException))
         return started
+
+    async def _resumed(self, box: Box, info: BoxInfo, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
+        """Clones the backend resumes from a memory snapshot; all or none: named here, so that
+        the siblings of one whose resume failed can be found (among the boxes this call made)
+        and removed."""
+        named = [n or f"{info.name[:100]}-{secrets.token_hex(4)}" for n in names]
+        before = {i.id for i in await self._rt.list()}
+        try:
+            return [await c.info() for c in await box.clone_many(len(named), options, named)]
+        except BaseException:
+            for made in [b for n in named if (b := await self._rt.get(n)) is not None and b.id not in before]:
+                await self._discard(made)
+            raise
 
     async def _discard(self, box: Box, failed: bool = True) -> None:
         """Remove a box of a failed create or clone; the console of one whose start failed is

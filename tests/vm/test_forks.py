@@ -118,6 +118,30 @@ async def test_forks_resume_diverge_and_are_reidentified(
         await asyncio.gather(*(rt.remove(f.id, force=True) for f in forks))
 
 
+async def test_the_ray_runner_resumes_clones_of_a_memory_snapshot(parent: Parent, home: Home) -> None:
+    """``boxvm.ray``'s runner (here without a Ray cluster; ``BoxRef.clone_many`` and
+    ``BoxPool.clone`` call it) clones a memory snapshot started: the clones resume its
+    processes (the parent's boot, its counter going on), as ``clone_many`` does, instead of
+    booting their disks cold."""
+    from boxvm.ray.runner import Runner
+
+    runner = Runner(str(home.root), "test-node", 4, 4096)
+    infos = await runner.clone(parent.box.id, [None, None], CloneOptions(from_snapshot="m", start_after_clone=True))
+    try:
+        assert [i.status for i in infos] == [BoxStatus.RUNNING] * 2
+        async with boxvm.Runtime(home.root) as rt:
+            for info in infos:
+                clone = await rt.get(info.id)
+                assert clone is not None
+                boot_id, count = (await sh(clone, "cat /proc/sys/kernel/random/boot_id /tmp/count")).split()
+                assert boot_id == parent.boot_id and int(count) >= parent.count, "the clone booted cold"
+        assert (await runner.load()).used_cpus == sum(i.cpus for i in infos)
+    finally:
+        for info in infos:
+            await runner.remove(info.id, True)
+        await runner.close(False)
+
+
 async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
     rt: boxvm.Runtime, parent: Parent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
