@@ -74,7 +74,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from boxvm import faults, objstore
@@ -119,9 +119,12 @@ def _journal_dir(source: Backend) -> Path:
 
 
 def _save(path: Path, journal: Journal) -> None:
+    record = asdict(journal)
+    if not record["stale"]:  # a journal an older boxvm can finish unless a re-run made it newer
+        del record["stale"]
     tmp = path.with_name(path.name + ".new")
     with tmp.open("w") as f:
-        json.dump(asdict(journal), f)
+        json.dump(record, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -130,6 +133,10 @@ def _save(path: Path, journal: Journal) -> None:
 def _load(path: Path) -> Journal | None:
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and (newer := set(data) - {f.name for f in fields(Journal)}):
+            raise InvalidState(
+                f"the migration journal {path} was written by a newer boxvm ({sorted(newer)}): finish it with that"
+            )
         journal = Journal(**data)
     except FileNotFoundError:
         return None

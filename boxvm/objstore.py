@@ -211,7 +211,9 @@ def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
         return StorageError(f"cannot reach the object storage of {url}: check its endpoint and the network")
     if isinstance(exc, ReadTimeoutError):
         return StorageError(f"object storage did not answer in time on {url}: try again")
-    return StorageError(f"object storage failed on {url} ({type(exc).__name__}; the server's log has more)")
+    if not type(exc).__module__.startswith(("botocore", "urllib3", "boto3")):  # ours (the archive stream's)
+        return StorageError(f"object storage failed on {url}: {exc}")
+    return StorageError(f"object storage failed on {url} ({type(exc).__name__}; the log where it ran has more)")
 
 
 # -- export -------------------------------------------------------------------------
@@ -545,10 +547,10 @@ async def size(url: ObjectURL) -> int:
 
 
 async def identity(url: ObjectURL) -> str:
-    """What tells this object from another one put at the same key later (its ETag and
-    version id); NotFound if it does not exist."""
+    """What tells this object from another one put at the same key later (its ETag, version
+    id, size and time, for stores that give no ETag); NotFound if it does not exist."""
     head = await _head(url)
-    return f"{head.get('ETag', '')}/{head.get('VersionId', '')}"
+    return "/".join(str(head.get(k, "")) for k in ("ETag", "VersionId", "ContentLength", "LastModified"))
 
 
 def download(url: ObjectURL) -> Download:

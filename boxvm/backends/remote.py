@@ -222,14 +222,18 @@ class RemoteBackend(Backend):
         return body.decode(errors="replace")
 
     async def _bounded(self, response: httpx.Response) -> bytes:
-        """A reply's body (decoded), refused past ``_REPLY_MAX`` bytes (``_ERROR_MAX`` for an
-        error): a server, or anyone on an http:// path to it, could otherwise send without
-        end into this process's memory."""
-        most = _ERROR_MAX if response.status_code >= 400 else _REPLY_MAX
+        """A reply's body (decoded), refused past ``_REPLY_MAX`` bytes: a server, or anyone on
+        an http:// path to it, could otherwise send without end into this process's memory.
+        An error's is cut at ``_ERROR_MAX`` (a proxy's HTML page: its status still says what
+        happened)."""
+        error = response.status_code >= 400
+        most = _ERROR_MAX if error else _REPLY_MAX
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > most:
+                if error:
+                    return bytes(body[:most])
                 raise EngineError(f"the boxvm server at {self.url} sent a reply of over {most} bytes: refused")
         return bytes(body)
 

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import (
+    LocalRayletDiedError,
+    NodeDiedError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+    WorkerCrashedError,
+)
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from boxvm import objstore
@@ -35,6 +42,11 @@ log = logging.getLogger("boxvm.ray")
 RUNNER_PREFIX = "boxvm-runner-"
 
 
+# The Ray errors of a runner that is gone, or of a result lost with its node (ObjectLostError
+# covers OwnerDiedError). Any other (a result that would not unpickle, a cancel) is the call's.
+_GONE = (RayActorError, ObjectLostError, NodeDiedError, WorkerCrashedError, LocalRayletDiedError)
+
+
 def _wait(ref: ray.ObjectRef, node_id: str, what: str) -> Any:
     """The result of a runner call; boxvm errors come back as their own class, a dead runner
     as RunnerUnavailable naming the node and what was asked of it."""
@@ -45,7 +57,7 @@ def _wait(ref: ray.ObjectRef, node_id: str, what: str) -> Any:
         if isinstance(cause, BoxvmError):
             raise cause from None
         raise EngineError(f"{what} failed in the runner of Ray node {node_id[:12]}: {cause!r}") from exc
-    except RayError as exc:  # the actor died, or the result went with its node (ObjectLostError, OwnerDiedError)
+    except _GONE as exc:
         detail = (str(exc).strip().splitlines() or ["no detail"])[0]
         raise RunnerUnavailable(
             f"{what} is on Ray node {node_id[:12]}, whose boxvm runner is gone ({type(exc).__name__}: {detail}): "
@@ -233,35 +245,39 @@ class BoxPool:
         self.lost[node_id] = why
 
     def _ask_all(
-        self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, timeout: float | None = None
+        self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, timeout: float | None, *, probe: bool = False
     ) -> dict[str, Any]:
-        """``call`` on every live runner at once; their answers by node. A runner that is gone,
-        or does not answer within ``timeout`` (``probe_timeout`` by default; hung, not dead:
-        Ray would wait forever), leaves the pool (``lost`` says why; ``start_runners`` takes a
-        live one back) and the others keep serving; any other failure raises, once every
-        runner has been heard."""
-        timeout = self._timeout if timeout is None else timeout
+        """``call`` on every live runner at once; their answers by node. A runner that is gone
+        leaves the pool (``lost`` says why; ``start_runners`` takes a live one back). One that
+        does not answer within ``timeout`` (hung, not dead: Ray would wait forever) raises
+        RunnerUnavailable, or with ``probe`` (a load) leaves the pool too, as one that fails
+        does; otherwise a failure raises, once every runner has been heard."""
         refs = {node: call(runner) for node, runner in self._runners.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
         answers, failure = {}, None
         for node, ref in refs.items():
-            if ref not in ready:
-                self._drop(node, f"no answer within {timeout:g} s")
-                continue
             try:
+                if ref not in ready:
+                    raise RunnerUnavailable(
+                        f"the boxvm runner of Ray node {node[:12]} gave no answer within {timeout:g} s"
+                    )
                 answers[node] = _wait(ref, node, what)
-            except RunnerUnavailable as exc:
-                self._drop(node, exc.message)
             except BoxvmError as exc:
-                failure = failure or exc
+                if probe or (isinstance(exc, RunnerUnavailable) and ref in ready):
+                    self._drop(node, exc.message)
+                else:
+                    failure = failure or exc
         if failure is not None:
             raise failure
         return answers
 
     def loads(self) -> list[NodeLoad]:
-        """Every live runner's capacity and use; a runner that is gone or does not answer within
-        ``probe_timeout`` leaves the pool (``lost`` says why) and the others keep serving."""
-        return list(self._ask_all(lambda runner: runner.load.remote(), "the runner").values())
+        """Every live runner's capacity and use; a runner that is gone, fails, or does not
+        answer within ``probe_timeout`` leaves the pool (``lost`` says why) and the others
+        keep serving."""
+        return list(
+            self._ask_all(lambda runner: runner.load.remote(), "the runner", self._timeout, probe=True).values()
+        )
 
     # -- boxes ------------------------------------------------------------------------
     def create(self, options: BoxOptions | None = None, name: str | None = None, *, start: bool = True) -> BoxRef:
@@ -328,7 +344,7 @@ class BoxPool:
 
     def boxes(self) -> list[BoxRef]:
         """The boxes of every live node."""
-        listed = self._ask_all(lambda runner: runner.list.remote(), "the runner")
+        listed = self._ask_all(lambda runner: runner.list.remote(), "the runner", self._timeout)
         return [BoxRef(node, i.id, i.name, self._runners[node]) for node, infos in listed.items() for i in infos]
 
     def get(self, id_or_name: str) -> BoxRef | None:
@@ -368,8 +384,8 @@ class BoxPool:
         itself, so a later ``fork`` of it fails with NotFound. Returns the nodes that held a
         copy. A node whose runner is lost keeps its copy: retire again once it is back."""
         url = seed.url if isinstance(seed, Seed) else seed
-        # a retire waits for a fork importing the seed there: the start timeout, not the probe's
-        answers = self._ask_all(lambda runner: runner.retire.remote(url), f"the seed of {url}", self._start_timeout)
+        # no bound: a retire waits for a fork importing the seed there, however long it takes
+        answers = self._ask_all(lambda runner: runner.retire.remote(url), f"the seed of {url}", None)
         held = [node for node, had in answers.items() if had]
         if delete_object and objstore.is_url(url):
             _run(objstore.delete(objstore.parse(url)))
@@ -400,7 +416,7 @@ class BoxPool:
         """End every runner of the pool (their boxes keep running unless ``remove_boxes``)."""
         runners = dict(self._runners)
         try:
-            self._ask_all(lambda runner: runner.close.remote(remove_boxes), "the runner", self._start_timeout)
+            self._ask_all(lambda runner: runner.close.remote(remove_boxes), "the runner", None)  # may remove many boxes
         finally:
             for runner in runners.values():  # also those that were gone or did not answer
                 ray.kill(runner, no_restart=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm import objstore
-from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument
+from boxvm.errors import AlreadyExists, BoxNotFound, BoxvmError, InvalidArgument, NotFound
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.ray.errors import NoCapacity
 from boxvm.runtime import Box, Runtime
@@ -78,7 +78,10 @@ async def _mark(url: str) -> str:
     if objstore.is_url(url):
         what = await objstore.identity(objstore.parse(url))
     else:
-        st = await asyncio.to_thread(os.stat, url)
+        try:
+            st = await asyncio.to_thread(os.stat, url)
+        except FileNotFoundError:
+            raise NotFound(f"no archive at {url}") from None
         what = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
     return f"{SEED_SNAPSHOT}-{hashlib.sha256(what.encode()).hexdigest()[:24]}"
 
@@ -218,14 +221,16 @@ class Runner:
 
     async def _resumed(self, box: Box, info: BoxInfo, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
         """Clones the backend resumes from a memory snapshot; all or none: named here, so that
-        the siblings of one whose resume failed can be found (among the boxes this call made)
-        and removed."""
+        the siblings of one whose resume failed can be found and removed. The backend makes
+        all the clones' records at once, after checking their names: a name refused means
+        none was made (and a box of that name is someone else's)."""
         named = [n or f"{info.name[:100]}-{secrets.token_hex(4)}" for n in names]
-        before = {i.id for i in await self._rt.list()}
         try:
             return [await c.info() for c in await box.clone_many(len(named), options, named)]
+        except (AlreadyExists, InvalidArgument):
+            raise
         except BaseException:
-            for made in [b for n in named if (b := await self._rt.get(n)) is not None and b.id not in before]:
+            for made in [b for n in named if (b := await self._rt.get(n)) is not None]:
                 await self._discard(made)
             raise
 
@@ -258,9 +263,9 @@ class Runner:
         return await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
 
     async def _seed(self, url: str) -> tuple[Box, str]:
-        """The node's seed of ``url`` and its snapshot's name (``_mark``). The archive is
-        imported untrusted: whoever can write the bucket chooses its contents, and its port
-        forwards would clash between two forks on one node."""
+        """The node's seed of ``url`` and its snapshot's name (``_mark``). Imported trusted,
+        as the pool's own publication: untrusted would cap its forks' memory and cpus below
+        what the published box had (and refuse a suspended one over the cap)."""
         name, mark = seed_name(url), await _mark(url)
         async with self._seeding.setdefault(url, asyncio.Lock()):
             seed = await self._rt.get(name)
@@ -268,7 +273,7 @@ class Runner:
                 return seed, mark
             if seed is not None:  # an import a crash cut short, or of an object since replaced at the URL
                 await self._rt.remove(seed.id, force=True)
-            seed = await self._rt.import_box(url, name, untrusted=True)
+            seed = await self._rt.import_box(url, name)
             try:
                 await seed.snapshot.create(mark)
             except BaseException:
