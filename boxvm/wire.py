@@ -11,9 +11,12 @@ dependencies. Fields the client does not know are ignored, so a newer server can
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+from boxvm.errors import EngineError
 from boxvm.options import (
     BoxInfo,
     BoxOptions,
@@ -26,6 +29,8 @@ from boxvm.options import (
     TemplateInfo,
 )
 from boxvm.status import BoxStatus
+
+T = TypeVar("T")
 
 API_VERSION = 1
 # What a server offers and a client needs: a client refuses a server that lacks one.
@@ -149,6 +154,29 @@ def _known(cls: type[Any], data: dict[str, Any]) -> dict[str, Any]:
     return {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data}
 
 
+def _from_peer(parse: Callable[[Any], T]) -> Callable[[Any], T]:
+    """A parser of a server's reply that fails as EngineError, not as whatever a reply of
+    the wrong shape (a list for an object, a string for a number) raises inside it."""
+
+    @functools.wraps(parse)
+    def checked(data: Any) -> T:
+        try:
+            return parse(data)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            what = parse.__name__.replace("_", " ")
+            raise EngineError(f"the server sent a malformed {what} ({type(exc).__name__}: {exc})"[:300]) from None
+
+    return checked
+
+
+def many(parse: Callable[[Any], T], data: Any) -> list[T]:
+    """A list reply, each item parsed by ``parse``; EngineError if it is not a list."""
+    if not isinstance(data, list):
+        raise EngineError(f"the server sent {type(data).__name__} where a list was due")
+    return [parse(item) for item in data]
+
+
+@_from_peer
 def box_info(data: dict[str, Any]) -> BoxInfo:
     values = _known(BoxInfo, data)
     values["status"] = BoxStatus(values["status"])
@@ -156,18 +184,22 @@ def box_info(data: dict[str, Any]) -> BoxInfo:
     return BoxInfo(**values)
 
 
+@_from_peer
 def snapshot_info(data: dict[str, Any]) -> SnapshotInfo:
     return SnapshotInfo(**_known(SnapshotInfo, data))
 
 
+@_from_peer
 def image_info(data: dict[str, Any]) -> ImageInfo:
     return ImageInfo(**_known(ImageInfo, data))
 
 
+@_from_peer
 def template_info(data: dict[str, Any]) -> TemplateInfo:
     return TemplateInfo(**_known(TemplateInfo, data))
 
 
+@_from_peer
 def disk_usage(data: dict[str, Any]) -> DiskUsage:
     return DiskUsage(
         boxes={k: (v[0], v[1]) for k, v in data["boxes"].items()},

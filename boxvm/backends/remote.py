@@ -170,6 +170,8 @@ class RemoteBackend(Backend):
         """The server's version and capabilities (checked once, before any other call)."""
         if self._checked is None:
             config = await self._send("GET", "/config", check=False)
+            if not isinstance(config, dict):
+                raise Unsupported(f"{self.url} does not answer as a boxvm server (GET /v1/config): check the URL")
             missing = set(wire.CAPABILITIES) - set(config.get("capabilities", []))
             if config.get("api") != wire.API_VERSION or missing:
                 raise Unsupported(
@@ -249,7 +251,7 @@ class RemoteBackend(Backend):
             return None
 
     async def list(self) -> list[BoxInfo]:
-        return [wire.box_info(b) for b in await self._send("GET", "/boxes")]
+        return wire.many(wire.box_info, await self._send("GET", "/boxes"))
 
     async def remove(self, box_id: str, force: bool) -> None:
         await self._send("DELETE", f"/boxes/{box_id}", params={"force": force})
@@ -355,7 +357,7 @@ class RemoteBackend(Backend):
         )
 
     async def snapshot_list(self, box_id: str) -> list[SnapshotInfo]:
-        return [wire.snapshot_info(s) for s in await self._send("GET", f"/boxes/{box_id}/snapshots")]
+        return wire.many(wire.snapshot_info, await self._send("GET", f"/boxes/{box_id}/snapshots"))
 
     async def snapshot_get(self, box_id: str, name: str) -> SnapshotInfo | None:
         try:
@@ -371,10 +373,8 @@ class RemoteBackend(Backend):
 
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
         body = wire.body(wire.CloneRequest(names, options))
-        return [
-            wire.box_info(b)
-            for b in await self._send("POST", f"/boxes/{box_id}/clone", json_body=body, idempotent=True)
-        ]
+        made = await self._send("POST", f"/boxes/{box_id}/clone", json_body=body, idempotent=True)
+        return wire.many(wire.box_info, made)
 
     async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
         options.validate()
@@ -422,7 +422,7 @@ class RemoteBackend(Backend):
         return wire.template_info(await self._send("POST", "/templates", json_body=body, idempotent=True))
 
     async def template_list(self) -> list[TemplateInfo]:
-        return [wire.template_info(t) for t in await self._send("GET", "/templates")]
+        return wire.many(wire.template_info, await self._send("GET", "/templates"))
 
     async def template_remove(self, template_id: str) -> None:
         await self._send("DELETE", f"/templates/{check_template_id(template_id)}")  # checked: a URL path segment
@@ -435,7 +435,7 @@ class RemoteBackend(Backend):
         return wire.image_info(await self._send("POST", "/images/pull", json_body=body))
 
     async def image_list(self) -> list[ImageInfo]:
-        return [wire.image_info(i) for i in await self._send("GET", "/images")]
+        return wire.many(wire.image_info, await self._send("GET", "/images"))
 
     async def image_remove(self, reference: str) -> None:
         await self._send("DELETE", "/images", params={"reference": reference})

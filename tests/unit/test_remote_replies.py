@@ -46,6 +46,12 @@ class Server:
             )
         elif path == "/v1/boxes/not-json":
             reply(h, 200, b"{not json", JSON)
+        elif path == "/v1/boxes/a-list":  # well-formed JSON of the wrong shape, for a box and for a list
+            reply(h, 200, json.dumps(["id", "name"]).encode(), JSON)
+        elif path == "/v1/images":
+            reply(h, 200, json.dumps({"not": "a list"}).encode(), JSON)
+        elif path == "/v1/templates":
+            reply(h, 200, json.dumps([{"name": 7}]).encode(), JSON)
         else:
             reply(h, 404, b"")
 
@@ -75,8 +81,9 @@ async def test_an_endless_reply_is_refused_at_its_bound(server: tuple[Server, st
 
 
 async def test_misshapen_replies_fail_as_boxvm_errors(server: tuple[Server, str]) -> None:
-    """An error whose envelope is not an object, and JSON that does not parse: BoxvmErrors
-    (not an AttributeError or a ValueError from deep inside the client)."""
+    """An error whose envelope is not an object, JSON that does not parse, and well-formed
+    JSON of the wrong shape (a list for a box, an object for a list, a field missing):
+    BoxvmErrors, not an AttributeError, KeyError or TypeError from deep inside the client."""
     _, url = server
     client = RemoteBackend(url, "token")
     try:
@@ -84,5 +91,11 @@ async def test_misshapen_replies_fail_as_boxvm_errors(server: tuple[Server, str]
             await client.get("odd-error")
         with pytest.raises(EngineError, match="malformed JSON"):
             await client.get("not-json")
+        with pytest.raises(EngineError, match="malformed box info"):
+            await client.get("a-list")
+        with pytest.raises(EngineError, match="dict where a list was due"):
+            await client.image_list()
+        with pytest.raises(EngineError, match="malformed template info"):
+            await client.template_list()
     finally:
         await client.close()
