@@ -305,12 +305,11 @@ async def refuse_existing(url: ObjectURL) -> None:
     """AlreadyExists if the object exists: an early refusal, before an archive is produced
     (``upload``'s conditional completion is what guarantees create-only)."""
     try:
-        await asyncio.to_thread(client().head_object, Bucket=url.bucket, Key=url.key)
-    except Exception as exc:
-        err = _error(exc, url)
-        if isinstance(err, NotFound) and "no object" in err.message:
+        await _head(url)
+    except NotFound as err:
+        if "no object" in err.message:
             return
-        raise err from exc
+        raise
     raise AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
 
 
@@ -459,9 +458,9 @@ class PartBody:
         StreamAborted once the upload is stopped, while bytes remain: the request fails
         mid-body, and a store keeps no part it did not get whole (a body sent whole waits
         for its answer, as the store may keep it)."""
-        if self._stopped.is_set() and self._pos < self._starts[-1]:
-            raise StreamAborted("the upload was stopped")
         total = self._starts[-1]
+        if self._stopped.is_set() and self._pos < total:
+            raise StreamAborted("the upload was stopped")
         end = total if size is None or size < 0 else min(total, self._pos + size)
         pieces: list[bytes | memoryview] = []
         while self._pos < end:
