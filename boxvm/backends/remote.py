@@ -81,15 +81,23 @@ class RemoteProcess(ProcessChannel):
         try:
             async for message in self._ws:
                 if isinstance(message, bytes):
+                    if not message or message[0] not in self._queues:
+                        raise _malformed("output of no stream")
                     await self._queues[message[0]].put(message[1:])
                     continue
-                control = json.loads(message)
-                if control.get("type") == "exit":
-                    self._result.set_result({k: v for k, v in control.items() if k != "type"})
-                elif control.get("type") == "error":
-                    self._result.set_exception(from_dict(control["error"]))
+                control = _control(message)
+                if self._result.done():
+                    continue  # the process ended: the server has nothing more to say
+                if control["type"] == "exit":
+                    self._result.set_result(_exit(control))
+                elif control["type"] == "error":
+                    self._result.set_exception(from_dict(control.get("error")))
         except ConnectionClosed:
             pass
+        except EngineError as exc:
+            if not self._result.done():
+                self._result.set_exception(exc)
+            await self._ws.close()
         finally:
             if not self._result.done():
                 self._result.set_exception(EngineError("the connection to the server closed before the process ended"))
@@ -309,14 +317,18 @@ class RemoteBackend(Backend):
             raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
         await ws.send(json.dumps(wire.body(wire.ExecRequest(argv, env, cwd, user, timeout, tty, size))))
         try:
-            first = json.loads(await ws.recv())
+            first = _control(await ws.recv())
+            if first["type"] == "error":
+                raise from_dict(first.get("error"))
+            if first["type"] != "started":
+                raise _malformed(f"a {str(first['type'])[:40]!r} message before the process started")
         except ConnectionClosed as exc:
             if exc.rcvd is not None and exc.rcvd.code == wire.WS_POLICY_VIOLATION:
                 raise _unauthorized() from exc
             raise EngineError(f"the server closed the exec connection: {exc}") from exc
-        if first.get("type") == "error":
+        except BoxvmError:
             await ws.close()
-            raise from_dict(first["error"])
+            raise
         return RemoteProcess(ws)
 
     async def put_files(self, box_id: str, box_path: str, tar: AsyncIterator[bytes]) -> None:
@@ -454,6 +466,31 @@ def _tls_context(ca_bundle: str | Path | None) -> ssl.SSLContext:
 
 def _unauthorized() -> BoxvmError:
     return Unauthorized("the server refused the token: pass the right one (token= or BOXVM_TOKEN)")
+
+
+def _malformed(what: str) -> EngineError:
+    return EngineError(f"the server sent a malformed exec message ({what}): is it a boxvm server?")
+
+
+def _control(message: str | bytes) -> dict[str, Any]:
+    """An exec's control message: a JSON object with a ``type``."""
+    if isinstance(message, bytes):
+        raise _malformed("output before the process started")
+    try:
+        control = json.loads(message)
+    except ValueError:
+        raise _malformed("not JSON") from None
+    if not isinstance(control, dict) or not isinstance(control.get("type"), str):
+        raise _malformed("not an object with a type")
+    return control
+
+
+def _exit(control: dict[str, Any]) -> dict[str, object]:
+    """An exit message's result, its fields checked: a process's status and whether it timed out."""
+    code, timed_out = control.get("exit_code"), control.get("timed_out", False)
+    if type(code) is not int or not isinstance(timed_out, bool):
+        raise _malformed("an exit without an integer exit_code")
+    return {"exit_code": code, "timed_out": timed_out}
 
 
 def _raise_for_error(status: int, body: bytes) -> None:

@@ -5,13 +5,15 @@ HTTP server (``tests/fakehttp.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from boxvm import wire
 from boxvm.backends import remote
+from boxvm.backends.base import ProcessChannel
 from boxvm.backends.remote import RemoteBackend
 from boxvm.errors import BoxvmError, EngineError
 from tests.fakehttp import Fake, Handler, fakes, reply
@@ -97,5 +99,71 @@ async def test_misshapen_replies_fail_as_boxvm_errors(server: tuple[Server, str]
             await client.image_list()
         with pytest.raises(EngineError, match="malformed template info"):
             await client.template_list()
+    finally:
+        await client.close()
+
+
+# An exec's WebSocket from an attacker's server: what it sends first, then during the process.
+HOSTILE_EXEC: dict[str, list[str | bytes]] = {
+    "binary-first": [b"\x01hello"],
+    "not-json": ["{not json"],
+    "a-list": ['["started"]'],
+    "no-type": ['{"kind": "started"}'],
+    "not-started": ['{"type": "exit", "exit_code": 0}'],
+    "odd-error": ['{"type": "error", "error": ["not", "an", "envelope"]}'],
+    "no-stream": ['{"type": "started"}', b"\x07junk"],
+    "empty-frame": ['{"type": "started"}', b""],
+    "bad-control": ['{"type": "started"}', "[1, 2]"],
+    "exit-code-text": ['{"type": "started"}', '{"type": "exit", "exit_code": "zero"}'],
+    "exit-code-bool": ['{"type": "started"}', '{"type": "exit", "exit_code": true}'],
+    "two-exits": ['{"type": "started"}', '{"type": "exit", "exit_code": 3}', '{"type": "exit", "exit_code": 4}'],
+}
+
+
+@pytest.fixture
+async def exec_server() -> AsyncIterator[str]:
+    """A WebSocket server that answers ``/v1/config`` truthfully, then sends the messages
+    ``HOSTILE_EXEC`` names for the box id of the exec's path."""
+    from websockets.asyncio.server import ServerConnection, serve
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request, Response
+
+    def config(connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.startswith("/v1/config"):
+            return Response(200, "OK", Headers({"Content-Type": "application/json"}), CONFIG)
+        return None
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # the exec request
+        for message in HOSTILE_EXEC[ws.request.path.split("/")[3]]:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, process_request=config) as server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def spawn(client: RemoteBackend, case: str) -> ProcessChannel:
+    return await client.spawn(case, ["true"], env=None, cwd=None, user=None, timeout=None, tty=False, size=None)
+
+
+async def test_a_hostile_exec_fails_as_a_boxvm_error(exec_server: str) -> None:
+    """Every malformed message of an exec's WebSocket, first or later, is an EngineError (or
+    the error it stands for) and the connection is closed: not a ValueError, KeyError,
+    IndexError or AttributeError from the client's reader, nor a wait that never ends."""
+    client = RemoteBackend(exec_server, "token")
+    try:
+        for case in ("binary-first", "not-json", "a-list", "no-type", "not-started"):
+            with pytest.raises(EngineError, match="malformed exec message"):
+                await spawn(client, case)
+        with pytest.raises(BoxvmError, match="malformed error"):
+            await spawn(client, "odd-error")
+        for case in ("no-stream", "empty-frame", "bad-control", "exit-code-text", "exit-code-bool"):
+            process = await spawn(client, case)
+            with pytest.raises(EngineError, match="malformed exec message"):
+                await asyncio.wait_for(process.wait(), 10)
+            assert [c async for c in process.stdout] == []  # the streams end too
+        process = await spawn(client, "two-exits")
+        assert await asyncio.wait_for(process.wait(), 10) == {"exit_code": 3, "timed_out": False}
     finally:
         await client.close()
