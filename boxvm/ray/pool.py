@@ -9,8 +9,8 @@ made for Ray tasks, which are plain functions); from async code run them in a th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -76,10 +76,12 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     raise InvalidArgument("BoxRef calls block: from async code, call them in a thread (asyncio.to_thread)")
 
 
-def _names(names: list[str | None] | None, count: int) -> list[str | None]:
+def _names(names: list[str | None] | None, count: int, prefix: str, random_bytes: int) -> list[str]:
+    """``count`` names: those given, the rest made up (``prefix`` and random hex), so that the
+    pool knows what to remove of a call it gives up on."""
     if names is not None and len(names) != count:
         raise InvalidArgument(f"got {len(names)} names for {count} boxes")
-    return list(names) if names is not None else [None] * count
+    return [n or f"{prefix}{secrets.token_hex(random_bytes)}" for n in names or [None] * count]
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -200,8 +202,12 @@ class BoxPool:
         self._store = store.rstrip("/") if store else None
         self._timeout = probe_timeout
         self._start_timeout = start_timeout
+        self._id = uuid.uuid4().hex  # what the runners know this pool by (``Runner.attach``)
         self._runners: dict[str, ActorHandle] = {}
         self.lost: dict[str, str] = {}  # node id -> why its runner is out of the pool
+        # node id -> names of boxes a runner may have made for a call it died in: removed once
+        # a runner serves the node again (their VMs outlive the runner)
+        self._orphans: dict[str, list[str]] = {}
         self.start_runners()
 
     # -- runners ----------------------------------------------------------------------
@@ -227,7 +233,7 @@ class BoxPool:
                 int(resources.get("memory", 0)) >> 20,
             )
             self.lost.pop(node_id, None)
-            started[node_id] = self._runners[node_id].load.remote()
+            started[node_id] = self._runners[node_id].attach.remote(self._id)
         # Wait for the new ones: a runner still importing boxvm must not count as hung later.
         ready, _ = ray.wait(list(started.values()), num_returns=len(started), timeout=self._start_timeout)
         for node_id, ref in started.items():
@@ -238,11 +244,33 @@ class BoxPool:
                 _wait(ref, node_id, "the runner")
             except BoxvmError as exc:  # its home or boxvm failed it
                 self._drop(node_id, exc.message)
+        self._discard({node: names for node, names in self._orphans.items() if node in self._runners})
         return list(self._runners)
 
     def _drop(self, node_id: str, why: str) -> None:
         self._runners.pop(node_id, None)
         self.lost[node_id] = why
+
+    def _discard(self, names: dict[str, list[str]]) -> None:
+        """Remove the boxes ``names`` gives by node, each once its runner is done making it;
+        a node whose runner is gone keeps its names for the next runner there. Waits without
+        a bound (a create may be booting them); an interrupt leaves the runners to finish."""
+        refs = {}
+        for node, share in names.items():
+            if node in self._runners:
+                refs[node] = self._runners[node].discard.remote(share)
+            else:
+                self._orphans.setdefault(node, []).extend(n for n in share if n not in self._orphans.get(node, []))
+        for node, ref in refs.items():
+            try:
+                _wait(ref, node, f"the removal of boxes {names[node]}")
+            except RunnerUnavailable as exc:
+                self._drop(node, exc.message)
+                self._orphans.setdefault(node, []).extend(names[node])
+            except BoxvmError as exc:
+                log.warning("could not remove boxes %s on Ray node %s: %s", names[node], node[:12], exc)
+            else:
+                self._orphans.pop(node, None)
 
     def _ask_all(
         self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, timeout: float | None, *, probe: bool = False
@@ -298,28 +326,32 @@ class BoxPool:
         opts = (options or BoxOptions()).validate()
         size = (opts.cpus, opts.memory_mib) if start else (0, 0)
         return self._spread(
-            _names(names, count), size, exclude, "new boxes", lambda r, share: r.create.remote(opts, share, start)
-        )
+            _names(names, count, "box-", 4), size, exclude, "new boxes",
+            lambda r, share: r.create.remote(opts, share, start),
+        )  # fmt: skip
 
     def _spread(
         self,
-        names: list[str | None],
+        names: list[str],
         size: tuple[int, int],
         exclude: Iterable[str],
         what: str,
-        call: Callable[[ActorHandle, list[str | None]], ray.ObjectRef],
+        call: Callable[[ActorHandle, list[str]], ray.ObjectRef],
     ) -> list[BoxRef]:
         """Place ``names`` by ``plan`` and run ``call`` on each chosen node's runner at once. A
         node that turns out full or gone passes its share on to the others; any other failure,
-        or no room left, removes what was made and raises."""
-        if (wanted := {n for n in names if n}) and (taken := wanted & {b.name for b in self.boxes()}):
+        no room left, or an interrupt removes every box asked for so far, made or still being
+        made (by name: a runner that died in the call may have made some, removed once a
+        runner serves its node again), and raises."""
+        if taken := set(names) & {b.name for b in self.boxes()}:
             raise AlreadyExists(f"the pool already has boxes named {sorted(taken)}: choose other names")
-        pending, skip, made = list(names), set(exclude), []
+        pending, skip, made, asked = list(names), set(exclude), list[BoxRef](), dict[str, list[str]]()
         try:
             while pending:
                 shares = plan([x for x in self.loads() if x.node_id not in skip], size[0], size[1], len(pending))
                 calls = {}
                 for node, n in shares.items():
+                    asked.setdefault(node, []).extend(pending[:n])
                     calls[node] = (pending[:n], call(self._runners[node], pending[:n]))
                     pending = pending[n:]
                 failure: BaseException | None = None
@@ -329,16 +361,15 @@ class BoxPool:
                     except (NoCapacity, RunnerUnavailable) as exc:
                         skip.add(node)
                         pending += share
-                        if isinstance(exc, RunnerUnavailable):
+                        if isinstance(exc, RunnerUnavailable):  # it may have made some before it died
                             self._drop(node, exc.message)
-                    except BaseException as exc:
+                            self._discard({node: share})
+                    except Exception as exc:
                         failure = failure or exc
                 if failure is not None:
                     raise failure
         except BaseException:
-            for box in made:
-                with contextlib.suppress(BoxvmError):  # its runner is gone too: nothing more to do here
-                    box.remove(force=True)
+            self._discard(asked)
             raise
         return made
 
@@ -374,7 +405,7 @@ class BoxPool:
         ``exclude``): each node imports the archive once and clones it copy-on-write."""
         size = (seed.cpus, seed.memory_mib) if start else (0, 0)
         return self._spread(
-            _names(names, count), size, exclude, f"a fork of {seed.url}",
+            _names(names, count, "fork-", 6), size, exclude, f"a fork of {seed.url}",
             lambda r, share: r.fork.remote(seed.url, share, start),
         )  # fmt: skip
 
@@ -413,11 +444,23 @@ class BoxPool:
                 log.warning("could not retire %s after the clones it made (%s): retire it again", seed.url, exc)
 
     def shutdown(self, *, remove_boxes: bool = False) -> None:
-        """End every runner of the pool (their boxes keep running unless ``remove_boxes``)."""
-        runners = dict(self._runners)
-        try:
-            self._ask_all(lambda runner: runner.close.remote(remove_boxes), "the runner", None)  # may remove many boxes
-        finally:
-            for runner in runners.values():  # also those that were gone or did not answer
-                ray.kill(runner, no_restart=True)
-            self._runners.clear()
+        """Leave every runner of the pool, ending those no other pool uses. Their boxes keep
+        running unless ``remove_boxes``, which removes every box of the nodes (boxes are the
+        nodes', not a pool's). A runner that fails to remove its boxes stays in the pool (and
+        its other pools'), for ``shutdown`` to be called again; the first such failure raises."""
+        closing = {node: runner.close.remote(self._id, remove_boxes) for node, runner in self._runners.items()}
+        ray.wait(list(closing.values()), num_returns=len(closing))  # no bound: it may remove many boxes
+        failure: BoxvmError | None = None
+        for node, ref in closing.items():
+            try:
+                ended = _wait(ref, node, "the runner")
+            except RunnerUnavailable:
+                ended = True
+            except BoxvmError as exc:
+                failure = failure or exc
+                continue
+            if ended:
+                ray.kill(self._runners[node], no_restart=True)
+            del self._runners[node]
+        if failure is not None:
+            raise failure

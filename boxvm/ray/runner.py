@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,28 @@ class Runner:
         self._held: dict[int, tuple[float, int]] = {}  # reservations of boxes being created or started
         self._tickets = itertools.count()
         self._seeding: dict[str, asyncio.Lock] = {}
+        self._making: dict[str, asyncio.Future[None]] = {}  # box name -> the end of the call making it
+        self._pools: set[str] = set()  # the pools using this runner (``attach``): it ends with the last
+
+    # -- the pools using it -------------------------------------------------------------
+    async def attach(self, pool: str) -> NodeLoad:
+        """Serve ``pool`` too (pools share a node's runner: it is named after the node)."""
+        self._pools.add(pool)
+        return await self.load()
+
+    async def close(self, pool: str, remove_boxes: bool) -> bool:
+        """``pool`` is done with this runner; with ``remove_boxes`` every box of the node goes
+        (boxes are the node's, not a pool's). True once no pool uses the runner: it stops
+        serving and may be ended."""
+        self._pools.discard(pool)
+        if remove_boxes:
+            for info in await self._rt.list():
+                with contextlib.suppress(BoxNotFound):
+                    await self._rt.remove(info.id, force=True)
+        if self._pools:
+            return False
+        await self._rt.close()
+        return True
 
     # -- capacity ---------------------------------------------------------------------
     async def load(self) -> NodeLoad:
@@ -130,19 +152,22 @@ class Runner:
     async def create(self, options: BoxOptions, names: list[str | None], start: bool) -> list[BoxInfo]:
         """New boxes, created (and started) together; all or none: a failure removes the rest."""
         options.validate()
-        ticket = await self._reserve(options.cpus, options.memory_mib, len(names)) if start else None
-        try:
-            results = await asyncio.gather(*(self._create(options, n, start) for n in names), return_exceptions=True)
-        finally:
-            self._held.pop(ticket, None)  # type: ignore[arg-type]
-        made = [r for r in results if isinstance(r, BoxInfo)]
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            for info in made:
-                with contextlib.suppress(BoxvmError):
-                    await self._rt.remove(info.id, force=True)
-            raise failed[0]
-        return made
+        with self._naming(names):
+            ticket = await self._reserve(options.cpus, options.memory_mib, len(names)) if start else None
+            try:
+                results = await asyncio.gather(
+                    *(self._create(options, n, start) for n in names), return_exceptions=True
+                )
+            finally:
+                self._held.pop(ticket, None)  # type: ignore[arg-type]
+            made = [r for r in results if isinstance(r, BoxInfo)]
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                for info in made:
+                    with contextlib.suppress(BoxvmError):
+                        await self._rt.remove(info.id, force=True)
+                raise failed[0]
+            return made
 
     async def _create(self, options: BoxOptions, name: str | None, start: bool) -> BoxInfo:
         box = await self._rt.create(options, name)
@@ -258,9 +283,10 @@ class Runner:
     async def fork(self, url: str, names: list[str | None], start: bool) -> list[BoxInfo]:
         """Clones of the archive at ``url``: imported once per node (the seed box), then
         cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk."""
-        seed, mark = await self._seed(url)
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
-        return await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
+        with self._naming(names):
+            seed, mark = await self._seed(url)
+            return await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
 
     async def _seed(self, url: str) -> tuple[Box, str]:
         """The node's seed of ``url`` and its snapshot's name (``_mark``). Imported trusted,
@@ -294,13 +320,33 @@ class Runner:
     async def seeds(self) -> list[str]:
         return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
 
-    async def close(self, remove_boxes: bool) -> None:
-        """Stop serving; with ``remove_boxes`` every box of the node goes first."""
-        if remove_boxes:
-            for info in await self._rt.list():
+    @contextlib.contextmanager
+    def _naming(self, names: list[str | None]) -> Iterator[None]:
+        """Mark ``names`` as being made by the call inside, for ``discard`` to wait on."""
+        done = asyncio.get_running_loop().create_future()
+        for name in filter(None, names):
+            self._making[name] = done
+        try:
+            yield
+        finally:
+            for name in filter(None, names):
+                if self._making.get(name) is done:
+                    del self._making[name]
+            done.set_result(None)
+
+    async def discard(self, names: list[str]) -> list[str]:
+        """Remove the boxes named, once any call still making them has ended: those of a
+        create or fork the pool gave up on (its caller interrupted, another node failed)
+        while this runner was making them. Returns the names it removed."""
+        for making in {self._making[n] for n in names if n in self._making}:
+            await asyncio.shield(making)
+        removed = []
+        for name in names:
+            if (box := await self._rt.get(name)) is not None and box.name == name:
                 with contextlib.suppress(BoxNotFound):
-                    await self._rt.remove(info.id, force=True)
-        await self._rt.close()
+                    await self._rt.remove(box.id, force=True)
+                    removed.append(name)
+        return removed
 
 
 async def collect(stream: AsyncIterator[bytes], what: str) -> bytes:

@@ -5,7 +5,10 @@ boxes fail clearly while the pool keeps serving from the rest (and a new runner 
 
 from __future__ import annotations
 
+import _thread
 import collections
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from boxvm import BoxOptions
 from boxvm.errors import AlreadyExists, EngineError, NotFound
 from boxvm.paths import Home
-from boxvm.ray import BoxPool, BoxRef, RunnerUnavailable
+from boxvm.ray import BoxPool, BoxRef, NoCapacity, RunnerUnavailable
 from boxvm.ray.runner import seed_name
 from tests.raycluster import ray_pool
 from tests.s3server import S3Server
@@ -58,6 +61,7 @@ def test_pool_on_three_nodes(env: Env, boxes: list[BoxRef], tmp_path: Path, s3: 
     boxes_spread_and_a_task_on_one_node_execs_on_another(env, boxes, tmp_path)
     snapshot_published_once_and_forked_on_two_other_nodes(env, boxes, s3)
     a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env, boxes, s3)
+    interrupted_creates_leave_nothing_and_pools_share_runners(env)
 
 
 def boxes_spread_and_a_task_on_one_node_execs_on_another(env: Env, boxes: list[BoxRef], tmp_path: Path) -> None:
@@ -147,3 +151,37 @@ def a_killed_runner_fails_its_boxes_clearly_and_the_pool_serves_on(env: Env, box
     assert back.exec(["cat", "/proc/uptime"]).exit_code == 0
     with pytest.raises(RunnerUnavailable):
         orphan.info()  # an old handle holds the dead actor
+
+
+def interrupted_creates_leave_nothing_and_pools_share_runners(env: Env) -> None:
+    for box in env.pool.boxes():  # room on the two nodes that hold forks
+        if box.name.startswith("fork-"):
+            box.remove(force=True)
+    # Ctrl-C while the runners boot the boxes: every box asked for goes, once made.
+    names = ["cut-0", "cut-1"]
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker may ignore SIGINT
+    timer = threading.Timer(2.0, _thread.interrupt_main)
+    try:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            env.pool.create_many(2, OPTS, names)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert [b.name for b in env.pool.boxes() if b.name in names] == []
+    # A runner killed while it boots a box: the box (its VM outlives the runner) goes once a
+    # runner serves the node again.
+    node = next(load.node_id for load in env.pool.loads() if load.free_cpus >= 1)
+    threading.Timer(1.5, ray.kill, (env.pool._runners[node],), {"no_restart": True}).start()
+    with pytest.raises((NoCapacity, RunnerUnavailable)):  # its share had nowhere else to go
+        env.pool.create_many(1, OPTS, ["orphan"], exclude=set(env.nodes) - {node})
+    assert node in env.pool.lost and env.pool._orphans == {node: ["orphan"]}
+    assert node in env.pool.start_runners() and not env.pool._orphans
+    assert env.pool.get("orphan") is None
+    # A second pool shares the nodes' runners; its shutdown leaves them serving the first.
+    before = sorted(b.name for b in env.pool.boxes())
+    other = BoxPool(env.pool._home, store=env.store)
+    assert sorted(other._runners) == sorted(env.pool._runners) and sorted(b.name for b in other.boxes()) == before
+    other.shutdown()
+    assert sorted(b.name for b in env.pool.boxes()) == before and len(before) >= 6 and not env.pool.lost
+    assert all(box.exec(["true"]).exit_code == 0 for box in env.pool.boxes())
