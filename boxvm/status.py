@@ -70,8 +70,11 @@ _VM_UP = frozenset({BoxStatus.RUNNING, BoxStatus.PAUSED})
 _CAPTURABLE = _AT_REST | _VM_UP
 _REMOVABLE = _AT_REST | {BoxStatus.SUSPENDED}
 # A suspended box's disk belongs with its saved memory: a capture of it alone would drop the
-# processes, so it is exported (memory included) or started first.
-_SUSPENDED_ADVICE = "it must be stopped, running or paused (a suspended box: start it first, or export it)"
+# processes, so it is exported or snapshotted with its memory, or started first.
+_SUSPENDED_ADVICE = (
+    "it must be stopped, running or paused (a suspended box: start it first, export it, or snapshot it"
+    " with memory=True)"
+)
 
 # The one table: every operation's starting statuses, the status it holds, and the advice.
 RULES: dict[Operation, Rule] = {
@@ -85,8 +88,9 @@ RULES: dict[Operation, Rule] = {
     Operation.REMOVE: Rule(_REMOVABLE, BoxStatus.REMOVING, "stop it first or pass force=True", "remove"),
     Operation.FORCE_REMOVE: Rule(frozenset(BoxStatus), BoxStatus.REMOVING, "", "remove"),
     Operation.SNAPSHOT: Rule(_CAPTURABLE, BoxStatus.SNAPSHOTTING, _SUSPENDED_ADVICE, "snapshot"),
+    # a suspended box's: its disk at rest and a copy of its saved memory state
     Operation.MEMORY_SNAPSHOT: Rule(
-        _VM_UP,
+        _VM_UP | {BoxStatus.SUSPENDED},
         BoxStatus.SNAPSHOTTING,
         "it has no memory to capture; start it first, or use memory=False for its disk",
         "take a memory snapshot of",

@@ -193,6 +193,23 @@ def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
     _publish(dest, dest / f"{STATE}.tmp", shape, ram)
 
 
+def copy_saved(box_dir: Path, dest: Path) -> None:
+    """A suspended box's saved state as a new memory state at ``dest`` (a memory snapshot's
+    capture): a RAM file of its own (the box's own RAM, written again by its resume, copied
+    sparsely; a fork's read-only base hard-linked), the device state copied, the record
+    (the same shape and fork mark) written last."""
+    meta = read_meta(box_dir)
+    mode = meta.get("ram", "file")
+    fresh_dir(dest)
+    if mode == "file":
+        sparse_copy(box_dir / RAM, dest / RAM)
+    elif mode == "base":
+        os.link(box_dir / BASE, dest / RAM)
+    shutil.copyfile(box_dir / STATE, dest / f"{STATE}.tmp")
+    kept = {k: v for k, v in meta.items() if k not in ("version", "state_bytes", "state_sha256", "ram")}
+    _publish(dest, dest / f"{STATE}.tmp", kept, "stream" if mode == "stream" else "file")
+
+
 def sparse_copy(src: Path, dst: Path) -> int:
     """Copy ``src`` to a new ``dst`` keeping its holes: only the data extents (SEEK_DATA /
     SEEK_HOLE) are copied, in the kernel (copy_file_range). Guest RAM is mostly holes.

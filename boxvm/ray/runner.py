@@ -270,11 +270,22 @@ class Runner:
             await self._rt.remove(box.id, force=True)
 
     async def export(self, box_id: str, url: str, snapshot: str | None) -> str:
-        """Publish the box (or one of its snapshots, through a transient clone) at ``url``."""
+        """Publish the box (or one of its snapshots, through a transient clone) at ``url``. A
+        memory snapshot's clone is a fork left suspended, never run: its archive carries the
+        snapshot's memory, and the forks of it on every node resume its processes."""
         box = await self._box(box_id)
         if snapshot is None:
             return str(await box.export(url))
-        twin = await box.clone(None, CloneOptions(from_snapshot=snapshot))
+        found = await box.snapshot.get(snapshot)
+        if found is None:
+            raise NotFound(f"box {box.name!r} has no snapshot named {snapshot!r}")
+        if found.has_memory:  # the backend's clones before it resumes them (the runner's home is local)
+            options = CloneOptions(from_snapshot=snapshot, start_after_clone=True)
+            (record,) = await self._rt.backend.clones.clone(box.id, [None], options)
+            twin = await self._rt.get(record.id)
+            assert twin is not None
+        else:
+            twin = await box.clone(None, CloneOptions(from_snapshot=snapshot))
         try:
             return str(await twin.export(url))
         finally:
@@ -300,8 +311,9 @@ class Runner:
             if seed is not None:  # an import a crash cut short, or of an object since replaced at the URL
                 await self._rt.remove(seed.id, force=True)
             seed = await self._rt.import_box(url, name)
-            try:
-                await seed.snapshot.create(mark)
+            try:  # a suspended one's snapshot keeps its memory: the forks resume it
+                suspended = (await seed.info()).status == BoxStatus.SUSPENDED
+                await seed.snapshot.create(mark, SnapshotOptions(memory=suspended))
             except BaseException:
                 await self._rt.remove(seed.id, force=True)
                 raise

@@ -63,7 +63,7 @@ class Clones:
         pin: str | None = None  # holds the layer while the clones are staged
         source = None  # or: the source box holds it, checked in the clones' transaction
         size = None
-        allowed = RULES[Operation.SNAPSHOT].allowed - LIVE  # (a live box's top is never fresh)
+        allowed = RULES[Operation.CLONE].allowed - LIVE  # (a live box's top is never fresh)
         quiet = None
         if options.from_snapshot is None and fast and rec.fresh and rec.layer is not None and rec.status in allowed:
             quiet = self.layers.quiet_top(self.home.box_dir(rec.id))

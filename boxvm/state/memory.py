@@ -113,6 +113,20 @@ def snapshot_dir(box_dir: Path, snapshot_id: str) -> Path:
     return box_dir / "memory-snapshots" / snapshot_id
 
 
+def capture_saved(box_dir: Path, rec: BoxRecord) -> None:
+    """A suspended box's saved state, checked, copied to ``memory.CAPTURE`` for a memory
+    snapshot (the box keeps its own: it stays suspended)."""
+    try:
+        memory.check(box_dir, shape(rec))
+    except StorageError as exc:
+        raise StorageError(f"box {rec.name!r} cannot be snapshotted with its memory: {exc.message}") from exc
+    memory.copy_saved(box_dir, box_dir / memory.CAPTURE)
+
+
+def drop_capture(box_dir: Path) -> None:
+    shutil.rmtree(box_dir / memory.CAPTURE, ignore_errors=True)
+
+
 def keep_capture(box_dir: Path, snapshot_id: str) -> None:
     """Give the supervisor's finished capture (``memory.CAPTURE``) to the snapshot."""
     dest = snapshot_dir(box_dir, snapshot_id)

@@ -91,7 +91,15 @@ class Snapshots:
             if self.capture_fresh(rec, snap):
                 return self.info(snap)
         async with self.boxes.claim(rec, operation) as claim:
-            cap = await self.capture(rec, options)
+            saved = options.memory and rec.status == BoxStatus.SUSPENDED  # its saved state, beside its disk at rest
+            if saved:
+                await asyncio.to_thread(box_memory.capture_saved, self.home.box_dir(rec.id), rec)
+            try:
+                cap = await self.capture(rec, options)
+            except BaseException:
+                if saved:
+                    box_memory.drop_capture(self.home.box_dir(rec.id))
+                raise
             snap = SnapshotRecord(secrets.token_hex(8), rec.id, name, cap.layer, cap.consistency, timings=cap.timings)
             if options.memory:
                 snap.has_memory = True

@@ -13,12 +13,13 @@ import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
 import boxvm
-from boxvm.errors import InvalidArgument
+from boxvm.errors import InvalidArgument, InvalidState
 from boxvm.options import BoxOptions, CloneOptions, SnapshotOptions
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.asyncio]
 
 COUNTER = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; sleep 0.05; done"
 SMALL = BoxOptions(image="boxvm/slim", memory_mib=256)
+BOOT_COUNT = "cat /proc/sys/kernel/random/boot_id /tmp/count"  # new at every boot; the parent's counter
 
 
 async def sh(box: boxvm.Box, script: str) -> str:
@@ -139,7 +141,7 @@ async def test_the_ray_runner_resumes_clones_of_a_memory_snapshot(parent: Parent
     finally:
         for info in infos:
             await runner.remove(info.id, True)
-        await runner.close(False)
+        await runner.close("test", False)
 
 
 async def test_a_fork_snapshots_suspends_and_resumes_as_itself(
@@ -185,3 +187,60 @@ async def test_start_after_clone_needs_a_memory_snapshot(rt: boxvm.Runtime, pare
     with pytest.raises(InvalidArgument, match="memory snapshot"):
         await source.clone(options=CloneOptions(from_snapshot="disk-only", start_after_clone=True))
     assert not [b for b in await rt.list() if b.name.startswith(f"{parent.box.name}-")]
+
+
+async def test_a_suspended_box_is_snapshotted_with_its_memory(rt: boxvm.Runtime, parent: Parent) -> None:
+    """A memory snapshot of a suspended box (beyond the SPEC's running box): its disk at
+    rest and a copy of its saved state. Forks of it resume the processes; the box stays
+    suspended and still resumes from its own state. Its disk alone is still refused: it
+    would drop the processes."""
+    fork = await (await via(rt, parent)).clone("fork-held", CloneOptions(from_snapshot="m", start_after_clone=True))
+    copy = None
+    try:
+        await sh(fork, "echo held > /tmp/who")
+        await fork.suspend()
+        with pytest.raises(InvalidState, match="snapshot it with memory=True"):
+            await fork.snapshot.create("disk-only")
+        assert (await fork.snapshot.create("held", SnapshotOptions(memory=True))).has_memory
+        assert (await fork.info()).status == BoxStatus.SUSPENDED
+        (copy,) = await fork.clone_many(1, CloneOptions(from_snapshot="held", start_after_clone=True))
+        boot_id, count, who, host = (await sh(copy, f"{BOOT_COUNT} /tmp/who; hostname")).split()
+        assert (boot_id, who, host) == (parent.boot_id, "held", copy.name) and int(count) >= parent.count
+        assert (await fork.start()).status == BoxStatus.RUNNING
+        boot_id, who = (await sh(fork, "cat /proc/sys/kernel/random/boot_id /tmp/who")).split()
+        assert (boot_id, who) == (parent.boot_id, "held"), "the suspended box lost its own state"
+    finally:
+        for box in (copy, fork):
+            if box is not None:
+                await rt.remove(box.id, force=True)
+
+
+async def test_a_published_memory_snapshot_is_forked_resumed(parent: Parent, home: Home, tmp_path: Path) -> None:
+    """``boxvm.ray``'s publish of a memory snapshot and fork of it (its runner without a Ray
+    cluster; ``BoxPool.publish``/``fork`` call these): the archive carries the snapshot's
+    memory (its transient clone is a fork never run), each node's seed keeps it in a memory
+    snapshot, and the forks resume the parent's processes instead of booting its disk."""
+    from boxvm.ray.runner import Runner, seed_name
+
+    url = str(tmp_path / "published.boxsnap")
+    runner = Runner(str(home.root), "test-node", 64, 1 << 16)
+    infos = []
+    try:
+        await runner.export(parent.box.id, url, "m")
+        infos = await runner.fork(url, [None, None], True)
+        assert [i.status for i in infos] == [BoxStatus.RUNNING] * 2
+        async with boxvm.Runtime(home.root) as rt:
+            for info in infos:
+                fork = await rt.get(info.id)
+                assert fork is not None
+                boot_id, count, host = (await sh(fork, f"{BOOT_COUNT}; hostname")).split()
+                assert boot_id == parent.boot_id and int(count) >= parent.count, "the fork booted cold"
+                assert host == info.name  # re-identified
+            seed = await rt.get(seed_name(url))
+            assert seed is not None and (await seed.info()).status == BoxStatus.SUSPENDED
+            assert not [b for b in await rt.list() if b.name.startswith(f"{parent.box.name}-")]  # no twin left
+    finally:
+        for info in infos:
+            await runner.remove(info.id, True)
+        await runner.retire(url)
+        await runner.close("test", False)

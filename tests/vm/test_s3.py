@@ -383,7 +383,7 @@ async def test_a_seed_follows_the_object_at_its_url(home: Home, s3: S3Server, so
             for made in (*forks, other):
                 await rt.remove(made.id, force=True)
             s3.client().delete_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])
-            await runner.close(False)
+            await runner.close("test", False)
 
 
 async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server, source: str) -> None:
@@ -410,4 +410,4 @@ async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server,
         finally:
             for fork in forks:
                 await rt.remove(fork.id, force=True)
-            await runner.close(False)
+            await runner.close("test", False)
