@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from boxvm import wire
 from boxvm.backends.base import Backend, ProcessChannel
@@ -57,6 +57,7 @@ RETRIES = 3
 _CHUNK = 1 << 20
 _REPLY_MAX = 64 << 20  # bytes of a JSON reply (a list of 10 000 boxes is ~10 MB)
 _ERROR_MAX = 64 << 10  # bytes of an error reply
+_FIRST_MESSAGE_S = 60.0  # a server says "started" as soon as the guest took the process
 
 
 class RemoteProcess(ProcessChannel):
@@ -80,14 +81,14 @@ class RemoteProcess(ProcessChannel):
     async def _read(self) -> None:
         try:
             async for message in self._ws:
+                if self._result.done():
+                    continue  # the process ended: the server has nothing more to say
                 if isinstance(message, bytes):
                     if not message or message[0] not in self._queues:
                         raise _malformed("output of no stream")
                     await self._queues[message[0]].put(message[1:])
                     continue
                 control = _control(message)
-                if self._result.done():
-                    continue  # the process ended: the server has nothing more to say
                 if control["type"] == "exit":
                     self._result.set_result(_exit(control))
                 elif control["type"] == "error":
@@ -227,7 +228,7 @@ class RemoteBackend(Backend):
         if response.headers.get("content-type", "").startswith("application/json"):
             try:
                 return json.loads(body)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested past the stack
                 raise EngineError(f"the boxvm server at {self.url} sent malformed JSON") from exc
         return body.decode(errors="replace")
 
@@ -308,16 +309,22 @@ class RemoteBackend(Backend):
             )
         except InvalidStatus as exc:
             if exc.response.status_code == 403:  # Host or Origin refused: the server says which
-                with contextlib.suppress(ValueError, KeyError, TypeError):
+                with contextlib.suppress(ValueError, KeyError, TypeError, RecursionError):
                     raise from_dict(json.loads(exc.response.body or b"")["error"]) from exc
             if exc.response.status_code in (401, 403):
                 raise _unauthorized() from exc
             raise EngineError(f"the server refused exec: HTTP {exc.response.status_code}") from exc
         except OSError as exc:
             raise EngineError(f"cannot reach the boxvm server at {self.url}: {exc}") from exc
-        await ws.send(json.dumps(wire.body(wire.ExecRequest(argv, env, cwd, user, timeout, tty, size))))
+        except WebSocketException as exc:  # a redirect elsewhere, a handshake that is not one
+            raise EngineError(f"the server at {self.url} failed the exec's WebSocket handshake: {exc}") from exc
         try:
-            first = _control(await ws.recv())
+            await ws.send(json.dumps(wire.body(wire.ExecRequest(argv, env, cwd, user, timeout, tty, size))))
+            try:
+                message = await asyncio.wait_for(ws.recv(), _FIRST_MESSAGE_S)
+            except TimeoutError:
+                raise EngineError(f"the server did not start the process within {_FIRST_MESSAGE_S:g} s") from None
+            first = _control(message)
             if first["type"] == "error":
                 raise from_dict(first.get("error"))
             if first["type"] != "started":
@@ -478,7 +485,7 @@ def _control(message: str | bytes) -> dict[str, Any]:
         raise _malformed("output before the process started")
     try:
         control = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _malformed("not JSON") from None
     if not isinstance(control, dict) or not isinstance(control.get("type"), str):
         raise _malformed("not an object with a type")
@@ -488,8 +495,8 @@ def _control(message: str | bytes) -> dict[str, Any]:
 def _exit(control: dict[str, Any]) -> dict[str, object]:
     """An exit message's result, its fields checked: a process's status and whether it timed out."""
     code, timed_out = control.get("exit_code"), control.get("timed_out", False)
-    if type(code) is not int or not isinstance(timed_out, bool):
-        raise _malformed("an exit without an integer exit_code")
+    if type(code) is not int or not 0 <= code <= 255 or not isinstance(timed_out, bool):
+        raise _malformed("an exit without an exit_code of 0-255")
     return {"exit_code": code, "timed_out": timed_out}
 
 
@@ -499,7 +506,7 @@ def _raise_for_error(status: int, body: bytes) -> None:
         return
     try:
         error = json.loads(body)["error"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise BoxvmError(f"HTTP {status} from the server: {body[:200].decode(errors='replace')}") from None
     raise from_dict(error)
 

@@ -117,6 +117,11 @@ HOSTILE_EXEC: dict[str, list[str | bytes]] = {
     "exit-code-text": ['{"type": "started"}', '{"type": "exit", "exit_code": "zero"}'],
     "exit-code-bool": ['{"type": "started"}', '{"type": "exit", "exit_code": true}'],
     "two-exits": ['{"type": "started"}', '{"type": "exit", "exit_code": 3}', '{"type": "exit", "exit_code": 4}'],
+    "exit-code-huge": ['{"type": "started"}', '{"type": "exit", "exit_code": 1000000}'],
+    "deep-first": ["[" * 100_000],
+    "deep-later": ['{"type": "started"}', "[" * 100_000],
+    "output-after-exit": ['{"type": "started"}', '{"type": "exit", "exit_code": 0}', b"\x01late"],
+    "closes-at-once": [],
 }
 
 
@@ -131,9 +136,13 @@ async def exec_server() -> AsyncIterator[str]:
     def config(connection: ServerConnection, request: Request) -> Response | None:
         if request.path.startswith("/v1/config"):
             return Response(200, "OK", Headers({"Content-Type": "application/json"}), CONFIG)
+        if "redirect" in request.path:  # a handshake answered by a redirect to another scheme
+            return Response(302, "Found", Headers({"Location": "ftp://example.invalid/"}), b"")
         return None
 
     async def handler(ws: ServerConnection) -> None:
+        if ws.request.path.split("/")[3] == "closes-at-once":
+            return
         await ws.recv()  # the exec request
         for message in HOSTILE_EXEC[ws.request.path.split("/")[3]]:
             await ws.send(message)
@@ -153,17 +162,25 @@ async def test_a_hostile_exec_fails_as_a_boxvm_error(exec_server: str) -> None:
     IndexError or AttributeError from the client's reader, nor a wait that never ends."""
     client = RemoteBackend(exec_server, "token")
     try:
-        for case in ("binary-first", "not-json", "a-list", "no-type", "not-started"):
+        for case in ("binary-first", "not-json", "a-list", "no-type", "not-started", "deep-first"):
             with pytest.raises(EngineError, match="malformed exec message"):
                 await spawn(client, case)
         with pytest.raises(BoxvmError, match="malformed error"):
             await spawn(client, "odd-error")
-        for case in ("no-stream", "empty-frame", "bad-control", "exit-code-text", "exit-code-bool"):
+        with pytest.raises(EngineError, match="closed the exec connection"):
+            await spawn(client, "closes-at-once")
+        with pytest.raises(EngineError, match="handshake"):
+            await spawn(client, "redirect")
+        cases = ("no-stream", "empty-frame", "bad-control", "exit-code-text", "exit-code-bool", "exit-code-huge")
+        for case in (*cases, "deep-later"):
             process = await spawn(client, case)
             with pytest.raises(EngineError, match="malformed exec message"):
                 await asyncio.wait_for(process.wait(), 10)
             assert [c async for c in process.stdout] == []  # the streams end too
         process = await spawn(client, "two-exits")
         assert await asyncio.wait_for(process.wait(), 10) == {"exit_code": 3, "timed_out": False}
+        process = await spawn(client, "output-after-exit")
+        assert await asyncio.wait_for(process.wait(), 10) == {"exit_code": 0, "timed_out": False}
+        assert [c async for c in process.stdout] == []  # what follows an exit is dropped
     finally:
         await client.close()
