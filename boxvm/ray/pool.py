@@ -9,8 +9,8 @@ made for Ray tasks, which are plain functions); from async code run them in a th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -76,12 +76,10 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
     raise InvalidArgument("BoxRef calls block: from async code, call them in a thread (asyncio.to_thread)")
 
 
-def _names(names: list[str | None] | None, count: int, prefix: str, random_bytes: int) -> list[str]:
-    """``count`` names: those given, the rest made up (``prefix`` and random hex), so that the
-    pool knows what to remove of a call it gives up on."""
+def _names(names: list[str | None] | None, count: int) -> list[str | None]:
     if names is not None and len(names) != count:
         raise InvalidArgument(f"got {len(names)} names for {count} boxes")
-    return [n or f"{prefix}{secrets.token_hex(random_bytes)}" for n in names or [None] * count]
+    return list(names) if names is not None else [None] * count
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -205,9 +203,6 @@ class BoxPool:
         self._id = uuid.uuid4().hex  # what the runners know this pool by (``Runner.attach``)
         self._runners: dict[str, ActorHandle] = {}
         self.lost: dict[str, str] = {}  # node id -> why its runner is out of the pool
-        # node id -> names of boxes a runner may have made for a call it died in: removed once
-        # a runner serves the node again (their VMs outlive the runner)
-        self._orphans: dict[str, list[str]] = {}
         self.start_runners()
 
     # -- runners ----------------------------------------------------------------------
@@ -244,33 +239,11 @@ class BoxPool:
                 _wait(ref, node_id, "the runner")
             except BoxvmError as exc:  # its home or boxvm failed it
                 self._drop(node_id, exc.message)
-        self._discard({node: names for node, names in self._orphans.items() if node in self._runners})
         return list(self._runners)
 
     def _drop(self, node_id: str, why: str) -> None:
         self._runners.pop(node_id, None)
         self.lost[node_id] = why
-
-    def _discard(self, names: dict[str, list[str]]) -> None:
-        """Remove the boxes ``names`` gives by node, each once its runner is done making it;
-        a node whose runner is gone keeps its names for the next runner there. Waits without
-        a bound (a create may be booting them); an interrupt leaves the runners to finish."""
-        refs = {}
-        for node, share in names.items():
-            if node in self._runners:
-                refs[node] = self._runners[node].discard.remote(share)
-            else:
-                self._orphans.setdefault(node, []).extend(n for n in share if n not in self._orphans.get(node, []))
-        for node, ref in refs.items():
-            try:
-                _wait(ref, node, f"the removal of boxes {names[node]}")
-            except RunnerUnavailable as exc:
-                self._drop(node, exc.message)
-                self._orphans.setdefault(node, []).extend(names[node])
-            except BoxvmError as exc:
-                log.warning("could not remove boxes %s on Ray node %s: %s", names[node], node[:12], exc)
-            else:
-                self._orphans.pop(node, None)
 
     def _ask_all(
         self, call: Callable[[ActorHandle], ray.ObjectRef], what: str, timeout: float | None, *, probe: bool = False
@@ -326,52 +299,70 @@ class BoxPool:
         opts = (options or BoxOptions()).validate()
         size = (opts.cpus, opts.memory_mib) if start else (0, 0)
         return self._spread(
-            _names(names, count, "box-", 4), size, exclude, "new boxes",
-            lambda r, share: r.create.remote(opts, share, start),
+            _names(names, count), size, exclude, "new boxes",
+            lambda r, share, token: r.create.remote(opts, share, start, token),
         )  # fmt: skip
 
     def _spread(
         self,
-        names: list[str],
+        names: list[str | None],
         size: tuple[int, int],
         exclude: Iterable[str],
         what: str,
-        call: Callable[[ActorHandle, list[str]], ray.ObjectRef],
+        call: Callable[[ActorHandle, list[str | None], str], ray.ObjectRef],
     ) -> list[BoxRef]:
-        """Place ``names`` by ``plan`` and run ``call`` on each chosen node's runner at once. A
-        node that turns out full or gone passes its share on to the others; any other failure,
-        no room left, or an interrupt removes every box asked for so far, made or still being
-        made (by name: a runner that died in the call may have made some, removed once a
-        runner serves its node again), and raises."""
-        if taken := set(names) & {b.name for b in self.boxes()}:
+        """Place ``names`` by ``plan`` and run ``call`` on each chosen node's runner at once
+        (each call known to its runner by a token). A node that turns out full or gone
+        passes its share on to the others (a runner that died in its call has its next
+        runner remove what it made: ``Runner._undo_dead_calls``). Any other failure, no room
+        left, or an interrupt removes what the calls made, the ones still running once they
+        end (``Runner.discard``), and raises; a call that failed made nothing."""
+        if (wanted := {n for n in names if n}) and (taken := wanted & {b.name for b in self.boxes()}):
             raise AlreadyExists(f"the pool already has boxes named {sorted(taken)}: choose other names")
-        pending, skip, made, asked = list(names), set(exclude), list[BoxRef](), dict[str, list[str]]()
+        pending, skip, made = list(names), set(exclude), list[BoxRef]()
+        running: dict[str, str] = {}  # token -> node of the calls not answered yet
         try:
             while pending:
                 shares = plan([x for x in self.loads() if x.node_id not in skip], size[0], size[1], len(pending))
                 calls = {}
                 for node, n in shares.items():
-                    asked.setdefault(node, []).extend(pending[:n])
-                    calls[node] = (pending[:n], call(self._runners[node], pending[:n]))
+                    token = uuid.uuid4().hex
+                    running[token] = node
+                    calls[token] = (node, pending[:n], call(self._runners[node], pending[:n], token))
                     pending = pending[n:]
                 failure: BaseException | None = None
-                for node, (share, ref) in calls.items():
+                for token, (node, share, ref) in calls.items():
                     try:
-                        made += [BoxRef(node, i.id, i.name, self._runners[node]) for i in _wait(ref, node, what)]
+                        infos = _wait(ref, node, what)
                     except (NoCapacity, RunnerUnavailable) as exc:
                         skip.add(node)
                         pending += share
-                        if isinstance(exc, RunnerUnavailable):  # it may have made some before it died
+                        if isinstance(exc, RunnerUnavailable):
                             self._drop(node, exc.message)
-                            self._discard({node: share})
                     except Exception as exc:
                         failure = failure or exc
+                    else:
+                        made += [BoxRef(node, i.id, i.name, self._runners[node]) for i in infos]
+                    del running[token]
                 if failure is not None:
                     raise failure
         except BaseException:
-            self._discard(asked)
+            self._undo(made, running)
             raise
         return made
+
+    def _undo(self, made: list[BoxRef], running: dict[str, str]) -> None:
+        """Remove the boxes ``made`` and those the calls ``running`` (token -> node) make.
+        Waits for those calls to end (a create may be booting them); an interrupt leaves
+        the runners to finish. A failure to remove is warned of: the caller's error stands."""
+        waits = [(node, r.remove.remote(box.id, True)) for box in made if (r := self._runners.get(node := box.node_id))]
+        waits += [(node, self._runners[node].discard.remote(token)) for token, node in running.items()
+                  if node in self._runners]  # fmt: skip
+        for node, ref in waits:
+            try:
+                _wait(ref, node, "the removal of what an abandoned call made")
+            except Exception as exc:  # a dead runner's next one undoes its calls
+                log.warning("Ray node %s kept boxes of an abandoned call: %s", node[:12], exc)
 
     def boxes(self) -> list[BoxRef]:
         """The boxes of every live node."""
@@ -405,8 +396,8 @@ class BoxPool:
         ``exclude``): each node imports the archive once and clones it copy-on-write."""
         size = (seed.cpus, seed.memory_mib) if start else (0, 0)
         return self._spread(
-            _names(names, count, "fork-", 6), size, exclude, f"a fork of {seed.url}",
-            lambda r, share: r.fork.remote(seed.url, share, start),
+            _names(names, count), size, exclude, f"a fork of {seed.url}",
+            lambda r, share, token: r.fork.remote(seed.url, share, start, token),
         )  # fmt: skip
 
     def retire(self, seed: Seed | str, *, delete_object: bool = True) -> list[str]:
@@ -446,21 +437,36 @@ class BoxPool:
     def shutdown(self, *, remove_boxes: bool = False) -> None:
         """Leave every runner of the pool, ending those no other pool uses. Their boxes keep
         running unless ``remove_boxes``, which removes every box of the nodes (boxes are the
-        nodes', not a pool's). A runner that fails to remove its boxes stays in the pool (and
-        its other pools'), for ``shutdown`` to be called again; the first such failure raises."""
-        closing = {node: runner.close.remote(self._id, remove_boxes) for node, runner in self._runners.items()}
-        ray.wait(list(closing.values()), num_returns=len(closing))  # no bound: it may remove many boxes
+        nodes', not a pool's: other pools lose theirs too). A runner that fails to remove
+        its boxes stays in the pool, still used by it, for ``shutdown`` to be called again;
+        the first such failure raises. The runners of nodes out of the pool (``lost``) are
+        left too if they answer within ``probe_timeout``."""
+        members = dict(self._runners)
+        closing = {node: runner.close.remote(self._id, remove_boxes) for node, runner in members.items()}
+        strays = {}
+        for node in self.lost:
+            with contextlib.suppress(ValueError):  # no runner of that name: it is gone
+                runner = ray.get_actor(RUNNER_PREFIX + node, namespace=self._namespace)
+                strays[node] = (runner, runner.close.remote(self._id, False))
+        if closing:
+            ray.wait(list(closing.values()), num_returns=len(closing))  # no bound: it may remove many boxes
+        if strays:
+            ray.wait([ref for _r, ref in strays.values()], num_returns=len(strays), timeout=self._timeout)
         failure: BoxvmError | None = None
         for node, ref in closing.items():
             try:
                 ended = _wait(ref, node, "the runner")
             except RunnerUnavailable:
                 ended = True
-            except BoxvmError as exc:
-                failure = failure or exc
+            except Exception as exc:  # a Ray error of its own too: the runner stays in the pool
+                failure = failure or (exc if isinstance(exc, BoxvmError) else EngineError(f"closing failed: {exc!r}"))
                 continue
             if ended:
-                ray.kill(self._runners[node], no_restart=True)
+                ray.kill(members[node], no_restart=True)
             del self._runners[node]
+        for node, (runner, ref) in strays.items():
+            with contextlib.suppress(Exception):  # hung or gone: nothing more to do from here
+                if ray.wait([ref], timeout=0)[0] and _wait(ref, node, "the runner"):
+                    ray.kill(runner, no_restart=True)
         if failure is not None:
             raise failure

@@ -13,23 +13,26 @@ made with no ``await`` between them, so two creates can never both take the last
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
+import json
 import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from boxvm import objstore
-from boxvm.errors import AlreadyExists, BoxNotFound, BoxvmError, InvalidArgument, NotFound
+from boxvm.errors import AlreadyExists, BoxNotFound, BoxvmError, EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
-from boxvm.ray.errors import NoCapacity
+from boxvm.ray.errors import NoCapacity, RunnerUnavailable
 from boxvm.runtime import Box, Runtime
 from boxvm.status import BoxStatus
 
@@ -39,6 +42,7 @@ SEED_NAME = re.compile(r"seed-[0-9a-f]{24}")  # the boxes a fork imports, one pe
 SEED_SNAPSHOT = "seed"  # a seed's snapshot: this and which archive it holds (``_mark``)
 # A box holds its node's cpus and memory while its VM may run; at rest it holds none.
 _AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.FAILED})
+_CALLS_KEPT = 4096  # ended calls whose boxes a pool may still discard
 
 
 @dataclass(frozen=True)
@@ -97,26 +101,40 @@ class Runner:
         self._held: dict[int, tuple[float, int]] = {}  # reservations of boxes being created or started
         self._tickets = itertools.count()
         self._seeding: dict[str, asyncio.Lock] = {}
-        self._making: dict[str, asyncio.Future[None]] = {}  # box name -> the end of the call making it
+        self._calls: collections.OrderedDict[str, asyncio.Future[list[str]]] = collections.OrderedDict()
+        self._dropped: set[str] = set()  # calls discarded before they began: they never will
         self._pools: set[str] = set()  # the pools using this runner (``attach``): it ends with the last
+        self._closing = False
+        self._recovery = asyncio.Lock()
+        self._recovered = False  # the calls a runner of this home died in are undone
 
     # -- the pools using it -------------------------------------------------------------
     async def attach(self, pool: str) -> NodeLoad:
-        """Serve ``pool`` too (pools share a node's runner: it is named after the node)."""
-        self._pools.add(pool)
+        """Serve ``pool`` too (pools share a node's runner: it is named after the node). The
+        first attach undoes the calls a runner of this home died in (``_undo_dead_calls``)."""
+        if self._closing:
+            raise RunnerUnavailable(
+                f"the boxvm runner of Ray node {self.node_id[:12]} is being ended by another pool: start_runners again"
+            )
+        async with self._recovery:  # a second pool waits for the first one's
+            if not self._recovered:
+                await self._undo_dead_calls()
+                self._recovered = True
+            self._pools.add(pool)
         return await self.load()
 
     async def close(self, pool: str, remove_boxes: bool) -> bool:
         """``pool`` is done with this runner; with ``remove_boxes`` every box of the node goes
-        (boxes are the node's, not a pool's). True once no pool uses the runner: it stops
-        serving and may be ended."""
-        self._pools.discard(pool)
+        first (boxes are the node's, not a pool's). True once no pool uses the runner: it
+        stops serving and may be ended. A failed removal leaves the pool attached."""
         if remove_boxes:
             for info in await self._rt.list():
                 with contextlib.suppress(BoxNotFound):
                     await self._rt.remove(info.id, force=True)
+        self._pools.discard(pool)
         if self._pools:
             return False
+        self._closing = True
         await self._rt.close()
         return True
 
@@ -149,10 +167,12 @@ class Runner:
             raise BoxNotFound(f"Ray node {self.node_id[:12]} has no box {box_id!r}: it was removed")
         return box
 
-    async def create(self, options: BoxOptions, names: list[str | None], start: bool) -> list[BoxInfo]:
-        """New boxes, created (and started) together; all or none: a failure removes the rest."""
+    async def create(self, options: BoxOptions, names: list[str | None], start: bool, token: str) -> list[BoxInfo]:
+        """New boxes, created (and started) together; all or none: a failure removes the rest
+        (``token`` names the call for ``discard``)."""
         options.validate()
-        with self._naming(names):
+        names = [name or f"box-{secrets.token_hex(4)}" for name in names]  # named: a dead runner's are found again
+        with self._call(token, names) as made:
             ticket = await self._reserve(options.cpus, options.memory_mib, len(names)) if start else None
             try:
                 results = await asyncio.gather(
@@ -160,14 +180,15 @@ class Runner:
                 )
             finally:
                 self._held.pop(ticket, None)  # type: ignore[arg-type]
-            made = [r for r in results if isinstance(r, BoxInfo)]
+            done = [r for r in results if isinstance(r, BoxInfo)]
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:
-                for info in made:
+                for info in done:
                     with contextlib.suppress(BoxvmError):
                         await self._rt.remove(info.id, force=True)
                 raise failed[0]
-            return made
+            made(done)
+            return done
 
     async def _create(self, options: BoxOptions, name: str | None, start: bool) -> BoxInfo:
         box = await self._rt.create(options, name)
@@ -291,13 +312,16 @@ class Runner:
         finally:
             await self._rt.remove(twin.id, force=True)
 
-    async def fork(self, url: str, names: list[str | None], start: bool) -> list[BoxInfo]:
+    async def fork(self, url: str, names: list[str | None], start: bool, token: str) -> list[BoxInfo]:
         """Clones of the archive at ``url``: imported once per node (the seed box), then
-        cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk."""
+        cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk
+        (``token`` names the call for ``discard``)."""
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
-        with self._naming(names):
+        with self._call(token, names) as made:
             seed, mark = await self._seed(url)
-            return await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
+            infos = await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
+            made(infos)
+            return infos
 
     async def _seed(self, url: str) -> tuple[Box, str]:
         """The node's seed of ``url`` and its snapshot's name (``_mark``). Imported trusted,
@@ -332,33 +356,96 @@ class Runner:
     async def seeds(self) -> list[str]:
         return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
 
+    # -- the pool's calls that make boxes, undone when it gives up on them ----------------
     @contextlib.contextmanager
-    def _naming(self, names: list[str | None]) -> Iterator[None]:
-        """Mark ``names`` as being made by the call inside, for ``discard`` to wait on."""
-        done = asyncio.get_running_loop().create_future()
-        for name in filter(None, names):
-            self._making[name] = done
+    def _call(self, token: str, names: list[str]) -> Iterator[Callable[[list[BoxInfo]], None]]:
+        """Run a call that makes the boxes ``names``, known by ``token`` to ``discard``, and
+        journaled in the home while it runs (``<tmp>/raycalls/<token>``, locked by this
+        process): if the runner dies in it, the next runner of the home removes them. The
+        call reports the boxes it made through the function it is given."""
+        if token in self._dropped:
+            self._dropped.discard(token)
+            raise InvalidState("the pool gave up on this call before it began")
+        result: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        result.add_done_callback(lambda f: f.exception())  # a failed call's outcome is read by discard, or not at all
+        self._calls[token] = result
+        while len(self._calls) > _CALLS_KEPT:  # ended long ago: no pool waits to discard them any more
+            self._calls.popitem(last=False)
+        journal = _calls_dir(self._rt) / token
+        fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            yield
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, json.dumps(names).encode())
+            yield lambda infos: result.set_result([i.id for i in infos])
+        except BaseException as exc:
+            if not result.done():
+                result.set_exception(exc)
+            raise
         finally:
-            for name in filter(None, names):
-                if self._making.get(name) is done:
-                    del self._making[name]
-            done.set_result(None)
+            journal.unlink(missing_ok=True)
+            os.close(fd)
+            if not result.done():
+                result.set_exception(InvalidState("the call ended without its boxes"))
 
-    async def discard(self, names: list[str]) -> list[str]:
-        """Remove the boxes named, once any call still making them has ended: those of a
-        create or fork the pool gave up on (its caller interrupted, another node failed)
-        while this runner was making them. Returns the names it removed."""
-        for making in {self._making[n] for n in names if n in self._making}:
-            await asyncio.shield(making)
-        removed = []
-        for name in names:
-            if (box := await self._rt.get(name)) is not None and box.name == name:
-                with contextlib.suppress(BoxNotFound):
-                    await self._rt.remove(box.id, force=True)
-                    removed.append(name)
+    async def discard(self, token: str) -> list[str]:
+        """Undo the call ``token`` the pool gave up on (its caller interrupted, another node
+        failed) once it ends: remove the boxes it made (a failed call removed its own).
+        One that has not begun never will. Returns the ids removed."""
+        result = self._calls.get(token)
+        if result is None:
+            self._dropped.add(token)
+            return []
+        try:
+            made = await asyncio.shield(result)
+        except BaseException:
+            return []
+        removed, failed = [], []
+        for box_id in made:
+            try:
+                await self._rt.remove(box_id, force=True)
+                removed.append(box_id)
+            except BoxNotFound:
+                pass
+            except BoxvmError as exc:
+                failed.append(f"{box_id[:12]}: {exc.message}")
+        if failed:
+            raise EngineError(f"could not remove the boxes of an abandoned call: {'; '.join(failed)}")
         return removed
+
+    async def _undo_dead_calls(self) -> None:
+        """Remove the boxes of the calls a runner of this home died in (their journals, no
+        longer locked). Before this runner makes any box, so a name in one is that call's:
+        names are unique on a node and no runner served it meanwhile."""
+        for journal in sorted(_calls_dir(self._rt).iterdir()):
+            try:
+                fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live runner's (another namespace over the same home)
+                try:
+                    names = json.loads(os.read(fd, 1 << 20))
+                except ValueError:
+                    names = []
+                for name in names if isinstance(names, list) else []:
+                    box = await self._rt.get(str(name))
+                    if box is not None and box.name == name:
+                        log.warning("boxvm runner on %s: removing box %s of a call its runner died in",
+                                    self.node_id[:12], name)  # fmt: skip
+                        with contextlib.suppress(BoxNotFound):
+                            await self._rt.remove(box.id, force=True)
+                journal.unlink(missing_ok=True)
+            finally:
+                os.close(fd)
+
+
+def _calls_dir(rt: Runtime) -> Path:
+    path = rt.backend.home.tmp / "raycalls"  # no pid in the name: the home's start-up recovery leaves it
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
 
 
 async def collect(stream: AsyncIterator[bytes], what: str) -> bytes:

@@ -227,7 +227,7 @@ async def test_a_published_memory_snapshot_is_forked_resumed(parent: Parent, hom
     infos = []
     try:
         await runner.export(parent.box.id, url, "m")
-        infos = await runner.fork(url, [None, None], True)
+        infos = await runner.fork(url, [None, None], True, "t1")
         assert [i.status for i in infos] == [BoxStatus.RUNNING] * 2
         async with boxvm.Runtime(home.root) as rt:
             for info in infos:

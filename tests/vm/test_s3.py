@@ -370,11 +370,11 @@ async def test_a_seed_follows_the_object_at_its_url(home: Home, s3: S3Server, so
         runner = Runner(str(home.root), "test-node", 4, 1024)
         forks = []
         try:
-            forks += await runner.fork(url, [f"{source}-old"], False)
+            forks += await runner.fork(url, [f"{source}-old"], False, "t1")
             same_disk(home, box.id, forks[0].id)
             s3.client().delete_object(Bucket=s3.bucket, Key=url.split("/", 3)[3])
             await other.export(url)
-            forks += await runner.fork(url, [f"{source}-new"], False)
+            forks += await runner.fork(url, [f"{source}-new"], False, "t2")
             same_disk(home, other.id, forks[1].id)
             assert await runner.seeds() == [seed_name(url)]  # the old import went
             same_disk(home, box.id, forks[0].id)  # its fork keeps its disk
@@ -399,7 +399,7 @@ async def test_a_retired_seed_leaves_its_forks_working(home: Home, s3: S3Server,
         assert box is not None
         await box.export(url)
         runner = Runner(str(home.root), "test-node", 4, 1024)
-        forks = await runner.fork(url, [f"{source}-fork1", f"{source}-fork2"], False)
+        forks = await runner.fork(url, [f"{source}-fork1", f"{source}-fork2"], False, "t3")
         try:
             assert seed_name(url) in await runner.seeds()
             assert await runner.retire(url) is True

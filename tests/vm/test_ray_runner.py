@@ -1,0 +1,69 @@
+"""``boxvm.ray``'s runner without a Ray cluster: the calls a pool gives up on. A pool that is
+interrupted, or whose other node failed, asks the runner to ``discard`` a call by its token;
+a runner that died in a call leaves a journal its node's next runner acts on. Boxes are
+created, not started (no VM is needed to make or remove them)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import boxvm
+from boxvm.errors import InvalidState
+from boxvm.paths import Home
+from boxvm.ray.runner import Runner
+
+pytestmark = [pytest.mark.asyncio]
+OPTS = boxvm.BoxOptions(image="boxvm/slim")
+
+
+async def names(home: Home, prefix: str) -> list[str]:
+    async with boxvm.Runtime(home.root) as rt:
+        return sorted(b.name for b in await rt.list() if b.name.startswith(prefix))
+
+
+async def test_a_discarded_call_removes_what_it_made_and_no_other_box(home: Home) -> None:
+    prefix = f"discard-{os.urandom(2).hex()}"
+    runner = Runner(str(home.root), "test-node", 64, 1 << 16)
+    try:
+        await runner.create(OPTS, [f"{prefix}-a1", f"{prefix}-a2"], False, "call-a")
+        await runner.create(OPTS, [f"{prefix}-b"], False, "call-b")
+        assert len(await runner.discard("call-a")) == 2  # exactly the boxes of that call
+        assert await names(home, prefix) == [f"{prefix}-b"]
+        # A discard that comes before its call (Ray does not order an async actor's calls):
+        # the call then refuses to make anything.
+        assert await runner.discard("call-c") == []
+        with pytest.raises(InvalidState, match="gave up on this call"):
+            await runner.create(OPTS, [f"{prefix}-c"], False, "call-c")
+        assert await names(home, prefix) == [f"{prefix}-b"]
+    finally:
+        await runner.discard("call-b")
+        await runner.close("test", False)
+    assert await names(home, prefix) == []
+
+
+async def test_the_next_runner_undoes_the_calls_a_dead_runner_was_making(home: Home) -> None:
+    """A journal a killed runner left (unlocked: its process is gone) names the boxes its
+    call was making: the node's next runner removes them before it serves any pool, and no
+    box it does not name. A journal still locked (a live runner's) is left alone."""
+    prefix = f"dead-{os.urandom(2).hex()}"
+    first = Runner(str(home.root), "test-node", 64, 1 << 16)
+    await first.create(OPTS, [f"{prefix}-made", f"{prefix}-kept"], False, "call-1")
+    await first.close("test", False)
+    journals = home.tmp / "raycalls"
+    (journals / "dead-call").write_text(json.dumps([f"{prefix}-made", f"{prefix}-never-made"]))
+    second = Runner(str(home.root), "test-node", 64, 1 << 16)
+    try:
+        with second._call("live-call", [f"{prefix}-kept"]):  # this process holds its lock
+            third = Runner(str(home.root), "test-node", 64, 1 << 16)
+            await third.attach("pool")
+            await third.close("pool", False)
+        assert await names(home, prefix) == [f"{prefix}-kept"]
+        assert not (journals / "dead-call").exists() and not (journals / "live-call").exists()
+    finally:
+        async with boxvm.Runtime(home.root) as rt:
+            for name in await names(home, prefix):
+                await rt.remove(name, force=True)
+        await second.close("test", False)
