@@ -215,11 +215,56 @@ async def _migrate(
     elif bool(journal.object) != (via is not None):
         how = f"through {journal.object.rsplit('/', 1)[0]}/ (--via)" if journal.object else "directly (no --via)"
         raise InvalidState(f"box {name!r} is being moved {how}: run migrate again that way to finish it")
+    await _hold(source, path, journal, begun)
     if journal.object:
         await _through_bucket(source, target, path, journal, begun)
     else:
         await _directly(source, target, path, journal)
     return await _finish(target, path, journal)
+
+
+async def _hold(source: Backend, path: Path, journal: Journal, begun: bool) -> None:
+    """Hold the box at the source for this move (``Backend.lease``, by the journal's nonce)
+    while the source still has it: a driver in another home moving it too is refused there
+    instead of exporting it to a second owner. A move this run began and cannot hold is
+    not begun (its journal goes); one begun before sources held boxes is finished as begun."""
+    if not journal.nonce or await _this(source, journal) is None:
+        return
+    try:
+        await source.lease(journal.box_id, journal.nonce)
+    except Unsupported:
+        if begun:
+            path.unlink(missing_ok=True)
+            raise Unsupported(f"the source {_where(source)} cannot hold a migrating box: upgrade it first") from None
+        log.warning("the source cannot hold box %s for this move: finishing it as it was begun", journal.box_name)
+    except BoxvmError:
+        if begun:
+            path.unlink(missing_ok=True)
+        raise
+
+
+async def release(source: Backend, box: str, target: Backend) -> None:
+    """Give up a move of ``box`` that has not left the source: this home's journal of it
+    goes (an object it exported too) and the source releases the box from whatever move
+    holds it (one driven from elsewhere, given up on, included). Refused once the box left
+    the source: then only finishing the move keeps it whole."""
+    info = await source.get(box)
+    if info is None:
+        raise BoxNotFound(f"the source has no box named or with id {box!r}: there is nothing to release")
+    folder = _journal_dir(source)
+    with _exclusive(folder / f"{info.name}.lock", info.name):
+        path = folder / f"{info.name}.json"
+        journal = _load(path)
+        if journal is not None and journal.box_id == info.id:
+            if journal.phase != "started" or (not journal.object and await _moved(target, journal) is not None):
+                raise InvalidState(
+                    f"the move of box {info.name!r} is past the point where the target or an object holds the box: "
+                    "run migrate again to finish it"
+                )
+            for obj in filter(None, (journal.object, *journal.stale)):
+                await _discard(obj)
+            path.unlink(missing_ok=True)
+        await source.lease(info.id, None)
 
 
 async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:

@@ -41,6 +41,14 @@ CAPABILITIES = (
 # Offered by a server that imports a box under its id with a migration's nonce (``boxvm.migrate``
 # checks it before it begins a move to the server; an older client need not know it).
 MIGRATION_CAPABILITY = "import-migration"
+# Offered by a server that holds a box for one migration at a time (``Backend.lease``).
+LEASE_CAPABILITY = "migration-lease"
+
+
+@dataclass
+class LeaseRequest:
+    nonce: str
+
 
 # Idle HTTP connections: the client drops them well before the server does. With both at
 # 5 s (the httpx and uvicorn defaults) a request sent on a connection the server was just

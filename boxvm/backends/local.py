@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -36,6 +37,7 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
+    check_migration_nonce,
 )
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -135,6 +137,20 @@ class LocalBackend(templates.TemplateOps, Backend):
 
     async def suspend(self, box_id: str) -> BoxInfo:
         return await self.memory.suspend(box_id)
+
+    async def lease(self, box_id: str, nonce: str | None) -> None:
+        rec = self.boxes.record(box_id)
+        if nonce is None:
+            self.store.drop_lease(rec.id)
+            return
+        # The record keeps a digest: the nonce also marks the box on its target, and a
+        # record's options reach archives and listings.
+        holder = hashlib.sha256(check_migration_nonce(nonce).encode()).hexdigest()
+        if not self.store.take_lease(rec.id, holder):
+            raise InvalidState(
+                f"box {rec.name!r} is being moved by another migration (a driver elsewhere): let it finish, or if it"
+                " was given up, release the box with `boxvm migrate --release`"
+            )
 
     # -- lifecycle --------------------------------------------------------------------
     def _accel_choice(self) -> accel_mod.Accel:

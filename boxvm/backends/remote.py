@@ -415,6 +415,14 @@ class RemoteBackend(Backend):
         reply = await self._send("POST", "/boxes/import", params=params or None, content=archive, idempotent=True)
         return _kept(wire.box_info(reply), box_id, self.url)
 
+    async def lease(self, box_id: str, nonce: str | None) -> None:
+        if wire.LEASE_CAPABILITY not in (await self.server_config()).get("capabilities", []):
+            raise Unsupported(f"the server at {self.url} cannot hold a box for a migration: upgrade it")
+        if nonce is None:
+            await self._send("DELETE", f"/boxes/{box_id}/lease")
+        else:
+            await self._send("PUT", f"/boxes/{box_id}/lease", json_body=wire.body(wire.LeaseRequest(nonce)))
+
     async def receives_migrations(self) -> bool:
         """A server too old to keep a migrating box's id and nonce would import it under a new id."""
         return wire.MIGRATION_CAPABILITY in (await self.server_config()).get("capabilities", [])

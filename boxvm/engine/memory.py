@@ -50,6 +50,7 @@ BASE = "memory.base"  # a fork's read-only view of a snapshot's RAM (mapped shar
 STATE = "memory.state"
 META = "memory.json"
 CAPTURE = "memory-capture"  # a memory snapshot's files, until the snapshot's record takes them
+SNAPSHOTS = "memory-snapshots"  # the memory snapshots' files, a directory each named by its id
 MAX_STATE = 64 << 20  # device state is tens of KB; anything near this is not ours
 MIGRATE_TIMEOUT = 60.0
 T = TypeVar("T")
@@ -191,6 +192,17 @@ def seal(dest: Path, shape: dict[str, Any], ram: str = "file") -> None:
     """Make the memory state written to ``dest`` durable and vouch for it (outside the
     guest's pause): ``memory.state.tmp`` becomes ``memory.state``, the record is written last."""
     _publish(dest, dest / f"{STATE}.tmp", shape, ram)
+
+
+def sweep(box_dir: Path, snapshot_ids: set[str]) -> None:
+    """What a crashed memory snapshot of a box whose VM is down left: a capture no snapshot
+    took, and memory snapshot files no snapshot record names (the files are renamed into
+    place before the record is written)."""
+    shutil.rmtree(box_dir / CAPTURE, ignore_errors=True)
+    kept = box_dir / SNAPSHOTS
+    for entry in kept.iterdir() if kept.is_dir() else ():
+        if entry.name not in snapshot_ids:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def copy_saved(box_dir: Path, dest: Path) -> None:

@@ -226,6 +226,7 @@ class BoxPool:
                 node_id,
                 float(resources.get("CPU", 0)),
                 int(resources.get("memory", 0)) >> 20,
+                actor=True,
             )
             self.lost.pop(node_id, None)
             started[node_id] = self._runners[node_id].attach.remote(self._id)
@@ -320,14 +321,14 @@ class BoxPool:
         if (wanted := {n for n in names if n}) and (taken := wanted & {b.name for b in self.boxes()}):
             raise AlreadyExists(f"the pool already has boxes named {sorted(taken)}: choose other names")
         pending, skip, made = list(names), set(exclude), list[BoxRef]()
-        running: dict[str, str] = {}  # token -> node of the calls not answered yet
+        running: dict[str, tuple[str, ActorHandle]] = {}  # token -> node and runner of the calls not answered yet
         try:
             while pending:
                 shares = plan([x for x in self.loads() if x.node_id not in skip], size[0], size[1], len(pending))
                 calls = {}
                 for node, n in shares.items():
                     token = uuid.uuid4().hex
-                    running[token] = node
+                    running[token] = (node, self._runners[node])
                     calls[token] = (node, pending[:n], call(self._runners[node], pending[:n], token))
                     pending = pending[n:]
                 failure: BaseException | None = None
@@ -351,13 +352,13 @@ class BoxPool:
             raise
         return made
 
-    def _undo(self, made: list[BoxRef], running: dict[str, str]) -> None:
-        """Remove the boxes ``made`` and those the calls ``running`` (token -> node) make.
+    def _undo(self, made: list[BoxRef], running: dict[str, tuple[str, ActorHandle]]) -> None:
+        """Remove the boxes ``made`` and those the calls ``running`` (token -> node, runner) make
+        (through the runners that made them, in the pool or not now).
         Waits for those calls to end (a create may be booting them); an interrupt leaves
         the runners to finish. A failure to remove is warned of: the caller's error stands."""
-        waits = [(node, r.remove.remote(box.id, True)) for box in made if (r := self._runners.get(node := box.node_id))]
-        waits += [(node, self._runners[node].discard.remote(token)) for token, node in running.items()
-                  if node in self._runners]  # fmt: skip
+        waits = [(box.node_id, box.runner.remove.remote(box.id, True)) for box in made]
+        waits += [(node, runner.discard.remote(token)) for token, (node, runner) in running.items()]
         for node, ref in waits:
             try:
                 _wait(ref, node, "the removal of what an abandoned call made")

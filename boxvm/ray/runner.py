@@ -13,7 +13,6 @@ made with no ``await`` between them, so two creates can never both take the last
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import fcntl
@@ -43,6 +42,7 @@ SEED_SNAPSHOT = "seed"  # a seed's snapshot: this and which archive it holds (``
 # A box holds its node's cpus and memory while its VM may run; at rest it holds none.
 _AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.SUSPENDED, BoxStatus.FAILED})
 _CALLS_KEPT = 4096  # ended calls whose boxes a pool may still discard
+_EXIT_AFTER_CLOSE = 5.0  # seconds a runner no pool uses lives on after its close (its answer sent)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ async def _mark(url: str) -> str:
 class Runner:
     """The boxes of one Ray node (made a Ray actor by ``boxvm.ray.pool``)."""
 
-    def __init__(self, home: str | None, node_id: str, cpus: float, memory_mib: int) -> None:
+    def __init__(self, home: str | None, node_id: str, cpus: float, memory_mib: int, actor: bool = False) -> None:
         self.node_id = node_id
         self._rt = Runtime(home)
         self._cpus = cpus
@@ -101,10 +101,12 @@ class Runner:
         self._held: dict[int, tuple[float, int]] = {}  # reservations of boxes being created or started
         self._tickets = itertools.count()
         self._seeding: dict[str, asyncio.Lock] = {}
-        self._calls: collections.OrderedDict[str, asyncio.Future[list[str]]] = collections.OrderedDict()
+        self._calls: dict[str, asyncio.Future[list[str]]] = {}  # token -> the ids its call made, once ended
+        self._naming: set[str] = set()  # the names the calls under way are making
         self._dropped: set[str] = set()  # calls discarded before they began: they never will
         self._pools: set[str] = set()  # the pools using this runner (``attach``): it ends with the last
         self._closing = False
+        self._actor = actor  # a Ray actor's process, which ends itself after its last close
         self._recovery = asyncio.Lock()
         self._recovered = False  # the calls a runner of this home died in are undone
 
@@ -120,6 +122,8 @@ class Runner:
             if not self._recovered:
                 await self._undo_dead_calls()
                 self._recovered = True
+            if self._closing:
+                raise RunnerUnavailable(f"the boxvm runner of Ray node {self.node_id[:12]} ended: start_runners again")
             self._pools.add(pool)
         return await self.load()
 
@@ -136,6 +140,10 @@ class Runner:
             return False
         self._closing = True
         await self._rt.close()
+        if self._actor:
+            # The pool kills it; if it cannot (interrupted, or it gave up waiting), the runner
+            # ends itself, or it would refuse every pool's attach for the life of its owner.
+            asyncio.get_running_loop().call_later(_EXIT_AFTER_CLOSE, os._exit, 0)
         return True
 
     # -- capacity ---------------------------------------------------------------------
@@ -172,7 +180,7 @@ class Runner:
         (``token`` names the call for ``discard``)."""
         options.validate()
         names = [name or f"box-{secrets.token_hex(4)}" for name in names]  # named: a dead runner's are found again
-        with self._call(token, names) as made:
+        async with self._call(token, names) as made:
             ticket = await self._reserve(options.cpus, options.memory_mib, len(names)) if start else None
             try:
                 results = await asyncio.gather(
@@ -300,24 +308,30 @@ class Runner:
         found = await box.snapshot.get(snapshot)
         if found is None:
             raise NotFound(f"box {box.name!r} has no snapshot named {snapshot!r}")
-        if found.has_memory:  # the backend's clones before it resumes them (the runner's home is local)
-            options = CloneOptions(from_snapshot=snapshot, start_after_clone=True)
-            (record,) = await self._rt.backend.clones.clone(box.id, [None], options)
-            twin = await self._rt.get(record.id)
-            assert twin is not None
-        else:
-            twin = await box.clone(None, CloneOptions(from_snapshot=snapshot))
-        try:
-            return str(await twin.export(url))
-        finally:
-            await self._rt.remove(twin.id, force=True)
+        name = f"{box.name[:100]}-publish-{secrets.token_hex(4)}"
+        async with self._call(secrets.token_hex(16), [name]):  # a runner dying here: its next one removes the twin
+            if found.has_memory:  # the backend's clones before it resumes them (the runner's home is local)
+                options = CloneOptions(from_snapshot=snapshot, start_after_clone=True)
+                (record,) = await self._rt.backend.clones.clone(box.id, [name], options)
+                twin = await self._rt.get(record.id)
+                assert twin is not None
+            else:
+                twin = await box.clone(name, CloneOptions(from_snapshot=snapshot))
+            try:
+                return str(await twin.export(url))
+            finally:
+                try:
+                    await self._rt.remove(twin.id, force=True)
+                except BoxvmError as exc:  # the export's own outcome stands
+                    log.warning("boxvm runner on %s: could not remove %s after publishing it: %s",
+                                self.node_id[:12], name, exc)  # fmt: skip
 
     async def fork(self, url: str, names: list[str | None], start: bool, token: str) -> list[BoxInfo]:
         """Clones of the archive at ``url``: imported once per node (the seed box), then
         cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk
         (``token`` names the call for ``discard``)."""
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
-        with self._call(token, names) as made:
+        async with self._call(token, names) as made:
             seed, mark = await self._seed(url)
             infos = await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
             made(infos)
@@ -357,35 +371,39 @@ class Runner:
         return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
 
     # -- the pool's calls that make boxes, undone when it gives up on them ----------------
-    @contextlib.contextmanager
-    def _call(self, token: str, names: list[str]) -> Iterator[Callable[[list[BoxInfo]], None]]:
-        """Run a call that makes the boxes ``names``, known by ``token`` to ``discard``, and
-        journaled in the home while it runs (``<tmp>/raycalls/<token>``, locked by this
-        process): if the runner dies in it, the next runner of the home removes them. The
-        call reports the boxes it made through the function it is given."""
+    @contextlib.asynccontextmanager
+    async def _call(self, token: str, names: list[str]) -> AsyncIterator[Callable[[list[BoxInfo]], None]]:
+        """Run a call that makes the boxes ``names``, known by ``token`` to ``discard``. The
+        names must be free, on the node and among the calls under way, so that for as long as
+        the call runs they are its own; it is journaled in the home meanwhile
+        (``<tmp>/raycalls/<token>``, locked by this process), and if the runner dies in it,
+        the node's next runner removes the boxes of those names. The call reports the boxes
+        it made through the function it is given."""
         if token in self._dropped:
             self._dropped.discard(token)
             raise InvalidState("the pool gave up on this call before it began")
-        result: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
-        result.add_done_callback(lambda f: f.exception())  # a failed call's outcome is read by discard, or not at all
-        self._calls[token] = result
-        while len(self._calls) > _CALLS_KEPT:  # ended long ago: no pool waits to discard them any more
-            self._calls.popitem(last=False)
-        journal = _calls_dir(self._rt) / token
-        fd = os.open(journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        taken = [n for n in names if n in self._naming or await self._rt.get(n) is not None]
+        if taken or len(set(names)) < len(names):
+            raise AlreadyExists(f"Ray node {self.node_id[:12]} already has (or is making) boxes named {taken or names}")
+        self._naming.update(names)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, json.dumps(names).encode())
-            yield lambda infos: result.set_result([i.id for i in infos])
-        except BaseException as exc:
-            if not result.done():
-                result.set_exception(exc)
-            raise
+            with _journal(_calls_dir(self._rt), token, names):
+                result: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+                result.add_done_callback(lambda f: f.exception())  # read by a discard, or by no one
+                self._calls[token] = result
+                for old in [t for t, f in self._calls.items() if f.done()][: max(0, len(self._calls) - _CALLS_KEPT)]:
+                    del self._calls[old]  # ended long ago: no pool waits to discard them any more
+                try:
+                    yield lambda infos: result.set_result([i.id for i in infos])
+                except BaseException as exc:
+                    if not result.done():
+                        result.set_exception(exc)
+                    raise
+                finally:
+                    if not result.done():
+                        result.set_exception(InvalidState("the call ended without its boxes"))
         finally:
-            journal.unlink(missing_ok=True)
-            os.close(fd)
-            if not result.done():
-                result.set_exception(InvalidState("the call ended without its boxes"))
+            self._naming.difference_update(names)
 
     async def discard(self, token: str) -> list[str]:
         """Undo the call ``token`` the pool gave up on (its caller interrupted, another node
@@ -417,6 +435,10 @@ class Runner:
         longer locked). Before this runner makes any box, so a name in one is that call's:
         names are unique on a node and no runner served it meanwhile."""
         for journal in sorted(_calls_dir(self._rt).iterdir()):
+            if journal.name.startswith("."):  # being written, or its writer died before it was named
+                if not _locked(journal):
+                    journal.unlink(missing_ok=True)
+                continue
             try:
                 fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             except OSError:
@@ -440,6 +462,40 @@ class Runner:
                 journal.unlink(missing_ok=True)
             finally:
                 os.close(fd)
+
+
+def _locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _journal(folder: Path, token: str, names: list[str]) -> Iterator[None]:
+    """``folder/token`` naming ``names`` while the block runs, locked by this process: written
+    and locked under a name of its own first, so no runner's recovery ever reads it empty."""
+    tmp = folder / f".{token}.new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, json.dumps(names).encode())
+        os.link(tmp, folder / token)
+        tmp.unlink()
+        try:
+            yield
+        finally:
+            (folder / token).unlink(missing_ok=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _calls_dir(rt: Runtime) -> Path:

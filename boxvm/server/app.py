@@ -62,6 +62,7 @@ from boxvm.streams import ByteStream
 from boxvm.wire import (
     CloneRequest,
     CreateRequest,
+    LeaseRequest,
     ObjectExport,
     ObjectImport,
     PullRequest,
@@ -209,7 +210,8 @@ def create_app(
 
     @v1.get("/config")
     async def config() -> ServerConfig:
-        return ServerConfig(boxvm.__version__, wire.API_VERSION, [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY])
+        offered = [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY, wire.LEASE_CAPABILITY]
+        return ServerConfig(boxvm.__version__, wire.API_VERSION, offered)
 
     # -- boxes ----------------------------------------------------------------------
     @v1.get("/boxes")
@@ -252,6 +254,16 @@ def create_app(
     @v1.post("/boxes/{box}/suspend")
     async def suspend(box: str) -> BoxInfo:
         return await backend.suspend(box)
+
+    @v1.put("/boxes/{box}/lease", status_code=204)
+    async def take_lease(box: str, body: LeaseRequest) -> None:
+        """Hold the box for one migration (its driver's nonce): 409 if another holds it."""
+        await backend.lease(box, body.nonce)
+
+    @v1.delete("/boxes/{box}/lease", status_code=204)
+    async def release_lease(box: str) -> None:
+        """Release the box from the migration holding it (a move given up on)."""
+        await backend.lease(box, None)
 
     @v1.get("/boxes/{box}/logs", response_class=PlainTextResponse)
     async def logs(box: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 from boxvm import faults, publish
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP, Scan, fsync_dir, fsync_files, guest_reference, layer_of
-from boxvm.engine import qemu
+from boxvm.engine import memory, qemu
 from boxvm.errors import AlreadyExists, BoxNotFound, InvalidState, StorageError
 from boxvm.guest import bundle as bundle_mod
 from boxvm.options import BoxInfo, BoxOptions, DiskUsage, check_name, default_command
@@ -328,6 +328,8 @@ class Boxes:
         log.warning("finishing the interrupted %s of box %s", rec.operation.value, rec.name)
         if not (rec.status.is_live and rec.supervisor_pid and pid_is(rec.supervisor_pid, rec.id)):
             self.layers.commit(self.home.box_dir(rec.id))
+            if rec.operation == Operation.MEMORY_SNAPSHOT:  # no supervisor writes its capture
+                memory.sweep(self.home.box_dir(rec.id), {s.id for s in self.store.list_snapshots(rec.id)})
         self.sync_layer(rec.id)
         self.store.end_operation(rec.id)
         return self.store.get_box(rec.id) or rec

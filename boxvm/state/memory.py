@@ -110,7 +110,7 @@ class Suspend:
 
 # -- memory snapshots (their files live in the box directory, removed with the box) --------
 def snapshot_dir(box_dir: Path, snapshot_id: str) -> Path:
-    return box_dir / "memory-snapshots" / snapshot_id
+    return box_dir / memory.SNAPSHOTS / snapshot_id
 
 
 def capture_saved(box_dir: Path, rec: BoxRecord) -> None:
@@ -120,7 +120,10 @@ def capture_saved(box_dir: Path, rec: BoxRecord) -> None:
         memory.check(box_dir, shape(rec))
     except StorageError as exc:
         raise StorageError(f"box {rec.name!r} cannot be snapshotted with its memory: {exc.message}") from exc
-    memory.copy_saved(box_dir, box_dir / memory.CAPTURE)
+    try:
+        memory.copy_saved(box_dir, box_dir / memory.CAPTURE)
+    except OSError as exc:
+        raise StorageError(f"could not copy the memory of box {rec.name!r}: {exc.strerror or exc}") from exc
 
 
 def drop_capture(box_dir: Path) -> None:

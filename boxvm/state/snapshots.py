@@ -20,6 +20,7 @@ from boxvm import faults
 from boxvm.disks import qcow2
 from boxvm.disks.layers import TOP
 from boxvm.engine import qemucaps
+from boxvm.engine.memory import run_to_end
 from boxvm.errors import AlreadyExists, SnapshotNotFound
 from boxvm.options import BoxInfo, SnapshotInfo, SnapshotOptions, check_snapshot_name
 from boxvm.state import memory as box_memory
@@ -92,9 +93,9 @@ class Snapshots:
                 return self.info(snap)
         async with self.boxes.claim(rec, operation) as claim:
             saved = options.memory and rec.status == BoxStatus.SUSPENDED  # its saved state, beside its disk at rest
-            if saved:
-                await asyncio.to_thread(box_memory.capture_saved, self.home.box_dir(rec.id), rec)
             try:
+                if saved:  # to its end even if cancelled: the claim must outlive the copy
+                    await run_to_end(box_memory.capture_saved, self.home.box_dir(rec.id), rec)
                 cap = await self.capture(rec, options)
             except BaseException:
                 if saved:

@@ -163,10 +163,15 @@ class Transfer:
 
 
 # -- the manifest -----------------------------------------------------------------------
+# Never in an archive: the box's environment (secrets), and the marks of migrations (the
+# nonce a move imported the box with, the lease a move holds it by).
+_PRIVATE = frozenset({"env", "migration", "lease"})
+
+
 def export_manifest(rec: BoxRecord, consistency: str, include_metadata: bool) -> dict[str, object]:
     """What an archive says of the box (the disk's checksums and sizes are added by
     ``archive.write_stream``); never a host path, never the box's environment."""
-    metadata = {k: v for k, v in rec.options.items() if k != "env"} if include_metadata else None
+    metadata = {k: v for k, v in rec.options.items() if k not in _PRIVATE} if include_metadata else None
     return {
         "box_name": rec.name,
         # a local OCI image is recorded by its path: keep only its name (no host paths)

@@ -307,6 +307,19 @@ class Store:
     def list_boxes(self) -> list[BoxRecord]:
         return [_box(r) for r in self._db.execute("SELECT * FROM boxes ORDER BY created_at")]
 
+    def take_lease(self, box_id: str, holder: str) -> bool:
+        """Compare-and-set of the box's migration lease (``options.lease``): True if it was
+        free or ``holder``'s already, and is ``holder``'s now."""
+        cur = self._db.execute(
+            "UPDATE boxes SET options = json_set(options, '$.lease', :holder) "
+            "WHERE id = :_id AND coalesce(json_extract(options, '$.lease'), :holder) = :holder",
+            {"holder": holder, "_id": box_id},
+        )
+        return cur.rowcount == 1
+
+    def drop_lease(self, box_id: str) -> None:
+        self._db.execute("UPDATE boxes SET options = json_remove(options, '$.lease') WHERE id = ?", (box_id,))
+
     def update_box(self, box_id: str, **fields: Any) -> None:
         """Write fields other than the status (which only :meth:`transition` changes)."""
         if "status" in fields:

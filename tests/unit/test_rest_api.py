@@ -231,7 +231,7 @@ async def test_openapi_document_is_served_and_committed(api: InProcess) -> None:
 
 async def test_server_config_is_the_protocol_module(api: InProcess) -> None:
     r = await api.http.get("/v1/config", headers=AUTH)
-    capabilities = [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY]
+    capabilities = [*wire.CAPABILITIES, wire.MIGRATION_CAPABILITY, wire.LEASE_CAPABILITY]
     assert r.json() == {"version": boxvm.__version__, "api": wire.API_VERSION, "capabilities": capabilities}
 
 
@@ -274,8 +274,9 @@ async def test_a_migration_adopts_only_its_own_import_never_a_box_a_caller_put_u
         # begun before the decoy came, with the same name even: neither way adopts it
         await api.backend.remove(mover, True)
         _record(api.backend, "mover", mover, {"migration": secrets.token_hex(16)})
+        nonce = secrets.token_hex(16)  # one move's: the source holds the box for it (its lease)
         for obj, phase in (("", "started"), ("s3://bucket/p/mover-1.boxsnap", "released")):
-            journal = migrate.Journal(mover, "mover", target.url, obj, phase, nonce=secrets.token_hex(16))
+            journal = migrate.Journal(mover, "mover", target.url, obj, phase, nonce=nonce)
             migrate._save(folder / "mover.json", journal)
             with pytest.raises(boxvm.AlreadyExists, match="not imported by this migration"):
                 await migrate.migrate(source, "mover", target, via="s3://bucket/p/" if obj else None)

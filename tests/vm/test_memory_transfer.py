@@ -231,11 +231,12 @@ async def test_an_import_that_could_not_resume_is_refused_and_leaves_nothing(sou
 
 
 async def test_a_suspended_box_is_exported_with_its_memory_but_not_snapshotted_or_cloned(source: Source) -> None:
+    """Its disk alone would drop its processes (a memory snapshot of it, which keeps them,
+    is ``test_forks``'s)."""
     await _ensure_suspended(source)
     box = source.box
     for attempt in (
         lambda: box.snapshot.create("disk"),
-        lambda: box.snapshot.create("mem", SnapshotOptions(memory=True)),
         lambda: box.clone(f"{box.name}-clone"),
         lambda: box.clone_many(2, options=CloneOptions()),
         lambda: box.stop(),

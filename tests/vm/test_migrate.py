@@ -13,14 +13,18 @@ process)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -451,3 +455,47 @@ async def test_running_box_moves_while_runners_are_killed(
             async with boxvm.Runtime.remote(target.url, token=TOKEN) as tgt:
                 if await tgt.get(name) is not None:
                     await tgt.remove(name, force=True)
+
+
+async def test_a_box_is_moved_by_one_driver_at_a_time(
+    home: Home, runners: tuple[Runner, Runner], s3: S3Server, tmp_path: Path
+) -> None:
+    """Drivers in different homes are not kept apart by either's lock: the source holds the
+    box for one move (a lease, by the move's nonce). A driver elsewhere holds it here (over
+    REST): this one is refused before anything moves, and leaves no journal. The holder's
+    own move takes it again. ``boxvm migrate --release`` lets the box go, and the move then
+    goes through. The lease's digest never reaches an archive."""
+    source, target = runners
+    name = f"mig-lease-{os.urandom(2).hex()}"
+    elsewhere = secrets.token_hex(16)
+    async with (
+        boxvm.Runtime.remote(source.url, token=TOKEN) as src,
+        boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
+    ):
+        box = await src.create(boxvm.BoxOptions(image="boxvm/slim"), name=name)
+        try:
+            await src.backend.lease(box.id, elsewhere)
+            with pytest.raises(boxvm.InvalidState, match="being moved by another migration"):
+                await migrate(src.backend, name, tgt.backend, None)
+            assert await src.get(name) is not None and await tgt.get(name) is None
+            assert not list((home.root / "migrations").glob(f"{name}*.json"))
+            await src.backend.lease(box.id, elsewhere)  # the holder's own move, run again
+            with pytest.raises(boxvm.InvalidArgument):  # a nonce is 32 hex digits
+                await src.backend.lease(box.id, "x" * 10_000)
+            exported = await box.export(tmp_path / "leased.boxsnap", boxvm.ExportOptions(compress=False))
+            with tarfile.open(exported) as tar:
+                member = tar.extractfile("manifest.json")
+                assert member is not None
+                manifest = json.loads(member.read())
+            assert not {"lease", "migration"} & set(manifest["box_options"])
+            cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url, "--release"]
+            env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_TO_TOKEN": TOKEN}
+            run = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+            assert run.returncode == 0, run.stderr
+            moved = await migrate(src.backend, name, tgt.backend, None)
+            assert moved.id == box.id and await src.get(name) is None
+            finished(home, s3, name)
+        finally:
+            for runtime in (src, tgt):
+                if await runtime.get(name) is not None:
+                    await runtime.remove(name, force=True)

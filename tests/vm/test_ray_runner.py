@@ -30,6 +30,8 @@ async def test_a_discarded_call_removes_what_it_made_and_no_other_box(home: Home
     try:
         await runner.create(OPTS, [f"{prefix}-a1", f"{prefix}-a2"], False, "call-a")
         await runner.create(OPTS, [f"{prefix}-b"], False, "call-b")
+        with pytest.raises(boxvm.AlreadyExists):  # a name on the node is no call's to make (nor to undo)
+            await runner.create(OPTS, [f"{prefix}-b", f"{prefix}-d"], False, "call-d")
         assert len(await runner.discard("call-a")) == 2  # exactly the boxes of that call
         assert await names(home, prefix) == [f"{prefix}-b"]
         # A discard that comes before its call (Ray does not order an async actor's calls):
@@ -54,14 +56,16 @@ async def test_the_next_runner_undoes_the_calls_a_dead_runner_was_making(home: H
     await first.close("test", False)
     journals = home.tmp / "raycalls"
     (journals / "dead-call").write_text(json.dumps([f"{prefix}-made", f"{prefix}-never-made"]))
+    (journals / ".half-written.new").write_text("[")  # its writer died before it named it
     second = Runner(str(home.root), "test-node", 64, 1 << 16)
     try:
-        with second._call("live-call", [f"{prefix}-kept"]):  # this process holds its lock
+        async with second._call("live-call", [f"{prefix}-live"]):  # this process holds its lock
             third = Runner(str(home.root), "test-node", 64, 1 << 16)
             await third.attach("pool")
             await third.close("pool", False)
         assert await names(home, prefix) == [f"{prefix}-kept"]
-        assert not (journals / "dead-call").exists() and not (journals / "live-call").exists()
+        assert not (journals / "dead-call").exists() and not (journals / ".half-written.new").exists()
+        assert not (journals / "live-call").exists()  # ended with its block
     finally:
         async with boxvm.Runtime(home.root) as rt:
             for name in await names(home, prefix):
