@@ -3,7 +3,9 @@ directly or through a bucket both reach, resumably (issue 16).
 
 Every move is driven by one process and recorded in a journal (``<home>/migrations/<box
 name>.json``, in the home of that process) before each next step; a lock beside it keeps a
-second driver of the same box out. A re-run may name the box by its id even once the
+second driver of the same box out, and the source holds the box for the move (``_hold``: a
+lease by the move's nonce) so that a driver in another home is refused before anything
+leaves the source; ``release`` gives up a move that has not. A re-run may name the box by its id even once the
 source no longer has it (the journals say which name it had). A running (or paused) box is suspended first: its
 memory and device state travel in the archive, and once the move is done the target
 starts it, which resumes every process where it was (a suspended box stays suspended).
