@@ -70,6 +70,7 @@ import asyncio
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -217,7 +218,7 @@ async def _migrate(
     elif bool(journal.object) != (via is not None):
         how = f"through {journal.object.rsplit('/', 1)[0]}/ (--via)" if journal.object else "directly (no --via)"
         raise InvalidState(f"box {name!r} is being moved {how}: run migrate again that way to finish it")
-    await _hold(source, path, journal, begun)
+    await _hold(source, target, path, journal, begun)
     if journal.object:
         await _through_bucket(source, target, path, journal, begun)
     else:
@@ -225,31 +226,46 @@ async def _migrate(
     return await _finish(target, path, journal)
 
 
-async def _hold(source: Backend, path: Path, journal: Journal, begun: bool) -> None:
-    """Hold the box at the source for this move (``Backend.lease``, by the journal's nonce)
-    while the source still has it: a driver in another home moving it too is refused there
-    instead of exporting it to a second owner. A move this run began and cannot hold is
-    not begun (its journal goes); one begun before sources held boxes is finished as begun."""
-    if not journal.nonce or await _this(source, journal) is None:
+def _holder(nonce: str) -> str:
+    """What the source holds the box by: derived from the nonce, which marks the box on the
+    target and must stay the driver's alone."""
+    return hashlib.sha256(b"boxvm-lease:" + nonce.encode()).hexdigest()
+
+
+async def _hold(source: Backend, target: Backend, path: Path, journal: Journal, begun: bool) -> None:
+    """Hold the box at the source for this move (``Backend.lease``) while the source owns
+    it: a driver in another home moving it too is refused there instead of exporting it to
+    a second owner. A move this run began and is refused is not begun (its journal goes);
+    one begun before sources held boxes is finished as it was begun."""
+    if not journal.nonce or _past_import(journal):
         return
+    if await _this(source, journal) is None:
+        if begun:  # moved away meanwhile by another driver
+            path.unlink(missing_ok=True)
+            raise BoxNotFound(f"box {journal.box_name!r} left the source before this move could begin")
+        return
+    if not journal.object and await _moved(target, journal) is not None:
+        return  # the target took it: it is the target's, whoever holds the source's copy
     try:
-        await source.lease(journal.box_id, journal.nonce)
+        await source.lease(journal.box_id, _holder(journal.nonce))
     except Unsupported:
         if begun:
             path.unlink(missing_ok=True)
             raise Unsupported(f"the source {_where(source)} cannot hold a migrating box: upgrade it first") from None
         log.warning("the source cannot hold box %s for this move: finishing it as it was begun", journal.box_name)
-    except BoxvmError:
+    except InvalidState:  # held by another move (a definite answer: any other failure keeps the journal)
         if begun:
             path.unlink(missing_ok=True)
         raise
 
 
-async def release(source: Backend, box: str, target: Backend) -> None:
-    """Give up a move of ``box`` that has not left the source: this home's journal of it
-    goes (an object it exported too) and the source releases the box from whatever move
-    holds it (one driven from elsewhere, given up on, included). Refused once the box left
-    the source: then only finishing the move keeps it whole."""
+async def release(source: Backend, box: str, target: Backend, *, force: bool = False) -> None:
+    """Give up this home's move of ``box`` while the source still owns it: the source lets
+    the box go (only from this move's hold), and the journal and any object it exported go.
+    Refused once the target or an object holds the box (only finishing the move keeps it
+    whole), or for another target than the journal's. With no move of it begun here, the box
+    is held by a move driven from elsewhere: ``force`` lets it go from whichever holds it,
+    which gives the box two owners if that move is under way or its target took the box."""
     info = await source.get(box)
     if info is None:
         raise BoxNotFound(f"the source has no box named or with id {box!r}: there is nothing to release")
@@ -257,16 +273,28 @@ async def release(source: Backend, box: str, target: Backend) -> None:
     with _exclusive(folder / f"{info.name}.lock", info.name):
         path = folder / f"{info.name}.json"
         journal = _load(path)
-        if journal is not None and journal.box_id == info.id:
-            if journal.phase != "started" or (not journal.object and await _moved(target, journal) is not None):
+        if journal is None or journal.box_id != info.id:
+            if not force:
                 raise InvalidState(
-                    f"the move of box {info.name!r} is past the point where the target or an object holds the box: "
-                    "run migrate again to finish it"
+                    f"no move of box {info.name!r} was begun from this home: the move holding it is driven from"
+                    " elsewhere. Release it there; if it is under way or its target already took the box, releasing"
+                    " it here gives the box two owners (--force does, once you know that move was given up)"
                 )
-            for obj in filter(None, (journal.object, *journal.stale)):
-                await _discard(obj)
-            path.unlink(missing_ok=True)
-        await source.lease(info.id, None)
+            await source.release_lease(info.id, None)
+            return
+        if journal.target != _where(target):
+            raise InvalidState(f"box {info.name!r} is being moved to {journal.target}: release it with that target")
+        if journal.phase != "started" or (not journal.object and await _moved(target, journal) is not None):
+            raise InvalidState(
+                f"the move of box {info.name!r} is past the point where the target or an object holds the box: "
+                "run migrate again to finish it"
+            )
+        if journal.nonce:
+            with contextlib.suppress(Unsupported):  # a source that holds no box for a move
+                await source.release_lease(info.id, _holder(journal.nonce))
+        for obj in filter(None, (journal.object, *journal.stale)):
+            await _discard(obj)
+        path.unlink(missing_ok=True)
 
 
 async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:

@@ -45,6 +45,14 @@ def check_box_id(box_id: str) -> str:
     return box_id
 
 
+def check_lease_holder(holder: str) -> str:
+    """What a migration holds its box at the source by (``boxvm.migrate``): 64 lowercase hex
+    digits, derived from the move's nonce, which the source never learns."""
+    if not isinstance(holder, str) or not re.fullmatch(r"[0-9a-f]{64}", holder):
+        raise InvalidArgument(f"invalid migration lease {holder!r:.70}: it is 64 lowercase hex digits")
+    return holder
+
+
 def check_migration_nonce(nonce: str) -> str:
     """The nonce a migration imports its box with (``boxvm.migrate``): 32 lowercase hex digits."""
     if not isinstance(nonce, str) or not BOX_ID_RE.fullmatch(nonce):

@@ -47,7 +47,7 @@ LEASE_CAPABILITY = "migration-lease"
 
 @dataclass
 class LeaseRequest:
-    nonce: str
+    holder: str  # 64 hex digits derived from the move's nonce (never the nonce itself)
 
 
 # Idle HTTP connections: the client drops them well before the server does. With both at

@@ -181,10 +181,15 @@ class Backend(ABC):
         names this box by it on the target: ``boxvm.migrate``); AlreadyExists if it is taken.
         ``nonce``: the migration's mark, kept in the box's record (``BoxInfo.migration``)."""
 
-    async def lease(self, box_id: str, nonce: str | None) -> None:
-        """Hold the box for the migration ``nonce``, a compare-and-set on its record:
-        InvalidState if another migration holds it. None releases it, whoever holds it (a
-        move given up on). Only a migration checks it: the box is used as before."""
+    async def lease(self, box_id: str, holder: str) -> None:
+        """Hold the box for the migration ``holder`` (``options.check_lease_holder``), a
+        compare-and-set on its record: InvalidState if another migration holds it. Only
+        a migration checks it: the box is used as before."""
+        raise Unsupported("this runner cannot hold a box for a migration: upgrade it")
+
+    async def release_lease(self, box_id: str, holder: str | None) -> None:
+        """Release the box from the migration ``holder`` (InvalidState if another holds it),
+        or with None from whichever holds it (a move known to be given up on)."""
         raise Unsupported("this runner cannot hold a box for a migration: upgrade it")
 
     async def receives_migrations(self) -> bool:

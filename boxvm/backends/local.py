@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import signal
@@ -37,7 +36,7 @@ from boxvm.options import (
     ImageInfo,
     SnapshotInfo,
     SnapshotOptions,
-    check_migration_nonce,
+    check_lease_holder,
 )
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -138,19 +137,18 @@ class LocalBackend(templates.TemplateOps, Backend):
     async def suspend(self, box_id: str) -> BoxInfo:
         return await self.memory.suspend(box_id)
 
-    async def lease(self, box_id: str, nonce: str | None) -> None:
+    async def lease(self, box_id: str, holder: str) -> None:
         rec = self.boxes.record(box_id)
-        if nonce is None:
-            self.store.drop_lease(rec.id)
-            return
-        # The record keeps a digest: the nonce also marks the box on its target, and a
-        # record's options reach archives and listings.
-        holder = hashlib.sha256(check_migration_nonce(nonce).encode()).hexdigest()
-        if not self.store.take_lease(rec.id, holder):
+        if not self.store.take_lease(rec.id, check_lease_holder(holder)):
             raise InvalidState(
-                f"box {rec.name!r} is being moved by another migration (a driver elsewhere): let it finish, or if it"
-                " was given up, release the box with `boxvm migrate --release`"
+                f"box {rec.name!r} is being moved by another migration: let it finish; if it was given up, release"
+                " it from the home that began it (`boxvm migrate BOX --to URL --release`)"
             )
+
+    async def release_lease(self, box_id: str, holder: str | None) -> None:
+        rec = self.boxes.record(box_id)
+        if not self.store.drop_lease(rec.id, None if holder is None else check_lease_holder(holder)):
+            raise InvalidState(f"box {rec.name!r} is held by another migration than the one releasing it")
 
     # -- lifecycle --------------------------------------------------------------------
     def _accel_choice(self) -> accel_mod.Accel:

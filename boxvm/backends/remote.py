@@ -415,13 +415,19 @@ class RemoteBackend(Backend):
         reply = await self._send("POST", "/boxes/import", params=params or None, content=archive, idempotent=True)
         return _kept(wire.box_info(reply), box_id, self.url)
 
-    async def lease(self, box_id: str, nonce: str | None) -> None:
+    async def lease(self, box_id: str, holder: str) -> None:
+        await self._leases()
+        body = wire.body(wire.LeaseRequest(holder))  # a compare-and-set on one holder: safe to send again
+        await self._send("PUT", f"/boxes/{box_id}/lease", json_body=body, idempotent=True)
+
+    async def release_lease(self, box_id: str, holder: str | None) -> None:
+        await self._leases()
+        params = {"holder": holder} if holder is not None else None
+        await self._send("DELETE", f"/boxes/{box_id}/lease", params=params, idempotent=holder is not None)
+
+    async def _leases(self) -> None:
         if wire.LEASE_CAPABILITY not in (await self.server_config()).get("capabilities", []):
             raise Unsupported(f"the server at {self.url} cannot hold a box for a migration: upgrade it")
-        if nonce is None:
-            await self._send("DELETE", f"/boxes/{box_id}/lease")
-        else:
-            await self._send("PUT", f"/boxes/{box_id}/lease", json_body=wire.body(wire.LeaseRequest(nonce)))
 
     async def receives_migrations(self) -> bool:
         """A server too old to keep a migrating box's id and nonce would import it under a new id."""

@@ -725,23 +725,28 @@ async def export(rt: boxvm.Runtime, box: str, dest: str, no_compress: bool, leve
 @click.option(
     "--via", metavar="s3://BUCKET/PREFIX/", help="Go through objects both runners reach (default: stream directly)."
 )
+@click.option("--release", is_flag=True, help="Give up this home's unfinished move of BOX while BOX is still here.")
 @click.option(
-    "--release",
-    is_flag=True,
-    help="Give up an unfinished move of BOX that has not left this runner: release the box here.",
+    "--force", is_flag=True, help="With --release: let BOX go from a move driven elsewhere (known to be given up)."
 )
 @run_async
-async def migrate(rt: boxvm.Runtime, box: str, to: str, to_token: str | None, via: str | None, release: bool) -> None:
+async def migrate(
+    rt: boxvm.Runtime, box: str, to: str, to_token: str | None, via: str | None, release: bool, force: bool
+) -> None:
     """Move BOX (stopped, suspended or running: it resumes there) to another runner, its
     archive streamed into the target's import, or through object storage with --via.
     Journaled: after a crash, run the same command again to finish the move. The box is
-    held for one move at a time: --release lets another move begin."""
+    held for one move at a time: --release gives one up and lets another begin."""
     from boxvm import migrate as moves
 
+    if force and not release:
+        raise click.UsageError("--force goes with --release")
+    if release and via:
+        raise click.UsageError("--release takes no --via: the journal says how the move went")
     async with boxvm.Runtime.remote(to, to_token) as target:
         if release:
-            await moves.release(rt.backend, box, target.backend)
-            out.print(f"{box} released", highlight=False)
+            await moves.release(rt.backend, box, target.backend, force=force)
+            out.print(f"{box}: released", highlight=False)
             return
         info = await moves.migrate(rt.backend, box, target.backend, via)
     out.print(f"{info.name} {info.id}", highlight=False)

@@ -257,13 +257,14 @@ def create_app(
 
     @v1.put("/boxes/{box}/lease", status_code=204)
     async def take_lease(box: str, body: LeaseRequest) -> None:
-        """Hold the box for one migration (its driver's nonce): 409 if another holds it."""
-        await backend.lease(box, body.nonce)
+        """Hold the box for one migration (by its holder): 409 if another holds it."""
+        await backend.lease(box, body.holder)
 
     @v1.delete("/boxes/{box}/lease", status_code=204)
-    async def release_lease(box: str) -> None:
-        """Release the box from the migration holding it (a move given up on)."""
-        await backend.lease(box, None)
+    async def release_lease(box: str, holder: Annotated[str | None, Query()] = None) -> None:
+        """Release the box from the migration ``holder`` (409 if another holds it), or
+        without one from whichever holds it (a move known to be given up on)."""
+        await backend.release_lease(box, holder)
 
     @v1.get("/boxes/{box}/logs", response_class=PlainTextResponse)
     async def logs(box: str) -> str:

@@ -160,7 +160,7 @@ def _clone_record(src: BoxRecord, box_id: str, name: str, timings: dict[str, flo
         status=BoxStatus.STOPPED if src.status != BoxStatus.CONFIGURED else BoxStatus.CONFIGURED,
         image=src.image,
         image_digest=src.image_digest,
-        options={k: v for k, v in src.options.items() if k != "migration"},  # the nonce marks the source's import
+        options={k: v for k, v in src.options.items() if k not in ("migration", "lease")},  # the source's marks
         mac=qemu.new_mac(),
         guest_bundle=src.guest_bundle,
         timings=dict(timings),

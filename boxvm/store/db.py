@@ -317,8 +317,19 @@ class Store:
         )
         return cur.rowcount == 1
 
-    def drop_lease(self, box_id: str) -> None:
-        self._db.execute("UPDATE boxes SET options = json_remove(options, '$.lease') WHERE id = ?", (box_id,))
+    def lease_of(self, box_id: str) -> str | None:
+        row = self._db.execute("SELECT json_extract(options, '$.lease') FROM boxes WHERE id = ?", (box_id,)).fetchone()
+        return row[0] if row else None
+
+    def drop_lease(self, box_id: str, holder: str | None) -> bool:
+        """Compare-and-delete of the box's migration lease: ``holder``'s (any, with None);
+        False if another holds it."""
+        cur = self._db.execute(
+            "UPDATE boxes SET options = json_remove(options, '$.lease') WHERE id = :_id "
+            "AND (:holder IS NULL OR coalesce(json_extract(options, '$.lease'), :holder) = :holder)",
+            {"holder": holder, "_id": box_id},
+        )
+        return cur.rowcount == 1
 
     def update_box(self, box_id: str, **fields: Any) -> None:
         """Write fields other than the status (which only :meth:`transition` changes)."""

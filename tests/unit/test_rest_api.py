@@ -388,3 +388,50 @@ async def test_a_retried_upload_refused_as_a_duplicate_is_the_moves_own_import(a
     finally:
         await target.close()
         await source.close()
+
+
+async def test_a_box_is_held_for_one_move_and_released_only_by_it(api: InProcess, tmp_path: Path) -> None:
+    """The source holds a box for one move (its lease): another move is refused before it
+    begins and leaves no journal; the source learns a value derived from the nonce, never
+    the nonce; a release comes from the home that began the move, for its own target and
+    hold, before the target took the box; from elsewhere it needs ``force``. Over REST, the
+    same holds for the source's routes."""
+    source, target = LocalBackend(Home.default(tmp_path / "source")), api.client(TOKEN)
+    folder = tmp_path / "source" / "migrations"
+    try:
+        box = secrets.token_hex(16)
+        _record(source, "held", box)
+        elsewhere = secrets.token_hex(32)  # a move driven from another home holds it
+        await source.lease(box, elsewhere)
+        with pytest.raises(boxvm.InvalidState, match="being moved by another migration"):
+            await migrate.migrate(source, "held", target)
+        assert not (folder / "held.json").exists() and (await api.backend.get("held")) is None
+        with pytest.raises(boxvm.InvalidState, match="driven from elsewhere"):
+            await migrate.release(source, "held", target)
+        await migrate.release(source, "held", target, force=True)
+        # This home's move, begun and stopped at its start (its export refused, say): the
+        # source holds the box by the journal's nonce, through a value derived from it.
+        journal = migrate.Journal(box, "held", target.url, "", "started", nonce=secrets.token_hex(16))
+        migrate._save(folder / "held.json", journal)
+        await migrate._hold(source, target, folder / "held.json", journal, False)
+        holder = source.store.lease_of(box)
+        assert holder == migrate._holder(journal.nonce) and journal.nonce not in holder
+        with pytest.raises(boxvm.InvalidState, match="being moved to"):  # for its own target only
+            await migrate.release(source, "held", RemoteBackend("http://127.0.0.1:1", "t"))
+        await migrate.release(source, "held", target)
+        assert not (folder / "held.json").exists() and source.store.lease_of(box) is None
+        # Over REST: the holder is checked, a wrong one is refused, only the holder releases.
+        served = api.backend
+        _record(served, "remote-held", secrets.token_hex(16))
+        await target.lease("remote-held", elsewhere)
+        with pytest.raises(boxvm.InvalidState):
+            await target.lease("remote-held", secrets.token_hex(32))
+        with pytest.raises(boxvm.InvalidState):
+            await target.release_lease("remote-held", secrets.token_hex(32))
+        with pytest.raises(boxvm.InvalidArgument):
+            await target.lease("remote-held", "x" * 10_000)
+        await target.release_lease("remote-held", elsewhere)
+        await target.lease("remote-held", secrets.token_hex(32))  # free again
+    finally:
+        await target.close()
+        await source.close()

@@ -463,11 +463,12 @@ async def test_a_box_is_moved_by_one_driver_at_a_time(
     """Drivers in different homes are not kept apart by either's lock: the source holds the
     box for one move (a lease, by the move's nonce). A driver elsewhere holds it here (over
     REST): this one is refused before anything moves, and leaves no journal. The holder's
-    own move takes it again. ``boxvm migrate --release`` lets the box go, and the move then
-    goes through. The lease's digest never reaches an archive."""
+    own move takes it again; a clone of the box is not held. ``boxvm migrate --release``
+    refuses to let go of a move begun elsewhere unless ``--force``d; then the move goes
+    through. No migration mark reaches an archive."""
     source, target = runners
     name = f"mig-lease-{os.urandom(2).hex()}"
-    elsewhere = secrets.token_hex(16)
+    elsewhere = secrets.token_hex(32)  # what a move driven from another home holds it by
     async with (
         boxvm.Runtime.remote(source.url, token=TOKEN) as src,
         boxvm.Runtime.remote(target.url, token=TOKEN) as tgt,
@@ -480,8 +481,11 @@ async def test_a_box_is_moved_by_one_driver_at_a_time(
             assert await src.get(name) is not None and await tgt.get(name) is None
             assert not list((home.root / "migrations").glob(f"{name}*.json"))
             await src.backend.lease(box.id, elsewhere)  # the holder's own move, run again
-            with pytest.raises(boxvm.InvalidArgument):  # a nonce is 32 hex digits
+            with pytest.raises(boxvm.InvalidArgument):  # a holder is 64 hex digits
                 await src.backend.lease(box.id, "x" * 10_000)
+            clone = await box.clone(f"{name}-clone")  # a clone of a held box is not held
+            await src.backend.lease(clone.id, secrets.token_hex(32))
+            await src.remove(clone.id)
             exported = await box.export(tmp_path / "leased.boxsnap", boxvm.ExportOptions(compress=False))
             with tarfile.open(exported) as tar:
                 member = tar.extractfile("manifest.json")
@@ -491,6 +495,8 @@ async def test_a_box_is_moved_by_one_driver_at_a_time(
             cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url, "--release"]
             env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_TO_TOKEN": TOKEN}
             run = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+            assert run.returncode != 0 and "driven from elsewhere" in run.stderr, run.stderr  # not this home's move
+            run = subprocess.run([*cli, "--force"], env=env, capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, run.stderr
             moved = await migrate(src.backend, name, tgt.backend, None)
             assert moved.id == box.id and await src.get(name) is None
