@@ -535,11 +535,15 @@ async def _set_guest_time(conn: Connection, label: str, probes: int = 3) -> None
 
 
 def _tail(path: Path, lines: int = 15) -> str:
-    """The console's last lines, after its earlier boxvm messages and kernel panic line: a
-    panic's trace alone fills the tail and hides why the guest stopped."""
+    """The console's last lines, after its earlier boxvm messages, the agent's last Python
+    traceback and the kernel panic line: a panic's trace alone fills the tail and hides why
+    the guest stopped (the agent is PID 1: its exit is the panic)."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    marks = [line for line in text[:-lines] if "boxvm:" in line or "Kernel panic" in line][-5:]
-    return "\n".join([*marks, *text[-lines:]])
+    early = text[:-lines]
+    starts = [i for i, line in enumerate(early) if "Traceback (most recent call last)" in line]
+    trace = early[starts[-1] : starts[-1] + 12] if starts else []
+    marks = [line for line in early if ("boxvm" in line or "Kernel panic" in line) and line not in trace][-5:]
+    return "\n".join([*marks, *trace, *text[-lines:]])
