@@ -260,41 +260,63 @@ async def _hold(source: Backend, target: Backend, path: Path, journal: Journal, 
 
 
 async def release(source: Backend, box: str, target: Backend, *, force: bool = False) -> None:
-    """Give up this home's move of ``box`` while the source still owns it: the source lets
-    the box go (only from this move's hold), and the journal and any object it exported go.
-    Refused once the target or an object holds the box (only finishing the move keeps it
-    whole), or for another target than the journal's. With no move of it begun here, the box
-    is held by a move driven from elsewhere: ``force`` lets it go from whichever holds it,
-    which gives the box two owners if that move is under way or its target took the box."""
-    info = await source.get(box)
-    if info is None:
-        raise BoxNotFound(f"the source has no box named or with id {box!r}: there is nothing to release")
+    """Give up this home's move of ``box`` while the source still owns the box: the source
+    lets it go (only from this move's hold), and the journal and any object it exported
+    go. Refused once the target or an object holds the box (only finishing the move keeps it
+    whole), or for another target than the journal's. A journal whose move never held the
+    box (another move took it first) or whose box left the source goes too. With ``force``
+    the source lets the box go from whichever move holds it, this home's journal of it goes
+    unchecked: that gives the box two owners if another move is under way or a target took
+    it, so only once that is known (a target that is gone, a driver lost with its home)."""
     folder = _journal_dir(source)
-    with _exclusive(folder / f"{info.name}.lock", info.name):
-        path = folder / f"{info.name}.json"
+    info = await source.get(box)
+    name = info.name if info is not None else _journaled(folder, box)
+    with _exclusive(folder / f"{name}.lock", name):
+        path = folder / f"{name}.json"
         journal = _load(path)
-        if journal is None or journal.box_id != info.id:
+        if journal is None or (info is not None and journal.box_id != info.id):
+            if info is None:
+                raise BoxNotFound(f"the source has no box named or with id {box!r}: there is nothing to release")
             if not force:
                 raise InvalidState(
-                    f"no move of box {info.name!r} was begun from this home: the move holding it is driven from"
+                    f"no move of box {name!r} was begun from this home: the move holding it is driven from"
                     " elsewhere. Release it there; if it is under way or its target already took the box, releasing"
                     " it here gives the box two owners (--force does, once you know that move was given up)"
                 )
             await source.release_lease(info.id, None)
             return
-        if journal.target != _where(target):
-            raise InvalidState(f"box {info.name!r} is being moved to {journal.target}: release it with that target")
-        if journal.phase != "started" or (not journal.object and await _moved(target, journal) is not None):
-            raise InvalidState(
-                f"the move of box {info.name!r} is past the point where the target or an object holds the box: "
-                "run migrate again to finish it"
-            )
+        if journal.object and journal.phase in ("exported", "released"):
+            raise InvalidState(f"box {name!r} is in {journal.object} now: run migrate again to finish the move")
+        if info is None or await _this(source, journal) is None:  # it left the source: this move holds nothing
+            if journal.phase != "started":
+                raise InvalidState(f"box {name!r} is on the target now: run migrate again to finish the move")
+            await _drop(path, journal)
+            return
+        if not force:
+            if journal.target != _where(target):
+                raise InvalidState(f"box {name!r} is being moved to {journal.target}: release it with that target")
+            if journal.phase != "started" or (not journal.object and await _moved(target, journal) is not None):
+                raise InvalidState(
+                    f"the move of box {name!r} is past the point where the target holds the box: run migrate"
+                    " again to finish it"
+                )
         if journal.nonce:
-            with contextlib.suppress(Unsupported):  # a source that holds no box for a move
-                await source.release_lease(info.id, _holder(journal.nonce))
+            try:
+                await source.release_lease(info.id, None if force else _holder(journal.nonce))
+            except Unsupported:  # a source that holds no box for a move
+                pass
+            except InvalidState:  # another move holds it: this one never did (it was refused, or interrupted)
+                log.warning("box %s is held by another move, not this home's: only this home's journal goes", name)
+        await _drop(path, journal)
+
+
+async def _drop(path: Path, journal: Journal) -> None:
+    """Forget a move that never moved the box: its journal, and its objects if it exported
+    any (at its start they hold an older copy, never the box)."""
+    if journal.phase == "started":
         for obj in filter(None, (journal.object, *journal.stale)):
             await _discard(obj)
-        path.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
 
 
 async def _this(backend: Backend, journal: Journal) -> BoxInfo | None:

@@ -544,6 +544,12 @@ def _tail(path: Path, lines: int = 15) -> str:
         return ""
     early = text[:-lines]
     starts = [i for i, line in enumerate(early) if "Traceback (most recent call last)" in line]
-    trace = early[starts[-1] : starts[-1] + 12] if starts else []
-    marks = [line for line in early if ("boxvm" in line or "Kernel panic" in line) and line not in trace][-5:]
+    span = range(0)
+    if starts:  # to its exception line, the first not indented after its header
+        end = next((i for i in range(starts[-1] + 1, len(early)) if not early[i].startswith(" ")), len(early) - 1)
+        span = range(starts[-1], end + 1)
+    trace = [early[i] for i in span]
+    trace = trace if len(trace) <= 12 else [trace[0], *trace[-11:]]  # its end says what failed
+    said = ("boxvm:", "boxvm-agent:", "Kernel panic")
+    marks = [line for i, line in enumerate(early) if i not in span and any(m in line for m in said)][-5:]
     return "\n".join([*marks, *trace, *text[-lines:]])

@@ -297,7 +297,9 @@ async def run_to_end(work: Callable[..., T], *args: Any, undo: Callable[[T], obj
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
-        await asyncio.wait([future])
+        while not future.done():  # a second cancel does not cut the wait short
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
         if undo is not None and not future.cancelled() and future.exception() is None:
             undo(future.result())
         raise

@@ -139,11 +139,13 @@ class Runner:
         if self._pools:
             return False
         self._closing = True
-        await self._rt.close()
-        if self._actor:
-            # The pool kills it; if it cannot (interrupted, or it gave up waiting), the runner
-            # ends itself, or it would refuse every pool's attach for the life of its owner.
-            asyncio.get_running_loop().call_later(_EXIT_AFTER_CLOSE, os._exit, 0)
+        try:
+            await self._rt.close()
+        finally:
+            if self._actor:
+                # The pool kills it; if it cannot (interrupted, or it gave up waiting), the runner
+                # ends itself, or it would refuse every pool's attach for the life of its owner.
+                asyncio.get_running_loop().call_later(_EXIT_AFTER_CLOSE, os._exit, 0)
         return True
 
     # -- capacity ---------------------------------------------------------------------
@@ -250,7 +252,12 @@ class Runner:
         """Copy-on-write clones on this node; with ``start_after_clone`` they must fit (else
         NoCapacity) and start together (the backend would start them one by one); all or none.
         Clones of a memory snapshot are started by the backend, which resumes each one's
-        processes from it (a start of a clone would boot it from its disk)."""
+        processes from it (a start of a clone would boot it from its disk). Names given are
+        held meanwhile, as a create's are (a create's journal must name only its own)."""
+        async with self._naming_them([n for n in names if n]):
+            return await self._clone(box_id, names, options)
+
+    async def _clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]:
         box = await self._box(box_id)
         info = await box.info()
         start = options.start_after_clone
@@ -333,7 +340,7 @@ class Runner:
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
         async with self._call(token, names) as made:
             seed, mark = await self._seed(url)
-            infos = await self.clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
+            infos = await self._clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
             made(infos)
             return infos
 
@@ -382,11 +389,7 @@ class Runner:
         if token in self._dropped:
             self._dropped.discard(token)
             raise InvalidState("the pool gave up on this call before it began")
-        taken = [n for n in names if n in self._naming or await self._rt.get(n) is not None]
-        if taken or len(set(names)) < len(names):
-            raise AlreadyExists(f"Ray node {self.node_id[:12]} already has (or is making) boxes named {taken or names}")
-        self._naming.update(names)
-        try:
+        async with self._naming_them(names):
             with _journal(_calls_dir(self._rt), token, names):
                 result: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
                 result.add_done_callback(lambda f: f.exception())  # read by a discard, or by no one
@@ -402,6 +405,17 @@ class Runner:
                 finally:
                     if not result.done():
                         result.set_exception(InvalidState("the call ended without its boxes"))
+
+    @contextlib.asynccontextmanager
+    async def _naming_them(self, names: list[str]) -> AsyncIterator[None]:
+        """Hold ``names`` for the boxes the block makes: refused unless free on the node and
+        among the calls under way, so that while it runs they are its own."""
+        taken = [n for n in names if n in self._naming or await self._rt.get(n) is not None]
+        if taken or len(set(names)) < len(names):
+            raise AlreadyExists(f"Ray node {self.node_id[:12]} already has (or is making) boxes named {taken or names}")
+        self._naming.update(names)
+        try:
+            yield
         finally:
             self._naming.difference_update(names)
 
@@ -411,6 +425,8 @@ class Runner:
         One that has not begun never will. Returns the ids removed."""
         result = self._calls.get(token)
         if result is None:
+            if len(self._dropped) >= _CALLS_KEPT:  # tokens of calls that never came
+                self._dropped.pop()
             self._dropped.add(token)
             return []
         try:

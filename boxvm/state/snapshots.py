@@ -112,6 +112,10 @@ class Snapshots:
                 box_memory.drop_snapshot(self.home.box_dir(rec.id), snap.id)
                 self.store.record_capture(rec.id, cap.layer, cap.parent, fresh=cap.at_rest)
                 raise
+            except BaseException:  # no record names the state renamed for it
+                if snap.has_memory:
+                    box_memory.drop_snapshot(self.home.box_dir(rec.id), snap.id)
+                raise
         return self.info(snap)
 
     def capture_fresh(self, rec: BoxRecord, snap: SnapshotRecord) -> bool:

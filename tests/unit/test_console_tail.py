@@ -11,12 +11,16 @@ from boxvm.backends.local import _tail
 def test_a_failed_start_quotes_the_agents_traceback_and_the_panic(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
     lines = ["[    0.5] boot noise"] * 50 + ["boxvm: starting agent"] + ["[    1.0] more noise"] * 10
-    lines += ["Traceback (most recent call last):", '  File "/opt/boxvm/agent.py", line 1', "ValueError: frame too big"]
+    lines += ["Traceback (most recent call last):"]
+    for i in range(6):  # deep enough that its head and its exception line are 19 lines apart
+        lines += [f'  File "/opt/boxvm/agent.py", line {i}, in f{i}', "    f()", "    ^^^"]
+    lines += ["ValueError: frame too big"]
     lines += ["[    4.9] Kernel panic - not syncing: Attempted to kill init! exitcode=0x00000100"]
     lines += [f"[    4.9]  trace line {i}" for i in range(30)]
     console.write_text("\n".join(lines) + "\n")
     tail = _tail(console).splitlines()
     assert "boxvm: starting agent" in tail and "ValueError: frame too big" in tail
+    assert tail.index("Traceback (most recent call last):") < tail.index("ValueError: frame too big")
     assert any("Kernel panic" in line for line in tail) and tail[-1] == "[    4.9]  trace line 29"
     assert len(tail) <= 5 + 12 + 15
     assert _tail(tmp_path / "missing.log") == ""

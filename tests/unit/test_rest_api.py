@@ -420,6 +420,21 @@ async def test_a_box_is_held_for_one_move_and_released_only_by_it(api: InProcess
             await migrate.release(source, "held", RemoteBackend("http://127.0.0.1:1", "t"))
         await migrate.release(source, "held", target)
         assert not (folder / "held.json").exists() and source.store.lease_of(box) is None
+        # A journal whose move never held the box (another took it first, between the
+        # journal and the lease): migrate again is refused and keeps it; release forgets it,
+        # and the other move keeps its hold.
+        await source.lease(box, elsewhere)
+        late = migrate.Journal(box, "held", target.url, "", "started", nonce=secrets.token_hex(16))
+        migrate._save(folder / "held.json", late)
+        with pytest.raises(boxvm.InvalidState, match="being moved by another migration"):
+            await migrate.migrate(source, "held", target)
+        assert migrate._load(folder / "held.json") == late
+        await migrate.release(source, "held", target)
+        assert not (folder / "held.json").exists() and source.store.lease_of(box) == elsewhere
+        # --force, the journal's target gone for good: this home's journal and whichever hold go.
+        migrate._save(folder / "held.json", late)
+        await migrate.release(source, "held", RemoteBackend("http://127.0.0.1:1", "t"), force=True)
+        assert not (folder / "held.json").exists() and source.store.lease_of(box) is None
         # Over REST: the holder is checked, a wrong one is refused, only the holder releases.
         served = api.backend
         _record(served, "remote-held", secrets.token_hex(16))
