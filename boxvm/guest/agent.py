@@ -317,14 +317,25 @@ class Agent:
             self.finish()
 
     def read_port(self):
+        """The host's frames. The agent is PID 1: a read error or a garbled header must not
+        end it (its exit panics the kernel and the box dies), so it is logged and dropped."""
         try:
             data = os.read(self.port, 1 << 20)
         except BlockingIOError:
             return
+        except OSError as exc:  # the host side reset under us: back off as for a hang-up
+            log(f"port read failed: {exc}")
+            data = b""
         if not data:  # host not connected: poll would spin on HUP, so back off
             self.port_hup_until = time.monotonic() + 0.1
             return
-        for cid, ftype, payload in self.decoder.feed(data):
+        try:
+            frames = self.decoder.feed(data)
+        except ValueError as exc:  # out of step with the host: drop what is buffered
+            log(f"dropped {len(data)} bytes from the host: {exc}")
+            self.decoder = P.Decoder()
+            return
+        for cid, ftype, payload in frames:
             self.on_frame(cid, ftype, payload)
 
     def pump(self, fd, events):
