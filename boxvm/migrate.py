@@ -232,6 +232,12 @@ def _holder(nonce: str) -> str:
     return hashlib.sha256(b"boxvm-lease:" + nonce.encode()).hexdigest()
 
 
+def _held(journal: Journal) -> str | None:
+    """What this move's requests to the source present: the holder it holds the box by (a
+    source holding none lets them through; one holding another's refuses them)."""
+    return _holder(journal.nonce) if journal.nonce else None
+
+
 async def _hold(source: Backend, target: Backend, path: Path, journal: Journal, begun: bool) -> None:
     """Hold the box at the source for this move (``Backend.lease``) while the source owns
     it: a driver in another home moving it too is refused there instead of exporting it to
@@ -372,7 +378,7 @@ async def _directly(source: Backend, target: Backend, path: Path, journal: Journ
         async def run() -> None:
             await _suspend(source, journal)
             label = f"the archive of box {journal.box_name!r}"
-            archive = functools.partial(_exported, source, journal.box_id)  # called again by a retried upload
+            archive = functools.partial(_exported, source, journal)  # called again by a retried upload
             await target.import_stream(archive, journal.box_name, False, label, journal.box_id, journal.nonce)
 
         await _imported(target, journal, "at the source", run)
@@ -381,15 +387,15 @@ async def _directly(source: Backend, target: Backend, path: Path, journal: Journ
         _save(path, journal)
     if journal.phase == "imported":  # the target owns the box: the source's copy goes
         if await _this(source, journal) is not None:
-            await source.remove(journal.box_id, False)  # refused if someone started it there meanwhile
+            await source.remove(journal.box_id, False, _held(journal))  # refused if someone started it there meanwhile
         faults.point("migrate:released")
         journal.phase = "released"
         _save(path, journal)
 
 
-async def _exported(source: Backend, box_id: str) -> AsyncIterator[bytes]:
+async def _exported(source: Backend, journal: Journal) -> AsyncIterator[bytes]:
     """The box's archive as the source produces it: the body of the target's import."""
-    stream = await source.export_stream(box_id, ExportOptions())
+    stream = await source.export_stream(journal.box_id, ExportOptions(), _held(journal))
     async with contextlib.aclosing(stream):
         async for chunk in stream:
             yield chunk
@@ -405,13 +411,13 @@ async def _through_bucket(source: Backend, target: Backend, path: Path, journal:
             journal.stale.append(journal.object)
             journal.object = _object(journal.object.rsplit("/", 1)[0] + "/", journal.box_name)
             _save(path, journal)
-        await source.export_object(journal.box_id, journal.object, ExportOptions())
+        await source.export_object(journal.box_id, journal.object, ExportOptions(), _held(journal))
         faults.point("migrate:exported")
         journal.phase = "exported"
         _save(path, journal)
     if journal.phase == "exported":
         if await _this(source, journal) is not None:
-            await source.remove(journal.box_id, False)
+            await source.remove(journal.box_id, False, _held(journal))
         faults.point("migrate:released")
         journal.phase = "released"
         _save(path, journal)

@@ -63,6 +63,7 @@ class Rule:
     advice: str  # what to do when the box is in another status
     verb: str  # how messages name the operation
     exclusive: bool = True  # refused while a state operation (snapshot, clone, ...) holds the box
+    moves: bool = False  # would take the box from its host: only its move's, while one holds it
 
 
 _AT_REST = frozenset({BoxStatus.CONFIGURED, BoxStatus.STOPPED, BoxStatus.FAILED})
@@ -85,8 +86,8 @@ RULES: dict[Operation, Rule] = {
     Operation.PAUSE: Rule(frozenset({BoxStatus.RUNNING}), None, "it must be running", "pause"),
     Operation.RESUME: Rule(frozenset({BoxStatus.PAUSED}), None, "it must be paused", "resume"),
     Operation.SUSPEND: Rule(_VM_UP, BoxStatus.SUSPENDING, "it must be running or paused", "suspend"),
-    Operation.REMOVE: Rule(_REMOVABLE, BoxStatus.REMOVING, "stop it first or pass force=True", "remove"),
-    Operation.FORCE_REMOVE: Rule(frozenset(BoxStatus), BoxStatus.REMOVING, "", "remove"),
+    Operation.REMOVE: Rule(_REMOVABLE, BoxStatus.REMOVING, "stop it first or pass force=True", "remove", moves=True),
+    Operation.FORCE_REMOVE: Rule(frozenset(BoxStatus), BoxStatus.REMOVING, "", "remove", moves=True),
     Operation.SNAPSHOT: Rule(_CAPTURABLE, BoxStatus.SNAPSHOTTING, _SUSPENDED_ADVICE, "snapshot"),
     # a suspended box's: its disk at rest and a copy of its saved memory state
     Operation.MEMORY_SNAPSHOT: Rule(
@@ -96,12 +97,15 @@ RULES: dict[Operation, Rule] = {
         "take a memory snapshot of",
     ),
     Operation.RESTORE: Rule(
-        _AT_REST, BoxStatus.RESTORING, "a disk-only snapshot restores a stopped box: stop it first", "restore"
+        _AT_REST,
+        BoxStatus.RESTORING,
+        "a disk-only snapshot restores a stopped box: stop it first",
+        "restore",
     ),
     Operation.CLONE: Rule(_CAPTURABLE, BoxStatus.CLONING, _SUSPENDED_ADVICE, "clone"),
     # a suspended box's archive carries its memory state (archive's memory.state)
     Operation.EXPORT: Rule(
-        _CAPTURABLE | {BoxStatus.SUSPENDED}, BoxStatus.EXPORTING, "it has no disk state to export", "export"
+        _CAPTURABLE | {BoxStatus.SUSPENDED}, BoxStatus.EXPORTING, "it has no disk state to export", "export", moves=True
     ),
 }
 
@@ -117,6 +121,19 @@ def require(operation: Operation, box: str, status: BoxStatus, busy: Operation |
     if status not in rule.allowed:
         raise InvalidState(f"cannot {rule.verb} box {box!r} while it is {shown.value}: {rule.advice}")
     return rule
+
+
+def require_holder(operation: Operation, box: str, held_by: str | None, holder: str | None) -> None:
+    """The guard of a box a migration holds (``options.lease``, ``Backend.lease``): what
+    would take it from its host (``Rule.moves``: export, remove) comes only from that move,
+    so a second driver (also one that takes no lease) cannot give the box two owners. It
+    is used as before otherwise: run at the source meanwhile, it is moved as it is then."""
+    rule = RULES[operation]
+    if rule.moves and held_by is not None and held_by != holder:
+        raise InvalidState(
+            f"cannot {rule.verb} box {box!r}: a migration is moving it; let it finish, or give it up from the"
+            " home that began it (`boxvm migrate BOX --to URL --release`)"
+        )
 
 
 # The statuses operations hold while they run (from the one table).

@@ -70,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
     async def clear() -> None:
         backend = LocalBackend(home)
         for info in await backend.list():
+            await backend.release_lease(info.id, None)  # a move a killed run left holding it
             await backend.remove(info.id, force=True)
         await _ensure_templates(backend)
         await backend.close()

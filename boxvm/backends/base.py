@@ -84,7 +84,8 @@ class Backend(ABC):
     async def list(self) -> list[BoxInfo]: ...
 
     @abstractmethod
-    async def remove(self, box_id: str, force: bool) -> None: ...
+    async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:
+        """Remove the box; ``holder``: the migration removing it, if one holds it (``lease``)."""
 
     @abstractmethod
     async def start(self, box_id: str) -> BoxInfo: ...
@@ -161,9 +162,10 @@ class Backend(ABC):
     async def clone(self, box_id: str, names: list[str | None], options: CloneOptions) -> list[BoxInfo]: ...
 
     @abstractmethod
-    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
+    async def export_stream(self, box_id: str, options: ExportOptions, holder: str | None = None) -> ByteStream:
         """The box as a ``.boxsnap`` byte stream, produced while it is read. A failure before
-        the first byte raises here; a later one is raised by the stream, after its bytes."""
+        the first byte raises here; a later one is raised by the stream, after its bytes.
+        ``holder``: the migration exporting it, if one holds it (``lease``)."""
 
     @abstractmethod
     async def import_stream(
@@ -183,8 +185,10 @@ class Backend(ABC):
 
     async def lease(self, box_id: str, holder: str) -> None:
         """Hold the box for the migration ``holder`` (``options.check_lease_holder``), a
-        compare-and-set on its record: InvalidState if another migration holds it. Only
-        a migration checks it: the box is used as before."""
+        compare-and-set on its record: InvalidState if another migration holds it, or if
+        it is free and exporting (maybe for a driver that takes no lease). While held, the
+        box is used as before, but exported and removed only by that move
+        (``status.require_holder``)."""
         raise Unsupported("this runner cannot hold a box for a migration: upgrade it")
 
     async def release_lease(self, box_id: str, holder: str | None) -> None:
@@ -214,7 +218,7 @@ class Backend(ABC):
                 raise archive.write_failed(exc, dest) from exc
         return dest
 
-    async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
+    async def export_object(self, box_id: str, url: str, options: ExportOptions, holder: str | None = None) -> str:
         """Upload the box's archive to object storage (``s3://bucket/key``, create-only); see
         ``boxvm.objstore``. A remote backend has its server do it (``RemoteBackend``)."""
         options.validate()
@@ -223,7 +227,7 @@ class Backend(ABC):
         if info is None:
             raise BoxNotFound(f"no box named or with id {box_id!r}: `boxvm ls` lists them")
         await objstore.refuse_existing(target)
-        stream = await self.export_stream(info.id, options)
+        stream = await self.export_stream(info.id, options, holder)
         async with contextlib.aclosing(stream):
             await objstore.upload(stream, target, self.journal_dir)
         return str(target)

@@ -89,8 +89,8 @@ class LocalBackend(templates.TemplateOps, Backend):
     async def list(self) -> list[BoxInfo]:
         return [self.boxes.listed(self.boxes.reconcile(rec)) for rec in self.store.list_boxes()]
 
-    async def remove(self, box_id: str, force: bool) -> None:
-        await self.boxes.remove(box_id, force)
+    async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:
+        await self.boxes.remove(box_id, force, _checked(holder))
 
     def check_layers(self, repair: bool = False) -> Scan:
         return self.boxes.check_layers(repair)
@@ -120,8 +120,8 @@ class LocalBackend(templates.TemplateOps, Backend):
             return list(await asyncio.gather(*(self.start(r.id) for r in records)))  # forks resume at once
         return [self.boxes.info(r) for r in records]
 
-    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
-        return await self.transfer.export_stream(box_id, options)
+    async def export_stream(self, box_id: str, options: ExportOptions, holder: str | None = None) -> ByteStream:
+        return await self.transfer.export_stream(box_id, options, _checked(holder))
 
     async def import_stream(
         self,
@@ -140,6 +140,8 @@ class LocalBackend(templates.TemplateOps, Backend):
     async def lease(self, box_id: str, holder: str) -> None:
         rec = self.boxes.record(box_id)
         if not self.store.take_lease(rec.id, check_lease_holder(holder)):
+            if self.store.lease_of(rec.id) is None:
+                raise InvalidState(f"box {rec.name!r} is being exported: move it once that export is over")
             raise InvalidState(
                 f"box {rec.name!r} is being moved by another migration: let it finish; if it was given up, release"
                 " it from the home that began it (`boxvm migrate BOX --to URL --release`)"
@@ -502,6 +504,11 @@ class LocalBackend(templates.TemplateOps, Backend):
         await self.state.conns.close()
         await asyncio.to_thread(self.layers.trash.flush)
         self.store.close()
+
+
+def _checked(holder: str | None) -> str | None:
+    """A migration's holder as a caller presents it (``Backend.lease``), checked like one it takes."""
+    return None if holder is None else check_lease_holder(holder)
 
 
 async def _spawn_lock(box_dir: Path, label: str) -> starting.SpawnLock:

@@ -262,8 +262,9 @@ class RemoteBackend(Backend):
     async def list(self) -> list[BoxInfo]:
         return wire.many(wire.box_info, await self._send("GET", "/boxes"))
 
-    async def remove(self, box_id: str, force: bool) -> None:
-        await self._send("DELETE", f"/boxes/{box_id}", params={"force": force})
+    async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:
+        params: dict[str, object] = {"force": force, **_held(holder)}
+        await self._send("DELETE", f"/boxes/{box_id}", params=params)
 
     async def start(self, box_id: str) -> BoxInfo:
         return wire.box_info(await self._send("POST", f"/boxes/{box_id}/start"))
@@ -395,9 +396,10 @@ class RemoteBackend(Backend):
         made = await self._send("POST", f"/boxes/{box_id}/clone", json_body=body, idempotent=True)
         return wire.many(wire.box_info, made)
 
-    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
+    async def export_stream(self, box_id: str, options: ExportOptions, holder: str | None = None) -> ByteStream:
         options.validate()
-        request = self._http.build_request("POST", f"/boxes/{box_id}/export", json=wire.body(options))
+        path, body = f"/boxes/{box_id}/export", wire.body(options)
+        request = self._http.build_request("POST", path, json=body, params=_held(holder))
         return await self._download(request, f"the archive of {box_id!r}")
 
     async def import_stream(
@@ -433,12 +435,13 @@ class RemoteBackend(Backend):
         """A server too old to keep a migrating box's id and nonce would import it under a new id."""
         return wire.MIGRATION_CAPABILITY in (await self.server_config()).get("capabilities", [])
 
-    async def export_object(self, box_id: str, url: str, options: ExportOptions) -> str:
+    async def export_object(self, box_id: str, url: str, options: ExportOptions, holder: str | None = None) -> str:
         """The server uploads the archive with its own credentials, to a prefix its operator
         opened (``BOXVM_REST_OBJECTS``): the bytes never pass through this client."""
         options.validate()
         body = wire.body(wire.ObjectExport(url, options))
-        reply = await self._send("POST", f"/boxes/{box_id}/export-object", json_body=body, idempotent=True)
+        path = f"/boxes/{box_id}/export-object"
+        reply = await self._send("POST", path, json_body=body, params=_held(holder) or None, idempotent=True)
         return str(reply["url"])
 
     async def import_object(
@@ -523,6 +526,12 @@ def _raise_for_error(status: int, body: bytes) -> None:
     except (ValueError, KeyError, TypeError, RecursionError):
         raise BoxvmError(f"HTTP {status} from the server: {body[:200].decode(errors='replace')}") from None
     raise from_dict(error)
+
+
+def _held(holder: str | None) -> dict[str, str]:
+    """The query naming the migration a request is part of (``Backend.lease``), if any; a
+    server that holds no boxes for moves ignores it."""
+    return {"holder": holder} if holder is not None else {}
 
 
 def _kept(info: BoxInfo, box_id: str | None, url: str) -> BoxInfo:

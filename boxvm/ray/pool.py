@@ -40,6 +40,7 @@ from boxvm.tarstream import receive_tree, tree_chunks
 T = TypeVar("T")
 log = logging.getLogger("boxvm.ray")
 RUNNER_PREFIX = "boxvm-runner-"
+_SLOW = 600.0  # seconds a runner may take to retire a seed or close (imports, removals) before it counts as hung
 
 
 # The Ray errors of a runner that is gone, or of a result lost with its node (ObjectLostError
@@ -401,14 +402,15 @@ class BoxPool:
             lambda r, share, token: r.fork.remote(seed.url, share, start, token),
         )  # fmt: skip
 
-    def retire(self, seed: Seed | str, *, delete_object: bool = True) -> list[str]:
+    def retire(self, seed: Seed | str, *, delete_object: bool = True, timeout: float | None = _SLOW) -> list[str]:
         """Garbage-collect a published seed: every node's imported copy of it is removed (the
         boxes forked from it keep working), then, with ``delete_object``, the ``s3://`` archive
         itself, so a later ``fork`` of it fails with NotFound. Returns the nodes that held a
-        copy. A node whose runner is lost keeps its copy: retire again once it is back."""
+        copy. A node whose runner is lost keeps its copy: retire again once it is back. A
+        runner waits for a fork importing the seed there; one that gives no answer within
+        ``timeout`` seconds (None: no bound) raises RunnerUnavailable, the object kept."""
         url = seed.url if isinstance(seed, Seed) else seed
-        # no bound: a retire waits for a fork importing the seed there, however long it takes
-        answers = self._ask_all(lambda runner: runner.retire.remote(url), f"the seed of {url}", None)
+        answers = self._ask_all(lambda runner: runner.retire.remote(url), f"the seed of {url}", timeout)
         held = [node for node, had in answers.items() if had]
         if delete_object and objstore.is_url(url):
             _run(objstore.delete(objstore.parse(url)))
@@ -435,11 +437,12 @@ class BoxPool:
             except BoxvmError as exc:  # the forks are made: say what is left rather than lose them
                 log.warning("could not retire %s after the clones it made (%s): retire it again", seed.url, exc)
 
-    def shutdown(self, *, remove_boxes: bool = False) -> None:
+    def shutdown(self, *, remove_boxes: bool = False, timeout: float | None = _SLOW) -> None:
         """Leave every runner of the pool, ending those no other pool uses. Their boxes keep
         running unless ``remove_boxes``, which removes every box of the nodes (boxes are the
         nodes', not a pool's: other pools lose theirs too). A runner that fails to remove
-        its boxes stays in the pool, still used by it, for ``shutdown`` to be called again;
+        its boxes, or gives no answer within ``timeout`` seconds (hung: None waits without a
+        bound), stays in the pool, still used by it, for ``shutdown`` to be called again;
         the first such failure raises. The runners of nodes out of the pool (``lost``) are
         left too if they answer within ``probe_timeout``."""
         members = dict(self._runners)
@@ -449,12 +452,17 @@ class BoxPool:
             with contextlib.suppress(ValueError):  # no runner of that name: it is gone
                 runner = ray.get_actor(RUNNER_PREFIX + node, namespace=self._namespace)
                 strays[node] = (runner, runner.close.remote(self._id, False))
-        if closing:
-            ray.wait(list(closing.values()), num_returns=len(closing))  # no bound: it may remove many boxes
+        ready = set(ray.wait(list(closing.values()), num_returns=len(closing), timeout=timeout)[0] if closing else [])
         if strays:
             ray.wait([ref for _r, ref in strays.values()], num_returns=len(strays), timeout=self._timeout)
         failure: BoxvmError | None = None
         for node, ref in closing.items():
+            if ref not in ready:  # hung, or still removing boxes: it stays (a second close is idempotent)
+                failure = failure or RunnerUnavailable(
+                    f"the boxvm runner of Ray node {node[:12]} gave no answer within {timeout:g} s: it stays in"
+                    " the pool; call shutdown again"
+                )
+                continue
             try:
                 ended = _wait(ref, node, "the runner")
             except RunnerUnavailable:

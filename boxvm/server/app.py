@@ -73,6 +73,7 @@ from boxvm.wire import (
 )
 
 Key = Annotated[str | None, Header(alias=wire.IDEMPOTENCY_HEADER)]
+Holder = Annotated[str | None, Query(description="the migration this request is part of, if one holds the box")]
 bearer = HTTPBearer(auto_error=False, description="the token `boxvm serve` was started with")
 log = logging.getLogger("boxvm.server")
 
@@ -232,8 +233,9 @@ def create_app(
         return info
 
     @v1.delete("/boxes/{box}", status_code=204)
-    async def remove(box: str, force: bool = False) -> None:
-        await backend.remove(box, force)
+    async def remove(box: str, force: bool = False, holder: Holder = None) -> None:
+        """``holder``: the migration removing the box, if one holds it (409 for any other)."""
+        await backend.remove(box, force, holder)
 
     @v1.post("/boxes/{box}/start")
     async def start(box: str) -> BoxInfo:
@@ -313,10 +315,11 @@ def create_app(
         return await idempotency.run(request, key, body, lambda: backend.clone(box, body.names, body.options), 201)
 
     @v1.post("/boxes/{box}/export", response_class=StreamingResponse)
-    async def export(box: str, body: ExportOptions | None = None) -> StreamingResponse:
+    async def export(box: str, body: ExportOptions | None = None, holder: Holder = None) -> StreamingResponse:
         """The archive, streamed while it is produced. Errors before its first byte are
         JSON errors; a failure later cuts the stream short (the client sees it)."""
-        return StreamResponse(await backend.export_stream(box, body or ExportOptions()), "application/octet-stream")
+        stream = await backend.export_stream(box, body or ExportOptions(), holder)
+        return StreamResponse(stream, "application/octet-stream")
 
     @v1.post("/boxes/import", status_code=201, response_model=BoxInfo)
     async def import_box(
@@ -336,15 +339,18 @@ def create_app(
         return await idempotency.run(request, key, {"name": name, "box_id": box_id, "nonce": nonce}, run, 201)
 
     @v1.post("/boxes/{box}/export-object", status_code=201)
-    async def export_object(box: str, request: Request, body: ObjectExport, key: Key = None) -> Response:
+    async def export_object(
+        box: str, request: Request, body: ObjectExport, key: Key = None, holder: Holder = None
+    ) -> Response:
         """Upload the archive to object storage with the server's credentials (create-only),
         to an object under a prefix the operator opened (``boxvm.objstore.for_rest_caller``)."""
         url = objstore.for_rest_caller(body.url)
 
         async def run() -> dict[str, str]:
-            return {"url": await backend.export_object(box, url, body.options)}
+            return {"url": await backend.export_object(box, url, body.options, holder)}
 
-        return await idempotency.run(request, key, body, run, 201)
+        what = body if holder is None else {"body": body, "holder": holder}
+        return await idempotency.run(request, key, what, run, 201)
 
     @v1.post("/boxes/import-object", status_code=201, response_model=BoxInfo)
     async def import_object(request: Request, body: ObjectImport, key: Key = None) -> Response:

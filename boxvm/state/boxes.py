@@ -32,7 +32,7 @@ from boxvm.options import BoxInfo, BoxOptions, DiskUsage, check_name, default_co
 from boxvm.processes import alive as pid_alive
 from boxvm.state import starting
 from boxvm.state.context import Context
-from boxvm.status import LIVE, RULES, BoxStatus, Operation, require
+from boxvm.status import LIVE, RULES, BoxStatus, Operation, require, require_holder
 from boxvm.store import BoxRecord
 from boxvm.store.db import FRESH_BOTH
 
@@ -194,13 +194,17 @@ class Boxes:
 
     # -- the claim --------------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def claim(self, rec: BoxRecord, operation: Operation, held: bool = False) -> AsyncIterator[Claim]:
+    async def claim(
+        self, rec: BoxRecord, operation: Operation, held: bool = False, holder: str | None = None
+    ) -> AsyncIterator[Claim]:
         """Hold the box for a state operation (allowed from its rule's statuses, shown as its
         rule's transient status); ``held``: the operation's first transaction claimed it
-        already (a box at rest whose files agree with its record)."""
+        already (a box at rest whose files agree with its record). ``holder``: the
+        migration this operation is part of, if one holds the box (``require_holder``)."""
         rule = RULES[operation]
-        if not held and not self.store.begin_operation(rec.id, operation, rule.allowed, os.getpid()):
+        if not held and not self.store.begin_operation(rec.id, operation, rule.allowed, os.getpid(), holder):
             now = self.record(rec.id)
+            require_holder(operation, rec.name, now.options.get("lease"), holder)
             require(operation, rec.name, now.status, now.operation)
             raise InvalidState(f"cannot {rule.verb} box {rec.name!r}: its status changed meanwhile; try again")
         claim = Claim()
@@ -407,7 +411,7 @@ class Boxes:
             stage.publish(lambda: self.store.insert_box(rec))
         return self.info(rec)
 
-    async def remove(self, box_id: str, force: bool) -> None:
+    async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:
         rec = self.record(box_id)
         allowed = RULES[Operation.REMOVE].allowed
         # A box at rest whose files agree with its record goes in one transaction, which
@@ -415,9 +419,9 @@ class Boxes:
         # none (nor a start or stop) runs on a box whose row and files are going away; a
         # second remover gets InvalidState/NotFound.
         quiet = self.layers.quiet_top(self.home.box_dir(rec.id)) if rec.status in allowed else None
-        dead = self.store.remove_box(rec.id, (allowed, quiet[1])) if quiet is not None else None
+        dead = self.store.remove_box(rec.id, (allowed, quiet[1]), holder) if quiet is not None else None
         if dead is None:
-            async with self.claim(rec, Operation.FORCE_REMOVE if force else Operation.REMOVE) as c:
+            async with self.claim(rec, Operation.FORCE_REMOVE if force else Operation.REMOVE, holder=holder) as c:
                 rec = self.record(rec.id)
                 if rec.status.is_live:
                     await self.kill(rec)

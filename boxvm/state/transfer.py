@@ -47,8 +47,9 @@ class Transfer:
         self.ctx, self.home, self.store, self.layers = snapshots.ctx, snapshots.home, snapshots.store, snapshots.layers
 
     # -- export -----------------------------------------------------------------------
-    async def export_stream(self, box_id: str, options: ExportOptions) -> ByteStream:
-        """One pass over the box's disk at a point in time, as ``.boxsnap`` bytes in archive order."""
+    async def export_stream(self, box_id: str, options: ExportOptions, holder: str | None = None) -> ByteStream:
+        """One pass over the box's disk at a point in time, as ``.boxsnap`` bytes in archive
+        order. ``holder``: the migration that holds the box, if this export is its (``require_holder``)."""
         options.validate()
         rec = self.boxes.record(box_id)
 
@@ -58,13 +59,15 @@ class Transfer:
                 archive.write_stream(top, out, manifest, compress=options.compress, level=level, memory=memory)
                 out.flush()
 
-            await self._export(rec, options, write)
+            await self._export(rec, options, write, holder)
 
         return await produced(work)
 
-    async def _export(self, rec: BoxRecord, options: ExportOptions, write: Callable[..., None]) -> None:
+    async def _export(
+        self, rec: BoxRecord, options: ExportOptions, write: Callable[..., None], holder: str | None
+    ) -> None:
         t0 = time.perf_counter()
-        async with self.boxes.claim(rec, Operation.EXPORT):
+        async with self.boxes.claim(rec, Operation.EXPORT, holder=holder):
             box_dir = self.home.box_dir(rec.id)
             cap = None
             if rec.status in (BoxStatus.RUNNING, BoxStatus.PAUSED):

@@ -184,6 +184,8 @@ class ImageRecord:
 
 
 _JSON_COLUMNS = {"options", "timings", "config"}
+# No migration holds the box (``options.lease``) but ``:_holder``'s (none at all with NULL).
+_HELD_BY = "coalesce(json_extract(options, '$.lease'), :_holder) IS :_holder"
 
 
 class SourceMoved(Exception):
@@ -309,10 +311,12 @@ class Store:
 
     def take_lease(self, box_id: str, holder: str) -> bool:
         """Compare-and-set of the box's migration lease (``options.lease``): True if it was
-        free or ``holder``'s already, and is ``holder``'s now."""
+        free or ``holder``'s already, and is ``holder``'s now. A free box is not taken while
+        it is exporting: that export (of a driver that takes no lease) may be another move's."""
         cur = self._db.execute(
             "UPDATE boxes SET options = json_set(options, '$.lease', :holder) "
-            "WHERE id = :_id AND coalesce(json_extract(options, '$.lease'), :holder) = :holder",
+            "WHERE id = :_id AND coalesce(json_extract(options, '$.lease'), :holder) = :holder "
+            "AND (json_extract(options, '$.lease') IS NOT NULL OR operation IS NOT 'export')",
             {"holder": holder, "_id": box_id},
         )
         return cur.rowcount == 1
@@ -394,15 +398,24 @@ class Store:
         cur = self._db.execute(f"UPDATE boxes SET {sets} {self._STANDS}", params)
         return cur.rowcount == 1
 
-    def begin_operation(self, box_id: str, operation: Operation, allowed_from: frozenset[BoxStatus], pid: int) -> bool:
-        """Claim the box for a state operation: True only if none is running and the
-        lifecycle status allows it. Lifecycle transitions wait for the claim to end."""
+    def begin_operation(
+        self,
+        box_id: str,
+        operation: Operation,
+        allowed_from: frozenset[BoxStatus],
+        pid: int,
+        holder: str | None = None,
+    ) -> bool:
+        """Claim the box for a state operation: True only if none is running, the lifecycle
+        status allows it and no migration but ``holder``'s holds the box (for an operation
+        that ``moves`` it). Lifecycle transitions wait for the claim to end."""
         marks = ", ".join(f":_from{i}" for i in range(len(allowed_from)))
-        params = {"op": operation.value, "pid": pid, "_id": box_id}
+        params = {"op": operation.value, "pid": pid, "_id": box_id, "_holder": holder}
         params.update({f"_from{i}": s.value for i, s in enumerate(allowed_from)})
+        held = f" AND {_HELD_BY}" if RULES[operation].moves else ""
         cur = self._db.execute(
             "UPDATE boxes SET operation = :op, operation_pid = :pid "
-            f"WHERE id = :_id AND operation IS NULL AND status IN ({marks})",
+            f"WHERE id = :_id AND operation IS NULL AND status IN ({marks}){held}",
             params,
         )
         return cur.rowcount == 1
@@ -764,18 +777,27 @@ class Store:
     def remove_snapshot(self, snapshot_id: str) -> list[str]:
         return self._delete_holder("DELETE FROM snapshots WHERE id = ? RETURNING layer", snapshot_id)
 
-    def remove_box(self, box_id: str, quiet: tuple[frozenset[BoxStatus], str | None] | None = None) -> list[str] | None:
+    def remove_box(
+        self,
+        box_id: str,
+        quiet: tuple[frozenset[BoxStatus], str | None] | None = None,
+        holder: str | None = None,
+    ) -> list[str] | None:
         """Delete a box, its snapshots and their references; returns the layers tombstoned.
         With ``quiet`` (allowed statuses, the layer its top backs onto): only if no
-        operation holds it, its status is allowed and its record names that layer, checked
-        in the same transaction (else None, nothing changed) -- no separate claim."""
+        operation holds it, nor a migration but ``holder``'s, its status is allowed and its
+        record names that layer, checked in the same transaction (else None, nothing
+        changed) -- no separate claim."""
         dead: list[str] = []
         with self._tx() as db:
             if quiet is not None:
-                marks = ", ".join("?" for _ in quiet[0])
+                marks = ", ".join(f":_from{i}" for i in range(len(quiet[0])))
+                params = {"_id": box_id, "layer": quiet[1], "_holder": holder}
+                params.update({f"_from{i}": s.value for i, s in enumerate(quiet[0])})
                 row = db.execute(
-                    f"SELECT 1 FROM boxes WHERE id = ? AND operation IS NULL AND layer IS ? AND status IN ({marks})",
-                    (box_id, quiet[1], *(s.value for s in quiet[0])),
+                    "SELECT 1 FROM boxes WHERE id = :_id AND operation IS NULL AND layer IS :layer "
+                    f"AND status IN ({marks}) AND {_HELD_BY}",
+                    params,
                 ).fetchone()
                 if row is None:
                     return None

@@ -27,6 +27,7 @@ from boxvm.options import TemplateInfo
 from boxvm.paths import Home
 from boxvm.server.app import Idempotency
 from boxvm.state import clones
+from boxvm.status import RULES, Operation
 from boxvm.store import BoxRecord
 from tests.helpers import InProcess, in_process
 
@@ -450,3 +451,47 @@ async def test_a_box_is_held_for_one_move_and_released_only_by_it(api: InProcess
     finally:
         await target.close()
         await source.close()
+
+
+async def test_a_held_box_is_exported_and_removed_only_by_its_move(api: InProcess, tmp_path: Path) -> None:
+    """While a move holds a box, what would take it from its host (export, removal) is
+    refused to everyone but that move, so a second driver (one that takes no lease too)
+    cannot give the box a second owner; a free box is not taken while it exports (that
+    export may be another driver's move). Locally and over REST."""
+    local, remote = LocalBackend(Home.default(tmp_path / "source")), api.client(TOKEN)
+    holder, other = secrets.token_hex(32), secrets.token_hex(32)
+    try:
+        for backend, served in ((local, local), (remote, api.backend)):
+            box = secrets.token_hex(16)
+            _record(served, "held", box)
+            await backend.lease(box, holder)
+            moving = "a migration is moving it"
+            for who in (None, other):
+                for force in (False, True):
+                    with pytest.raises(boxvm.InvalidState, match=moving):
+                        await backend.remove(box, force, who)
+                with pytest.raises(boxvm.InvalidState, match=moving):
+                    stream = await backend.export_stream(box, boxvm.ExportOptions(), who)
+                    await anext(aiter(stream))
+            assert await backend.get(box) is not None and served.store.lease_of(box) == holder
+            await backend.remove(box, False, holder)  # the move's own removal
+            assert await backend.get(box) is None
+            # A free box exporting (no lease taken for it) is not taken; once it is over, it is.
+            box = secrets.token_hex(16)
+            _record(served, "exporting", box)
+            assert served.store.begin_operation(box, Operation.EXPORT, RULES[Operation.EXPORT].allowed, os.getpid())
+            with pytest.raises(boxvm.InvalidState, match="being exported"):
+                await backend.lease(box, holder)
+            served.store.end_operation(box)
+            await backend.lease(box, holder)
+            await backend.lease(box, holder)  # its own again: idempotent
+            assert served.store.begin_operation(box, Operation.EXPORT, RULES[Operation.EXPORT].allowed, 0, holder)
+            await backend.lease(box, holder)  # ... also while its own export runs
+            served.store.end_operation(box)
+            with pytest.raises(boxvm.InvalidArgument):  # a holder is 64 hex digits, also where presented
+                await backend.remove(box, False, "x" * 10_000)
+            await backend.release_lease(box, holder)
+            await backend.remove(box, False)
+    finally:
+        await remote.close()
+        await local.close()

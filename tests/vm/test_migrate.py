@@ -484,24 +484,33 @@ async def test_a_box_is_moved_by_one_driver_at_a_time(
             with pytest.raises(boxvm.InvalidArgument):  # a holder is 64 hex digits
                 await src.backend.lease(box.id, "x" * 10_000)
             clone = await box.clone(f"{name}-clone")  # a clone of a held box is not held
-            await src.backend.lease(clone.id, secrets.token_hex(32))
-            await src.remove(clone.id)
-            exported = await box.export(tmp_path / "leased.boxsnap", boxvm.ExportOptions(compress=False))
-            with tarfile.open(exported) as tar:
-                member = tar.extractfile("manifest.json")
-                assert member is not None
-                manifest = json.loads(member.read())
-            assert not {"lease", "migration"} & set(manifest["box_options"])
+            held = secrets.token_hex(32)
+            await src.backend.lease(clone.id, held)
+            await src.backend.remove(clone.id, False, held)
+            # Held, it is exported and removed only by that move: a driver that takes no
+            # lease (an older boxvm) is kept apart too.
+            with pytest.raises(boxvm.InvalidState, match="a migration is moving it"):
+                await box.export(tmp_path / "held.boxsnap")
+            with pytest.raises(boxvm.InvalidState, match="a migration is moving it"):
+                await src.remove(name, force=True)
+            assert not (tmp_path / "held.boxsnap").exists()
             cli = [sys.executable, "-m", "boxvm.cli.main", "migrate", name, "--to", target.url, "--release"]
             env = {**os.environ, "BOXVM_HOME": str(home.root), "BOXVM_TO_TOKEN": TOKEN}
             run = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
             assert run.returncode != 0 and "driven from elsewhere" in run.stderr, run.stderr  # not this home's move
             run = subprocess.run([*cli, "--force"], env=env, capture_output=True, text=True, timeout=120)
             assert run.returncode == 0, run.stderr
+            exported = await box.export(tmp_path / "released.boxsnap", boxvm.ExportOptions(compress=False))
+            with tarfile.open(exported) as tar:
+                member = tar.extractfile("manifest.json")
+                assert member is not None
+                manifest = json.loads(member.read())
+            assert not {"lease", "migration"} & set(manifest["box_options"])
             moved = await migrate(src.backend, name, tgt.backend, None)
             assert moved.id == box.id and await src.get(name) is None
             finished(home, s3, name)
         finally:
             for runtime in (src, tgt):
                 if await runtime.get(name) is not None:
+                    await runtime.backend.release_lease(name, None)
                     await runtime.remove(name, force=True)

@@ -6,9 +6,11 @@ boxes fail clearly while the pool keeps serving from the rest (and a new runner 
 from __future__ import annotations
 
 import _thread
+import asyncio
 import collections
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +31,19 @@ from tests.s3server import S3Server
 NODE_CPUS = 4  # logical cpus per Ray node: 6 boxes of 1 cpu spread 2/2/2, then 4 forks fill two nodes
 NODE_MEMORY = 1 << 30
 OPTS = BoxOptions(image="boxvm/slim", cpus=1, memory_mib=128, network="none")
+
+
+@ray.remote
+class Hung:
+    """A runner that is alive but never answers (a stuck loop, say)."""
+
+    async def retire(self, url: str) -> bool:
+        await asyncio.sleep(3600)
+        return False
+
+    async def close(self, pool: str, remove_boxes: bool) -> bool:
+        await asyncio.sleep(3600)
+        return False
 
 
 @dataclass
@@ -182,6 +197,16 @@ def interrupted_creates_leave_nothing_and_pools_share_runners(env: Env) -> None:
     before = sorted(b.name for b in env.pool.boxes())
     other = BoxPool(env.pool._home, store=env.store)
     assert sorted(other._runners) == sorted(env.pool._runners) and sorted(b.name for b in other.boxes()) == before
-    other.shutdown()
+    # A runner that hangs (alive, never answering) bounds neither a retire nor a shutdown:
+    # each raises after its timeout, and the hung runner stays in the pool.
+    hung = Hung.options(num_cpus=0).remote()
+    other._runners["hung-node"] = hung
+    t0 = time.monotonic()
+    with pytest.raises(RunnerUnavailable, match="no answer within 2 s"):
+        other.retire(f"{env.store}/never-published.boxsnap", delete_object=False, timeout=2)
+    with pytest.raises(RunnerUnavailable, match="no answer within 2 s"):
+        other.shutdown(timeout=2)
+    assert list(other._runners) == ["hung-node"] and time.monotonic() - t0 < 30
+    ray.kill(hung, no_restart=True)
     assert sorted(b.name for b in env.pool.boxes()) == before and len(before) >= 6 and not env.pool.lost
     assert all(box.exec(["true"]).exit_code == 0 for box in env.pool.boxes())
