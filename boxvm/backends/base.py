@@ -31,6 +31,7 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
     TemplateInfo,
+    check_lease_holder,
 )
 from boxvm.streams import ByteStream, FileSource
 from boxvm.tarstream import receive_tree, tree_chunks
@@ -222,6 +223,8 @@ class Backend(ABC):
         """Upload the box's archive to object storage (``s3://bucket/key``, create-only); see
         ``boxvm.objstore``. A remote backend has its server do it (``RemoteBackend``)."""
         options.validate()
+        if holder is not None:
+            check_lease_holder(holder)
         target = objstore.parse(url)
         info = await self.get(box_id)
         if info is None:

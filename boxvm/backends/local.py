@@ -24,7 +24,7 @@ from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import console, hostclock, memory, qemu, qemucaps, zygote
 from boxvm.engine.client import Channel, Connection
-from boxvm.errors import EngineError, InvalidArgument, InvalidState, NotFound
+from boxvm.errors import BoxNotFound, EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
 from boxvm.options import (
@@ -139,9 +139,12 @@ class LocalBackend(templates.TemplateOps, Backend):
 
     async def lease(self, box_id: str, holder: str) -> None:
         rec = self.boxes.record(box_id)
-        if not self.store.take_lease(rec.id, check_lease_holder(holder)):
-            if self.store.lease_of(rec.id) is None:
-                raise InvalidState(f"box {rec.name!r} is being exported: move it once that export is over")
+        refused = self.store.take_lease(rec.id, check_lease_holder(holder))
+        if refused == "gone":
+            raise BoxNotFound(f"box {rec.name!r} was removed")
+        if refused == "exporting":
+            raise InvalidState(f"box {rec.name!r} is being exported: move it once that export is over")
+        if refused == "held":
             raise InvalidState(
                 f"box {rec.name!r} is being moved by another migration: let it finish; if it was given up, release"
                 " it from the home that began it (`boxvm migrate BOX --to URL --release`)"

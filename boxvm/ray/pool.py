@@ -442,8 +442,10 @@ class BoxPool:
         running unless ``remove_boxes``, which removes every box of the nodes (boxes are the
         nodes', not a pool's: other pools lose theirs too). A runner that fails to remove
         its boxes, or gives no answer within ``timeout`` seconds (hung: None waits without a
-        bound), stays in the pool, still used by it, for ``shutdown`` to be called again;
-        the first such failure raises. The runners of nodes out of the pool (``lost``) are
+        bound), stays in the pool for ``shutdown`` to be called again; the first such
+        failure raises. (A close that answers late still detaches this pool there: the
+        runner then serves only other pools, or ends, and this pool's next call to it says
+        so; a second close of it is harmless.) The runners of nodes out of the pool (``lost``) are
         left too if they answer within ``probe_timeout``."""
         members = dict(self._runners)
         closing = {node: runner.close.remote(self._id, remove_boxes) for node, runner in members.items()}

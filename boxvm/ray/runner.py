@@ -451,19 +451,12 @@ class Runner:
         longer locked). Before this runner makes any box, so a name in one is that call's:
         names are unique on a node and no runner served it meanwhile."""
         for journal in sorted(_calls_dir(self._rt).iterdir()):
-            if journal.name.startswith("."):  # being written, or its writer died before it was named
-                if not _locked(journal):
+            with _unlocked(journal) as fd:
+                if fd is None:
+                    continue  # a live runner's (another namespace over the same home), or gone
+                if journal.name.startswith("."):  # its writer died before it was named
                     journal.unlink(missing_ok=True)
-                continue
-            try:
-                fd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live runner's (another namespace over the same home)
+                    continue
                 try:
                     names = json.loads(os.read(fd, 1 << 20))
                 except ValueError:
@@ -476,20 +469,24 @@ class Runner:
                         with contextlib.suppress(BoxNotFound):
                             await self._rt.remove(box.id, force=True)
                 journal.unlink(missing_ok=True)
-            finally:
-                os.close(fd)
 
 
-def _locked(path: Path) -> bool:
+@contextlib.contextmanager
+def _unlocked(path: Path) -> Iterator[int | None]:
+    """``path`` open and locked by this process while the block runs (its writer is dead),
+    or None if a live process holds its lock (or it is gone)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return False
+        yield None
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield None
+            return
+        yield fd
     finally:
         os.close(fd)
 

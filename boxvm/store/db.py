@@ -309,17 +309,25 @@ class Store:
     def list_boxes(self) -> list[BoxRecord]:
         return [_box(r) for r in self._db.execute("SELECT * FROM boxes ORDER BY created_at")]
 
-    def take_lease(self, box_id: str, holder: str) -> bool:
-        """Compare-and-set of the box's migration lease (``options.lease``): True if it was
-        free or ``holder``'s already, and is ``holder``'s now. A free box is not taken while
-        it is exporting: that export (of a driver that takes no lease) may be another move's."""
-        cur = self._db.execute(
-            "UPDATE boxes SET options = json_set(options, '$.lease', :holder) "
-            "WHERE id = :_id AND coalesce(json_extract(options, '$.lease'), :holder) = :holder "
-            "AND (json_extract(options, '$.lease') IS NOT NULL OR operation IS NOT 'export')",
-            {"holder": holder, "_id": box_id},
-        )
-        return cur.rowcount == 1
+    def take_lease(self, box_id: str, holder: str) -> str | None:
+        """Compare-and-set of the box's migration lease (``options.lease``): None if it was
+        free or ``holder``'s already, and is ``holder``'s now; else why not, read in the same
+        transaction: "held" (another's), "exporting" (a free box is not taken while it
+        exports: that export, of a driver that takes no lease, may be another move's) or
+        "gone"."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT json_extract(options, '$.lease'), operation FROM boxes WHERE id = ?", (box_id,)
+            ).fetchone()
+            if row is None:
+                return "gone"
+            lease, operation = row
+            if lease not in (None, holder):
+                return "held"
+            if lease is None and operation == Operation.EXPORT.value:
+                return "exporting"
+            db.execute("UPDATE boxes SET options = json_set(options, '$.lease', ?) WHERE id = ?", (holder, box_id))
+        return None
 
     def lease_of(self, box_id: str) -> str | None:
         row = self._db.execute("SELECT json_extract(options, '$.lease') FROM boxes WHERE id = ?", (box_id,)).fetchone()

@@ -137,7 +137,7 @@ def test_every_reader_recreates_a_lost_fresh_top(tmp_path: Path, kind: str) -> N
         "scan": boxes.check_layers,
         "restore": lambda: asyncio.run(snapshots.restore(BOX, "base")),  # its long path: the top does not agree
         "start": lambda: boxes.settle_fresh(boxes.store.get_box(BOX)),  # type: ignore[arg-type]
-        "export": lambda: asyncio.run(transfer._export(boxes.record(BOX), ExportOptions(), lambda *a: None)),
+        "export": lambda: asyncio.run(transfer._export(boxes.record(BOX), ExportOptions(), lambda *a: None, None)),
     }
     for name, read in readers.items():
         rec = boxes.store.get_box(BOX)
