@@ -37,7 +37,9 @@ import json
 import logging
 import os
 import re
+import secrets
 import threading
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Generator, Iterator
@@ -64,8 +66,11 @@ _RANGE = 8 * _MIB  # bytes of one ranged GET
 _CONNECTIONS = 10  # parts or ranged GETs at once with a store on another host, as boto3's transfers run
 _MAX_CONNECTIONS = 32
 CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
+_RECOVERY_S = 20.0  # seconds an export spends at most aborting the uploads of dead processes
+_RECOVERY_DAYS = 7  # days an upload whose abort keeps failing stays in the journal
 _LINGER = 10.0  # seconds a cancelled export waits for the store to answer parts it has whole
 _JOURNAL = "s3uploads"  # a sub-directory of the home's tmp/ (its name keeps start-up recovery off it)
+_MARK = "boxvm-upload"  # user metadata: the export that made the object (a random value)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
@@ -120,14 +125,15 @@ def client(endpoint_url: str | None = None) -> Any:
 
 
 @lru_cache(maxsize=8)
-def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
+def _client(_env: tuple[str | None, ...], endpoint_url: str | None, quick: bool = False) -> Any:
+    """``quick``: one attempt with short timeouts (the journal's recovery, before an export)."""
     import boto3  # lazily: most boxvm processes never talk to object storage
     from botocore.config import Config
 
     options: dict[str, Any] = {
-        "retries": {"mode": "standard", "max_attempts": 5},
-        "connect_timeout": 10,
-        "read_timeout": 120,
+        "retries": {"mode": "standard", "max_attempts": 0 if quick else 5},  # retries, after the first attempt
+        "connect_timeout": 5 if quick else 10,
+        "read_timeout": 10 if quick else 120,
         "max_pool_connections": _MAX_CONNECTIONS + 2,
     }
     session = boto3.session.Session()
@@ -142,6 +148,7 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None) -> Any:
         )
     s3.meta.events.register("before-send.s3", _refuse_when_stopped)
     s3.meta.events.register_first("needs-retry.s3", _no_retry_when_stopped)  # before the retry handler
+    s3.meta.events.register_first("needs-retry.s3", _no_redirect)  # before botocore's region redirector
     return s3
 
 
@@ -152,7 +159,7 @@ _stopping = threading.local()
 @contextlib.contextmanager
 def _stoppable(stopped: threading.Event) -> Iterator[None]:
     """Requests this thread makes inside fail with StreamAborted once ``stopped`` is set,
-    including one under way: botocore makes up to 5 attempts of a failed request, each up to
+    including one under way: botocore makes up to 6 attempts of a failed request, each up to
     its 120 s read timeout, long after a cancelled transfer gave it up."""
     _stopping.event = stopped
     try:
@@ -176,6 +183,17 @@ def _no_retry_when_stopped(response: Any = None, caught_exception: Any = None, *
     A successful one is left alone: its reply may hold a connection to release."""
     if caught_exception is not None or (response is not None and response[0].status_code >= 400):
         _refuse_when_stopped()
+
+
+def _no_redirect(response: Any = None, request_dict: Any = None, **_: object) -> None:
+    """botocore's ``needs-retry`` hook: a redirect from a store that is not AWS S3 (whose
+    region redirects botocore follows) fails the request. botocore's redirector took a
+    hostile store's 301 for a region hint and asked it again ~80 times before failing."""
+    if response is None or not 300 <= response[0].status_code < 400:
+        return
+    host = urllib.parse.urlsplit(str((request_dict or {}).get("url", ""))).hostname or ""
+    if host != "amazonaws.com" and not host.endswith(".amazonaws.com"):
+        raise StorageError("object storage answered with a redirect: set AWS_ENDPOINT_URL to the store's own address")
 
 
 def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
@@ -204,15 +222,17 @@ def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
         if code in ("PreconditionFailed", "412") or status == 412:
             return AlreadyExists(f"{url} already exists: objects are never overwritten, choose another key")
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or status == 403:
-            return Unauthorized(f"object storage refused access to {url} ({code}): check the AWS credentials")
-        return StorageError(f"object storage failed on {url}: {code or status}")
+            return Unauthorized(f"object storage refused access to {url} ({code!r:.40}): check the AWS credentials")
+        return StorageError(f"object storage failed on {url}: {code or status!r:.80}")
     log.warning("object storage failed on %s: %s", url, exc)
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return StorageError(f"cannot reach the object storage of {url}: check its endpoint and the network")
     if isinstance(exc, ReadTimeoutError):
         return StorageError(f"object storage did not answer in time on {url}: try again")
+    if isinstance(exc, OSError):  # its text may name a path of this host
+        return StorageError(f"object storage failed on {url}: {exc.strerror or type(exc).__name__}")
     if not type(exc).__module__.startswith(("botocore", "urllib3", "boto3")):  # ours (the archive stream's)
-        return StorageError(f"object storage failed on {url}: {exc}")
+        return StorageError(f"object storage failed on {url}: {exc!s:.200}")
     return StorageError(f"object storage failed on {url} ({type(exc).__name__}; the log where it ran has more)")
 
 
@@ -229,16 +249,22 @@ async def upload(chunks: AsyncIterator[bytes], url: ObjectURL, journal_dir: Path
         await asyncio.to_thread(recover, journal_dir)
     s3 = client()
     inflight = connections(s3, _INFLIGHT)
+    mark = secrets.token_hex(16)  # this upload's, on the object it makes (``_complete``)
     try:
-        created = await asyncio.to_thread(s3.create_multipart_upload, Bucket=url.bucket, Key=url.key)
+        created = await asyncio.to_thread(
+            s3.create_multipart_upload, Bucket=url.bucket, Key=url.key, Metadata={_MARK: mark}
+        )
+        upload_id = created.get("UploadId")
+        if not isinstance(upload_id, str) or not 0 < len(upload_id) <= 1024:
+            raise StorageError(f"object storage gave no valid upload id for {url}")
     except Exception as exc:
         raise _error(exc, url) from exc
-    sender = _Sender(s3, url, created["UploadId"])
+    sender = _Sender(s3, url, upload_id)
     journal: Path | None = None
     try:
         journal = _journal(journal_dir, s3, url, sender.upload_id)
         parts = await _parts(sender, chunks, inflight)
-        await _complete(s3, url, sender.upload_id, parts)
+        await _complete(s3, url, sender.upload_id, parts, mark)
     except BaseException as exc:
         await asyncio.shield(asyncio.to_thread(_stop_and_abort, sender, journal))
         if isinstance(exc, Exception):
@@ -267,16 +293,24 @@ def _stop_and_abort(sender: _Sender, journal: Path | None) -> None:
         sender.when_idle(abort)
 
 
-async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[str, object]]) -> None:
+async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[str, object]], mark: str) -> None:
     """CompleteMultipartUpload, create-only. Cancelled while the store completes it, the
     object it may still make is deleted (by whichever of the call's thread and the
-    cancelled caller learns last of the other): a cancelled export leaves no object."""
+    cancelled caller learns last of the other): a cancelled export leaves no object. A
+    refusal after an attempt whose answer was lost (botocore retried it: the object exists,
+    the upload is gone) is this upload's success if the object carries its ``mark``."""
     lock, state = threading.Lock(), {"cancelled": False, "made": False}
 
     def complete() -> None:
-        s3.complete_multipart_upload(
-            Bucket=url.bucket, Key=url.key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
-        )
+        try:
+            s3.complete_multipart_upload(
+                Bucket=url.bucket, Key=url.key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
+            )
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if not (code in ("PreconditionFailed", "NoSuchUpload") or status == 412) or not _made_by(s3, url, mark):
+                raise
         with lock:
             state["made"] = True
             undo = state["cancelled"]
@@ -292,6 +326,15 @@ async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[st
         if undo:
             await asyncio.shield(asyncio.to_thread(_delete_made, s3, url))
         raise
+
+
+def _made_by(s3: Any, url: ObjectURL, mark: str) -> bool:
+    """Whether the object at ``url`` is the one the upload marked ``mark`` made."""
+    try:
+        head = s3.head_object(Bucket=url.bucket, Key=url.key)
+    except Exception:
+        return False
+    return isinstance(head.get("Metadata"), dict) and head["Metadata"].get(_MARK) == mark
 
 
 def _delete_made(s3: Any, url: ObjectURL) -> None:
@@ -494,42 +537,58 @@ def _journal(journal_dir: Path | None, s3: Any, url: ObjectURL, upload_id: str) 
     if journal_dir is None:
         return None
     folder = journal_dir / _JOURNAL
-    folder.mkdir(mode=0o700, exist_ok=True)
     with _seq_lock:
         entry = folder / f"{os.getpid()}-{next(_seq)}"
     record = {"endpoint": s3.meta.endpoint_url, "bucket": url.bucket, "key": url.key, "upload_id": upload_id}
     tmp = entry.with_name(entry.name + ".new")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, entry)
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, entry)
+    except OSError as exc:
+        raise StorageError(f"cannot journal the upload of {url} in this home's tmp/: {exc.strerror}") from None
     return entry
 
 
 def recover(journal_dir: Path, alive: Callable[[int], bool] | None = None) -> None:
     """Abort the multipart uploads that dead processes of this home left (their parts would
-    otherwise stay billed and listed, though they never become an object)."""
+    otherwise stay billed and listed, though they never become an object). Bounded, as it
+    runs before every export: each abort is one attempt with short timeouts, the whole
+    ``_RECOVERY_S`` at most (the rest waits for the next export), and an entry that could
+    not be aborted for ``_RECOVERY_DAYS`` is given up (a bucket lifecycle rule is the backstop)."""
     from boxvm.processes import alive as pid_alive
 
     alive = alive or pid_alive
-    folder = journal_dir / _JOURNAL
-    if not folder.is_dir():
+    deadline = time.monotonic() + _RECOVERY_S
+    try:
+        entries = list((journal_dir / _JOURNAL).iterdir())
+    except OSError:  # none yet (or unreadable: the next export's journal says so)
         return
-    for entry in folder.iterdir():
+    for entry in entries:
         pid = entry.name.split("-")[0]
+        if time.monotonic() > deadline:
+            return
         if not pid.isdigit() or alive(int(pid)):
             continue
-        if entry.name.endswith(".new"):
-            entry.unlink(missing_ok=True)
-            continue
         try:
-            record = json.loads(entry.read_text())
-            url = ObjectURL(record["bucket"], record["key"])
-            s3 = client(record["endpoint"])
-        except (OSError, ValueError, KeyError, TypeError):
-            entry.unlink(missing_ok=True)
-            continue
-        if _abort(s3, url, record["upload_id"]):
-            log.info("aborted the upload of %s left by dead process %s", url, pid)
-            entry.unlink(missing_ok=True)
+            if entry.name.endswith(".new"):
+                entry.unlink(missing_ok=True)
+                continue
+            try:
+                record = json.loads(entry.read_text())
+                url, upload_id = ObjectURL(record["bucket"], record["key"]), record["upload_id"]
+                s3 = _client(_env_key(), record["endpoint"], True)
+            except (ValueError, KeyError, TypeError):
+                entry.unlink(missing_ok=True)
+                continue
+            if _abort(s3, url, str(upload_id)):
+                log.info("aborted the upload of %s left by dead process %s", url, pid)
+                entry.unlink(missing_ok=True)
+            elif time.time() - entry.stat().st_mtime > _RECOVERY_DAYS * 86400:
+                log.warning("giving up the abort of the upload of %s left by dead process %s", url, pid)
+                entry.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot read the upload journal %s: %s", entry.name, exc.strerror)
 
 
 # -- import -------------------------------------------------------------------------
@@ -542,7 +601,10 @@ async def _head(url: ObjectURL) -> dict[str, Any]:
 
 async def size(url: ObjectURL) -> int:
     """The object's size; NotFound if it does not exist."""
-    return int((await _head(url))["ContentLength"])
+    length = (await _head(url)).get("ContentLength")
+    if not isinstance(length, int) or not 0 <= length < 1 << 50:
+        raise StorageError(f"object storage gave no valid size for {url}")
+    return length
 
 
 async def identity(url: ObjectURL) -> str:

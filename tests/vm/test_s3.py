@@ -214,6 +214,33 @@ async def test_object_created_during_upload_is_never_replaced(s3: S3Server, tmp_
     assert not list((tmp_path / "s3uploads").iterdir())
 
 
+async def test_a_completion_whose_answer_was_lost_is_the_exports_own(s3: S3Server, tmp_path: Any) -> None:
+    """The store completes the upload but its answer is lost, and botocore tries again: the
+    second attempt is refused (the object exists, If-None-Match), yet the object is this
+    export's (it carries the export's mark), so the export succeeds and keeps it; it was
+    reported as AlreadyExists with the user's own object left behind."""
+    key = f"lost/{os.urandom(3).hex()}"
+    attempts: list[int] = []
+
+    def lose_the_first_answer(response: Any = None, **_: Any) -> int | None:
+        attempts.append(response[0].status_code if response else 0)
+        return 0 if len(attempts) == 1 else None  # "retry at once", as after a cut connection
+
+    async def archive() -> AsyncIterator[bytes]:
+        yield b"mine"
+
+    client = objstore.client()
+    event = "needs-retry.s3.CompleteMultipartUpload"
+    client.meta.events.register_first(event, lose_the_first_answer)
+    try:
+        await objstore.upload(archive(), objstore.parse(f"s3://{s3.bucket}/{key}"), tmp_path)
+    finally:
+        client.meta.events.unregister(event, lose_the_first_answer)
+    assert attempts == [200, 412]
+    assert s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read() == b"mine"
+    assert not list((tmp_path / "s3uploads").iterdir())
+
+
 async def test_chunks_of_any_size_become_whole_parts_each_signed(s3: S3Server, tmp_path: Any) -> None:
     """Chunks of odd sizes (one bigger than a part) are cut into 8 MiB parts, the last
     shorter, stored as sent. Over plain HTTP each part carries the SHA-256 of exactly its
