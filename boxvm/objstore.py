@@ -66,6 +66,8 @@ _RANGE = 8 * _MIB  # bytes of one ranged GET
 _CONNECTIONS = 10  # parts or ranged GETs at once with a store on another host, as boto3's transfers run
 _MAX_CONNECTIONS = 32
 CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
+_STALL_S = 120.0  # seconds one read of a download (``_READ`` bytes) may take: at least ~8.7 KB/s
+_WATCH_S = 1.0  # how often the reads' deadlines are checked
 _RECOVERY_S = 20.0  # seconds an export spends at most aborting the uploads of dead processes
 _RECOVERY_DAYS = 7  # days an upload whose abort keeps failing stays in the journal
 _LINGER = 10.0  # seconds a cancelled export waits for the store to answer parts it has whole
@@ -643,6 +645,7 @@ class Download(Source):
         self._lock = threading.Lock()
         self._bodies: set[Any] = set()  # responses being read: an abort shuts their sockets
         self._ranges: _Ranges | None = None
+        self._slow = False  # a read ended for taking longer than ``_STALL_S``
 
     async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         fetch = self._fetch()
@@ -729,12 +732,62 @@ class Download(Source):
             self._release(reply)
 
     def _read(self, body: Any, most: int = _READ) -> bytes:
-        try:
-            return body.read(min(most, _READ))  # type: ignore[no-any-return]
-        except Exception as exc:
-            if self._stopped.is_set():
-                raise StreamAborted("the download was stopped") from exc
-            raise _error(exc, self.url) from exc
+        """Up to ``most`` bytes of ``body``, within ``_STALL_S`` (botocore's read timeout is
+        per socket read: a store sending a byte a minute would hold the import forever)."""
+
+        def end() -> None:
+            self._slow = True  # (also if this read returned meanwhile: the next one of the body fails)
+            body._raw_stream.shutdown()
+
+        with _deadline(end):
+            try:
+                return body.read(min(most, _READ))  # type: ignore[no-any-return]
+            except Exception as exc:
+                if self._stopped.is_set():
+                    raise StreamAborted("the download was stopped") from exc
+                if self._slow:
+                    raise StorageError(
+                        f"object storage sent {self.url} too slowly (under {_READ >> 20} MiB in {_STALL_S:g} s):"
+                        " try again"
+                    ) from exc
+                raise _error(exc, self.url) from exc
+
+
+# Reads that must end in time (``_deadline``): their due time and what ends them, checked by
+# one daemon thread (a timer thread per read cost ~0.1 ms each, 230 of them an import).
+_due: dict[int, tuple[float, Callable[[], None]]] = {}
+_due_lock = threading.Lock()
+_due_ids = itertools.count()
+_watching: list[threading.Thread] = []
+
+
+@contextlib.contextmanager
+def _deadline(end: Callable[[], None]) -> Iterator[None]:
+    """Run ``end`` (which fails the read the block makes, from another thread) if the block
+    is still running ``_STALL_S`` seconds on (give or take ``_WATCH_S``)."""
+    token = next(_due_ids)
+    with _due_lock:
+        _due[token] = (time.monotonic() + _STALL_S, end)
+        if not _watching:
+            _watching.append(threading.Thread(target=_watch, name="boxvm-s3-deadlines", daemon=True))
+            _watching[0].start()
+    try:
+        yield
+    finally:
+        with _due_lock:
+            _due.pop(token, None)
+
+
+def _watch() -> None:
+    while True:
+        time.sleep(_WATCH_S)
+        now = time.monotonic()
+        with _due_lock:
+            late = [token for token, (due, _) in _due.items() if due <= now]
+            ends = [_due.pop(token)[1] for token in late]
+        for end in ends:
+            with contextlib.suppress(Exception):
+                end()
 
 
 def _pin(reply: dict[str, Any]) -> dict[str, str] | None:

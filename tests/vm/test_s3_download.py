@@ -149,6 +149,17 @@ class Hostile:
         elif self.mode == "weak etag":
             etag = 'W/"hostile"'
         headers = {"ETag": etag, **({"Content-Range": claim} if status == 206 else {})}
+        if self.mode == "trickle" and first > 0:  # the whole length said, then a byte every 0.2 s
+            h.send_response(status)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                h.send_header(k, v)
+            h.end_headers()
+            for byte in body:
+                if self.release.wait(0.2):
+                    return
+                h.wfile.write(bytes([byte]))
+                h.wfile.flush()
+            return
         if self.mode == "stall" and first > 0:  # the whole length said, half a piece sent, then nothing
             reply(h, status, body[: len(body) // 2], {**headers, "Content-Length": str(len(body))})
             h.wfile.flush()
@@ -184,6 +195,20 @@ def test_a_server_lying_about_ranges_fails_the_download(hostile: Hostile, mode: 
     with pytest.raises(StorageError, match=error):
         for _ in fetch("s3://bucket/key"):
             pass
+    assert range_threads() == []
+
+
+def test_a_store_that_trickles_fails_the_download_in_time(hostile: Hostile, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each piece after the first comes a byte every 0.2 s, which no read timeout (per socket
+    read) ever ends: a read of the download that takes longer than ``_STALL_S`` fails it."""
+    monkeypatch.setattr(objstore, "_STALL_S", 1.0)
+    monkeypatch.setattr(objstore, "_WATCH_S", 0.1)
+    hostile.mode = "trickle"
+    began = time.monotonic()
+    with pytest.raises(StorageError, match="too slowly"):
+        for _ in fetch("s3://bucket/key"):
+            pass
+    assert time.monotonic() - began < 10
     assert range_threads() == []
 
 
