@@ -25,6 +25,20 @@ never by looking at the message. Foreign exceptions are translated at the bounda
 
 from __future__ import annotations
 
+import re
+
+# Terminal control characters (escape sequences retitle, clear or rewrite a screen), all but
+# newline and tab.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """Others' text (a box's, a registry's, a store's) as boxvm shows it in messages and on
+    a terminal: control characters replaced, and cut to ``limit`` characters if given."""
+    if limit is not None and len(text) > limit:
+        text = text[:limit] + "…"
+    return _CONTROL.sub("?", text)
+
 
 class BoxvmError(Exception):
     code = "BoxvmError"

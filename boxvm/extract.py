@@ -50,6 +50,7 @@ class Policy:
     retouch_dirs: bool = False  # a directory member sets the attributes of one that already exists
     max_members: int = 1 << 20  # entries of one stream (each costs a walk of its parents)
     max_depth: int = 256  # components of one name
+    max_dir_names: int = 64 << 20  # bytes of the directory names kept to set their attributes last
 
 
 COPY_OUT = Policy(ArchiveError, "the destination")  # a tree sent by a guest: files become the caller's, plain modes
@@ -85,6 +86,7 @@ class Extractor:
         self.root = root
         self.policy = policy
         self._dirs: dict[Parts, _Attrs] = {}  # directories whose attributes are set last (the last member wins)
+        self._dir_names = 0  # bytes their names hold (a deep name costs ~80 KB: bounded by the policy)
         self._written: set[tuple[int, int]] = set()  # (device, inode) of the files this extractor wrote
 
     def _fail(self, parts: Parts, why: str) -> BoxvmError:
@@ -177,12 +179,22 @@ class Extractor:
         try:
             if stat.S_ISDIR(os.stat(base, dir_fd=parent, follow_symlinks=False).st_mode):
                 if self.policy.retouch_dirs or parts in self._dirs:  # else: not ours to change
-                    self._dirs[parts] = _attrs(member)
+                    self._remember(parts, member)
                 return
             os.unlink(base, dir_fd=parent)
         except FileNotFoundError:
             pass
         os.mkdir(base, 0o700, dir_fd=parent)  # its recorded mode is set last, once its children are in
+        self._remember(parts, member)
+
+    def _remember(self, parts: Parts, member: tarfile.TarInfo) -> None:
+        """Keep a directory's attributes to set once its children are in, within the
+        policy's budget of names (a deep name costs ~80 KB, and a stream has many members)."""
+        if parts not in self._dirs:
+            self._dir_names += sum(map(len, parts)) + 64 * len(parts)  # (the strings' own headers too)
+            if self._dir_names > self.policy.max_dir_names:
+                limit = self.policy.max_dir_names >> 20
+                raise self.policy.error(f"the archive names over {limit} MiB of directories: refused")
         self._dirs[parts] = _attrs(member)
 
     def _write(self, parent: int, base: str, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:

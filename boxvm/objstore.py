@@ -66,9 +66,10 @@ _RANGE = 8 * _MIB  # bytes of one ranged GET
 _CONNECTIONS = 10  # parts or ranged GETs at once with a store on another host, as boto3's transfers run
 _MAX_CONNECTIONS = 32
 CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
-_STALL_S = 120.0  # seconds one read of a download (``_READ`` bytes) may take: at least ~8.7 KB/s
+_STALL_S = 300.0  # seconds one read of a download (``_READ`` bytes) may take: ~3.5 KB/s a connection
 _WATCH_S = 1.0  # how often the reads' deadlines are checked
-_RECOVERY_S = 20.0  # seconds an export spends at most aborting the uploads of dead processes
+_RECOVERY_S = 30.0  # seconds an export spends at most aborting the uploads of dead processes
+_ABORT_S = 15.0  # seconds one abort of theirs takes at most (the quick client: 5 s to connect, 10 to read)
 _RECOVERY_DAYS = 7  # days an upload whose abort keeps failing stays in the journal
 _LINGER = 10.0  # seconds a cancelled export waits for the store to answer parts it has whole
 _JOURNAL = "s3uploads"  # a sub-directory of the home's tmp/ (its name keeps start-up recovery off it)
@@ -134,7 +135,7 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None, quick: bool 
 
     options: dict[str, Any] = {
         "retries": {"mode": "standard", "max_attempts": 0 if quick else 5},  # retries, after the first attempt
-        "connect_timeout": 5 if quick else 10,
+        "connect_timeout": 5 if quick else 10,  # (_ABORT_S)
         "read_timeout": 10 if quick else 120,
         "max_pool_connections": _MAX_CONNECTIONS + 2,
     }
@@ -194,7 +195,7 @@ def _no_redirect(response: Any = None, request_dict: Any = None, **_: object) ->
     if response is None or not 300 <= response[0].status_code < 400:
         return
     host = urllib.parse.urlsplit(str((request_dict or {}).get("url", ""))).hostname or ""
-    if host != "amazonaws.com" and not host.endswith(".amazonaws.com"):
+    if not host.endswith((".amazonaws.com", ".amazonaws.com.cn")):
         raise StorageError("object storage answered with a redirect: set AWS_ENDPOINT_URL to the store's own address")
 
 
@@ -309,8 +310,7 @@ async def _complete(s3: Any, url: ObjectURL, upload_id: str, parts: list[dict[st
                 Bucket=url.bucket, Key=url.key, UploadId=upload_id, MultipartUpload={"Parts": parts}, IfNoneMatch="*"
             )
         except Exception as exc:
-            code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code, status = _code(exc), _status(exc)
             if not (code in ("PreconditionFailed", "NoSuchUpload") or status == 412) or not _made_by(s3, url, mark):
                 raise
         with lock:
@@ -522,8 +522,7 @@ def _abort(s3: Any, url: ObjectURL, upload_id: str) -> bool:
     try:
         s3.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload_id)
     except Exception as exc:
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-        if code == "NoSuchUpload":
+        if _code(exc) == "NoSuchUpload":
             return True
         log.warning("could not abort the upload of %s (%s): the next export from this home retries", url, exc)
         return False
@@ -555,8 +554,8 @@ def _journal(journal_dir: Path | None, s3: Any, url: ObjectURL, upload_id: str) 
 def recover(journal_dir: Path, alive: Callable[[int], bool] | None = None) -> None:
     """Abort the multipart uploads that dead processes of this home left (their parts would
     otherwise stay billed and listed, though they never become an object). Bounded, as it
-    runs before every export: each abort is one attempt with short timeouts, the whole
-    ``_RECOVERY_S`` at most (the rest waits for the next export), and an entry that could
+    runs before every export: each abort is one attempt with short timeouts (``_ABORT_S``),
+    the whole ``_RECOVERY_S`` at most (the rest waits for the next export), and an entry that could
     not be aborted for ``_RECOVERY_DAYS`` is given up (a bucket lifecycle rule is the backstop)."""
     from boxvm.processes import alive as pid_alive
 
@@ -568,7 +567,7 @@ def recover(journal_dir: Path, alive: Callable[[int], bool] | None = None) -> No
         return
     for entry in entries:
         pid = entry.name.split("-")[0]
-        if time.monotonic() > deadline:
+        if time.monotonic() + _ABORT_S > deadline:  # no time left for one more abort
             return
         if not pid.isdigit() or alive(int(pid)):
             continue
@@ -645,7 +644,7 @@ class Download(Source):
         self._lock = threading.Lock()
         self._bodies: set[Any] = set()  # responses being read: an abort shuts their sockets
         self._ranges: _Ranges | None = None
-        self._slow = False  # a read ended for taking longer than ``_STALL_S``
+        self._slow: set[Any] = set()  # the bodies a read of which took longer than ``_STALL_S``
 
     async def chunks(self) -> AsyncIterator[bytes]:  # type: ignore[override]
         fetch = self._fetch()
@@ -736,21 +735,28 @@ class Download(Source):
         per socket read: a store sending a byte a minute would hold the import forever)."""
 
         def end() -> None:
-            self._slow = True  # (also if this read returned meanwhile: the next one of the body fails)
+            with self._lock:
+                self._slow.add(body)  # before the shutdown: what the body gives from then on is not used
             body._raw_stream.shutdown()
+
+        def slow() -> bool:
+            with self._lock:
+                return body in self._slow
 
         with _deadline(end):
             try:
-                return body.read(min(most, _READ))  # type: ignore[no-any-return]
+                if not slow():
+                    data: bytes = body.read(min(most, _READ))
             except Exception as exc:
                 if self._stopped.is_set():
                     raise StreamAborted("the download was stopped") from exc
-                if self._slow:
-                    raise StorageError(
-                        f"object storage sent {self.url} too slowly (under {_READ >> 20} MiB in {_STALL_S:g} s):"
-                        " try again"
-                    ) from exc
-                raise _error(exc, self.url) from exc
+                if not slow():
+                    raise _error(exc, self.url) from exc
+        if slow():  # (also one that returned as its deadline passed: its socket is shut, maybe mid-record)
+            raise StorageError(
+                f"object storage sent {self.url} too slowly (under {_READ >> 20} MiB in {_STALL_S:g} s): try again"
+            )
+        return data
 
 
 # Reads that must end in time (``_deadline``): their due time and what ends them, checked by
@@ -766,12 +772,13 @@ def _deadline(end: Callable[[], None]) -> Iterator[None]:
     """Run ``end`` (which fails the read the block makes, from another thread) if the block
     is still running ``_STALL_S`` seconds on (give or take ``_WATCH_S``)."""
     token = next(_due_ids)
-    with _due_lock:
-        _due[token] = (time.monotonic() + _STALL_S, end)
-        if not _watching:
-            _watching.append(threading.Thread(target=_watch, name="boxvm-s3-deadlines", daemon=True))
-            _watching[0].start()
     try:
+        with _due_lock:
+            _due[token] = (time.monotonic() + _STALL_S, end)
+            if not _watching:
+                watcher = threading.Thread(target=_watch, name="boxvm-s3-deadlines", daemon=True)
+                watcher.start()
+                _watching.append(watcher)
         yield
     finally:
         with _due_lock:
@@ -971,8 +978,14 @@ class _Piece:
 
 def _status(exc: Exception) -> int | None:
     """The HTTP status of a botocore ClientError, else None."""
-    response = getattr(exc, "response", None)
+    response = getattr(exc, "response", None)  # (None on a timeout or a dropped connection)
     return response.get("ResponseMetadata", {}).get("HTTPStatusCode") if isinstance(response, dict) else None
+
+
+def _code(exc: Exception) -> str | None:
+    """The S3 error code of a botocore ClientError, else None."""
+    response = getattr(exc, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
 
 
 async def delete(url: ObjectURL) -> None:

@@ -19,6 +19,7 @@ from boxvm.extract import COPY_OUT, extract
 from boxvm.streams import ThreadReader, ThreadWriter, pump
 
 _CHUNK = 256 << 10
+_TRAILER = 1 << 20  # bytes after a copy-out's end of archive (tar pads to 10 KiB records)
 
 
 def tree_chunks(host_path: Path) -> AsyncIterator[bytes]:
@@ -70,7 +71,10 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path, box_path: 
             raise ArchiveError(f"the tar stream to copy out is unreadable or unsafe: {exc}") from exc
         finally:
             os.close(root)
-        while source.read(_CHUNK):  # drain the tar's zero padding so the producer finishes
-            pass
+        trailing = 0  # the tar's zero padding, drained so the producer finishes; not a stream of junk
+        while data := source.read(_CHUNK):
+            trailing += len(data)
+            if trailing > _TRAILER:
+                raise ArchiveError("the box went on sending after the end of the tar stream to copy out")
 
     await pump(chunks, source, asyncio.to_thread(consume))

@@ -24,7 +24,7 @@ from boxvm.disks.layers import LayerStore, Scan
 from boxvm.engine import accel as accel_mod
 from boxvm.engine import console, hostclock, memory, qemu, qemucaps, zygote
 from boxvm.engine.client import Channel, Connection
-from boxvm.errors import BoxNotFound, EngineError, InvalidArgument, InvalidState, NotFound
+from boxvm.errors import BoxNotFound, EngineError, InvalidArgument, InvalidState, NotFound, printable
 from boxvm.guest import bundle as bundle_mod
 from boxvm.images import ImageStore
 from boxvm.options import (
@@ -436,32 +436,39 @@ class LocalBackend(templates.TemplateOps, Backend):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, Operation.COPY)
         chan = conn.open_channel({"op": "put", "path": box_path})
+        stderr = _said(chan)
         try:
-            async for chunk in tar:
-                await chan.write(chunk)
-        except BaseException:
-            chan.signal(signal.SIGKILL)  # an input cut off mid-stream must not half-apply quietly
-            raise
-        chan.close_stdin()
-        stderr = await chan.stderr.read()
-        result = await chan.wait()
-        if result.get("exit_code"):
-            raise NotFound(f"cannot copy into {box_path}: {stderr.decode().strip()}")
+            try:
+                async for chunk in tar:
+                    await chan.write(chunk)
+            except BaseException:
+                chan.signal(signal.SIGKILL)  # an input cut off mid-stream must not half-apply quietly
+                raise
+            chan.close_stdin()
+            result = await chan.wait()
+            if result.get("exit_code"):
+                raise NotFound(f"cannot copy into {box_path}: {await stderr}")
+        finally:
+            stderr.cancel()
 
     async def get_files(self, box_id: str, box_path: str) -> ByteStream:
         if not box_path.startswith("/"):
             raise InvalidArgument(f"box path {box_path!r} must be absolute")
         _rec, conn = await self._running(box_id, Operation.COPY)
         chan = conn.open_channel({"op": "get", "path": box_path})
+        stderr = _said(chan)
         chan.close_stdin()
         chunks = aiter(chan.stdout)
-        first = await anext(chunks, b"")
+        try:
+            first = await anext(chunks, b"")
+        except BaseException:
+            stderr.cancel()
+            raise
 
         async def fail() -> NoReturn:
-            stderr = await chan.stderr.read()
             result = await chan.wait()
             if result.get("exit_code"):
-                raise NotFound(f"cannot copy {box_path} out of the box: {stderr.decode().strip()}")
+                raise NotFound(f"cannot copy {box_path} out of the box: {await stderr}")
             raise EngineError(f"the box sent no data for {box_path}")
 
         if not first:
@@ -476,6 +483,7 @@ class LocalBackend(templates.TemplateOps, Backend):
 
         async def release() -> None:
             chan.signal(signal.SIGKILL)  # if the reader stopped early, end the guest's tar (else a no-op)
+            stderr.cancel()
 
         return ByteStream(rest(), release)
 
@@ -544,6 +552,25 @@ async def _set_guest_time(conn: Connection, label: str, probes: int = 3) -> None
         log.warning("box %s keeps its own clock: %s", label, exc)
 
 
+def _said(chan: Channel) -> asyncio.Task[str]:
+    """What a copy's guest side says on stderr, read while the copy runs (its bytes unread
+    would keep the channel from ever timing out: the wait could be the host's), kept to its
+    first ``_SAID`` bytes, shown ``printable``."""
+
+    async def read() -> str:
+        head = b""
+        async for chunk in chan.stderr:
+            head += chunk[: _SAID - len(head)]
+        return printable(head.decode(errors="replace").strip())
+
+    return asyncio.ensure_future(read())
+
+
+_SAID = 4096
+_TAIL_LINE = 300  # characters of one console line quoted in a failed start's error
+_TAIL_TOTAL = 6000  # characters of the whole quote (it is stored, and listed with the box)
+
+
 def _tail(path: Path, lines: int = 15) -> str:
     """The console's last lines, after its earlier boxvm messages, the agent's last Python
     traceback and the kernel panic line: a panic's trace alone fills the tail and hides why
@@ -562,4 +589,5 @@ def _tail(path: Path, lines: int = 15) -> str:
     trace = trace if len(trace) <= 12 else [trace[0], *trace[-11:]]  # its end says what failed
     said = ("boxvm:", "boxvm-agent:", "Kernel panic")
     marks = [line for i, line in enumerate(early) if i not in span and any(m in line for m in said)][-5:]
-    return "\n".join([*marks, *trace, *text[-lines:]])
+    quoted = [printable(line, _TAIL_LINE) for line in (*marks, *trace, *text[-lines:])]  # the guest's text
+    return printable("\n".join(quoted), _TAIL_TOTAL)

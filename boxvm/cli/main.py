@@ -13,19 +13,30 @@ import sys
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 import boxvm
 from boxvm.backends.base import Backend
-from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, SnapshotNotFound
+from boxvm.errors import BoxNotFound, BoxvmError, InvalidArgument, SnapshotNotFound, printable
 from boxvm.paths import Home
 
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# No markup: what they print includes names, paths and error messages a box, a registry or
+# a server wrote (a "[/x]" in one made Rich raise, a "[link=...]" made a hyperlink); that
+# text is shown ``printable`` (not an exec's output or a console log: the box's own streams,
+# as with docker).
+err = Console(stderr=True, soft_wrap=True, markup=False)
+out = Console(soft_wrap=True, markup=False)
+
+
+def fail(message: str, code: str | None = None) -> NoReturn:
+    """Print an error the way every command does and exit 1."""
+    err.print(Text("error", style="red"), Text(f" ({code}): " if code else ": ") + printable(message), sep="")
+    sys.exit(1)
 
 
 def progress_printer(interactive: bool = False) -> Callable[[str], None]:
@@ -72,8 +83,7 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, int | None]]) -> Callable[..
         try:
             code = asyncio.run(main())
         except BoxvmError as exc:
-            err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
-            sys.exit(1)
+            fail(exc.message, exc.code)
         except KeyboardInterrupt:
             sys.exit(130)
         sys.exit(code or 0)
@@ -215,8 +225,7 @@ def serve(
         )
         run_server(options, lambda line: print(line, flush=True))
     except BoxvmError as exc:
-        err.print(f"[red]error[/red] ({exc.code}): {exc.message}", highlight=False)
-        sys.exit(1)
+        fail(exc.message, exc.code)
     except KeyboardInterrupt:
         pass
 
@@ -240,8 +249,7 @@ def setup(refresh: bool, with_build_tools: bool, no_template: bool) -> None:
             "boxvm/slim": ensure_slim(home, show, refresh=refresh),
         }
     except BoxvmError as exc:
-        err.print(f"[red]error[/red]: {exc.message}")
-        sys.exit(1)
+        fail(exc.message)
     finally:
         getattr(show, "stop", lambda: None)()
     out.print(f"guest bundle {b.id} (kernel {b.kernel_version})")
@@ -271,8 +279,7 @@ def _default_template(home: Home) -> None:
     try:
         asyncio.run(make())
     except BoxvmError as exc:
-        err.print(f"[red]error[/red]: {exc.message} (boxes boot cold; `boxvm setup --no-template` skips this)")
-        sys.exit(1)
+        fail(f"{exc.message} (boxes boot cold; `boxvm setup --no-template` skips this)")
 
 
 @cli.command()
@@ -310,8 +317,8 @@ def doctor(as_json: bool, repair: bool) -> None:
         print(json.dumps([{"check": c, "ok": ok, "detail": d} for c, ok, d in checks], indent=2))
     else:
         for name, ok, detail in checks:
-            mark = "[green]ok[/green]" if ok else "[red]FAIL[/red]"
-            out.print(f"{mark:>22}  {name:<13} {detail}", highlight=False)
+            mark = Text(f"{'ok' if ok else 'FAIL':>4}", style="green" if ok else "red")
+            out.print(mark, f" {name:<13} {printable(detail)}", highlight=False)
     sys.exit(0 if all(ok for _n, ok, _d in checks) else 1)
 
 
@@ -521,7 +528,7 @@ def _listing(
     for col in columns:
         table.add_column(col)
     for item in items:
-        table.add_row(*row(item))
+        table.add_row(*(printable(cell) for cell in row(item)))
     out.print(table)
 
 

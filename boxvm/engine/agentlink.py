@@ -262,7 +262,6 @@ class AgentLink:
         route = self.routes.get(gid)
         if route is None:
             return  # a late frame of a finished or closed channel
-        route.heard = time.monotonic()
         client = route.target if isinstance(route.target, Client) else None
         if ftype in (P.STDOUT, P.STDERR):
             if route.op not in STREAMING_OPS:  # output here would hold off the request's deadline
@@ -270,6 +269,7 @@ class AgentLink:
                 return
             if client is None or not payload:
                 return
+            route.heard = time.monotonic()  # progress only: empty frames would keep a stalled copy alive
             route.unacked += len(payload)
             if route.unacked > P.WINDOW:
                 self._close(route, f"it sent more than the {P.WINDOW >> 10} KiB flow-control window", protocol=True)
@@ -280,6 +280,8 @@ class AgentLink:
             if client is None or not 0 <= amount <= route.stdin_unacked:
                 self._close(route, "it returned credit for input it never received", protocol=True)
                 return
+            if amount:
+                route.heard = time.monotonic()
             route.stdin_unacked -= amount
             route.owed += amount
             self.owing.add(route)

@@ -46,3 +46,42 @@ async def test_a_held_link_neither_sends_nor_reads_until_released() -> None:
             await asyncio.gather(*tasks)
         writer.close()
         guest.close()
+
+
+async def test_a_copy_stalled_behind_empty_frames_still_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy out whose guest side sends nothing but empty output frames and zero credits,
+    which carry no progress: it times out as a silent one does (they kept it alive forever)."""
+    from boxvm.engine import agentlink
+
+    monkeypatch.setattr(agentlink, "IDLE_TIMEOUT", 1.0)
+    monkeypatch.setattr(agentlink, "TICK", 0.1)
+    host, guest = socket.socketpair()
+    mine, theirs = socket.socketpair()  # the supervisor's client connection: its far end read here
+    reader, writer = await asyncio.open_unix_connection(sock=host)
+    _creader, cwriter = await asyncio.open_unix_connection(sock=mine)
+    link = AgentLink(lambda _hello: None, lambda _why: None)
+    tasks = link.attach(reader, writer)
+    client = agentlink.Client(cwriter)
+    try:
+        request = {"op": "get", "path": "/root"}
+        link.open(client, 1, request, json.dumps(request).encode())
+        link.from_client(client, 1, P.EOF, b"")
+        await asyncio.sleep(0.1)
+        gid = P.Decoder().feed(guest.recv(1 << 16))[0][0]
+        began = asyncio.get_running_loop().time()
+        while client.routes and asyncio.get_running_loop().time() - began < 5:
+            guest.send(P.pack(gid, P.STDOUT, b"") + P.pack_credit(gid, 0))
+            await asyncio.sleep(0.1)
+        assert not client.routes, "the stalled copy was kept alive"
+        theirs.setblocking(False)
+        results = [p for _c, t, p in P.Decoder().feed(theirs.recv(1 << 16)) if t == P.RESULT]
+        assert "stalled" in json.loads(results[0])["error"]["message"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks)
+        writer.close()
+        cwriter.close()
+        for s in (guest, theirs):
+            s.close()

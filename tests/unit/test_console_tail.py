@@ -24,3 +24,13 @@ def test_a_failed_start_quotes_the_agents_traceback_and_the_panic(tmp_path: Path
     assert any("Kernel panic" in line for line in tail) and tail[-1] == "[    4.9]  trace line 29"
     assert len(tail) <= 5 + 12 + 15
     assert _tail(tmp_path / "missing.log") == ""
+
+
+def test_the_quote_is_bounded_and_printable(tmp_path: Path) -> None:
+    """A guest writes one 4 MiB line with terminal escapes to its console: the quote (stored
+    as the box's error and listed with it) stays a few KB, with no control characters."""
+    console = tmp_path / "console.log"
+    console.write_text("boxvm: \x1b]0;owned\x07" + "A" * (4 << 20) + "\nlast \x1b[2J line\n")
+    tail = _tail(console)
+    assert len(tail) < 8000 and "\x1b" not in tail and "\x07" not in tail
+    assert tail.endswith("last ?[2J line")

@@ -5,6 +5,7 @@ this host, sent once (no redirect loop), and leaves no journal entry to retry fo
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -44,6 +45,9 @@ class Store:
             h.end_headers()
         elif self.mode == "refuse aborts" and method == "DELETE":
             reply(h, 503, b"<Error><Code>SlowDown</Code></Error>")
+        elif self.mode == "drop aborts" and method == "DELETE":
+            h.close_connection = True  # no reply at all: botocore's error then has no response
+            h.connection.shutdown(socket.SHUT_RDWR)
         elif method == "POST" and query == "uploads":
             reply(h, 200, CREATED)
         elif method == "DELETE":
@@ -125,3 +129,16 @@ async def test_the_journal_recovery_is_bounded(store: Store, tmp_path: Path, mon
     store.requests.clear()
     objstore.recover(tmp_path, alive)  # out of time at once: the rest waits for the next export
     assert len(store.requests) <= 1
+
+
+async def test_an_abort_without_an_answer_fails_no_export(store: Store, tmp_path: Path) -> None:
+    """A dead process's upload whose abort gets no answer at all (botocore's error carries no
+    response: an AttributeError out of every export from the home before): the entry stays
+    for the next export, and this export goes on."""
+    store.mode = "drop aborts"
+    folder = tmp_path / "s3uploads"
+    folder.mkdir()
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    (folder / "999999-0").write_text(f'{{"endpoint": "{endpoint}", "bucket": "b", "key": "k", "upload_id": "u"}}')
+    objstore.recover(tmp_path, {999999: False}.get)
+    assert [p.name for p in folder.iterdir()] == ["999999-0"]

@@ -6,6 +6,7 @@ images), and bombs must be refused quickly with bounded memory."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import io
 import os
@@ -14,10 +15,12 @@ import tarfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import zstandard
 
+from boxvm import extract, tarstream
 from boxvm.errors import ArchiveError, ImageError, InvalidArgument
 from boxvm.images import oci
 from boxvm.tarstream import receive_tree
@@ -451,3 +454,25 @@ def test_layer_bomb_is_refused_fast(tmp_path: Path, outside: Path) -> None:
         oci.unpack(image, tmp_path / "dest")
     assert time.monotonic() - t0 < 5
     assert _peak_rss_mib() - before < 100
+
+
+def test_copy_out_bounds_what_it_keeps_and_what_follows_the_archive(tmp_path: Path, outside: Path) -> None:
+    """Deep directory names a stream keeps to set their attributes last are bounded (each
+    cost ~80 KB: 2^20 members reached ~83 GB), and so is what a guest sends after the end
+    of the archive (it was read for as long as it came)."""
+    deep = "/".join(["d" * 200] * 200)
+
+    def dirs(tar: tarfile.TarFile) -> None:
+        for i in range(400):  # 400 * ~53 KB of names: over a 16 MiB budget
+            _add(tar, f"{deep}/{i}/", type=tarfile.DIRTYPE)
+
+    policy = dataclasses.replace(extract.COPY_OUT, max_dir_names=16 << 20)
+    with mock.patch.object(tarstream, "COPY_OUT", policy), pytest.raises(ArchiveError, match="MiB of directories"):
+        _receive(_tar(dirs), tmp_path / "deep")
+    assert not (tmp_path / "deep").exists()
+
+    def one(tar: tarfile.TarFile) -> None:
+        _add(tar, "f", b"data")
+
+    with pytest.raises(ArchiveError, match="after the end"):
+        _receive(_tar(one) + b"junk" * (1 << 19), tmp_path / "trailing")
