@@ -13,6 +13,15 @@ from boxvm.engine.agentlink import AgentLink
 from boxvm.guest import protocol as P
 
 
+async def _stop(tasks: list[asyncio.Task[None]], *ends: asyncio.StreamWriter | socket.socket) -> None:
+    for task in tasks:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*tasks)
+    for end in ends:
+        end.close()
+
+
 async def test_a_held_link_neither_sends_nor_reads_until_released() -> None:
     """``hold``: a capture's pause, during which QEMU must move no agent data in guest RAM:
     frames to the guest wait (in order), and nothing the guest sent is read; ``release``
@@ -40,12 +49,7 @@ async def test_a_held_link_neither_sends_nor_reads_until_released() -> None:
             guest.send(P.pack_json(gid, P.RESULT, {"ok": True}))
         assert [await p for p in pings] == [{"ok": True}] * 3
     finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks)
-        writer.close()
-        guest.close()
+        await _stop(tasks, writer, guest)
 
 
 async def test_a_copy_stalled_behind_empty_frames_still_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,11 +81,4 @@ async def test_a_copy_stalled_behind_empty_frames_still_times_out(monkeypatch: p
         results = [p for _c, t, p in P.Decoder().feed(theirs.recv(1 << 16)) if t == P.RESULT]
         assert "stalled" in json.loads(results[0])["error"]["message"]
     finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks)
-        writer.close()
-        cwriter.close()
-        for s in (guest, theirs):
-            s.close()
+        await _stop(tasks, writer, cwriter, guest, theirs)
