@@ -69,17 +69,36 @@ async def _speak(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hel
     writer.write(P.pack_json(0, P.HELLO, {"version": 1, "uptime": "soon" if hello == "malformed" else 0.5}))
     decoder = P.Decoder()
     tasks: set[asyncio.Task[None]] = set()
+    inbox: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}  # what the host sends on each channel
     while data := await reader.read(1 << 20):
         for gid, ftype, payload in decoder.feed(data):
             if ftype == P.OPEN:
-                task = asyncio.create_task(_answer(writer, gid, json.loads(payload), hello))
+                inbox[gid] = asyncio.Queue()
+                task = asyncio.create_task(_answer(writer, gid, json.loads(payload), hello, inbox[gid]))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            elif gid in inbox:
+                inbox[gid].put_nowait((ftype, payload))
 
 
-async def _answer(writer: asyncio.StreamWriter, gid: int, req: dict[str, object], mode: str = "plain") -> None:
+async def _answer(
+    writer: asyncio.StreamWriter,
+    gid: int,
+    req: dict[str, object],
+    mode: str = "plain",
+    inbox: asyncio.Queue[tuple[int, bytes]] | None = None,
+) -> None:
     if req.get("op") != "exec" and mode == "chatty":  # output on a request that has none, never a result
         writer.write(P.pack(gid, P.STDOUT, b"x"))
+        return
+    if req.get("op") == "put" and inbox is not None:  # a byte of stderr at once, then a flood of it
+        writer.write(P.pack(gid, P.STDERR, b"\xff"))
+        while (frame := await inbox.get())[0] != P.EOF:
+            if frame[0] == P.STDIN:
+                writer.write(P.pack_credit(gid, len(frame[1])))
+        junk = b"\xff\x1b]0;owned\x07" * 4000  # 60 KB: not UTF-8, with terminal escapes
+        writer.write(P.pack(gid, P.STDERR, junk) + P.pack_json(gid, P.RESULT, {"exit_code": 1}))
+        await writer.drain()
         return
     if req.get("op") != "exec":
         writer.write(P.pack_json(gid, P.RESULT, {"ok": True, "ns": time.time_ns()}))  # clock, shutdown, ...
@@ -257,3 +276,18 @@ async def test_console_log_is_capped(rt: boxvm.Runtime, cold_box: boxvm.Box, mon
     assert "starting agent" not in text  # the boot messages were rotated out
     assert len(console.tail(log, 1000)) == 1000  # readers take only the tail
     assert (await cold_box.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_what_a_copy_says_on_stderr_is_read_along_and_bounded(
+    rt: boxvm.Runtime, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The guest's side of a copy in says one byte on stderr at once (unread, it would keep
+    the channel from ever timing out), then fails with 60 KB of it, not UTF-8 and full of
+    terminal escapes: the error quotes a few KB of it, printable (a UnicodeDecodeError, and
+    all of it buffered, before)."""
+    (tmp_path / "f").write_bytes(os.urandom(3 << 20))  # more than the flow-control window
+    async with hostile_box(rt, monkeypatch) as (box, _supervisor):
+        with pytest.raises(boxvm.NotFound) as failed:
+            await asyncio.wait_for(box.copy_in(tmp_path / "f", "/root/f"), 60)
+        assert len(failed.value.message) < 4500 and "\x1b" not in failed.value.message
+        assert (await asyncio.wait_for(box.exec(["echo", "fine"]), 10)).stdout == b"fine"
