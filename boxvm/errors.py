@@ -28,15 +28,17 @@ from __future__ import annotations
 import re
 
 # Terminal control characters (escape sequences retitle, clear or rewrite a screen), all but
-# newline and tab.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# newline and tab; invisible and bidirectional formatting (text shown other than it reads);
+# lone surrogates (no encoder takes them: a strict stdout raised).
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
-def printable(text: str, limit: int | None = None) -> str:
+def printable(text: str, limit: int | None = None, tail: bool = False) -> str:
     """Others' text (a box's, a registry's, a store's) as boxvm shows it in messages and on
-    a terminal: control characters replaced, and cut to ``limit`` characters if given."""
+    a terminal: control characters replaced, and cut to ``limit`` characters if given (its
+    beginning kept, or with ``tail`` its end)."""
     if limit is not None and len(text) > limit:
-        text = text[:limit] + "…"
+        text = "…" + text[-limit:] if tail else text[:limit] + "…"
     return _CONTROL.sub("?", text)
 
 

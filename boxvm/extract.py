@@ -18,7 +18,7 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
@@ -85,8 +85,10 @@ class Extractor:
     def __init__(self, root: int, policy: Policy) -> None:
         self.root = root
         self.policy = policy
-        self._dirs: dict[Parts, _Attrs] = {}  # directories whose attributes are set last (the last member wins)
-        self._dir_names = 0  # bytes their names hold (a deep name costs ~80 KB: bounded by the policy)
+        # Directories whose attributes are set last (the last member wins), by their names
+        # joined: a tuple of a deep name's parts cost ~80 KB, and a stream has many members.
+        self._dirs: dict[str, _Attrs] = {}
+        self._dir_names = 0  # bytes of those names (bounded by the policy)
         self._written: set[tuple[int, int]] = set()  # (device, inode) of the files this extractor wrote
 
     def _fail(self, parts: Parts, why: str) -> BoxvmError:
@@ -178,7 +180,7 @@ class Extractor:
     def _mkdir(self, parent: int, base: str, parts: Parts, member: tarfile.TarInfo) -> None:
         try:
             if stat.S_ISDIR(os.stat(base, dir_fd=parent, follow_symlinks=False).st_mode):
-                if self.policy.retouch_dirs or parts in self._dirs:  # else: not ours to change
+                if self.policy.retouch_dirs or "/".join(parts) in self._dirs:  # else: not ours to change
                     self._remember(parts, member)
                 return
             os.unlink(base, dir_fd=parent)
@@ -189,13 +191,14 @@ class Extractor:
 
     def _remember(self, parts: Parts, member: tarfile.TarInfo) -> None:
         """Keep a directory's attributes to set once its children are in, within the
-        policy's budget of names (a deep name costs ~80 KB, and a stream has many members)."""
-        if parts not in self._dirs:
-            self._dir_names += sum(map(len, parts)) + 64 * len(parts)  # (the strings' own headers too)
+        policy's budget of names."""
+        name = "/".join(parts)
+        if name not in self._dirs:
+            self._dir_names += len(name) + 100  # (the string's and the entry's own overhead)
             if self._dir_names > self.policy.max_dir_names:
                 limit = self.policy.max_dir_names >> 20
                 raise self.policy.error(f"the archive names over {limit} MiB of directories: refused")
-        self._dirs[parts] = _attrs(member)
+        self._dirs[name] = _attrs(member)
 
     def _write(self, parent: int, base: str, member: tarfile.TarInfo, data: IO[bytes] | None) -> None:
         fd = os.open(base, _NEW_FILE, 0o600, dir_fd=parent)
@@ -252,9 +255,9 @@ class Extractor:
     def finish(self) -> None:
         """Directory attributes, deepest first, once nothing more is written into them;
         a directory removed or replaced since is skipped."""
-        for parts, attrs in sorted(self._dirs.items(), key=lambda item: len(item[0]), reverse=True):
+        for name, attrs in sorted(self._dirs.items(), key=lambda item: item[0].count("/"), reverse=True):
             try:
-                with self.directory(parts, create=False) as fd:
+                with self.directory(tuple(name.split("/")), create=False) as fd:
                     self._set_fd(fd, attrs)
             except (BoxvmError, OSError):
                 continue
@@ -281,10 +284,13 @@ class Extractor:
         return True
 
 
-def extract(tar: tarfile.TarFile, root: int, policy: Policy, top: str | None = None) -> None:
+def extract(
+    tar: tarfile.TarFile, root: int, policy: Policy, top: str | None = None, then: Callable[[], None] | None = None
+) -> None:
     """Extract every member of ``tar`` under the directory fd ``root``. ``top`` renames
     the first component of every name (``docker cp`` copying to a new name). If a member
-    is refused, top-level entries this call created are removed again."""
+    is refused, or ``then`` (a check of what follows the archive) fails, top-level entries
+    this call created are removed again."""
     ex = Extractor(root, policy)
     seen: set[str] = set()
     created: list[str] = []
@@ -306,6 +312,8 @@ def extract(tar: tarfile.TarFile, root: int, policy: Policy, top: str | None = N
             parts = place(member.name)
             ex.add(member, data, parts, place(member.linkname) if member.islnk() else ())
         ex.finish()
+        if then is not None:
+            then()
     except BaseException:
         for name in created:
             with contextlib.suppress(BoxvmError, OSError):

@@ -62,19 +62,22 @@ async def receive_tree(chunks: AsyncIterator[bytes], host_path: Path, box_path: 
         raise InvalidArgument(f"{dest_dir} is not a directory on the host")
     source = ThreadReader(asyncio.get_running_loop())
 
-    def consume() -> None:
-        root = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            with tarsafe.open_stream(source) as tar:
-                extract(tar, root, COPY_OUT, top=top)
-        except tarfile.TarError as exc:
-            raise ArchiveError(f"the tar stream to copy out is unreadable or unsafe: {exc}") from exc
-        finally:
-            os.close(root)
-        trailing = 0  # the tar's zero padding, drained so the producer finishes; not a stream of junk
+    def drain() -> None:
+        """Read the tar's zero padding, so the producer finishes; not a stream of junk."""
+        trailing = 0
         while data := source.read(_CHUNK):
             trailing += len(data)
             if trailing > _TRAILER:
                 raise ArchiveError("the box went on sending after the end of the tar stream to copy out")
+
+    def consume() -> None:
+        root = os.open(dest_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            with tarsafe.open_stream(source) as tar:
+                extract(tar, root, COPY_OUT, top=top, then=drain)
+        except tarfile.TarError as exc:
+            raise ArchiveError(f"the tar stream to copy out is unreadable or unsafe: {exc}") from exc
+        finally:
+            os.close(root)
 
     await pump(chunks, source, asyncio.to_thread(consume))

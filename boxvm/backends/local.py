@@ -324,7 +324,8 @@ class LocalBackend(templates.TemplateOps, Backend):
         await self.boxes.kill(fresh)
         await self.state.conns.drop(rec.id)
         tail = _tail(self.home.box_dir(rec.id) / "console.log")
-        message = f"box {rec.name!r} failed to start: {exc}" + (f"\nconsole:\n{tail}" if tail else "")
+        said = printable(str(exc), _TAIL_TOTAL)  # (a resumed fork's error quotes its guest)
+        message = f"box {rec.name!r} failed to start: {said}" + (f"\nconsole:\n{tail}" if tail else "")
         # FAILED -> FAILED too: the supervisor may have recorded QEMU's exit first; keep the
         # console tail. A box stopped (or started again) meanwhile is left as it is.
         self.store.transition(
@@ -590,4 +591,4 @@ def _tail(path: Path, lines: int = 15) -> str:
     said = ("boxvm:", "boxvm-agent:", "Kernel panic")
     marks = [line for i, line in enumerate(early) if i not in span and any(m in line for m in said)][-5:]
     quoted = [printable(line, _TAIL_LINE) for line in (*marks, *trace, *text[-lines:])]  # the guest's text
-    return printable("\n".join(quoted), _TAIL_TOTAL)
+    return printable("\n".join(quoted), _TAIL_TOTAL, tail=True)  # the last lines say most

@@ -47,7 +47,7 @@ def progress_printer(interactive: bool = False) -> Callable[[str], None]:
         status = err.status("")
 
         def show(message: str) -> None:
-            status.update(message)
+            status.update(Text(printable(message)))  # (a status line parses markup of its own)
             status.start()  # once: later calls do nothing
             if message.endswith("ready") or "ready in" in message:
                 err.log(message)

@@ -202,12 +202,15 @@ class AgentLink:
                 amount = min(P.unpack_credit(payload), route.unacked)
                 route.unacked -= amount
                 if amount:
+                    route.heard = time.monotonic()  # the host took its time: the guest's silence counts from now
                     self._send(P.pack_credit(route.gid, amount))
             return
         if ftype == P.CLOSE:
             self._send(P.pack(route.gid, P.CLOSE))
             self._forget(route)
             return
+        if ftype in (P.STDIN, P.EOF) and not route.stdin_unacked:
+            route.heard = time.monotonic()  # new work for a guest that owed nothing: its silence counts from now
         if ftype == P.STDIN:
             route.stdin_unacked += len(payload)
             if route.stdin_unacked > P.WINDOW:
@@ -264,7 +267,8 @@ class AgentLink:
             return  # a late frame of a finished or closed channel
         client = route.target if isinstance(route.target, Client) else None
         if ftype in (P.STDOUT, P.STDERR):
-            if route.op not in STREAMING_OPS:  # output here would hold off the request's deadline
+            if route.op not in STREAMING_OPS or (route.op == "put" and ftype == P.STDOUT):
+                # output nobody reads would hold off the request's deadline (or a copy's timeout)
                 self._close(route, f"it sent output for {route.op!r}, which has none", protocol=True)
                 return
             if client is None or not payload:

@@ -91,6 +91,9 @@ async def _answer(
     if req.get("op") != "exec" and mode == "chatty":  # output on a request that has none, never a result
         writer.write(P.pack(gid, P.STDOUT, b"x"))
         return
+    if req.get("op") == "put" and str(req.get("path")).endswith("stdout"):  # a byte nobody reads, then nothing
+        writer.write(P.pack(gid, P.STDOUT, b"x"))
+        return
     if req.get("op") == "put" and inbox is not None:  # a byte of stderr at once, then a flood of it
         writer.write(P.pack(gid, P.STDERR, b"\xff"))
         while (frame := await inbox.get())[0] != P.EOF:
@@ -290,4 +293,8 @@ async def test_what_a_copy_says_on_stderr_is_read_along_and_bounded(
         with pytest.raises(boxvm.NotFound) as failed:
             await asyncio.wait_for(box.copy_in(tmp_path / "f", "/root/f"), 60)
         assert len(failed.value.message) < 4500 and "\x1b" not in failed.value.message
+        # A byte on a copy in's stdout, which nobody reads, then silence: it would have kept
+        # the copy from ever timing out; it breaks the protocol.
+        with pytest.raises(boxvm.EngineError, match="sent output for 'put'"):
+            await asyncio.wait_for(box.copy_in(tmp_path / "f", "/root/stdout"), 30)
         assert (await asyncio.wait_for(box.exec(["echo", "fine"]), 10)).stdout == b"fine"
