@@ -6,7 +6,7 @@ A box's guest RAM is a ``memory-backend-file`` in its directory (``memory.ram``,
 are stopped, and a new QEMU with the same command line plus ``-incoming defer`` maps the
 same file and loads that state back (``migrate-incoming``). QEMU 7.2 has no ``file:``
 migration URI: a save writes to a file descriptor boxvm hands over (``QMP.migrate_to_fd``),
-a load reads through ``exec:cat``.
+a load reads a descriptor handed over the same way.
 
 ``memory.json`` records the state file's size and SHA-256 and the shape of the machine it
 belongs to, written last (after an fsync of both files): a state without a matching
@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import stat
 import time
@@ -424,7 +423,7 @@ async def load(qmp: Qmp, box_dir: Path, with_ram: bool = False) -> float:
     t0 = time.monotonic()
     # Both ends must agree: with x-ignore-shared the stream names the RAM blocks it skipped.
     await qmp.migrate_set_capabilities({"x-ignore-shared": not with_ram})
-    await qmp.migrate_incoming(f"exec:cat {shlex.quote(str(box_dir / STATE))}")
+    await qmp.migrate_incoming_from(box_dir / STATE)
     await _wait_migration(qmp, incoming=True)
     return (time.monotonic() - t0) * 1000
 

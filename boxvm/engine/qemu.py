@@ -74,6 +74,10 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
         "-smp", str(spec.cpus),
         "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        # seccomp: no exec or fork, no privilege or scheduling changes, no obsolete calls. A
+        # QEMU taken over through its device models (by the guest, or by an imported device
+        # state: a REST upload's memory.state is QEMU's migration stream) cannot run programs.
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", " ".join(cmdline),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from boxvm.errors import EngineError
 QUIT_TIMEOUT = 5.0  # QEMU exits at once; the supervisor kills it if not
 _PATH = re.compile(r"/[^\s'\",:]+")
 _MIGRATION_FD = "boxvm-migration"
+_INCOMING_FD = "boxvm-incoming"
 
 
 def without_paths(text: str) -> str:
@@ -189,9 +191,25 @@ class QMP:
         migration.send-configuration=off`` (``memory.has_configuration``)."""
         await self._run("xen-save-devices-state", {"filename": str(path), "live": False})
 
-    async def migrate_incoming(self, uri: str) -> None:
-        """Start receiving the state of a QEMU started with ``-incoming defer``."""
-        await self._run("migrate-incoming", {"uri": uri})
+    async def migrate_incoming_from(self, path: Path) -> None:
+        """Start loading the saved state in ``path`` into a QEMU started with ``-incoming
+        defer``, handed over as a descriptor (``getfd``, then ``fd:``): ``exec:cat`` would need
+        QEMU to run a program, which its sandbox (``-sandbox spawn=deny``) refuses."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            try:
+                self._client.send_fd_scm(fd)
+            except (OSError, AssertionError, QMPError) as exc:
+                raise QMPCommandError("getfd", {"fdname": _INCOMING_FD}, None) from exc
+            await self._run("getfd", {"fdname": _INCOMING_FD})
+        finally:
+            os.close(fd)  # QEMU holds its own copy now
+        try:
+            await self._run("migrate-incoming", {"uri": f"fd:{_INCOMING_FD}"})
+        except QMPCommandError:
+            with contextlib.suppress(QMPCommandError):
+                await self._run("closefd", {"fdname": _INCOMING_FD})
+            raise
 
     async def migrate_continue(self, state: str) -> None:
         """Let a migration paused in ``state`` (``pre-switchover``) go on."""

@@ -298,3 +298,20 @@ async def test_what_a_copy_says_on_stderr_is_read_along_and_bounded(
         with pytest.raises(boxvm.EngineError, match="sent output for 'put'"):
             await asyncio.wait_for(box.copy_in(tmp_path / "f", "/root/stdout"), 30)
         assert (await asyncio.wait_for(box.exec(["echo", "fine"]), 10)).stdout == b"fine"
+
+
+async def test_qemu_runs_in_its_seccomp_sandbox(rt: boxvm.Runtime, shared_box: boxvm.Box) -> None:
+    """A QEMU taken over through its device models, by the guest or by an imported device
+    state (a REST upload's memory state is QEMU's migration stream), cannot run a program:
+    QEMU runs under its seccomp filter (``-sandbox spawn=deny``, and no privilege or
+    scheduling changes), and a suspended box still resumes (its state is handed over as a
+    descriptor, not read through ``exec:cat``)."""
+    qemu_pid = rt.backend.store.get_box(shared_box.id).qemu_pid  # type: ignore[attr-defined,union-attr]
+    status = Path(f"/proc/{qemu_pid}/status").read_text()
+    assert "\nSeccomp:\t2\n" in status, status  # 2: a filter
+    await shared_box.exec(["sh", "-c", "echo before > /tmp/kept"])
+    await shared_box.suspend()
+    await shared_box.start()
+    assert (await shared_box.exec(["cat", "/tmp/kept"])).stdout == b"before\n"
+    qemu_pid = rt.backend.store.get_box(shared_box.id).qemu_pid  # type: ignore[attr-defined,union-attr]
+    assert "\nSeccomp:\t2\n" in Path(f"/proc/{qemu_pid}/status").read_text()
