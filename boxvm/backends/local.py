@@ -76,6 +76,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         self.transfer = Transfer(self.snapshots)
         self.memory = Suspend(self.boxes)
         self._accel: accel_mod.Accel | None = None
+        self._unsandboxed_said = False
         self.boxes.recover()
 
     # -- records ----------------------------------------------------------------------
@@ -156,6 +157,14 @@ class LocalBackend(templates.TemplateOps, Backend):
             raise InvalidState(f"box {rec.name!r} is held by another migration than the one releasing it")
 
     # -- lifecycle --------------------------------------------------------------------
+    def _sandbox(self) -> bool:
+        """Whether this QEMU runs in its seccomp sandbox (probed once; said once if not)."""
+        caps = qemucaps.probe(self.home.cache)
+        if not caps.sandbox and not self._unsandboxed_said:
+            self._unsandboxed_said = True
+            log.warning("boxvm: this QEMU has no seccomp sandbox (built without libseccomp): boxes run without it")
+        return caps.sandbox
+
     def _accel_choice(self) -> accel_mod.Accel:
         if self._accel is None:
             self._accel = accel_mod.detect()
@@ -227,6 +236,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                 memory_shared=ram_shared,
                 incoming=resume,
                 send_configuration=configured,
+                sandbox=self._sandbox(),
                 tsc_khz=await asyncio.to_thread(hostclock.tsc_khz, self.home.cache) if accel.name == "tcg" else None,
             )
             spawning = await _spawn_lock(box_dir, rec.name)

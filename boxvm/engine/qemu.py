@@ -11,6 +11,11 @@ from pathlib import Path
 from boxvm.engine.accel import Accel
 from boxvm.errors import EngineError
 
+# seccomp: no exec or fork, no privilege or scheduling changes, no obsolete calls. A QEMU
+# taken over through its device models (by the guest, or by an imported device state: a REST
+# upload's memory.state is QEMU's migration stream) cannot run programs.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
 
 @dataclass(frozen=True)
 class VmSpec:
@@ -38,6 +43,7 @@ class VmSpec:
     # False: the state to load has no configuration section (``memory.has_configuration``),
     # nor the description a migration ends with (its loader would report it missing)
     send_configuration: bool = True
+    sandbox: bool = True  # ``-sandbox SANDBOX`` (``qemucaps``: a QEMU built without seccomp lacks it)
 
 
 def new_mac() -> str:
@@ -74,10 +80,7 @@ def argv(spec: VmSpec, accel: Accel) -> list[str]:
         "-smp", str(spec.cpus),
         "-m", str(spec.memory_mib),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        # seccomp: no exec or fork, no privilege or scheduling changes, no obsolete calls. A
-        # QEMU taken over through its device models (by the guest, or by an imported device
-        # state: a REST upload's memory.state is QEMU's migration stream) cannot run programs.
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        *(["-sandbox", SANDBOX] if spec.sandbox else []),
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", " ".join(cmdline),

@@ -1,4 +1,5 @@
-"""What this host's QEMU can do for memory state, probed once per QEMU binary and cached.
+"""What this host's QEMU can do for memory state (and whether it runs sandboxed), probed
+once per QEMU binary and cached.
 
 Suspend, memory snapshots and resuming an imported memory state need a guest RAM in a
 ``memory-backend-file`` (QEMU built for POSIX hosts) and the ``x-ignore-shared`` migration
@@ -18,7 +19,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from boxvm.engine.qemu import qemu_binary
+from boxvm.engine.qemu import SANDBOX, qemu_binary
 from boxvm.errors import Unsupported
 
 CACHE_FILE = "qemu-caps.json"
@@ -32,6 +33,7 @@ class QemuCaps:
     memory_file: bool  # -object memory-backend-file works
     ignore_shared: bool  # the x-ignore-shared migration capability exists
     reason: str  # why not, in QEMU's words ("" when both work)
+    sandbox: bool  # -sandbox qemu.SANDBOX works (QEMU built with libseccomp)
 
     @property
     def memory_state(self) -> bool:
@@ -83,7 +85,7 @@ def _run(binary: str) -> QemuCaps:
         try:
             done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}")
+            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}", False)
     replies = []
     for line in done.stdout.splitlines():
         with contextlib.suppress(ValueError):
@@ -91,7 +93,7 @@ def _run(binary: str) -> QemuCaps:
     greeting = next((r["QMP"] for r in replies if isinstance(r, dict) and "QMP" in r), None)
     if greeting is None:
         why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
-        return QemuCaps("", False, False, why)
+        return QemuCaps("", False, False, why, False)
     v = greeting.get("version", {}).get("qemu", {})
     version = f"{v.get('major', 0)}.{v.get('minor', 0)}.{v.get('micro', 0)}"
     names = {
@@ -101,9 +103,22 @@ def _run(binary: str) -> QemuCaps:
         for c in r["return"]
         if isinstance(c, dict)
     }
+    sandbox = _sandboxed(binary)
     if "x-ignore-shared" not in names:
-        return QemuCaps(version, True, False, "QEMU has no x-ignore-shared migration capability (QEMU 4.0 added it)")
-    return QemuCaps(version, True, True, "")
+        why = "QEMU has no x-ignore-shared migration capability (QEMU 4.0 added it)"
+        return QemuCaps(version, True, False, why, sandbox)
+    return QemuCaps(version, True, True, "", sandbox)
+
+
+def _sandboxed(binary: str) -> bool:
+    """Whether QEMU starts under its seccomp sandbox (``qemu.SANDBOX``)."""
+    argv = [binary, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-sandbox", SANDBOX, "-qmp", "stdio"]
+    commands = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", "quit"))
+    try:
+        done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0 and '"QMP"' in done.stdout
 
 
 def require_memory_state(cache: Path, what: str) -> QemuCaps:

@@ -83,12 +83,13 @@ async def test_run_state_and_block_commands(qmp: tuple[QMP, Path]) -> None:
 
 
 async def test_migration_commands(qmp: tuple[QMP, Path]) -> None:
-    monitor, _work = qmp
+    monitor, work = qmp
     await monitor.migrate_set_capabilities({"x-ignore-shared": True})
     await monitor.migrate_set_parameters({"max-bandwidth": 1 << 30})
     assert (await monitor.query_migrate()).get("status") in (None, "none")
+    (work / "empty.state").touch()
     with pytest.raises(QMPCommandError) as refused:
-        await monitor.migrate_incoming("defer")  # only a QEMU started with -incoming accepts it
+        await monitor.migrate_incoming_from(work / "empty.state")  # only a QEMU started with -incoming accepts it
     assert refused.value.command == "migrate-incoming"
 
 
@@ -234,11 +235,11 @@ async def test_the_devices_alone_are_saved_and_load_where_the_loader_expects_no_
     await monitor.cont()
     assert await monitor.status() == "running"
     async with _qemu(work, "-incoming", "defer", "-global", "migration.send-configuration=off", name="l") as loader:
-        await loader.migrate_incoming(f"exec:cat {state}")
+        await loader.migrate_incoming_from(state)
         await _until(loader, "completed")
         assert (await loader.query_migrate())["status"] == "completed"
     async with _qemu(work, "-incoming", "defer", name="strict") as strict:
-        await strict.migrate_incoming(f"exec:cat {state}")
+        await strict.migrate_incoming_from(state)
         with pytest.raises(EngineError, match="monitor closed"):  # 7.2 exits on a failed incoming migration
             await _until(strict, "completed")
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 import boxvm
-from boxvm.engine import agentlink, console, qemu
+from boxvm.engine import agentlink, console, qemu, qemucaps
 from boxvm.guest import protocol as P
+from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from tests.helpers import rss_mib
 
@@ -315,3 +316,18 @@ async def test_qemu_runs_in_its_seccomp_sandbox(rt: boxvm.Runtime, shared_box: b
     assert (await shared_box.exec(["cat", "/tmp/kept"])).stdout == b"before\n"
     qemu_pid = rt.backend.store.get_box(shared_box.id).qemu_pid  # type: ignore[attr-defined,union-attr]
     assert "\nSeccomp:\t2\n" in Path(f"/proc/{qemu_pid}/status").read_text()
+
+
+async def test_a_qemu_without_seccomp_is_told_apart(home: Home, tmp_path: Path) -> None:
+    """A QEMU built without libseccomp refuses ``-sandbox``: the probe says so (and its
+    boxes start without it, with a warning) rather than no box starting at all."""
+    real = qemucaps.qemu_binary()
+    wrapper = tmp_path / "qemu-system-x86_64"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a; do shift; [ "$a" = -sandbox ] && a=-no-such-sandbox; set -- "$@" "$a"; done\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    assert not qemucaps.probe(home.cache, str(wrapper)).sandbox
+    assert qemucaps.probe(home.cache, real).sandbox
