@@ -165,18 +165,22 @@ class QMP:
         ``fd:``), so QEMU writes the file itself, without the shell and the pipe of
         ``exec:cat``. QEMU's copy shares the caller's file offset (one open file), which
         shows where the stream ended; the migration closes its copy when it ends."""
+        await self._migrate_through(fd, _MIGRATION_FD, "migrate")
+
+    async def _migrate_through(self, fd: int, name: str, command: str) -> None:
+        """Hand ``fd`` to QEMU as ``name`` (``getfd``) and run the migration ``command`` on
+        ``fd:name``. A refused command leaves the descriptor with the monitor, holding the
+        file until QEMU exits: it is given back."""
         try:
             self._client.send_fd_scm(fd)
         except (OSError, AssertionError, QMPError) as exc:  # qemu.qmp asserts it is connected
-            raise QMPCommandError("getfd", {"fdname": _MIGRATION_FD}, None) from exc
-        await self._run("getfd", {"fdname": _MIGRATION_FD})
+            raise QMPCommandError("getfd", {"fdname": name}, None) from exc
+        await self._run("getfd", {"fdname": name})
         try:
-            await self._run("migrate", {"uri": f"fd:{_MIGRATION_FD}"})
+            await self._run(command, {"uri": f"fd:{name}"})
         except QMPCommandError:
-            # A refused migrate leaves the descriptor with the monitor, holding the file
-            # (which the caller removes) until QEMU exits: give it back.
             with contextlib.suppress(QMPCommandError):
-                await self._run("closefd", {"fdname": _MIGRATION_FD})
+                await self._run("closefd", {"fdname": name})
             raise
 
     async def save_devices(self, path: Path) -> None:
@@ -197,19 +201,9 @@ class QMP:
         QEMU to run a program, which its sandbox (``-sandbox spawn=deny``) refuses."""
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            try:
-                self._client.send_fd_scm(fd)
-            except (OSError, AssertionError, QMPError) as exc:
-                raise QMPCommandError("getfd", {"fdname": _INCOMING_FD}, None) from exc
-            await self._run("getfd", {"fdname": _INCOMING_FD})
+            await self._migrate_through(fd, _INCOMING_FD, "migrate-incoming")
         finally:
-            os.close(fd)  # QEMU holds its own copy now
-        try:
-            await self._run("migrate-incoming", {"uri": f"fd:{_INCOMING_FD}"})
-        except QMPCommandError:
-            with contextlib.suppress(QMPCommandError):
-                await self._run("closefd", {"fdname": _INCOMING_FD})
-            raise
+            os.close(fd)  # QEMU holds its own copy (or none: refused)
 
     async def migrate_continue(self, state: str) -> None:
         """Let a migration paused in ``state`` (``pre-switchover``) go on."""
