@@ -216,8 +216,7 @@ def _error(exc: Exception, url: ObjectURL) -> BoxvmError:
     if isinstance(exc, NoCredentialsError):
         return Unauthorized(f"no credentials for {url}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws")
     if isinstance(exc, ClientError):
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        code, status = _code(exc) or "", _status(exc)
         if code == "NoSuchBucket":
             return NotFound(f"bucket {url.bucket!r} does not exist: create it first")
         if code in ("NoSuchKey", "404", "NotFound"):

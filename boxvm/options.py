@@ -53,6 +53,11 @@ def check_lease_holder(holder: str) -> str:
     return holder
 
 
+def check_presented_holder(holder: str | None) -> str | None:
+    """A holder a request presents (none: it is part of no migration), checked as one taken."""
+    return None if holder is None else check_lease_holder(holder)
+
+
 def check_migration_nonce(nonce: str) -> str:
     """The nonce a migration imports its box with (``boxvm.migrate``): 32 lowercase hex digits."""
     if not isinstance(nonce, str) or not BOX_ID_RE.fullmatch(nonce):

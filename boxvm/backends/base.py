@@ -31,7 +31,7 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
     TemplateInfo,
-    check_lease_holder,
+    check_presented_holder,
 )
 from boxvm.streams import ByteStream, FileSource
 from boxvm.tarstream import receive_tree, tree_chunks
@@ -223,8 +223,7 @@ class Backend(ABC):
         """Upload the box's archive to object storage (``s3://bucket/key``, create-only); see
         ``boxvm.objstore``. A remote backend has its server do it (``RemoteBackend``)."""
         options.validate()
-        if holder is not None:
-            check_lease_holder(holder)
+        check_presented_holder(holder)  # before any request to the store
         target = objstore.parse(url)
         info = await self.get(box_id)
         if info is None:

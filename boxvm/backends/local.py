@@ -37,6 +37,7 @@ from boxvm.options import (
     SnapshotInfo,
     SnapshotOptions,
     check_lease_holder,
+    check_presented_holder,
 )
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -91,7 +92,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         return [self.boxes.listed(self.boxes.reconcile(rec)) for rec in self.store.list_boxes()]
 
     async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:
-        await self.boxes.remove(box_id, force, _checked(holder))
+        await self.boxes.remove(box_id, force, check_presented_holder(holder))
 
     def check_layers(self, repair: bool = False) -> Scan:
         return self.boxes.check_layers(repair)
@@ -122,7 +123,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         return [self.boxes.info(r) for r in records]
 
     async def export_stream(self, box_id: str, options: ExportOptions, holder: str | None = None) -> ByteStream:
-        return await self.transfer.export_stream(box_id, options, _checked(holder))
+        return await self.transfer.export_stream(box_id, options, check_presented_holder(holder))
 
     async def import_stream(
         self,
@@ -526,11 +527,6 @@ class LocalBackend(templates.TemplateOps, Backend):
         await self.state.conns.close()
         await asyncio.to_thread(self.layers.trash.flush)
         self.store.close()
-
-
-def _checked(holder: str | None) -> str | None:
-    """A migration's holder as a caller presents it (``Backend.lease``), checked like one it takes."""
-    return None if holder is None else check_lease_holder(holder)
 
 
 async def _spawn_lock(box_dir: Path, label: str) -> starting.SpawnLock:

@@ -424,8 +424,8 @@ class RemoteBackend(Backend):
 
     async def release_lease(self, box_id: str, holder: str | None) -> None:
         await self._leases()
-        params = {"holder": holder} if holder is not None else None
-        await self._send("DELETE", f"/boxes/{box_id}/lease", params=params, idempotent=holder is not None)
+        path = f"/boxes/{box_id}/lease"
+        await self._send("DELETE", path, params=_held(holder) or None, idempotent=holder is not None)
 
     async def _leases(self) -> None:
         if wire.LEASE_CAPABILITY not in (await self.server_config()).get("capabilities", []):

@@ -79,11 +79,8 @@ def _run(binary: str) -> QemuCaps:
             "-object", f"memory-backend-file,id=probe,size=2M,mem-path={tmp}/ram,share=on",
         ]  # fmt: skip
         ram.touch()
-        commands = "".join(
-            json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", "query-migrate-capabilities", "quit")
-        )
         try:
-            done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+            done = _ask(argv, "query-migrate-capabilities")
         except (OSError, subprocess.TimeoutExpired) as exc:
             return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}", False)
     replies = []
@@ -113,12 +110,17 @@ def _run(binary: str) -> QemuCaps:
 def _sandboxed(binary: str) -> bool:
     """Whether QEMU starts under its seccomp sandbox (``qemu.SANDBOX``)."""
     argv = [binary, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-sandbox", SANDBOX, "-qmp", "stdio"]
-    commands = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", "quit"))
     try:
-        done = subprocess.run(argv, input=commands, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+        done = _ask(argv)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0 and '"QMP"' in done.stdout
+
+
+def _ask(argv: list[str], *commands: str) -> subprocess.CompletedProcess[str]:
+    """Run a probing QEMU (``-qmp stdio``) through ``commands``, between the handshake and ``quit``."""
+    script = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands, "quit"))
+    return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
 
 
 def require_memory_state(cache: Path, what: str) -> QemuCaps:
