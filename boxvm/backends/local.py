@@ -576,25 +576,31 @@ def _said(chan: Channel) -> asyncio.Task[str]:
 _SAID = 4096
 _TAIL_LINE = 300  # characters of one console line quoted in a failed start's error
 _TAIL_TOTAL = 6000  # characters of the whole quote (it is stored, and listed with the box)
+_BEFORE_PANIC = 8  # console lines quoted from just before a kernel panic
 
 
 def _tail(path: Path, lines: int = 15) -> str:
-    """The console's last lines, after its earlier boxvm messages, the agent's last Python
-    traceback and the kernel panic line: a panic's trace alone fills the tail and hides why
-    the guest stopped (the agent is PID 1: its exit is the panic)."""
+    """What the console says of why the guest stopped: its earlier boxvm messages, the agent's
+    last Python traceback, and its last lines -- or, if the kernel panicked (PID 1 exited: the
+    agent, or an init before it), the lines before the panic, the panic and the process that
+    died, but not the panic's trace, which says nothing of why and would fill the quote."""
     try:
         text = path.read_text(errors="replace").splitlines()
     except OSError:
         return ""
-    early = text[:-lines]
-    starts = [i for i, line in enumerate(early) if "Traceback (most recent call last)" in line]
-    span = range(0)
+    panic = next((i for i in range(len(text) - 1, -1, -1) if "Kernel panic" in text[i]), None)
+    if panic is None:
+        end, last = max(len(text) - lines, 0), text[-lines:]
+    else:  # its dump names the process: "CPU: 0 PID: 1 Comm: sh ..."
+        end, last = panic, [text[panic], *[line for line in text[panic + 1 : panic + 40] if " Comm: " in line][:1]]
+    starts = [i for i in range(end) if "Traceback (most recent call last)" in text[i]]
+    span: list[int] = []
     if starts:  # to its exception line, the first not indented after its header
-        end = next((i for i in range(starts[-1] + 1, len(early)) if not early[i].startswith(" ")), len(early) - 1)
-        span = range(starts[-1], end + 1)
-    trace = [early[i] for i in span]
-    trace = trace if len(trace) <= 12 else [trace[0], *trace[-11:]]  # its end says what failed
+        stop = next((i for i in range(starts[-1] + 1, end) if not text[i].startswith(" ")), end - 1)
+        span = list(range(starts[-1], stop + 1))
+    trace = span if len(span) <= 12 else [span[0], *span[-11:]]  # its end says what failed
     said = ("boxvm:", "boxvm-agent:", "Kernel panic")
-    marks = [line for i, line in enumerate(early) if i not in span and any(m in line for m in said)][-5:]
-    quoted = [printable(line, _TAIL_LINE) for line in (*marks, *trace, *text[-lines:])]  # the guest's text
-    return printable("\n".join(quoted), _TAIL_TOTAL, tail=True)  # the last lines say most
+    marks = [i for i in range(end) if i not in span and any(m in text[i] for m in said)][-5:]
+    near = range(max(end - _BEFORE_PANIC, 0), end) if panic is not None else range(0)  # what PID 1 said last
+    quoted = [text[i] for i in sorted({*marks, *trace, *near})] + last
+    return printable("\n".join(printable(line, _TAIL_LINE) for line in quoted), _TAIL_TOTAL, tail=True)
