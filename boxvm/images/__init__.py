@@ -10,12 +10,13 @@ every box as the backing layer of its own overlay.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -143,10 +144,24 @@ class ImageStore:
         return rec
 
     def base_disk(self, image: ResolvedImage, size_gb: int, progress: Progress = silent) -> Path:
-        """The shared ext4 base disk for this image at this size, built on first use."""
+        """The shared ext4 base disk for this image at this size, built on first use, once.
+
+        A build is not byte-reproducible (mke2fs picks a new UUID and checksum seed), so a
+        second build must never take the name of a first that boxes already run on: their
+        upper layers would then lie over another file system's blocks, and the next reader
+        of the path (an export, a restart) sees directory blocks whose checksums fail.
+        Concurrent first creates wait for one build under a lock, and the name is linked,
+        never replaced."""
         target = self.home.images / image.digest.split(":")[1] / f"base-{size_gb}g.qcow2"
         if target.exists():
             return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(target.with_name(f".{target.name}.lock")):
+            if target.exists():  # another caller built it while this one waited
+                return target
+            return self._build_base(image, size_gb, target, progress)
+
+    def _build_base(self, image: ResolvedImage, size_gb: int, target: Path, progress: Progress) -> Path:
         progress(f"converting image {image.reference} to a {size_gb} GiB ext4 disk")
         t0 = time.monotonic()
         with self.home.staging("base-") as work:
@@ -167,12 +182,22 @@ class ImageStore:
             )  # fmt: skip
             qcow = work / "base.qcow2"
             qcow2.from_raw(raw, qcow)
-            target.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(qcow, 0o444)
             with open(qcow, "rb") as f:  # its bytes durable before the name that publishes them
                 os.fsync(f.fileno())
-            os.replace(qcow, target)
+            try:
+                os.link(qcow, target)  # create-only: a build of an older boxvm (no lock) may have won
+            except FileExistsError:
+                return target
             fsync_dir(target.parent)
             fsync_dir(target.parent.parent)
         progress(f"image disk ready in {time.monotonic() - t0:.1f} s")
         return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (made if missing) for the block's duration."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases it
