@@ -68,6 +68,8 @@ _MAX_CONNECTIONS = 32
 CONNECTIONS_ENV = "BOXVM_S3_CONNECTIONS"
 _STALL_S = 300.0  # seconds one read of a download (``_READ`` bytes) may take: ~3.5 KB/s a connection
 _WATCH_S = 1.0  # how often the reads' deadlines are checked
+_REPLY_MAX = 4 * _MIB  # bytes of a reply that is not an object's body (a listing of 1000 keys: ~1.3 MB)
+_REPLY_S = 120.0  # seconds such a reply's body may take in all
 _RECOVERY_S = 30.0  # seconds an export spends at most aborting the uploads of dead processes
 _ABORT_S = 15.0  # seconds one abort of theirs takes at most (the quick client: 5 s to connect, 10 to read)
 _RECOVERY_DAYS = 7  # days an upload whose abort keeps failing stays in the journal
@@ -150,6 +152,7 @@ def _client(_env: tuple[str | None, ...], endpoint_url: str | None, quick: bool 
             "s3", endpoint_url=endpoint_url, config=Config(**options, request_checksum_calculation="when_required")
         )
     s3.meta.events.register("before-send.s3", _refuse_when_stopped)
+    s3.meta.events.register("before-send.s3", partial(_bounded_reply, s3._endpoint.http_session))
     s3.meta.events.register_first("needs-retry.s3", _no_retry_when_stopped)  # before the retry handler
     s3.meta.events.register_first("needs-retry.s3", _no_redirect)  # before botocore's region redirector
     return s3
@@ -186,6 +189,71 @@ def _no_retry_when_stopped(response: Any = None, caught_exception: Any = None, *
     A successful one is left alone: its reply may hold a connection to release."""
     if caught_exception is not None or (response is not None and response[0].status_code >= 400):
         _refuse_when_stopped()
+
+
+def _bounded_reply(http: Any, request: Any = None, **_: object) -> Any:
+    """botocore's ``before-send`` hook, run after ``_refuse_when_stopped``: it sends the
+    request itself so that a reply other than an object's body is read within ``_REPLY_MAX``
+    bytes and ``_REPLY_S`` seconds. botocore reads such a reply whole, with no bound on its
+    size and a timeout only per socket read: a hostile store's 200 MB answer to an upload's
+    start grew this process by 620 MiB, and one trickled held the call for ever. It has no
+    option for either, so the hook reads the body and hands botocore the reply it would have
+    made (an ``AWSResponse`` over what was read). A download's body (``stream_output``) is
+    left to ``Download._read``, which bounds each of its reads."""
+    from botocore.awsrequest import AWSResponse
+    from botocore.exceptions import ConnectionClosedError
+    from urllib3.exceptions import HTTPError
+
+    if request is None or request.stream_output:
+        return None
+    request.stream_output = True  # so that the session leaves the body to this hook
+    try:
+        reply = http.send(request)
+    finally:
+        request.stream_output = False
+    raw, slow = reply.raw, threading.Event()
+
+    def end() -> None:
+        slow.set()  # before the shutdown: what the body gives from then on is not used
+        raw.shutdown()
+
+    try:
+        with _deadline(end, _REPLY_S):
+            body = _whole(raw, slow)
+    except BaseException as exc:
+        raw.close()  # not back to the pool: the rest of that reply is unread
+        if isinstance(exc, HTTPError) and not slow.is_set():  # dropped mid-body: botocore's error, retried
+            raise ConnectionClosedError(endpoint_url=request.url) from None
+        if not slow.is_set():
+            raise
+    if slow.is_set():  # (also a read that returned as its deadline passed: its socket is shut)
+        raw.close()
+        raise StorageError(f"object storage sent a reply too slowly (not within {_REPLY_S:g} s): try again")
+    return AWSResponse(reply.url, reply.status_code, reply.headers, _Read(body))
+
+
+def _whole(raw: Any, slow: threading.Event) -> bytes:
+    """A reply's body, at most ``_REPLY_MAX`` bytes of it, until ``slow`` is set."""
+    parts, size = [], 0
+    while not slow.is_set() and (data := raw.read(64 << 10)):
+        size += len(data)
+        if size > _REPLY_MAX:
+            raise StorageError(
+                f"object storage sent a reply of over {_REPLY_MAX >> 20} MiB where S3 sends a few KB: "
+                "is AWS_ENDPOINT_URL an S3 store?"
+            )
+        parts.append(data)
+    return b"".join(parts)
+
+
+class _Read:
+    """A reply body already read, as ``AWSResponse`` reads its ``raw`` (``stream``)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+
+    def stream(self, *_: object, **__: object) -> Iterator[bytes]:
+        yield self._data
 
 
 def _no_redirect(response: Any = None, request_dict: Any = None, **_: object) -> None:
@@ -767,13 +835,13 @@ _watching: list[threading.Thread] = []
 
 
 @contextlib.contextmanager
-def _deadline(end: Callable[[], None]) -> Iterator[None]:
+def _deadline(end: Callable[[], None], seconds: float = _STALL_S) -> Iterator[None]:
     """Run ``end`` (which fails the read the block makes, from another thread) if the block
-    is still running ``_STALL_S`` seconds on (give or take ``_WATCH_S``)."""
+    is still running ``seconds`` on (give or take ``_WATCH_S``)."""
     token = next(_due_ids)
     try:
         with _due_lock:
-            _due[token] = (time.monotonic() + _STALL_S, end)
+            _due[token] = (time.monotonic() + seconds, end)
             if not _watching:
                 watcher = threading.Thread(target=_watch, name="boxvm-s3-deadlines", daemon=True)
                 watcher.start()

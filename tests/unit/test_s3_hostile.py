@@ -4,6 +4,7 @@ this host, sent once (no redirect loop), and leaves no journal entry to retry fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -15,6 +16,7 @@ import pytest
 from boxvm import objstore
 from boxvm.errors import StorageError
 from tests.fakehttp import Fake, Handler, fakes, reply
+from tests.helpers import rss_mib
 
 URL = objstore.parse("s3://bucket/key")
 CREATED = b"<InitiateMultipartUploadResult><UploadId>up1</UploadId></InitiateMultipartUploadResult>"
@@ -35,6 +37,17 @@ class Store:
             h.rfile.read(length)
         if self.mode == "redirect":
             reply(h, 301, b"", {"Location": "http://127.0.0.1:9/elsewhere"})
+        elif self.mode in ("huge reply", "trickled reply") and method == "POST":
+            huge = self.mode == "huge reply"  # 64 MiB of it, in pieces: the test measures the client's memory
+            pieces = [b" " * (1 << 20)] * 64 if huge else [bytes([b]) for b in CREATED]
+            h.send_response(200)
+            h.send_header("Content-Length", str(sum(map(len, pieces))))
+            h.end_headers()
+            with contextlib.suppress(OSError):  # until the client gives up on it
+                for piece in pieces:
+                    h.wfile.write(piece)
+                    h.wfile.flush()
+                    time.sleep(0 if huge else 0.3)
         elif self.mode == "no upload id" and method == "POST":
             reply(h, 200, b"<InitiateMultipartUploadResult></InitiateMultipartUploadResult>")
         elif self.mode == "huge code":
@@ -142,3 +155,26 @@ async def test_an_abort_without_an_answer_fails_no_export(store: Store, tmp_path
     (folder / "999999-0").write_text(f'{{"endpoint": "{endpoint}", "bucket": "b", "key": "k", "upload_id": "u"}}')
     objstore.recover(tmp_path, {999999: False}.get)
     assert [p.name for p in folder.iterdir()] == ["999999-0"]
+
+
+async def test_a_reply_is_read_within_a_size_and_a_time(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """botocore reads a reply that is not an object's body whole: a 64 MiB answer to an
+    upload's start grew this process by ~200 MiB, and one sent a byte at a time held the call
+    for as long as it trickled (botocore's timeout is per socket read). Each now fails at once,
+    clearly and without a retry."""
+    store.mode = "huge reply"
+    before = rss_mib()
+    with pytest.raises(StorageError, match="reply of over 4 MiB") as failed:
+        await objstore.upload(one_part(), URL, tmp_path)
+    assert rss_mib() - before < 40 and len(failed.value.message) < 200
+    assert store.requests[0] == ("POST", "uploads") and store.requests.count(("POST", "uploads")) == 1
+    monkeypatch.setattr(objstore, "_REPLY_S", 1.0)
+    store.mode, store.requests = "trickled reply", []
+    began = time.monotonic()
+    with pytest.raises(StorageError, match="too slowly"):
+        await objstore.upload(one_part(), URL, tmp_path)
+    assert time.monotonic() - began < 1.0 + 2 * objstore._WATCH_S + 2
+    assert store.requests.count(("POST", "uploads")) == 1
+    assert not list((tmp_path / "s3uploads").glob("*"))
