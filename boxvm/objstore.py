@@ -70,6 +70,7 @@ _STALL_S = 300.0  # seconds one read of a download (``_READ`` bytes) may take: ~
 _WATCH_S = 1.0  # how often the reads' deadlines are checked
 _REPLY_MAX = 4 * _MIB  # bytes of a reply that is not an object's body (a listing of 1000 keys: ~1.3 MB)
 _REPLY_S = 120.0  # seconds such a reply's body may take in all
+_COMPLETE_S = 900.0  # ... and a completion's, which AWS pads with spaces while it works
 _RECOVERY_S = 30.0  # seconds an export spends at most aborting the uploads of dead processes
 _ABORT_S = 15.0  # seconds one abort of theirs takes at most (the quick client: 5 s to connect, 10 to read)
 _RECOVERY_DAYS = 7  # days an upload whose abort keeps failing stays in the journal
@@ -191,26 +192,31 @@ def _no_retry_when_stopped(response: Any = None, caught_exception: Any = None, *
         _refuse_when_stopped()
 
 
-def _bounded_reply(http: Any, request: Any = None, **_: object) -> Any:
+def _bounded_reply(http: Any, request: Any = None, event_name: str = "", **_: object) -> Any:
     """botocore's ``before-send`` hook, run after ``_refuse_when_stopped``: it sends the
-    request itself so that a reply other than an object's body is read within ``_REPLY_MAX``
-    bytes and ``_REPLY_S`` seconds. botocore reads such a reply whole, with no bound on its
-    size and a timeout only per socket read: a hostile store's 200 MB answer to an upload's
-    start grew this process by 620 MiB, and one trickled held the call for ever. It has no
-    option for either, so the hook reads the body and hands botocore the reply it would have
-    made (an ``AWSResponse`` over what was read). A download's body (``stream_output``) is
+    request itself so that a reply other than an object's body (an error's too) is read
+    within ``_REPLY_MAX`` bytes and ``_REPLY_S`` seconds. botocore reads such a reply whole,
+    with no bound on its size and a timeout only per socket read: a hostile store's 200 MB
+    answer to an upload's start grew this process by 620 MiB, and one trickled held the call
+    for ever. It has no option for either, so the hook reads the body and hands botocore the
+    reply it would have made (an ``AWSResponse`` over what was read). An object's body is
     left to ``Download._read``, which bounds each of its reads."""
     from botocore.awsrequest import AWSResponse
     from botocore.exceptions import ConnectionClosedError
     from urllib3.exceptions import HTTPError
 
-    if request is None or request.stream_output:
+    if request is None:
         return None
+    body_wanted = request.stream_output
     request.stream_output = True  # so that the session leaves the body to this hook
     try:
         reply = http.send(request)
     finally:
-        request.stream_output = False
+        request.stream_output = body_wanted
+    if body_wanted and reply.status_code < 300:
+        return reply
+    # AWS answers a completion at once and then sends spaces while it works, "for several minutes"
+    seconds = _COMPLETE_S if event_name.endswith(".CompleteMultipartUpload") else _REPLY_S
     raw, slow = reply.raw, threading.Event()
 
     def end() -> None:
@@ -218,7 +224,7 @@ def _bounded_reply(http: Any, request: Any = None, **_: object) -> Any:
         raw.shutdown()
 
     try:
-        with _deadline(end, _REPLY_S):
+        with _deadline(end, seconds):
             body = _whole(raw, slow)
     except BaseException as exc:
         raw.close()  # not back to the pool: the rest of that reply is unread
@@ -228,7 +234,7 @@ def _bounded_reply(http: Any, request: Any = None, **_: object) -> Any:
             raise
     if slow.is_set():  # (also a read that returned as its deadline passed: its socket is shut)
         raw.close()
-        raise StorageError(f"object storage sent a reply too slowly (not within {_REPLY_S:g} s): try again")
+        raise StorageError(f"object storage sent a reply too slowly (not within {seconds:g} s): try again")
     return AWSResponse(reply.url, reply.status_code, reply.headers, _Read(body))
 
 

@@ -208,7 +208,10 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
         fsync_dir(box_dir)
         memory.discard(box_dir)
         memory.fork_into(src, box_dir)
-    except OSError:  # e.g. the template removed meanwhile: the box boots cold, as it was
+        gone = json.loads((src / INFO).read_text()).get("created_at") != info["created_at"]
+    except (OSError, ValueError):
+        gone = True
+    if gone:  # removed, or made again, while it was copied (deltas of one, RAM of another): cold, as it was
         _cold_again(box_dir, fresh)
         return None
     return warm

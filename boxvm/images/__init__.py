@@ -185,6 +185,7 @@ class ImageStore:
             os.chmod(qcow, 0o444)
             with open(qcow, "rb") as f:  # its bytes durable before the name that publishes them
                 os.fsync(f.fileno())
+            target.parent.mkdir(parents=True, exist_ok=True)  # (an image removal may have taken it)
             try:
                 os.link(qcow, target)  # create-only: a build of an older boxvm (no lock) may have won
             except FileExistsError:

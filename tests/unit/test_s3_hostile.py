@@ -37,10 +37,10 @@ class Store:
             h.rfile.read(length)
         if self.mode == "redirect":
             reply(h, 301, b"", {"Location": "http://127.0.0.1:9/elsewhere"})
-        elif self.mode in ("huge reply", "trickled reply") and method == "POST":
-            huge = self.mode == "huge reply"  # 64 MiB of it, in pieces: the test measures the client's memory
+        elif (self.mode in ("huge reply", "trickled reply") and method == "POST") or self.mode == "huge error":
+            huge = self.mode != "trickled reply"  # 64 MiB of it, in pieces: the test measures the client's memory
             pieces = [b" " * (1 << 20)] * 64 if huge else [bytes([b]) for b in CREATED]
-            h.send_response(200)
+            h.send_response(500 if self.mode == "huge error" else 200)
             h.send_header("Content-Length", str(sum(map(len, pieces))))
             h.end_headers()
             with contextlib.suppress(OSError):  # until the client gives up on it
@@ -165,11 +165,16 @@ async def test_a_reply_is_read_within_a_size_and_a_time(
     for as long as it trickled (botocore's timeout is per socket read). Each now fails at once,
     clearly and without a retry."""
     store.mode = "huge reply"
+    objstore.client()  # made before the baseline: a first client costs ~25 MiB
     before = rss_mib()
     with pytest.raises(StorageError, match="reply of over 4 MiB") as failed:
         await objstore.upload(one_part(), URL, tmp_path)
     assert rss_mib() - before < 40 and len(failed.value.message) < 200
     assert store.requests[0] == ("POST", "uploads") and store.requests.count(("POST", "uploads")) == 1
+    store.mode, store.requests = "huge error", []  # an error's body, also to a GET (whose body is streamed)
+    with pytest.raises(StorageError, match="reply of over 4 MiB"):
+        objstore.client().get_object(Bucket=URL.bucket, Key=URL.key)
+    assert rss_mib() - before < 40 and store.requests == [("GET", "")]
     monkeypatch.setattr(objstore, "_REPLY_S", 1.0)
     store.mode, store.requests = "trickled reply", []
     began = time.monotonic()

@@ -170,6 +170,27 @@ def test_a_template_remade_after_the_failed_resume_is_kept(home: Home, store: St
     assert template.exists(), "a template made after the failed resume was removed"
 
 
+def test_a_template_remade_while_it_is_copied_boots_the_box_cold(
+    home: Home, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another create of the machine replaces the template between the copy of its disk
+    deltas and the link of its memory: the box would resume one boot's RAM over another's
+    disks (the file-system mix of two builds), so it boots cold instead."""
+    rec, box_dir = fresh_box(home, store)
+    template = make_template(home, rec)
+    fork_into = memory.fork_into
+
+    def remade_meanwhile(src: Path, dest: Path) -> None:
+        info = json.loads((template / templates.INFO).read_text())
+        (template / templates.INFO).write_text(json.dumps({**info, "created_at": 2.0}))
+        fork_into(src, dest)
+
+    monkeypatch.setattr(memory, "fork_into", remade_meanwhile)
+    assert templates.warm_into(home, store, box_dir, rec) is None
+    assert all(is_fresh(box_dir, name) for name in BACKING) and template.exists()
+    assert not any((box_dir / n).exists() for n in (memory.STATE, memory.META, memory.BASE, memory.RAM))
+
+
 @pytest.mark.parametrize("below", ["base.qcow2", None])
 def test_a_box_whose_disk_is_over_a_layer_boots_cold_and_keeps_the_template(
     home: Home, store: Store, below: str | None
