@@ -816,7 +816,7 @@ class Download(Source):
             with self._lock:
                 return body in self._slow
 
-        with _deadline(end):
+        with _deadline(end, _STALL_S):
             try:
                 if not slow():
                     data: bytes = body.read(min(most, _READ))
@@ -841,7 +841,7 @@ _watching: list[threading.Thread] = []
 
 
 @contextlib.contextmanager
-def _deadline(end: Callable[[], None], seconds: float = _STALL_S) -> Iterator[None]:
+def _deadline(end: Callable[[], None], seconds: float) -> Iterator[None]:
     """Run ``end`` (which fails the read the block makes, from another thread) if the block
     is still running ``seconds`` on (give or take ``_WATCH_S``)."""
     token = next(_due_ids)
