@@ -202,8 +202,9 @@ def _bounded_reply(http: Any, request: Any = None, event_name: str = "", **_: ob
     reply it would have made (an ``AWSResponse`` over what was read). An object's body is
     left to ``Download._read``, which bounds each of its reads."""
     from botocore.awsrequest import AWSResponse
-    from botocore.exceptions import ConnectionClosedError
+    from botocore.exceptions import ConnectionClosedError, ReadTimeoutError
     from urllib3.exceptions import HTTPError
+    from urllib3.exceptions import ReadTimeoutError as ReadTimedOut
 
     if request is None:
         return None
@@ -228,7 +229,9 @@ def _bounded_reply(http: Any, request: Any = None, event_name: str = "", **_: ob
             body = _whole(raw, slow)
     except BaseException as exc:
         raw.close()  # not back to the pool: the rest of that reply is unread
-        if isinstance(exc, HTTPError) and not slow.is_set():  # dropped mid-body: botocore's error, retried
+        if isinstance(exc, ReadTimedOut) and not slow.is_set():  # botocore's errors for these, both retried
+            raise ReadTimeoutError(endpoint_url=request.url) from None
+        if isinstance(exc, HTTPError) and not slow.is_set():  # (dropped mid-body)
             raise ConnectionClosedError(endpoint_url=request.url) from None
         if not slow.is_set():
             raise

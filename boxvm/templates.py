@@ -209,10 +209,11 @@ def warm_into(home: Home, store: Store, box_dir: Path, rec: BoxRecord) -> Warm |
         memory.discard(box_dir)
         memory.fork_into(src, box_dir)
         gone = json.loads((src / INFO).read_text()).get("created_at") != info["created_at"]
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError, StorageError):
         gone = True
     if gone:  # removed, or made again, while it was copied (deltas of one, RAM of another): cold, as it was
         _cold_again(box_dir, fresh)
+        fsync_dir(box_dir)  # the template's deltas, made durable above, must not come back after a crash
         return None
     return warm
 
@@ -262,6 +263,7 @@ def _refuse(
 def _cold_again(box_dir: Path, fresh: dict[str, qcow2.Header]) -> None:
     """The box's disk deltas empty again (as ``create`` made them) and no memory state."""
     for name, header in fresh.items():
+        (box_dir / f"{name}.warm").unlink(missing_ok=True)  # a copy of the template's cut short
         tmp = box_dir / f"{name}.cold"
         tmp.unlink(missing_ok=True)
         qcow2.write_overlay(tmp, header.size, header.backing_file, header.backing_format or "qcow2")
