@@ -515,8 +515,9 @@ class LocalBackend(templates.TemplateOps, Backend):
         return ImageInfo(rec.reference, rec.digest, rec.size_bytes, rec.created_at, names)
 
     async def image_remove(self, reference: str) -> None:
-        digest = self.images.find(reference).digest
-        users = [b.name for b in self.store.list_boxes() if b.image_digest == digest]
+        def users(digest: str) -> list[str]:
+            return [b.name for b in self.store.list_boxes() if b.image_digest == digest]
+
         await asyncio.to_thread(self.images.remove, reference, users)
 
     async def logs(self, box_id: str) -> str:

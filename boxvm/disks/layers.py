@@ -377,6 +377,28 @@ class LayerStore:
         tombstoned layers -- only if every chain could be read: a chain that cannot be
         read might reach any layer, so then nothing is deleted (fail closed)."""
         self.trash.flush()  # deletions this process queued settle first (they change the tombstones)
+        result, reached, parents = self._pass(store)
+        if repair:
+            # A capture (or clone) publishes its layer file before its row, so a file whose
+            # box the walk passed just before looks like an orphan, or, reached, like a
+            # crash's leftover to adopt (the capture's own row would then collide). Only what
+            # a second pass finds the same, its rows read after its own walk, is acted on.
+            again, reached_again, _parents = self._pass(store)
+            result.orphans = [layer for layer in result.orphans if layer in again.orphans]
+            result.adopted = [layer for layer in result.adopted if layer in again.adopted]
+            result.unreadable += again.unreadable
+            reached |= reached_again
+            safe = not result.unreadable
+            store.repair_layers({layer: parents.get(layer) for layer in result.adopted}, reached, safe)
+            if safe:
+                result.deleted = self.collect(store, store.tombstones())
+                result.deleted += [layer for layer in result.orphans if self._rmtree(layer)]
+                self.trash.flush()
+        return result
+
+    def _pass(self, store: Refs) -> tuple[Scan, set[str], dict[str, str | None]]:
+        """One walk of every chain, then the rows and the files: what they disagree on, the
+        layers reached, and each reached layer's parent."""
         result = Scan()
         for layer in store.tombstones():
             result.tombstoned.append(layer)
@@ -404,14 +426,7 @@ class LayerStore:
             for layer, (_p, refs) in rows.items()
             if refs != expected.get(layer, 0)
         }
-        if repair:
-            safe = not result.unreadable
-            store.repair_layers({layer: parents.get(layer) for layer in result.adopted}, reached, safe)
-            if safe:
-                result.deleted = self.collect(store, store.tombstones())
-                result.deleted += [layer for layer in result.orphans if self._rmtree(layer)]
-                self.trash.flush()
-        return result
+        return result, reached, parents
 
     def layer_ids(self) -> set[str]:
         """Every layer with a file (or, from before layers/all/, a directory) now."""

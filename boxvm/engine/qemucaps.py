@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
@@ -64,7 +65,7 @@ def probe(cache: Path, binary: str | None = None) -> QemuCaps:
         entries[key] = asdict(found)
         with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
             cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.tmp")
+            tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # (threads probe too)
             tmp.write_text(json.dumps(entries))
             os.replace(tmp, path)
     _MEMO[key] = found

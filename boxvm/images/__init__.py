@@ -9,14 +9,16 @@ every box as the backing layer of its own overlay.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,7 +97,11 @@ class ImageStore:
                 keep = self.home.images / "layouts" / image.digest.split(":")[1]
                 if not keep.exists():
                     keep.parent.mkdir(parents=True, exist_ok=True)
-                    image.layout.rename(keep)
+                    try:
+                        image.layout.rename(keep)
+                    except OSError as exc:  # another create from this archive kept it first (by digest: the same)
+                        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise
                 image = oci.Image(image.digest, image.config, image.layers, keep)
         if self.store.get_image(image.digest) is None:  # the first name it was used by stays its name
             size = sum(p.stat().st_size for p in (image.layout / "blobs" / "sha256").iterdir())
@@ -127,21 +133,50 @@ class ImageStore:
             return matches[0]
         raise NotFound(f"no cached image {reference!r}: `boxvm image ls` lists them")
 
-    def remove(self, reference: str, used_by: list[str]) -> ImageRecord:
+    def remove(self, reference: str, users: Callable[[str], list[str]]) -> ImageRecord:
         """Forget an image: its base disks, its pulled layout and blobs no other image
-        shares. Refused while a box (``used_by``: their names) is built on it."""
+        shares. Refused while a box (``users(digest)``: their names) is built on it, counted
+        under the image's lock, which a create holds until its box's record exists
+        (``in_use``): a box made meanwhile would back onto a deleted base disk, and the next
+        build under that name would be another file system under its layers."""
         rec = self.find(reference)
-        if used_by:
-            raise InvalidState(
-                f"image {rec.reference} is used by box(es) {', '.join(sorted(used_by))}: remove them first"
-            )
-        hexdigest = rec.digest.split(":")[1]
-        shutil.rmtree(self.home.images / hexdigest, ignore_errors=True)
-        from boxvm.images import registry
+        with _locked(self._lock(rec.digest)):
+            used_by = users(rec.digest)
+            if used_by:
+                raise InvalidState(
+                    f"image {rec.reference} is used by box(es) {', '.join(sorted(used_by))}: remove them first"
+                )
+            hexdigest = rec.digest.split(":")[1]
+            shutil.rmtree(self.home.images / hexdigest, ignore_errors=True)
+            from boxvm.images import registry
 
-        registry.remove_layout(self.home, rec.digest)
-        self.store.delete_image(rec.digest)
+            registry.remove_layout(self.home, rec.digest)
+            self.store.delete_image(rec.digest)
         return rec
+
+    @contextlib.asynccontextmanager
+    async def in_use(self, digest: str) -> AsyncIterator[None]:
+        """A create's shared hold on the image, from before its base disk until its box's
+        record exists: a removal waits for it (and then counts the box). Polled, not a
+        blocking flock in a thread, which a cancelled create would take later and keep."""
+        self.home.images.mkdir(exist_ok=True)
+        fd = os.open(self._lock(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.05)
+            if self.store.get_image(digest) is None:
+                raise NotFound(f"image {digest} was removed meanwhile: create the box again")
+            yield
+        finally:
+            os.close(fd)
+
+    def _lock(self, digest: str) -> Path:
+        """The image's lock file, beside its folder (which a removal deletes)."""
+        return self.home.images / f".{digest.split(':')[1]}.lock"
 
     def base_disk(self, image: ResolvedImage, size_gb: int, progress: Progress = silent) -> Path:
         """The shared ext4 base disk for this image at this size, built on first use, once.

@@ -388,27 +388,28 @@ class Boxes:
         self.check_free(name)
         images = self.ctx.images
         image = await asyncio.to_thread(images.resolve, options.image, self.ctx.progress)
-        base = await asyncio.to_thread(images.base_disk, image, options.disk_size_gb, self.ctx.progress)
-        bundle = await asyncio.to_thread(self.bundle)
-        final = self.home.box_dir(box_id)
-        rec = BoxRecord(
-            id=box_id,
-            name=name,
-            status=BoxStatus.CONFIGURED,
-            image=image.reference,
-            image_digest=image.digest,
-            options={**options.to_dict(), "image_config": image.runtime_config},
-            mac=qemu.new_mac(),
-            guest_bundle=bundle.id,
-        )
-        with self.staging([box_id], "create") as stage:
-            work = stage.dirs[0]
-            # tmp/ and boxes/ sit at the same depth, so relative backing paths written
-            # here stay valid after the rename (and when the whole home is moved).
-            qcow2.write_overlay(work / TOP, qcow2.read_header(base).size, os.path.relpath(base, final))
-            self.layers.new_guest_top(work, bundle.rootfs)
-            rec.timings = {"create_ms": round((time.monotonic() - t0) * 1000, 2)}
-            stage.publish(lambda: self.store.insert_box(rec))
+        async with images.in_use(image.digest):  # no removal of the image until the box's record exists
+            base = await asyncio.to_thread(images.base_disk, image, options.disk_size_gb, self.ctx.progress)
+            bundle = await asyncio.to_thread(self.bundle)
+            final = self.home.box_dir(box_id)
+            rec = BoxRecord(
+                id=box_id,
+                name=name,
+                status=BoxStatus.CONFIGURED,
+                image=image.reference,
+                image_digest=image.digest,
+                options={**options.to_dict(), "image_config": image.runtime_config},
+                mac=qemu.new_mac(),
+                guest_bundle=bundle.id,
+            )
+            with self.staging([box_id], "create") as stage:
+                work = stage.dirs[0]
+                # tmp/ and boxes/ sit at the same depth, so relative backing paths written
+                # here stay valid after the rename (and when the whole home is moved).
+                qcow2.write_overlay(work / TOP, qcow2.read_header(base).size, os.path.relpath(base, final))
+                self.layers.new_guest_top(work, bundle.rootfs)
+                rec.timings = {"create_ms": round((time.monotonic() - t0) * 1000, 2)}
+                stage.publish(lambda: self.store.insert_box(rec))
         return self.info(rec)
 
     async def remove(self, box_id: str, force: bool, holder: str | None = None) -> None:

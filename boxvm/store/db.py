@@ -918,13 +918,14 @@ class Store:
 
     # -- images -----------------------------------------------------------------------
     def put_image(self, rec: ImageRecord) -> None:
-        self._insert("images", rec, replace=True)
+        """The image's record, unless it has one: a REPLACE would cascade away the names
+        (``image_refs``) another resolve of the same digest just gave it."""
+        self._insert("images", rec, "INSERT OR IGNORE")
 
-    def _insert(self, table: str, rec: object, replace: bool = False) -> None:
+    def _insert(self, table: str, rec: object, verb: str = "INSERT") -> None:
         values = _encode(rec.__dict__)
         cols = ", ".join(values)
         marks = ", ".join(f":{k}" for k in values)
-        verb = "INSERT OR REPLACE" if replace else "INSERT"
         self._db.execute(f"{verb} INTO {table} ({cols}) VALUES ({marks})", values)
 
     def get_image(self, digest: str) -> ImageRecord | None:

@@ -1,0 +1,49 @@
+"""``boxvm doctor --repair`` against a capture in flight: a capture publishes its layer file
+before its row, so a scan whose walk passed the box just before took the new layer for an
+orphan and deleted it, and the box lost what it wrote since its previous layer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from boxvm.disks import qcow2
+from boxvm.disks.layers import TOP, LayerStore
+from boxvm.paths import Home
+from boxvm.status import BoxStatus
+from boxvm.store import BoxRecord, Store
+
+
+def test_repair_leaves_a_capture_published_during_its_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = Home(tmp_path / "home")
+    home.ensure()
+    store, layers = Store(home.db), LayerStore(home)
+    base = home.images / "ab" / "base-1g.qcow2"
+    base.parent.mkdir(parents=True)
+    qcow2.write_overlay(base, 1 << 30, None)
+    box = home.box_dir("b1")
+    box.mkdir()
+    qcow2.write_overlay(box / TOP, 1 << 30, os.path.relpath(base, box))
+    store.insert_box(BoxRecord(id="b1", name="b1", status=BoxStatus.STOPPED, image="x", options={}, mac="m"))
+    walk, captured = layers._roots, []
+
+    def roots(snapshot_layers: Iterable[str]) -> Iterator[Path]:
+        yield from walk(snapshot_layers)
+        if not captured:  # another process captures the box once the first walk has passed it
+            layer, _parent = layers.prepare_capture(box)
+            layers.commit(box)
+            captured.append(layer)
+
+    monkeypatch.setattr(layers, "_roots", roots)
+    scan = layers.scan(store, repair=True)
+    store.record_capture("b1", captured[0], None)  # the capture's own row, a moment later
+    assert scan.deleted == [] and scan.adopted == []
+    assert layers.layer_path(captured[0]).exists() and qcow2.chain(box / TOP)[1] == layers.layer_path(captured[0])
+    monkeypatch.setattr(layers, "_roots", walk)
+    assert layers.scan(store).clean
+    orphan = home.root / "layers" / "all" / ("f" * 16 + ".qcow2")  # a crash's leftover is still collected
+    qcow2.write_overlay(orphan, 1 << 20, None)
+    assert layers.scan(store, repair=True).deleted == ["f" * 16] and not orphan.exists()
