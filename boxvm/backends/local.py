@@ -518,7 +518,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         def users(digest: str) -> list[str]:
             return [b.name for b in self.store.list_boxes() if b.image_digest == digest]
 
-        await asyncio.to_thread(self.images.remove, reference, users)
+        await self.images.remove(reference, users)
 
     async def logs(self, box_id: str) -> str:
         rec = self.boxes.record(box_id)

@@ -356,9 +356,12 @@ class LayerStore:
         for parent in (self.home.tmp, self.home.boxes):
             for entry in _listdir(parent):
                 for directory in (parent / entry, parent / entry / "box"):  # an import stages one level down
-                    for name in _listdir(directory):
-                        if name in (TOP, PENDING):  # (a guest top only ever backs onto a bundle)
-                            yield directory / name
+                    names = _listdir(directory)
+                    if PENDING in names:  # its top too, after it: a commit may rename the one to the other
+                        yield directory / PENDING  # between the listing and the read (then read as gone)
+                        yield directory / TOP
+                    elif TOP in names:  # (a guest top only ever backs onto a bundle)
+                        yield directory / TOP
 
     def chains(self, snapshot_layers: Iterable[str]) -> dict[Path, list[Path]]:
         """Best effort, for reports: roots that cannot be read are left out."""

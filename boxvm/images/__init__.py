@@ -133,43 +133,57 @@ class ImageStore:
             return matches[0]
         raise NotFound(f"no cached image {reference!r}: `boxvm image ls` lists them")
 
-    def remove(self, reference: str, users: Callable[[str], list[str]]) -> ImageRecord:
+    async def remove(self, reference: str, users: Callable[[str], list[str]]) -> ImageRecord:
         """Forget an image: its base disks, its pulled layout and blobs no other image
         shares. Refused while a box (``users(digest)``: their names) is built on it, counted
         under the image's lock, which a create holds until its box's record exists
         (``in_use``): a box made meanwhile would back onto a deleted base disk, and the next
         build under that name would be another file system under its layers."""
         rec = self.find(reference)
-        with _locked(self._lock(rec.digest)):
+        async with self._flocked(rec.digest, fcntl.LOCK_EX):
             used_by = users(rec.digest)
             if used_by:
                 raise InvalidState(
                     f"image {rec.reference} is used by box(es) {', '.join(sorted(used_by))}: remove them first"
                 )
-            hexdigest = rec.digest.split(":")[1]
-            shutil.rmtree(self.home.images / hexdigest, ignore_errors=True)
-            from boxvm.images import registry
-
-            registry.remove_layout(self.home, rec.digest)
-            self.store.delete_image(rec.digest)
+            deleting = asyncio.ensure_future(asyncio.to_thread(self._delete, rec))
+            try:
+                await asyncio.shield(deleting)
+            except asyncio.CancelledError:
+                await deleting  # the lock is held until the deletion, which cannot be stopped, is over
+                raise
         return rec
+
+    def _delete(self, rec: ImageRecord) -> None:
+        shutil.rmtree(self.home.images / rec.digest.split(":")[1], ignore_errors=True)
+        from boxvm.images import registry
+
+        registry.remove_layout(self.home, rec.digest)
+        self.store.delete_image(rec.digest)
 
     @contextlib.asynccontextmanager
     async def in_use(self, digest: str) -> AsyncIterator[None]:
         """A create's shared hold on the image, from before its base disk until its box's
-        record exists: a removal waits for it (and then counts the box). Polled, not a
-        blocking flock in a thread, which a cancelled create would take later and keep."""
+        record exists: a removal waits for it (and then counts the box)."""
+        async with self._flocked(digest, fcntl.LOCK_SH):
+            if self.store.get_image(digest) is None:
+                raise NotFound(f"image {digest} was removed meanwhile: create the box again")
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _flocked(self, digest: str, mode: int) -> AsyncIterator[None]:
+        """The image's lock in ``mode``, polled: a blocking flock would hold a worker thread
+        (a few waiting removals starved the event loop's pool, and with it the create they
+        waited for) and be taken late by a cancelled caller."""
         self.home.images.mkdir(exist_ok=True)
         fd = os.open(self._lock(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             while True:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
                     await asyncio.sleep(0.05)
-            if self.store.get_image(digest) is None:
-                raise NotFound(f"image {digest} was removed meanwhile: create the box again")
             yield
         finally:
             os.close(fd)

@@ -882,9 +882,9 @@ class Store:
         the rows that hold, and -- if ``may_delete`` -- rows nothing holds and no chain
         reaches tombstoned, down their chains."""
         with self._tx(durable=True) as db:
-            for layer, parent in adopt.items():
-                db.execute("INSERT OR IGNORE INTO layers VALUES (?, ?, 0)", (layer, parent))
-                db.execute("INSERT INTO layer_pins VALUES (?, ?, 0)", (os.urandom(8).hex(), layer))
+            for layer, parent in adopt.items():  # (one whose capture recorded it meanwhile is the capture's)
+                if db.execute("INSERT OR IGNORE INTO layers VALUES (?, ?, 0)", (layer, parent)).rowcount:
+                    db.execute("INSERT INTO layer_pins VALUES (?, ?, 0)", (os.urandom(8).hex(), layer))
             expected = self.expected_refs()
             parents = {r[0]: r[1] for r in db.execute("SELECT id, parent FROM layers")}
             unheld = [layer for layer in parents if expected.get(layer, 0) == 0 and layer not in reached]

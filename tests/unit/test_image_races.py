@@ -77,26 +77,17 @@ async def test_a_removal_waits_for_a_create_and_counts_its_box(tmp_path: Path) -
     images = _images(tmp_path)
     image = images.resolve(str(build_layout(tmp_path / "layout", [_layer()], {"config": {}})))
     boxes: list[str] = []
-    outcome: list[BaseException | None] = []
-
-    def remove() -> None:
-        try:
-            images.remove(image.reference, lambda digest: list(boxes))
-            outcome.append(None)
-        except BaseException as exc:  # reported below
-            outcome.append(exc)
-
     async with images.in_use(image.digest):
         base = images.base_disk(image, 1)
-        remover = threading.Thread(target=remove)
-        remover.start()
+        removal = asyncio.ensure_future(images.remove(image.reference, lambda digest: list(boxes)))
         await asyncio.sleep(0.5)
-        assert remover.is_alive() and base.exists()  # it waits for the create
+        assert not removal.done() and base.exists()  # it waits for the create
         boxes.append("new-box")  # the create's record
-    remover.join(10)
-    assert isinstance(outcome[0], InvalidState) and "new-box" in outcome[0].message and base.exists()
+    with pytest.raises(InvalidState, match="new-box"):
+        await removal
+    assert base.exists()
     boxes.clear()
-    images.remove(image.reference, lambda digest: list(boxes))
+    await images.remove(image.reference, lambda digest: list(boxes))
     assert not base.exists()
     with pytest.raises(NotFound):  # a create that resolved it just before the removal
         async with images.in_use(image.digest):

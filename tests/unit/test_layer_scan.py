@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import TOP, LayerStore
+from boxvm.disks.layers import PENDING, TOP, LayerStore
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
 
 
-def test_repair_leaves_a_capture_published_during_its_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _home(tmp_path: Path) -> tuple[Home, Store, LayerStore, Path]:
     home = Home(tmp_path / "home")
     home.ensure()
     store, layers = Store(home.db), LayerStore(home)
@@ -28,6 +28,11 @@ def test_repair_leaves_a_capture_published_during_its_walk(tmp_path: Path, monke
     box.mkdir()
     qcow2.write_overlay(box / TOP, 1 << 30, os.path.relpath(base, box))
     store.insert_box(BoxRecord(id="b1", name="b1", status=BoxStatus.STOPPED, image="x", options={}, mac="m"))
+    return home, store, layers, box
+
+
+def test_repair_leaves_a_capture_published_during_its_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home, store, layers, box = _home(tmp_path)
     walk, captured = layers._roots, []
 
     def roots(snapshot_layers: Iterable[str]) -> Iterator[Path]:
@@ -47,3 +52,41 @@ def test_repair_leaves_a_capture_published_during_its_walk(tmp_path: Path, monke
     orphan = home.root / "layers" / "all" / ("f" * 16 + ".qcow2")  # a crash's leftover is still collected
     qcow2.write_overlay(orphan, 1 << 20, None)
     assert layers.scan(store, repair=True).deleted == ["f" * 16] and not orphan.exists()
+
+
+def test_a_pending_top_renamed_between_listing_and_reading_is_read_as_the_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit between its two renames when the first pass lists the layers, and its second
+    rename (pending top to top) between the second pass's listing of the box and its read:
+    both passes missed the layer, and the repair deleted it under the box."""
+    _, store, layers, box = _home(tmp_path)
+    walk, passes, captured = layers._roots, [], []
+
+    def roots(snapshot_layers: Iterable[str]) -> Iterator[Path]:
+        passes.append(1)
+        for root in walk(snapshot_layers):
+            if len(passes) == 2 and root.name == PENDING and (box / PENDING).exists():
+                os.rename(box / PENDING, box / TOP)  # the commit's second rename, after the listing
+            yield root
+        if len(passes) == 1:  # the commit's first rename: the old top becomes the layer
+            layer, _parent = layers.prepare_capture(box)
+            os.rename(box / TOP, layers.layer_path(layer))
+            captured.append(layer)
+
+    monkeypatch.setattr(layers, "_roots", roots)
+    scan = layers.scan(store, repair=True)
+    store.record_capture("b1", captured[0], None)
+    assert captured[0] not in scan.deleted and qcow2.chain(box / TOP)[1] == layers.layer_path(captured[0])
+
+
+def test_a_capture_recorded_after_the_repair_adopted_it_is_not_pinned_twice(tmp_path: Path) -> None:
+    """A capture whose row comes later than both passes is adopted; one whose row comes
+    between the second pass and the repair's transaction is left to the capture (before, it
+    got a permanent pin anyway, and it and its chain were kept for good)."""
+    _, store, layers, box = _home(tmp_path)
+    layer, parent = layers.prepare_capture(box)
+    layers.commit(box)
+    store.record_capture("b1", layer, parent)
+    store.repair_layers({layer: parent}, {layer}, True)  # the adoption a scan decided before the row came
+    assert store.layer_rows()[layer] == (parent, 1)
