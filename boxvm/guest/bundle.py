@@ -18,7 +18,7 @@ from pathlib import Path
 from boxvm.build import debs
 from boxvm.build.cpio import write_cpio
 from boxvm.build.ext4 import make_ext4
-from boxvm.build.outputs import publish
+from boxvm.build.outputs import building, publish
 from boxvm.errors import ImageError
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -95,6 +95,13 @@ def ensure(home: Home, progress: Progress = silent) -> Bundle:
     path = home.guest / bundle_id
     if (built := load(path)) is not None:
         return built
+    with building(path):
+        if (built := load(path)) is not None:  # another process built it meanwhile
+            return built
+        return _build(home, bundle_id, wanted, path, progress)
+
+
+def _build(home: Home, bundle_id: str, wanted: list[debs.Deb], path: Path, progress: Progress) -> Bundle:
     kernel = next(d for d in wanted if d.package.startswith("linux-image-"))
     progress(f"downloading {len(wanted)} Debian packages for the guest")
     files = debs.fetch(wanted, home.cache / "debs")

@@ -18,12 +18,13 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from boxvm.build.ext4 import make_ext4
+from boxvm.build.outputs import building
 from boxvm.disks import qcow2
 from boxvm.disks.layers import fsync_dir
 from boxvm.errors import ImageError, InvalidArgument, InvalidState, NotFound
@@ -204,8 +205,7 @@ class ImageStore:
         target = self.home.images / image.digest.split(":")[1] / f"base-{size_gb}g.qcow2"
         if target.exists():
             return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(target.with_name(f".{target.name}.lock")):
+        with building(target):
             if target.exists():  # another caller built it while this one waited
                 return target
             return self._build_base(image, size_gb, target, progress)
@@ -243,11 +243,3 @@ class ImageStore:
             fsync_dir(target.parent.parent)
         progress(f"image disk ready in {time.monotonic() - t0:.1f} s")
         return target
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (made if missing) for the block's duration."""
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing the file releases it

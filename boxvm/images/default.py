@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.build import debs, mmdebstrap
-from boxvm.build.outputs import publish
+from boxvm.build.outputs import building, publish
 from boxvm.images import oci
 from boxvm.paths import Home
 from boxvm.progress import Progress, silent
@@ -77,18 +77,19 @@ def ensure_default(
     progress("resolving the default image's Debian packages")
     wanted = mmdebstrap.closure(mmdebstrap.base_packages() + packages)
     layout = home.images / "default" / _image_id("default", packages, wanted)
-    if (layout / "index.json").is_file():
-        os.utime(layout / "index.json")  # the newest build is the one in use
-        return layout
-    progress(f"building the default image from {len(wanted)} Debian packages (mmdebstrap)")
-    t0 = time.monotonic()
-    files = debs.fetch(wanted, home.cache / "apt")
-    with home.staging("default-image-") as work:
-        mmdebstrap.write_repo([files[d.package] for d in wanted], work / "repo")
-        layer = work / "layer.tar"
-        mmdebstrap.build_tar(packages, work / "repo", layer, work)
-        extra = {"build_tools": build_tools}
-        return _publish(home, layer, layout, DEFAULT_REF, wanted, t0, progress, extra)
+    with building(layout):  # one build at a time; one made meanwhile is used
+        if (layout / "index.json").is_file():
+            os.utime(layout / "index.json")  # the newest build is the one in use
+            return layout
+        progress(f"building the default image from {len(wanted)} Debian packages (mmdebstrap)")
+        t0 = time.monotonic()
+        files = debs.fetch(wanted, home.cache / "apt")
+        with home.staging("default-image-") as work:
+            mmdebstrap.write_repo([files[d.package] for d in wanted], work / "repo")
+            layer = work / "layer.tar"
+            mmdebstrap.build_tar(packages, work / "repo", layer, work)
+            extra = {"build_tools": build_tools}
+            return _publish(home, layer, layout, DEFAULT_REF, wanted, t0, progress, extra)
 
 
 def ensure_slim(home: Home, progress: Progress = silent, *, refresh: bool = False) -> Path:
@@ -98,27 +99,28 @@ def ensure_slim(home: Home, progress: Progress = silent, *, refresh: bool = Fals
         return existing[-1]
     wanted = debs.resolve(SLIM_PACKAGES)
     layout = home.images / "slim" / _image_id("slim", SLIM_PACKAGES, wanted)
-    if (layout / "index.json").is_file():
-        os.utime(layout / "index.json")
-        return layout
-    progress(f"building the slim image from {len(wanted)} Debian packages")
-    t0 = time.monotonic()
-    files = debs.fetch(wanted, home.cache / "debs")
-    with home.staging("slim-image-") as work:
-        root = work / "rootfs"
-        debs.unpack_tree([files[d.package] for d in wanted if d.package != "coreutils"], root)
-        debs.extract(files["coreutils"], root, _SLIM_KEEP)
-        for d, mode in (("root", 0o700), ("tmp", 0o1777), ("home", 0o755), ("proc", 0o555), ("sys", 0o555),
-                        ("dev", 0o755), ("etc", 0o755), ("var/tmp", 0o1777), ("run", 0o755)):  # fmt: skip
-            (root / d).mkdir(parents=True, exist_ok=True)
-            os.chmod(root / d, mode)
-        (root / "etc" / "passwd").write_text(PASSWD)
-        (root / "etc" / "group").write_text(GROUP)
-        (root / "home" / "user").mkdir()
-        layer = work / "layer.tar"
-        _tar_tree(root, layer)
-        shutil.rmtree(root, ignore_errors=True)
-        return _publish(home, layer, layout, SLIM_REF, wanted, t0, progress, {})
+    with building(layout):  # one build at a time; one made meanwhile is used
+        if (layout / "index.json").is_file():
+            os.utime(layout / "index.json")
+            return layout
+        progress(f"building the slim image from {len(wanted)} Debian packages")
+        t0 = time.monotonic()
+        files = debs.fetch(wanted, home.cache / "debs")
+        with home.staging("slim-image-") as work:
+            root = work / "rootfs"
+            debs.unpack_tree([files[d.package] for d in wanted if d.package != "coreutils"], root)
+            debs.extract(files["coreutils"], root, _SLIM_KEEP)
+            for d, mode in (("root", 0o700), ("tmp", 0o1777), ("home", 0o755), ("proc", 0o555), ("sys", 0o555),
+                            ("dev", 0o755), ("etc", 0o755), ("var/tmp", 0o1777), ("run", 0o755)):  # fmt: skip
+                (root / d).mkdir(parents=True, exist_ok=True)
+                os.chmod(root / d, mode)
+            (root / "etc" / "passwd").write_text(PASSWD)
+            (root / "etc" / "group").write_text(GROUP)
+            (root / "home" / "user").mkdir()
+            layer = work / "layer.tar"
+            _tar_tree(root, layer)
+            shutil.rmtree(root, ignore_errors=True)
+            return _publish(home, layer, layout, SLIM_REF, wanted, t0, progress, {})
 
 
 def builds(home: Home, name: str) -> list[Path]:

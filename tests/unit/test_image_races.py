@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import os
 import tarfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from boxvm.build.outputs import building
 from boxvm.errors import InvalidState, NotFound
 from boxvm.images import ImageStore, ResolvedImage
 from boxvm.paths import Home
@@ -107,3 +110,23 @@ def test_two_names_of_one_digest_both_stay(tmp_path: Path) -> None:
     refs = images.store.image_refs()
     assert refs[first.reference] == refs["second/name"] == first.digest
     assert images.find(first.reference).reference == first.reference  # the first name stays its name
+
+
+def test_builds_of_one_output_take_turns(tmp_path: Path) -> None:
+    """The guest bundle and the built-in images are built under ``building``: concurrent
+    first uses each ran a whole build before (minutes of mmdebstrap, GBs in tmp/)."""
+    dest, spans = tmp_path / "images" / "slim" / "0123", []
+
+    def build() -> None:
+        with building(dest):
+            began = time.monotonic()
+            time.sleep(0.2)
+            spans.append((began, time.monotonic()))
+
+    threads = [threading.Thread(target=build) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 3 and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))  # never two at once
