@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from boxvm import locks
 from boxvm.build.ext4 import make_ext4
 from boxvm.build.outputs import building
 from boxvm.disks import qcow2
@@ -173,18 +174,11 @@ class ImageStore:
 
     @contextlib.asynccontextmanager
     async def _flocked(self, digest: str, mode: int) -> AsyncIterator[None]:
-        """The image's lock in ``mode``, polled: a blocking flock would hold a worker thread
-        (a few waiting removals starved the event loop's pool, and with it the create they
-        waited for) and be taken late by a cancelled caller."""
+        """The image's lock in ``mode`` (waiting removals held worker threads and starved the
+        create they waited for: ``locks.acquire`` polls)."""
         self.home.images.mkdir(exist_ok=True)
-        fd = os.open(self._lock(digest), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = await locks.acquire(self._lock(digest), mode, every=0.05)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, mode | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.05)
             yield
         finally:
             os.close(fd)

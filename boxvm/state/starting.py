@@ -21,9 +21,7 @@ one of them wins:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import tempfile
@@ -31,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from boxvm import locks
 from boxvm.disks.layers import fsync_dir
 from boxvm.status import BoxStatus
 
@@ -157,17 +156,7 @@ class SpawnLock:
 
     @classmethod
     async def acquire(cls, box_dir: Path) -> SpawnLock:
-        fd = os.open(box_dir / _SPAWN_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            while True:  # polled, not a blocking flock in a thread: a cancelled start must not take it later
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return cls(fd)
-                except BlockingIOError:
-                    await asyncio.sleep(0.02)
-        except BaseException:
-            os.close(fd)
-            raise
+        return cls(await locks.acquire(box_dir / _SPAWN_LOCK, follow=False))
 
     def release(self) -> None:
         """Idempotent: the lock goes with the descriptor."""
