@@ -78,6 +78,7 @@ class LocalBackend(templates.TemplateOps, Backend):
         self.memory = Suspend(self.boxes)
         self._accel: accel_mod.Accel | None = None
         self._unsandboxed_said = False
+        self._unconfined_said = False
         self.boxes.recover()
 
     # -- records ----------------------------------------------------------------------
@@ -165,6 +166,18 @@ class LocalBackend(templates.TemplateOps, Backend):
             self._unsandboxed_said = True
             log.warning("boxvm: this QEMU has no seccomp sandbox (built without libseccomp): boxes run without it")
         return caps.sandbox
+
+    def _confined(self) -> bool:
+        """Whether this QEMU runs confined to its box's files (``engine/confine``: probed
+        once; said once if not)."""
+        caps = qemucaps.probe(self.home.cache)
+        if not caps.confined and not self._unconfined_said:
+            self._unconfined_said = True
+            log.warning(
+                "boxvm: this kernel has no Landlock (or QEMU needs files it does not grant): QEMU runs"
+                " with every file of this user in reach"
+            )
+        return caps.confined
 
     def _accel_choice(self) -> accel_mod.Accel:
         if self._accel is None:
@@ -258,6 +271,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                 json.dumps(
                     {"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)}
                     | {"incoming": resume, "resume": plan, "start": token}
+                    | {"confine": [str(bundle.kernel), str(bundle.initramfs)] if self._confined() else None}
                 )
             )
             # Shielded, the lock released when it ends: a start cancelled meanwhile must not let

@@ -1,5 +1,5 @@
-"""What this host's QEMU can do for memory state (and whether it runs sandboxed), probed
-once per QEMU binary and cached.
+"""What this host's QEMU can do for memory state (and whether it runs sandboxed and
+confined), probed once per QEMU binary and cached.
 
 Suspend, memory snapshots and resuming an imported memory state need a guest RAM in a
 ``memory-backend-file`` (QEMU built for POSIX hosts) and the ``x-ignore-shared`` migration
@@ -17,9 +17,11 @@ import os
 import secrets
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from boxvm.engine import confine
 from boxvm.engine.qemu import SANDBOX, qemu_binary
 from boxvm.errors import Unsupported
 
@@ -35,6 +37,7 @@ class QemuCaps:
     ignore_shared: bool  # the x-ignore-shared migration capability exists
     reason: str  # why not, in QEMU's words ("" when both work)
     sandbox: bool  # -sandbox qemu.SANDBOX works (QEMU built with libseccomp)
+    confined: bool  # a microvm starts under confine.for_qemu (a kernel with Landlock)
 
     @property
     def memory_state(self) -> bool:
@@ -83,7 +86,7 @@ def _run(binary: str) -> QemuCaps:
         try:
             done = _ask(argv, "query-migrate-capabilities")
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}", False)
+            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}", False, False)
     replies = []
     for line in done.stdout.splitlines():
         with contextlib.suppress(ValueError):
@@ -91,7 +94,7 @@ def _run(binary: str) -> QemuCaps:
     greeting = next((r["QMP"] for r in replies if isinstance(r, dict) and "QMP" in r), None)
     if greeting is None:
         why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
-        return QemuCaps("", False, False, why, False)
+        return QemuCaps("", False, False, why, False, False)
     v = greeting.get("version", {}).get("qemu", {})
     version = f"{v.get('major', 0)}.{v.get('minor', 0)}.{v.get('micro', 0)}"
     names = {
@@ -101,11 +104,11 @@ def _run(binary: str) -> QemuCaps:
         for c in r["return"]
         if isinstance(c, dict)
     }
-    sandbox = _sandboxed(binary)
+    sandbox, confined = _sandboxed(binary), _confined(binary)
     if "x-ignore-shared" not in names:
         why = "QEMU has no x-ignore-shared migration capability (QEMU 4.0 added it)"
-        return QemuCaps(version, True, False, why, sandbox)
-    return QemuCaps(version, True, True, "", sandbox)
+        return QemuCaps(version, True, False, why, sandbox, confined)
+    return QemuCaps(version, True, True, "", sandbox, confined)
 
 
 def _sandboxed(binary: str) -> bool:
@@ -118,10 +121,36 @@ def _sandboxed(binary: str) -> bool:
     return done.returncode == 0 and '"QMP"' in done.stdout
 
 
-def _ask(argv: list[str], *commands: str) -> subprocess.CompletedProcess[str]:
+def _confined(binary: str) -> bool:
+    """Whether a box's machine (its firmware loaded, its QMP socket made) starts under the
+    Landlock ruleset of a box's QEMU: not on a kernel without Landlock, nor with a QEMU
+    that needs files outside what ``confine.for_qemu`` grants."""
+    with tempfile.TemporaryDirectory(prefix="boxvm-qemu-probe-") as tmp:
+        argv = [
+            binary, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-nodefaults", "-display", "none",
+            "-S", "-qmp", "stdio", "-chardev", f"socket,id=probe,path={tmp}/probe.sock,server=on,wait=off",
+        ]  # fmt: skip
+        try:
+            policy = confine.for_qemu(Path(tmp), [], binary)
+        except OSError:
+            return False
+        try:
+            done = _ask(argv, preexec_fn=policy.enter)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        finally:
+            policy.close()
+    return done.returncode == 0 and '"QMP"' in done.stdout
+
+
+def _ask(
+    argv: list[str], *commands: str, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a probing QEMU (``-qmp stdio``) through ``commands``, between the handshake and ``quit``."""
     script = "".join(json.dumps({"execute": c}) + "\n" for c in ("qmp_capabilities", *commands, "quit"))
-    return subprocess.run(argv, input=script, capture_output=True, text=True, timeout=PROBE_TIMEOUT)
+    return subprocess.run(
+        argv, input=script, capture_output=True, text=True, timeout=PROBE_TIMEOUT, preexec_fn=preexec_fn
+    )
 
 
 def require_memory_state(cache: Path, what: str) -> QemuCaps:

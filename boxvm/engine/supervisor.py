@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import PENDING, TOP, LayerStore, layer_of
-from boxvm.engine import console
+from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore, layer_of
+from boxvm.engine import confine, console
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.engine.memory_ops import MemoryOps
 from boxvm.engine.qmp import QMP
@@ -58,6 +60,7 @@ class Supervisor(MemoryOps):
         self.resume_plan: dict[str, Any] = cfg.get("resume") or {}  # how to resume it (engine/memory_ops)
         self.base_cached = False  # its private RAM's file read into the page cache (engine/memory_ops)
         self.start_token: float | None = cfg.get("start")  # the start that spawned it (state/starting)
+        self.confine: list[str] | None = cfg.get("confine")  # its kernel and initramfs: QEMU runs confined
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()
@@ -81,18 +84,22 @@ class Supervisor(MemoryOps):
             return
         self.layers.clear_live_links(self.dir)  # a previous run's
         os.link(self.dir / TOP, self.live["data"])
-        failed = None
+        failed, policy = None, None
         try:
+            policy = self.policy()
             # QEMU's stdout is the serial console (-serial stdio), its stderr its own messages.
             self.qemu = await asyncio.create_subprocess_exec(
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_die_with_parent if policy is None else functools.partial(_die_confined, policy),
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError, BoxvmError) as exc:
             failed = f"QEMU could not be started: {exc}"
+        finally:
+            if policy is not None:
+                policy.close()
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
         os.chmod(self.dir / "ctl.sock", 0o600)
         qemu_pid = self.qemu.pid if self.qemu else None
@@ -131,6 +138,19 @@ class Supervisor(MemoryOps):
         for name in ("ctl.sock", "qmp.sock", "agent.sock"):
             with contextlib.suppress(FileNotFoundError):
                 (self.dir / name).unlink()
+
+    def policy(self) -> confine.Policy | None:
+        """The Landlock ruleset QEMU starts under (``engine/confine``), if it is to be
+        confined: its box directory, and read-only its kernel, initramfs and each file of
+        its disks' chains as they are now (a later capture's layers are files of this
+        directory when QEMU opens them)."""
+        if self.confine is None:
+            return None
+        reads = [Path(p) for p in self.confine]
+        reads += qcow2.chain(self.live["data"]) + qcow2.chain(self.dir / GUEST_TOP)
+        policy = confine.for_qemu(self.dir, reads, self.argv[0])
+        log.info("QEMU confined to its box (Landlock ABI %d)", policy.abi)
+        return policy
 
     async def connect(self) -> None:
         # QEMU creates its sockets a moment after it starts: poll for them.
@@ -438,6 +458,11 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _die_confined(policy: confine.Policy) -> None:
+    _die_with_parent()
+    policy.enter()
 
 
 def serve(box_dir: Path, notify_fd: int) -> None:

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 import boxvm
+from boxvm.disks import qcow2
+from boxvm.disks.layers import GUEST_TOP, TOP
 from boxvm.engine import agentlink, console, qemu, qemucaps
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
@@ -331,3 +333,69 @@ async def test_a_qemu_without_seccomp_is_told_apart(home: Home, tmp_path: Path) 
     wrapper.chmod(0o755)
     assert not qemucaps.probe(home.cache, str(wrapper)).sandbox
     assert qemucaps.probe(home.cache, real).sandbox
+
+
+def _qemu_wrapper(bindir: Path, body: str) -> Path:
+    """A ``qemu-system-x86_64`` first on PATH that runs ``body`` (with ``$d``: the box
+    directory, taken from the QMP socket's argument; empty in a probe), then the real QEMU."""
+    real = qemucaps.qemu_binary()
+    bindir.mkdir(parents=True)
+    wrapper = bindir / "qemu-system-x86_64"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'd=""; for a; do case "$a" in unix:*/qmp.sock,*) d=${a#unix:}; d=${d%/qmp.sock,*};; esac; done\n'
+        f"{body}\n"
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
+async def test_qemu_reaches_only_its_own_files(
+    rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU taken over runs as the user that runs boxvm: Landlock keeps it to its own box
+    directory, the files of its disks' chains (read-only) and the system's programs. The
+    box's QEMU process itself (a wrapper that execs the real QEMU, under the same ruleset)
+    tries what a taken-over QEMU would: the home's database, another box's files, the
+    user's own files, writing into a layer its box shares, signalling its supervisor."""
+    secret = tmp_path / "outside" / "credentials"  # outside the wrapper's prefix (tmp_path/qemu)
+    secret.parent.mkdir()
+    secret.write_text("aws_secret_access_key = x\n")
+    other = await rt.create(name=f"other-{os.urandom(2).hex()}")
+    try:
+        box_dir, other_dir = home.box_dir(fresh_box.id), home.box_dir(other.id)
+        bases = [p for top in (TOP, GUEST_TOP) for p in qcow2.chain(box_dir / top)[1:]]
+        assert bases  # the image's base disk and the guest's root file system, at least
+        checks = {
+            "db": f"cat {home.db}",
+            "secret": f"cat {secret}",
+            "other-box": f"cat {other_dir}/{GUEST_TOP}",
+            "layers": f"ls {home.root}/layers/all",
+            "base-written": " || ".join(f"echo >> {p}" for p in bases),
+            "signal": "kill -0 $PPID",
+        }
+        body = 'if [ -n "$d" ]; then\n'
+        for name, script in checks.items():
+            body += f'  ( {script} ) >/dev/null 2>&1 && echo "{name} reached" >> "$d/probe.out"\n'
+        body += f'  cat {" ".join(map(str, bases))} >/dev/null && echo bases read >> "$d/probe.out"\n'
+        body += '  echo own > "$d/own" && cat "$d/own" >> "$d/probe.out"\nfi'
+        monkeypatch.setenv("PATH", f"{_qemu_wrapper(tmp_path / 'qemu' / 'bin', body).parent}:{os.environ['PATH']}")
+        await fresh_box.start()
+        assert (await fresh_box.exec(["echo", "up"])).stdout == b"up\n"
+        assert (box_dir / "probe.out").read_text() == "bases read\nown\n"
+        assert "QEMU confined to its box" in (box_dir / "supervisor.log").read_text()
+    finally:
+        await rt.remove(other.id, force=True)
+
+
+async def test_a_qemu_that_needs_other_files_runs_unconfined(home: Home, tmp_path: Path) -> None:
+    """Where a QEMU needs files the ruleset does not grant (a build that keeps its firmware
+    elsewhere), the probe says so, and its boxes start unconfined (with a warning) rather
+    than not at all."""
+    elsewhere = tmp_path / "elsewhere" / "bios.bin"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"\0")
+    wrapper = _qemu_wrapper(tmp_path / "qemu" / "bin", f"cat {elsewhere} >/dev/null || exit 1")
+    assert not qemucaps.probe(home.cache, str(wrapper)).confined
+    assert qemucaps.probe(home.cache, qemucaps.qemu_binary()).confined
