@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from boxvm import objstore
+from boxvm import locks, objstore
 from boxvm.errors import AlreadyExists, BoxNotFound, BoxvmError, EngineError, InvalidArgument, InvalidState, NotFound
 from boxvm.options import BoxInfo, BoxOptions, CloneOptions, ExecResult, SnapshotInfo, SnapshotOptions
 from boxvm.ray.errors import NoCapacity, RunnerUnavailable
@@ -100,7 +100,6 @@ class Runner:
         self._memory_mib = memory_mib
         self._held: dict[int, tuple[float, int]] = {}  # reservations of boxes being created or started
         self._tickets = itertools.count()
-        self._seeding: dict[str, asyncio.Lock] = {}
         self._calls: dict[str, asyncio.Future[list[str]]] = {}  # token -> the ids its call made, once ended
         self._naming: set[str] = set()  # the names the calls under way are making
         self._dropped: set[str] = set()  # calls discarded before they began: they never will
@@ -338,41 +337,66 @@ class Runner:
         cloned from the seed's snapshot copy-on-write, so N forks share one copy of its disk
         (``token`` names the call for ``discard``)."""
         names = [name or f"fork-{secrets.token_hex(6)}" for name in names]  # not the seed's name + suffix
-        async with self._call(token, names) as made:
-            seed, mark = await self._seed(url)
+        async with self._call(token, names) as made, self._seeded(url) as (seed, mark):
             infos = await self._clone(seed.id, names, CloneOptions(from_snapshot=mark, start_after_clone=start))
             made(infos)
             return infos
 
-    async def _seed(self, url: str) -> tuple[Box, str]:
-        """The node's seed of ``url`` and its snapshot's name (``_mark``). Imported trusted,
-        as the pool's own publication: untrusted would cap its forks' memory and cpus below
-        what the published box had (and refuse a suspended one over the cap)."""
+    @contextlib.asynccontextmanager
+    async def _seeded(self, url: str) -> AsyncIterator[tuple[Box, str]]:
+        """The node's seed of ``url`` and its snapshot's name (``_mark``), imported if need
+        be, and held while the caller clones it: a shared ``flock`` on a file of the home,
+        exclusive to import or retire. Runners of other pools over the same home (other Ray
+        namespaces) then neither import it twice nor remove each other's import halfway,
+        and a retire waits for the clones under way, which still share the lock."""
         name, mark = seed_name(url), await _mark(url)
-        async with self._seeding.setdefault(url, asyncio.Lock()):
+        path = _seeds_dir(self._rt) / f"{name}.lock"
+        fd = await locks.acquire(path, fcntl.LOCK_SH)
+        try:
             seed = await self._rt.get(name)
-            if seed is not None and await seed.snapshot.get(mark) is not None:
-                return seed, mark
-            if seed is not None:  # an import a crash cut short, or of an object since replaced at the URL
-                await self._rt.remove(seed.id, force=True)
-            seed = await self._rt.import_box(url, name)
-            try:  # a suspended one's snapshot keeps its memory: the forks resume it
-                suspended = (await seed.info()).status == BoxStatus.SUSPENDED
-                await seed.snapshot.create(mark, SnapshotOptions(memory=suspended))
-            except BaseException:
-                await self._rt.remove(seed.id, force=True)
-                raise
-            return seed, mark
+            if seed is None or await seed.snapshot.get(mark) is None:
+                os.close(fd)
+                fd = -1
+                fd = await locks.acquire(path, fcntl.LOCK_EX)
+                seed = await self._import_seed(url, name, mark)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # converted in place: no retire comes between
+            yield seed, mark
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+    async def _import_seed(self, url: str, name: str, mark: str) -> Box:
+        """Under the seed's exclusive lock: its import, unless another caller made it since.
+        Imported trusted, as the pool's own publication: untrusted would cap its forks'
+        memory and cpus below what the published box had (and refuse a suspended one over
+        the cap)."""
+        seed = await self._rt.get(name)
+        if seed is not None and await seed.snapshot.get(mark) is not None:
+            return seed
+        if seed is not None:  # an import a crash cut short, or of an object since replaced at the URL
+            await self._rt.remove(seed.id, force=True)
+        seed = await self._rt.import_box(url, name)
+        try:  # a suspended one's snapshot keeps its memory: the forks resume it
+            suspended = (await seed.info()).status == BoxStatus.SUSPENDED
+            await seed.snapshot.create(mark, SnapshotOptions(memory=suspended))
+        except BaseException:
+            await self._rt.remove(seed.id, force=True)
+            raise
+        return seed
 
     async def retire(self, url: str) -> bool:
         """Remove this node's seed of ``url``; False if it has none. Its forks keep working: a
         layer goes only with its last user, so their disks keep what they share with it."""
-        async with self._seeding.setdefault(url, asyncio.Lock()):  # not halfway through a fork's import
-            seed = await self._rt.get(seed_name(url))
+        name = seed_name(url)
+        fd = await locks.acquire(_seeds_dir(self._rt) / f"{name}.lock")  # no import or clone of it under way
+        try:
+            seed = await self._rt.get(name)
             if seed is None:
                 return False
             await self._rt.remove(seed.id, force=True)
             return True
+        finally:
+            os.close(fd)
 
     async def seeds(self) -> list[str]:
         return [i.name for i in await self._rt.list() if SEED_NAME.fullmatch(i.name)]
@@ -509,6 +533,12 @@ def _journal(folder: Path, token: str, names: list[str]) -> Iterator[None]:
     finally:
         tmp.unlink(missing_ok=True)
         os.close(fd)
+
+
+def _seeds_dir(rt: Runtime) -> Path:
+    path = rt.backend.home.tmp / "rayseeds"  # the seeds' lock files (``_seeded``); kept, like raycalls
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
 
 
 def _calls_dir(rt: Runtime) -> Path:

@@ -5,15 +5,17 @@ created, not started (no VM is needed to make or remove them)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from pathlib import Path
 
 import pytest
 
 import boxvm
 from boxvm.errors import InvalidState
 from boxvm.paths import Home
-from boxvm.ray.runner import Runner
+from boxvm.ray.runner import Runner, seed_name
 
 pytestmark = [pytest.mark.asyncio]
 OPTS = boxvm.BoxOptions(image="boxvm/slim")
@@ -70,4 +72,39 @@ async def test_the_next_runner_undoes_the_calls_a_dead_runner_was_making(home: H
         async with boxvm.Runtime(home.root) as rt:
             for name in await names(home, prefix):
                 await rt.remove(name, force=True)
+        await second.close("test", False)
+
+
+async def test_runners_over_one_home_import_a_seed_once_and_a_retire_waits_for_its_forks(
+    home: Home, tmp_path: Path
+) -> None:
+    """Two runners over one home (pools in two Ray namespaces) fork one archive at once: one
+    imports the seed, both clone it (before, each imported it under the same name: one failed,
+    or removed the other's import halfway). A retire waits while a fork holds the seed."""
+    prefix = f"seeded-{os.urandom(2).hex()}"
+    archive = tmp_path / "seed.boxsnap"
+    async with boxvm.Runtime(home.root) as rt:
+        box = await rt.create(OPTS, f"{prefix}-source")
+        await box.export(str(archive))
+        await rt.remove(box.id, force=True)
+    first, second = (Runner(str(home.root), "test-node", 64, 1 << 16) for _ in range(2))
+    try:
+        made = await asyncio.gather(
+            first.fork(str(archive), [f"{prefix}-a"], False, "seed-call-a"),
+            second.fork(str(archive), [f"{prefix}-b"], False, "seed-call-b"),
+        )
+        assert sorted(i.name for infos in made for i in infos) == [f"{prefix}-a", f"{prefix}-b"]
+        seed = seed_name(str(archive))
+        assert seed in await first.seeds()
+        async with first._seeded(str(archive)):  # a fork's clone under way
+            retire = asyncio.create_task(second.retire(str(archive)))
+            await asyncio.sleep(0.5)
+            assert not retire.done()
+        assert await asyncio.wait_for(retire, 30)
+        assert seed not in await first.seeds()
+    finally:
+        async with boxvm.Runtime(home.root) as rt:
+            for name in await names(home, prefix):
+                await rt.remove(name, force=True)
+        await first.close("test", False)
         await second.close("test", False)
