@@ -575,7 +575,11 @@ class Store:
             if row[0] != layer:
                 if row[0] != parent:
                     raise StorageError(f"box {box_id}: its top backs onto {parent}, its record says {row[0]}")
-                db.execute("INSERT INTO layers VALUES (?, ?, 1)", (layer, parent))
+                adopted = db.execute("SELECT parent FROM layers WHERE id = ?", (layer,)).fetchone()
+                if adopted is None:
+                    db.execute("INSERT INTO layers VALUES (?, ?, 1)", (layer, parent))
+                else:
+                    self._take_adopted(db, layer, parent, adopted[0])
                 db.execute("UPDATE boxes SET layer = ? WHERE id = ?", (layer, box_id))
             if fresh:
                 db.execute("UPDATE boxes SET fresh = max(fresh, 1) WHERE id = ?", (box_id,))
@@ -584,6 +588,17 @@ class Store:
             if release:
                 self._end_operation(db, box_id)
             return self._pin(db, layer, pin_pid) if pin_pid else None
+
+    @staticmethod
+    def _take_adopted(db: sqlite3.Connection, layer: str, parent: str | None, adopted_parent: str | None) -> None:
+        """A capture recorded after ``doctor --repair`` adopted its layer (its row came later
+        than both of repair's passes): the box's reference takes the place of the adoption's
+        pin, and the box's reference on ``parent``, which the adopted row holds, goes."""
+        if adopted_parent != parent:
+            raise StorageError(f"layer {layer} is recorded over {adopted_parent}, its capture over {parent}")
+        pins = db.execute("DELETE FROM layer_pins WHERE layer = ? AND pid = 0", (layer,)).rowcount
+        db.execute("UPDATE layers SET refs = refs + 1 - ? WHERE id = ?", (pins, layer))
+        Store._drop(db, parent, [])  # never the last reference: the adopted row holds it
 
     def _add_snapshot(self, db: sqlite3.Connection, snapshot: SnapshotRecord, layer: str) -> None:
         """The snapshot row and its hold on ``layer``, inside the caller's transaction."""

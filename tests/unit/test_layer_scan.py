@@ -90,3 +90,23 @@ def test_a_capture_recorded_after_the_repair_adopted_it_is_not_pinned_twice(tmp_
     store.record_capture("b1", layer, parent)
     store.repair_layers({layer: parent}, {layer}, True)  # the adoption a scan decided before the row came
     assert store.layer_rows()[layer] == (parent, 1)
+
+
+def test_a_capture_recorded_after_repair_adopted_its_layer_takes_it_over(tmp_path: Path) -> None:
+    """A capture whose row comes later than both of repair's passes (its transaction behind
+    another writer): repair adopts its layer under a permanent pin, and the capture's own
+    record then takes the layer over (before, its insert failed, and every retry of it)."""
+    _, store, layers, box = _home(tmp_path)
+    first, _ = layers.prepare_capture(box)
+    layers.commit(box)
+    store.record_capture("b1", first, None)
+    second, parent = layers.prepare_capture(box)  # over the first: a parent to hand over
+    layers.commit(box)
+    assert parent == first
+    assert layers.scan(store, repair=True).adopted == [second]
+    store.record_capture("b1", second, first)
+    assert store.get_box("b1").layer == second
+    assert store._db.execute("SELECT count(*) FROM layer_pins").fetchone()[0] == 0
+    assert layers.scan(store).clean  # every count what its holders make it
+    refs = dict(store._db.execute("SELECT id, refs FROM layers").fetchall())
+    assert refs == {first: 1, second: 1} == {k: v for k, v in store.expected_refs().items() if k in refs}
