@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from boxvm import faults
@@ -94,29 +96,32 @@ class Clones:
                 claim.ended = True
                 layer, timings = cap.layer, cap.timings
         try:
-            with self.boxes.staging(ids, "clone") as stage:
-                if options.cow:
-                    self._write(rec, layer, stage.dirs, True, size, guest=forked_from is not None)
-                else:  # a full copy of the chain: scales with the data
-                    await asyncio.to_thread(self._write, rec, layer, stage.dirs, False, size)
-                if forked_from is not None:  # the clones resume from it: forks
-                    await asyncio.to_thread(fork_into, self.home.box_dir(rec.id), forked_from, stage.dirs)
-                faults.point("clone:staged")
-                own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
-                if "pause_ms" in timings:
-                    own_timings["pause_ms"] = timings["pause_ms"]
-                records = [
-                    _clone_record(rec, new_id, name, own_timings, layer if options.cow else None)
-                    for new_id, name in zip(ids, final_names, strict=True)
-                ]
-                if forked_from is not None:
-                    for r in records:
-                        r.status = BoxStatus.SUSPENDED
-                # all clones appear at once; copy-on-write clones (not forks) hold only fresh tops
-                stage.publish(
-                    lambda: self.store.insert_clones(records, pin, source),
-                    sync=forked_from is not None or not options.cow,
-                )
+            # No removal of its image until the clones' records exist: a clone of a snapshot
+            # of a removed box has no other hold on the base disk its layers rest on.
+            async with self._image_held(rec):
+                with self.boxes.staging(ids, "clone") as stage:
+                    if options.cow:
+                        self._write(rec, layer, stage.dirs, True, size, guest=forked_from is not None)
+                    else:  # a full copy of the chain: scales with the data
+                        await asyncio.to_thread(self._write, rec, layer, stage.dirs, False, size)
+                    if forked_from is not None:  # the clones resume from it: forks
+                        await asyncio.to_thread(fork_into, self.home.box_dir(rec.id), forked_from, stage.dirs)
+                    faults.point("clone:staged")
+                    own_timings = {"clone_ms": round((time.perf_counter() - t0) * 1000, 2)}
+                    if "pause_ms" in timings:
+                        own_timings["pause_ms"] = timings["pause_ms"]
+                    records = [
+                        _clone_record(rec, new_id, name, own_timings, layer if options.cow else None)
+                        for new_id, name in zip(ids, final_names, strict=True)
+                    ]
+                    if forked_from is not None:
+                        for r in records:
+                            r.status = BoxStatus.SUSPENDED
+                    # all clones appear at once; copy-on-write clones (not forks) hold only fresh tops
+                    stage.publish(
+                        lambda: self.store.insert_clones(records, pin, source),
+                        sync=forked_from is not None or not options.cow,
+                    )
         except BaseException as exc:
             if pin is not None:
                 self.layers.collect(self.store, self.store.unpin(pin))
@@ -126,6 +131,16 @@ class Clones:
                 raise NotFound(f"box {rec.name!r} was removed while it was being cloned") from None
             raise
         return records
+
+    @contextlib.asynccontextmanager
+    async def _image_held(self, rec: BoxRecord) -> AsyncIterator[None]:
+        """``ImageStore.in_use`` of the source's image, if this home has it (an imported
+        box's disks rest on no image)."""
+        if rec.image_digest is None or self.store.get_image(rec.image_digest) is None:
+            yield
+        else:
+            async with self.boxes.ctx.images.in_use(rec.image_digest):
+                yield
 
     def _write(
         self, src: BoxRecord, layer: str, dirs: list[Path], cow: bool, size: int | None, guest: bool = True

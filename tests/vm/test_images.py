@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
+import os
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
 import boxvm
+from boxvm.disks import qcow2
+from boxvm.disks.layers import TOP
 from boxvm.errors import ImageError
 from boxvm.images import oci
 from boxvm.images.default import ensure_slim
 from boxvm.paths import Home
+from boxvm.state.clones import Clones
 from tests.helpers import build_layout
 
 
@@ -134,3 +140,60 @@ async def test_multi_layer_archive_boots_with_merged_fs_and_config(
         ]  # fmt: skip
     finally:
         await rt.remove(box.id, force=True)
+
+
+@pytest.mark.asyncio
+async def test_an_image_is_not_removed_under_a_clone_of_a_removed_boxs_snapshot(
+    rt: boxvm.Runtime, home: Home, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clone of a snapshot holds the snapshot's layer, not its box: with the box removed,
+    nothing else kept the image's removal (another process) from deleting the base disk
+    under the clone being staged. The clone now holds the image until its record exists;
+    the removal waits, then counts the clone and is refused."""
+    tag = os.urandom(4).hex()
+    layout = build_layout(tmp_path / "layout", [_layer(lambda t: _member(t, "tag", tag.encode()))], {"config": {}})
+    box = await rt.create(boxvm.BoxOptions(image=str(layout), disk_size_gb=1), f"imgrace-{tag}")
+    await box.snapshot.create("s")
+    staged, go, seen = threading.Event(), threading.Event(), {}
+    write = Clones._write
+
+    def staging(self: Clones, *args: object, **kwargs: object) -> None:
+        write(self, *args, **kwargs)  # type: ignore[arg-type]
+        staged.set()
+        go.wait(60)  # (this blocks the clone's event loop: the other caller has its own)
+
+    async def remove_box_then_image() -> None:
+        async with boxvm.Runtime(home.root) as other:
+            await other.remove(box.id, force=True)
+            removal = asyncio.ensure_future(other.images.remove(str(layout)))
+            await asyncio.sleep(1.0)
+            seen["waited"] = not removal.done()
+            go.set()
+            try:
+                await removal
+                seen["removed"] = True
+            except boxvm.InvalidState as exc:
+                seen["refused"] = str(exc)
+
+    def other_caller() -> None:
+        staged.wait(60)
+        try:
+            asyncio.run(remove_box_then_image())
+        finally:
+            go.set()
+
+    monkeypatch.setattr(Clones, "_write", staging)
+    thread = threading.Thread(target=other_caller)
+    thread.start()
+    try:
+        clone = await box.clone(f"imgrace-{tag}-c", boxvm.CloneOptions(from_snapshot="s"))
+    finally:
+        go.set()
+        thread.join(60)
+    try:
+        assert seen.get("waited") and f"imgrace-{tag}-c" in seen.get("refused", ""), seen
+        chain = qcow2.chain(home.box_dir(clone.id) / TOP)
+        assert all(p.exists() for p in chain) and len(chain) >= 3, chain  # its top, the layer, the base disk
+    finally:
+        await rt.remove(clone.id, force=True)
+        await rt.images.remove(str(layout))
