@@ -6,16 +6,20 @@ not from opening files: as the user that runs boxvm it could read that user's cr
 the home's database and token, and every other box's disks and RAM. Landlock, which needs no
 privilege, limits which paths a process and its children may open. A box's QEMU keeps:
 
-- its box directory, whole (its disks' tops and links, its RAM file, sockets, captures);
-- read-only, each file of its two disks' backing chains and its kernel and initramfs:
+- in its box directory: reading and writing the files there, and making sockets (its QMP
+  and agent sockets); not making, linking, renaming or removing anything else, so it cannot
+  plant a symlink or a file where boxvm, unconfined, would follow or trust it;
+- read-only, each file its caller names (its kernel, initramfs and disks' backing chains):
   files, not their directories, so no other box's layer is in reach;
-- read-only, the system's programs and data (``/usr`` and the like, and the prefix QEMU is
-  installed under), ``/proc``, ``/sys`` and the few ``/etc`` files a C program reads;
+- read-only, the system's programs and data (``/usr`` and the like, and QEMU's own ``lib``,
+  ``libexec`` and ``share`` beside its ``bin``), ``/sys``, its own ``/proc/<pid>`` and a few
+  other ``/proc`` files, and the few ``/etc`` files a C program reads;
 - ``/dev/null``, ``/dev/zero``, ``/dev/urandom``, ``/dev/random`` and ``/dev/kvm``.
 
 Where the kernel has Landlock ABI 6, signals to processes outside the domain are refused too,
 so a QEMU cannot kill its supervisor or another box's QEMU. Network access is not limited:
-user-mode networking connects wherever its guest does.
+user-mode networking connects wherever its guest does. Nor, on any ABI so far, is connecting
+to a named unix socket: the servers QEMU could reach that way refuse it (``peers``).
 
 Python has no binding for Landlock's three system calls, hence ``ctypes``; their numbers
 are the same on every architecture (new system calls share one table).
@@ -38,6 +42,7 @@ _RULE_PATH_BENEATH = 1
 _PR_SET_NO_NEW_PRIVS = 38
 
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+MAKE_SOCK = 1 << 9
 _ABI1 = (1 << 13) - 1  # execute … make_sym: every right of ABI 1
 REFER, TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
 # Not handled: IOCTL_DEV (ABI 5), since which device files open is already decided here.
@@ -45,6 +50,7 @@ _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE  # the rights a rule 
 _SCOPE_SIGNAL = 1 << 1  # ABI 6
 
 SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+PROC = ("filesystems", "meminfo", "cpuinfo", "stat", "sys/vm", "sys/kernel")  # besides its own /proc/<pid>
 ETC = ("ld.so.cache", "ld.so.preload", "localtime", "resolv.conf", "hosts", "nsswitch.conf", "host.conf", "gai.conf")
 DEVICES = ("null", "zero", "urandom", "random", "kvm")
 
@@ -67,8 +73,11 @@ class Policy:
     abi: int
 
     def enter(self) -> None:
-        """Restrict the calling process (and all it starts) to the ruleset. A failure raises,
-        and the child is not executed: a QEMU never runs less confined than it was meant to."""
+        """Restrict the calling process (and all it starts) to the ruleset, with its own
+        ``/proc/<pid>`` readable (not the other processes': their command lines and
+        environments). A failure raises, and the child is not executed: a QEMU never runs
+        less confined than it was meant to."""
+        _allow(self, Path(f"/proc/{os.getpid()}"), READ_FILE | READ_DIR)
         if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or _libc.syscall(_RESTRICT_SELF, self.fd, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"Landlock: {os.strerror(err)}")
@@ -79,9 +88,9 @@ class Policy:
 
 
 def for_qemu(box_dir: Path, reads: Iterable[Path], binary: str) -> Policy:
-    """The ruleset of a box's QEMU: ``box_dir`` whole, each of ``reads`` (files) read-only,
-    and what any QEMU run needs (see the module). Paths that do not exist are left out.
-    Raises OSError where the kernel has no Landlock."""
+    """The ruleset of a box's QEMU (see the module): its files in ``box_dir``, each of
+    ``reads`` (files) read-only, and what any QEMU run needs. Paths that do not exist are
+    left out. Raises OSError where the kernel has no Landlock."""
     version = abi()
     if version < 1:
         raise OSError("this kernel has no Landlock")
@@ -94,18 +103,24 @@ def for_qemu(box_dir: Path, reads: Iterable[Path], binary: str) -> Policy:
     policy = Policy(int(fd), version)
     try:
         read_tree = READ_FILE | READ_DIR | EXECUTE
-        prefix = Path(os.path.realpath(binary)).parent.parent  # …/bin/qemu-system-x86_64: its share/ and lib/
-        for tree in (*SYSTEM, *([str(prefix)] if prefix != Path("/") else [])):
-            _allow(policy, Path(tree), read_tree)
-        for tree in ("/proc", "/sys"):
-            _allow(policy, Path(tree), READ_FILE | READ_DIR)
+        real = Path(os.path.realpath(binary))
+        # QEMU finds its modules and firmware beside its bin/ (``bin/../lib``, ``bin/../share``):
+        # those, never the prefix itself, which may be a home directory.
+        beside = [real.parent.parent / name for name in ("lib", "lib64", "libexec", "share")]
+        for tree in (*map(Path, SYSTEM), *beside):
+            _allow(policy, tree, read_tree)
+        _allow(policy, real, READ_FILE | EXECUTE)
+        _allow(policy, Path("/sys"), READ_FILE | READ_DIR)
+        for name in PROC:
+            _allow(policy, Path("/proc") / name, READ_FILE | READ_DIR)
         for name in ETC:
             _allow(policy, Path("/etc") / name, READ_FILE)
         for name in DEVICES:
             _allow(policy, Path("/dev") / name, READ_FILE | WRITE_FILE)
         for path in reads:
             _allow(policy, path, READ_FILE)
-        _allow(policy, box_dir, handled, missing_ok=False)
+        own = READ_FILE | WRITE_FILE | READ_DIR | MAKE_SOCK | (TRUNCATE if version >= 3 else 0)
+        _allow(policy, box_dir, own, missing_ok=False)
     except BaseException:
         policy.close()
         raise

@@ -6,7 +6,7 @@ Suspend, memory snapshots and resuming an imported memory state need a guest RAM
 capability (QEMU 4.0+). The probe asks the binary itself rather than parsing its version:
 a QEMU with ``-machine none`` and such a RAM object, whose QMP lists the capabilities
 (about 0.1 s). The answer is kept per binary (path, inode, size, mtime) in the home's
-cache, so an upgraded or replaced QEMU is probed again.
+cache, so an upgraded or replaced QEMU is probed again (and on a kernel with another Landlock).
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ class QemuCaps:
 
 
 def _key(binary: str) -> str:
+    """The binary as it is now, and the kernel's Landlock (whether it confines depends on both)."""
     st = os.stat(binary)
-    return f"{binary}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{binary}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|landlock-{confine.abi()}"
 
 
 def probe(cache: Path, binary: str | None = None) -> QemuCaps:
@@ -59,12 +60,15 @@ def probe(cache: Path, binary: str | None = None) -> QemuCaps:
     path = cache / CACHE_FILE
     try:
         known = json.loads(path.read_text())
-        found = QemuCaps(**known[key]) if isinstance(known, dict) and key in known else None
-    except (OSError, ValueError, TypeError):
-        known, found = {}, None
+    except (OSError, ValueError):
+        known = {}
+    entries = known if isinstance(known, dict) else {}
+    try:
+        found = QemuCaps(**entries[key]) if key in entries else None
+    except TypeError:  # an entry of another boxvm (other fields): probed again, the others kept
+        found = None
     if found is None:
         found = _run(binary)
-        entries = known if isinstance(known, dict) else {}
         entries[key] = asdict(found)
         with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
             cache.mkdir(parents=True, exist_ok=True)

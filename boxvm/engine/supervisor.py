@@ -31,7 +31,7 @@ from typing import Any
 
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore, layer_of
-from boxvm.engine import confine, console
+from boxvm.engine import confine, console, peers
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.engine.memory_ops import MemoryOps
 from boxvm.engine.qmp import QMP
@@ -42,6 +42,7 @@ from boxvm.status import LIVE, BoxStatus
 from boxvm.store import Store
 
 log = logging.getLogger("boxvm.supervisor")
+QEMU_ENV = {"PATH": "/usr/bin:/bin", "LC_ALL": "C"}
 
 
 class Supervisor(MemoryOps):
@@ -76,9 +77,11 @@ class Supervisor(MemoryOps):
     async def run(self, notify_fd: int) -> None:
         # The box first (state/starting): a supervisor whose start was undone, or lost to
         # another start, touches nothing of it (links, sockets, QEMU and its disk lock).
-        if self.start_token is None:  # a vm.json of an older boxvm
-            self.store.update_box(self.box_id, supervisor_pid=os.getpid())
-        elif not self.store.register_supervisor(self.box_id, self.start_token, os.getpid(), None):
+        # A vm.json without its start's token (an older boxvm's, or one a QEMU rewrote: its
+        # box directory is writable to it) is refused: only the start that wrote it may run.
+        if self.start_token is None or not self.store.register_supervisor(
+            self.box_id, self.start_token, os.getpid(), None
+        ):
             log.error("box %s: its start was undone before this supervisor ran; exiting", self.box_id)
             os.close(notify_fd)  # the starter, if alive, sees a failed start
             return
@@ -94,6 +97,7 @@ class Supervisor(MemoryOps):
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 preexec_fn=_die_with_parent if policy is None else functools.partial(_die_confined, policy),
+                env=QEMU_ENV,  # not the caller's (which the zygote passed on): tokens and keys stay here
             )
         except (OSError, subprocess.SubprocessError, BoxvmError) as exc:
             failed = f"QEMU could not be started: {exc}"
@@ -103,9 +107,7 @@ class Supervisor(MemoryOps):
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.dir / "ctl.sock"))
         os.chmod(self.dir / "ctl.sock", 0o600)
         qemu_pid = self.qemu.pid if self.qemu else None
-        if self.start_token is None:
-            self.store.update_box(self.box_id, qemu_pid=qemu_pid)
-        elif not self.store.record_start_qemu(self.box_id, self.start_token, os.getpid(), qemu_pid):
+        if not self.store.record_start_qemu(self.box_id, self.start_token, os.getpid(), qemu_pid):
             # A stop or remove --force took the box after this supervisor registered: it
             # killed with the pids it read then, so this VM must not outlive it.
             log.error("box %s: stopped while starting; its QEMU is killed", self.box_id)
@@ -146,11 +148,23 @@ class Supervisor(MemoryOps):
         directory when QEMU opens them)."""
         if self.confine is None:
             return None
-        reads = [Path(p) for p in self.confine]
-        reads += qcow2.chain(self.live["data"]) + qcow2.chain(self.dir / GUEST_TOP)
-        policy = confine.for_qemu(self.dir, reads, self.argv[0])
+        policy = confine.for_qemu(self.dir, [Path(p) for p in self.confine] + self.chain_files(), self.argv[0])
         log.info("QEMU confined to its box (Landlock ABI %d)", policy.abi)
         return policy
+
+    def chain_files(self) -> list[Path]:
+        """The files beneath the box's two tops that its QEMU may read: the layers the store
+        records for it and the image base the bottom one rests on, and the guest bundle's
+        root file system. Not the files the tops' headers name, which QEMU writes: one it
+        rewrote would name any file for this start to grant."""
+        rec = self.store.get_box(self.box_id)
+        if rec is None:
+            raise EngineError("the box was removed")
+        files = [self.layers.layer_path(layer) for layer in self.store.layer_chain(rec.layer)]
+        base = _backing(files[-1] if files else self.dir / TOP)  # the image base the bottom one rests on
+        home = self.layers.home
+        below = ((base, home.images), (_backing(self.dir / GUEST_TOP), home.guest))
+        return files + [path for path, root in below if path is not None and _beneath(path, root)]
 
     async def connect(self) -> None:
         # QEMU creates its sockets a moment after it starts: poll for them.
@@ -219,6 +233,11 @@ class Supervisor(MemoryOps):
 
     # -- client side ------------------------------------------------------------------
     async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is None or not peers.trusted(sock):  # a box's QEMU: this box's guest is not its to run
+            log.warning("refused a client on ctl.sock that is a QEMU (or not this user's)")
+            writer.close()
+            return
         client = Client(writer)
         decoder = P.Decoder()
         try:
@@ -458,6 +477,21 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _backing(path: Path) -> Path | None:
+    """The file a qcow2's header names as its backing (None: none, or unreadable)."""
+    try:
+        name = qcow2.read_header(path).backing_file
+    except (OSError, ValueError, BoxvmError):
+        return None
+    return None if name is None else qcow2.resolve_backing(path, name)
+
+
+def _beneath(path: Path, root: Path) -> bool:
+    """``path`` is a regular file inside ``root`` (links resolved)."""
+    real = Path(os.path.realpath(path))
+    return real.is_relative_to(os.path.realpath(root)) and real.is_file()
 
 
 def _die_confined(policy: confine.Policy) -> None:

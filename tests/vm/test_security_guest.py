@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ import pytest
 import boxvm
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
-from boxvm.engine import agentlink, console, qemu, qemucaps
+from boxvm.engine import agentlink, confine, console, qemu, qemucaps
 from boxvm.guest import protocol as P
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
@@ -355,10 +356,11 @@ async def test_qemu_reaches_only_its_own_files(
     rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A QEMU taken over runs as the user that runs boxvm: Landlock keeps it to its own box
-    directory, the files of its disks' chains (read-only) and the system's programs. The
-    box's QEMU process itself (a wrapper that execs the real QEMU, under the same ruleset)
-    tries what a taken-over QEMU would: the home's database, another box's files, the
-    user's own files, writing into a layer its box shares, signalling its supervisor."""
+    directory's files, the files of its disks' chains (read-only) and the system's programs.
+    The box's QEMU process itself (a wrapper that execs the real QEMU, under the same
+    ruleset) tries what a taken-over QEMU would: the home's database, another box's files,
+    the user's own files, writing its base disks, planting a link or removing a file in its
+    directory, its supervisor's environment, signalling its supervisor."""
     secret = tmp_path / "outside" / "credentials"  # outside the wrapper's prefix (tmp_path/qemu)
     secret.parent.mkdir()
     secret.write_text("aws_secret_access_key = x\n")
@@ -373,7 +375,10 @@ async def test_qemu_reaches_only_its_own_files(
             "other-box": f"cat {other_dir}/{GUEST_TOP}",
             "layers": f"ls {home.root}/layers/all",
             "base-written": " || ".join(f"echo >> {p}" for p in bases),
-            "signal": "kill -0 $PPID",
+            "planted-link": f"ln -s {secret} $d/supervisor.log.1",  # for boxvm, unconfined, to follow
+            "removed": "rm $d/vm.json",
+            "environ": "cat /proc/$PPID/environ",  # its supervisor's: the caller's tokens and keys
+            **({"signal": "kill -0 $PPID"} if confine.abi() >= 6 else {}),
         }
         body = 'if [ -n "$d" ]; then\n'
         for name, script in checks.items():
@@ -381,6 +386,8 @@ async def test_qemu_reaches_only_its_own_files(
         body += f'  cat {" ".join(map(str, bases))} >/dev/null && echo bases read >> "$d/probe.out"\n'
         body += '  echo own > "$d/own" && cat "$d/own" >> "$d/probe.out"\nfi'
         monkeypatch.setenv("PATH", f"{_qemu_wrapper(tmp_path / 'qemu' / 'bin', body).parent}:{os.environ['PATH']}")
+        for name in ("probe.out", "own"):  # (a QEMU makes no file in its directory)
+            (box_dir / name).touch()
         await fresh_box.start()
         assert (await fresh_box.exec(["echo", "up"])).stdout == b"up\n"
         assert (box_dir / "probe.out").read_text() == "bases read\nown\n"
@@ -399,3 +406,43 @@ async def test_a_qemu_that_needs_other_files_runs_unconfined(home: Home, tmp_pat
     wrapper = _qemu_wrapper(tmp_path / "qemu" / "bin", f"cat {elsewhere} >/dev/null || exit 1")
     assert not qemucaps.probe(home.cache, str(wrapper)).confined
     assert qemucaps.probe(home.cache, qemucaps.qemu_binary()).confined
+
+
+async def test_boxvms_sockets_turn_a_qemu_away(home: Home, shared_box: boxvm.Box, tmp_path: Path) -> None:
+    """Landlock does not stop a QEMU from connecting to its user's unix sockets: another
+    box's ``ctl.sock`` (whose supervisor runs commands in its guest) and the zygote's (which
+    starts supervisors) refuse a peer whose executable is a QEMU. The same Python under
+    another name is served."""
+    fake = tmp_path / "qemu-system-x86_64"
+    shutil.copy(os.path.realpath(sys.executable), fake)
+    ctl = home.box_dir(shared_box.id) / "ctl.sock"
+    zygotes = sorted(home.root.glob("zygote-*.sock"))
+    assert zygotes, "no zygote is running in the test home"
+    script = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.settimeout(3)\n"
+        "try:\n"
+        "    s.sendall(sys.argv[2].encode())\n"
+        "    print('answered' if s.recv(64) else 'closed')\n"
+        "except TimeoutError:\n"
+        "    print('open')\n"
+        "except (BrokenPipeError, ConnectionResetError):\n"
+        "    print('closed')\n"
+    )
+    env = {"PYTHONHOME": sys.base_prefix, "PATH": os.environ["PATH"]}
+    request = json.dumps({"box_dir": str(home.box_dir(shared_box.id)), "cwd": "/", "umask": 0o22, "env": {}}) + "\n"
+
+    async def peer(python: str, path: Path, data: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            python, "-S", "-c", script, str(path), data, env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await proc.communicate()
+        return out.decode().strip() or err.decode()[-300:]
+
+    assert await peer(str(fake), ctl, "") == "closed"
+    assert await peer(sys.executable, ctl, "") == "open"  # a client is served (it waits for requests)
+    assert await peer(str(fake), zygotes[-1], request) == "closed"  # no supervisor started
+    assert (await shared_box.exec(["echo", "still"])).stdout == b"still\n"
