@@ -220,6 +220,9 @@ class LocalBackend(templates.TemplateOps, Backend):
         try:  # nothing runs yet: a failure here puts the box back (its owner lives on: never undone by recovery)
             starting.discard_leftovers(box_dir, token)
             await asyncio.to_thread(self.layers.commit, box_dir)  # a top left pending by a crash
+            # A capture whose record a crash lost: recorded, since QEMU may read only the
+            # layers the store names (engine/confine, Supervisor.chain_files).
+            await asyncio.to_thread(self.boxes.sync_layer, rec.id)
             await asyncio.to_thread(self.boxes.settle_fresh, self.store.get_box(rec.id) or rec)  # synced before use
             opts = BoxOptions.from_dict(rec.options)
             warmed = None  # its machine's template, if it resumes one (a failed resume boots cold: fall_back)

@@ -201,9 +201,12 @@ class LayerStore:
             log.warning("%s: dropping an unreadable pending top (a crash cut its writes)", box_dir.name)
             pending.unlink()
             return
-        if header.backing_file is None:
-            raise StorageError(f"{pending} has no backing layer: remove it by hand")
-        target = Path(os.path.normpath(qcow2.resolve_backing(pending, header.backing_file)))
+        # The name is the pending top's header, which a running box's QEMU can write: only
+        # a layer's own name is followed, never a path it chose (the top would go there).
+        match = _REFERENCE.fullmatch(header.backing_file or "")
+        if match is None:
+            raise StorageError(f"the pending top of box {box_dir.name} backs onto no layer: remove it by hand")
+        target = self.all / f"{match[1]}.qcow2" if match[1] else self.root / match[2] / LAYER_FILE
         top = box_dir / TOP
         if top.exists():
             if target.exists():

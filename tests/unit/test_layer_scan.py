@@ -12,6 +12,7 @@ import pytest
 
 from boxvm.disks import qcow2
 from boxvm.disks.layers import PENDING, TOP, LayerStore
+from boxvm.errors import StorageError
 from boxvm.paths import Home
 from boxvm.status import BoxStatus
 from boxvm.store import BoxRecord, Store
@@ -110,3 +111,15 @@ def test_a_capture_recorded_after_repair_adopted_its_layer_takes_it_over(tmp_pat
     assert layers.scan(store).clean  # every count what its holders make it
     refs = dict(store._db.execute("SELECT id, refs FROM layers").fetchall())
     assert refs == {first: 1, second: 1} == {k: v for k, v in store.expected_refs().items() if k in refs}
+
+
+def test_a_pending_top_that_names_a_path_of_its_choice_is_not_followed(tmp_path: Path) -> None:
+    """A running box's QEMU can write its pending top's header: the commit that renames the
+    old top to the layer the header names would have moved it to any path QEMU chose (a
+    file of the user's, which QEMU could then write through the descriptor it holds)."""
+    _, _store, layers, box = _home(tmp_path)
+    victim = tmp_path / "victim" / ".ssh" / "authorized_keys"
+    qcow2.write_overlay(box / PENDING, 1 << 30, str(victim))
+    with pytest.raises(StorageError, match="backs onto no layer"):
+        layers.commit(box)
+    assert not victim.parent.exists() and (box / TOP).exists() and (box / PENDING).exists()

@@ -29,6 +29,8 @@ from boxvm.engine import zygote
 from boxvm.paths import Home
 from boxvm.processes import alive
 from boxvm.state.boxes import pid_is
+from boxvm.status import BoxStatus
+from boxvm.store import BoxRecord, Store
 
 START = "import asyncio, sys; from pathlib import Path; from boxvm.engine import zygote; " + (
     "asyncio.run(zygote.start_supervisor(Path(sys.argv[1]), Path(sys.argv[2]), 'test'))"
@@ -36,11 +38,19 @@ START = "import asyncio, sys; from pathlib import Path; from boxvm.engine import
 
 
 def fake_box(home: Home, box_id: str) -> Path:
+    """A box being started: its record (a supervisor runs only for the start that wrote its
+    vm.json) and a vm.json whose "QEMU" says what it was started with."""
     box_dir = home.box_dir(box_id)
     box_dir.mkdir(parents=True)
     (box_dir / "disk.qcow2").touch()
-    qemu = ["sh", "-c", f'echo "$ZYGOTE_TEST_MARK $(umask)" > {box_dir}/seen; exec sleep 60']
-    cfg = {"box_id": box_id, "argv": qemu, "db": str(home.db), "home": str(home.root)}
+    token = time.time()
+    record = BoxRecord(id=box_id, name=box_id, status=BoxStatus.STARTING, image="x", options={}, mac="m")
+    record.started_at = token
+    store = Store(home.db)
+    store.insert_box(record)
+    store.close()
+    qemu = ["sh", "-c", f'echo "${{ZYGOTE_TEST_MARK:-unset}} $(umask)" > {box_dir}/seen; exec sleep 60']
+    cfg = {"box_id": box_id, "argv": qemu, "db": str(home.db), "home": str(home.root), "start": token}
     (box_dir / "vm.json").write_text(json.dumps(cfg))
     return box_dir
 
@@ -91,8 +101,11 @@ def home() -> Iterator[Home]:
 def test_boxes_outlive_the_caller_and_the_zygote_which_is_replaced_when_killed(home: Home) -> None:
     first = fake_box(home, "b1")
     start(home, first, "one", "0027")  # the caller process has exited when this returns
-    assert wait_for(first / "seen") == "one 0027"  # the caller's environment and umask, not the zygote's
+    # The caller's umask, not the zygote's; the caller's environment for the supervisor, not
+    # for QEMU (which gets its own: no tokens or keys of the caller's)
+    assert wait_for(first / "seen") == "unset 0027"
     supervisor = peer_pid(first / "ctl.sock")
+    assert psutil.Process(supervisor).environ().get("ZYGOTE_TEST_MARK") == "one"
     assert pid_is(supervisor, "b1")  # found by its command line, as a directly started one
     (zsock,) = home.root.glob("zygote-*.sock")
     first_zygote = peer_pid(zsock)
@@ -108,8 +121,8 @@ def test_boxes_outlive_the_caller_and_the_zygote_which_is_replaced_when_killed(h
     second = fake_box(home, "b2")
     start(home, second, "two", "0022")  # finds the dead zygote's socket, starts a new one
     start(home, fake_box(home, "b3"), "three", "0077")  # and the new one serves the next caller's umask
-    assert wait_for(second / "seen") == "two 0022"
-    assert wait_for(home.box_dir("b3") / "seen") == "three 0077"
+    assert wait_for(second / "seen") == "unset 0022"
+    assert wait_for(home.box_dir("b3") / "seen") == "unset 0077"
     assert peer_pid(zsock) not in (first_zygote, 0)
     qemu = psutil.Process(peer_pid(second / "ctl.sock")).children()
     assert [p.name() for p in qemu] == ["sleep"]
