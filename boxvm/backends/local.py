@@ -179,6 +179,13 @@ class LocalBackend(templates.TemplateOps, Backend):
             )
         return caps.confined
 
+    @staticmethod
+    def _confinement(spec: qemu.VmSpec) -> dict[str, list[str]]:
+        """What the box's QEMU reads and writes besides its tops and chains (``vm.json``'s
+        ``confine``, for its supervisor's ruleset: engine/confine)."""
+        writes = [str(spec.memory_file)] if spec.memory_file is not None else []
+        return {"read": [str(spec.kernel), str(spec.initramfs)], "write": writes}
+
     def _accel_choice(self) -> accel_mod.Accel:
         if self._accel is None:
             self._accel = accel_mod.detect()
@@ -274,7 +281,7 @@ class LocalBackend(templates.TemplateOps, Backend):
                 json.dumps(
                     {"box_id": rec.id, "argv": argv, "db": str(self.home.db), "home": str(self.home.root)}
                     | {"incoming": resume, "resume": plan, "start": token}
-                    | {"confine": [str(bundle.kernel), str(bundle.initramfs)] if self._confined() else None}
+                    | {"confine": self._confinement(spec) if self._confined() else None}
                 )
             )
             # Shielded, the lock released when it ends: a start cancelled meanwhile must not let

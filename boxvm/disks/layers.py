@@ -72,6 +72,7 @@ LAYER_DIR = "all"  # layers/all/<layer>.qcow2
 LAYER_SUFFIX = ".qcow2"
 LAYER_FILE = "layer.qcow2"  # layers/<layer>/layer.qcow2, in homes made before layers/all/
 LIVE_PREFIX = ".live-"
+LIVE_DIR = "live"  # a running QEMU's later tops and scratch files: all of the box it may write (engine/confine)
 SETTLE_SECS = 0.02  # the trash worker's wait before it starts (see Trash._run)
 TRASH_PREFIX = "trash-"  # tmp/trash-<pid>-*: what this process made unreachable, being deleted
 _LAYER_ID = re.compile(r"[0-9a-f]{16}")
@@ -145,6 +146,27 @@ class LayerStore:
         base = self._base_of(layers[-1]) if layers else _base_of_file(top) if top is not None else None
         return files if base is None else [*files, base]
 
+    def verify_chain(self, top: Path, below: list[str]) -> None:
+        """Before a chain's bytes are copied (an export, a full clone) by reading its headers:
+        the files they name are the ones the store records under ``top`` (``below``), over an
+        image's base disk, with no external data file. A running box's QEMU writes its top's
+        header, and every layer was a top once: a name it wrote would copy any file of the
+        user's into an archive or a clone's disk."""
+        expected = [Path(os.path.normpath(p)) for p in self.chain_of(top, below)]
+        try:
+            actual = qcow2.chain(top)
+            headers = [qcow2.read_header(p) for p in actual]
+        except (OSError, ValueError, StorageError) as exc:
+            raise StorageError(f"a disk chain of this home cannot be read ({exc.__class__.__name__})") from None
+        base = expected[-1] if len(expected) > 1 + len(below) else None
+        images = os.path.realpath(self.home.images)
+        if (
+            actual != expected
+            or any(h.data_file is not None for h in headers)
+            or (base is not None and not os.path.realpath(base).startswith(images + os.sep))
+        ):
+            raise StorageError("a disk's backing chain is not the one this home records: run `boxvm doctor`")
+
     def chain_depth(self, top: Path, layers: list[str]) -> int:
         """``len(chain_of(top, layers))`` with no file read once the bottom layer is known."""
         base = self._base_of(layers[-1]) if layers else _base_of_file(top)
@@ -166,12 +188,15 @@ class LayerStore:
 
     @staticmethod
     def live_link(box_dir: Path, serial: int) -> Path:
-        """The name a running QEMU opens the ``serial``-th top of this run under."""
-        return box_dir / f"{LIVE_PREFIX}{serial}.qcow2"
+        """The name a running QEMU opens the ``serial``-th top of this run under. The first,
+        opened at start with its backing chain, sits beside the top (its header's backing
+        name is relative to it); later ones, opened without their backing, in ``live/``: the
+        one directory of the box QEMU may write in (``engine/confine``)."""
+        return box_dir / f"{LIVE_PREFIX}0.qcow2" if serial == 0 else box_dir / LIVE_DIR / f"{LIVE_PREFIX}{serial}.qcow2"
 
     @staticmethod
     def clear_live_links(box_dir: Path) -> None:
-        for link in box_dir.glob(f"{LIVE_PREFIX}*.qcow2"):
+        for link in (*box_dir.glob(f"{LIVE_PREFIX}*.qcow2"), *(box_dir / LIVE_DIR).glob(f"{LIVE_PREFIX}*.qcow2")):
             link.unlink(missing_ok=True)
 
     # -- operations -------------------------------------------------------------------

@@ -284,7 +284,7 @@ def chain(path: Path) -> list[Path]:
 
 def flatten(top: Path, dest: Path) -> None:
     """Write ``top``'s whole chain as one standalone qcow2 (no backing) at ``dest``."""
-    _convert(["-O", "qcow2", str(top), str(dest)], dest, f"could not flatten {top.name}")
+    _convert(["-f", "qcow2", "-O", "qcow2", str(top), str(dest)], dest, f"could not flatten {top.name}")
 
 
 def from_raw(raw: Path, dest: Path) -> None:

@@ -6,9 +6,11 @@ not from opening files: as the user that runs boxvm it could read that user's cr
 the home's database and token, and every other box's disks and RAM. Landlock, which needs no
 privilege, limits which paths a process and its children may open. A box's QEMU keeps:
 
-- in its box directory: reading and writing the files there, and making sockets (its QMP
-  and agent sockets); not making, linking, renaming or removing anything else, so it cannot
-  plant a symlink or a file where boxvm, unconfined, would follow or trust it;
+- in its box directory: making sockets (its QMP and agent sockets); reading and writing the
+  files it opens at start (its two tops, its RAM file) and those in ``live/`` (the later tops
+  of captures, a scratch file for saved device state), each named by the caller; nothing
+  else there: not its logs, records, ``vm.json`` or memory snapshots, and no link, symlink,
+  new file or removal that boxvm, unconfined, could follow or trust;
 - read-only, each file its caller names (its kernel, initramfs and disks' backing chains):
   files, not their directories, so no other box's layer is in reach;
 - read-only, the system's programs and data (``/usr`` and the like, and QEMU's own ``lib``,
@@ -16,8 +18,9 @@ privilege, limits which paths a process and its children may open. A box's QEMU 
   other ``/proc`` files, and the few ``/etc`` files a C program reads;
 - ``/dev/null``, ``/dev/zero``, ``/dev/urandom``, ``/dev/random`` and ``/dev/kvm``.
 
-Where the kernel has Landlock ABI 6, signals to processes outside the domain are refused too,
-so a QEMU cannot kill its supervisor or another box's QEMU. Network access is not limited:
+Where the kernel has Landlock ABI 6, signals to processes outside the domain, and connections
+to abstract unix sockets made outside it, are refused too: a QEMU cannot kill its supervisor
+or another box's QEMU. Network access is not limited:
 user-mode networking connects wherever its guest does. Nor, on any ABI so far, is connecting
 to a named unix socket: the servers QEMU could reach that way refuse it (``peers``).
 
@@ -36,6 +39,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from boxvm.disks.layers import LIVE_DIR
+
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
@@ -47,9 +52,10 @@ _ABI1 = (1 << 13) - 1  # execute … make_sym: every right of ABI 1
 REFER, TRUNCATE = 1 << 13, 1 << 14  # ABI 2, ABI 3
 # Not handled: IOCTL_DEV (ABI 5), since which device files open is already decided here.
 _FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE  # the rights a rule on a file may hold
-_SCOPE_SIGNAL = 1 << 1  # ABI 6
+_SCOPES = (1 << 0) | (1 << 1)  # ABI 6: abstract unix sockets and signals outside the domain
 
 SYSTEM = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+OWN_PROC = ("status", "stat", "statm", "cmdline", "maps", "auxv", "limits", "fd", "fdinfo")  # not net/: every socket
 PROC = ("filesystems", "meminfo", "cpuinfo", "stat", "sys/vm", "sys/kernel")  # besides its own /proc/<pid>
 ETC = ("ld.so.cache", "ld.so.preload", "localtime", "resolv.conf", "hosts", "nsswitch.conf", "host.conf", "gai.conf")
 DEVICES = ("null", "zero", "urandom", "random", "kvm")
@@ -73,11 +79,13 @@ class Policy:
     abi: int
 
     def enter(self) -> None:
-        """Restrict the calling process (and all it starts) to the ruleset, with its own
-        ``/proc/<pid>`` readable (not the other processes': their command lines and
-        environments). A failure raises, and the child is not executed: a QEMU never runs
-        less confined than it was meant to."""
-        _allow(self, Path(f"/proc/{os.getpid()}"), READ_FILE | READ_DIR)
+        """Restrict the calling process (and all it starts) to the ruleset, with a few files
+        of its own ``/proc/<pid>`` readable (``OWN_PROC``: not the other processes' command
+        lines and environments, nor its ``net/``, which lists every socket's path). A
+        failure raises, and the child is not executed: a QEMU never runs less confined than
+        it was meant to."""
+        for name in OWN_PROC:
+            _allow(self, Path(f"/proc/{os.getpid()}") / name, READ_FILE | READ_DIR)
         if _libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 or _libc.syscall(_RESTRICT_SELF, self.fd, 0) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"Landlock: {os.strerror(err)}")
@@ -87,15 +95,16 @@ class Policy:
             os.close(self.fd)
 
 
-def for_qemu(box_dir: Path, reads: Iterable[Path], binary: str) -> Policy:
-    """The ruleset of a box's QEMU (see the module): its files in ``box_dir``, each of
-    ``reads`` (files) read-only, and what any QEMU run needs. Paths that do not exist are
-    left out. Raises OSError where the kernel has no Landlock."""
+def for_qemu(box_dir: Path, reads: Iterable[Path], writes: Iterable[Path], binary: str) -> Policy:
+    """The ruleset of a box's QEMU (see the module): sockets in ``box_dir``, its files in
+    ``box_dir/live``, each of ``writes`` read-write and each of ``reads`` read-only (files),
+    and what any QEMU run needs. Paths that do not exist are left out, but ``box_dir``.
+    Raises OSError where the kernel has no Landlock."""
     version = abi()
     if version < 1:
         raise OSError("this kernel has no Landlock")
     handled = _handled(version)
-    attr = struct.pack("=QQQ", handled, 0, _SCOPE_SIGNAL) if version >= 6 else struct.pack("=Q", handled)
+    attr = struct.pack("=QQQ", handled, 0, _SCOPES) if version >= 6 else struct.pack("=Q", handled)
     fd = _libc.syscall(_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
     if fd < 0:
         err = ctypes.get_errno()
@@ -104,9 +113,11 @@ def for_qemu(box_dir: Path, reads: Iterable[Path], binary: str) -> Policy:
     try:
         read_tree = READ_FILE | READ_DIR | EXECUTE
         real = Path(os.path.realpath(binary))
-        # QEMU finds its modules and firmware beside its bin/ (``bin/../lib``, ``bin/../share``):
-        # those, never the prefix itself, which may be a home directory.
-        beside = [real.parent.parent / name for name in ("lib", "lib64", "libexec", "share")]
+        # QEMU finds its modules and firmware beside its bin/ (``bin/../lib/…/qemu``,
+        # ``bin/../share/qemu``): those, never the prefix, which may be a home directory.
+        prefix = real.parent.parent
+        beside = [prefix / "share" / name for name in ("qemu", "seabios", "ipxe")]
+        beside += [prefix / "libexec" / "qemu", *prefix.glob("lib*/qemu"), *prefix.glob("lib*/*/qemu")]
         for tree in (*map(Path, SYSTEM), *beside):
             _allow(policy, tree, read_tree)
         _allow(policy, real, READ_FILE | EXECUTE)
@@ -115,12 +126,20 @@ def for_qemu(box_dir: Path, reads: Iterable[Path], binary: str) -> Policy:
             _allow(policy, Path("/proc") / name, READ_FILE | READ_DIR)
         for name in ETC:
             _allow(policy, Path("/etc") / name, READ_FILE)
+        # A rule on a file holds its inode, and hosts replace resolv.conf by a rename (which
+        # libslirp notices, and reads again): its directory, unless that is /etc itself.
+        resolv = Path(os.path.realpath("/etc/resolv.conf")).parent
+        if resolv != Path("/etc"):
+            _allow(policy, resolv, READ_FILE | READ_DIR)
         for name in DEVICES:
             _allow(policy, Path("/dev") / name, READ_FILE | WRITE_FILE)
         for path in reads:
             _allow(policy, path, READ_FILE)
-        own = READ_FILE | WRITE_FILE | READ_DIR | MAKE_SOCK | (TRUNCATE if version >= 3 else 0)
-        _allow(policy, box_dir, own, missing_ok=False)
+        written = READ_FILE | WRITE_FILE | (TRUNCATE if version >= 3 else 0)
+        for path in writes:
+            _allow(policy, path, written)
+        _allow(policy, box_dir, MAKE_SOCK, missing_ok=False)
+        _allow(policy, box_dir / LIVE_DIR, written)
     except BaseException:
         policy.close()
         raise

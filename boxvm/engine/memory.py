@@ -154,15 +154,20 @@ async def write_state_to(qmp: Qmp, dest: Path) -> float:
     return (time.monotonic() - t0) * 1000
 
 
-async def write_devices_to(qmp: Qmp, dest: Path) -> float:
+async def write_devices_to(qmp: Qmp, dest: Path, scratch_dir: Path) -> float:
     """With the vCPUs already stopped: the device state alone into ``dest`` (a memory
     snapshot of private RAM, whose pages the caller copies itself; ``QMP.save_devices``).
     Returns ms."""
     t0 = time.monotonic()
     tmp = dest / f"{STATE}.tmp"
     tmp.unlink(missing_ok=True)
-    StateFile(tmp).close()  # new and 0600; QEMU opens it by its path
-    await qmp.save_devices(tmp)
+    # QEMU opens it by its path: in the one directory of the box it may write in (a confined
+    # QEMU writes nothing else there), then moved to where it belongs.
+    scratch = scratch_dir / f"{STATE}.tmp"
+    scratch.unlink(missing_ok=True)
+    StateFile(scratch).close()  # new and 0600
+    await qmp.save_devices(scratch)
+    os.rename(scratch, tmp)
     return (time.monotonic() - t0) * 1000
 
 

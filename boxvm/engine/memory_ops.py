@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from boxvm import faults
-from boxvm.disks.layers import PENDING, LayerStore
+from boxvm.disks.layers import LIVE_DIR, PENDING, LayerStore
 from boxvm.engine import memory, memory_live, memory_precopy
 from boxvm.engine.agentlink import AgentLink
 from boxvm.engine.qmp import QMP
@@ -269,7 +269,9 @@ async def _capture_file(
             memory.run_to_end(_timed_finish, pre, ram, ram_copy)
             if written is None
             else memory.run_to_end(_timed_written, written, ram_copy),
-            memory.write_state_to(sup.qmp, dest) if written is None else memory.write_devices_to(sup.qmp, dest),
+            memory.write_state_to(sup.qmp, dest)
+            if written is None
+            else memory.write_devices_to(sup.qmp, dest, sup.dir / LIVE_DIR),
             return_exceptions=True,
         )
         for outcome in (ram_done, state_done):
@@ -395,7 +397,7 @@ async def _save_written(
         faults.point("memory:stopped")
         ram_done, state_done = await asyncio.gather(
             memory.run_to_end(_copy_written, written, tmp),
-            memory.write_devices_to(sup.qmp, sup.dir),
+            memory.write_devices_to(sup.qmp, sup.dir, sup.dir / LIVE_DIR),
             return_exceptions=True,
         )
         for outcome in (ram_done, state_done):

@@ -135,7 +135,7 @@ def _confined(binary: str) -> bool:
             "-S", "-qmp", "stdio", "-chardev", f"socket,id=probe,path={tmp}/probe.sock,server=on,wait=off",
         ]  # fmt: skip
         try:
-            policy = confine.for_qemu(Path(tmp), [], binary)
+            policy = confine.for_qemu(Path(tmp), [], [], binary)
         except OSError:
             return False
         try:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, PENDING, TOP, LayerStore, layer_of
+from boxvm.disks.layers import GUEST_TOP, LIVE_DIR, PENDING, TOP, LayerStore, layer_of
 from boxvm.engine import confine, console, peers
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.engine.memory_ops import MemoryOps
@@ -61,7 +61,8 @@ class Supervisor(MemoryOps):
         self.resume_plan: dict[str, Any] = cfg.get("resume") or {}  # how to resume it (engine/memory_ops)
         self.base_cached = False  # its private RAM's file read into the page cache (engine/memory_ops)
         self.start_token: float | None = cfg.get("start")  # the start that spawned it (state/starting)
-        self.confine: list[str] | None = cfg.get("confine")  # its kernel and initramfs: QEMU runs confined
+        # QEMU runs confined (engine/confine): what it reads (kernel, initramfs) and writes (its RAM file)
+        self.confine: dict[str, list[str]] | None = cfg.get("confine")
         self.store = Store(Path(cfg["db"]))
         self.link = AgentLink(self.on_hello, self.on_broken)
         self.ready = asyncio.get_running_loop().create_future()
@@ -143,12 +144,15 @@ class Supervisor(MemoryOps):
 
     def policy(self) -> confine.Policy | None:
         """The Landlock ruleset QEMU starts under (``engine/confine``), if it is to be
-        confined: its box directory, and read-only its kernel, initramfs and each file of
-        its disks' chains as they are now (a later capture's layers are files of this
-        directory when QEMU opens them)."""
+        confined: its two tops and its RAM file, ``live/`` (a later capture's tops are opened
+        there), sockets in its box directory, and read-only its kernel, initramfs and each
+        file beneath its tops (``chain_files``)."""
         if self.confine is None:
             return None
-        policy = confine.for_qemu(self.dir, [Path(p) for p in self.confine] + self.chain_files(), self.argv[0])
+        (self.dir / LIVE_DIR).mkdir(mode=0o700, exist_ok=True)
+        reads = [Path(p) for p in self.confine["read"]] + self.chain_files()
+        writes = [self.live["data"], self.dir / GUEST_TOP, *(Path(p) for p in self.confine["write"])]
+        policy = confine.for_qemu(self.dir, reads, writes, self.argv[0])
         log.info("QEMU confined to its box (Landlock ABI %d)", policy.abi)
         return policy
 

@@ -154,6 +154,8 @@ class Clones:
         reads it before -- one file fewer, and a file's creation is most of a clone's time."""
         if size is None:
             size = qcow2.read_header(self.layers.layer_path(layer)).size
+        if not cow:  # its bytes are copied: from the files the store records, no others
+            self.layers.verify_chain(self.layers.layer_path(layer), self.store.layer_chain(layer)[1:])
         bundle = bundle_mod.find(self.home, src.guest_bundle) if guest or not cow else None
         if bundle is None and (guest or not cow):
             raise StorageError(f"the guest bundle of box {src.name!r} is gone: run `boxvm setup`")

@@ -82,6 +82,8 @@ class Transfer:
             if rec.status == BoxStatus.SUSPENDED:  # its saved memory goes with its disk
                 memory, manifest["memory"] = memory_transfer.export_plan(box_dir, rec, self.home.cache)
                 manifest["consistency"] = "suspended"
+            below = self.store.layer_chain(cap.parent if cap is not None else self.boxes.record(rec.id).layer)
+            await asyncio.to_thread(self.layers.verify_chain, top, below)  # the bytes of no other file
             try:
                 await asyncio.to_thread(write, top, manifest, memory)
             finally:

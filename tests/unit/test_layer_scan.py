@@ -123,3 +123,21 @@ def test_a_pending_top_that_names_a_path_of_its_choice_is_not_followed(tmp_path:
     with pytest.raises(StorageError, match="backs onto no layer"):
         layers.commit(box)
     assert not victim.parent.exists() and (box / TOP).exists() and (box / PENDING).exists()
+
+
+def test_a_chain_is_copied_only_as_the_store_records_it(tmp_path: Path) -> None:
+    """An export or a full clone copies the bytes of the files a top's header chain names: a
+    name a running box's QEMU wrote (into its top, or a top that became a layer) would have
+    copied any file of the user's into the archive or the clone's disk."""
+    _, _store, layers, box = _home(tmp_path)
+    layers.verify_chain(box / TOP, [])  # over the image's base disk, as recorded
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = x\n")
+    (box / TOP).unlink()
+    qcow2.write_overlay(box / TOP, 1 << 30, str(secret), "raw")
+    with pytest.raises(StorageError, match="chain"):
+        layers.verify_chain(box / TOP, [])
+    (box / TOP).unlink()
+    qcow2.write_overlay(box / TOP, 1 << 30, "../../layers/all/0123456789abcdef.qcow2")  # a layer not in its chain
+    with pytest.raises(StorageError):
+        layers.verify_chain(box / TOP, [])
