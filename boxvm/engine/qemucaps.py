@@ -68,18 +68,22 @@ def probe(cache: Path, binary: str | None = None) -> QemuCaps:
     except TypeError:  # an entry of another boxvm (other fields): probed again, the others kept
         found = None
     if found is None:
-        found = _run(binary)
+        found, definite = _run(binary)
         entries[key] = asdict(found)
-        with contextlib.suppress(OSError):  # a read-only cache only costs a probe next time
+        # (a probe that timed out on a loaded host is kept by this process only; a read-only
+        # cache only costs a probe next time)
+        with contextlib.suppress(OSError):
             cache.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # (threads probe too)
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, path)
+            if definite:
+                tmp.write_text(json.dumps(entries))
+                os.replace(tmp, path)
     _MEMO[key] = found
     return found
 
 
-def _run(binary: str) -> QemuCaps:
+def _run(binary: str) -> tuple[QemuCaps, bool]:
+    """The capabilities, and whether they are definite (no probe timed out)."""
     with tempfile.TemporaryDirectory(prefix="boxvm-qemu-probe-") as tmp:
         ram = Path(tmp) / "ram"
         argv = [
@@ -90,7 +94,8 @@ def _run(binary: str) -> QemuCaps:
         try:
             done = _ask(argv, "query-migrate-capabilities")
         except (OSError, subprocess.TimeoutExpired) as exc:
-            return QemuCaps("", False, False, f"QEMU could not be run to probe it: {exc}", False, False)
+            why = f"QEMU could not be run to probe it: {exc}"
+            return QemuCaps("", False, False, why, False, False), not isinstance(exc, subprocess.TimeoutExpired)
     replies = []
     for line in done.stdout.splitlines():
         with contextlib.suppress(ValueError):
@@ -98,7 +103,7 @@ def _run(binary: str) -> QemuCaps:
     greeting = next((r["QMP"] for r in replies if isinstance(r, dict) and "QMP" in r), None)
     if greeting is None:
         why = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1][:300]
-        return QemuCaps("", False, False, why, False, False)
+        return QemuCaps("", False, False, why, False, False), True
     v = greeting.get("version", {}).get("qemu", {})
     version = f"{v.get('major', 0)}.{v.get('minor', 0)}.{v.get('micro', 0)}"
     names = {
@@ -109,10 +114,11 @@ def _run(binary: str) -> QemuCaps:
         if isinstance(c, dict)
     }
     sandbox, confined = _sandboxed(binary), _confined(binary)
+    definite = confined is not None
     if "x-ignore-shared" not in names:
         why = "QEMU has no x-ignore-shared migration capability (QEMU 4.0 added it)"
-        return QemuCaps(version, True, False, why, sandbox, confined)
-    return QemuCaps(version, True, True, "", sandbox, confined)
+        return QemuCaps(version, True, False, why, sandbox, bool(confined)), definite
+    return QemuCaps(version, True, True, "", sandbox, bool(confined)), definite
 
 
 def _sandboxed(binary: str) -> bool:
@@ -125,10 +131,11 @@ def _sandboxed(binary: str) -> bool:
     return done.returncode == 0 and '"QMP"' in done.stdout
 
 
-def _confined(binary: str) -> bool:
+def _confined(binary: str) -> bool | None:
     """Whether a box's machine (its firmware loaded, its QMP socket made) starts under the
     Landlock ruleset of a box's QEMU: not on a kernel without Landlock, nor with a QEMU
-    that needs files outside what ``confine.for_qemu`` grants."""
+    that needs files outside what ``confine.for_qemu`` grants. None: the probe timed out
+    (a loaded host), which says nothing either way."""
     with tempfile.TemporaryDirectory(prefix="boxvm-qemu-probe-") as tmp:
         argv = [
             binary, "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-nodefaults", "-display", "none",
@@ -140,6 +147,8 @@ def _confined(binary: str) -> bool:
             return False
         try:
             done = _ask(argv, preexec_fn=policy.enter)
+        except subprocess.TimeoutExpired:
+            return None
         except (OSError, subprocess.SubprocessError):
             return False
         finally:
