@@ -179,7 +179,9 @@ def read_header(path: Path) -> Header:
 
     Raises ValueError for anything that is not a well-formed qcow2 header.
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # (not a buffered file: half the system calls)
+    # Not a buffered file: half the system calls. O_NONBLOCK: a name a header gives may be
+    # a FIFO (a running box's QEMU writes its top's), whose open would wait for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         head = os.pread(fd, _FIRST_READ, 0)
         if len(head) == _FIRST_READ:

@@ -5,8 +5,10 @@ the whole cluster does, or fail the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+import threading
 from pathlib import Path
 
 from hypothesis import given, settings
@@ -77,3 +79,21 @@ def test_a_name_past_the_first_read_is_read(tmp_path: Path) -> None:
         f.seek(5000)
         f.write(b"../../layers/all/abcdef0123456789.qcow2".ljust(900, b"y"))
     assert qcow2.read_header(path).backing_file == "../../layers/all/abcdef0123456789.qcow2".ljust(900, "y")
+
+
+def test_a_backing_name_that_is_a_fifo_does_not_hang_a_chain(tmp_path: Path) -> None:
+    """A running box's QEMU writes its top's header: a name it gives is read by boxvm's chain
+    walks (doctor, exports, templates), which must not wait on a FIFO for a writer."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    top = tmp_path / "top.qcow2"
+    qcow2.write_overlay(top, 1 << 30, str(fifo), sync=False)
+    done = threading.Event()
+
+    def walk() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            qcow2.chain(top)
+        done.set()
+
+    threading.Thread(target=walk, daemon=True).start()
+    assert done.wait(5), "the chain walk waits on the FIFO"
