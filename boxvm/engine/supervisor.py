@@ -88,6 +88,7 @@ class Supervisor(MemoryOps):
             return
         self.layers.clear_live_links(self.dir)  # a previous run's
         os.link(self.dir / TOP, self.live["data"])
+        (self.dir / LIVE_DIR).mkdir(mode=0o700, exist_ok=True)  # later tops, saved devices (confined or not)
         failed, policy = None, None
         try:
             policy = self.policy()
@@ -149,7 +150,6 @@ class Supervisor(MemoryOps):
         file beneath its tops (``chain_files``)."""
         if self.confine is None:
             return None
-        (self.dir / LIVE_DIR).mkdir(mode=0o700, exist_ok=True)
         reads = [Path(p) for p in self.confine["read"]] + self.chain_files()
         writes = [self.live["data"], self.dir / GUEST_TOP, *(Path(p) for p in self.confine["write"])]
         policy = confine.for_qemu(self.dir, reads, writes, self.argv[0])

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import boxvm
+from boxvm.backends.local import LocalBackend
 from boxvm.disks import qcow2
 from boxvm.disks.layers import GUEST_TOP, TOP
 from boxvm.engine import agentlink, confine, console, qemu, qemucaps, zygote
@@ -449,3 +450,17 @@ async def test_boxvms_sockets_turn_a_qemu_away(home: Home, shared_box: boxvm.Box
     assert await peer(sys.executable, ctl, "") == "open"  # a client is served (it waits for requests)
     assert await peer(str(fake), zsock, request) == "closed"  # no supervisor started
     assert (await shared_box.exec(["echo", "still"])).stdout == b"still\n"
+
+
+async def test_an_unconfined_qemu_captures_and_saves_as_a_confined_one(
+    rt: boxvm.Runtime, home: Home, fresh_box: boxvm.Box, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose kernel has no Landlock runs QEMU unconfined: the same files (later tops
+    and saved devices go through ``live/``), with nothing confinement-only on the way."""
+    monkeypatch.setattr(LocalBackend, "_confined", lambda self: False)
+    await fresh_box.start()  # warm: its RAM is private, so a memory snapshot saves its devices by path
+    await fresh_box.exec(["sh", "-c", "echo kept > /root/kept"])
+    await fresh_box.snapshot.create("disk")
+    await fresh_box.snapshot.create("memory", boxvm.SnapshotOptions(memory=True))
+    assert (await fresh_box.exec(["cat", "/root/kept"])).stdout == b"kept\n"
+    assert "confined" not in (home.box_dir(fresh_box.id) / "supervisor.log").read_text()
