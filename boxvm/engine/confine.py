@@ -13,16 +13,17 @@ privilege, limits which paths a process and its children may open. A box's QEMU 
   new file or removal that boxvm, unconfined, could follow or trust;
 - read-only, each file its caller names (its kernel, initramfs and disks' backing chains):
   files, not their directories, so no other box's layer is in reach;
-- read-only, the system's programs and data (``/usr`` and the like, and QEMU's own ``lib``,
-  ``libexec`` and ``share`` beside its ``bin``), ``/sys``, its own ``/proc/<pid>`` and a few
-  other ``/proc`` files, and the few ``/etc`` files a C program reads;
+- read-only, the system's programs and data (``/usr`` and the like, and QEMU's own ``qemu``
+  directories beside its ``bin``, never its prefix), ``/sys``, a few files of its own
+  ``/proc/<pid>`` (``OWN_PROC``: not ``net/``) and of ``/proc``, the few ``/etc`` files a C
+  program reads and the directory ``resolv.conf`` lives in;
 - ``/dev/null``, ``/dev/zero``, ``/dev/urandom``, ``/dev/random`` and ``/dev/kvm``.
 
 Where the kernel has Landlock ABI 6, signals to processes outside the domain, and connections
 to abstract unix sockets made outside it, are refused too: a QEMU cannot kill its supervisor
-or another box's QEMU. Network access is not limited:
-user-mode networking connects wherever its guest does. Nor, on any ABI so far, is connecting
-to a named unix socket: the servers QEMU could reach that way refuse it (``peers``).
+or another box's QEMU. Network access is not limited: user-mode networking connects wherever
+its guest does. Nor, on any ABI so far, is connecting to a named unix socket: boxvm's own
+servers refuse a QEMU (``peers``).
 
 Python has no binding for Landlock's three system calls, hence ``ctypes``; their numbers
 are the same on every architecture (new system calls share one table).

@@ -78,8 +78,8 @@ class Supervisor(MemoryOps):
     async def run(self, notify_fd: int) -> None:
         # The box first (state/starting): a supervisor whose start was undone, or lost to
         # another start, touches nothing of it (links, sockets, QEMU and its disk lock).
-        # A vm.json without its start's token (an older boxvm's, or one a QEMU rewrote: its
-        # box directory is writable to it) is refused: only the start that wrote it may run.
+        # A vm.json without its start's token (an older boxvm's, or a forged one) is refused:
+        # only the start that wrote it may run.
         if self.start_token is None or not self.store.register_supervisor(
             self.box_id, self.start_token, os.getpid(), None
         ):
