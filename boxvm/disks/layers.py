@@ -143,7 +143,7 @@ class LayerStore:
         ``top``, the layers' files and the image base the bottom one backs onto -- one
         header read, where reading the chain from the files costs one per layer."""
         files = ([top] if top is not None else []) + [self.layer_path(layer) for layer in layers]
-        base = self._base_of(layers[-1]) if layers else _base_of_file(top) if top is not None else None
+        base = self._base_of(layers[-1]) if layers else backing_of(top) if top is not None else None
         return files if base is None else [*files, base]
 
     def verify_chain(self, top: Path, below: list[str]) -> None:
@@ -159,17 +159,16 @@ class LayerStore:
         except (OSError, ValueError, StorageError) as exc:
             raise StorageError(f"a disk chain of this home cannot be read ({exc.__class__.__name__})") from None
         base = expected[-1] if len(expected) > 1 + len(below) else None
-        images = os.path.realpath(self.home.images)
         if (
             actual != expected
             or any(h.data_file is not None for h in headers)
-            or (base is not None and not os.path.realpath(base).startswith(images + os.sep))
+            or (base is not None and not beneath(base, self.home.images))
         ):
             raise StorageError("a disk's backing chain is not the one this home records: run `boxvm doctor`")
 
     def chain_depth(self, top: Path, layers: list[str]) -> int:
         """``len(chain_of(top, layers))`` with no file read once the bottom layer is known."""
-        base = self._base_of(layers[-1]) if layers else _base_of_file(top)
+        base = self._base_of(layers[-1]) if layers else backing_of(top)
         return 1 + len(layers) + (base is not None)
 
     def _base_of(self, layer: str) -> Path | None:
@@ -612,7 +611,7 @@ def layer_of(path: Path) -> str | None:
     return _layer_of_reference(qcow2.read_header(path).backing_file)
 
 
-def _base_of_file(path: Path) -> Path | None:
+def backing_of(path: Path) -> Path | None:
     """The file a qcow2 backs onto (None: none, or it cannot be read)."""
     try:
         return _backing_path(path)
@@ -624,6 +623,12 @@ def _backing_path(path: Path) -> Path | None:
     """The file a qcow2 backs onto (None: none); one header read."""
     backing = qcow2.read_header(path).backing_file
     return None if backing is None else Path(os.path.normpath(qcow2.resolve_backing(path, backing)))
+
+
+def beneath(path: Path, root: Path) -> bool:
+    """``path`` is a regular file inside ``root``, links resolved (a name a header gave)."""
+    real = Path(os.path.realpath(path))
+    return real.is_relative_to(os.path.realpath(root)) and real.is_file()
 
 
 def _layer_of_reference(backing: str | None) -> str | None:

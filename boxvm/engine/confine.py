@@ -136,7 +136,7 @@ def for_qemu(box_dir: Path, reads: Iterable[Path], writes: Iterable[Path], binar
             _allow(policy, Path("/dev") / name, READ_FILE | WRITE_FILE)
         for path in reads:
             _allow(policy, path, READ_FILE)
-        written = READ_FILE | WRITE_FILE | (TRUNCATE if version >= 3 else 0)
+        written = READ_FILE | WRITE_FILE | TRUNCATE  # (each rule keeps what this ABI handles)
         for path in writes:
             _allow(policy, path, written)
         _allow(policy, box_dir, MAKE_SOCK, missing_ok=False)

@@ -70,12 +70,12 @@ def probe(cache: Path, binary: str | None = None) -> QemuCaps:
     if found is None:
         found, definite = _run(binary)
         entries[key] = asdict(found)
-        # (a probe that timed out on a loaded host is kept by this process only; a read-only
-        # cache only costs a probe next time)
+        # A probe that timed out on a loaded host is kept by this process only; a read-only
+        # cache only costs a probe next time.
         with contextlib.suppress(OSError):
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # (threads probe too)
             if definite:
+                cache.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{CACHE_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # (threads probe too)
                 tmp.write_text(json.dumps(entries))
                 os.replace(tmp, path)
     _MEMO[key] = found

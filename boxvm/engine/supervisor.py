@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from boxvm.disks import qcow2
-from boxvm.disks.layers import GUEST_TOP, LIVE_DIR, PENDING, TOP, LayerStore, layer_of
+from boxvm.disks.layers import GUEST_TOP, LIVE_DIR, PENDING, TOP, LayerStore, backing_of, beneath, layer_of
 from boxvm.engine import confine, console, peers
 from boxvm.engine.agentlink import AgentLink, Client
 from boxvm.engine.memory_ops import MemoryOps
@@ -164,11 +164,12 @@ class Supervisor(MemoryOps):
         rec = self.store.get_box(self.box_id)
         if rec is None:
             raise EngineError("the box was removed")
-        files = [self.layers.layer_path(layer) for layer in self.store.layer_chain(rec.layer)]
-        base = _backing(files[-1] if files else self.dir / TOP)  # the image base the bottom one rests on
+        layers = self.store.layer_chain(rec.layer)
+        below = self.layers.chain_of(self.dir / TOP, layers)[1:]  # its layers, then the base the bottom names
         home = self.layers.home
-        below = ((base, home.images), (_backing(self.dir / GUEST_TOP), home.guest))
-        return files + [path for path, root in below if path is not None and _beneath(path, root)]
+        named = [(base, home.images) for base in below[len(layers) :]]
+        named.append((backing_of(self.dir / GUEST_TOP), home.guest))
+        return below[: len(layers)] + [path for path, root in named if path is not None and beneath(path, root)]
 
     async def connect(self) -> None:
         # QEMU creates its sockets a moment after it starts: poll for them.
@@ -481,21 +482,6 @@ def _die_with_parent() -> None:
     import ctypes
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _backing(path: Path) -> Path | None:
-    """The file a qcow2's header names as its backing (None: none, or unreadable)."""
-    try:
-        name = qcow2.read_header(path).backing_file
-    except (OSError, ValueError, BoxvmError):
-        return None
-    return None if name is None else qcow2.resolve_backing(path, name)
-
-
-def _beneath(path: Path, root: Path) -> bool:
-    """``path`` is a regular file inside ``root`` (links resolved)."""
-    real = Path(os.path.realpath(path))
-    return real.is_relative_to(os.path.realpath(root)) and real.is_file()
 
 
 def _die_confined(policy: confine.Policy) -> None:
